@@ -1,0 +1,64 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+# Each creates .venv and installs what it needs; re-running skips finished steps.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+STAMP_CORE := $(VENV)/.stamp-core
+STAMP_DEV  := $(VENV)/.stamp-dev
+STAMP_SYS  := $(VENV)/.stamp-sys
+
+# CPU machines take the local CPU wheel of torch; an unpinned torch would pull a CUDA build.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: demo test test-slow test-all lint typecheck bench clean system-deps
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP_CORE): pyproject.toml | $(PY)
+	$(PIP) install -e .
+	touch $@
+
+$(STAMP_DEV): pyproject.toml $(STAMP_CORE)
+	$(PIP) install -e '.[dev]'
+	touch $@
+
+# Network-lab tests need ip(8) and nft(8). Installed only when running as root and missing.
+$(STAMP_SYS): | $(PY)
+	@if [ "$$(id -u)" = "0" ] && { ! command -v nft >/dev/null || ! command -v ip >/dev/null || ! command -v tc >/dev/null; }; then \
+		echo "installing nftables and iproute2 for the network lab"; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables iproute2 >/dev/null || \
+		echo "warning: could not install nftables/iproute2; netlab tests will skip"; \
+	fi
+	touch $@
+
+system-deps: $(STAMP_SYS)
+
+demo: $(STAMP_CORE)
+	$(PY) -m dandelion_p2p.demo
+
+test: $(STAMP_DEV) $(STAMP_SYS)
+	$(VENV)/bin/ruff check dandelion_p2p tests benchmarks
+	$(PY) -m pytest
+
+test-slow: $(STAMP_DEV) $(STAMP_SYS)
+	$(PY) -m pytest -m slow
+
+test-all: $(STAMP_DEV) $(STAMP_SYS)
+	$(PY) -m pytest -m ''
+
+lint: $(STAMP_DEV)
+	$(VENV)/bin/ruff check dandelion_p2p tests benchmarks
+
+typecheck: $(STAMP_DEV)
+	$(VENV)/bin/mypy dandelion_p2p
+
+bench: $(STAMP_DEV)
+	$(PY) benchmarks/stream_throughput.py
+	$(PY) benchmarks/dht_latency.py --peers 40
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info
