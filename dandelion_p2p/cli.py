@@ -1,0 +1,194 @@
+"""The ``dandelion-p2p`` command."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import trio
+
+from dandelion_p2p import __version__
+from dandelion_p2p.config import DaemonConfig, default_data_dir, load_config
+from dandelion_p2p.errors import DandelionError
+from dandelion_p2p.identity import Identity, write_identity
+
+NODE_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
+    (("--data-dir",), {"type": click.Path(path_type=Path), "help": "State directory."}),
+    (("--identity",), {"type": click.Path(path_type=Path), "help": "ed25519 key file."}),
+    (("--config", "config_file"), {"type": click.Path(path_type=Path), "help": "TOML file."}),
+    (("--listen",), {"multiple": True, "help": "Multiaddr to listen on (repeatable)."}),
+    (("--announce",), {"multiple": True, "help": "Multiaddr to advertise (repeatable)."}),
+    (("--bootstrap",), {"multiple": True, "help": "Bootstrap peer multiaddr (repeatable)."}),
+    (("--network",), {"help": "Swarm name to join."}),
+    (("--relays",), {"type": int, "help": "Relay reservations to keep when behind NAT."}),
+    (
+        ("--reachability",),
+        {"type": click.Choice(["auto", "public", "private"]), "help": "Override detection."},
+    ),
+    (("--upnp/--no-upnp",), {"default": None, "help": "Ask the router for a port mapping."}),
+    (("--dial-timeout",), {"type": float}),
+    (("--request-timeout",), {"type": float}),
+    (("--log-level",), {"type": click.Choice(["debug", "info", "warning", "error", "critical"])}),
+]
+
+RELAY_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
+    (("--relay/--no-relay",), {"default": None, "help": "Serve as a circuit relay hop."}),
+    (("--relay-max-reservations",), {"type": int}),
+    (("--relay-max-circuits",), {"type": int}),
+    (("--relay-circuit-bytes",), {"type": int}),
+    (("--relay-circuit-seconds",), {"type": int}),
+    (("--relay-reservation-ttl",), {"type": int}),
+]
+
+
+def add_options(
+    options: list[tuple[tuple[str, ...], dict[str, Any]]],
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        for names, kwargs in reversed(options):
+            func = click.option(*names, **kwargs)(func)
+        return func
+
+    return decorate
+
+
+def fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="dandelion-p2p")
+def main() -> None:
+    """Train Stable Diffusion together over a peer-to-peer swarm."""
+
+
+@main.command()
+@click.option("--out", type=click.Path(path_type=Path), help="Key file to write.")
+@click.option("--force", is_flag=True, help="Overwrite an existing key file.")
+def keygen(out: Path | None, force: bool) -> None:
+    """Create an ed25519 identity key (mode 0600) and print its peer id."""
+    path = out or default_data_dir() / "identity.key"
+    identity = Identity.generate()
+    try:
+        write_identity(path, identity, force=force)
+    except DandelionError as exc:
+        fail(str(exc))
+    click.echo(f"peer id: {identity.peer_id.to_base58()}")
+    click.echo(f"key file: {path}")
+
+
+def _run_node(mode: str, config_file: Path | None, values: dict[str, Any]) -> None:
+    from dandelion_p2p.daemon import configure_logging, run_daemon
+
+    try:
+        config = load_config(mode, values, config_file=config_file)
+        config.control_socket_path  # noqa: B018 - fails early, before any network activity
+    except DandelionError as exc:
+        fail(str(exc))
+        return
+    configure_logging(config.log_level)
+
+    def ready(node: Any) -> None:
+        click.echo(f"peer id: {node.peer_id.to_base58()}", err=False)
+        for addr in node.full_addrs():
+            click.echo(f"address: {addr}")
+        click.echo(f"reachable: {'yes' if node.reachable else 'no (behind NAT, using relays)'}")
+        click.echo(f"control socket: {config.control_socket_path}")
+        click.echo("ready", err=False)
+        sys.stdout.flush()
+
+    try:
+        trio.run(lambda: run_daemon(config, on_ready=ready))
+    except DandelionError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        pass
+
+
+@main.command()
+@add_options(NODE_OPTIONS)
+@add_options(RELAY_OPTIONS)
+def daemon(config_file: Path | None, **values: Any) -> None:
+    """Run a swarm node (use --relay on a public machine to help peers behind NAT)."""
+    _run_node("daemon", config_file, values)
+
+
+@main.command()
+@click.argument("bootstrap_peers", nargs=-1, required=True)
+@add_options(NODE_OPTIONS)
+def join(bootstrap_peers: tuple[str, ...], config_file: Path | None, **values: Any) -> None:
+    """Join a swarm from behind NAT through the given bootstrap peers (multiaddrs)."""
+    values["bootstrap"] = tuple(values.get("bootstrap") or ()) + bootstrap_peers
+    _run_node("join", config_file, values)
+
+
+def _control(data_dir: Path | None, method: str, params: dict[str, Any]) -> dict[str, Any]:
+    from dandelion_p2p.control import call_sync
+
+    try:
+        path = DaemonConfig(data_dir=data_dir or default_data_dir()).control_socket_path
+        return call_sync(path, method, params, timeout=30.0)
+    except DandelionError as exc:
+        fail(str(exc))
+        raise AssertionError("unreachable") from None
+
+
+def _print_status(s: dict[str, Any]) -> None:
+    click.echo(f"peer id:        {s['peer_id']}")
+    click.echo(f"network:        {s['network']}  (relay: {'yes' if s['relay'] else 'no'})")
+    click.echo(f"reachable:      {'yes' if s['reachable'] else 'no'}  (DHT {s['dht_mode']})")
+    click.echo("addresses:")
+    for a in s["addrs"]:
+        click.echo(f"  {a}")
+    click.echo(f"routing table:  {s['routing_table_size']} peers")
+    click.echo(f"relay reservations: {len(s['relay_reservations'])}")
+    for r in s["relay_reservations"]:
+        click.echo(f"  {r['relay']} (expires in {r['expires_in']} s)")
+    click.echo(f"connected peers: {len(s['connected_peers'])}")
+    for p in s["connected_peers"]:
+        click.echo(f"  {p['peer_id']} {p['connection']}")
+
+
+@main.command()
+@click.option("--data-dir", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def status(data_dir: Path | None, as_json: bool) -> None:
+    """Show a running daemon's peer id, addresses, peers, reservations and routing table."""
+    result = _control(data_dir, "status", {})
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        _print_status(result)
+
+
+@main.command()
+@click.option("--data-dir", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def peers(data_dir: Path | None, as_json: bool) -> None:
+    """List the members of the swarm, as announced in the DHT."""
+    result = _control(data_dir, "members", {})
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    for peer, info in sorted(result["members"].items()):
+        kind = "public" if info["reachable"] else "behind NAT"
+        click.echo(f"{peer}  {kind}  {' '.join(info['roles'])}")
+
+
+@main.command()
+@click.argument("peer")
+@click.argument("text")
+@click.option("--data-dir", type=click.Path(path_type=Path))
+def send(peer: str, text: str, data_dir: Path | None) -> None:
+    """Send a signed note to PEER (found through the DHT) and print its signed receipt."""
+    result = _control(data_dir, "send", {"peer": peer, "text": text})
+    click.echo(f"verified receipt from {peer}: {result['receipt']}")
+
+
+if __name__ == "__main__":
+    main()

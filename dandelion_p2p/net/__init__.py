@@ -1,0 +1,1 @@
+"""Networking: the libp2p host, stream helpers, our DHT, relay and NAT handling."""

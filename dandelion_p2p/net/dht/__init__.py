@@ -1,0 +1,1 @@
+"""Our Kademlia DHT over libp2p streams: signed, expiring, multi-publisher records."""

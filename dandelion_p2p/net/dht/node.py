@@ -1,0 +1,334 @@
+"""The DHT service: answers queries (server mode) and runs lookups, puts and gets over libp2p.
+
+The protocol logic lives in the sans-IO modules beside this one (routing table, lookup state
+machine, record validation and store); this module only moves their messages over streams.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+
+import trio
+from libp2p.abc import IHost
+from libp2p.peer.id import ID
+
+from dandelion_p2p.errors import DandelionError, ProtocolViolation
+from dandelion_p2p.identity import Identity
+from dandelion_p2p.net.dht.lookup import Lookup
+from dandelion_p2p.net.dht.messages import (
+    DHT,
+    MAX_FRAME,
+    MAX_PEERS_PER_REPLY,
+    MAX_RECORDS_PER_REPLY,
+    PROTOCOL_ID,
+    FindNode,
+    GetRecords,
+    Nodes,
+    PeerRef,
+    PutAck,
+    PutRecord,
+    Records,
+    SignedRecord,
+)
+from dandelion_p2p.net.dht.records import (
+    RecordStore,
+    RecordValidator,
+    merge_newest,
+    routing_key,
+    sign_record,
+)
+from dandelion_p2p.net.dht.routing import RoutingTable
+from dandelion_p2p.net.dialer import Dialer
+from dandelion_p2p.net.streams import ViolationSink, request, serve_requests
+from dandelion_p2p.wire import Message, RejectCode
+
+log = logging.getLogger(__name__)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class DHTNode:
+    """One peer's DHT: a routing table, a record store, and the RPCs between them.
+
+    In server mode the node answers queries and is added to other peers' routing tables; in
+    client mode (peers behind NAT) it only asks.
+    """
+
+    def __init__(
+        self,
+        host: IHost,
+        identity: Identity,
+        dialer: Dialer,
+        validator: RecordValidator,
+        *,
+        server: bool,
+        self_addrs: Callable[[], tuple[str, ...]] = tuple,
+        k: int = 20,
+        replicas: int = 8,
+        alpha: int = 4,
+        rpc_timeout: float = 5.0,
+        on_violation: ViolationSink | None = None,
+    ) -> None:
+        self.host = host
+        self.identity = identity
+        self.local_id = identity.peer_id_bytes
+        self.dialer = dialer
+        self.validator = validator
+        self.server = server
+        self.self_addrs = self_addrs
+        self.replicas = replicas
+        self.alpha = alpha
+        self.rpc_timeout = rpc_timeout
+        self.on_violation = on_violation
+        self.table = RoutingTable(self.local_id, k=k)
+        self.store = RecordStore()
+        # (namespace, key) -> (value, ttl, when last published) for records we keep alive.
+        self._published: dict[tuple[str, bytes], tuple[bytes, float, float]] = {}
+        self._seq = now_ms()
+
+    # ---- serving -------------------------------------------------------------------------
+
+    def install(self) -> None:
+        if self.server:
+            self.host.set_stream_handler(
+                PROTOCOL_ID,
+                serve_requests(
+                    DHT,
+                    self._answer,
+                    max_request=MAX_FRAME,
+                    timeout=self.rpc_timeout,
+                    on_violation=self._violation,
+                ),
+            )
+
+    def _violation(self, peer_id: ID, code: RejectCode) -> None:
+        if self.on_violation is not None:
+            self.on_violation(peer_id, code)
+
+    def _closer_refs(self, target: bytes, exclude: bytes) -> tuple[PeerRef, ...]:
+        contacts = self.table.nearest(target, min(self.table.k, MAX_PEERS_PER_REPLY), exclude)
+        return tuple(c.ref() for c in contacts)
+
+    def _learn_sender(self, peer_id: ID, sender: PeerRef | None) -> None:
+        if sender is None:
+            return
+        if sender.peer_id != peer_id.to_bytes():
+            raise ProtocolViolation(RejectCode.FORBIDDEN, "sender is not the connected peer")
+        self.table.update(sender.peer_id, sender.addrs, trio.current_time())
+
+    async def _answer(self, peer_id: ID, msg: Message) -> Message:
+        if isinstance(msg, FindNode):
+            self._learn_sender(peer_id, msg.sender)
+            return Nodes(closer=self._closer_refs(msg.target, peer_id.to_bytes()))
+        if isinstance(msg, GetRecords):
+            self._learn_sender(peer_id, msg.sender)
+            records = self.store.get(msg.target, now_ms())[:MAX_RECORDS_PER_REPLY]
+            return Records(
+                records=tuple(records), closer=self._closer_refs(msg.target, peer_id.to_bytes())
+            )
+        if isinstance(msg, PutRecord):
+            self._learn_sender(peer_id, msg.sender)
+            t = now_ms()
+            self.validator.validate(msg.record, t)
+            self.store.put(msg.record, t)
+            return PutAck(stored=True)
+        raise ProtocolViolation(RejectCode.UNKNOWN_TYPE, f"{type(msg).__name__} is not a request")
+
+    # ---- asking --------------------------------------------------------------------------
+
+    def _sender(self) -> PeerRef | None:
+        if not self.server:
+            return None
+        return PeerRef(peer_id=self.local_id, addrs=self.self_addrs()[:16])
+
+    async def _rpc(self, ref: PeerRef, msg: Message) -> Message:
+        peer_id = ID(ref.peer_id)
+        try:
+            await self.dialer.connect(peer_id, ref.addrs)
+            reply = await request(
+                self.host,
+                peer_id,
+                PROTOCOL_ID,
+                msg,
+                DHT,
+                max_reply=MAX_FRAME,
+                timeout=self.rpc_timeout,
+            )
+        except ProtocolViolation as exc:
+            self._violation(peer_id, exc.code)
+            self.table.remove(ref.peer_id)
+            raise
+        except DandelionError:
+            self.table.remove(ref.peer_id)
+            raise
+        self.table.update(ref.peer_id, ref.addrs, trio.current_time())
+        return reply
+
+    async def _lookup(
+        self,
+        target: bytes,
+        query: Callable[[PeerRef], Awaitable[tuple[PeerRef, ...]]],
+        width: int,
+    ) -> Lookup:
+        seeds = [c.ref() for c in self.table.nearest(target, max(width, self.table.k))]
+        lookup = Lookup(
+            target, seeds, local_peer_id=self.local_id, width=width, alpha=self.alpha
+        )
+        done_send, done_recv = trio.open_memory_channel[None](math.inf)
+
+        async def ask(ref: PeerRef) -> None:
+            try:
+                closer = await query(ref)
+            except DandelionError as exc:
+                log.debug("dht query to %s failed: %s", ID(ref.peer_id), exc)
+                lookup.on_failure(ref.peer_id)
+            else:
+                lookup.on_reply(ref.peer_id, closer)
+            finally:
+                done_send.send_nowait(None)
+
+        with trio.move_on_after(self.rpc_timeout * 3):
+            async with trio.open_nursery() as nursery:
+                while True:
+                    for ref in lookup.next_queries():
+                        nursery.start_soon(ask, ref)
+                    if lookup.finished or lookup.in_flight == 0:
+                        break
+                    await done_recv.receive()
+                nursery.cancel_scope.cancel()
+        return lookup
+
+    async def find_closest(self, target: bytes, count: int | None = None) -> list[PeerRef]:
+        """The ``count`` (default: replication factor) closest DHT servers to ``target``."""
+        width = count or self.replicas
+
+        async def query(ref: PeerRef) -> tuple[PeerRef, ...]:
+            reply = await self._rpc(ref, FindNode(target=target, sender=self._sender()))
+            if not isinstance(reply, Nodes):
+                raise ProtocolViolation(RejectCode.UNEXPECTED, "FindNode answered with no Nodes")
+            return reply.closer
+
+        lookup = await self._lookup(target, query, width)
+        return lookup.closest_answered()
+
+    async def bootstrap(self, peers: list[PeerRef]) -> int:
+        """Join through known peers; returns how many answered. Fills the routing table."""
+        answered = 0
+
+        async def ping(ref: PeerRef) -> None:
+            nonlocal answered
+            try:
+                reply = await self._rpc(
+                    ref, FindNode(target=self.table.local_key, sender=self._sender())
+                )
+            except DandelionError as exc:
+                log.info("bootstrap peer %s did not answer: %s", ID(ref.peer_id), exc)
+                return
+            answered += 1
+            if isinstance(reply, Nodes):
+                for closer in reply.closer:
+                    self.table.update(closer.peer_id, closer.addrs, trio.current_time())
+
+        async with trio.open_nursery() as nursery:
+            for ref in peers:
+                nursery.start_soon(ping, ref)
+        if answered:
+            await self.find_closest(self.table.local_key, self.table.k)
+        return answered
+
+    async def get(self, namespace: str, key: bytes) -> list[SignedRecord]:
+        """Every valid, unexpired record under (namespace, key), newest per publisher.
+
+        Records from the network are validated again here; a peer returning an invalid
+        record is reported as a violation and its records are ignored.
+        """
+        target = routing_key(namespace, key)
+        found: list[SignedRecord] = []
+        if self.server:
+            found.extend(self.store.get(target, now_ms()))
+
+        async def query(ref: PeerRef) -> tuple[PeerRef, ...]:
+            reply = await self._rpc(ref, GetRecords(target=target, sender=self._sender()))
+            if not isinstance(reply, Records):
+                raise ProtocolViolation(RejectCode.UNEXPECTED, "GetRecords answered wrongly")
+            t = now_ms()
+            for record in reply.records:
+                try:
+                    if routing_key(record.namespace, record.key) != target:
+                        raise ProtocolViolation(RejectCode.INVALID_FIELD, "record for other key")
+                    self.validator.validate(record, t)
+                except ProtocolViolation as exc:
+                    self._violation(ID(ref.peer_id), exc.code)
+                    raise
+                found.append(record)
+            return reply.closer
+
+        await self._lookup(target, query, self.replicas)
+        t = now_ms()
+        return [r for r in merge_newest(found) if r.expires_at_ms > t]
+
+    async def put(
+        self, namespace: str, key: bytes, value: bytes, ttl: float, *, keep: bool = True
+    ) -> int:
+        """Sign and store a record on the closest servers; returns how many stored it.
+
+        With ``keep`` the record is republished before it expires until ``unpublish``.
+        """
+        self._seq = max(self._seq + 1, now_ms())
+        expires = now_ms() + int(ttl * 1000)
+        record = sign_record(self.identity, namespace, key, value, self._seq, expires)
+        if keep:
+            self._published[(namespace, key)] = (value, ttl, trio.current_time())
+        return await self.put_record(record)
+
+    def unpublish(self, namespace: str, key: bytes) -> None:
+        self._published.pop((namespace, key), None)
+
+    async def put_record(self, record: SignedRecord) -> int:
+        target = routing_key(record.namespace, record.key)
+        closest = await self.find_closest(target)
+        stored = 0
+        if self.server:
+            try:
+                self.store.put(record, now_ms())
+                stored += 1
+            except ProtocolViolation as exc:
+                log.debug("local store refused own record: %s", exc)
+
+        async def store_at(ref: PeerRef) -> None:
+            nonlocal stored
+            try:
+                await self._rpc(ref, PutRecord(record=record, sender=self._sender()))
+                stored += 1
+            except DandelionError as exc:
+                log.debug("put to %s failed: %s", ID(ref.peer_id), exc)
+
+        async with trio.open_nursery() as nursery:
+            for ref in closest[: self.replicas]:
+                nursery.start_soon(store_at, ref)
+        return stored
+
+    # ---- upkeep --------------------------------------------------------------------------
+
+    async def maintain(self, *, interval: float = 30.0) -> None:
+        """Runs forever: drops expired records, republishes ours, refreshes idle buckets."""
+        while True:
+            await trio.sleep(interval)
+            self.store.purge(now_ms())
+            now = trio.current_time()
+            for (namespace, key), (value, ttl, published) in list(self._published.items()):
+                if now - published >= ttl / 2:
+                    try:
+                        await self.put(namespace, key, value, ttl)
+                    except DandelionError as exc:
+                        log.warning("republishing a %s record failed: %s", namespace, exc)
+            if len(self.table) and self.table.stale_buckets(now, 600.0):
+                try:
+                    await self.find_closest(self.table.local_key, self.table.k)
+                except DandelionError as exc:
+                    log.debug("routing refresh failed: %s", exc)

@@ -1,0 +1,389 @@
+"""The swarm node: one libp2p host with our DHT, relay handling, reachability and notes.
+
+This is the network core every daemon runs, public relay or NAT'd peer alike. It owns no
+training or averaging logic; those services register their own protocols on ``host``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import multiaddr
+import trio
+from libp2p.abc import IHost
+from libp2p.peer.id import ID
+from libp2p.tools.anyio_service import background_trio_service
+from libp2p.utils.address_validation import expand_wildcard_address
+
+from dandelion_p2p import __version__
+from dandelion_p2p.errors import ConfigError, DandelionError, PeerUnavailable, ProtocolViolation
+from dandelion_p2p.identity import Identity
+from dandelion_p2p.net import addrs as maddrs
+from dandelion_p2p.net.announce import (
+    ANNOUNCEMENT_TTL,
+    MEMBERS_NAMESPACE,
+    PEER_NAMESPACE,
+    RELAYS_NAMESPACE,
+    ROLE_DHT_SERVER,
+    ROLE_RELAY,
+    PeerAnnouncement,
+    decode_announcement,
+    encode_announcement,
+    register_core_namespaces,
+)
+from dandelion_p2p.net.dht.messages import PeerRef
+from dandelion_p2p.net.dht.node import DHTNode
+from dandelion_p2p.net.dht.records import RecordValidator
+from dandelion_p2p.net.dialback import DialBackService, ask_dial_back
+from dandelion_p2p.net.dialer import Dialer
+from dandelion_p2p.net.host import build_host
+from dandelion_p2p.net.notes import NoteService
+from dandelion_p2p.net.relay import RelayLimitsConfig, RelayReservations, relay_services
+from dandelion_p2p.wire import RejectCode
+
+log = logging.getLogger(__name__)
+
+Reachability = Literal["auto", "public", "private"]
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
+    announce: tuple[str, ...] = ()
+    bootstrap: tuple[str, ...] = ()
+    network: str = "dandelion"
+    relay: bool = False
+    relay_limits: RelayLimitsConfig = field(default_factory=RelayLimitsConfig)
+    reachability: Reachability = "auto"
+    relays_wanted: int = 2
+    upnp: bool = False
+    dial_timeout: float = 10.0
+    request_timeout: float = 10.0
+    dht_k: int = 20
+    dht_replicas: int = 8
+
+
+def parse_bootstrap(addr: str) -> PeerRef:
+    """``/ip4/.../tcp/N/p2p/<id>`` -> PeerRef. Raises ConfigError for anything else."""
+    ma = maddrs.parse(addr)
+    if ma is None:
+        raise ConfigError(f"bootstrap address {addr!r} is not a multiaddr")
+    try:
+        peer_b58 = ma.value_for_protocol("p2p")
+        peer_id = ID.from_base58(str(peer_b58))
+    except Exception:
+        raise ConfigError(f"bootstrap address {addr!r} must end in /p2p/<peer id>") from None
+    return PeerRef(peer_id=peer_id.to_bytes(), addrs=(maddrs.without_peer_id(addr),))
+
+
+class SwarmNode:
+    """Run with ``async with node.running(): ...``; everything stops when the block exits."""
+
+    def __init__(self, identity: Identity, settings: NodeSettings) -> None:
+        self.identity = identity
+        self.settings = settings
+        self.peer_id = identity.peer_id
+        self.host: IHost = build_host(
+            identity, announce=settings.announce, dial_timeout=settings.dial_timeout
+        )
+        self.relay_protocol, self.relay_transport = relay_services(
+            self.host, serve_hop=settings.relay, limits=settings.relay_limits
+        )
+        self.dialer = Dialer(
+            self.host, timeout=settings.dial_timeout, relay_transport=self.relay_transport
+        )
+        self.validator = RecordValidator()
+        register_core_namespaces(self.validator)
+        self.bootstrap_refs = [parse_bootstrap(a) for a in settings.bootstrap]
+        self.reachable = settings.reachability == "public" or (
+            settings.reachability == "auto" and settings.relay
+        )
+        self.mapped_addrs: list[str] = []
+        self.violations: dict[str, int] = {}
+        self.notes = NoteService(
+            self.host, identity, timeout=settings.request_timeout, on_violation=self._violation
+        )
+        self.dht: DHTNode | None = None
+        self.reservations: RelayReservations | None = None
+        self.started_at = time.time()
+        self._announce_lock = trio.Lock()
+
+    def _violation(self, peer_id: ID, code: RejectCode) -> None:
+        key = peer_id.to_base58()
+        self.violations[key] = self.violations.get(key, 0) + 1
+        log.info("protocol violation by %s: %s", key, code.name)
+
+    # ---- addresses -------------------------------------------------------------------------
+
+    def listen_addrs(self) -> list[str]:
+        """Concrete addresses we listen on (wildcards expanded to interface addresses)."""
+        out: list[str] = []
+        for listener in self.host.get_network().listeners.values():
+            for ma in listener.get_addrs():
+                if maddrs.is_unspecified(str(ma)):
+                    out.extend(str(a) for a in expand_wildcard_address(ma))
+                else:
+                    out.append(str(ma))
+        return list(dict.fromkeys(out))
+
+    def direct_addrs(self) -> list[str]:
+        """Addresses others may dial directly: announced ones, or the listen ones."""
+        if self.settings.announce:
+            return list(self.settings.announce)
+        addrs = self.mapped_addrs + self.listen_addrs()
+        non_loopback = [a for a in addrs if not maddrs.is_loopback(a)]
+        return list(dict.fromkeys(non_loopback or addrs))
+
+    def public_addrs(self) -> list[str]:
+        """What we advertise: direct addresses when reachable, else mapped and circuit ones."""
+        circuits = self.reservations.circuit_addrs() if self.reservations else []
+        if self.reachable:
+            return (self.direct_addrs() + circuits)[:16]
+        return (self.mapped_addrs + circuits)[:16]
+
+    def full_addrs(self) -> list[str]:
+        me = self.peer_id.to_base58()
+        return [maddrs.with_peer_id(a, me) for a in self.public_addrs()]
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[SwarmNode]:
+        listen = [multiaddr.Multiaddr(a) for a in self.settings.listen]
+        async with (
+            self.host.run(listen_addrs=listen),
+            background_trio_service(self.relay_protocol),
+            trio.open_nursery() as nursery,
+        ):
+            await self._start(nursery)
+            try:
+                yield self
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _start(self, nursery: trio.Nursery) -> None:
+        self.notes.install()
+        if self.settings.relay or self.settings.reachability != "private":
+            DialBackService(self.host).install()
+        await self._connect_bootstrap()
+        if self.settings.reachability == "auto" and not self.settings.relay:
+            if self.bootstrap_refs:
+                self.reachable = await self._check_reachability(self.direct_addrs())
+            else:
+                log.info("no bootstrap peers: this node seeds the network and must be reachable")
+                self.reachable = True
+        if self.settings.upnp and not self.reachable:
+            await self._start_port_mapping(nursery)
+        self.dht = DHTNode(
+            self.host,
+            self.identity,
+            self.dialer,
+            self.validator,
+            server=self.reachable,
+            self_addrs=lambda: tuple(self.public_addrs()),
+            k=self.settings.dht_k,
+            replicas=self.settings.dht_replicas,
+            rpc_timeout=self.settings.request_timeout,
+            on_violation=self._violation,
+        )
+        self.dht.install()
+        if self.bootstrap_refs:
+            await self.dht.bootstrap(self.bootstrap_refs)
+        if not self.reachable:
+            self.reservations = RelayReservations(
+                self.host,
+                self.relay_transport,
+                self.dialer,
+                self._relay_candidates,
+                self.announce,
+                want=self.settings.relays_wanted,
+                timeout=self.settings.dial_timeout,
+            )
+            await self.reservations.step()
+            nursery.start_soon(self.reservations.run)
+        await self.announce()
+        nursery.start_soon(self.dht.maintain)
+        nursery.start_soon(self._rejoin_loop)
+
+    async def _connect_bootstrap(self) -> None:
+        async def one(ref: PeerRef) -> None:
+            try:
+                await self.dialer.connect(ID(ref.peer_id), ref.addrs)
+            except PeerUnavailable as exc:
+                log.warning("bootstrap peer unreachable: %s", exc)
+
+        async with trio.open_nursery() as nursery:
+            for ref in self.bootstrap_refs:
+                nursery.start_soon(one, ref)
+
+    async def _check_reachability(self, addrs: list[str]) -> bool:
+        """Ask connected bootstrap peers to dial us back; reachable if any of them can."""
+        candidates = [a for a in addrs if not maddrs.is_relayed(a)]
+        if not candidates:
+            return False
+        for ref in self.bootstrap_refs:
+            helper = ID(ref.peer_id)
+            if not self.dialer.is_connected(helper):
+                continue
+            try:
+                result = await ask_dial_back(
+                    self.host, helper, candidates, timeout=self.settings.request_timeout
+                )
+            except PeerUnavailable as exc:
+                log.info("dial-back check via %s failed: %s", helper, exc)
+                continue
+            log.info(
+                "dial-back via %s (sees us as %s): reachable at %s",
+                helper,
+                result.observed_ip,
+                list(result.reachable) or "nothing",
+            )
+            return bool(result.reachable)
+        log.info("no bootstrap peer could check our reachability; assuming we are behind NAT")
+        return False
+
+    async def _start_port_mapping(self, nursery: trio.Nursery) -> None:
+        from dandelion_p2p.net.portmapping import PortForwarding
+
+        forwarding = PortForwarding(self)
+        await nursery.start(forwarding.run)
+
+    async def _rejoin_loop(self) -> None:
+        """If every connection was lost (e.g. the network dropped), dial bootstrap peers again."""
+        while True:
+            await trio.sleep(5.0)
+            if self.bootstrap_refs and not self.host.get_network().get_connections():
+                log.warning("no connections left; rejoining through bootstrap peers")
+                await self._connect_bootstrap()
+                if self.dht is not None:
+                    await self.dht.bootstrap(self.bootstrap_refs)
+                await self.announce()
+
+    # ---- announcements and lookups --------------------------------------------------------
+
+    def announcement(self) -> PeerAnnouncement:
+        roles: list[str] = []
+        if self.settings.relay:
+            roles.append(ROLE_RELAY)
+        if self.reachable:
+            roles.append(ROLE_DHT_SERVER)
+        return PeerAnnouncement(
+            addrs=tuple(self.public_addrs()),
+            reachable=self.reachable,
+            roles=tuple(roles),
+            agent=f"dandelion-p2p/{__version__}",
+        )
+
+    async def announce(self) -> None:
+        """Publish (or refresh) our peer record, membership and, for relays, the relay list."""
+        if self.dht is None:
+            return
+        async with self._announce_lock:
+            value = encode_announcement(self.announcement())
+            network = self.settings.network.encode()
+            stored = await self.dht.put(
+                PEER_NAMESPACE, self.identity.peer_id_bytes, value, ANNOUNCEMENT_TTL
+            )
+            await self.dht.put(MEMBERS_NAMESPACE, network, value, ANNOUNCEMENT_TTL)
+            if self.settings.relay:
+                await self.dht.put(RELAYS_NAMESPACE, network, value, ANNOUNCEMENT_TTL)
+            log.info(
+                "announced %d addresses (stored on %d peers)", len(self.public_addrs()), stored
+            )
+
+    async def _relay_candidates(self) -> list[PeerRef]:
+        found: list[PeerRef] = list(self.bootstrap_refs)
+        if self.dht is not None:
+            try:
+                records = await self.dht.get(RELAYS_NAMESPACE, self.settings.network.encode())
+            except DandelionError:
+                records = []
+            for record in records:
+                ann = decode_announcement(record.value)
+                direct = tuple(a for a in ann.addrs if not maddrs.is_relayed(a))
+                if direct:
+                    found.append(PeerRef(peer_id=record.publisher, addrs=direct))
+        seen: set[bytes] = set()
+        unique = []
+        for ref in found:
+            if ref.peer_id not in seen:
+                seen.add(ref.peer_id)
+                unique.append(ref)
+        return unique
+
+    async def lookup_peer(self, peer_id: ID) -> PeerAnnouncement:
+        """The newest announcement ``peer_id`` published. Raises PeerUnavailable if none."""
+        if self.dht is None:
+            raise PeerUnavailable("the DHT is not running")
+        records = await self.dht.get(PEER_NAMESPACE, peer_id.to_bytes())
+        if not records:
+            raise PeerUnavailable(f"no record of {peer_id} in the DHT")
+        newest = max(records, key=lambda r: r.seq)
+        return decode_announcement(newest.value)
+
+    async def connect_peer(self, peer_id: ID) -> None:
+        if self.dialer.is_connected(peer_id):
+            return
+        announcement = await self.lookup_peer(peer_id)
+        await self.dialer.connect(peer_id, announcement.addrs)
+
+    async def members(self) -> dict[str, PeerAnnouncement]:
+        if self.dht is None:
+            return {}
+        records = await self.dht.get(MEMBERS_NAMESPACE, self.settings.network.encode())
+        out: dict[str, PeerAnnouncement] = {}
+        for r in records:
+            try:
+                out[ID(r.publisher).to_base58()] = decode_announcement(r.value)
+            except ProtocolViolation:
+                continue
+        return out
+
+    async def send_note(self, peer_id: ID, text: str) -> str:
+        await self.connect_peer(peer_id)
+        receipt = await self.notes.send(peer_id, text)
+        return receipt.text
+
+    # ---- status ------------------------------------------------------------------------------
+
+    def connected_peers(self) -> list[dict[str, Any]]:
+        out = []
+        for peer_id, conns in self.host.get_network().get_connections_map().items():
+            transports = [str(a) for c in conns for a in c.get_transport_addresses()]
+            relayed = bool(conns) and all(
+                any(maddrs.is_relayed(a) for a in (str(t) for t in c.get_transport_addresses()))
+                for c in conns
+            )
+            out.append(
+                {
+                    "peer_id": peer_id.to_base58(),
+                    "connection": "relayed" if relayed else "direct",
+                    "addrs": transports,
+                }
+            )
+        return out
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "peer_id": self.peer_id.to_base58(),
+            "version": __version__,
+            "network": self.settings.network,
+            "relay": self.settings.relay,
+            "reachable": self.reachable,
+            "dht_mode": "server" if (self.dht and self.dht.server) else "client",
+            "listen_addrs": self.listen_addrs(),
+            "addrs": self.full_addrs(),
+            "mapped_addrs": list(self.mapped_addrs),
+            "connected_peers": self.connected_peers(),
+            "relay_reservations": self.reservations.status() if self.reservations else [],
+            "routing_table_size": len(self.dht.table) if self.dht else 0,
+            "stored_records": len(self.dht.store) if self.dht else 0,
+            "notes_received": [vars(n) for n in self.notes.received],
+            "violations": dict(self.violations),
+            "uptime_s": round(time.time() - self.started_at, 1),
+        }

@@ -1,0 +1,146 @@
+"""Framed messages over libp2p streams: the thin async layer around the sans-IO wire format."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.network.stream.exceptions import StreamError
+from libp2p.peer.id import ID
+
+from dandelion_p2p.errors import PeerUnavailable, ProtocolViolation, RemoteRejected
+from dandelion_p2p.wire import Message, Registry, Reject, RejectCode, decode, encode
+from dandelion_p2p.wire.framing import HEADER, HEADER_SIZE, check_length
+
+log = logging.getLogger(__name__)
+
+# Violations are reported here (peer id, code) so a score book can count them.
+ViolationSink = Callable[[ID, RejectCode], None]
+
+
+async def read_exact(stream: INetStream, n: int) -> bytes:
+    """Read exactly ``n`` bytes. EOF, reset or close first raises ``PeerUnavailable``."""
+    buf = bytearray()
+    while len(buf) < n:
+        try:
+            chunk = await stream.read(n - len(buf))
+        except StreamError as exc:  # EOF, reset and closed are all StreamError subclasses
+            raise PeerUnavailable(
+                f"stream ended after {len(buf)} of {n} bytes: {type(exc).__name__}"
+            ) from None
+        if not chunk:
+            raise PeerUnavailable(f"stream ended after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+async def read_frame(stream: INetStream, max_size: int) -> bytes:
+    header = await read_exact(stream, HEADER_SIZE)
+    (length,) = HEADER.unpack(header)
+    check_length(length, max_size)
+    return await read_exact(stream, length)
+
+
+async def read_message(stream: INetStream, registry: Registry, max_size: int) -> Message:
+    return decode(await read_frame(stream, max_size), registry)
+
+
+async def write_message(stream: INetStream, msg: Message) -> None:
+    payload = encode(msg)
+    try:
+        await stream.write(HEADER.pack(len(payload)) + payload)
+    except StreamError as exc:
+        raise PeerUnavailable(f"write failed: {type(exc).__name__}") from None
+
+
+async def close_quietly(stream: INetStream, *, reset: bool = False) -> None:
+    with trio.move_on_after(1.0) as scope:
+        scope.shield = True
+        # The peer may already be gone; then there is nothing left to close.
+        with contextlib.suppress(Exception):
+            if reset:
+                await stream.reset()
+            else:
+                await stream.close()
+
+
+async def request(
+    host: IHost,
+    peer_id: ID,
+    protocol: str,
+    msg: Message,
+    registry: Registry,
+    *,
+    max_reply: int,
+    timeout: float,
+) -> Message:
+    """One request/response exchange on a fresh stream.
+
+    Raises:
+        PeerUnavailable: no stream could be opened, or no complete reply came within ``timeout``.
+        ProtocolViolation: the reply was malformed (the caller should score the peer).
+        RemoteRejected: the peer answered with a ``Reject``.
+
+    Cancellation closes the stream; nothing else is left behind.
+    """
+    stream: INetStream | None = None
+    try:
+        with trio.fail_after(timeout):
+            try:
+                stream = await host.new_stream(peer_id, [protocol])
+            except Exception as exc:
+                raise PeerUnavailable(f"cannot open {protocol} to {peer_id}: {exc}") from None
+            await write_message(stream, msg)
+            reply = await read_message(stream, registry, max_reply)
+    except trio.TooSlowError:
+        raise PeerUnavailable(f"{protocol} to {peer_id} timed out after {timeout} s") from None
+    finally:
+        if stream is not None:
+            await close_quietly(stream)
+    if isinstance(reply, Reject):
+        raise RemoteRejected(reply.code, reply.detail)
+    return reply
+
+
+def serve_requests(
+    registry: Registry,
+    handle: Callable[[ID, Message], Awaitable[Message]],
+    *,
+    max_request: int,
+    timeout: float,
+    on_violation: ViolationSink | None = None,
+) -> Callable[[INetStream], Awaitable[None]]:
+    """A stream handler that answers one framed request per stream.
+
+    A protocol violation is answered with a ``Reject`` carrying its code, reported to
+    ``on_violation``, and the stream is closed; an error in ``handle`` is answered with
+    ``INTERNAL`` and logged. Neither reaches the host: one bad peer never stops the service.
+    """
+
+    async def handler(stream: INetStream) -> None:
+        peer_id = stream.muxed_conn.peer_id
+        try:
+            with trio.fail_after(timeout):
+                try:
+                    msg = await read_message(stream, registry, max_request)
+                    reply = await handle(peer_id, msg)
+                except ProtocolViolation as exc:
+                    log.info("rejecting %s from %s: %s", registry.family, peer_id, exc)
+                    if on_violation is not None:
+                        on_violation(peer_id, exc.code)
+                    reply = Reject(code=int(exc.code), detail=exc.detail[:512])
+                await write_message(stream, reply)
+        except (PeerUnavailable, trio.TooSlowError):
+            pass
+        except Exception:
+            log.exception("%s handler failed for %s", registry.family, peer_id)
+            with trio.move_on_after(1.0):
+                with contextlib.suppress(Exception):
+                    await write_message(stream, Reject(code=int(RejectCode.INTERNAL)))
+        finally:
+            await close_quietly(stream)
+
+    return handler
