@@ -28,6 +28,10 @@ def apply_libp2p_tuning() -> None:
     _swarm._HAPPY_EYEBALLS_DELAY = HAPPY_EYEBALLS_DELAY
 
 
+async def _no_auto_connect() -> None:
+    return None
+
+
 def connection_config(
     *, max_connections: int = 1024, dial_timeout: float = 10.0
 ) -> ConnectionConfig:
@@ -38,6 +42,7 @@ def connection_config(
         # which peers we stay connected to is the DHT's and relay manager's decision.
         low_watermark=0,
         min_connections=0,
+        auto_connect_interval=3600.0,
         dial_timeout=dial_timeout,
         max_connections_per_peer=2,
         enable_health_monitoring=True,
@@ -55,7 +60,7 @@ def build_host(
     dial_timeout: float = 10.0,
 ) -> IHost:
     apply_libp2p_tuning()
-    return new_host(
+    host = new_host(
         key_pair=identity.key_pair(),
         muxer_preference="YAMUX",
         connection_config=connection_config(
@@ -63,3 +68,8 @@ def build_host(
         ),
         announce_addrs=[multiaddr.Multiaddr(a) for a in announce] or None,
     )
+    # The swarm's auto-connector dials every peer in the peerstore to reach a connection
+    # target between the watermarks; which peers to stay connected to is decided by our
+    # DHT and relay manager, so it is switched off.
+    host.get_network().auto_connector.maybe_connect = _no_auto_connect  # type: ignore[attr-defined]
+    return host

@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 # Violations are reported here (peer id, code) so a score book can count them.
 ViolationSink = Callable[[ID, RejectCode], None]
 
+# Rejections an honest peer can earn (a lost race, a full store): answered, never scored.
+NOT_A_FAULT = frozenset({RejectCode.STALE, RejectCode.RATE_LIMITED, RejectCode.NOT_FOUND})
+
 
 async def read_exact(stream: INetStream, n: int) -> bytes:
     """Read exactly ``n`` bytes. EOF, reset or close first raises ``PeerUnavailable``."""
@@ -129,7 +132,7 @@ def serve_requests(
                     reply = await handle(peer_id, msg)
                 except ProtocolViolation as exc:
                     log.info("rejecting %s from %s: %s", registry.family, peer_id, exc)
-                    if on_violation is not None:
+                    if on_violation is not None and exc.code not in NOT_A_FAULT:
                         on_violation(peer_id, exc.code)
                     reply = Reject(code=int(exc.code), detail=exc.detail[:512])
                 await write_message(stream, reply)

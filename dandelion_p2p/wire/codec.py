@@ -21,6 +21,15 @@ def encode(msg: Message) -> bytes:
     return msgpack.packb([WIRE_VERSION, msg.TYPE, msg.to_body()], use_bin_type=True)
 
 
+def _map_without_duplicate_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    # msgpack keeps the last of duplicate keys silently; another decoder may keep the first,
+    # so two readers could see different messages in the same bytes.
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("duplicate map key")
+    return result
+
+
 def unpack(data: bytes) -> Any:
     """msgpack-decode untrusted bytes; any failure is ``MALFORMED``."""
     n = len(data)
@@ -30,6 +39,7 @@ def unpack(data: bytes) -> Any:
             raw=False,
             use_list=True,
             strict_map_key=True,
+            object_pairs_hook=_map_without_duplicate_keys,
             max_str_len=n,
             max_bin_len=n,
             max_array_len=n,
@@ -43,15 +53,20 @@ def unpack(data: bytes) -> Any:
 def decode(data: bytes, registry: Registry) -> Message:
     """Decode one envelope; raises ``ProtocolViolation`` with the matching reject code."""
     envelope = unpack(data)
-    if not isinstance(envelope, list) or len(envelope) != 3:
+    if not isinstance(envelope, list) or not envelope:
         raise ProtocolViolation(RejectCode.MALFORMED, "envelope must be [version, type, body]")
-    version, type_id, body = envelope
+    # The version comes first and is checked before the shape, so a later version may change
+    # the rest of the envelope and still be answered with UNSUPPORTED_VERSION.
+    version = envelope[0]
     if isinstance(version, bool) or not isinstance(version, int):
         raise ProtocolViolation(RejectCode.MALFORMED, "version must be an integer")
     if version != WIRE_VERSION:
         raise ProtocolViolation(
             RejectCode.UNSUPPORTED_VERSION, f"version {version}, we speak {WIRE_VERSION}"
         )
+    if len(envelope) != 3:
+        raise ProtocolViolation(RejectCode.MALFORMED, "envelope must be [version, type, body]")
+    _, type_id, body = envelope
     if isinstance(type_id, bool) or not isinstance(type_id, int):
         raise ProtocolViolation(RejectCode.MALFORMED, "type must be an integer")
     cls = registry.types.get(type_id)

@@ -20,15 +20,23 @@ from dandelion_p2p.wire.reject import RejectCode
 Checker = Callable[[Any, str], Any]
 M = TypeVar("M", bound="Message")
 
+# Nesting allowed inside a free-form map field, the map itself counting as level 1. msgpack
+# decodes up to 1024 levels, but deep values cannot always be re-encoded or compared without
+# hitting the recursion limit, so what is accepted stays far below that.
+MAX_MAP_DEPTH = 32
+
 
 def invalid(detail: str) -> ProtocolViolation:
     return ProtocolViolation(RejectCode.INVALID_FIELD, detail)
 
 
+# Tells type checkers that subclasses are frozen dataclasses, which ``Registry.message`` makes them.
+@typing.dataclass_transform(frozen_default=True, field_specifiers=(dataclasses.field,))
 class Message:
     """Base of every wire message. Subclasses are created with ``@message(type_id)``."""
 
     __slots__ = ()
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
     TYPE: ClassVar[int]
     FAMILY: ClassVar[str]
     _FIELDS: ClassVar[tuple[tuple[str, Checker, bool], ...]]
@@ -117,6 +125,7 @@ def _checker_for(tp: Any) -> Checker:
         def check_map(v: Any, where: str) -> dict[str, Any]:
             if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
                 raise invalid(f"{where}: expected a map with string keys")
+            _check_nesting(v, where)
             return dict(v)
         return check_map
     if origin in (typing.Union, types.UnionType):
@@ -127,6 +136,18 @@ def _checker_for(tp: Any) -> Checker:
         inner = _checker_for(non_none[0])
         return lambda v, where: None if v is None else inner(v, where)
     raise TypeError(f"unsupported field type {tp!r}")
+
+
+def _check_nesting(value: dict[str, Any], where: str) -> None:
+    # Iterative, so a hostile nesting depth cannot exhaust the Python stack before it is refused.
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, list | dict):
+            if depth > MAX_MAP_DEPTH:
+                raise invalid(f"{where}: nested deeper than {MAX_MAP_DEPTH} levels")
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
 
 
 class Registry:

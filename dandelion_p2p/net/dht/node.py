@@ -90,6 +90,7 @@ class DHTNode:
         # (namespace, key) -> (value, ttl, when last published) for records we keep alive.
         self._published: dict[tuple[str, bytes], tuple[bytes, float, float]] = {}
         self._seq = now_ms()
+        self._published_at_size = 0
 
     # ---- serving -------------------------------------------------------------------------
 
@@ -257,6 +258,7 @@ class DHTNode:
             if not isinstance(reply, Records):
                 raise ProtocolViolation(RejectCode.UNEXPECTED, "GetRecords answered wrongly")
             t = now_ms()
+            checked: list[SignedRecord] = []
             for record in reply.records:
                 try:
                     if routing_key(record.namespace, record.key) != target:
@@ -264,8 +266,12 @@ class DHTNode:
                     self.validator.validate(record, t)
                 except ProtocolViolation as exc:
                     self._violation(ID(ref.peer_id), exc.code)
+                    self.table.remove(ref.peer_id)
                     raise
-                found.append(record)
+                checked.append(record)
+            # Only a reply whose records all validate counts: one invalid record discredits
+            # the records that came before it in the same reply as well.
+            found.extend(checked)
             return reply.closer
 
         await self._lookup(target, query, self.replicas)
@@ -284,6 +290,7 @@ class DHTNode:
         record = sign_record(self.identity, namespace, key, value, self._seq, expires)
         if keep:
             self._published[(namespace, key)] = (value, ttl, trio.current_time())
+            self._published_at_size = len(self.table)
         return await self.put_record(record)
 
     def unpublish(self, namespace: str, key: bytes) -> None:
@@ -315,19 +322,37 @@ class DHTNode:
 
     # ---- upkeep --------------------------------------------------------------------------
 
-    async def maintain(self, *, interval: float = 30.0) -> None:
-        """Runs forever: drops expired records, republishes ours, refreshes idle buckets."""
+    async def republish(self) -> None:
+        """Store every record we keep alive again, on the peers now closest to it."""
+        self._published_at_size = len(self.table)
+        for (namespace, key), (value, ttl, _) in list(self._published.items()):
+            try:
+                await self.put(namespace, key, value, ttl)
+            except DandelionError as exc:
+                log.warning("republishing a %s record failed: %s", namespace, exc)
+
+    def _table_grew(self) -> bool:
+        """Whether enough peers joined since our last publication that closer ones may exist.
+
+        Records published while the network was small sit on whoever was closest then;
+        Kademlia moves them as the network grows, and republishing ours is how we do it.
+        """
+        size, before = len(self.table), self._published_at_size
+        return size >= before + 2 and size >= before * 1.25
+
+    async def maintain(self, *, interval: float = 5.0, refresh_every: float = 60.0) -> None:
+        """Runs forever: drops expired records, republishes ours when the network grew or
+        half their lifetime passed, refreshes the routing table."""
+        last_refresh = trio.current_time()
         while True:
             await trio.sleep(interval)
             self.store.purge(now_ms())
             now = trio.current_time()
-            for (namespace, key), (value, ttl, published) in list(self._published.items()):
-                if now - published >= ttl / 2:
-                    try:
-                        await self.put(namespace, key, value, ttl)
-                    except DandelionError as exc:
-                        log.warning("republishing a %s record failed: %s", namespace, exc)
-            if len(self.table) and self.table.stale_buckets(now, 600.0):
+            due = any(now - at >= ttl / 2 for _, ttl, at in self._published.values())
+            if due or self._table_grew():
+                await self.republish()
+            if now - last_refresh >= refresh_every and len(self.table):
+                last_refresh = now
                 try:
                     await self.find_closest(self.table.local_key, self.table.k)
                 except DandelionError as exc:

@@ -366,8 +366,8 @@ async def _upnp_add(control_url: str, service_type: str, protocol: str, internal
 
 
 async def _upnp_map(gateway: str, protocol: str, internal_port: int, lifetime: int,
-                    external_port: int) -> PortMapping:
-    service = await _upnp_service(gateway, SSDP_WINDOW)
+                    external_port: int, window: float) -> PortMapping:
+    service = await _upnp_service(gateway, window)
     control_url = str(service.control_url)
     try:
         reply = await _soap(control_url, service.service_type, "GetExternalIPAddress")
@@ -444,7 +444,9 @@ async def open_mapping(internal_port: int, protocol: str = "TCP", *,
                     mapping = await _natpmp_map(gateway, protocol, internal_port, lifetime,
                                                 wanted)
                 else:
-                    mapping = await _upnp_map(gateway, protocol, internal_port, lifetime, wanted)
+                    # Leave time after the search for the description and two SOAP calls.
+                    mapping = await _upnp_map(gateway, protocol, internal_port, lifetime, wanted,
+                                              min(SSDP_WINDOW, timeout / 2))
         except (PeerUnavailable, ProtocolViolation, RemoteRejected) as exc:
             log.info("port mapping via %s failed: %s", method, exc)
             errors[method] = exc
@@ -457,7 +459,7 @@ async def open_mapping(internal_port: int, protocol: str = "TCP", *,
 
 async def renew(mapping: PortMapping, *, lifetime: int | None = None,
                 timeout: float = DEFAULT_TIMEOUT) -> PortMapping:
-    """Extend ``mapping`` (by ``lifetime`` seconds, default: the lifetime asked for before).
+    """Extend ``mapping`` by ``lifetime`` seconds (default: what the gateway granted last).
 
     Uses the method that created it. The gateway may move the mapping to another external
     port or address: use the returned mapping.

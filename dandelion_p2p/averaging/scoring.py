@@ -1,0 +1,299 @@
+"""The score book: how much each peer is trusted, from what it did in past rounds.
+
+A peer's score starts at 0 (neutral). Events move it (``ScorePolicy`` holds the amounts); it
+is capped at ``max_score`` so that a long good record cannot buy a free attack, floored at
+``min_score`` so that a ban is never forever, and decays exponentially toward 0 with
+``half_life``. When an event leaves the score at or below ``ban_threshold`` the peer is
+banned for ``ban_duration``, doubled for each earlier ban within ``ban_memory`` and capped at
+``max_ban_duration``. Matchmaking leaves banned peers out.
+
+How callers report, so the numbers below mean what they say:
+
+* ``SUCCESS``: once per peer per round in which everything it owed us arrived intact.
+* ``TIMEOUT``: once per peer per round in which it was too late (not once per chunk).
+* ``OUTLIER``: once per chunk that centered clipping flagged as an outlier.
+* ``MALFORMED``: once per chunk that failed to decode or held NaN/infinity.
+* ``BAD_SIGNATURE``: once per chunk with a missing or forged signature.
+
+With the default policy a peer at the best possible score that sends garbage on every chunk
+is banned in its first round when a round carries two chunks or more, and by its second round
+otherwise (for rounds up to about an hour apart). A forged signature bans at once. An honest
+peer needs six timeouts in a row, with no success between them, to be banned.
+
+Time is always passed in (``now``, in seconds); nothing here reads a clock. For a book that
+is saved and loaded, use a clock that survives restarts (Unix time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from libp2p.peer.id import ID
+
+log = logging.getLogger(__name__)
+
+SCORES_FILENAME = "scores.json"
+_FORMAT = "dandelion-scores"
+_VERSION = 1
+
+
+class ScoreEvent(enum.Enum):
+    SUCCESS = "success"
+    TIMEOUT = "timeout"
+    OUTLIER = "outlier"
+    MALFORMED = "malformed"
+    BAD_SIGNATURE = "bad_signature"
+
+
+@dataclass(frozen=True, slots=True)
+class ScorePolicy:
+    success: float = 0.25
+    timeout: float = -1.0
+    outlier: float = -1.0
+    malformed: float = -4.5
+    bad_signature: float = -10.0
+    max_score: float = 2.0
+    min_score: float = -20.0
+    ban_threshold: float = -6.0
+    half_life: float = 7200.0
+    ban_duration: float = 1800.0
+    max_ban_duration: float = 86400.0
+    ban_memory: float = 86400.0
+
+    def __post_init__(self) -> None:
+        if not self.min_score <= self.ban_threshold < 0.0 <= self.max_score:
+            raise ValueError("need min_score <= ban_threshold < 0 <= max_score")
+        if not (self.half_life > 0 and 0 < self.ban_duration <= self.max_ban_duration):
+            raise ValueError("half_life and ban durations must be positive")
+
+    def delta(self, event: ScoreEvent) -> float:
+        amount: float = getattr(self, event.value)
+        return amount
+
+
+@dataclass(frozen=True, slots=True)
+class Standing:
+    """One peer's record as of ``now``, for status displays and logs."""
+
+    peer_id: bytes
+    score: float
+    banned_until: float | None
+    bans: int
+    events: Mapping[str, int]
+
+    @property
+    def peer(self) -> str:
+        return ID(self.peer_id).to_base58()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "peer": self.peer,
+            "score": round(self.score, 4),
+            "banned_until": self.banned_until,
+            "bans": self.bans,
+            "events": dict(self.events),
+        }
+
+
+@dataclass(slots=True)
+class _Record:
+    score: float = 0.0
+    updated: float = 0.0
+    banned_until: float | None = None
+    bans: int = 0
+    events: dict[str, int] = field(default_factory=dict)
+
+
+class ScoreBook:
+    def __init__(self, policy: ScorePolicy | None = None) -> None:
+        self.policy = policy or ScorePolicy()
+        self._records: dict[bytes, _Record] = {}
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def record(self, peer: bytes, event: ScoreEvent, now: float, count: int = 1) -> bool:
+        """Apply ``count`` occurrences of ``event``; True if this started a ban."""
+        if count < 0:
+            raise ValueError(f"count must be >= 0, got {count}")
+        if not math.isfinite(now):
+            raise ValueError(f"now must be finite, got {now}")
+        rec = self._current(peer, now)
+        p = self.policy
+        rec.score = min(p.max_score, max(p.min_score, rec.score + count * p.delta(event)))
+        rec.events[event.value] = rec.events.get(event.value, 0) + count
+        if count == 0 or p.delta(event) >= 0 or rec.score > p.ban_threshold:
+            return False
+        if self._banned(rec, now):
+            return False  # a ban is not extended by what the peer does while banned
+        if rec.banned_until is not None and now - rec.banned_until > p.ban_memory:
+            rec.bans = 0
+        duration = min(p.max_ban_duration, p.ban_duration * 2.0 ** min(rec.bans, 64))
+        rec.bans += 1
+        rec.banned_until = now + duration
+        log.warning(
+            "banned peer %s for %.0f s (score %.2f after %s)",
+            ID(peer).to_base58(),
+            duration,
+            rec.score,
+            event.value,
+        )
+        return True
+
+    def score(self, peer: bytes, now: float) -> float:
+        rec = self._records.get(peer)
+        return 0.0 if rec is None else self._decayed(rec, now)
+
+    def is_banned(self, peer: bytes, now: float) -> bool:
+        rec = self._records.get(peer)
+        return rec is not None and self._banned(rec, now)
+
+    def standing(self, peer: bytes, now: float) -> Standing:
+        rec = self._records.get(peer) or _Record(updated=now)
+        return Standing(
+            peer,
+            self._decayed(rec, now),
+            rec.banned_until if self._banned(rec, now) else None,
+            rec.bans,
+            dict(rec.events),
+        )
+
+    def snapshot(self, now: float) -> list[Standing]:
+        """Every known peer, worst score first (ties by peer id)."""
+        standings = [self.standing(peer, now) for peer in self._records]
+        return sorted(standings, key=lambda s: (s.score, s.peer_id))
+
+    def prune(self, now: float, epsilon: float = 0.01) -> int:
+        """Forget peers whose score has decayed to about neutral and that are not banned nor
+        within ``ban_memory`` of a ban; returns how many were dropped."""
+        p = self.policy
+        stale = [
+            peer
+            for peer, rec in self._records.items()
+            if abs(self._decayed(rec, now)) < epsilon
+            and (rec.banned_until is None or now - rec.banned_until > p.ban_memory)
+        ]
+        for peer in stale:
+            del self._records[peer]
+        return len(stale)
+
+    def save(self, path: Path) -> None:
+        """Write the book to ``path`` atomically: a crash leaves the old file or the new one.
+
+        Raises ``OSError`` when the directory cannot be written.
+        """
+        peers = {
+            ID(peer).to_base58(): {
+                "score": rec.score,
+                "updated": rec.updated,
+                "banned_until": rec.banned_until,
+                "bans": rec.bans,
+                "events": rec.events,
+            }
+            for peer, rec in sorted(self._records.items())
+        }
+        text = json.dumps({"format": _FORMAT, "version": _VERSION, "peers": peers}, indent=1)
+        _atomic_write(path, text.encode())
+
+    @classmethod
+    def load(cls, path: Path, policy: ScorePolicy | None = None) -> ScoreBook:
+        """The book saved at ``path``; an empty one if there is none yet.
+
+        A file that cannot be read or parsed is not fatal: losing scores only forgives
+        peers, so we log a warning and start empty rather than refuse to run.
+        """
+        book = cls(policy)
+        try:
+            data = json.loads(path.read_bytes())
+            book._records = _parse(data)
+        except FileNotFoundError:
+            pass
+        except Exception as exc:  # whatever is wrong with the file, the daemon must start
+            log.warning("ignoring unreadable score book %s (%s); starting empty", path, exc)
+        return book
+
+    def _current(self, peer: bytes, now: float) -> _Record:
+        rec = self._records.get(peer)
+        if rec is None:
+            rec = self._records[peer] = _Record(updated=now)
+        rec.score = self._decayed(rec, now)
+        # A clock that stepped back must not let a peer's score decay twice.
+        rec.updated = max(rec.updated, now)
+        return rec
+
+    def _decayed(self, rec: _Record, now: float) -> float:
+        elapsed = max(0.0, now - rec.updated)
+        return rec.score * math.pow(0.5, elapsed / self.policy.half_life)
+
+    @staticmethod
+    def _banned(rec: _Record, now: float) -> bool:
+        return rec.banned_until is not None and now < rec.banned_until
+
+
+def _parse(data: Any) -> dict[bytes, _Record]:
+    if not isinstance(data, dict) or data.get("format") != _FORMAT:
+        raise ValueError("not a score book")
+    if data.get("version") != _VERSION:
+        raise ValueError(f"unsupported score book version {data.get('version')!r}")
+    peers = data["peers"]
+    if not isinstance(peers, dict):
+        raise ValueError("peers must be a map")
+    records = {}
+    for name, entry in peers.items():
+        banned_until, bans, events = entry["banned_until"], entry["bans"], entry["events"]
+        if not _is_count(bans):
+            raise ValueError(f"bad ban count for {name}")
+        if not isinstance(events, dict) or not all(
+            isinstance(k, str) and _is_count(v) for k, v in events.items()
+        ):
+            raise ValueError(f"bad event counts for {name}")
+        records[ID.from_base58(name).to_bytes()] = _Record(
+            score=_finite(entry["score"]),
+            updated=_finite(entry["updated"]),
+            banned_until=None if banned_until is None else _finite(banned_until),
+            bans=bans,
+            events=dict(events),
+        )
+    return records
+
+
+def _finite(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {value!r}")
+    return float(value)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    # The rename itself lives in the directory: sync it too, where the platform allows.
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
