@@ -44,7 +44,9 @@ def connection_config(
         min_connections=0,
         auto_connect_interval=3600.0,
         dial_timeout=dial_timeout,
-        max_connections_per_peer=2,
+        # One connection per peer: the swarm stops dialing other addresses only once this many
+        # succeeded, so a second would make every dial wait for the slowest address.
+        max_connections_per_peer=1,
         enable_health_monitoring=True,
         health_initial_delay=5.0,
         health_check_interval=10.0,

@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import multiaddr
 import trio
@@ -45,6 +45,9 @@ from dandelion_p2p.net.host import build_host
 from dandelion_p2p.net.notes import NoteService
 from dandelion_p2p.net.relay import RelayLimitsConfig, RelayReservations, relay_services
 from dandelion_p2p.wire import RejectCode
+
+if TYPE_CHECKING:
+    from dandelion_p2p.net.portmapping import PortForwarding
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +113,7 @@ class SwarmNode:
         )
         self.dht: DHTNode | None = None
         self.reservations: RelayReservations | None = None
+        self.port_forwarding: PortForwarding | None = None
         self.started_at = time.time()
         self._announce_lock = trio.Lock()
 
@@ -173,7 +177,7 @@ class SwarmNode:
         await self._connect_bootstrap()
         if self.settings.reachability == "auto" and not self.settings.relay:
             if self.bootstrap_refs:
-                self.reachable = await self._check_reachability(self.direct_addrs())
+                self.reachable = await self.check_reachability(self.direct_addrs())
             else:
                 log.info("no bootstrap peers: this node seeds the network and must be reachable")
                 self.reachable = True
@@ -221,7 +225,7 @@ class SwarmNode:
             for ref in self.bootstrap_refs:
                 nursery.start_soon(one, ref)
 
-    async def _check_reachability(self, addrs: list[str]) -> bool:
+    async def check_reachability(self, addrs: list[str]) -> bool:
         """Ask connected bootstrap peers to dial us back; reachable if any of them can."""
         candidates = [a for a in addrs if not maddrs.is_relayed(a)]
         if not candidates:
@@ -250,8 +254,8 @@ class SwarmNode:
     async def _start_port_mapping(self, nursery: trio.Nursery) -> None:
         from dandelion_p2p.net.portmapping import PortForwarding
 
-        forwarding = PortForwarding(self)
-        await nursery.start(forwarding.run)
+        self.port_forwarding = PortForwarding(self)
+        await nursery.start(self.port_forwarding.run)
 
     async def _rejoin_loop(self) -> None:
         """If every connection was lost (e.g. the network dropped), dial bootstrap peers again."""
@@ -379,6 +383,7 @@ class SwarmNode:
             "listen_addrs": self.listen_addrs(),
             "addrs": self.full_addrs(),
             "mapped_addrs": list(self.mapped_addrs),
+            "port_mapping": self.port_forwarding.status() if self.port_forwarding else None,
             "connected_peers": self.connected_peers(),
             "relay_reservations": self.reservations.status() if self.reservations else [],
             "routing_table_size": len(self.dht.table) if self.dht else 0,

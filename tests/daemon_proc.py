@@ -1,0 +1,99 @@
+"""Run ``dandelion-p2p daemon`` / ``join`` as real processes (optionally inside a lab host)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from dandelion_p2p.control import call_sync
+
+
+class Launcher(Protocol):
+    def popen(self, args: list[str], **kwargs: Any) -> subprocess.Popen[Any]: ...
+
+
+class LocalLauncher:
+    def popen(self, args: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        return subprocess.Popen(args, **kwargs)
+
+
+@dataclass
+class DaemonProcess:
+    proc: subprocess.Popen[Any]
+    data_dir: Path
+    stdout_path: Path
+    stderr_path: Path
+    peer_id: str = ""
+    addrs: list[str] = field(default_factory=list)
+
+    @property
+    def control_socket(self) -> Path:
+        return self.data_dir / "control.sock"
+
+    def call(self, method: str, params: dict[str, Any] | None = None,
+             timeout: float = 30.0) -> dict[str, Any]:
+        return call_sync(self.control_socket, method, params, timeout=timeout)
+
+    def logs(self) -> str:
+        return self.stdout_path.read_text() + self.stderr_path.read_text()
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            lines = self.stdout_path.read_text().splitlines()
+            if "ready" in lines:
+                for line in lines:
+                    if line.startswith("peer id: "):
+                        self.peer_id = line.removeprefix("peer id: ")
+                    elif line.startswith("address: "):
+                        self.addrs.append(line.removeprefix("address: "))
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.logs()}")
+            time.sleep(0.1)
+        raise AssertionError(f"daemon not ready after {timeout} s:\n{self.logs()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> tuple[int, float]:
+        """Signal the daemon and wait; returns (exit code, seconds it took)."""
+        start = time.monotonic()
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(
+                f"daemon ignored {sig!r} for {timeout} s:\n{self.logs()}"
+            ) from None
+        return code, time.monotonic() - start
+
+
+def start_daemon(
+    command: str,
+    args: list[str],
+    data_dir: Path,
+    *,
+    launcher: Launcher | None = None,
+    ready_timeout: float = 30.0,
+) -> DaemonProcess:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    stdout_path = data_dir / "stdout.log"
+    stderr_path = data_dir / "stderr.log"
+    argv = [sys.executable, "-m", "dandelion_p2p.cli", command, *args, "--data-dir", str(data_dir)]
+    with stdout_path.open("w") as out, stderr_path.open("w") as err:
+        proc = (launcher or LocalLauncher()).popen(argv, stdout=out, stderr=err)
+    daemon = DaemonProcess(proc, data_dir, stdout_path, stderr_path)
+    try:
+        daemon.wait_ready(ready_timeout)
+    except BaseException:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        raise
+    return daemon
