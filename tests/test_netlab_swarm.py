@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -154,3 +155,36 @@ def test_upnp_peer_is_dialed_directly_on_its_mapped_address(
     assert "dnat" not in nat.ruleset(), "the mapping must be removed on shutdown"
     kinds = {entry["kind"] for entry in json.loads(log.read_text())}
     assert kinds, "the gateway saw no request"
+
+
+@pytest.mark.parametrize("answer_with_rst", [False, True], ids=["drop", "reset"])
+def test_hole_punching_upgrades_a_relayed_connection(
+    netlab: NetLab, tmp_path: Path, daemons: list[DaemonProcess], answer_with_rst: bool
+) -> None:
+    public = netlab.add_public_host("relay")
+    nat_a = netlab.add_nat("a", answer_with_rst=answer_with_rst)
+    nat_b = netlab.add_nat("b", answer_with_rst=answer_with_rst)
+    relay = start_relay(public, tmp_path, daemons)
+    boot = f"/ip4/{public.ip}/tcp/4001/p2p/{relay.peer_id}"
+    a = start_daemon("join", [boot], tmp_path / "a", launcher=nat_a.host)
+    daemons.append(a)
+    b = start_daemon("join", [boot], tmp_path / "b", launcher=nat_b.host)
+    daemons.append(b)
+    assert a.call("send", {"peer": b.peer_id, "text": "punch"})["receipt"] == "received: punch"
+
+    deadline = time.monotonic() + 25
+    kind = "relayed"
+    while time.monotonic() < deadline:
+        conns = {p["peer_id"]: p["connection"] for p in a.call("status")["connected_peers"]}
+        kind = conns.get(b.peer_id, "gone")
+        if kind == "direct":
+            break
+        time.sleep(1.0)
+    if answer_with_rst:
+        # Such NATs reset the other side's SYN before the simultaneous open completes.
+        assert kind != "direct"
+        assert a.call("send", {"peer": b.peer_id, "text": "still"})["receipt"] == (
+            "received: still"
+        )
+    else:
+        assert kind == "direct", a.logs()[-3000:]

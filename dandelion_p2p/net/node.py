@@ -17,6 +17,7 @@ import multiaddr
 import trio
 from libp2p.abc import IHost
 from libp2p.peer.id import ID
+from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 from libp2p.tools.anyio_service import background_trio_service
 from libp2p.utils.address_validation import expand_wildcard_address
 
@@ -97,6 +98,10 @@ class SwarmNode:
         self.relay_protocol, self.relay_transport = relay_services(
             self.host, serve_hop=settings.relay, limits=settings.relay_limits
         )
+        # DCUtR: peers connected through a relay try to open a direct connection by
+        # simultaneous dials from both sides; it works across NATs that drop unsolicited
+        # packets, not across those that answer them with a reset.
+        self.hole_punching = DCUtRProtocol(self.host)
         self.dialer = Dialer(
             self.host, timeout=settings.dial_timeout, relay_transport=self.relay_transport
         )
@@ -162,6 +167,7 @@ class SwarmNode:
         async with (
             self.host.run(listen_addrs=listen),
             background_trio_service(self.relay_protocol),
+            background_trio_service(self.hole_punching),
             trio.open_nursery() as nursery,
         ):
             await self._start(nursery)
