@@ -42,6 +42,7 @@ demo: $(STAMP_CORE)
 
 test: $(STAMP_DEV) $(STAMP_SYS)
 	$(VENV)/bin/ruff check dandelion_p2p tests benchmarks
+	$(VENV)/bin/mypy dandelion_p2p
 	$(PY) -m pytest
 
 test-slow: $(STAMP_DEV) $(STAMP_SYS)

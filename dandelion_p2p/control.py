@@ -119,7 +119,7 @@ async def serve_control(
     handlers: Mapping[str, Handler],
     *,
     read_timeout: float = READ_TIMEOUT,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,  # type: ignore[name-defined]
 ) -> None:
     """Serve ``handlers`` on a Unix socket at ``path`` until cancelled.
 

@@ -12,6 +12,7 @@ import logging
 
 import trio
 from libp2p.abc import IHost
+from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from dandelion_p2p.errors import DandelionError, PeerUnavailable, ProtocolViolation
@@ -22,7 +23,7 @@ from dandelion_p2p.wire import Message, Registry, RejectCode, invalid
 log = logging.getLogger(__name__)
 
 DIALBACK = Registry("dialback")
-PROTOCOL_ID = "/dandelion/dialback/1.0.0"
+PROTOCOL_ID = TProtocol("/dandelion/dialback/1.0.0")
 MAX_FRAME = 8 * 1024
 MAX_ADDRS = 8
 MULTISTREAM = b"/multistream/1.0.0\n"
@@ -105,7 +106,7 @@ class DialBackService:
             try:
                 if any(maddrs.is_relayed(str(a)) for a in conn.get_transport_addresses()):
                     continue
-                remote = conn.muxed_conn.get_remote_address()
+                remote = getattr(conn.muxed_conn, "get_remote_address", lambda: None)()
             except Exception:
                 continue
             if remote:

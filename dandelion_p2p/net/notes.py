@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import msgpack
 from libp2p.abc import IHost
+from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from dandelion_p2p.errors import ProtocolViolation
@@ -26,7 +27,7 @@ from dandelion_p2p.wire import Message, Registry, RejectCode, invalid
 log = logging.getLogger(__name__)
 
 NOTES = Registry("notes")
-PROTOCOL_ID = "/dandelion/note/1.0.0"
+PROTOCOL_ID = TProtocol("/dandelion/note/1.0.0")
 MAX_FRAME = 8 * 1024
 MAX_TEXT = 1024
 MAX_AGE_MS = 300_000

@@ -57,7 +57,7 @@ class PortForwarding:
         else:
             log.warning("port mapping %s is not reachable from outside; not advertising it", addr)
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[name-defined]
         port = self._listen_port()
         if port is None:
             log.warning("no non-loopback TCP listen address to forward; port mapping skipped")

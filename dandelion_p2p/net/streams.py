@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 from libp2p.abc import IHost, INetStream
+from libp2p.custom_types import TProtocol
 from libp2p.network.stream.exceptions import StreamError
 from libp2p.peer.id import ID
 
@@ -73,7 +74,7 @@ async def close_quietly(stream: INetStream, *, reset: bool = False) -> None:
 async def request(
     host: IHost,
     peer_id: ID,
-    protocol: str,
+    protocol: TProtocol,
     msg: Message,
     registry: Registry,
     *,

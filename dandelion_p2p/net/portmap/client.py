@@ -512,7 +512,7 @@ async def keep_mapped(internal_port: int, protocol: str = "TCP", *,
                       lifetime: int = DEFAULT_LIFETIME, gateway: str | None = None,
                       methods: Sequence[str] = METHODS, timeout: float = DEFAULT_TIMEOUT,
                       on_change: Callable[[PortMapping | None], object] | None = None,
-                      task_status: trio.TaskStatus[PortMapping] = trio.TASK_STATUS_IGNORED,
+                      task_status: trio.TaskStatus[PortMapping] = trio.TASK_STATUS_IGNORED,  # type: ignore[name-defined]
                       ) -> NoReturn:
     """Hold a mapping open until cancelled, then remove it.
 
