@@ -43,6 +43,7 @@ def node_settings(config: DaemonConfig) -> NodeSettings:
         upnp=config.upnp,
         dial_timeout=config.dial_timeout,
         request_timeout=config.request_timeout,
+        data_dir=config.data_dir,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Iterator
 
 import pytest
@@ -17,3 +18,23 @@ def netlab() -> Iterator[NetLab]:
         pytest.skip(f"network lab unavailable: {reason}")
     with NetLab() as lab:
         yield lab
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Show the innermost errors of a failure buried in nested trio exception groups."""
+    report = yield
+    if call.excinfo is not None and isinstance(call.excinfo.value, BaseExceptionGroup):
+        leaves = [
+            "".join(traceback.format_exception(leaf)) for leaf in _leaves(call.excinfo.value)
+        ]
+        report.sections.append(("innermost errors", "\n".join(leaves[:5])))
+    return report

@@ -348,6 +348,10 @@ async def test_requests_in_the_name_of_someone_else_are_forbidden() -> None:
             contact = victim.dht.table.get(nodes[2].identity.peer_id_bytes)
             assert contact is not None
             assert "/ip4/10.0.0.1/tcp/1" not in contact.addrs
+            # Impersonation costs as much as a forged signature: the attacker is banned at
+            # once, so what it sends next is refused unread.
+            assert violations_of(victim, attacker) == 1
+            assert victim.is_banned(attacker.get_id())
 
             note = notes.sign_note(
                 Identity.generate(), victim.identity.peer_id_bytes, "not from you", bytes(16)
@@ -356,7 +360,8 @@ async def test_requests_in_the_name_of_someone_else_are_forbidden() -> None:
             reply = result.only_reply(notes.NOTES, notes.MAX_FRAME)
             assert isinstance(reply, Reject)
             assert reply.code == RejectCode.FORBIDDEN
-            assert violations_of(victim, attacker) == 2
+            assert reply.detail == "banned"
+            assert violations_of(victim, attacker) == 1
             assert list(victim.notes.received) == []
             await assert_still_serving(victim, others)
 
@@ -496,11 +501,17 @@ async def test_random_frames_never_break_the_dht_service(caplog: pytest.LogCaptu
                 reply = result.only_reply(DHT, dht.MAX_FRAME)
                 if isinstance(reply, Reject):
                     assert reply.code != RejectCode.INTERNAL, reply.detail
-                    assert violations_of(victim, attacker) == before + 1
+                    if reply.detail == "banned":
+                        # Garbage gets a peer banned; from then on it is refused unread.
+                        assert reply.code == RejectCode.FORBIDDEN
+                        assert violations_of(victim, attacker) == before
+                    else:
+                        assert violations_of(victim, attacker) == before + 1
                     codes.append(reply.code)
 
             await trio.to_thread.run_sync(one_frame)
             assert len(codes) >= 30
+            assert victim.is_banned(attacker.get_id())
             await assert_still_serving(victim, others)
     assert internal_errors(caplog) == []
 

@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import multiaddr
@@ -22,6 +23,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from libp2p.utils.address_validation import expand_wildcard_address
 
 from dandelion_p2p import __version__
+from dandelion_p2p.averaging.scoring import SCORES_FILENAME, ScoreBook, ScoreEvent
 from dandelion_p2p.errors import ConfigError, DandelionError, PeerUnavailable, ProtocolViolation
 from dandelion_p2p.identity import Identity
 from dandelion_p2p.net import addrs as maddrs
@@ -54,6 +56,13 @@ log = logging.getLogger(__name__)
 
 Reachability = Literal["auto", "public", "private"]
 
+SCORE_EVENT_OF = {
+    RejectCode.BAD_SIGNATURE: ScoreEvent.BAD_SIGNATURE,
+    # Claiming to be someone else (a sender or signer that is not the connected peer).
+    RejectCode.FORBIDDEN: ScoreEvent.BAD_SIGNATURE,
+    RejectCode.TIMEOUT: ScoreEvent.TIMEOUT,
+}
+
 
 @dataclass(frozen=True)
 class NodeSettings:
@@ -70,6 +79,8 @@ class NodeSettings:
     request_timeout: float = 10.0
     dht_k: int = 20
     dht_replicas: int = 8
+    data_dir: Path | None = None
+    """Where peer scores persist; None keeps them in memory only."""
 
 
 def parse_bootstrap(addr: str) -> PeerRef:
@@ -113,8 +124,15 @@ class SwarmNode:
         )
         self.mapped_addrs: list[str] = []
         self.violations: dict[str, int] = {}
+        self.scores_path = settings.data_dir / SCORES_FILENAME if settings.data_dir else None
+        self.scores = ScoreBook.load(self.scores_path) if self.scores_path else ScoreBook()
+        self._scores_dirty = False
         self.notes = NoteService(
-            self.host, identity, timeout=settings.request_timeout, on_violation=self._violation
+            self.host,
+            identity,
+            timeout=settings.request_timeout,
+            on_violation=self._violation,
+            is_banned=self.is_banned,
         )
         self.dht: DHTNode | None = None
         self.reservations: RelayReservations | None = None
@@ -126,6 +144,33 @@ class SwarmNode:
         key = peer_id.to_base58()
         self.violations[key] = self.violations.get(key, 0) + 1
         log.info("protocol violation by %s: %s", key, code.name)
+        event = SCORE_EVENT_OF.get(code, ScoreEvent.MALFORMED)
+        self.record_score(peer_id.to_bytes(), event)
+
+    def record_score(self, peer: bytes, event: ScoreEvent) -> None:
+        """Score a peer; a peer falling below the threshold is banned (and persisted)."""
+        if self.scores.record(peer, event, time.time()):
+            log.warning("banned %s after %s", ID(peer).to_base58(), event.value)
+            self.save_scores()
+        else:
+            self._scores_dirty = True
+
+    def is_banned(self, peer_id: ID) -> bool:
+        return self.scores.is_banned(peer_id.to_bytes(), time.time())
+
+    def save_scores(self) -> None:
+        self._scores_dirty = False
+        if self.scores_path is not None:
+            try:
+                self.scores.save(self.scores_path)
+            except OSError as exc:
+                log.warning("cannot save peer scores to %s: %s", self.scores_path, exc)
+
+    async def _save_scores_loop(self) -> None:
+        while True:
+            await trio.sleep(30.0)
+            if self._scores_dirty:
+                self.save_scores()
 
     # ---- addresses -------------------------------------------------------------------------
 
@@ -175,6 +220,7 @@ class SwarmNode:
                 yield self
             finally:
                 nursery.cancel_scope.cancel()
+                self.save_scores()
 
     async def _start(self, nursery: trio.Nursery) -> None:
         self.notes.install()
@@ -200,6 +246,7 @@ class SwarmNode:
             replicas=self.settings.dht_replicas,
             rpc_timeout=self.settings.request_timeout,
             on_violation=self._violation,
+            is_banned=self.is_banned,
         )
         self.dht.install()
         if self.bootstrap_refs:
@@ -219,6 +266,7 @@ class SwarmNode:
         await self.announce()
         nursery.start_soon(self.dht.maintain)
         nursery.start_soon(self._rejoin_loop)
+        nursery.start_soon(self._save_scores_loop)
 
     async def _connect_bootstrap(self) -> None:
         async def one(ref: PeerRef) -> None:
@@ -396,5 +444,6 @@ class SwarmNode:
             "stored_records": len(self.dht.store) if self.dht else 0,
             "notes_received": [vars(n) for n in self.notes.received],
             "violations": dict(self.violations),
+            "scores": [st.to_json() for st in self.scores.snapshot(time.time())],
             "uptime_s": round(time.time() - self.started_at, 1),
         }

@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgpack
@@ -99,12 +100,14 @@ class NoteService:
         *,
         timeout: float,
         on_violation: ViolationSink | None = None,
+        is_banned: Callable[[ID], bool] | None = None,
         keep: int = 100,
     ) -> None:
         self.host = host
         self.identity = identity
         self.timeout = timeout
         self.on_violation = on_violation
+        self.is_banned = is_banned
         self.received: deque[ReceivedNote] = deque(maxlen=keep)
 
     def install(self) -> None:
@@ -116,6 +119,7 @@ class NoteService:
                 max_request=MAX_FRAME,
                 timeout=self.timeout,
                 on_violation=self.on_violation,
+                refuse=self.is_banned,
             ),
         )
 

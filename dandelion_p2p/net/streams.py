@@ -116,16 +116,23 @@ def serve_requests(
     max_request: int,
     timeout: float,
     on_violation: ViolationSink | None = None,
+    refuse: Callable[[ID], bool] | None = None,
 ) -> Callable[[INetStream], Awaitable[None]]:
     """A stream handler that answers one framed request per stream.
 
     A protocol violation is answered with a ``Reject`` carrying its code, reported to
     ``on_violation``, and the stream is closed; an error in ``handle`` is answered with
     ``INTERNAL`` and logged. Neither reaches the host: one bad peer never stops the service.
+    A peer for which ``refuse`` returns True (a banned peer) gets ``FORBIDDEN`` unread.
     """
 
     async def handler(stream: INetStream) -> None:
         peer_id = stream.muxed_conn.peer_id
+        if refuse is not None and refuse(peer_id):
+            with trio.move_on_after(1.0), contextlib.suppress(Exception):
+                await write_message(stream, Reject(code=int(RejectCode.FORBIDDEN), detail="banned"))
+            await close_quietly(stream)
+            return
         try:
             with trio.fail_after(timeout):
                 try:

@@ -15,7 +15,7 @@ import trio
 from libp2p.abc import IHost
 from libp2p.peer.id import ID
 
-from dandelion_p2p.errors import DandelionError, ProtocolViolation
+from dandelion_p2p.errors import DandelionError, PeerUnavailable, ProtocolViolation
 from dandelion_p2p.identity import Identity
 from dandelion_p2p.net.dht.lookup import Lookup
 from dandelion_p2p.net.dht.messages import (
@@ -73,6 +73,7 @@ class DHTNode:
         alpha: int = 4,
         rpc_timeout: float = 5.0,
         on_violation: ViolationSink | None = None,
+        is_banned: Callable[[ID], bool] | None = None,
     ) -> None:
         self.host = host
         self.identity = identity
@@ -85,6 +86,7 @@ class DHTNode:
         self.alpha = alpha
         self.rpc_timeout = rpc_timeout
         self.on_violation = on_violation
+        self.is_banned = is_banned or (lambda peer_id: False)
         self.table = RoutingTable(self.local_id, k=k)
         self.store = RecordStore()
         # (namespace, key) -> (value, ttl, when last published) for records we keep alive.
@@ -104,6 +106,7 @@ class DHTNode:
                     max_request=MAX_FRAME,
                     timeout=self.rpc_timeout,
                     on_violation=self._violation,
+                    refuse=self.is_banned,
                 ),
             )
 
@@ -149,6 +152,9 @@ class DHTNode:
 
     async def _rpc(self, ref: PeerRef, msg: Message) -> Message:
         peer_id = ID(ref.peer_id)
+        if self.is_banned(peer_id):
+            self.table.remove(ref.peer_id)
+            raise PeerUnavailable(f"{peer_id} is banned")
         try:
             await self.dialer.connect(peer_id, ref.addrs)
             reply = await request(
