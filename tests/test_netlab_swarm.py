@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -188,3 +189,52 @@ def test_hole_punching_upgrades_a_relayed_connection(
         )
     else:
         assert kind == "direct", a.logs()[-3000:]
+
+
+def test_peer_behind_nat_moves_to_another_relay_when_its_relay_is_killed(
+    netlab: NetLab, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    first_host, second_host = netlab.add_public_host("r1"), netlab.add_public_host("r2")
+    nat_a, nat_b = netlab.add_nat("a"), netlab.add_nat("b")
+    first = start_daemon("daemon", ["--relay", "--listen", f"/ip4/{first_host.ip}/tcp/4001"],
+                         tmp_path / "r1", launcher=first_host)
+    daemons.append(first)
+    first_addr = f"/ip4/{first_host.ip}/tcp/4001/p2p/{first.peer_id}"
+    second = start_daemon(
+        "daemon", ["--relay", "--listen", f"/ip4/{second_host.ip}/tcp/4001",
+                   "--bootstrap", first_addr],
+        tmp_path / "r2", launcher=second_host,
+    )
+    daemons.append(second)
+    second_addr = f"/ip4/{second_host.ip}/tcp/4001/p2p/{second.peer_id}"
+    # One reservation only, and the first relay listed first: the peer starts on it.
+    a = start_daemon("join", [first_addr, second_addr, "--relays", "1"], tmp_path / "a",
+                     launcher=nat_a.host)
+    daemons.append(a)
+    b = start_daemon("join", [second_addr, "--relays", "1"], tmp_path / "b",
+                     launcher=nat_b.host)
+    daemons.append(b)
+    assert [r["relay"] for r in a.call("status")["relay_reservations"]] == [first.peer_id]
+    assert b.call("send", {"peer": a.peer_id, "text": "one"})["receipt"] == "received: one"
+
+    first.stop(signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    held: list[str] = []
+    while time.monotonic() < deadline:
+        held = [r["relay"] for r in a.call("status")["relay_reservations"]]
+        if held == [second.peer_id]:
+            break
+        time.sleep(0.5)
+    assert held == [second.peer_id], a.logs()[-3000:]
+    assert all(second.peer_id in addr for addr in a.call("status")["addrs"])
+
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            receipt = b.call("send", {"peer": a.peer_id, "text": "two"})["receipt"]
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+    assert receipt == "received: two"
