@@ -12,7 +12,7 @@ import click
 import trio
 
 from dandelion_p2p import __version__
-from dandelion_p2p.config import DaemonConfig, default_data_dir, load_config
+from dandelion_p2p.config import DaemonConfig, load_config
 from dandelion_p2p.errors import DandelionError
 from dandelion_p2p.identity import Identity, write_identity
 
@@ -71,10 +71,14 @@ def main() -> None:
 @click.option("--out", type=click.Path(path_type=Path), help="Key file to write.")
 @click.option("--force", is_flag=True, help="Overwrite an existing key file.")
 def keygen(out: Path | None, force: bool) -> None:
-    """Create an ed25519 identity key (mode 0600) and print its peer id."""
-    path = out or default_data_dir() / "identity.key"
+    """Create an ed25519 identity key (mode 0600) and print its peer id.
+
+    Without --out the key goes where the daemon looks for it: the configured identity file,
+    else identity.key in the data dir.
+    """
     identity = Identity.generate()
     try:
+        path = out or load_config("daemon", {}).identity_path
         write_identity(path, identity, force=force)
     except DandelionError as exc:
         fail(str(exc))
@@ -127,11 +131,19 @@ def join(bootstrap_peers: tuple[str, ...], config_file: Path | None, **values: A
     _run_node("join", config_file, values)
 
 
-def _control(data_dir: Path | None, method: str, params: dict[str, Any]) -> dict[str, Any]:
+def _resolve_data_dir(data_dir: Path | None, config_file: Path | None) -> Path:
+    """The data dir as the daemon resolves it: flag, then DANDELION_DATA_DIR, then the file."""
+    cli_values = {"data_dir": data_dir} if data_dir is not None else {}
+    return load_config("daemon", cli_values, config_file=config_file).data_dir
+
+
+def _control(
+    data_dir: Path | None, config_file: Path | None, method: str, params: dict[str, Any]
+) -> dict[str, Any]:
     from dandelion_p2p.control import call_sync
 
     try:
-        path = DaemonConfig(data_dir=data_dir or default_data_dir()).control_socket_path
+        path = DaemonConfig(data_dir=_resolve_data_dir(data_dir, config_file)).control_socket_path
         return call_sync(path, method, params, timeout=30.0)
     except DandelionError as exc:
         fail(str(exc))
@@ -154,12 +166,18 @@ def _print_status(s: dict[str, Any]) -> None:
         click.echo(f"  {p['peer_id']} {p['connection']}")
 
 
+CONTROL_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
+    (("--data-dir",), {"type": click.Path(path_type=Path), "help": "The daemon's data dir."}),
+    (("--config", "config_file"), {"type": click.Path(path_type=Path), "help": "TOML file."}),
+]
+
+
 @main.command()
-@click.option("--data-dir", type=click.Path(path_type=Path))
+@add_options(CONTROL_OPTIONS)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def status(data_dir: Path | None, as_json: bool) -> None:
+def status(data_dir: Path | None, config_file: Path | None, as_json: bool) -> None:
     """Show a running daemon's peer id, addresses, peers, reservations and routing table."""
-    result = _control(data_dir, "status", {})
+    result = _control(data_dir, config_file, "status", {})
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
@@ -167,11 +185,11 @@ def status(data_dir: Path | None, as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--data-dir", type=click.Path(path_type=Path))
+@add_options(CONTROL_OPTIONS)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def peers(data_dir: Path | None, as_json: bool) -> None:
+def peers(data_dir: Path | None, config_file: Path | None, as_json: bool) -> None:
     """List the members of the swarm, as announced in the DHT."""
-    result = _control(data_dir, "members", {})
+    result = _control(data_dir, config_file, "members", {})
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -183,10 +201,10 @@ def peers(data_dir: Path | None, as_json: bool) -> None:
 @main.command()
 @click.argument("peer")
 @click.argument("text")
-@click.option("--data-dir", type=click.Path(path_type=Path))
-def send(peer: str, text: str, data_dir: Path | None) -> None:
+@add_options(CONTROL_OPTIONS)
+def send(peer: str, text: str, data_dir: Path | None, config_file: Path | None) -> None:
     """Send a signed note to PEER (found through the DHT) and print its signed receipt."""
-    result = _control(data_dir, "send", {"peer": peer, "text": text})
+    result = _control(data_dir, config_file, "send", {"peer": peer, "text": text})
     click.echo(f"verified receipt from {peer}: {result['receipt']}")
 
 

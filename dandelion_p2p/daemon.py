@@ -20,9 +20,6 @@ from dandelion_p2p.net.relay import RelayLimitsConfig
 
 log = logging.getLogger(__name__)
 
-# Shutdown must finish within this; what is still running after it is abandoned.
-SHUTDOWN_GRACE = 4.0
-
 
 def node_settings(config: DaemonConfig) -> NodeSettings:
     return NodeSettings(

@@ -126,3 +126,14 @@ def test_bad_input_gets_a_clear_error(tmp_path: Path) -> None:
     env = dict(os.environ, DANDELION_RELAY_MAX_CIRCUITS="0")
     bad_env = cli("daemon", "--data-dir", str(tmp_path / "z"), env=env)
     assert bad_env.returncode == 2 and "DANDELION_RELAY_MAX_CIRCUITS" in bad_env.stderr
+
+
+def test_commands_find_the_daemon_through_the_environment(
+    tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    d = start_daemon("daemon", ["--listen", "/ip4/127.0.0.1/tcp/0"], tmp_path / "env-dir")
+    daemons.append(d)
+    env = dict(os.environ, DANDELION_DATA_DIR=str(tmp_path / "env-dir"))
+    out = cli("status", "--json", env=env)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["peer_id"] == d.peer_id

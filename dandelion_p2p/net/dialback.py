@@ -9,6 +9,7 @@ request came from, so nobody can use it to probe third parties.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import trio
 from libp2p.abc import IHost
@@ -17,7 +18,7 @@ from libp2p.peer.id import ID
 
 from dandelion_p2p.errors import DandelionError, PeerUnavailable, ProtocolViolation
 from dandelion_p2p.net import addrs as maddrs
-from dandelion_p2p.net.streams import request, serve_requests
+from dandelion_p2p.net.streams import ViolationSink, request, serve_requests
 from dandelion_p2p.wire import Message, Registry, RejectCode, invalid
 
 log = logging.getLogger(__name__)
@@ -89,15 +90,29 @@ def _tcp_target(addr: str) -> tuple[str, int] | None:
 
 
 class DialBackService:
-    def __init__(self, host: IHost, *, probe_timeout: float = 3.0) -> None:
+    def __init__(
+        self,
+        host: IHost,
+        *,
+        probe_timeout: float = 3.0,
+        on_violation: ViolationSink | None = None,
+        is_banned: Callable[[ID], bool] | None = None,
+    ) -> None:
         self.host = host
         self.probe_timeout = probe_timeout
+        self.on_violation = on_violation
+        self.is_banned = is_banned
 
     def install(self) -> None:
         self.host.set_stream_handler(
             PROTOCOL_ID,
             serve_requests(
-                DIALBACK, self._answer, max_request=MAX_FRAME, timeout=self.probe_timeout * 3
+                DIALBACK,
+                self._answer,
+                max_request=MAX_FRAME,
+                timeout=self.probe_timeout * 3,
+                on_violation=self.on_violation,
+                refuse=self.is_banned,
             ),
         )
 
@@ -120,12 +135,19 @@ class DialBackService:
         if observed is None:
             raise ProtocolViolation(RejectCode.UNEXPECTED, "no direct connection to observe")
         reachable: list[str] = []
-        for addr in msg.addrs:
-            target = _tcp_target(addr)
-            if target is None or target[0] != observed:
-                continue
-            if await probe_libp2p_listener(target[0], target[1], self.probe_timeout):
+
+        async def probe(addr: str, ip: str, port: int) -> None:
+            if await probe_libp2p_listener(ip, port, self.probe_timeout):
                 reachable.append(addr)
+
+        # Concurrently, so that the answer comes within one probe timeout however many
+        # addresses are unreachable.
+        async with trio.open_nursery() as nursery:
+            for addr in msg.addrs:
+                target = _tcp_target(addr)
+                if target is not None and target[0] == observed:
+                    nursery.start_soon(probe, addr, *target)
+        reachable.sort(key=msg.addrs.index)
         return DialBackResult(reachable=tuple(reachable), observed_ip=observed)
 
 

@@ -9,7 +9,10 @@ import libp2p.stream_muxer.yamux.yamux as _yamux
 import multiaddr
 from libp2p import new_host
 from libp2p.abc import IHost
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.network.config import ConnectionConfig
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
 
 from dandelion_p2p.identity import Identity
 
@@ -62,8 +65,16 @@ def build_host(
     dial_timeout: float = 10.0,
 ) -> IHost:
     apply_libp2p_tuning()
+    key_pair = identity.key_pair()
     host = new_host(
-        key_pair=identity.key_pair(),
+        key_pair=key_pair,
+        # Noise only. py-libp2p otherwise also accepts /plaintext/2.0.0, where a dialer can
+        # claim any peer id, and SECIO: either would let one peer act in another's name.
+        sec_opt={
+            NOISE_PROTOCOL_ID: NoiseTransport(
+                key_pair, noise_privkey=create_x25519_key_pair().private_key
+            )
+        },
         muxer_preference="YAMUX",
         connection_config=connection_config(
             max_connections=max_connections, dial_timeout=dial_timeout

@@ -225,7 +225,9 @@ class SwarmNode:
     async def _start(self, nursery: trio.Nursery) -> None:
         self.notes.install()
         if self.settings.relay or self.settings.reachability != "private":
-            DialBackService(self.host).install()
+            DialBackService(
+                self.host, on_violation=self._violation, is_banned=self.is_banned
+            ).install()
         await self._connect_bootstrap()
         if self.settings.reachability == "auto" and not self.settings.relay:
             if self.bootstrap_refs:
@@ -234,7 +236,10 @@ class SwarmNode:
                 log.info("no bootstrap peers: this node seeds the network and must be reachable")
                 self.reachable = True
         if self.settings.upnp and not self.reachable:
-            await self._start_port_mapping(nursery)
+            if self.settings.reachability == "private":
+                log.warning("--upnp ignored: reachability is configured as private")
+            else:
+                await self._start_port_mapping(nursery)
         self.dht = DHTNode(
             self.host,
             self.identity,
@@ -251,14 +256,16 @@ class SwarmNode:
         self.dht.install()
         if self.bootstrap_refs:
             await self.dht.bootstrap(self.bootstrap_refs)
-        if not self.reachable:
+        if not self.settings.relay:
+            # Kept also by reachable peers, idle while they are reachable: a port mapping can
+            # be lost, and then the peer needs relays again.
             self.reservations = RelayReservations(
                 self.host,
                 self.relay_transport,
                 self.dialer,
                 self._relay_candidates,
                 self.announce,
-                want=self.settings.relays_wanted,
+                want=lambda: 0 if self.reachable else self.settings.relays_wanted,
                 timeout=self.settings.dial_timeout,
             )
             await self.reservations.step()

@@ -44,18 +44,19 @@ class PortForwarding:
         return None
 
     async def _confirm(self, mapping: PortMapping | None) -> None:
-        """Advertise the mapped address only after a public peer dialed us through it."""
+        """Advertise the mapped address only after a public peer dialed us through it; without
+        a confirmed mapping the peer is unreachable again and falls back to relays."""
         self.mapping = mapping
-        self.node.mapped_addrs = []
-        if mapping is None or mapping.external_ip is None:
-            return
-        addr = f"/ip4/{mapping.external_ip}/tcp/{mapping.external_port}"
-        if await self.node.check_reachability([addr]):
-            log.info("port mapping %s confirmed by dial-back (%s)", addr, mapping.method)
-            self.node.mapped_addrs = [addr]
-            self.node.reachable = True
-        else:
-            log.warning("port mapping %s is not reachable from outside; not advertising it", addr)
+        confirmed: list[str] = []
+        if mapping is not None and mapping.external_ip is not None:
+            addr = f"/ip4/{mapping.external_ip}/tcp/{mapping.external_port}"
+            if await self.node.check_reachability([addr]):
+                log.info("port mapping %s confirmed by dial-back (%s)", addr, mapping.method)
+                confirmed = [addr]
+            else:
+                log.warning("port mapping %s is not reachable from outside; not advertised", addr)
+        self.node.mapped_addrs = confirmed
+        self.node.reachable = bool(confirmed)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[name-defined]
         port = self._listen_port()

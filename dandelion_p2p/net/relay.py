@@ -74,6 +74,8 @@ class Reservation:
 RENEW_MARGIN = 120.0
 # A relay that refused or failed is not tried again for this long.
 RETRY_AFTER = 30.0
+SEARCH_PAUSE_MIN = 2.0
+SEARCH_PAUSE_MAX = 60.0
 
 
 class RelayReservations:
@@ -92,7 +94,7 @@ class RelayReservations:
         candidates: Callable[[], Awaitable[list[PeerRef]]],
         on_change: Callable[[], Awaitable[None]],
         *,
-        want: int = 2,
+        want: Callable[[], int] = lambda: 2,
         poll_interval: float = 1.0,
         timeout: float = 10.0,
     ) -> None:
@@ -106,6 +108,9 @@ class RelayReservations:
         self.timeout = timeout
         self.active: dict[ID, Reservation] = {}
         self._failed_at: dict[bytes, float] = {}
+        # When short of relays, looking for more (a DHT lookup) backs off while none turn up.
+        self._next_search = 0.0
+        self._search_pause = SEARCH_PAUSE_MIN
 
     def circuit_addrs(self) -> list[str]:
         me = self.host.get_id().to_base58()
@@ -158,6 +163,7 @@ class RelayReservations:
                 log.warning("lost reservation on relay %s", relay_id)
                 del self.active[relay_id]
                 self._failed_at[r.relay.peer_id] = now
+                self._next_search = 0.0
                 changed = True
             elif r.expires_at - now < RENEW_MARGIN:
                 renewed = await self._reserve(r.relay)
@@ -167,9 +173,11 @@ class RelayReservations:
                     del self.active[relay_id]
                     self._failed_at[r.relay.peer_id] = now
                     changed = True
-        if len(self.active) < self.want:
+        want = self.want()
+        if len(self.active) < want and now >= self._next_search:
+            before = len(self.active)
             for relay in await self.candidates():
-                if len(self.active) >= self.want:
+                if len(self.active) >= want:
                     break
                 relay_id = ID(relay.peer_id)
                 if relay_id in self.active or relay_id == self.host.get_id():
@@ -183,6 +191,11 @@ class RelayReservations:
                 log.info("reserved a slot on relay %s", relay_id)
                 self.active[relay_id] = reservation
                 changed = True
+            if len(self.active) > before:
+                self._search_pause = SEARCH_PAUSE_MIN
+            else:
+                self._search_pause = min(self._search_pause * 2, SEARCH_PAUSE_MAX)
+            self._next_search = time.time() + self._search_pause
         return changed
 
     async def run(self) -> None:

@@ -154,9 +154,10 @@ def test_expiry_beyond_ttl_and_clock_skew_is_rejected() -> None:
     assert rejected(validator, record(expires_at_ms=2**53 - 1)) is RejectCode.EXPIRED
 
 
-def test_unknown_namespace_is_forbidden() -> None:
+def test_unknown_namespace_is_not_served() -> None:
+    # NOT_FOUND, not FORBIDDEN: a newer peer may publish namespaces this version lacks.
     assert rejected(make_validator(), record(namespace="nobody-serves-this")) is (
-        RejectCode.FORBIDDEN
+        RejectCode.NOT_FOUND
     )
 
 

@@ -15,7 +15,12 @@ import trio
 from libp2p.abc import IHost
 from libp2p.peer.id import ID
 
-from dandelion_p2p.errors import DandelionError, PeerUnavailable, ProtocolViolation
+from dandelion_p2p.errors import (
+    DandelionError,
+    PeerUnavailable,
+    ProtocolViolation,
+    RemoteRejected,
+)
 from dandelion_p2p.identity import Identity
 from dandelion_p2p.net.dht.lookup import Lookup
 from dandelion_p2p.net.dht.messages import (
@@ -42,14 +47,35 @@ from dandelion_p2p.net.dht.records import (
 )
 from dandelion_p2p.net.dht.routing import RoutingTable
 from dandelion_p2p.net.dialer import Dialer
-from dandelion_p2p.net.streams import ViolationSink, request, serve_requests
-from dandelion_p2p.wire import Message, RejectCode
+from dandelion_p2p.net.streams import NOT_A_FAULT, ViolationSink, request, serve_requests
+from dandelion_p2p.wire import Message, RejectCode, encode
 
 log = logging.getLogger(__name__)
 
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+# Room for the msgpack array headers around the records, generously.
+REPLY_MARGIN = 64
+
+
+def fit_records(records: list[SignedRecord], budget: int) -> list[SignedRecord]:
+    """The newest records that fit in ``budget`` encoded bytes (at most the per-reply cap).
+
+    A key with many publishers (swarm membership) can hold more than one reply carries; the
+    newest announcements are the ones worth sending.
+    """
+    chosen: list[SignedRecord] = []
+    used = 0
+    for record in sorted(records, key=lambda r: r.expires_at_ms, reverse=True):
+        size = len(encode(record))
+        if used + size > budget or len(chosen) >= MAX_RECORDS_PER_REPLY:
+            break
+        chosen.append(record)
+        used += size
+    return chosen
 
 
 class DHTNode:
@@ -131,10 +157,12 @@ class DHTNode:
             return Nodes(closer=self._closer_refs(msg.target, peer_id.to_bytes()))
         if isinstance(msg, GetRecords):
             self._learn_sender(peer_id, msg.sender)
-            records = self.store.get(msg.target, now_ms())[:MAX_RECORDS_PER_REPLY]
-            return Records(
-                records=tuple(records), closer=self._closer_refs(msg.target, peer_id.to_bytes())
+            closer = self._closer_refs(msg.target, peer_id.to_bytes())
+            records = fit_records(
+                self.store.get(msg.target, now_ms()),
+                budget=MAX_FRAME - len(encode(Records(records=(), closer=closer))) - REPLY_MARGIN,
             )
+            return Records(records=tuple(records), closer=closer)
         if isinstance(msg, PutRecord):
             self._learn_sender(peer_id, msg.sender)
             t = now_ms()
@@ -170,11 +198,24 @@ class DHTNode:
             self._violation(peer_id, exc.code)
             self.table.remove(ref.peer_id)
             raise
+        except RemoteRejected as exc:
+            # A refusal an honest server gives (stale write, full store) says nothing bad
+            # about it; anything else means it is not a useful contact.
+            if exc.code in NOT_A_FAULT:
+                self.table.update(ref.peer_id, ref.addrs, trio.current_time())
+            else:
+                self.table.remove(ref.peer_id)
+            raise
         except DandelionError:
             self.table.remove(ref.peer_id)
             raise
         self.table.update(ref.peer_id, ref.addrs, trio.current_time())
         return reply
+
+    def _wrong_reply(self, ref: PeerRef, expected: str) -> ProtocolViolation:
+        self._violation(ID(ref.peer_id), RejectCode.UNEXPECTED)
+        self.table.remove(ref.peer_id)
+        return ProtocolViolation(RejectCode.UNEXPECTED, f"answered without {expected}")
 
     async def _lookup(
         self,
@@ -183,9 +224,7 @@ class DHTNode:
         width: int,
     ) -> Lookup:
         seeds = [c.ref() for c in self.table.nearest(target, max(width, self.table.k))]
-        lookup = Lookup(
-            target, seeds, local_peer_id=self.local_id, width=width, alpha=self.alpha
-        )
+        lookup = Lookup(target, seeds, local_peer_id=self.local_id, width=width, alpha=self.alpha)
         done_send, done_recv = trio.open_memory_channel[None](math.inf)
 
         async def ask(ref: PeerRef) -> None:
@@ -217,7 +256,7 @@ class DHTNode:
         async def query(ref: PeerRef) -> tuple[PeerRef, ...]:
             reply = await self._rpc(ref, FindNode(target=target, sender=self._sender()))
             if not isinstance(reply, Nodes):
-                raise ProtocolViolation(RejectCode.UNEXPECTED, "FindNode answered with no Nodes")
+                raise self._wrong_reply(ref, "Nodes")
             return reply.closer
 
         lookup = await self._lookup(target, query, width)
@@ -262,10 +301,14 @@ class DHTNode:
         async def query(ref: PeerRef) -> tuple[PeerRef, ...]:
             reply = await self._rpc(ref, GetRecords(target=target, sender=self._sender()))
             if not isinstance(reply, Records):
-                raise ProtocolViolation(RejectCode.UNEXPECTED, "GetRecords answered wrongly")
+                raise self._wrong_reply(ref, "Records")
             t = now_ms()
             checked: list[SignedRecord] = []
             for record in reply.records:
+                if record.expires_at_ms <= t:
+                    # The server's clock may run a little behind ours: an expired record is
+                    # dropped, not held against it.
+                    continue
                 try:
                     if routing_key(record.namespace, record.key) != target:
                         raise ProtocolViolation(RejectCode.INVALID_FIELD, "record for other key")
@@ -316,7 +359,9 @@ class DHTNode:
         async def store_at(ref: PeerRef) -> None:
             nonlocal stored
             try:
-                await self._rpc(ref, PutRecord(record=record, sender=self._sender()))
+                reply = await self._rpc(ref, PutRecord(record=record, sender=self._sender()))
+                if not isinstance(reply, PutAck):
+                    raise self._wrong_reply(ref, "PutAck")
                 stored += 1
             except DandelionError as exc:
                 log.debug("put to %s failed: %s", ID(ref.peer_id), exc)
@@ -357,7 +402,7 @@ class DHTNode:
             due = any(now - at >= ttl / 2 for _, ttl, at in self._published.values())
             if due or self._table_grew():
                 await self.republish()
-            if now - last_refresh >= refresh_every and len(self.table):
+            if now - last_refresh >= refresh_every and self.table.stale_buckets(now, refresh_every):
                 last_refresh = now
                 try:
                     await self.find_closest(self.table.local_key, self.table.k)

@@ -83,8 +83,9 @@ class RecordValidator:
         """Raises ``ProtocolViolation`` (with the reject code) for a record we must not keep."""
         policy = self.policies.get(record.namespace)
         if policy is None:
+            # Not a fault: a newer peer may publish a namespace this version does not know.
             raise ProtocolViolation(
-                RejectCode.FORBIDDEN, f"namespace {record.namespace!r} is not served here"
+                RejectCode.NOT_FOUND, f"namespace {record.namespace!r} is not served here"
             )
         if record.expires_at_ms <= now_ms:
             raise ProtocolViolation(RejectCode.EXPIRED, "record has expired")
