@@ -1,0 +1,280 @@
+"""Averaging groups: what every member must agree on, and how groups form without a leader.
+
+A ``GroupSpec`` is the complete input of one group's round: run, round, and each member's
+weight, bandwidth and reachability, together with the partition parameters. Its ``group_id``
+hashes all of it, and every chunk and result carries that id, so two peers that assembled the
+group from different announcements (the DHT is only eventually consistent) find out at the
+first frame instead of averaging mismatched spans.
+
+``form_groups`` turns the announcements one peer sees into groups by a fixed rule (no
+election, no coordinator): drop what is banned or invalid, order the rest by a hash of
+(run, round, peer id), which reshuffles every round so nobody keeps the same neighbours or
+always lands in the short group, and cut that order into as few groups as the maximum size
+allows, sizes as even as possible.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+
+import blake3
+import msgpack
+
+from dandelion_p2p.averaging.messages import (
+    MAX_GROUP_SIZE,
+    MAX_PEER_ID,
+    MIN_PEER_ID,
+    AveragingAnnouncement,
+    check_peer_id,
+    check_round,
+    check_run,
+)
+from dandelion_p2p.averaging.partition import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_MIN_BANDWIDTH_FRACTION,
+    Partition,
+    PeerBandwidth,
+    partition,
+)
+
+GROUP_DOMAIN = b"dandelion/avg-group/v1"
+ORDER_DOMAIN = b"dandelion/avg-order/v1"
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One member as announced: ``weight`` in samples (finite, > 0), ``bandwidth`` in the unit
+    the whole group shares (Mbit/s from announcements; finite, >= 0)."""
+
+    peer_id: bytes
+    weight: float
+    bandwidth: float
+    accepts_connections: bool = True
+
+    def __post_init__(self) -> None:
+        check_peer_id(self.peer_id, "Member")
+        if not (math.isfinite(self.weight) and self.weight > 0.0):
+            raise ValueError(f"member weight must be finite and > 0, got {self.weight!r}")
+        if not (math.isfinite(self.bandwidth) and self.bandwidth >= 0.0):
+            raise ValueError(f"member bandwidth must be finite and >= 0, got {self.bandwidth!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSpec:
+    """The members of one group for one round, in peer id order, and the partition inputs.
+
+    Raises ``ValueError`` (via ``invalid`` for the run and round) when the members are not
+    sorted and unique, there are none or more than ``MAX_GROUP_SIZE``, or a parameter is out
+    of range: specs are built locally from validated announcements, so these are local bugs.
+    """
+
+    run: bytes
+    round: int
+    members: tuple[Member, ...]
+    block_size: int = DEFAULT_BLOCK_SIZE
+    min_bandwidth_fraction: float = DEFAULT_MIN_BANDWIDTH_FRACTION
+    group_id: bytes = field(init=False)
+    _index: dict[bytes, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        check_run(self.run, "GroupSpec")
+        check_round(self.round, "GroupSpec")
+        if not 0 < len(self.members) <= MAX_GROUP_SIZE:
+            raise ValueError(f"a group has 1..{MAX_GROUP_SIZE} members, got {len(self.members)}")
+        ids = [m.peer_id for m in self.members]
+        if any(a >= b for a, b in itertools.pairwise(ids)):
+            raise ValueError("members must be sorted by peer id, without duplicates")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if not 0.0 <= self.min_bandwidth_fraction <= 1.0:
+            raise ValueError("min_bandwidth_fraction must be in [0, 1]")
+        object.__setattr__(self, "group_id", _group_id(self))
+        object.__setattr__(self, "_index", {p: i for i, p in enumerate(ids)})
+
+    @classmethod
+    def of(
+        cls,
+        run: bytes,
+        round_: int,
+        members: Collection[Member],
+        *,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        min_bandwidth_fraction: float = DEFAULT_MIN_BANDWIDTH_FRACTION,
+    ) -> GroupSpec:
+        """A spec over ``members`` in any order."""
+        ordered = tuple(sorted(members, key=lambda m: m.peer_id))
+        return cls(run, round_, ordered, block_size, min_bandwidth_fraction)
+
+    @property
+    def peer_ids(self) -> tuple[bytes, ...]:
+        return tuple(m.peer_id for m in self.members)
+
+    def index_of(self, peer_id: bytes) -> int:
+        """Position of ``peer_id`` among the members; raises ``KeyError`` for a non-member."""
+        return self._index[peer_id]
+
+    def __contains__(self, peer_id: object) -> bool:
+        return peer_id in self._index
+
+    def member(self, peer_id: bytes) -> Member:
+        return self.members[self._index[peer_id]]
+
+    def partition(self, n_elements: int) -> Partition:
+        """The span partition of an ``n_elements`` vector among the members (partition.py)."""
+        return partition(
+            n_elements,
+            [PeerBandwidth(m.peer_id, m.bandwidth, m.accepts_connections) for m in self.members],
+            block_size=self.block_size,
+            min_bandwidth_fraction=self.min_bandwidth_fraction,
+        )
+
+
+def _group_id(spec: GroupSpec) -> bytes:
+    canonical = msgpack.packb(
+        [
+            GROUP_DOMAIN,
+            spec.run,
+            spec.round,
+            spec.block_size,
+            float(spec.min_bandwidth_fraction),
+            [
+                [m.peer_id, float(m.weight), float(m.bandwidth), m.accepts_connections]
+                for m in spec.members
+            ],
+        ],
+        use_bin_type=True,
+    )
+    return blake3.blake3(canonical).digest()
+
+
+def order_key(run: bytes, round_: int, peer_id: bytes) -> bytes:
+    """Where ``peer_id`` falls in round ``round_``'s order: BLAKE3 of a canonical encoding, so
+    nobody can choose a peer id that sorts first in every round."""
+    return blake3.blake3(
+        msgpack.packb([ORDER_DOMAIN, run, round_, peer_id], use_bin_type=True)
+    ).digest()
+
+
+def group_sizes(n: int, min_size: int, max_size: int) -> list[int]:
+    """Sizes of the groups ``n`` peers form: as few groups as ``max_size`` allows, sizes
+    differing by at most one, larger first; when no split keeps everyone within
+    ``[min_size, max_size]``, as many full groups as ``min_size`` allows and the rest
+    (fewer than ``min_size``) left out."""
+    if not 1 <= min_size <= max_size:
+        raise ValueError(f"need 1 <= min_size <= max_size, got {min_size}, {max_size}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    fewest = -(-n // max_size)
+    most = n // min_size
+    if fewest <= most:
+        # With fewest <= n // min_size groups, n // fewest >= min_size: everyone fits.
+        base, extra = divmod(n, fewest) if fewest else (0, 0)
+        return [base + 1] * extra + [base] * (fewest - extra)
+    # Fewer than min_size peers remain once `most` groups are full; they cannot form a group.
+    return [max_size] * most
+
+
+@dataclass(frozen=True, slots=True)
+class Formation:
+    """The outcome of ``form_groups``: the groups, the eligible peers left over (too few for
+    another group), and the peers not eligible with the reason."""
+
+    groups: tuple[GroupSpec, ...]
+    ungrouped: tuple[bytes, ...]
+    rejected: tuple[tuple[bytes, str], ...]
+
+    def group_of(self, peer_id: bytes) -> GroupSpec | None:
+        for group in self.groups:
+            if peer_id in group:
+                return group
+        return None
+
+
+def form_groups(
+    announcements: Mapping[bytes, AveragingAnnouncement],
+    round_: int,
+    min_size: int,
+    max_size: int,
+    banned: Collection[bytes] = frozenset(),
+    *,
+    run: bytes,
+    now: float,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    min_bandwidth_fraction: float = DEFAULT_MIN_BANDWIDTH_FRACTION,
+) -> Formation:
+    """Form round ``round_``'s groups from ``announcements`` (publisher peer id -> verified
+    announcement), deterministically: every peer that sees the same announcements, bans and
+    ``now`` (Unix seconds, for expiry) gets the same groups, whatever the mapping's order.
+
+    A peer is rejected when banned, when its id is malformed, or when its announcement is for
+    another run or round or has expired. Members' ``bandwidth`` is the announced
+    ``bandwidth_mbps``.
+
+    Raises ``ValueError`` when ``min_size``/``max_size`` are not ``1 <= min <= max <=
+    MAX_GROUP_SIZE``.
+    """
+    if not 1 <= min_size <= max_size <= MAX_GROUP_SIZE:
+        raise ValueError(f"need 1 <= min_size <= max_size <= {MAX_GROUP_SIZE}")
+    check_run(run, "form_groups")
+    check_round(round_, "form_groups")
+    banned_set = frozenset(banned)
+    now_ms = now * 1000.0
+    eligible: list[tuple[bytes, Member]] = []
+    rejected: list[tuple[bytes, str]] = []
+    for peer_id in sorted(announcements):
+        ann = announcements[peer_id]
+        reason = _ineligible(peer_id, ann, banned_set, run, round_, now_ms)
+        if reason is not None:
+            rejected.append((peer_id, reason))
+            continue
+        member = Member(peer_id, ann.weight, ann.bandwidth_mbps, ann.accepts_connections)
+        eligible.append((order_key(run, round_, peer_id), member))
+    eligible.sort(key=lambda pair: pair[0])
+    ordered = [m for _, m in eligible]
+    groups = []
+    at = 0
+    for size in group_sizes(len(ordered), min_size, max_size):
+        groups.append(
+            GroupSpec.of(
+                run,
+                round_,
+                ordered[at : at + size],
+                block_size=block_size,
+                min_bandwidth_fraction=min_bandwidth_fraction,
+            )
+        )
+        at += size
+    ungrouped = tuple(m.peer_id for m in ordered[at:])
+    return Formation(tuple(groups), ungrouped, tuple(rejected))
+
+
+def _ineligible(
+    peer_id: bytes,
+    ann: AveragingAnnouncement,
+    banned: frozenset[bytes],
+    run: bytes,
+    round_: int,
+    now_ms: float,
+) -> str | None:
+    if peer_id in banned:
+        return "banned"
+    if not isinstance(ann, AveragingAnnouncement):
+        return "not an averaging announcement"
+    if not MIN_PEER_ID <= len(peer_id) <= MAX_PEER_ID:
+        return "malformed peer id"
+    if ann.run != run:
+        return "another run"
+    if ann.round != round_:
+        return "another round"
+    if ann.expires_at_ms <= now_ms:
+        return "expired"
+    # The message's own rules already hold (it was decoded or constructed), but a value
+    # built with object.__setattr__ or from a foreign decoder gets the same checks here.
+    if not (math.isfinite(ann.weight) and ann.weight > 0.0):
+        return "invalid weight"
+    if not (math.isfinite(ann.bandwidth_mbps) and ann.bandwidth_mbps >= 0.0):
+        return "invalid bandwidth"
+    return None

@@ -1,0 +1,125 @@
+"""Matchmaking through the DHT: announce readiness for a round, gather the others' signed
+announcements, and form groups by the deterministic rule in ``group.py`` (no leader).
+
+Announcements are DHT records under the ``avg`` namespace, keyed by (run, round), one per
+publisher; the DHT verifies the publisher's signature on every record it stores or returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from dandelion_p2p.averaging.group import Formation, GroupSpec, form_groups
+from dandelion_p2p.averaging.messages import (
+    AveragingAnnouncement,
+    decode_announcement,
+    encode_announcement,
+)
+from dandelion_p2p.errors import DandelionError, ProtocolViolation
+from dandelion_p2p.net.dht.node import DHTNode
+from dandelion_p2p.net.dht.records import NamespacePolicy, RecordValidator
+
+log = logging.getLogger(__name__)
+
+AVERAGING_NAMESPACE = "avg"
+MAX_ANNOUNCEMENT_TTL_MS = 600_000
+
+
+def round_key(run: bytes, round_: int) -> bytes:
+    return run + round_.to_bytes(8, "big")
+
+
+def register_namespace(validator: RecordValidator) -> None:
+    def check(value: bytes) -> None:
+        decode_announcement(value)
+
+    validator.register(
+        AVERAGING_NAMESPACE, NamespacePolicy(max_ttl_ms=MAX_ANNOUNCEMENT_TTL_MS, check_value=check)
+    )
+
+
+@dataclass(frozen=True)
+class MatchmakingSettings:
+    gather_window: float = 2.0
+    """Seconds between announcing and reading the others' announcements."""
+    settle: float = 0.5
+    """A second read this long after the first catches announcements still propagating."""
+    min_group: int = 2
+    max_group: int = 16
+    announcement_ttl: float = 120.0
+
+
+class Matchmaker:
+    def __init__(
+        self,
+        dht: DHTNode,
+        *,
+        is_banned: Callable[[bytes], bool],
+        settings: MatchmakingSettings,
+    ) -> None:
+        self.dht = dht
+        self.is_banned = is_banned
+        self.settings = settings
+
+    async def announce(self, announcement: AveragingAnnouncement) -> int:
+        key = round_key(announcement.run, announcement.round)
+        ttl = max(1.0, announcement.expires_at_ms / 1000 - time.time())
+        return await self.dht.put(
+            AVERAGING_NAMESPACE, key, encode_announcement(announcement), ttl, keep=False
+        )
+
+    async def read(self, run: bytes, round_: int) -> dict[bytes, AveragingAnnouncement]:
+        """Valid announcements for (run, round), by publisher."""
+        try:
+            records = await self.dht.get(AVERAGING_NAMESPACE, round_key(run, round_))
+        except DandelionError as exc:
+            log.warning("reading announcements for round %d failed: %s", round_, exc)
+            return {}
+        found: dict[bytes, AveragingAnnouncement] = {}
+        for record in records:
+            try:
+                ann = decode_announcement(record.value)
+            except ProtocolViolation:
+                continue
+            if ann.run == run and ann.round == round_:
+                found[record.publisher] = ann
+        return found
+
+    async def match(
+        self, me: bytes, announcement: AveragingAnnouncement
+    ) -> tuple[GroupSpec | None, Formation]:
+        """Announce, wait out the gathering window, and form this round's groups.
+
+        Returns my group (None if I ended up without one) and the whole formation.
+        """
+        s = self.settings
+        await self.announce(announcement)
+        await trio.sleep(s.gather_window)
+        seen = await self.read(announcement.run, announcement.round)
+        await trio.sleep(s.settle)
+        seen.update(await self.read(announcement.run, announcement.round))
+        seen[me] = announcement
+        banned = {p for p in seen if p != me and self.is_banned(p)}
+        formation = form_groups(
+            seen,
+            announcement.round,
+            s.min_group,
+            s.max_group,
+            banned,
+            run=announcement.run,
+            now=time.time(),
+        )
+        group = formation.group_of(me)
+        log.info(
+            "round %d: %d announcements, %d groups, mine has %s members",
+            announcement.round,
+            len(seen),
+            len(formation.groups),
+            len(group.members) if group else 0,
+        )
+        return group, formation
