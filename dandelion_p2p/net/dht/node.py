@@ -222,7 +222,10 @@ class DHTNode:
         target: bytes,
         query: Callable[[PeerRef], Awaitable[tuple[PeerRef, ...]]],
         width: int,
+        timeout: float | None = None,
     ) -> Lookup:
+        """Run a lookup; after ``timeout`` (default: three RPC timeouts) it stops with what
+        it has, so one stalled peer among the closest delays a lookup by at most that."""
         seeds = [c.ref() for c in self.table.nearest(target, max(width, self.table.k))]
         lookup = Lookup(target, seeds, local_peer_id=self.local_id, width=width, alpha=self.alpha)
         done_send, done_recv = trio.open_memory_channel[None](math.inf)
@@ -238,7 +241,7 @@ class DHTNode:
             finally:
                 done_send.send_nowait(None)
 
-        with trio.move_on_after(self.rpc_timeout * 3):
+        with trio.move_on_after(timeout if timeout is not None else self.rpc_timeout * 3):
             async with trio.open_nursery() as nursery:
                 while True:
                     for ref in lookup.next_queries():
@@ -249,7 +252,9 @@ class DHTNode:
                 nursery.cancel_scope.cancel()
         return lookup
 
-    async def find_closest(self, target: bytes, count: int | None = None) -> list[PeerRef]:
+    async def find_closest(
+        self, target: bytes, count: int | None = None, *, timeout: float | None = None
+    ) -> list[PeerRef]:
         """The ``count`` (default: replication factor) closest DHT servers to ``target``."""
         width = count or self.replicas
 
@@ -259,7 +264,7 @@ class DHTNode:
                 raise self._wrong_reply(ref, "Nodes")
             return reply.closer
 
-        lookup = await self._lookup(target, query, width)
+        lookup = await self._lookup(target, query, width, timeout)
         return lookup.closest_answered()
 
     async def bootstrap(self, peers: list[PeerRef]) -> int:
@@ -287,7 +292,9 @@ class DHTNode:
             await self.find_closest(self.table.local_key, self.table.k)
         return answered
 
-    async def get(self, namespace: str, key: bytes) -> list[SignedRecord]:
+    async def get(
+        self, namespace: str, key: bytes, *, timeout: float | None = None
+    ) -> list[SignedRecord]:
         """Every valid, unexpired record under (namespace, key), newest per publisher.
 
         Records from the network are validated again here; a peer returning an invalid
@@ -323,16 +330,24 @@ class DHTNode:
             found.extend(checked)
             return reply.closer
 
-        await self._lookup(target, query, self.replicas)
+        await self._lookup(target, query, self.replicas, timeout)
         t = now_ms()
         return [r for r in merge_newest(found) if r.expires_at_ms > t]
 
     async def put(
-        self, namespace: str, key: bytes, value: bytes, ttl: float, *, keep: bool = True
+        self,
+        namespace: str,
+        key: bytes,
+        value: bytes,
+        ttl: float,
+        *,
+        keep: bool = True,
+        timeout: float | None = None,
     ) -> int:
         """Sign and store a record on the closest servers; returns how many stored it.
 
         With ``keep`` the record is republished before it expires until ``unpublish``.
+        ``timeout`` bounds the lookup and, again, the stores.
         """
         self._seq = max(self._seq + 1, now_ms())
         expires = now_ms() + int(ttl * 1000)
@@ -340,14 +355,14 @@ class DHTNode:
         if keep:
             self._published[(namespace, key)] = (value, ttl, trio.current_time())
             self._published_at_size = len(self.table)
-        return await self.put_record(record)
+        return await self.put_record(record, timeout=timeout)
 
     def unpublish(self, namespace: str, key: bytes) -> None:
         self._published.pop((namespace, key), None)
 
-    async def put_record(self, record: SignedRecord) -> int:
+    async def put_record(self, record: SignedRecord, *, timeout: float | None = None) -> int:
         target = routing_key(record.namespace, record.key)
-        closest = await self.find_closest(target)
+        closest = await self.find_closest(target, timeout=timeout)
         stored = 0
         if self.server:
             try:
@@ -366,9 +381,10 @@ class DHTNode:
             except DandelionError as exc:
                 log.debug("put to %s failed: %s", ID(ref.peer_id), exc)
 
-        async with trio.open_nursery() as nursery:
-            for ref in closest[: self.replicas]:
-                nursery.start_soon(store_at, ref)
+        with trio.move_on_after(timeout if timeout is not None else math.inf):
+            async with trio.open_nursery() as nursery:
+                for ref in closest[: self.replicas]:
+                    nursery.start_soon(store_at, ref)
         return stored
 
     # ---- upkeep --------------------------------------------------------------------------
