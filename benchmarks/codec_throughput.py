@@ -1,6 +1,6 @@
-"""Throughput of the averaging codecs and aggregators (not a test; pytest does not collect it).
+"""Throughput of the averaging codecs and aggregators.
 
-Run: .venv/bin/python tests/averaging/bench_codecs.py [MiB]
+Run: .venv/bin/python benchmarks/codec_throughput.py [MiB]
 MB/s are of float32 input (what the caller hands over), median of several runs.
 """
 

@@ -52,6 +52,8 @@ class MatchmakingSettings:
     min_group: int = 2
     max_group: int = 16
     announcement_ttl: float = 120.0
+    dht_timeout: float = 2.0
+    """Bound on each DHT read or write, so a stalled peer cannot hold up matchmaking."""
 
 
 class Matchmaker:
@@ -70,13 +72,20 @@ class Matchmaker:
         key = round_key(announcement.run, announcement.round)
         ttl = max(1.0, announcement.expires_at_ms / 1000 - time.time())
         return await self.dht.put(
-            AVERAGING_NAMESPACE, key, encode_announcement(announcement), ttl, keep=False
+            AVERAGING_NAMESPACE,
+            key,
+            encode_announcement(announcement),
+            ttl,
+            keep=False,
+            timeout=self.settings.dht_timeout,
         )
 
     async def read(self, run: bytes, round_: int) -> dict[bytes, AveragingAnnouncement]:
         """Valid announcements for (run, round), by publisher."""
         try:
-            records = await self.dht.get(AVERAGING_NAMESPACE, round_key(run, round_))
+            records = await self.dht.get(
+                AVERAGING_NAMESPACE, round_key(run, round_), timeout=self.settings.dht_timeout
+            )
         except DandelionError as exc:
             log.warning("reading announcements for round %d failed: %s", round_, exc)
             return {}

@@ -1,0 +1,317 @@
+"""The averager: matchmaking, channels and the all-reduce state machine, run over the network.
+
+``await averager.all_reduce(buffer, weight, round_)`` announces this peer for the round, forms
+a group with the others through the DHT, opens one data-plane channel per pair of members
+(the peer with the smaller id opens it), and drives ``AllReducePeer`` with the frames that
+arrive, the peers that fail, and the clock. The buffer is averaged in place; the returned
+``RoundReport`` says exactly what was averaged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import msgpack
+import numpy as np
+import trio
+from libp2p.peer.id import ID
+
+from dandelion_p2p.averaging.allreduce import AllReducePeer, Send
+from dandelion_p2p.averaging.group import GroupSpec
+from dandelion_p2p.averaging.matchmaking import Matchmaker, MatchmakingSettings
+from dandelion_p2p.averaging.messages import AveragingAnnouncement
+from dandelion_p2p.averaging.report import RoundReport
+from dandelion_p2p.dataplane.channel import Channel
+from dandelion_p2p.dataplane.service import DataPlane
+from dandelion_p2p.errors import DandelionError, PeerUnavailable, ProtocolViolation
+from dandelion_p2p.net.node import SwarmNode
+from dandelion_p2p.wire import RejectCode
+
+log = logging.getLogger(__name__)
+
+PURPOSE = "averaging/1"
+TICK = 0.5
+MAX_HELLO = 256
+
+
+class NoGroup(DandelionError):
+    """Too few peers were ready for the round to form a group with this one."""
+
+
+@dataclass(frozen=True)
+class AveragingSettings:
+    codec: str = "none"
+    mode: Literal["mean", "centered_clip"] = "mean"
+    max_chunk: int = 1 << 20
+    """Elements per chunk frame (4 MiB of float32)."""
+    chunk_timeout: float = 10.0
+    """A peer silent this long (no valid chunk or result) is cut off."""
+    open_timeout: float = 10.0
+    bandwidth_mbps: float = 100.0
+    matchmaking: MatchmakingSettings = field(default_factory=MatchmakingSettings)
+
+
+def _hello(run: bytes, round_: int, group_id: bytes) -> bytes:
+    return msgpack.packb([run, round_, group_id], use_bin_type=True)
+
+
+def _parse_hello(frame: bytes) -> tuple[bytes, int, bytes]:
+    if len(frame) > MAX_HELLO:
+        raise ProtocolViolation(RejectCode.TOO_LARGE, "averaging hello too long")
+    try:
+        run, round_, group_id = msgpack.unpackb(frame, raw=False)
+    except Exception:
+        raise ProtocolViolation(RejectCode.MALFORMED, "bad averaging hello") from None
+    if not (isinstance(run, bytes) and isinstance(round_, int) and isinstance(group_id, bytes)):
+        raise ProtocolViolation(RejectCode.MALFORMED, "bad averaging hello")
+    return run, round_, group_id
+
+
+class _Round:
+    """One round in progress: the state machine and a queue of frames per member."""
+
+    def __init__(self, state: AllReducePeer, spec: GroupSpec) -> None:
+        self.state = state
+        self.spec = spec
+        self.outboxes: dict[bytes, trio.MemorySendChannel[Send]] = {}
+        self.inboxes: dict[bytes, trio.MemoryReceiveChannel[Send]] = {}
+        for peer in spec.peer_ids:
+            if peer != state.peer_id:
+                send, recv = trio.open_memory_channel[Send](math.inf)
+                self.outboxes[peer] = send
+                self.inboxes[peer] = recv
+        # Channels opened by members with smaller ids, handed over by the inbound handler.
+        self.inbound: dict[bytes, trio.MemorySendChannel[Channel]] = {}
+        self.inbound_recv: dict[bytes, trio.MemoryReceiveChannel[Channel]] = {}
+        for peer in self.outboxes:
+            send_ch, recv_ch = trio.open_memory_channel[Channel](1)
+            self.inbound[peer] = send_ch
+            self.inbound_recv[peer] = recv_ch
+        # Set when the round no longer needs any channel (the inbound handlers wait on it,
+        # since the data plane closes an inbound channel when its handler returns).
+        self.finished = trio.Event()
+        self.writing: set[bytes] = set(self.outboxes)
+        self.connected: set[bytes] = set()
+        self.changed = trio.Event()
+
+    def dispatch(self, sends: list[Send]) -> None:
+        for send in sends:
+            box = self.outboxes.get(send.recipient)
+            if box is not None:
+                # A closed outbox belongs to a member whose link is gone; its frames are moot.
+                with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+                    box.send_nowait(send)
+        self.changed.set()
+
+    def fail(self, peer: bytes, reason: str) -> None:
+        if not self.state.done:
+            self.dispatch(self.state.on_peer_failed(peer, trio.current_time(), reason))
+
+
+class Averager:
+    def __init__(
+        self,
+        node: SwarmNode,
+        dataplane: DataPlane,
+        *,
+        run: bytes,
+        settings: AveragingSettings | None = None,
+    ) -> None:
+        self.node = node
+        self.dataplane = dataplane
+        self.run = run
+        self.settings = settings or AveragingSettings()
+        self.me = node.identity.peer_id_bytes
+        self._rounds: dict[int, _Round] = {}
+        self._round_ready: dict[int, trio.Event] = {}
+        self.reports: list[RoundReport] = []
+        dataplane.register(PURPOSE, self._inbound)
+
+    def _matchmaker(self) -> Matchmaker:
+        if self.node.dht is None:
+            raise PeerUnavailable("the DHT is not running")
+        return Matchmaker(
+            self.node.dht,
+            is_banned=lambda peer: self.node.scores.is_banned(peer, time.time()),
+            settings=self.settings.matchmaking,
+        )
+
+    async def _inbound(self, channel: Channel) -> None:
+        """A member with a smaller peer id opened a channel to us for some round."""
+        try:
+            run, round_, _group_id = _parse_hello(
+                await channel.receive(timeout=self.settings.open_timeout)
+            )
+        except (ProtocolViolation, PeerUnavailable) as exc:
+            log.info("averaging channel from %s refused: %s", channel.peer_id, exc)
+            return
+        if run != self.run:
+            return
+        ready = self._round_ready.setdefault(round_, trio.Event())
+        with trio.move_on_after(self.settings.matchmaking.gather_window * 4 + 10):
+            await ready.wait()
+        rnd = self._rounds.get(round_)
+        peer = channel.peer_id.to_bytes()
+        if rnd is None or peer not in rnd.inbound:
+            return
+        try:
+            rnd.inbound[peer].send_nowait(channel)
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            return
+        await rnd.finished.wait()
+
+    async def all_reduce(
+        self, buffer: np.ndarray, weight: float, round_: int
+    ) -> RoundReport:
+        """Average ``buffer`` (1-D float32, C-contiguous) in place with this round's group.
+
+        Raises:
+            NoGroup: fewer than the minimum group size were ready for this round.
+            PeerUnavailable: the DHT is not running.
+        """
+        if buffer.dtype != np.float32 or buffer.ndim != 1 or not buffer.flags.c_contiguous:
+            raise ValueError("all_reduce needs a 1-D C-contiguous float32 buffer")
+        s = self.settings
+        announcement = AveragingAnnouncement(
+            run=self.run,
+            round=round_,
+            weight=float(weight),
+            bandwidth_mbps=s.bandwidth_mbps,
+            accepts_connections=self.node.reachable,
+            endpoint=self.dataplane.endpoint or "",
+            expires_at_ms=int((time.time() + s.matchmaking.announcement_ttl) * 1000),
+        )
+        spec, formation = await self._matchmaker().match(self.me, announcement)
+        if spec is None:
+            raise NoGroup(
+                f"round {round_}: {len(formation.ungrouped)} peers without a group, "
+                f"{len(formation.groups)} groups formed"
+            )
+        state = AllReducePeer(
+            peer_id=self.me,
+            sign=self.node.identity.sign,
+            spec=spec,
+            buffer=buffer,
+            weight=weight,
+            codec=s.codec,
+            max_chunk=s.max_chunk,
+            mode=s.mode,
+            chunk_timeout=s.chunk_timeout,
+        )
+        rnd = _Round(state, spec)
+        self._rounds[round_] = rnd
+        self._round_ready.setdefault(round_, trio.Event()).set()
+        try:
+            await self._drive(rnd, round_)
+        finally:
+            rnd.finished.set()
+            self._rounds.pop(round_, None)
+            self._round_ready.pop(round_, None)
+        report = state.report()
+        for peer, event in state.score_events:
+            self.node.record_score(peer, event)
+        self.reports.append(report)
+        log.info(
+            "round %d: %.1f%% averaged with %d members%s",
+            round_,
+            100 * report.fraction_averaged,
+            len(report.members),
+            "" if report.complete else f", excluded {len(report.excluded)}",
+        )
+        return report
+
+    async def _drive(self, rnd: _Round, round_: int) -> None:
+        state = rnd.state
+        async with trio.open_nursery() as nursery:
+            for peer in rnd.outboxes:
+                nursery.start_soon(self._link, rnd, round_, peer)
+            rnd.dispatch(state.start(trio.current_time()))
+            while not state.done:
+                rnd.changed = trio.Event()
+                # Wake at the state machine's next deadline, and at least every TICK: the
+                # timeouts are its business, a bounded wait only makes sure they are looked at.
+                deadline = min(state.next_deadline or math.inf, trio.current_time() + TICK)
+                with trio.move_on_at(deadline):
+                    await rnd.changed.wait()
+                rnd.dispatch(state.tick(trio.current_time()))
+            # Everything this peer owes the others is queued: let the writers drain it to the
+            # members that are connected and still part of the round; nobody waits on a peer
+            # that was cut off or never connected.
+            for box in rnd.outboxes.values():
+                box.close()
+            excluded = state.report().excluded_peers()
+            with trio.move_on_after(self.settings.chunk_timeout):
+                while rnd.writing & rnd.connected - excluded.keys():
+                    rnd.changed = trio.Event()
+                    await rnd.changed.wait()
+            nursery.cancel_scope.cancel()
+
+    async def _link(self, rnd: _Round, round_: int, peer: bytes) -> None:
+        """Connect to one member, then pump frames both ways until the round ends."""
+        peer_id = ID(peer)
+        s = self.settings
+        try:
+            if self.me < peer:
+                await self.node.connect_peer(peer_id)
+                channel = await self.dataplane.open(peer_id, PURPOSE, timeout=s.open_timeout)
+                await channel.send(_hello(self.run, round_, rnd.spec.group_id))
+            else:
+                channel = await self._accepted(rnd, peer_id)
+        except (DandelionError, trio.TooSlowError) as exc:
+            rnd.writing.discard(peer)
+            rnd.fail(peer, f"no channel: {exc}")
+            return
+        rnd.connected.add(peer)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write, rnd, peer, channel)
+                await self._read(rnd, peer, channel)
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.move_on_after(2.0) as scope:
+                scope.shield = True
+                await channel.aclose()
+
+    async def _accepted(self, rnd: _Round, peer_id: ID) -> Channel:
+        """The channel ``peer_id`` opens to us. A peer whose libp2p connection drops while we
+        wait (its process died) is given up at once rather than at the timeouts.
+
+        Raises:
+            PeerUnavailable: the peer disconnected or did not open a channel in time.
+        """
+        s = self.settings
+        deadline = trio.current_time() + s.open_timeout + s.matchmaking.gather_window * 2
+        inbox = rnd.inbound_recv[peer_id.to_bytes()]
+        while trio.current_time() < deadline:
+            with trio.move_on_after(0.25):
+                return await inbox.receive()
+            if not self.node.dialer.is_connected(peer_id):
+                raise PeerUnavailable(f"{peer_id} disconnected before opening its channel")
+        raise PeerUnavailable(f"{peer_id} opened no channel in time")
+
+    async def _write(self, rnd: _Round, peer: bytes, channel: Channel) -> None:
+        try:
+            async for send in rnd.inboxes[peer]:
+                await channel.send(send.frame())
+        except DandelionError as exc:
+            rnd.fail(peer, f"send failed: {exc}")
+        finally:
+            rnd.writing.discard(peer)
+            rnd.changed.set()
+
+    async def _read(self, rnd: _Round, peer: bytes, channel: Channel) -> None:
+        while True:
+            try:
+                frame = await channel.receive()
+            except DandelionError as exc:
+                rnd.fail(peer, f"receive failed: {exc}")
+                return
+            if rnd.state.done:
+                continue
+            rnd.dispatch(rnd.state.on_frame(peer, frame, trio.current_time()))
+

@@ -1,0 +1,76 @@
+"""The averager over real loopback nodes: DHT matchmaking, data-plane channels, all-reduce."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import trio
+
+from dandelion_p2p.averaging.averager import Averager, AveragingSettings
+from dandelion_p2p.averaging.matchmaking import MatchmakingSettings
+from dandelion_p2p.dataplane.service import DataPlane
+from dandelion_p2p.net.node import SwarmNode
+from tests.swarm import swarm
+
+RUN = b"test-run"
+
+
+@dataclass
+class Member:
+    node: SwarmNode
+    dataplane: DataPlane
+    averager: Averager
+
+
+@asynccontextmanager
+async def averaging_swarm(
+    n: int, settings: AveragingSettings
+) -> AsyncIterator[list[Member]]:
+    async with swarm(n) as nodes, AsyncExitStack() as stack:
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        members = []
+        for node in nodes:
+            dp = DataPlane(node.host, node.identity, listen_ip="127.0.0.1", reachable=True)
+            await nursery.start(dp.run)
+            members.append(Member(node, dp, Averager(node, dp, run=RUN, settings=settings)))
+        try:
+            yield members
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+FAST = AveragingSettings(
+    max_chunk=64 * 1024,
+    chunk_timeout=5.0,
+    matchmaking=MatchmakingSettings(gather_window=1.0, settle=0.3),
+)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+async def test_group_averages_to_the_weighted_mean(n: int) -> None:
+    rng = np.random.default_rng(n)
+    size = 300_000
+    vectors = [rng.standard_normal(size).astype(np.float32) + 1 for _ in range(n)]
+    weights = [float(w) for w in rng.integers(1, 10, n)]
+    expected = sum(w * v.astype(np.float64) for w, v in zip(weights, vectors, strict=True))
+    expected /= sum(weights)
+    async with averaging_swarm(n, FAST) as members:
+        reports = [None] * n
+        buffers = [v.copy() for v in vectors]
+
+        async def run(i: int) -> None:
+            reports[i] = await members[i].averager.all_reduce(buffers[i], weights[i], 1)
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for i in range(n):
+                    nursery.start_soon(run, i)
+    for report in reports:
+        assert report is not None and report.complete and report.fraction_averaged == 1.0
+    for buf in buffers:
+        np.testing.assert_allclose(buf, expected, rtol=1e-6, atol=1e-6)
+        assert np.array_equal(buf, buffers[0])
