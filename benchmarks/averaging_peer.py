@@ -59,20 +59,22 @@ def peer_vector(seed: int, round_: int, size: int) -> np.ndarray:
 
 
 def corrupt(vector: np.ndarray, mode: str, rng: np.random.Generator) -> None:
+    """Distort this peer's own input (the ``nan`` attack happens at encoding instead)."""
     if mode == "scale":
         vector *= np.float32(1000.0)
     elif mode == "noise":
         vector[:] = rng.standard_normal(vector.size, dtype=np.float32) * np.float32(1e4)
-    elif mode == "nan":
-        vector[::3] = np.nan
 
 
-def allow_non_finite_input() -> None:
-    """For a byzantine peer that sends NaN: the honest encoder refuses non-finite input."""
+def send_nan_payloads() -> None:
+    """For a byzantine peer that sends NaN: every payload it encodes is laced with NaN (an
+    honest encoder refuses non-finite input, so the attack goes in after it)."""
     raw = compression.get_codec("none")
 
     def encode(array: np.ndarray) -> bytes:
-        return np.ascontiguousarray(array, dtype="<f4").tobytes()
+        poisoned = np.array(array, dtype="<f4")
+        poisoned[::3] = np.nan
+        return poisoned.tobytes()
 
     raw.encode = encode  # type: ignore[method-assign]
 
@@ -105,7 +107,7 @@ async def main(args: argparse.Namespace) -> None:
         ),
     )
     if args.byzantine == "nan":
-        allow_non_finite_input()
+        send_nan_payloads()
     node = SwarmNode(identity, settings)
     out = Path(args.out)
     async with node.running(), trio.open_nursery() as nursery:

@@ -237,7 +237,34 @@ class Worker:
             reason = f"error: {type(exc).__name__}: {exc}"[:200]
         if self.cfg.breakdown:
             self.get_latency.append(latency)
-        self.send({"event": "done", "id": msg["id"], "latency": latency, "fail": reason})
+        self.send(
+            {
+                "event": "done",
+                "id": msg["id"],
+                "latency": latency,
+                "fail": reason,
+                "requester_table": len(node.dht.table),
+            }
+        )
+
+    def holders(self, targets: list[bytes]) -> list[int]:
+        """Per target: how many of our nodes store a live peer record published by it."""
+        from dandelion_p2p.net.announce import PEER_NAMESPACE
+        from dandelion_p2p.net.dht.node import now_ms
+        from dandelion_p2p.net.dht.records import routing_key
+
+        t = now_ms()
+        counts = []
+        for target in targets:
+            rkey = routing_key(PEER_NAMESPACE, target)
+            counts.append(
+                sum(
+                    any(r.publisher == target for r in node.dht.store.get(rkey, t))
+                    for node in self.nodes
+                    if node.dht is not None
+                )
+            )
+        return counts
 
     async def do_put(self, msg: dict[str, Any]) -> None:
         from dandelion_p2p.net.announce import (
@@ -295,6 +322,8 @@ class Worker:
                 nursery.start_soon(self.do_put, msg)
             elif cmd == "stats":
                 self.send(self.stats())
+            elif cmd == "holders":
+                self.send({"event": "holders", "counts": self.holders(msg["targets"])})
             elif cmd == "profile":
                 self.profile(msg["on"], msg.get("path"))
                 self.send({"event": "ack"})
@@ -557,6 +586,28 @@ def summarise_pass(name: str, results: list[dict[str, Any]]) -> dict[str, Any]:
     return row
 
 
+def failure_context(swarm: Swarm, results: list[dict[str, Any]]) -> dict[str, int]:
+    """Why failed gets failed: a requester that knows no DHT server, a record that no node
+    stores (the put missed), or a record that is stored but the lookup did not reach it."""
+    failed = [r for r in results if r["fail"]]
+    if not failed:
+        return {}
+    targets = sorted({r["target"] for r in failed})
+    counts = [0] * len(targets)
+    for reply in swarm.broadcast({"cmd": "holders", "targets": targets}):
+        counts = [a + b for a, b in zip(counts, reply["counts"], strict=True)]
+    held = dict(zip(targets, counts, strict=True))
+    context: dict[str, int] = defaultdict(int)
+    for r in failed:
+        if r["requester_table"] == 0:
+            context["requester's routing table empty"] += 1
+        elif held[r["target"]] == 0:
+            context["record stored nowhere"] += 1
+        else:
+            context["stored, but the lookup missed every holder"] += 1
+    return dict(context)
+
+
 def print_pass(row: dict[str, Any]) -> None:
     fails = ", ".join(f"{k}: {v}" for k, v in row["failures"].items()) or "none"
     print(
@@ -564,6 +615,8 @@ def print_pass(row: dict[str, Any]) -> None:
         f"p90 {row['p90_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms; failures: {fails}",
         flush=True,
     )
+    for cause, n in row.get("failure_context", {}).items():
+        print(f"    {n} x {cause}", flush=True)
 
 
 def describe_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:
@@ -572,7 +625,13 @@ def describe_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:
     rss = [st["rss_mib"] for st in stats]
     nodes = [len(st["table_sizes"]) for st in stats]
     return {
-        "routing_table": {"min": min(tables), "median": _report.median(tables), "max": max(tables)},
+        "routing_table": {
+            "min": min(tables),
+            "p10": _report.percentile(tables, 10),
+            "median": _report.median(tables),
+            "max": max(tables),
+            "nodes_below_5": sum(1 for t in tables if t < 5),
+        },
         "connections_per_node": {
             "min": min(conns),
             "median": _report.median(conns),
@@ -584,6 +643,34 @@ def describe_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:
         "rss_mib_per_node": sum(rss) / max(1, sum(nodes)),
         "peak_rss_mib_max": max(st["peak_rss_mib"] for st in stats),
     }
+
+
+SETTLE_WINDOW = 2.5
+
+
+def settle(
+    swarm: Swarm, minimum: float, maximum: float
+) -> tuple[float, list[dict[str, Any]], list[dict[str, Any]]]:
+    """Wait until no routing table changed for two windows in a row (at least ``minimum``,
+    at most ``maximum`` seconds). Nodes republish their records when their table grows, so
+    measuring before this would time the swarm's own catch-up traffic.
+
+    Returns the time waited and the stats at the start and end of the last window.
+    """
+    t0 = time.monotonic()
+    previous = swarm.broadcast({"cmd": "stats"})
+    quiet = 0
+    while True:
+        time.sleep(SETTLE_WINDOW)
+        current = swarm.broadcast({"cmd": "stats"})
+        same = all(
+            a["table_sizes"] == b["table_sizes"] for a, b in zip(previous, current, strict=True)
+        )
+        quiet = quiet + 1 if same else 0
+        waited = time.monotonic() - t0
+        if (quiet >= 2 and waited >= minimum) or waited >= maximum:
+            return waited, previous, current
+        previous = current
 
 
 def idle_cpu(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> list[float]:
@@ -659,7 +746,12 @@ def main() -> int:
     parser.add_argument(
         "--join-concurrency", type=int, default=2, help="nodes joining at once per worker (2)"
     )
-    parser.add_argument("--settle", type=float, default=5.0, help="seconds to settle (5)")
+    parser.add_argument(
+        "--settle", type=float, default=5.0, help="minimum seconds to settle after joining (5)"
+    )
+    parser.add_argument(
+        "--settle-max", type=float, default=90.0, help="maximum seconds to settle (90)"
+    )
     parser.add_argument(
         "--request-timeout", type=float, default=5.0, help="DHT RPC and dial timeout (5)"
     )
@@ -708,7 +800,8 @@ def main() -> int:
             "puts_per_pass": puts,
             "concurrency": args.concurrency,
             "join_concurrency": args.join_concurrency,
-            "settle_s": args.settle,
+            "settle_min_s": args.settle,
+            "settle_max_s": args.settle_max,
             "seed": args.seed,
             "health_interval_s": args.health_interval,
         },
@@ -727,12 +820,12 @@ def main() -> int:
         )
         start_s = swarm.start(args.peers, procs)
         print(f"  all joined in {start_s:.1f} s", flush=True)
-        before = swarm.broadcast({"cmd": "stats"})
-        time.sleep(args.settle)
-        after = swarm.broadcast({"cmd": "stats"})
+        settle_s, before, after = settle(swarm, args.settle, args.settle_max)
+        print(f"  settled after {settle_s:.1f} s", flush=True)
         swarm_stats = describe_stats(after)
         idle = idle_cpu(before, after)
         result["start_s"] = start_s
+        result["settle_s"] = settle_s
         result["after_settle"] = swarm_stats
         result["idle_cpu_per_proc"] = idle
 
@@ -745,6 +838,8 @@ def main() -> int:
             results = swarm.run_ops(ops)
             after = swarm.broadcast({"cmd": "stats"})
             row = summarise_pass(name, results)
+            if ops and ops[0]["cmd"] == "get":
+                row["failure_context"] = failure_context(swarm, results)
             cpu = sum(a["cpu_s"] - b["cpu_s"] for b, a in zip(before, after, strict=True))
             row["cpu_ms_per_op"] = cpu * 1000 / max(1, len(results))
             passes.append(row)
@@ -793,7 +888,8 @@ def main() -> int:
         f"{args.peers} peers in {procs} processes on {os.cpu_count()} CPUs; joined in "
         f"{start_s:.1f} s; routing table min/median/max "
         f"{st['routing_table']['min']}/{st['routing_table']['median']:.0f}/"
-        f"{st['routing_table']['max']}; connections per node median "
+        f"{st['routing_table']['max']} ({st['routing_table']['nodes_below_5']} nodes know < 5 "
+        f"servers); connections per node median "
         f"{st['connections_per_node']['median']:.0f} (total {st['connections_total']})"
     )
     print(

@@ -97,6 +97,7 @@ class _Round:
         self.finished = trio.Event()
         self.writing: set[bytes] = set(self.outboxes)
         self.connected: set[bytes] = set()
+        self.channels: dict[bytes, Channel] = {}
         self.changed = trio.Event()
 
     def dispatch(self, sends: list[Send]) -> None:
@@ -249,6 +250,12 @@ class Averager:
                 while rnd.writing & rnd.connected - excluded.keys():
                     rnd.changed = trio.Event()
                     await rnd.changed.wait()
+            # A frame being written is shielded from cancellation (a half-written frame would
+            # break the stream); to a stalled peer it would never finish: cut those off.
+            for peer in rnd.writing:
+                channel = rnd.channels.get(peer)
+                if channel is not None:
+                    channel.abort()
             nursery.cancel_scope.cancel()
 
     async def _link(self, rnd: _Round, round_: int, peer: bytes) -> None:
@@ -267,6 +274,7 @@ class Averager:
             rnd.fail(peer, f"no channel: {exc}")
             return
         rnd.connected.add(peer)
+        rnd.channels[peer] = channel
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._write, rnd, peer, channel)

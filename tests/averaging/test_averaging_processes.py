@@ -128,15 +128,16 @@ def test_sigstop_of_one_peer_is_cut_off_by_the_timeout(
     stopped.signal(signal.SIGCONT)
 
 
+@pytest.mark.parametrize("attack", ["scale", "nan", "noise"])
 def test_byzantine_peer_is_clipped_scored_and_excluded(
-    workdir: Path, clusters: list[Cluster]
+    workdir: Path, clusters: list[Cluster], attack: str
 ) -> None:
     rounds = 3
     cluster = start_cluster(
         4, workdir, size=400_000, rounds=rounds,
         extra=["--mode", "centered_clip", "--chunk-timeout", "3", "--gather", "1.0",
                "--settle", "0.3", "--chunk-elements", "16384", "--save", "--pause", "0.5"],
-        per_peer={3: ["--byzantine", "scale"]},
+        per_peer={3: ["--byzantine", attack]},
     )
     clusters.append(cluster)
     honest, cheat = cluster.peers[:3], cluster.peers[3]
