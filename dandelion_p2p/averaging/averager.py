@@ -36,7 +36,15 @@ log = logging.getLogger(__name__)
 
 PURPOSE = "averaging/1"
 TICK = 0.5
+CHUNKS_PER_SPAN = 8
+MIN_CHUNK = 64 * 1024
 MAX_HELLO = 256
+
+
+def chunk_elements(n_elements: int, members: int, most: int) -> int:
+    """Chunk size for a round: small enough to pipeline, never above ``most``."""
+    wanted = n_elements // max(1, members * CHUNKS_PER_SPAN)
+    return max(min(wanted - wanted % 256, most), min(MIN_CHUNK, most))
 
 
 class NoGroup(DandelionError):
@@ -48,7 +56,9 @@ class AveragingSettings:
     codec: str = "none"
     mode: Literal["mean", "centered_clip"] = "mean"
     max_chunk: int = 1 << 20
-    """Elements per chunk frame (4 MiB of float32)."""
+    """Most elements per chunk frame (4 MiB of float32); spans are cut into at least
+    ``CHUNKS_PER_SPAN`` chunks when that leaves them above ``MIN_CHUNK``, so that a reducer's
+    results start flowing back while the rest of its span still arrives."""
     chunk_timeout: float = 10.0
     """A peer silent this long (no valid chunk or result) is cut off."""
     open_timeout: float = 10.0
@@ -200,7 +210,7 @@ class Averager:
             buffer=buffer,
             weight=weight,
             codec=s.codec,
-            max_chunk=s.max_chunk,
+            max_chunk=chunk_elements(buffer.size, len(spec.members), s.max_chunk),
             mode=s.mode,
             chunk_timeout=s.chunk_timeout,
         )
