@@ -111,7 +111,17 @@ async def main(args: argparse.Namespace) -> None:
     node = SwarmNode(identity, settings)
     out = Path(args.out)
     async with node.running(), trio.open_nursery() as nursery:
-        dataplane = DataPlane(node.host, identity, listen_ip=args.ip, reachable=node.reachable)
+        # Frames hold at most a 4 MiB chunk plus its header; a window of two such frames per
+        # channel keeps the links busy without pooling tens of MiB per member.
+        frame = args.chunk_elements * 4 + (1 << 20)
+        dataplane = DataPlane(
+            node.host,
+            identity,
+            listen_ip=args.ip,
+            reachable=node.reachable,
+            max_frame=frame,
+            window_bytes=2 * frame,
+        )
         await nursery.start(dataplane.run)
         averager = Averager(node, dataplane, run=args.run.encode(), settings=averaging)
         addr = node.full_addrs()[0]
