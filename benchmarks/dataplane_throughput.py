@@ -15,8 +15,8 @@ Each process is a minimal libp2p host with a DataPlane (the receiver reachable, 
 not). The sender's clock runs from its first frame (channel already open) until the receiver's
 verdict arrives, so nothing still in socket buffers counts. Each process reports its CPU time
 (user + system) over the transfer. The receiver compares every frame with the expected block
-(memcmp, ~3 % of the raw socket's cost, the same in every scenario), so a lost, duplicated,
-reordered or damaged frame fails the run.
+(a memcmp, cheap next to the socket copies and the same in every scenario), so a lost,
+duplicated, reordered or damaged frame fails the run.
 
     python benchmarks/dataplane_throughput.py [--size-mb 1024] [--frame-kb 4096] [--json]
 """

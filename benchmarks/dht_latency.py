@@ -54,9 +54,7 @@ GET_PASS_NAMES = ("get A (join-time records)", "get B (after re-publish)")
 @dataclass(frozen=True)
 class WorkerConfig:
     index: int
-    count: int
-    bootstrap: str | None  # None: the worker's first node seeds the network
-    join_concurrency: int
+    bootstrap: str | None  # None: this worker starts the node that seeds the network
     request_timeout: float
     log_level: int
     breakdown: bool
@@ -113,7 +111,7 @@ class StepTimer:
 
         return wrapper
 
-    def install(self, hosts: list[Any]) -> None:
+    def install(self) -> None:
         import dandelion_p2p.net.dht.node as dht_node
         import dandelion_p2p.net.streams as streams
 
@@ -133,8 +131,9 @@ class StepTimer:
         streams.read_message = self.timed("await reply", streams.read_message, only_inside=True)
         streams.close_quietly = self.timed("close stream", streams.close_quietly, only_inside=True)
         dht_node.request = request
-        for host in hosts:
-            host.new_stream = self.timed("open stream", host.new_stream, only_inside=True)
+
+    def add_host(self, host: Any) -> None:
+        host.new_stream = self.timed("open stream", host.new_stream, only_inside=True)
 
 
 class Worker:
@@ -155,51 +154,36 @@ class Worker:
             task_status.started()
             await self.stop.wait()
 
-    async def start_nodes(self, nursery: trio.Nursery) -> None:
-        from dandelion_p2p.identity import Identity
-        from dandelion_p2p.net.node import NodeSettings, SwarmNode
+    def settings(self, bootstrap: str | None) -> Any:
+        from dandelion_p2p.net.node import NodeSettings
 
-        override_health_checks(self.cfg.health_interval)
-
-        def settings(bootstrap: str | None) -> NodeSettings:
-            return NodeSettings(
-                listen=("/ip4/127.0.0.1/tcp/0",),
-                bootstrap=(bootstrap,) if bootstrap else (),
-                reachability="public",
-                dial_timeout=self.cfg.request_timeout,
-                request_timeout=self.cfg.request_timeout,
-            )
-
-        bootstrap = self.cfg.bootstrap
-        todo = self.cfg.count
-        if bootstrap is None:
-            seed = SwarmNode(Identity.generate(), settings(None))
-            await nursery.start(self.hold, seed)
-            self.nodes.append(seed)
-            bootstrap = seed.full_addrs()[0]
-            self.send({"event": "bootstrap", "addr": bootstrap})
-            todo -= 1
-        limit = trio.Semaphore(self.cfg.join_concurrency)
-
-        async def start_one() -> None:
-            async with limit:
-                node = SwarmNode(Identity.generate(), settings(bootstrap))
-                await nursery.start(self.hold, node)
-                self.nodes.append(node)
-                self.send({"event": "joined"})
-
-        async with trio.open_nursery() as starters:
-            for _ in range(todo):
-                starters.start_soon(start_one)
-        if self.cfg.breakdown:
-            self.steps.install([n.host for n in self.nodes])
-        self.send(
-            {
-                "event": "started",
-                "nodes": [self.describe(node) for node in self.nodes],
-                "rss_mib": rss_mib(),
-            }
+        return NodeSettings(
+            listen=("/ip4/127.0.0.1/tcp/0",),
+            bootstrap=(bootstrap,) if bootstrap else (),
+            reachability="public",
+            dial_timeout=self.cfg.request_timeout,
+            request_timeout=self.cfg.request_timeout,
         )
+
+    async def start_node(self, nursery: trio.Nursery, bootstrap: str | None) -> Any:
+        from dandelion_p2p.identity import Identity
+        from dandelion_p2p.net.node import SwarmNode
+
+        node = SwarmNode(Identity.generate(), self.settings(bootstrap))
+        await nursery.start(self.hold, node)
+        self.nodes.append(node)
+        if self.cfg.breakdown:
+            self.steps.add_host(node.host)
+        return node
+
+    async def join(self, nursery: trio.Nursery, bootstrap: str) -> None:
+        """Start one node (the parent paces joins across all workers)."""
+        try:
+            node = await self.start_node(nursery, bootstrap)
+        except Exception as exc:
+            self.send({"event": "join_failed", "error": f"{type(exc).__name__}: {exc}"[:300]})
+            return
+        self.send({"event": "joined", "node": self.describe(node), "local": self.nodes.index(node)})
 
     def describe(self, node: Any) -> dict[str, Any]:
         from dandelion_p2p.net.announce import encode_announcement
@@ -280,7 +264,9 @@ class Worker:
             stored = await node.dht.put(
                 PEER_NAMESPACE, node.identity.peer_id_bytes, value, ANNOUNCEMENT_TTL
             )
-            fail = "" if stored > 0 else "stored on no peer"
+            # Our nodes are DHT servers and count their own copy: below 2, no other node
+            # holds the record and nobody else can find it.
+            fail = "" if stored >= 2 else "stored on no other node"
         except Exception as exc:
             stored = 0
             fail = f"error: {type(exc).__name__}: {exc}"[:200]
@@ -316,7 +302,9 @@ class Worker:
                 self.conn.recv, abandon_on_cancel=True
             )
             cmd = msg["cmd"]
-            if cmd == "get":
+            if cmd == "join":
+                nursery.start_soon(self.join, nursery, msg["bootstrap"])
+            elif cmd == "get":
                 nursery.start_soon(self.do_get, msg)
             elif cmd == "put":
                 nursery.start_soon(self.do_put, msg)
@@ -338,8 +326,19 @@ class Worker:
                 return
 
     async def run(self) -> None:
+        override_health_checks(self.cfg.health_interval)
+        if self.cfg.breakdown:
+            self.steps.install()
         async with trio.open_nursery() as nursery:
-            await self.start_nodes(nursery)
+            if self.cfg.bootstrap is None:
+                seed = await self.start_node(nursery, None)
+                self.send(
+                    {
+                        "event": "bootstrap",
+                        "addr": seed.full_addrs()[0],
+                        "node": self.describe(seed),
+                    }
+                )
             await self.commands(nursery)
             # Nodes shut down when ``stop`` is set; pending operations are abandoned.
             nursery.cancel_scope.deadline = trio.current_time() + 20
@@ -431,13 +430,11 @@ class Swarm:
         self.nodes: list[NodeInfo] = []
         self.next_id = 0
 
-    def spawn(self, index: int, count: int, bootstrap: str | None) -> Handle:
+    def spawn(self, index: int, bootstrap: str | None) -> Handle:
         parent, child = self.ctx.Pipe()
         cfg = WorkerConfig(
             index=index,
-            count=count,
             bootstrap=bootstrap,
-            join_concurrency=self.args.join_concurrency,
             request_timeout=self.args.request_timeout,
             log_level=logging.WARNING if self.args.verbose else logging.ERROR,
             breakdown=self.args.breakdown,
@@ -459,38 +456,55 @@ class Swarm:
             raise RuntimeError(f"worker {handle.index} failed:\n{msg['error']}")
         return msg
 
-    def start(self, peers: int, procs: int) -> float:
-        counts = [len(range(i, peers, procs)) for i in range(procs)]
+    def start(self, peers: int, procs: int) -> tuple[float, int]:
+        """Start the seed, then the other nodes with at most ``--join-concurrency`` joining at
+        once across all workers. Returns the time taken and how many joins failed.
+
+        Joins are paced globally because each one is CPU-heavy (a connection handshake per
+        peer contacted, lookups, two puts): with 2 cores and 20 joins at once, RPCs wait
+        longer than their timeout, and a node whose bootstrap query times out never fills
+        its routing table.
+        """
         t0 = time.perf_counter()
-        first = self.spawn(0, counts[0], None)
-        boot = self.receive(first, 120)["addr"]
+        first = self.spawn(0, None)
+        msg = self.receive(first, 120)
+        boot = msg["addr"]
+        self.nodes.append(NodeInfo(msg["node"]["peer_id"], 0, 0, msg["node"]["value"]))
         for i in range(1, procs):
-            self.spawn(i, counts[i], boot)
-        joined = 1
-        started: dict[int, dict[str, Any]] = {}
+            self.spawn(i, boot)
+        # Round-robin placement: node i lives in worker i % procs.
+        pending = deque(i % procs for i in range(1, peers))
         by_conn = {h.conn: h for h in self.handles}
-        deadline = time.monotonic() + self.args.start_timeout
+        in_flight = 0
+        failed = 0
         step = max(1, peers // 10)
-        while len(started) < len(self.handles):
+        deadline = time.monotonic() + self.args.start_timeout
+        while pending or in_flight:
+            while pending and in_flight < self.args.join_concurrency:
+                self.handles[pending.popleft()].conn.send({"cmd": "join", "bootstrap": boot})
+                in_flight += 1
             ready = wait(list(by_conn), timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
-                raise TimeoutError(f"only {joined} of {peers} nodes joined in time")
+                raise TimeoutError(f"only {len(self.nodes)} of {peers} nodes joined in time")
             for conn in ready:
                 handle = by_conn[conn]  # type: ignore[index]
                 msg = self.receive(handle, 1)
-                if msg["event"] == "joined":
-                    joined += 1
-                    if joined % step == 0:
-                        print(
-                            f"  {joined}/{peers} joined after {time.perf_counter() - t0:.0f} s",
-                            flush=True,
-                        )
-                elif msg["event"] == "started":
-                    started[handle.index] = msg
-        for handle in self.handles:
-            for local, node in enumerate(started[handle.index]["nodes"]):
-                self.nodes.append(NodeInfo(node["peer_id"], handle.index, local, node["value"]))
-        return time.perf_counter() - t0
+                in_flight -= 1
+                if msg["event"] == "join_failed":
+                    failed += 1
+                    print(f"  join failed in worker {handle.index}: {msg['error']}", flush=True)
+                    continue
+                node = msg["node"]
+                self.nodes.append(
+                    NodeInfo(node["peer_id"], handle.index, msg["local"], node["value"])
+                )
+                if len(self.nodes) % step == 0:
+                    print(
+                        f"  {len(self.nodes)}/{peers} joined after "
+                        f"{time.perf_counter() - t0:.0f} s",
+                        flush=True,
+                    )
+        return time.perf_counter() - t0, failed
 
     def broadcast(self, msg: dict[str, Any]) -> list[dict[str, Any]]:
         for handle in self.handles:
@@ -744,7 +758,10 @@ def main() -> int:
         "--concurrency", type=int, default=1, help="operations in flight across the swarm (1)"
     )
     parser.add_argument(
-        "--join-concurrency", type=int, default=2, help="nodes joining at once per worker (2)"
+        "--join-concurrency",
+        type=int,
+        default=4,
+        help="nodes joining at once across the swarm (4)",
     )
     parser.add_argument(
         "--settle", type=float, default=5.0, help="minimum seconds to settle after joining (5)"
@@ -818,13 +835,14 @@ def main() -> int:
             f"{health}) ...",
             flush=True,
         )
-        start_s = swarm.start(args.peers, procs)
-        print(f"  all joined in {start_s:.1f} s", flush=True)
+        start_s, join_failures = swarm.start(args.peers, procs)
+        print(f"  {len(swarm.nodes)} joined in {start_s:.1f} s", flush=True)
         settle_s, before, after = settle(swarm, args.settle, args.settle_max)
         print(f"  settled after {settle_s:.1f} s", flush=True)
         swarm_stats = describe_stats(after)
         idle = idle_cpu(before, after)
         result["start_s"] = start_s
+        result["join_failures"] = join_failures
         result["settle_s"] = settle_s
         result["after_settle"] = swarm_stats
         result["idle_cpu_per_proc"] = idle

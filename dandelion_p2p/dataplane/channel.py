@@ -400,8 +400,10 @@ class Channel:
             result = open_(*args)
         except ProtocolViolation as exc:
             log.info("channel %r to %s failed: %s", self.purpose, self.peer_id, exc)
-            # Frames queued behind a forged one must not be delivered across the gap.
+            # Frames queued behind a forged one must not be delivered across the gap, nor may a
+            # CLOSE that came after it pass for an orderly end.
             self._queue.clear()
+            self._receive_error = exc
             self._fail(exc)
             raise
         if self._send_error is None and self._core.consumed(data.size):

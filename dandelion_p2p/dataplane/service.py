@@ -272,10 +272,12 @@ class DataPlane:
             await self._drop(stream)
             return
         handler = self._handlers.get(established.purpose)
-        channel = self._channel(established, peer_id, nursery)
-        if handler is None:  # unregistered during the handshake
-            await channel.aclose()
+        if handler is None or self._nursery is not nursery:
+            # Unregistered, or the service stopped, during the handshake.
+            with trio.CancelScope(shield=True):
+                await established.transport.aclose()
             return
+        channel = self._channel(established, peer_id, nursery)
         nursery.start_soon(self._serve_channel, handler, channel)
 
     async def _serve_channel(self, handler: ChannelHandler, channel: Channel) -> None:

@@ -10,11 +10,11 @@ a fresh secret on it. Then:
   sends the ticket first.
 * ``stream``: neither; the libp2p stream itself carries the sealed frames.
 
-If the dialing side cannot connect and present the ticket it says ``DialFailed`` on the stream
-and both sides fall back to ``stream`` mode, so a wrong reachability claim costs one timeout,
-not the channel. A TCP connection proves nothing by itself: its first 16 bytes must be a
-ticket we are waiting for, and the frames after it must open under keys only the two peers
-hold.
+If the dialing side cannot connect, present the ticket and get back a first frame that
+authenticates, it says ``DialFailed`` on the stream and both sides fall back to ``stream``
+mode, so a wrong reachability claim costs one timeout, not the channel. A TCP connection
+proves nothing by itself, either way: its first 16 bytes must be a ticket the listener is
+waiting for, and the frames after it must open under keys only the two peers hold.
 """
 
 from __future__ import annotations

@@ -83,7 +83,7 @@ async def raw_and_channel(
     raw = RawPeer(left, core(keys, "opener", max_frame, None))
     b = Channel(TcpTransport(right), core(keys, "acceptor", max_frame, None),
                 peer_id=A, purpose="test", mode="dial-acceptor", timeout=5.0, linger=1.0)
-    async with trio.open_nursery() as nursery:
+    async with left, trio.open_nursery() as nursery:
         b.start(nursery)
         await raw.handshake()
         yield raw, b

@@ -217,6 +217,8 @@ async def test_an_endpoint_that_swallows_the_ticket_falls_back_to_the_stream() -
                 assert await channel.receive() == b"via the stream"
         assert len(held) == 1
         nursery.cancel_scope.cancel()
+    for stream in [*held, silent]:
+        await stream.aclose()
 
 
 class Proxy:
