@@ -57,6 +57,8 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+# Servers that must have returned an owner-only record before a get stops early.
+GET_QUORUM = 3
 # Room for the msgpack array headers around the records, generously.
 REPLY_MARGIN = 64
 
@@ -223,6 +225,7 @@ class DHTNode:
         query: Callable[[PeerRef], Awaitable[tuple[PeerRef, ...]]],
         width: int,
         timeout: float | None = None,
+        enough: Callable[[], bool] | None = None,
     ) -> Lookup:
         """Run a lookup; after ``timeout`` (default: three RPC timeouts) it stops with what
         it has, so one stalled peer among the closest delays a lookup by at most that."""
@@ -249,6 +252,8 @@ class DHTNode:
                     if lookup.finished or lookup.in_flight == 0:
                         break
                     await done_recv.receive()
+                    if enough is not None and enough():
+                        break
                 nursery.cancel_scope.cancel()
         return lookup
 
@@ -328,9 +333,23 @@ class DHTNode:
             # Only a reply whose records all validate counts: one invalid record discredits
             # the records that came before it in the same reply as well.
             found.extend(checked)
+            if checked:
+                holders.append(ref.peer_id)
             return reply.closer
 
-        await self._lookup(target, query, self.replicas, timeout)
+        holders: list[bytes] = []
+        policy = self.validator.policies.get(namespace)
+        # A record only its owner may write is one record, republished to every replica: once
+        # GET_QUORUM of them returned it, asking the rest would only find copies of it. Keys
+        # many publishers write to are read from all the closest servers.
+        quorum = GET_QUORUM if policy is not None and policy.owner_only else None
+        await self._lookup(
+            target,
+            query,
+            self.replicas,
+            timeout,
+            enough=(lambda: len(holders) >= quorum) if quorum else None,
+        )
         t = now_ms()
         return [r for r in merge_newest(found) if r.expires_at_ms > t]
 
