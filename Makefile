@@ -25,13 +25,17 @@ $(STAMP_DEV): pyproject.toml $(STAMP_CORE)
 	$(PIP) install -e '.[dev]'
 	touch $@
 
-# Network-lab tests need ip(8) and nft(8). Installed only when running as root and missing.
+# Network-lab tests need ip(8), tc(8) and nft(8); the port-mapping tests also run Debian's
+# miniupnpd as a real gateway when it is there. Installed only as root and when missing.
 $(STAMP_SYS): | $(PY)
-	@if [ "$$(id -u)" = "0" ] && { ! command -v nft >/dev/null || ! command -v ip >/dev/null || ! command -v tc >/dev/null; }; then \
-		echo "installing nftables and iproute2 for the network lab"; \
-		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables iproute2 >/dev/null || \
-		echo "warning: could not install nftables/iproute2; netlab tests will skip"; \
+	@if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null && { ! command -v nft >/dev/null || ! command -v ip >/dev/null || ! command -v tc >/dev/null || [ ! -x /usr/sbin/miniupnpd ]; }; then \
+		echo "installing nftables, iproute2 and miniupnpd-nftables for the network lab"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -qq >/dev/null || true; \
+		apt-get install -y -qq nftables iproute2 >/dev/null || \
+			echo "warning: could not install nftables/iproute2; netlab tests will skip"; \
+		apt-get install -y -qq miniupnpd-nftables >/dev/null 2>&1 || \
+			echo "warning: could not install miniupnpd-nftables; its tests will skip"; \
 	fi
 	touch $@
 
