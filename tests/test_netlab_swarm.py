@@ -102,8 +102,10 @@ def test_two_nat_peers_find_each_other_through_the_relay(
     got_b = [n["text"] for n in b.call("status")["notes_received"]]
     got_a = [n["text"] for n in a.call("status")["notes_received"]]
     assert got_b == ["hello from a"] and got_a == ["hello from b"]
+    # The first connection can only have gone through the relay (circuit addresses only);
+    # DCUtR may have upgraded it by now across these drop-NATs (see the hole-punching test).
     peers_of_a = {p["peer_id"]: p["connection"] for p in a.call("status")["connected_peers"]}
-    assert peers_of_a[b.peer_id] == "relayed"
+    assert peers_of_a[b.peer_id] in ("relayed", "direct")
 
     # The NAT is real: a direct connection to the other peer's own address is impossible.
     probe = nat_a.host.run(
