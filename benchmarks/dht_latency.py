@@ -2,9 +2,11 @@
 
 Phases (one run):
 
-  1. start   node 0 (in worker 0) seeds the network; every other node bootstraps from it.
-             Each SwarmNode publishes its peer record while starting.
-  2. settle  wait, then collect routing-table sizes, connection counts, memory and idle CPU.
+  1. start   node 0 (in worker 0) seeds the network; every other node bootstraps from it,
+             a few at a time (the parent paces joins across workers). Each SwarmNode
+             publishes its peer record while starting.
+  2. settle  wait until routing tables and CPU use are steady, then collect routing-table
+             sizes, connection counts, memory and idle CPU.
   3. get A   a random plan of (requester, target) pairs, run once as a warm-up (opens the
              connections the lookups need) and again, measured, on the same pairs: lookups of
              the records published at join time.
@@ -15,10 +17,10 @@ Phases (one run):
 A get succeeds only if it returns exactly one record, from the expected publisher, with the
 expected value and (in phase 5) the newest sequence number; anything else is counted with its
 reason. Operations run one at a time by default, so latencies are those of an otherwise idle
-swarm (background pings and health checks excepted).
+swarm (its own upkeep excepted).
 
-``--breakdown`` times the steps of every DHT RPC the requesters make (dial, opening the
-stream, which negotiates the protocol, writing the request, waiting for the reply, closing);
+``--breakdown`` times the steps of every DHT RPC the requesters make (opening the stream,
+which negotiates the protocol, writing the request, waiting for the reply, closing);
 ``--profile-worker K`` runs cProfile in worker K during the measured get passes.
 
 Run ``python benchmarks/dht_latency.py --help`` for options.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import contextvars
 import logging
 import math
 import multiprocessing as mp
@@ -89,8 +92,6 @@ class StepTimer:
     """
 
     def __init__(self) -> None:
-        import contextvars
-
         self.samples: dict[str, list[float]] = defaultdict(list)
         self.inside = contextvars.ContextVar("inside_request", default=False)
 
@@ -659,32 +660,39 @@ def describe_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-SETTLE_WINDOW = 2.5
+# As long as DHTNode.maintain's period, so a window always holds one of its rounds.
+SETTLE_WINDOW = 5.0
 
 
 def settle(
     swarm: Swarm, minimum: float, maximum: float
 ) -> tuple[float, list[dict[str, Any]], list[dict[str, Any]]]:
-    """Wait until no routing table changed for two windows in a row (at least ``minimum``,
-    at most ``maximum`` seconds). Nodes republish their records when their table grows, so
-    measuring before this would time the swarm's own catch-up traffic.
+    """Wait until, for two windows in a row, no routing table changed and the swarm's CPU use
+    held steady (at least ``minimum``, at most ``maximum`` seconds). Nodes republish their
+    records when their table grows, so measuring earlier would time that catch-up traffic
+    and count it as idle background.
 
     Returns the time waited and the stats at the start and end of the last window.
     """
     t0 = time.monotonic()
     previous = swarm.broadcast({"cmd": "stats"})
+    previous_rate: float | None = None
     quiet = 0
     while True:
         time.sleep(SETTLE_WINDOW)
         current = swarm.broadcast({"cmd": "stats"})
-        same = all(
+        rate = sum(idle_cpu(previous, current))
+        same_tables = all(
             a["table_sizes"] == b["table_sizes"] for a, b in zip(previous, current, strict=True)
         )
-        quiet = quiet + 1 if same else 0
+        steady = previous_rate is not None and abs(rate - previous_rate) <= max(
+            0.25 * previous_rate, 0.02 * len(current)
+        )
+        quiet = quiet + 1 if same_tables and steady else 0
         waited = time.monotonic() - t0
         if (quiet >= 2 and waited >= minimum) or waited >= maximum:
             return waited, previous, current
-        previous = current
+        previous, previous_rate = current, rate
 
 
 def idle_cpu(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> list[float]:
@@ -764,7 +772,7 @@ def main() -> int:
         help="nodes joining at once across the swarm (4)",
     )
     parser.add_argument(
-        "--settle", type=float, default=5.0, help="minimum seconds to settle after joining (5)"
+        "--settle", type=float, default=10.0, help="minimum seconds to settle after joining (10)"
     )
     parser.add_argument(
         "--settle-max", type=float, default=90.0, help="maximum seconds to settle (90)"
@@ -773,7 +781,7 @@ def main() -> int:
         "--request-timeout", type=float, default=5.0, help="DHT RPC and dial timeout (5)"
     )
     parser.add_argument(
-        "--start-timeout", type=float, default=600.0, help="seconds allowed for joining (600)"
+        "--start-timeout", type=float, default=1800.0, help="seconds allowed for joining (1800)"
     )
     parser.add_argument(
         "--health-interval",
@@ -859,7 +867,14 @@ def main() -> int:
             if ops and ops[0]["cmd"] == "get":
                 row["failure_context"] = failure_context(swarm, results)
             cpu = sum(a["cpu_s"] - b["cpu_s"] for b, a in zip(before, after, strict=True))
-            row["cpu_ms_per_op"] = cpu * 1000 / max(1, len(results))
+            # What the workers burn anyway (measured while settling) is not the operations'.
+            background = sum(
+                rate * (a["wall_s"] - b["wall_s"])
+                for rate, b, a in zip(idle, before, after, strict=True)
+            )
+            n = max(1, len(results))
+            row["cpu_ms_per_op_raw"] = cpu * 1000 / n
+            row["cpu_ms_per_op"] = max(0.0, cpu - background) * 1000 / n
             passes.append(row)
             print_pass(row)
             return results
@@ -946,6 +961,10 @@ def main() -> int:
                 for p in passes
             ],
         )
+    )
+    print(
+        "CPU ms/op: CPU time of all workers per operation, less their idle background; "
+        "latencies include failed operations"
     )
     for name, rows in steps.items():
         print(f"\nRPC steps during '{name}' (requester side, all workers):")
