@@ -88,6 +88,18 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+async def mark_mid_round(averager: Averager, received: int) -> None:
+    """Write ``mid-round N`` to stderr once round N has received ``received`` bytes, so a
+    test can stop or kill this process while chunks are in flight, on any machine speed."""
+    round_ = 1
+    while True:
+        moved = averager.bytes_moved(round_)
+        if moved is not None and moved[1] >= received:
+            print(f"mid-round {round_}", file=sys.stderr, flush=True)
+            round_ += 1
+        await trio.sleep(0.0005)
+
+
 async def main(args: argparse.Namespace) -> None:
     identity = Identity.generate()
     bootstrap = (args.bootstrap,) if args.bootstrap else ()
@@ -130,6 +142,8 @@ async def main(args: argparse.Namespace) -> None:
         if line.strip() != "go":
             nursery.cancel_scope.cancel()
             return
+        if args.mark_mid_round:
+            nursery.start_soon(mark_mid_round, averager, args.mark_mid_round)
         rng = np.random.default_rng(args.seed + 1000)
         buffer = np.empty(args.size, dtype=np.float32)
         with out.open("w") as results:
@@ -179,6 +193,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pause", type=float, default=0.0, help="seconds between rounds")
     p.add_argument("--byzantine", default="none", choices=["none", "scale", "noise", "nan"])
     p.add_argument("--save", action="store_true")
+    p.add_argument("--mark-mid-round", type=int, default=0, metavar="BYTES",
+                   help="log 'mid-round N' once round N has received BYTES")
     p.add_argument("--out", required=True)
     return p.parse_args(argv)
 

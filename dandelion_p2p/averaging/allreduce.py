@@ -261,6 +261,11 @@ class AllReducePeer:
         self._started_at: float | None = None
         self._finished_at: float | None = None
 
+    @property
+    def bytes_moved(self) -> tuple[int, int]:
+        """(sent, received) so far this round, frames and headers included."""
+        return self._bytes_sent, self._bytes_received
+
     # ----------------------------------------------------------------------------- inputs
 
     def start(self, now: float) -> list[Send]:

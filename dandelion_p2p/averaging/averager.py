@@ -176,6 +176,11 @@ class Averager:
             return
         await rnd.finished.wait()
 
+    def bytes_moved(self, round_: int) -> tuple[int, int] | None:
+        """(sent, received) so far by the round in progress, or None when it is not running."""
+        rnd = self._rounds.get(round_)
+        return None if rnd is None else rnd.state.bytes_moved
+
     async def all_reduce(
         self, buffer: np.ndarray, weight: float, round_: int
     ) -> RoundReport:

@@ -16,8 +16,9 @@ from benchmarks.averaging_peer import peer_vector
 
 SIZE = 6_000_000
 CHUNK_TIMEOUT = 3.0
+MID_ROUND = 1 << 20
 COMMON = ["--chunk-timeout", str(CHUNK_TIMEOUT), "--gather", "1.0", "--settle", "0.3",
-          "--chunk-elements", "262144"]
+          "--chunk-elements", "262144", "--mark-mid-round", str(MID_ROUND)]
 
 
 @pytest.fixture
@@ -40,12 +41,14 @@ def report_of(peer: Peer, round_: int = 1) -> dict[str, Any]:
     return report
 
 
-def wait_for_round_start(peer: Peer, timeout: float = 30.0) -> None:
-    """Until ``peer`` has formed its group for round 1 (its log says so)."""
+def wait_until_mid_round(peer: Peer, timeout: float = 30.0) -> None:
+    """Until ``peer`` has received chunks of round 1 (it logs ``mid-round 1`` after
+    MID_ROUND bytes, started with ``--mark-mid-round``), polled every millisecond: well
+    inside the time a round of SIZE takes, whatever the machine's speed."""
     deadline = time.monotonic() + timeout
-    while "mine has" not in peer.log.read_text():
+    while "mid-round 1" not in peer.log.read_text():
         assert time.monotonic() < deadline, peer.log.read_text()[-2000:]
-        time.sleep(0.02)
+        time.sleep(0.001)
 
 
 def check_survivors(cluster: Cluster, survivors: list[Peer], round_: int = 1) -> None:
@@ -84,8 +87,7 @@ def test_kill_9_of_one_peer_mid_round(workdir: Path, clusters: list[Cluster]) ->
     clusters.append(cluster)
     victim, survivors = cluster.peers[3], cluster.peers[:3]
     cluster.go()
-    wait_for_round_start(victim)
-    time.sleep(0.3)
+    wait_until_mid_round(victim)
     victim.signal(signal.SIGKILL)
     killed_at = time.monotonic()
     cluster.wait(CHUNK_TIMEOUT * 2 + 10, survivors)
@@ -117,8 +119,7 @@ def test_sigstop_of_one_peer_is_cut_off_by_the_timeout(
     clusters.append(cluster)
     stopped, others = cluster.peers[1], [cluster.peers[i] for i in (0, 2, 3)]
     cluster.go()
-    wait_for_round_start(stopped)
-    time.sleep(0.3)
+    wait_until_mid_round(stopped)
     stopped.signal(signal.SIGSTOP)
     stopped_at = time.monotonic()
     cluster.wait(CHUNK_TIMEOUT * 3 + 10, others)
