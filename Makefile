@@ -21,21 +21,27 @@ $(STAMP_CORE): pyproject.toml | $(PY)
 	$(PIP) install -e .
 	touch $@
 
+# Tests train tiny diffusers models on the CPU: torch is pinned first so that the train extra's
+# range is already met and pip pulls no CUDA build.
 $(STAMP_DEV): pyproject.toml $(STAMP_CORE)
-	$(PIP) install -e '.[dev]'
+	$(PIP) install '$(TORCH_PIN)'
+	$(PIP) install -e '.[train,dev]'
 	touch $@
 
 # Network-lab tests need ip(8), tc(8) and nft(8); the port-mapping tests also run Debian's
-# miniupnpd as a real gateway when it is there. Installed only as root and when missing.
+# miniupnpd as a real gateway when it is there; the web UI tests drive Debian's chromium.
+# Installed only as root and when missing.
 $(STAMP_SYS): | $(PY)
-	@if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null && { ! command -v nft >/dev/null || ! command -v ip >/dev/null || ! command -v tc >/dev/null || [ ! -x /usr/sbin/miniupnpd ]; }; then \
-		echo "installing nftables, iproute2 and miniupnpd-nftables for the network lab"; \
+	@if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null && { ! command -v nft >/dev/null || ! command -v ip >/dev/null || ! command -v tc >/dev/null || [ ! -x /usr/sbin/miniupnpd ] || [ ! -x /usr/bin/chromium ]; }; then \
+		echo "installing nftables, iproute2, miniupnpd-nftables and chromium for the tests"; \
 		export DEBIAN_FRONTEND=noninteractive; \
 		apt-get update -qq >/dev/null || true; \
 		apt-get install -y -qq nftables iproute2 >/dev/null || \
 			echo "warning: could not install nftables/iproute2; netlab tests will skip"; \
 		apt-get install -y -qq miniupnpd-nftables >/dev/null 2>&1 || \
 			echo "warning: could not install miniupnpd-nftables; its tests will skip"; \
+		apt-get install -y -qq chromium >/dev/null 2>&1 || \
+			echo "warning: could not install chromium; browser tests will skip"; \
 	fi
 	touch $@
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from collections.abc import Callable
@@ -33,6 +34,16 @@ NODE_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (("--dial-timeout",), {"type": float}),
     (("--request-timeout",), {"type": float}),
     (("--log-level",), {"type": click.Choice(["debug", "info", "warning", "error", "critical"])}),
+    (("--webui/--no-webui",), {"default": None, "help": "Serve the web UI (default on)."}),
+    (("--webui-host",), {"help": "Web UI address (default 127.0.0.1; others warn)."}),
+    (("--webui-port",), {"type": int, "help": "Web UI port (0: any free port)."}),
+    (("--run",), {"help": "Run id to train in."}),
+    (("--worker/--no-worker",), {"default": None, "help": "Start the training worker."}),
+]
+
+DATASET_ROLE_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
+    (("--dataset",), {"type": click.Path(path_type=Path), "help": "Packed dataset to serve."}),
+    (("--run-config",), {"type": click.Path(path_type=Path), "help": "Run config to publish."}),
 ]
 
 RELAY_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
@@ -88,6 +99,7 @@ def keygen(out: Path | None, force: bool) -> None:
 
 def _run_node(mode: str, config_file: Path | None, values: dict[str, Any]) -> None:
     from dandelion_p2p.daemon import configure_logging, run_daemon
+    from dandelion_p2p.loghub import LogHub
 
     try:
         config = load_config(mode, values, config_file=config_file)
@@ -95,7 +107,8 @@ def _run_node(mode: str, config_file: Path | None, values: dict[str, Any]) -> No
     except DandelionError as exc:
         fail(str(exc))
         return
-    configure_logging(config.log_level)
+    logs = LogHub()
+    configure_logging(config.log_level, logs)
 
     def ready(node: Any) -> None:
         click.echo(f"peer id: {node.peer_id.to_base58()}", err=False)
@@ -107,7 +120,7 @@ def _run_node(mode: str, config_file: Path | None, values: dict[str, Any]) -> No
         sys.stdout.flush()
 
     try:
-        trio.run(lambda: run_daemon(config, on_ready=ready))
+        trio.run(lambda: run_daemon(config, on_ready=ready, logs=logs))
     except DandelionError as exc:
         fail(str(exc))
     except KeyboardInterrupt:
@@ -117,6 +130,7 @@ def _run_node(mode: str, config_file: Path | None, values: dict[str, Any]) -> No
 @main.command()
 @add_options(NODE_OPTIONS)
 @add_options(RELAY_OPTIONS)
+@add_options(DATASET_ROLE_OPTIONS)
 def daemon(config_file: Path | None, **values: Any) -> None:
     """Run a swarm node (use --relay on a public machine to help peers behind NAT)."""
     _run_node("daemon", config_file, values)
@@ -207,6 +221,18 @@ def send(peer: str, text: str, data_dir: Path | None, config_file: Path | None) 
     result = _control(data_dir, config_file, "send", {"peer": peer, "text": text})
     click.echo(f"verified receipt from {peer}: {result['receipt']}")
 
+
+# Subcommands that live beside their subsystem: (module, click command attribute). Each
+# module imports its heavy dependencies (torch, Pillow, ...) inside the command body.
+EXTRA_COMMANDS: tuple[tuple[str, str], ...] = ()
+
+
+def _register_extra_commands() -> None:
+    for module_name, attr in EXTRA_COMMANDS:
+        main.add_command(getattr(importlib.import_module(module_name), attr))
+
+
+_register_extra_commands()
 
 if __name__ == "__main__":
     main()

@@ -51,6 +51,8 @@ _TRUE = ("1", "true", "yes")
 _FALSE = ("0", "false", "no")
 _NETWORK_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 _UNSPECIFIED_HOSTS = ("0.0.0.0", "::")
+_WEB_HOST = re.compile(r"[A-Za-z0-9.:\-]{1,253}")
+_RUN_ID = re.compile(r"[A-Za-z0-9._\-]{0,128}")
 _PORT_PROTOCOLS = ("tcp", "udp")
 
 # How a key's value is spelled in text (environment) and native (TOML, flags) form.
@@ -73,6 +75,13 @@ _KINDS: dict[str, str] = {
     "dial_timeout": "float",
     "request_timeout": "float",
     "log_level": "choice",
+    "webui": "bool",
+    "webui_host": "str",
+    "webui_port": "int",
+    "dataset": "path",
+    "run_config": "path",
+    "run": "str",
+    "worker": "bool",
 }
 
 CONFIG_KEYS: tuple[str, ...] = tuple(_KINDS)
@@ -146,6 +155,13 @@ class DaemonConfig:
     dial_timeout: float = 10.0
     request_timeout: float = 10.0
     log_level: str = "info"
+    webui: bool = True
+    webui_host: str = "127.0.0.1"
+    webui_port: int = 4080
+    dataset: Path | None = None
+    run_config: Path | None = None
+    run: str = ""
+    worker: bool = True
     mode: Mode = "daemon"
 
     def __post_init__(self) -> None:
@@ -308,6 +324,8 @@ def _from_text(key: str, text: str) -> Any:
             return float(text)
         except ValueError:
             raise _Invalid((key,), f"expected a number, got {text!r}") from None
+    if kind == "str":
+        return text
     return text.lower()
 
 
@@ -318,6 +336,10 @@ def _from_native(key: str, value: Any, base: Path) -> Any:
         if not isinstance(value, str | os.PathLike) or not str(value):
             raise _Invalid((key,), f"expected a path string, got {value!r}")
         return _absolute(Path(value).expanduser(), base)
+    if kind == "str":
+        if not isinstance(value, str):
+            raise _Invalid((key,), f"expected a string, got {value!r}")
+        return value.strip()
     if kind == "addrs":
         if isinstance(value, str):
             raise _Invalid((key,), f"expected a list of multiaddrs, e.g. [{value!r}]")
@@ -344,7 +366,7 @@ def _from_native(key: str, value: Any, base: Path) -> Any:
 def _from_cli(key: str, value: Any) -> Any:
     # Flag parsers may hand over raw strings (e.g. a comma-separated --bootstrap); read those
     # the same way as the environment so both spellings work on the command line.
-    if isinstance(value, str) and _KINDS[key] != "path":
+    if isinstance(value, str) and _KINDS[key] not in ("path", "str"):
         return _from_text(key, value)
     value = _from_native(key, value, Path.cwd())
     if _KINDS[key] == "addrs":
@@ -354,9 +376,9 @@ def _from_cli(key: str, value: Any) -> Any:
 
 def _validate(values: Mapping[str, Any]) -> None:
     """Check types, ranges and consistency of fully typed values; raises ``_Invalid``."""
-    for key in ("data_dir", "identity"):
+    for key in ("data_dir", "identity", "dataset", "run_config"):
         value = values.get(key)
-        if value is None and key == "identity":
+        if value is None and key != "data_dir":
             continue
         if not isinstance(value, Path):
             raise _Invalid((key,), f"expected a Path, got {value!r}")
@@ -366,9 +388,20 @@ def _validate(values: Mapping[str, Any]) -> None:
             raise _Invalid((key,), f"expected a tuple of multiaddr strings, got {value!r}")
         for addr in value:
             _check_addr(key, addr)
-    for key in ("relay", "upnp"):
+    for key in ("relay", "upnp", "webui", "worker"):
         if not isinstance(values.get(key, False), bool):
             raise _Invalid((key,), f"expected a boolean, got {values[key]!r}")
+    port = values.get("webui_port", 4080)
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise _Invalid(
+            ("webui_port",), f"must be a TCP port 0-65535 (0: any free port), got {port!r}"
+        )
+    host = values.get("webui_host", "127.0.0.1")
+    if not isinstance(host, str) or not _WEB_HOST.fullmatch(host):
+        raise _Invalid(("webui_host",), f"must be an IPv4/IPv6 address or host name, got {host!r}")
+    run = values.get("run", "")
+    if not isinstance(run, str) or not _RUN_ID.fullmatch(run):
+        raise _Invalid(("run",), f"must be a run id (letters, digits, '.', '_', '-'), got {run!r}")
     network = values.get("network", "dandelion")
     if not isinstance(network, str) or not _NETWORK_NAME.fullmatch(network):
         raise _Invalid(

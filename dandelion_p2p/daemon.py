@@ -13,10 +13,15 @@ from libp2p.peer.id import ID
 
 from dandelion_p2p.config import DaemonConfig
 from dandelion_p2p.control import serve_control
+from dandelion_p2p.dataplane.messages import format_endpoint
+from dandelion_p2p.dataplane.service import DataPlane
 from dandelion_p2p.errors import ConfigError
 from dandelion_p2p.identity import load_or_create_identity
+from dandelion_p2p.loghub import LogHub
 from dandelion_p2p.net.node import NodeSettings, SwarmNode
 from dandelion_p2p.net.relay import RelayLimitsConfig
+from dandelion_p2p.services import DaemonContext, Handler, create_services
+from dandelion_p2p.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +59,11 @@ def _peer_param(params: dict[str, Any]) -> ID:
         raise ConfigError(f"{value!r} is not a peer id") from None
 
 
-def control_handlers(node: SwarmNode) -> dict[str, Callable[[dict[str, Any]], Any]]:
+def control_handlers(ctx: DaemonContext) -> dict[str, Handler]:
+    node = ctx.node
+
     async def status(params: dict[str, Any]) -> dict[str, Any]:
-        return node.status()
+        return ctx.status()
 
     async def members(params: dict[str, Any]) -> dict[str, Any]:
         found = await node.members()
@@ -82,19 +89,60 @@ def control_handlers(node: SwarmNode) -> dict[str, Callable[[dict[str, Any]], An
     return {"status": status, "members": members, "lookup": lookup, "send": send}
 
 
-def configure_logging(level: str) -> None:
+def configure_logging(level: str, hub: LogHub | None = None) -> None:
+    """Log to stderr and, when given, to ``hub`` (the live log the web UI shows)."""
     logging.basicConfig(
         level=getattr(logging, level.upper()),
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if hub is not None:
+        hub.setLevel(getattr(logging, level.upper()))
+        logging.getLogger().addHandler(hub)
     # py-libp2p reports every refused stream or closed connection at warning level or above;
     # in the daemon those are routine, and our own modules log what matters.
     logging.getLogger("libp2p").setLevel(logging.DEBUG if level == "debug" else logging.CRITICAL)
 
 
+def dataplane_addresses(node: SwarmNode) -> tuple[str, str | None]:
+    """(IP to bind the data plane on, "ip:port" prefix to advertise or None).
+
+    The data plane listens on the same interface as the host's first TCP listen address; when
+    that is a wildcard, peers are told the first dialable IP the node advertises.
+    """
+    bind = "0.0.0.0"
+    for addr in node.settings.listen:
+        parts = addr.split("/")
+        if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
+            bind = parts[2]
+            break
+    if bind not in ("0.0.0.0", "::"):
+        return bind, None
+    for addr in node.public_addrs():
+        parts = addr.split("/")
+        if len(parts) > 2 and parts[1] in ("ip4", "ip6") and "p2p-circuit" not in addr:
+            return bind, parts[2]
+    return bind, None
+
+
+async def _serve_dataplane(
+    dataplane: DataPlane,
+    advertise_ip: str | None,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,  # type: ignore[name-defined]
+) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(dataplane.run)
+        if advertise_ip is not None and dataplane.bound_port is not None:
+            dataplane.advertise = format_endpoint(advertise_ip, dataplane.bound_port)
+        task_status.started()
+
+
 async def run_daemon(
-    config: DaemonConfig, *, on_ready: Callable[[SwarmNode], None] | None = None
+    config: DaemonConfig,
+    *,
+    on_ready: Callable[[SwarmNode], None] | None = None,
+    logs: LogHub | None = None,
 ) -> None:
     """Run until SIGINT or SIGTERM (or cancellation), then shut down within a few seconds.
 
@@ -105,13 +153,41 @@ async def run_daemon(
     identity = load_or_create_identity(config.identity_path)
     socket_path = config.control_socket_path
     node = SwarmNode(identity, node_settings(config))
+    if logs is None:
+        logs = LogHub()
+    logs.bind()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as outer:
             async with node.running():
-                await outer.start(serve_control, socket_path, control_handlers(node))
+                bind_ip, advertise_ip = dataplane_addresses(node)
+                dataplane = DataPlane(
+                    node.host, identity, listen_ip=bind_ip, reachable=node.reachable
+                )
+                await outer.start(_serve_dataplane, dataplane, advertise_ip)
+                ctx = DaemonContext(
+                    config=config,
+                    identity=identity,
+                    node=node,
+                    dataplane=dataplane,
+                    logs=logs,
+                    telemetry=Telemetry(),
+                )
+                ctx.add_handlers(control_handlers(ctx))
+                for service in create_services(ctx):
+                    await outer.start(service.run)
+                    log.info("%s started", service.name)
+                await outer.start(serve_control, socket_path, ctx.handlers)
                 if on_ready is not None:
                     on_ready(node)
-                async for signum in signals:
-                    log.info("received %s, shutting down", signal.Signals(signum).name)
-                    break
+                async with trio.open_nursery() as waiters:
+
+                    async def on_signal() -> None:
+                        async for signum in signals:
+                            log.info("received %s, shutting down", signal.Signals(signum).name)
+                            break
+                        ctx.shutdown.set()
+
+                    waiters.start_soon(on_signal)
+                    await ctx.shutdown.wait()
+                    waiters.cancel_scope.cancel()
             outer.cancel_scope.cancel()

@@ -1,0 +1,78 @@
+"""What the daemon runs beside its swarm node: the web UI, the dataset role, the training
+worker's supervisor and swarm sync. Each is a ``Service`` made from the ``DaemonContext``.
+
+A service module exposes ``create(ctx) -> Service | None`` (None when the configuration does
+not ask for it) and is listed in ``SERVICE_MODULES``. Services talk to each other only through
+the context: control handlers (the same methods the control socket serves), status sections,
+the log hub and telemetry.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import trio
+
+from dandelion_p2p.config import DaemonConfig
+from dandelion_p2p.dataplane.service import DataPlane
+from dandelion_p2p.identity import Identity
+from dandelion_p2p.loghub import LogHub
+from dandelion_p2p.net.node import SwarmNode
+from dandelion_p2p.telemetry import Telemetry
+
+Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+
+SERVICE_MODULES: tuple[str, ...] = ()
+"""Started in this order; each may rely on handlers registered by those before it."""
+
+
+@dataclass
+class DaemonContext:
+    config: DaemonConfig
+    identity: Identity
+    node: SwarmNode
+    dataplane: DataPlane
+    logs: LogHub
+    telemetry: Telemetry
+    handlers: dict[str, Handler] = field(default_factory=dict)
+    """Control methods by name: served on the control socket and callable by services."""
+    status_sections: dict[str, Callable[[], dict[str, Any]]] = field(default_factory=dict)
+    """Extra parts of ``status``: section name -> a function returning JSON-able data."""
+    shutdown: trio.Event = field(default_factory=trio.Event)
+    """Set when the daemon is asked to stop (a service may also set it)."""
+
+    def add_handlers(self, handlers: dict[str, Handler]) -> None:
+        clash = sorted(set(handlers) & set(self.handlers))
+        if clash:
+            raise ValueError(f"control methods registered twice: {', '.join(clash)}")
+        self.handlers.update(handlers)
+
+    def status(self) -> dict[str, Any]:
+        status = self.node.status()
+        for name, section in self.status_sections.items():
+            status[name] = section()
+        return status
+
+
+class Service(Protocol):
+    name: str
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = ...  # type: ignore[name-defined]
+    ) -> None:
+        """Serve until cancelled; call ``task_status.started()`` once ready."""
+
+
+def create_services(ctx: DaemonContext) -> list[Service]:
+    services: list[Service] = []
+    for module_name in SERVICE_MODULES:
+        create: Callable[[DaemonContext], Service | None] = importlib.import_module(
+            module_name
+        ).create
+        service = create(ctx)
+        if service is not None:
+            services.append(service)
+    return services
