@@ -17,6 +17,7 @@ from dandelion_p2p.dataplane.messages import format_endpoint
 from dandelion_p2p.dataplane.service import DataPlane
 from dandelion_p2p.errors import ConfigError
 from dandelion_p2p.identity import load_or_create_identity
+from dandelion_p2p.local_settings import load_local_settings, save_local_settings
 from dandelion_p2p.loghub import LogHub
 from dandelion_p2p.net.node import NodeSettings, SwarmNode
 from dandelion_p2p.net.relay import RelayLimitsConfig
@@ -86,7 +87,26 @@ def control_handlers(ctx: DaemonContext) -> dict[str, Handler]:
         receipt = await node.send_note(peer, text)
         return {"receipt": receipt, "verified": True}
 
-    return {"status": status, "members": members, "lookup": lookup, "send": send}
+    async def settings_get(params: dict[str, Any]) -> dict[str, Any]:
+        return load_local_settings(ctx.config.data_dir).to_dict()
+
+    async def settings_set(params: dict[str, Any]) -> dict[str, Any]:
+        changes = params.get("changes")
+        if not isinstance(changes, dict):
+            raise ConfigError("missing 'changes' (an object of settings to change)")
+        updated = load_local_settings(ctx.config.data_dir).updated(changes)
+        save_local_settings(ctx.config.data_dir, updated)
+        log.info("local settings changed: %s", ", ".join(sorted(changes)))
+        return updated.to_dict()
+
+    return {
+        "status": status,
+        "members": members,
+        "lookup": lookup,
+        "send": send,
+        "settings.get": settings_get,
+        "settings.set": settings_set,
+    }
 
 
 def configure_logging(level: str, hub: LogHub | None = None) -> None:
