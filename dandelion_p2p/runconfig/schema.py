@@ -1,0 +1,323 @@
+"""The run config schema: one TOML file, read into frozen dataclasses and validated.
+
+Every error names the key (``optimizer.lr``) and what was wrong, so the run owner can fix the
+file. Unknown keys are errors too: a misspelt key silently ignored would train something else
+than the owner thinks. The layout is documented in ``docs/run-config.md``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+import tomllib
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+from dandelion_p2p.errors import ConfigError
+
+MAX_CONFIG_BYTES = 64 * 1024
+_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+
+Family = Literal["sd1", "sd2", "sdxl"]
+Prediction = Literal["epsilon", "v_prediction"]
+Method = Literal["full", "lora"]
+OptimizerName = Literal["adamw", "adamw8bit"]
+ScheduleName = Literal["constant", "constant_with_warmup", "linear", "cosine"]
+SyncMode = Literal["local_steps", "gradient"]
+Codec = Literal["none", "fp16", "bf16", "int8"]
+Aggregation = Literal["mean", "centered_clip"]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    base: str
+    """A local diffusers folder, a single-file checkpoint, or a hub id (fetched at run time)."""
+    family: Family = "sd1"
+    prediction: Prediction = "epsilon"
+    """SD 2.x 768 models predict v; SD 1.x, SD 2.x 512-base and SDXL predict noise."""
+    revision: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingConfig:
+    method: Method = "lora"
+    lora_rank: int = 16
+    lora_alpha: float = 16.0
+    train_text_encoder: bool = False
+    resolution: int = 512
+    bucketing: bool = True
+    bucket_min: int = 256
+    bucket_max: int = 1024
+    bucket_step: int = 64
+    batch_size: int = 4
+    """Samples per peer per optimizer step (before the swarm)."""
+    max_steps: int = 10_000
+    """Global optimizer steps of the whole run."""
+    seed: int = 42
+    min_snr_gamma: float = 5.0
+    """0 turns min-SNR weighting off."""
+    noise_offset: float = 0.0
+    caption_dropout: float = 0.0
+    ema: bool = False
+    ema_decay: float = 0.9999
+    sample_every: int = 0
+    """Steps between sample images; 0 turns sampling off."""
+    sample_prompts: tuple[str, ...] = ()
+    sample_steps: int = 25
+
+
+@dataclass(frozen=True, slots=True)
+class OptimizerConfig:
+    name: OptimizerName = "adamw8bit"
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    """0 turns gradient clipping off."""
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleConfig:
+    name: ScheduleName = "constant_with_warmup"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    """Floor of linear and cosine decay, as a fraction of ``optimizer.lr``."""
+
+
+@dataclass(frozen=True, slots=True)
+class SyncConfig:
+    mode: SyncMode = "local_steps"
+    local_steps: int = 50
+    """H: local optimizer steps between two averaging rounds (local_steps mode)."""
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    """Nesterov momentum of the outer optimizer (local_steps mode)."""
+    target_batch: int = 256
+    """Samples the swarm accumulates before one lockstep optimizer step (gradient mode)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AveragingConfig:
+    codec: Codec = "fp16"
+    aggregation: Aggregation = "mean"
+    min_group: int = 2
+    max_group: int = 16
+    chunk_timeout: float = 10.0
+    gather_window: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointConfig:
+    every_steps: int = 500
+    keep_last: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class RunConfig:
+    name: str
+    model: ModelConfig
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    averaging: AveragingConfig = field(default_factory=AveragingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        problems = validate(self)
+        if problems:
+            raise ConfigError("run config: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (tuples as lists): what ``from_dict`` reads back."""
+        return _plain(asdict(self))
+
+    def to_toml(self) -> str:
+        """A TOML text that ``loads`` reads back to an equal config."""
+        return dump_toml(self.to_dict())
+
+
+def loads(text: str | bytes) -> RunConfig:
+    """Parse and validate a run config from TOML; raises ``ConfigError`` naming each problem."""
+    raw = text.encode() if isinstance(text, str) else text
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"run config is {len(raw)} bytes, over the {MAX_CONFIG_BYTES} limit")
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError("run config is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"run config is not valid TOML: {exc}") from None
+    return from_dict(data)
+
+
+def from_dict(data: Any) -> RunConfig:
+    if not isinstance(data, dict):
+        raise ConfigError("run config must be a table")
+    return typing.cast(RunConfig, _build(RunConfig, data, ""))
+
+
+# ------------------------------------------------------------------------------ validation
+
+
+def validate(c: RunConfig) -> list[str]:
+    out: list[str] = []
+
+    def need(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            out.append(f"{key}: {message}")
+
+    need(bool(_NAME.fullmatch(c.name)), "name",
+         f"1-64 of a-z, 0-9, '.', '_', '-', starting alphanumeric; got {c.name!r}")
+    need(bool(c.model.base.strip()), "model.base", "must name a model folder, file or hub id")
+    if c.model.family == "sdxl":
+        need(c.model.prediction == "epsilon", "model.prediction",
+             "SDXL models predict noise (epsilon)")
+    t = c.training
+    need(1 <= t.lora_rank <= 1024, "training.lora_rank", "must be 1-1024")
+    need(t.lora_alpha > 0, "training.lora_alpha", "must be > 0")
+    for key, value in (("resolution", t.resolution), ("bucket_min", t.bucket_min),
+                       ("bucket_max", t.bucket_max)):
+        need(64 <= value <= 4096 and value % 8 == 0, f"training.{key}",
+             f"must be a multiple of 8 in 64-4096, got {value}")
+    need(t.bucket_step >= 8 and t.bucket_step % 8 == 0, "training.bucket_step",
+         "must be a positive multiple of 8")
+    need(t.bucket_min <= t.resolution <= t.bucket_max, "training.resolution",
+         "must lie between bucket_min and bucket_max")
+    need(1 <= t.batch_size <= 4096, "training.batch_size", "must be 1-4096")
+    need(t.max_steps >= 1, "training.max_steps", "must be >= 1")
+    need(t.seed >= 0, "training.seed", "must be >= 0")
+    need(t.min_snr_gamma >= 0, "training.min_snr_gamma", "must be >= 0 (0: off)")
+    need(0 <= t.noise_offset <= 1, "training.noise_offset", "must be 0-1")
+    need(0 <= t.caption_dropout < 1, "training.caption_dropout", "must be in [0, 1)")
+    need(0 < t.ema_decay < 1, "training.ema_decay", "must be in (0, 1)")
+    need(t.sample_every >= 0, "training.sample_every", "must be >= 0 (0: off)")
+    need(not (t.sample_every and not t.sample_prompts), "training.sample_prompts",
+         "needed when sample_every is set")
+    need(len(t.sample_prompts) <= 16 and all(len(p) <= 1000 for p in t.sample_prompts),
+         "training.sample_prompts", "at most 16 prompts of 1000 characters")
+    need(1 <= t.sample_steps <= 200, "training.sample_steps", "must be 1-200")
+    o = c.optimizer
+    need(0 < o.lr <= 1, "optimizer.lr", f"must be in (0, 1], got {o.lr}")
+    need(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
+    need(0 <= o.beta1 < 1, "optimizer.beta1", "must be in [0, 1)")
+    need(0 <= o.beta2 < 1, "optimizer.beta2", "must be in [0, 1)")
+    need(0 < o.eps < 1, "optimizer.eps", "must be in (0, 1)")
+    need(o.max_grad_norm >= 0, "optimizer.max_grad_norm", "must be >= 0 (0: off)")
+    s = c.schedule
+    need(0 <= s.warmup_steps <= t.max_steps, "schedule.warmup_steps",
+         "must be between 0 and training.max_steps")
+    need(0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio", "must be 0-1")
+    y = c.sync
+    need(1 <= y.local_steps <= 100_000, "sync.local_steps", "must be 1-100000")
+    need(0 < y.outer_lr <= 10, "sync.outer_lr", "must be in (0, 10]")
+    need(0 <= y.outer_momentum < 1, "sync.outer_momentum", "must be in [0, 1)")
+    need(y.target_batch >= 1, "sync.target_batch", "must be >= 1")
+    a = c.averaging
+    need(2 <= a.min_group <= a.max_group <= 256, "averaging.min_group",
+         "need 2 <= min_group <= max_group <= 256")
+    need(0.1 <= a.chunk_timeout <= 600, "averaging.chunk_timeout", "must be 0.1-600 seconds")
+    need(0.1 <= a.gather_window <= 600, "averaging.gather_window", "must be 0.1-600 seconds")
+    k = c.checkpoint
+    need(k.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
+    need(1 <= k.keep_last <= 1000, "checkpoint.keep_last", "must be 1-1000")
+    return out
+
+
+# ------------------------------------------------------------------------------ conversion
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), names, n=1)
+        hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
+        raise ConfigError(f"run config: unknown key {prefix}{key!r}{hint}")
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        key = prefix + f.name
+        if f.name not in data:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise ConfigError(f"run config: {key} is required")
+            continue
+        values[f.name] = _value(hints[f.name], data[f.name], key)
+    return cls(**values)
+
+
+def _value(kind: Any, value: Any, key: str) -> Any:
+    origin = get_origin(kind)
+    if isinstance(kind, type) and hasattr(kind, "__dataclass_fields__"):
+        if not isinstance(value, dict):
+            raise ConfigError(f"run config: {key} must be a table")
+        return _build(kind, value, key + ".")
+    if origin is Literal:
+        allowed = get_args(kind)
+        if value not in allowed:
+            raise ConfigError(
+                f"run config: {key} must be one of {', '.join(map(str, allowed))}, got {value!r}"
+            )
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"run config: {key} must be a list of strings")
+        return tuple(value)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"run config: {key} must be true or false, got {value!r}")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"run config: {key} must be an integer, got {value!r}")
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"run config: {key} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"run config: {key} must be finite")
+        return float(value)
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"run config: {key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported run config type {kind!r} for {key}")  # a schema bug
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def dump_toml(data: dict[str, Any]) -> str:
+    """TOML for a two-level table of scalars and string lists (all a run config holds)."""
+    top = [f"{k} = {_toml_scalar(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    lines = [*top]
+    for k, v in data.items():
+        if isinstance(v, dict):
+            lines.append("")
+            lines.append(f"[{k}]")
+            lines.extend(f"{kk} = {_toml_scalar(vv)}" for kk, vv in v.items())
+    return "\n".join(lines) + "\n"
+
+
+def _toml_scalar(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_scalar(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
