@@ -77,6 +77,7 @@ def send_nan_payloads() -> None:
         return poisoned.tobytes()
 
     raw.encode = encode  # type: ignore[method-assign]
+    raw.encode_view = encode  # type: ignore[method-assign]
 
 
 def peak_rss_mb() -> float:

@@ -83,6 +83,8 @@ DEFAULT_MAX_CHUNK = 1 << 20
 DEFAULT_CHUNK_TIMEOUT = 30.0
 MAX_REPORTED_VIOLATIONS = 256
 _SCRATCH = 1 << 15
+# Float64 sums of finished chunks kept for reuse; more only exist while more chunks are open.
+_MAX_FREE_SUMS = 4
 
 FloatArray = NDArray[np.float32]
 
@@ -257,6 +259,7 @@ class AllReducePeer:
         self._rejects_received: list[Violation] = []
         self._bytes_sent = 0
         self._bytes_received = 0
+        self._free_sums: list[NDArray[np.float64]] = []
         self._t0: float | None = None
         self._started_at: float | None = None
         self._finished_at: float | None = None
@@ -292,7 +295,8 @@ class AllReducePeer:
     def on_frame(self, sender: bytes, frame: Buffer, now: float) -> list[Send]:
         """Handle one complete frame from ``sender`` (the authenticated peer at the other end
         of the transport). Never raises for anything in the frame: a bad frame is refused,
-        scored and answered with a ``Reject``."""
+        scored and answered with a ``Reject``. Nothing pointing into ``frame`` is kept after
+        the call, so the caller may reuse its memory for the next frame."""
         self._touch(now)
         self._bytes_received += memoryview(frame).nbytes
         try:
@@ -477,7 +481,13 @@ class AllReducePeer:
         if payload_digest(payload) != h.digest:
             return bad(RejectCode.INVALID_FIELD, "payload digest mismatch")
         try:
-            values = self._codec.decode(payload, chunk.size)
+            # The mean folds the values into its sum before this call returns, so a view of
+            # the frame will do; centered clipping keeps every sender's values until the
+            # chunk is complete, and frames may live in a reused receive buffer.
+            if self.mode == "mean":
+                values = self._codec.decode_view(payload, chunk.size)
+            else:
+                values = self._codec.decode(payload, chunk.size)
         except ProtocolViolation as exc:
             return bad(exc.code, exc.detail)
 
@@ -495,7 +505,14 @@ class AllReducePeer:
         reduction = _Reduction()
         own = self._buffer[chunk.start : chunk.end]
         if self.mode == "mean":
-            reduction.acc = np.multiply(own, self._share[self.peer_id], dtype=np.float64)
+            # Sums are recycled from finished chunks: a fresh multi-MiB array per chunk would
+            # cost as much in page faults as the arithmetic itself.
+            base = self._free_sums.pop() if self._free_sums else None
+            if base is None or base.size < chunk.size:
+                base = np.empty(max(chunk.size, self.max_chunk), dtype=np.float64)
+            acc = base[: chunk.size]
+            np.multiply(own, self._share[self.peer_id], out=acc, dtype=np.float64)
+            reduction.acc = acc
         else:
             # A view: the buffer slice is only overwritten by this chunk's own result.
             reduction.values[self.peer_id] = own
@@ -541,6 +558,8 @@ class AllReducePeer:
             acc /= math.fsum(self._share[p] for p in contributors)
             # Rounded straight into the buffer: no float32 copy of the chunk is needed.
             own[:] = acc
+            if acc.base is not None and len(self._free_sums) < _MAX_FREE_SUMS:
+                self._free_sums.append(acc.base)
             del acc
             reduction.acc = None
         else:
@@ -557,7 +576,7 @@ class AllReducePeer:
                 if r.outlier and r.sender != self.peer_id:
                     self._event(r.sender, ScoreEvent.OUTLIER)
         del reduction
-        payload = self._codec.encode(values)
+        payload = self._codec.encode_view(values)
         if self._codec.name != "none":
             # Apply what the others will decode, so every member ends with the same bits.
             own[:] = self._codec.decode(payload, chunk.size)
@@ -622,7 +641,7 @@ class AllReducePeer:
         weight = self.spec.member(self.peer_id).weight
 
         def render() -> list[Buffer]:
-            payload = self._codec.encode(self._buffer[chunk.start : chunk.end])
+            payload = self._codec.encode_view(self._buffer[chunk.start : chunk.end])
             digest = payload_digest(payload)
             header = ChunkHeader(
                 run=self.spec.run,
@@ -739,7 +758,7 @@ class AllReducePeer:
         if payload_digest(payload) != h.digest:
             return bad(RejectCode.INVALID_FIELD, "payload digest mismatch")
         try:
-            values = self._codec.decode(payload, chunk.size)
+            values = self._codec.decode_view(payload, chunk.size)
         except ProtocolViolation as exc:
             return bad(exc.code, exc.detail)
         self._buffer[chunk.start : chunk.end] = values
@@ -912,6 +931,7 @@ class AllReducePeer:
             return
         self._finished_at = now
         self._scratch = None
+        self._free_sums.clear()
         for peer in self._others:
             owed_chunks = bool(self._my_chunks)
             si = self.spec.index_of(peer)

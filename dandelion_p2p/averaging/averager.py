@@ -320,7 +320,7 @@ class Averager:
     async def _write(self, rnd: _Round, peer: bytes, channel: Channel) -> None:
         try:
             async for send in rnd.inboxes[peer]:
-                await channel.send(send.frame())
+                await channel.send(send.buffers())
         except DandelionError as exc:
             rnd.fail(peer, f"send failed: {exc}")
         finally:
@@ -328,13 +328,17 @@ class Averager:
             rnd.changed.set()
 
     async def _read(self, rnd: _Round, peer: bytes, channel: Channel) -> None:
+        # One buffer per link, reused for every frame: the state machine keeps nothing that
+        # points into a frame, and a fresh multi-MiB allocation per frame costs page faults.
+        buffer = bytearray(channel.receive_max_frame)
+        view = memoryview(buffer)
         while True:
             try:
-                frame = await channel.receive()
+                n = await channel.receive_into(view)
             except DandelionError as exc:
                 rnd.fail(peer, f"receive failed: {exc}")
                 return
             if rnd.state.done:
                 continue
-            rnd.dispatch(rnd.state.on_frame(peer, frame, trio.current_time()))
+            rnd.dispatch(rnd.state.on_frame(peer, view[:n], trio.current_time()))
 

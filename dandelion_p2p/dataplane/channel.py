@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable, Iterator
-from typing import Literal, Protocol, TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import Literal, Protocol, TypeVar, cast
 
 import trio
 from libp2p.abc import INetStream
@@ -187,6 +187,7 @@ class Channel:
         # credit: two peers each waiting for the other's grant would deadlock.
         self._write_lock = trio.Lock()
         self._send_buffer = bytearray()
+        self._plain_buffer = bytearray()
         self._send_error: PeerUnavailable | ProtocolViolation | None = None
         self._receive_error: PeerUnavailable | ProtocolViolation | None = None
         self._closing = False
@@ -206,6 +207,11 @@ class Channel:
     def max_frame(self) -> int:
         """The largest frame the peer accepts from us."""
         return self._core.send_max_frame
+
+    @property
+    def receive_max_frame(self) -> int:
+        """The largest frame we accept from the peer (what ``receive_into`` may need)."""
+        return self._core.opener.max_frame
 
     @property
     def is_open(self) -> bool:
@@ -269,8 +275,11 @@ class Channel:
 
     # ---- sending ------------------------------------------------------------------------------
 
-    async def send(self, frame: Buffer, *, timeout: float | None = None) -> None:
-        """Send one frame (1 byte to ``max_frame`` bytes).
+    async def send(
+        self, frame: Buffer | Sequence[Buffer], *, timeout: float | None = None
+    ) -> None:
+        """Send one frame (1 byte to ``max_frame`` bytes), given whole or as parts to be
+        joined (a header and a view of a tensor, say: joined once, into a reused buffer).
 
         Waits for credit from the peer, then writes the frame. ``timeout`` (default: the
         channel's) bounds the wait for credit; the write itself, once started, is bounded by
@@ -285,7 +294,14 @@ class Channel:
 
         Cancellation while waiting leaves the channel intact and the frame unsent.
         """
-        n = len(frame)
+        parts: list[memoryview] | None = None
+        if isinstance(frame, list | tuple):
+            parts = [memoryview(p).cast("B") for p in frame]
+            n = sum(p.nbytes for p in parts)
+            payload: Buffer = b""
+        else:
+            payload = cast(Buffer, frame)
+            n = memoryview(payload).nbytes
         if not 0 < n <= self._core.send_max_frame:
             raise ValueError(f"frame of {n} bytes outside 1..{self._core.send_max_frame}")
         if not self._started:
@@ -313,8 +329,10 @@ class Channel:
                 size = self._core.frame_size(n)
                 if len(self._send_buffer) < size:
                     self._send_buffer = bytearray(size)
+                if parts is not None:
+                    payload = self._gather(parts, n)
                 with memoryview(self._send_buffer) as view:
-                    self._seal(self._core.seal_data_into, view, frame)
+                    self._seal(self._core.seal_data_into, view, payload)
                     await self._write_whole(view[:size])
             finally:
                 self._write_lock.release()
@@ -322,6 +340,16 @@ class Channel:
             self._sender_lock.release()
         self.bytes_sent += n
         self.frames_sent += 1
+
+    def _gather(self, parts: list[memoryview], n: int) -> memoryview:
+        if len(self._plain_buffer) < n:
+            self._plain_buffer = bytearray(n)
+        view = memoryview(self._plain_buffer)
+        at = 0
+        for part in parts:
+            view[at : at + part.nbytes] = part
+            at += part.nbytes
+        return view[:n]
 
     async def _write_whole(self, data: memoryview) -> None:
         """Write a sealed frame completely or break the channel; shielded from cancellation."""
