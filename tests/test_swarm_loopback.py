@@ -126,3 +126,21 @@ async def test_lookup_of_unknown_peer_fails_cleanly() -> None:
         stranger = Identity.generate().peer_id
         with pytest.raises(PeerUnavailable):
             await nodes[1].lookup_peer(stranger)
+
+
+async def test_a_node_whose_routing_table_emptied_rejoins_through_its_bootstrap_peer() -> None:
+    async with AsyncExitStack() as stack:
+        seed = await stack.enter_async_context(running_node(public_settings()))
+        joiner = await stack.enter_async_context(
+            running_node(public_settings(bootstrap=(seed.full_addrs()[0],)))
+        )
+        assert joiner.dht is not None
+        seed_id = seed.identity.peer_id_bytes
+        assert seed_id in {c.peer_id for c in joiner.dht.table.nearest(seed_id, 20)}
+        # What a timed-out first query leaves behind: the connection is up, the contact gone.
+        joiner.dht.table.remove(seed_id)
+        assert len(joiner.dht.table) == 0
+        with trio.fail_after(15):
+            while len(joiner.dht.table) == 0:
+                await trio.sleep(0.2)
+        assert seed_id in {c.peer_id for c in joiner.dht.table.nearest(seed_id, 20)}

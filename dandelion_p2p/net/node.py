@@ -323,11 +323,20 @@ class SwarmNode:
         await nursery.start(self.port_forwarding.run)
 
     async def _rejoin_loop(self) -> None:
-        """If every connection was lost (e.g. the network dropped), dial bootstrap peers again."""
+        """If every connection was lost (e.g. the network dropped), or the routing table is
+        empty (the first bootstrap query timed out and took its contact with it), join
+        through the bootstrap peers again."""
         while True:
             await trio.sleep(5.0)
-            if self.bootstrap_refs and not self.host.get_network().get_connections():
-                log.warning("no connections left; rejoining through bootstrap peers")
+            if not self.bootstrap_refs:
+                continue
+            isolated = not self.host.get_network().get_connections()
+            lost_table = self.dht is not None and len(self.dht.table) == 0
+            if isolated or lost_table:
+                log.warning(
+                    "%s; rejoining through bootstrap peers",
+                    "no connections left" if isolated else "routing table is empty",
+                )
                 await self._connect_bootstrap()
                 if self.dht is not None:
                     await self.dht.bootstrap(self.bootstrap_refs)
