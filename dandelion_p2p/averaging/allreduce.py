@@ -42,7 +42,7 @@ from dandelion_p2p.averaging.aggregation import (
     Contribution,
     centered_clip,
 )
-from dandelion_p2p.averaging.compression import CODECS, Codec, get_codec
+from dandelion_p2p.averaging.compression import CODECS, BufferErrorFeedback, Codec, get_codec
 from dandelion_p2p.averaging.group import GroupSpec
 from dandelion_p2p.averaging.messages import (
     FRAME_PREFIX,
@@ -167,6 +167,7 @@ class AllReducePeer:
         result_timeout: float | None = None,
         clip_iterations: int = DEFAULT_ITERATIONS,
         outlier_ratio: float = DEFAULT_OUTLIER_RATIO,
+        error_feedback: BufferErrorFeedback | None = None,
     ) -> None:
         if peer_id not in spec:
             raise ValueError("peer_id is not a member of the group")
@@ -207,6 +208,11 @@ class AllReducePeer:
         self.peer_id = peer_id
         self.spec = spec
         self.mode: Mode = mode
+        if error_feedback is not None and (
+            error_feedback.codec.name != codec or error_feedback.size != buffer.size
+        ):
+            raise ValueError("error feedback must use the round's codec and the buffer's size")
+        self._error_feedback = error_feedback
         self.max_chunk = max_chunk
         self.chunk_timeout = chunk_timeout
         self.result_timeout = result_timeout
@@ -576,7 +582,10 @@ class AllReducePeer:
                 if r.outlier and r.sender != self.peer_id:
                     self._event(r.sender, ScoreEvent.OUTLIER)
         del reduction
-        payload = self._codec.encode_view(values)
+        if self._error_feedback is not None and self._codec.name != "none":
+            payload: Buffer = self._error_feedback.encode_result(values, chunk.start)
+        else:
+            payload = self._codec.encode_view(values)
         if self._codec.name != "none":
             # Apply what the others will decode, so every member ends with the same bits.
             own[:] = self._codec.decode(payload, chunk.size)
@@ -641,7 +650,12 @@ class AllReducePeer:
         weight = self.spec.member(self.peer_id).weight
 
         def render() -> list[Buffer]:
-            payload = self._codec.encode_view(self._buffer[chunk.start : chunk.end])
+            values = self._buffer[chunk.start : chunk.end]
+            payload = (
+                self._codec.encode_view(values)
+                if self._error_feedback is None
+                else self._error_feedback.encode(values, chunk.start)
+            )
             digest = payload_digest(payload)
             header = ChunkHeader(
                 run=self.spec.run,

@@ -22,6 +22,7 @@ import trio
 from libp2p.peer.id import ID
 
 from dandelion_p2p.averaging.allreduce import AllReducePeer, Send
+from dandelion_p2p.averaging.compression import BufferErrorFeedback, get_codec
 from dandelion_p2p.averaging.group import GroupSpec
 from dandelion_p2p.averaging.matchmaking import Matchmaker, MatchmakingSettings
 from dandelion_p2p.averaging.messages import AveragingAnnouncement
@@ -176,15 +177,28 @@ class Averager:
             return
         await rnd.finished.wait()
 
+    def error_feedback_for(self, size: int) -> BufferErrorFeedback:
+        """Error feedback for a vector of ``size`` elements under this averager's codec."""
+        return BufferErrorFeedback(get_codec(self.settings.codec), size)
+
     def bytes_moved(self, round_: int) -> tuple[int, int] | None:
         """(sent, received) so far by the round in progress, or None when it is not running."""
         rnd = self._rounds.get(round_)
         return None if rnd is None else rnd.state.bytes_moved
 
     async def all_reduce(
-        self, buffer: np.ndarray, weight: float, round_: int
+        self,
+        buffer: np.ndarray,
+        weight: float,
+        round_: int,
+        *,
+        error_feedback: BufferErrorFeedback | None = None,
     ) -> RoundReport:
         """Average ``buffer`` (1-D float32, C-contiguous) in place with this round's group.
+
+        For a gradient-like vector averaged every round with a lossy codec, pass the same
+        ``error_feedback`` (made with ``error_feedback_for``) each round: what compression
+        dropped from this peer's chunks is added to the next round's.
 
         Raises:
             NoGroup: fewer than the minimum group size were ready for this round.
@@ -218,6 +232,7 @@ class Averager:
             max_chunk=chunk_elements(buffer.size, len(spec.members), s.max_chunk),
             mode=s.mode,
             chunk_timeout=s.chunk_timeout,
+            error_feedback=error_feedback,
         )
         rnd = _Round(state, spec)
         self._rounds[round_] = rnd

@@ -357,3 +357,59 @@ class ErrorFeedback:
             self._residuals.clear()
         else:
             self._residuals.pop(region, None)
+
+
+class BufferErrorFeedback:
+    """Error feedback over a whole vector that is averaged round after round (a gradient or
+    pseudo-gradient), whatever the group and hence the chunk layout of each round.
+
+    Two residuals of the vector's size: one for this peer's contributions (the chunks it
+    sends), one for the results it computes as a reducer (the means it sends back), since
+    an error in a contribution reaches the mean scaled by the peer's share and an error in a
+    result reaches it whole. A residual survives a round in which the same elements fall in
+    another chunk or span. Both start as zero pages the kernel maps lazily: a peer that
+    reduces a quarter of the vector holds a quarter of the result residual.
+    """
+
+    def __init__(self, codec: Codec, size: int) -> None:
+        if size <= 0:
+            raise ValueError("size must be positive")
+        self.codec = codec
+        self.size = size
+        self._residuals: dict[str, FloatArray] = {}
+
+    def encode(self, values: NDArray[Any], start: int) -> bytes:
+        """Encode this peer's ``values`` (elements ``start:start+len(values)``) with their
+        residual added, and keep the new residual.
+
+        Raises ``ValueError`` on non-finite input or a range outside the vector; the residual
+        is left untouched then.
+        """
+        return self._encode("contribution", values, start)
+
+    def encode_result(self, values: NDArray[Any], start: int) -> bytes:
+        """Like ``encode``, for a reduced result this peer sends to every member."""
+        return self._encode("result", values, start)
+
+    def _encode(self, kind: str, values: NDArray[Any], start: int) -> bytes:
+        x = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+        end = start + x.size
+        if not 0 <= start <= end <= self.size:
+            raise ValueError(f"range {start}:{end} outside a vector of {self.size}")
+        whole = self._residuals.get(kind)
+        if whole is None:
+            whole = self._residuals[kind] = np.zeros(self.size, dtype=np.float32)
+        residual = whole[start:end]
+        corrected = x + residual
+        data = self.codec.encode(corrected)
+        np.subtract(corrected, self.codec.decode(data, x.size), out=residual)
+        return data
+
+    def residual(self, kind: str = "contribution") -> FloatArray | None:
+        """A copy of one whole residual ("contribution" or "result"), or ``None`` before its
+        first use."""
+        whole = self._residuals.get(kind)
+        return None if whole is None else whole.copy()
+
+    def reset(self) -> None:
+        self._residuals.clear()
