@@ -334,6 +334,17 @@ class AllReducePeer:
         self._maybe_done(now)
         return sends
 
+    def exclude_banned(self, peer: bytes, now: float) -> list[Send]:
+        """Leave out a member this peer has banned (the group kept it, since most members
+        have not): none of its chunks count here and none of ours go to it. Not scored
+        again: the ban is the score's doing."""
+        self._touch(now)
+        if peer not in self.spec or peer == self.peer_id:
+            return []
+        sends = self._fail(peer, ExclusionReason.BANNED, now, "banned by this peer")
+        self._maybe_done(now)
+        return sends
+
     def tick(self, now: float) -> list[Send]:
         """Apply the timeouts due at ``now``; call it at ``next_deadline`` (or periodically)."""
         self._touch(now)

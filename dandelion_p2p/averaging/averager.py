@@ -25,7 +25,7 @@ from dandelion_p2p.averaging.allreduce import AllReducePeer, Send
 from dandelion_p2p.averaging.compression import BufferErrorFeedback, get_codec
 from dandelion_p2p.averaging.group import GroupSpec
 from dandelion_p2p.averaging.matchmaking import Matchmaker, MatchmakingSettings
-from dandelion_p2p.averaging.messages import AveragingAnnouncement
+from dandelion_p2p.averaging.messages import MAX_LISTED_BANS, AveragingAnnouncement
 from dandelion_p2p.averaging.report import RoundReport
 from dandelion_p2p.dataplane.channel import Channel
 from dandelion_p2p.dataplane.service import DataPlane
@@ -147,11 +147,16 @@ class Averager:
     def _matchmaker(self) -> Matchmaker:
         if self.node.dht is None:
             raise PeerUnavailable("the DHT is not running")
-        return Matchmaker(
-            self.node.dht,
-            is_banned=lambda peer: self.node.scores.is_banned(peer, time.time()),
-            settings=self.settings.matchmaking,
+        return Matchmaker(self.node.dht, settings=self.settings.matchmaking)
+
+    def _banned_now(self) -> list[bytes]:
+        """Peers this node has banned, worst score first, as many as an announcement lists."""
+        now, book = time.time(), self.node.scores
+        standings = sorted(
+            (s for s in book.snapshot(now) if book.is_banned(s.peer_id, now)),
+            key=lambda s: s.score,
         )
+        return [s.peer_id for s in standings[:MAX_LISTED_BANS]]
 
     async def _inbound(self, channel: Channel) -> None:
         """A member with a smaller peer id opened a channel to us for some round."""
@@ -215,6 +220,7 @@ class Averager:
             accepts_connections=self.node.reachable,
             endpoint=self.dataplane.endpoint or "",
             expires_at_ms=int((time.time() + s.matchmaking.announcement_ttl) * 1000),
+            banned=tuple(self._banned_now()),
         )
         spec, formation = await self._matchmaker().match(self.me, announcement)
         if spec is None:
@@ -234,6 +240,9 @@ class Averager:
             chunk_timeout=s.chunk_timeout,
             error_feedback=error_feedback,
         )
+        for peer in spec.peer_ids:
+            if peer != self.me and self.node.scores.is_banned(peer, time.time()):
+                state.exclude_banned(peer, trio.current_time())
         rnd = _Round(state, spec)
         self._rounds[round_] = rnd
         self._round_ready.setdefault(round_, trio.Event()).set()

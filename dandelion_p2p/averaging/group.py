@@ -193,6 +193,23 @@ class Formation:
         return None
 
 
+def consensus_bans(announcements: Mapping[bytes, AveragingAnnouncement]) -> frozenset[bytes]:
+    """Peers banned by more than half of the other announcers of a round.
+
+    Every peer that reads the same announcements computes the same set, so bans agreed by a
+    majority never split a group; a lone accuser cannot evict an honest peer. A peer banned
+    only by a minority stays grouped, and each of its accusers leaves it out of its own
+    sums and sends it nothing (``AllReducePeer.exclude_banned``).
+    """
+    accusations: dict[bytes, int] = {}
+    for publisher, ann in announcements.items():
+        for accused in set(ann.banned):
+            if accused != publisher and accused in announcements:
+                accusations[accused] = accusations.get(accused, 0) + 1
+    others = len(announcements) - 1
+    return frozenset(p for p, votes in accusations.items() if 2 * votes > others)
+
+
 def form_groups(
     announcements: Mapping[bytes, AveragingAnnouncement],
     round_: int,

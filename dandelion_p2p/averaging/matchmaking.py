@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
 
-from dandelion_p2p.averaging.group import Formation, GroupSpec, form_groups
+from dandelion_p2p.averaging.group import Formation, GroupSpec, consensus_bans, form_groups
 from dandelion_p2p.averaging.messages import (
     AveragingAnnouncement,
     decode_announcement,
@@ -61,11 +60,9 @@ class Matchmaker:
         self,
         dht: DHTNode,
         *,
-        is_banned: Callable[[bytes], bool],
         settings: MatchmakingSettings,
     ) -> None:
         self.dht = dht
-        self.is_banned = is_banned
         self.settings = settings
 
     async def announce(self, announcement: AveragingAnnouncement) -> int:
@@ -113,7 +110,9 @@ class Matchmaker:
         await trio.sleep(s.settle)
         seen.update(await self.read(announcement.run, announcement.round))
         seen[me] = announcement
-        banned = {p for p in seen if p != me and self.is_banned(p)}
+        # The groups follow the bans a majority agrees on, never this peer's alone: every
+        # member must form the same groups. Peers only we banned are cut off later, by us.
+        banned = consensus_bans(seen)
         formation = form_groups(
             seen,
             announcement.round,

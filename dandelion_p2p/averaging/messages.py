@@ -42,6 +42,8 @@ MIN_PEER_ID = 2
 MAX_PEER_ID = 64
 MAX_CODEC_NAME = 32
 MAX_ENDPOINT = 300
+MAX_LISTED_BANS = 32
+MAX_PEER_ID = 64
 MAX_GROUP_SIZE = 256
 MAX_ROUND = 2**63 - 1
 # 2**48 float32 elements is 1 PiB: far beyond any model, yet small enough that offsets stay
@@ -123,8 +125,16 @@ class AveragingAnnouncement(Message):
     accepts_connections: bool
     endpoint: str
     expires_at_ms: int
+    banned: tuple[bytes, ...] = ()
+    """Peers the announcer has banned (its worst offenders first, at most MAX_LISTED_BANS):
+    a peer banned by more than half of a round's other announcers is left out of every group
+    (``group.consensus_bans``), so all members agree on the groups."""
 
     def check(self) -> None:
+        if len(self.banned) > MAX_LISTED_BANS:
+            raise invalid(f"AveragingAnnouncement.banned lists over {MAX_LISTED_BANS} peers")
+        if any(not 0 < len(p) <= MAX_PEER_ID for p in self.banned):
+            raise invalid("AveragingAnnouncement.banned holds a malformed peer id")
         check_run(self.run, "AveragingAnnouncement")
         check_round(self.round, "AveragingAnnouncement")
         if not self.weight > 0.0:

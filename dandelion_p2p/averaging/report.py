@@ -36,6 +36,7 @@ class ExclusionReason(enum.Enum):
     BAD_SIGNATURE = "bad_signature"
     MALFORMED = "malformed"
     GROUP_MISMATCH = "group_mismatch"
+    BANNED = "banned"
 
 
 @dataclass(frozen=True, slots=True)

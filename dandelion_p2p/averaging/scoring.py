@@ -5,7 +5,9 @@ is capped at ``max_score`` so that a long good record cannot buy a free attack, 
 ``min_score`` so that a ban is never forever, and decays exponentially toward 0 with
 ``half_life``. When an event leaves the score at or below ``ban_threshold`` the peer is
 banned for ``ban_duration``, doubled for each earlier ban within ``ban_memory`` and capped at
-``max_ban_duration``. Matchmaking leaves banned peers out.
+``max_ban_duration``. Announcements list the announcer's bans; matchmaking leaves out the
+peers that more than half of a round's announcers banned, and each peer cuts off the members it
+banned itself.
 
 How callers report, so the numbers below mean what they say:
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ import trio
 
 from dandelion_p2p.averaging.averager import Averager, AveragingSettings
 from dandelion_p2p.averaging.matchmaking import MatchmakingSettings
+from dandelion_p2p.averaging.report import RoundReport
+from dandelion_p2p.averaging.scoring import ScoreEvent
 from dandelion_p2p.dataplane.service import DataPlane
 from dandelion_p2p.net.node import SwarmNode
 from tests.swarm import swarm
@@ -74,3 +77,44 @@ async def test_group_averages_to_the_weighted_mean(n: int) -> None:
     for buf in buffers:
         np.testing.assert_allclose(buf, expected, rtol=1e-6, atol=1e-6)
         assert np.array_equal(buf, buffers[0])
+
+
+async def test_a_ban_held_by_one_peer_only_keeps_one_group_and_cuts_the_peer_off_there() -> None:
+    n, size = 3, 200_000
+    rng = np.random.default_rng(5)
+    vectors = [rng.standard_normal(size).astype(np.float32) for _ in range(n)]
+    settings = AveragingSettings(
+        max_chunk=64 * 1024,
+        chunk_timeout=2.0,
+        matchmaking=MatchmakingSettings(gather_window=1.0, settle=0.3),
+    )
+    async with averaging_swarm(n, settings) as members:
+        judge, accused = members[0], members[2]
+        accused_id = accused.node.identity.peer_id_bytes
+        judge.node.scores.record(accused_id, ScoreEvent.BAD_SIGNATURE, time.time(), count=10)
+        assert judge.node.scores.is_banned(accused_id, time.time())
+        buffers = [v.copy() for v in vectors]
+        reports: list[RoundReport | None] = [None] * n
+
+        async def run(i: int) -> None:
+            reports[i] = await members[i].averager.all_reduce(buffers[i], 1.0, 1)
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for i in range(n):
+                    nursery.start_soon(run, i)
+    done = [r for r in reports if r is not None]
+    assert len(done) == n
+    # One group for all three: the lone ban did not split it.
+    assert all(r.members == done[0].members and len(r.members) == n for r in done)
+    excluded = {(e.peer, e.reason.value) for e in done[0].excluded}
+    assert (accused_id, "banned") in excluded
+    assert not done[0].complete
+    # The judge summed nothing of the accused's and took nothing it reduced; the third
+    # peer, which holds no ban, reduced with everyone and the judge accepts its results.
+    judge_id = judge.node.identity.peer_id_bytes
+    spans = {span.reducer: span for span in done[0].spans}
+    assert all(accused_id not in c.contributors for c in spans[judge_id].chunks)
+    assert all(c.status.value != "averaged" for c in spans[accused_id].chunks)
+    third = members[1].node.identity.peer_id_bytes
+    assert all(accused_id in c.contributors for c in spans[third].chunks)

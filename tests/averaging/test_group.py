@@ -11,11 +11,13 @@ from dandelion_p2p.averaging.group import (
     Formation,
     GroupSpec,
     Member,
+    consensus_bans,
     form_groups,
     group_sizes,
     order_key,
 )
 from dandelion_p2p.averaging.messages import (
+    MAX_LISTED_BANS,
     AveragingAnnouncement,
     decode_announcement,
     encode_announcement,
@@ -247,3 +249,42 @@ def test_random_views_give_different_ids() -> None:
     missing.pop(pid(3))
     partial = form_groups(missing, 7, 2, 8, run=RUN, now=NOW).groups[0]
     assert full.group_id != partial.group_id
+
+
+# ----------------------------------------------------------------------- bans
+
+
+def test_a_ban_needs_more_than_half_of_the_other_announcers() -> None:
+    def with_bans(*banned: int) -> AveragingAnnouncement:
+        return dataclasses.replace(announcement(), banned=tuple(pid(b) for b in banned))
+
+    # 5 announcers; peer 5 is accused by 3 of the 4 others, peer 1 by one only.
+    anns = {
+        pid(1): with_bans(5),
+        pid(2): with_bans(5, 1),
+        pid(3): with_bans(5),
+        pid(4): with_bans(),
+        pid(5): with_bans(1, 2, 3, 4),  # the accused accusing everyone back counts once each
+    }
+    assert consensus_bans(anns) == {pid(5)}
+    # Half is not enough: 2 of the 4 others.
+    anns[pid(3)] = with_bans()
+    assert consensus_bans(anns) == frozenset()
+    # Accusing oneself or a peer that did not announce changes nothing.
+    assert consensus_bans({pid(1): with_bans(1, 9), pid(2): with_bans()}) == frozenset()
+    # With two announcers, one accusation is a majority of the one other.
+    assert consensus_bans({pid(1): with_bans(2), pid(2): with_bans()}) == {pid(2)}
+    # Peer 3, banned by both others, is in no group.
+    anns = {pid(i): with_bans(3) for i in (1, 2, 3)}
+    formation = form_groups(anns, 7, 2, 8, consensus_bans(anns), run=RUN, now=NOW)
+    assert {m.peer_id for g in formation.groups for m in g.members} == {pid(1), pid(2)}
+
+
+def test_announcement_ban_lists_are_bounded() -> None:
+    too_many = tuple(pid(i) for i in range(MAX_LISTED_BANS + 1))
+    with pytest.raises(ProtocolViolation):
+        dataclasses.replace(announcement(), banned=too_many)
+    with pytest.raises(ProtocolViolation):
+        dataclasses.replace(announcement(), banned=(b"",))
+    listed = dataclasses.replace(announcement(), banned=(pid(3),))
+    assert decode_announcement(encode_announcement(listed)) == listed
