@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from contextlib import AsyncExitStack
 
 import pytest
@@ -10,6 +11,8 @@ import trio
 from dandelion_p2p.errors import PeerUnavailable
 from dandelion_p2p.net import addrs as maddrs
 from dandelion_p2p.net.announce import PEER_NAMESPACE, decode_announcement
+from dandelion_p2p.net.dht.node import now_ms
+from dandelion_p2p.net.dht.records import NamespacePolicy, routing_key, sign_record
 from dandelion_p2p.net.node import SwarmNode
 from tests.swarm import public_settings, running_node, serve_node, swarm
 
@@ -144,3 +147,34 @@ async def test_a_node_whose_routing_table_emptied_rejoins_through_its_bootstrap_
             while len(joiner.dht.table) == 0:
                 await trio.sleep(0.2)
         assert seed_id in {c.peer_id for c in joiner.dht.table.nearest(seed_id, 20)}
+
+
+async def test_a_read_hands_the_newest_version_to_replicas_holding_an_older_one() -> None:
+    namespace, key = "test-notes", b"board"
+    async with swarm(5) as nodes:
+        for node in nodes:
+            node.validator.register(namespace, NamespacePolicy(max_ttl_ms=600_000))
+        writer, reader = nodes[1], nodes[3]
+        assert writer.dht is not None and reader.dht is not None
+        assert await writer.dht.put(namespace, key, b"v1", 300, keep=False) >= 4
+        # An update that reached one replica only (the others timed out during the put).
+        newer = sign_record(
+            writer.identity, namespace, key, b"v2", writer.dht._seq + 1,
+            int((time.time() + 300) * 1000),
+        )
+        lucky = next(n for n in nodes if n is not writer and n is not reader)
+        assert lucky.dht is not None
+        lucky.dht.store.put(newer, now_ms())
+        (got,) = await reader.dht.get(namespace, key)
+        assert got.value == b"v2"
+
+        def versions() -> set[bytes]:
+            out = set()
+            for node in nodes:
+                assert node.dht is not None
+                out |= {r.value for r in node.dht.store.get(routing_key(namespace, key), now_ms())}
+            return out
+
+        with trio.fail_after(10):
+            while versions() != {b"v2"}:
+                await trio.sleep(0.2)

@@ -6,6 +6,7 @@ machine, record validation and store); this module only moves their messages ove
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -51,6 +52,9 @@ from dandelion_p2p.net.streams import NOT_A_FAULT, ViolationSink, request, serve
 from dandelion_p2p.wire import Message, RejectCode, encode
 
 log = logging.getLogger(__name__)
+
+
+MAX_PENDING_REPAIRS = 64
 
 
 def now_ms() -> int:
@@ -121,6 +125,11 @@ class DHTNode:
         self._published: dict[tuple[str, bytes], tuple[bytes, float, float]] = {}
         self._seq = now_ms()
         self._published_at_size = 0
+        # Replicas seen holding an older version of a record than a get found elsewhere;
+        # ``maintain`` stores the newer one there. Bounded: repairs are a courtesy.
+        self._repairs_send, self._repairs = trio.open_memory_channel[tuple[PeerRef, SignedRecord]](
+            MAX_PENDING_REPAIRS
+        )
 
     # ---- serving -------------------------------------------------------------------------
 
@@ -335,7 +344,10 @@ class DHTNode:
             found.extend(checked)
             if checked:
                 holders.append(ref.peer_id)
+                replies.append((ref, checked))
             return reply.closer
+
+        replies: list[tuple[PeerRef, list[SignedRecord]]] = []
 
         holders: list[bytes] = []
         policy = self.validator.policies.get(namespace)
@@ -351,7 +363,37 @@ class DHTNode:
             enough=(lambda: len(holders) >= quorum) if quorum else None,
         )
         t = now_ms()
-        return [r for r in merge_newest(found) if r.expires_at_ms > t]
+        newest = [r for r in merge_newest(found) if r.expires_at_ms > t]
+        self._queue_repairs(replies, newest)
+        return newest
+
+    def _queue_repairs(
+        self, replies: list[tuple[PeerRef, list[SignedRecord]]], newest: list[SignedRecord]
+    ) -> None:
+        """Read repair: a replica that answered with an older version of a publisher's record
+        than another replica is handed the newer one, so an update that missed some replicas
+        (a timeout during its put) reaches them at the next read."""
+        latest = {r.publisher: r for r in newest}
+        if self.server:
+            for record in newest:
+                with contextlib.suppress(ProtocolViolation):
+                    self.store.put(record, now_ms())  # refused when not newer: fine
+        for ref, records in replies:
+            for record in records:
+                current = latest.get(record.publisher)
+                if current is not None and current.seq > record.seq:
+                    try:
+                        self._repairs_send.send_nowait((ref, current))
+                    except trio.WouldBlock:
+                        return
+
+    async def _repair_loop(self) -> None:
+        async for ref, record in self._repairs:
+            with trio.move_on_after(self.rpc_timeout):
+                try:
+                    await self._rpc(ref, PutRecord(record=record, sender=self._sender()))
+                except DandelionError as exc:
+                    log.debug("read repair at %s failed: %s", ID(ref.peer_id), exc)
 
     async def put(
         self,
@@ -428,7 +470,12 @@ class DHTNode:
 
     async def maintain(self, *, interval: float = 5.0, refresh_every: float = 60.0) -> None:
         """Runs forever: drops expired records, republishes ours when the network grew or
-        half their lifetime passed, refreshes the routing table."""
+        half their lifetime passed, refreshes the routing table, repairs stale replicas."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._repair_loop)
+            await self._upkeep(interval, refresh_every)
+
+    async def _upkeep(self, interval: float, refresh_every: float) -> None:
         last_refresh = trio.current_time()
         while True:
             await trio.sleep(interval)
