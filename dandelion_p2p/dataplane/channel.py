@@ -261,6 +261,7 @@ class Channel:
         if self._receive_error is None:
             self._receive_error = closed
         self._queue.clear()
+        self._release_buffers()
         self._wake_receivers()
         self._grant_wanted.set()
         if self._started:
@@ -268,6 +269,14 @@ class Channel:
         else:
             await self._transport.aclose()
             self.finished.set()
+
+    def _release_buffers(self) -> None:
+        """Give back the MiBs this channel holds for frames: it sends nothing more and
+        delivers nothing more, though its transport may linger a few seconds (by when the
+        next averaging round has its own channels)."""
+        self._send_buffer = bytearray()
+        self._plain_buffer = bytearray()
+        self._core.opener.release_pool()
 
     def abort(self) -> None:
         """End the channel now, without CLOSE; the peer sees a cut-off stream."""

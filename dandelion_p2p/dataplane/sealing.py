@@ -431,6 +431,13 @@ class FrameOpener:
             self._pool.append(frame.buffer)
             self._pooled += len(frame.buffer)
 
+    def release_pool(self) -> None:
+        """Free the pooled buffers (the channel is ending: nothing large will arrive that a
+        consumer waits for). Later frames still get buffers, fresh ones."""
+        self._pool.clear()
+        self._pooled = 0
+        self.pool_limit = 0
+
     def open(self, frame: SealedFrame) -> bytes:
         """Authenticate and decrypt ``frame`` into new bytes.
 
