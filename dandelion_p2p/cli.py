@@ -123,8 +123,24 @@ def _run_node(mode: str, config_file: Path | None, values: dict[str, Any]) -> No
         trio.run(lambda: run_daemon(config, on_ready=ready, logs=logs))
     except DandelionError as exc:
         fail(str(exc))
+    except BaseExceptionGroup as group:
+        # A service that fails to start (a bad --dataset, say) raises inside nurseries.
+        matched, rest = group.split(DandelionError)
+        if matched is None or rest is not None:
+            raise
+        fail("; ".join(str(e) for e in _leaves(matched)))
     except KeyboardInterrupt:
         pass
+
+
+def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            found.extend(_leaves(exc))
+        else:
+            found.append(exc)
+    return found
 
 
 @main.command()
@@ -224,7 +240,10 @@ def send(peer: str, text: str, data_dir: Path | None, config_file: Path | None) 
 
 # Subcommands that live beside their subsystem: (module, click command attribute). Each
 # module imports its heavy dependencies (torch, Pillow, ...) inside the command body.
-EXTRA_COMMANDS: tuple[tuple[str, str], ...] = ()
+EXTRA_COMMANDS: tuple[tuple[str, str], ...] = (
+    ("dandelion_p2p.dataset.cli", "dataset"),
+    ("dandelion_p2p.runconfig.cli", "runs"),
+)
 
 
 def _register_extra_commands() -> None:

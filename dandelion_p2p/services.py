@@ -25,7 +25,9 @@ from dandelion_p2p.telemetry import Telemetry
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
-SERVICE_MODULES: tuple[str, ...] = ()
+SERVICE_MODULES: tuple[str, ...] = (
+    "dandelion_p2p.dataset.service",
+)
 """Started in this order; each may rely on handlers registered by those before it."""
 
 

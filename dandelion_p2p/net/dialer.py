@@ -75,6 +75,11 @@ class Dialer:
         if direct or not relayed:
             if direct:
                 self.host.get_peerstore().add_addrs(peer_id, direct, PEERSTORE_TTL)
+            # py-libp2p blocks a peer for 60 s once all its addresses failed, even when we
+            # now hold fresh ones (a restarted daemon): our own dial timeouts and backoff decide.
+            unblock = getattr(self.host.get_network(), "unblock_peer", None)
+            if unblock is not None:
+                unblock(peer_id)
             try:
                 with trio.fail_after(self.timeout):
                     await self.host.connect(PeerInfo(peer_id, direct))

@@ -25,6 +25,7 @@ from libp2p.utils.address_validation import expand_wildcard_address
 from dandelion_p2p import __version__
 from dandelion_p2p.averaging.matchmaking import register_namespace as register_averaging_namespace
 from dandelion_p2p.averaging.scoring import SCORES_FILENAME, ScoreBook, ScoreEvent
+from dandelion_p2p.dataset.namespaces import register_namespaces as register_dataset_namespaces
 from dandelion_p2p.errors import ConfigError, DandelionError, PeerUnavailable, ProtocolViolation
 from dandelion_p2p.identity import Identity
 from dandelion_p2p.net import addrs as maddrs
@@ -122,6 +123,7 @@ class SwarmNode:
         # Every DHT server stores averaging announcements, whether or not it averages itself:
         # peers behind NAT rely on the public nodes to hold them.
         register_averaging_namespace(self.validator)
+        register_dataset_namespaces(self.validator)
         self.bootstrap_refs = [parse_bootstrap(a) for a in settings.bootstrap]
         self.reachable = settings.reachability == "public" or (
             settings.reachability == "auto" and settings.relay

@@ -117,6 +117,14 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DatasetConfig:
+    lease_seconds: float = 900.0
+    """How long a peer may hold a chunk before the dataset server leases it to another."""
+    max_leases_per_peer: int = 4
+    """Chunks one peer may hold at once, so no peer can take a whole epoch."""
+
+
+@dataclass(frozen=True, slots=True)
 class RunConfig:
     name: str
     model: ModelConfig
@@ -126,6 +134,7 @@ class RunConfig:
     sync: SyncConfig = field(default_factory=SyncConfig)
     averaging: AveragingConfig = field(default_factory=AveragingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
 
     def __post_init__(self) -> None:
         problems = validate(self)
@@ -225,6 +234,9 @@ def validate(c: RunConfig) -> list[str]:
     k = c.checkpoint
     need(k.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
     need(1 <= k.keep_last <= 1000, "checkpoint.keep_last", "must be 1-1000")
+    d = c.dataset
+    need(1 <= d.lease_seconds <= 86_400, "dataset.lease_seconds", "must be 1-86400 seconds")
+    need(1 <= d.max_leases_per_peer <= 64, "dataset.max_leases_per_peer", "must be 1-64")
     return out
 
 

@@ -1,0 +1,375 @@
+"""What a training peer uses: lease chunks, fetch them from any holder, hand in receipts.
+
+``DatasetClient(node, run, cache_dir)``:
+
+* ``await lease()`` -> ``LeaseGrant``: from a dataset server of the run (found in the DHT, or
+  given), waiting while every chunk of the epoch is out;
+* ``await fetch(chunk)`` -> verified bytes, also kept in ``cache_dir`` (``path(chunk)``) and
+  announced in the DHT so other peers fetch from here rather than from the servers;
+* ``await complete(lease)``: a receipt signed with this peer's key.
+
+A holder that sends bytes not matching the hash is scored down and the next holder is asked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+from libp2p.peer.id import ID
+
+from dandelion_p2p.averaging.scoring import ScoreEvent
+from dandelion_p2p.dataset.chunks import ChunkDir, check_chunk_name, chunk_hash
+from dandelion_p2p.dataset.holders import (
+    CHUNK_NAMESPACE,
+    HOLDING_TTL,
+    SERVERS_NAMESPACE,
+    ChunkHolding,
+    chunk_key,
+    decode_holding,
+    decode_server,
+    encode_value,
+)
+from dandelion_p2p.dataset.messages import (
+    CHUNK_PROTOCOL,
+    DATASET,
+    LEASE_PROTOCOL,
+    MAX_REPLY,
+    Complete,
+    CompleteAck,
+    LeaseGrant,
+    LeaseRequest,
+    NoLease,
+    Receipt,
+)
+from dandelion_p2p.dataset.server import violation_sink
+from dandelion_p2p.dataset.transfer import fetch_chunk, serve_chunks
+from dandelion_p2p.errors import (
+    DandelionError,
+    PeerUnavailable,
+    ProtocolViolation,
+    RemoteRejected,
+)
+from dandelion_p2p.net.dht.messages import PeerRef
+from dandelion_p2p.net.node import SwarmNode
+from dandelion_p2p.net.streams import request
+from dandelion_p2p.wire import Message, RejectCode
+
+log = logging.getLogger(__name__)
+
+REQUEST_TIMEOUT = 5.0
+"""Seconds a lease or receipt exchange may take before the next server is asked."""
+DHT_TIMEOUT = 5.0
+DISCOVERY_INTERVAL = 30.0
+"""Seconds between two DHT lookups of the run's servers while a known one answers."""
+DEFAULT_MAX_CACHED = 16
+
+
+class DatasetClient:
+    def __init__(
+        self,
+        node: SwarmNode,
+        run: str,
+        cache_dir: Path,
+        *,
+        servers: Sequence[PeerRef] = (),
+        max_cached: int = DEFAULT_MAX_CACHED,
+        announce_holdings: bool = True,
+        request_timeout: float = REQUEST_TIMEOUT,
+    ) -> None:
+        self.node = node
+        self.run = run
+        self.cache = ChunkDir(cache_dir)
+        self.known_servers: dict[bytes, tuple[str, ...]] = {s.peer_id: s.addrs for s in servers}
+        self.max_cached = max_cached
+        self.announce_holdings = announce_holdings
+        self.request_timeout = request_timeout
+        # Chunks verified in this process, least recently used first: only these are served.
+        # Files left from an earlier run are checked again when first used.
+        self._cached: OrderedDict[str, None] = OrderedDict()
+        self._granted_by: dict[int, bytes] = {}
+        self._preferred: bytes | None = None
+        self._discovered: list[bytes] = []
+        self._discovered_at = -math.inf
+        self.rejected_holders: list[tuple[str, str]] = []
+        """(peer id, reason) of every holder whose chunk failed verification."""
+
+    # ---- serving what we hold ------------------------------------------------------------
+
+    def install(self) -> None:
+        """Serve cached chunks to other peers (skip on a node that runs a dataset server)."""
+        report = violation_sink(self.node)
+        self.node.host.set_stream_handler(
+            CHUNK_PROTOCOL,
+            serve_chunks(self.source, on_violation=report, refuse=self.node.is_banned),
+        )
+
+    def source(self, name: str) -> Path | None:
+        return self.cache.path_of(name) if name in self._cached and self.cache.has(name) else None
+
+    def path(self, name: str) -> Path | None:
+        return self.source(name)
+
+    def cached(self) -> list[str]:
+        return list(self._cached)
+
+    def granted_by(self, lease_id: int) -> bytes | None:
+        """The server that granted an open lease (where its receipt goes)."""
+        return self._granted_by.get(lease_id)
+
+    # ---- finding peers -------------------------------------------------------------------
+
+    async def servers(self, *, refresh: bool = False) -> list[bytes]:
+        """Dataset servers of the run: given ones, then those announced in the DHT.
+
+        The DHT is asked at most every ``DISCOVERY_INTERVAL`` seconds unless ``refresh``; the
+        server that last answered comes first.
+        """
+        now = trio.current_time()
+        if self.node.dht is not None and (
+            refresh or now - self._discovered_at >= DISCOVERY_INTERVAL
+        ):
+            self._discovered_at = now
+            try:
+                records = await self.node.dht.get(
+                    SERVERS_NAMESPACE, self.run.encode(), timeout=DHT_TIMEOUT
+                )
+            except DandelionError as exc:
+                log.info("looking up dataset servers of %s failed: %s", self.run, exc)
+                records = []
+            found = []
+            for record in records:
+                try:
+                    announcement = decode_server(record.value)
+                except ProtocolViolation:
+                    continue
+                if announcement.run == self.run:
+                    found.append(record.publisher)
+            if found:
+                self._discovered = found
+        servers = list(dict.fromkeys([*self.known_servers, *self._discovered]))
+        if self._preferred in servers:
+            servers.remove(self._preferred)
+            servers.insert(0, self._preferred)  # type: ignore[arg-type]
+        return servers
+
+    async def holders(self, name: str) -> list[bytes]:
+        """Peers announcing a copy of chunk ``name`` (not servers, not us), in random order."""
+        if self.node.dht is None:
+            return []
+        try:
+            records = await self.node.dht.get(
+                CHUNK_NAMESPACE, chunk_key(name), timeout=DHT_TIMEOUT
+            )
+        except DandelionError:
+            return []
+        me = self.node.identity.peer_id_bytes
+        out = []
+        for record in records:
+            try:
+                holding = decode_holding(record.value)
+            except ProtocolViolation:
+                continue
+            if holding.chunk == name and record.publisher != me:
+                out.append(record.publisher)
+        random.shuffle(out)
+        return out
+
+    async def _connect(self, peer: bytes) -> None:
+        peer_id = ID(peer)
+        if self.node.dialer.is_connected(peer_id):
+            return
+        # py-libp2p refuses for 60 s to dial a peer whose addresses all failed once; a
+        # dataset server that restarts is back within seconds, and the dialer keeps its own
+        # (short) backoff anyway.
+        unblock = getattr(self.node.host.get_network(), "unblock_peer", None)
+        if unblock is not None:
+            unblock(peer_id)
+        addrs = self.known_servers.get(peer, ())
+        if addrs:
+            await self.node.dialer.connect(peer_id, addrs)
+        else:
+            await self.node.connect_peer(peer_id)
+
+    async def _ask(self, peer: bytes, msg: Message) -> Message:
+        await self._connect(peer)
+        try:
+            return await request(
+                self.node.host, ID(peer), LEASE_PROTOCOL, msg, DATASET,
+                max_reply=MAX_REPLY, timeout=self.request_timeout,
+            )
+        except ProtocolViolation as exc:
+            violation_sink(self.node)(ID(peer), exc.code)
+            raise
+
+    # ---- leases --------------------------------------------------------------------------
+
+    async def try_lease(self) -> LeaseGrant | NoLease:
+        """One round over the run's servers.
+
+        Raises:
+            PeerUnavailable: no server answered.
+            RemoteRejected: a server refused (e.g. ``RATE_LIMITED``: complete a lease first).
+        """
+        servers = await self.servers()
+        if not servers:
+            servers = await self.servers(refresh=True)
+        if not servers:
+            raise PeerUnavailable(f"no dataset server of {self.run} is known")
+        failures = []
+        for server in servers:
+            try:
+                reply = await self._ask(server, LeaseRequest(run=self.run))
+            except (PeerUnavailable, ProtocolViolation) as exc:
+                failures.append(f"{ID(server)}: {exc}")
+                continue
+            except RemoteRejected as exc:
+                if exc.code == RejectCode.NOT_FOUND:
+                    failures.append(f"{ID(server)}: {exc}")
+                    continue
+                raise
+            if isinstance(reply, LeaseGrant) and reply.run == self.run:
+                self._granted_by[reply.lease_id] = server
+                self._preferred = server
+                return reply
+            if isinstance(reply, NoLease):
+                return reply
+            failures.append(f"{ID(server)}: unexpected {type(reply).__name__}")
+        # Every server we knew failed: look for others next time.
+        self._discovered_at = -math.inf
+        raise PeerUnavailable("no dataset server answered: " + "; ".join(failures)[:500])
+
+    async def lease(self) -> LeaseGrant:
+        """A lease, waiting (as the server advises) while every chunk is out.
+
+        Raises ``PeerUnavailable`` when no server answers; cancel to stop waiting.
+        """
+        while True:
+            reply = await self.try_lease()
+            if isinstance(reply, LeaseGrant):
+                return reply
+            await trio.sleep(max(0.2, reply.retry_after_ms / 1000))
+
+    def receipt(self, lease: LeaseGrant, samples: int | None = None) -> Receipt:
+        unsigned = Receipt(
+            run=lease.run,
+            lease_id=lease.lease_id,
+            epoch=lease.epoch,
+            chunk=lease.chunk,
+            peer=self.node.identity.peer_id_bytes,
+            samples=lease.samples if samples is None else samples,
+        )
+        return dataclasses.replace(unsigned, signature=self.node.identity.sign(unsigned.payload()))
+
+    async def complete(
+        self, lease: LeaseGrant, samples: int | None = None, *, attempts: int = 20,
+        retry_delay: float = 0.5,
+    ) -> CompleteAck:
+        """Hand in a signed receipt for ``lease`` to the server that granted it.
+
+        Retries while that server is unreachable (it may be restarting). A receipt the
+        server already holds is acknowledged again, so retrying is always safe.
+
+        Raises:
+            PeerUnavailable: the server stayed unreachable for every attempt.
+            RemoteRejected: refused, e.g. ``STALE`` (the lease expired and someone else
+                completed the chunk first).
+        """
+        server = self._granted_by.get(lease.lease_id)
+        if server is None:
+            servers = await self.servers()
+            if not servers:
+                raise PeerUnavailable(f"no dataset server of {self.run} is known")
+            server = servers[0]
+        message = Complete(receipt=self.receipt(lease, samples))
+        for attempt in range(attempts):
+            try:
+                reply = await self._ask(server, message)
+            except PeerUnavailable as exc:
+                if attempt + 1 == attempts:
+                    raise
+                log.info("receipt for lease %d not delivered (%s); retrying", lease.lease_id, exc)
+                await trio.sleep(retry_delay)
+                continue
+            if not isinstance(reply, CompleteAck):
+                raise ProtocolViolation(RejectCode.UNEXPECTED, "expected CompleteAck")
+            self._granted_by.pop(lease.lease_id, None)
+            return reply
+        raise AssertionError("unreachable")
+
+    # ---- chunks --------------------------------------------------------------------------
+
+    async def fetch(self, name: str, *, expected_size: int | None = None) -> bytes:
+        """Verified bytes of chunk ``name``: from the cache, other holders, then servers.
+
+        Raises:
+            PeerUnavailable: no holder delivered a chunk with the right hash.
+        """
+        check_chunk_name(name)
+        if self.cache.has(name):
+            data = await trio.Path(self.cache.path_of(name)).read_bytes()
+            if self._matches(name, data):
+                if name not in self._cached:
+                    await self._keep(name, data, write=False)
+                self._cached.move_to_end(name)
+                return data
+            log.warning("cached chunk %s is corrupt; fetching it again", name[:12])
+            self._drop(name)
+        servers = await self.servers()
+        random.shuffle(servers)
+        candidates = [h for h in await self.holders(name) if h not in servers] + servers
+        errors: list[str] = []
+        for peer in candidates:
+            peer_id = ID(peer)
+            if self.node.is_banned(peer_id):
+                continue
+            try:
+                await self._connect(peer)
+                data = await fetch_chunk(self.node.host, peer_id, name,
+                                         expected_size=expected_size)
+            except ProtocolViolation as exc:
+                log.warning("rejected chunk %s from %s: %s", name[:12], peer_id, exc)
+                self.rejected_holders.append((peer_id.to_base58(), str(exc)))
+                violation_sink(self.node)(peer_id, exc.code)
+                errors.append(f"{peer_id}: {exc}")
+                continue
+            except (PeerUnavailable, RemoteRejected) as exc:
+                errors.append(f"{peer_id}: {exc}")
+                continue
+            self.node.record_score(peer, ScoreEvent.SUCCESS)
+            await self._keep(name, data)
+            return data
+        raise PeerUnavailable(
+            f"chunk {name[:12]} could not be fetched: " + ("; ".join(errors) or "no holder")[:500]
+        )
+
+    @staticmethod
+    def _matches(name: str, data: bytes) -> bool:
+        return chunk_hash(data) == name
+
+    async def _keep(self, name: str, data: bytes, *, write: bool = True) -> None:
+        if write:
+            await trio.to_thread.run_sync(self.cache.write, name, data)
+        self._cached[name] = None
+        self._cached.move_to_end(name)
+        while len(self._cached) > self.max_cached:
+            oldest, _ = self._cached.popitem(last=False)
+            self._drop(oldest)
+        if self.announce_holdings and self.node.dht is not None:
+            value = encode_value(ChunkHolding(chunk=name, size=len(data)))
+            try:
+                await self.node.dht.put(CHUNK_NAMESPACE, chunk_key(name), value, HOLDING_TTL)
+            except DandelionError as exc:
+                log.info("announcing chunk %s failed: %s", name[:12], exc)
+
+    def _drop(self, name: str) -> None:
+        self._cached.pop(name, None)
+        self.cache.remove(name)
+        if self.node.dht is not None:
+            self.node.dht.unpublish(CHUNK_NAMESPACE, chunk_key(name))

@@ -1,0 +1,291 @@
+"""The daemon service for runs and datasets.
+
+On every daemon: the control methods ``runs.list``, ``runconfig.get``, ``runconfig.publish``
+and ``dataset.status``, plus ``dataset.lease``, ``dataset.fetch`` and ``dataset.complete``
+for the training worker (a separate process: it gets chunks as files in the cache). Runs the
+daemon asks about are watched from then on; ``--run`` is watched from the start.
+
+With ``--dataset DIR --run-config FILE``: the dataset role (leases, receipts, chunk serving),
+and, when this daemon's key signed the dataset's manifest, publication of the run config.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import trio
+from libp2p.peer.id import ID
+
+from dandelion_p2p.dataset.client import DatasetClient
+from dandelion_p2p.dataset.leases import LeaseBook
+from dandelion_p2p.dataset.manifest import load_manifest
+from dandelion_p2p.dataset.messages import CHUNK_PROTOCOL, LeaseGrant
+from dandelion_p2p.dataset.server import DatasetServer, violation_sink
+from dandelion_p2p.dataset.transfer import serve_chunks
+from dandelion_p2p.errors import ConfigError, DandelionError
+from dandelion_p2p.net.dht.node import DHTNode
+from dandelion_p2p.runconfig.directory import list_runs
+from dandelion_p2p.runconfig.publication import derive_run_id, is_run_id
+from dandelion_p2p.runconfig.publisher import RunPublisher
+from dandelion_p2p.runconfig.schema import RunConfig, loads
+from dandelion_p2p.runconfig.watcher import RunConfigWatcher
+from dandelion_p2p.services import DaemonContext
+
+log = logging.getLogger(__name__)
+
+WATCH_INTERVAL = 5.0
+START_PUBLISH_TIMEOUT = 20.0
+MAX_WATCHED_RUNS = 16
+MAX_OPEN_LEASES = 64
+
+
+def _read_run_config(path: Path) -> tuple[str, RunConfig]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read run config {path}: {exc}") from None
+    try:
+        return text, loads(text)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _run_param(params: dict[str, Any], default: str) -> str:
+    run = params.get("run") or default
+    if not isinstance(run, str) or not is_run_id(run):
+        raise ConfigError("'run' must be a run id (<name>-<24 hex digits>)")
+    return run
+
+
+class RunsService:
+    name = "runs"
+
+    def __init__(self, ctx: DaemonContext) -> None:
+        self.ctx = ctx
+        self.node = ctx.node
+        self.server: DatasetServer | None = None
+        self.clients: dict[str, DatasetClient] = {}
+        self.watchers: dict[str, RunConfigWatcher] = {}
+        self.start_toml: str | None = None
+        self._leases: dict[int, tuple[DatasetClient, LeaseGrant]] = {}
+        self._publisher: RunPublisher | None = None
+        self._nursery: trio.Nursery | None = None
+        self._prepare_dataset_role()
+        self.run_id = ctx.config.run if is_run_id(ctx.config.run) else ""
+        if ctx.config.run and not self.run_id:
+            log.warning("--run %r is not a run id (<name>-<24 hex digits>); its config and "
+                        "data cannot be followed (`dandelion-p2p runs` lists run ids)",
+                        ctx.config.run)
+        ctx.add_handlers(
+            {
+                "runs.list": self.runs_list,
+                "runconfig.get": self.runconfig_get,
+                "runconfig.publish": self.runconfig_publish,
+                "dataset.status": self.dataset_status,
+                "dataset.lease": self.dataset_lease,
+                "dataset.fetch": self.dataset_fetch,
+                "dataset.complete": self.dataset_complete,
+            }
+        )
+        ctx.status_sections["dataset"] = self.status
+
+    def _prepare_dataset_role(self) -> None:
+        config = self.ctx.config
+        if config.dataset is None:
+            return
+        if config.run_config is None:
+            raise ConfigError("--dataset needs --run-config: the run the dataset is for")
+        self.start_toml, run_config = _read_run_config(config.run_config)
+        manifest = load_manifest(config.dataset)
+        DatasetServer.check_files(manifest, config.dataset)
+        owner = ID.from_base58(manifest.owner).to_bytes()
+        run = derive_run_id(owner, run_config.name)
+        if owner != self.ctx.identity.peer_id_bytes:
+            self.start_toml = None
+            log.info("serving run %s for its owner %s; the owner publishes its config",
+                     run, manifest.owner)
+        book = LeaseBook(config.data_dir / "dataset" / f"{run}.sqlite", manifest, run)
+        self.server = DatasetServer(
+            self.node, run, manifest, config.dataset, book, run_config.dataset
+        )
+
+    @property
+    def dht(self) -> DHTNode:
+        if self.node.dht is None:
+            raise ConfigError("the DHT is not running yet")
+        return self.node.dht
+
+    def publisher(self) -> RunPublisher:
+        if self._publisher is None:
+            self._publisher = RunPublisher(
+                self.ctx.identity, self.dht, self.node.settings.network,
+                self.ctx.config.data_dir / "runs",
+            )
+        return self._publisher
+
+    def watcher(self, run: str) -> RunConfigWatcher:
+        """The watcher of ``run``, started on first use."""
+        watcher = self.watchers.get(run)
+        if watcher is None:
+            if len(self.watchers) >= MAX_WATCHED_RUNS:
+                raise ConfigError(f"already following {MAX_WATCHED_RUNS} runs")
+            watcher = RunConfigWatcher(run, self.dht.get, poll_interval=WATCH_INTERVAL)
+            self.watchers[run] = watcher
+            if self._nursery is not None:
+                self._nursery.start_soon(watcher.run_forever)
+        return watcher
+
+    def client(self, run: str) -> DatasetClient:
+        client = self.clients.get(run)
+        if client is None:
+            if len(self.clients) >= MAX_WATCHED_RUNS:
+                raise ConfigError(f"already training in {MAX_WATCHED_RUNS} runs")
+            cache = self.ctx.config.data_dir / "chunk-cache" / run
+            client = self.clients[run] = DatasetClient(self.node, run, cache)
+        return client
+
+    def chunk_source(self, name: str) -> Path | None:
+        """Chunks this daemon serves: its dataset's, then those cached for training."""
+        if self.server is not None and (path := self.server.source(name)) is not None:
+            return path
+        for client in self.clients.values():
+            if (path := client.source(name)) is not None:
+                return path
+        return None
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED  # type: ignore[name-defined]
+    ) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for watcher in self.watchers.values():
+                    nursery.start_soon(watcher.run_forever)
+                if self.server is not None:
+                    self.server.install(chunks=False)
+                self.node.host.set_stream_handler(
+                    CHUNK_PROTOCOL,
+                    serve_chunks(self.chunk_source, on_violation=violation_sink(self.node),
+                                 refuse=self.node.is_banned),
+                )
+                if self.start_toml is not None:
+                    with trio.move_on_after(START_PUBLISH_TIMEOUT):
+                        try:
+                            await self.publisher().publish(self.start_toml, only_if_changed=True)
+                        except DandelionError as exc:
+                            log.warning("publishing the run config failed: %s", exc)
+                if self.server is not None:
+                    nursery.start_soon(self._announce_server)
+                    self.watcher(self.server.run)
+                if self.run_id:
+                    self.watcher(self.run_id)
+                    self.client(self.run_id)
+                task_status.started()
+        finally:
+            if self.server is not None:
+                self.server.book.close()
+
+    async def _announce_server(self) -> None:
+        assert self.server is not None
+        try:
+            stored = await self.server.announce()
+            log.info("dataset server of %s announced (stored on %d peers)", self.server.run,
+                     stored)
+        except DandelionError as exc:
+            log.warning("announcing the dataset server failed: %s", exc)
+
+    def _default_run(self) -> str:
+        return self.run_id or (self.server.run if self.server else "")
+
+    # ---- control methods -----------------------------------------------------------------
+
+    async def runs_list(self, params: dict[str, Any]) -> dict[str, Any]:
+        runs = await list_runs(self.dht, self.node.settings.network)
+        return {"runs": [r.to_json() for r in runs]}
+
+    async def runconfig_get(self, params: dict[str, Any]) -> dict[str, Any]:
+        watcher = self.watcher(_run_param(params, self._default_run()))
+        if watcher.current() is None:
+            await watcher.poll_once()
+        current = watcher.current()
+        if current is None:
+            raise ConfigError(f"no config of run {watcher.run} found in the DHT")
+        return current.to_json()
+
+    async def runconfig_publish(self, params: dict[str, Any]) -> dict[str, Any]:
+        toml = params.get("toml")
+        if not isinstance(toml, str):
+            raise ConfigError("missing 'toml' (the run config text)")
+        published = await self.publisher().publish(toml)
+        watcher = self.watchers.get(published.run)
+        if watcher is not None:
+            await watcher.poll_once()
+        return {"run": published.run, "version": published.version,
+                "stored_on": published.stored_on}
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"role": "server" if self.server else "none"}
+        if self.server is not None:
+            out.update(self.server.status())
+        out["clients"] = {
+            run: {
+                "cached_chunks": len(client.cached()),
+                "rejected_holders": len(client.rejected_holders),
+            }
+            for run, client in self.clients.items()
+        }
+        out["open_leases"] = len(self._leases)
+        out["watching"] = {
+            run: (current.version if (current := w.current()) else None)
+            for run, w in self.watchers.items()
+        }
+        return out
+
+    async def dataset_status(self, params: dict[str, Any]) -> dict[str, Any]:
+        return self.status()
+
+    async def dataset_lease(self, params: dict[str, Any]) -> dict[str, Any]:
+        """``{"run"?}`` -> a lease; waits while every chunk of the epoch is out."""
+        if len(self._leases) >= MAX_OPEN_LEASES:
+            raise ConfigError(f"{MAX_OPEN_LEASES} leases are open; complete some first")
+        client = self.client(_run_param(params, self.run_id))
+        grant = await client.lease()
+        self._leases[grant.lease_id] = (client, grant)
+        return {
+            "run": grant.run,
+            "lease_id": grant.lease_id,
+            "epoch": grant.epoch,
+            "chunk": grant.chunk,
+            "samples": grant.samples,
+            "size": grant.size,
+            "expires_in": grant.expires_in_ms / 1000,
+        }
+
+    async def dataset_fetch(self, params: dict[str, Any]) -> dict[str, Any]:
+        """``{"chunk", "run"?, "size"?}`` -> ``{"chunk", "path"}`` of the verified chunk file."""
+        client = self.client(_run_param(params, self.run_id))
+        chunk = params.get("chunk")
+        if not isinstance(chunk, str):
+            raise ConfigError("missing 'chunk' (a chunk hash)")
+        size = params.get("size")
+        await client.fetch(chunk, expected_size=size if isinstance(size, int) else None)
+        path = client.path(chunk)
+        return {"chunk": chunk, "path": str(path) if path else ""}
+
+    async def dataset_complete(self, params: dict[str, Any]) -> dict[str, Any]:
+        """``{"lease_id", "samples"?}`` -> the server's count of the epoch's completed chunks."""
+        lease_id = params.get("lease_id")
+        held = self._leases.get(lease_id) if isinstance(lease_id, int) else None
+        if held is None:
+            raise ConfigError(f"no open lease {lease_id!r} on this daemon")
+        client, grant = held
+        samples = params.get("samples")
+        ack = await client.complete(grant, samples if isinstance(samples, int) else None)
+        self._leases.pop(grant.lease_id, None)
+        return {"epoch": ack.epoch, "completed": ack.completed, "total": ack.total}
+
+
+def create(ctx: DaemonContext) -> RunsService:
+    return RunsService(ctx)

@@ -1,0 +1,194 @@
+"""Following a run's config: the newest valid version its owner published in the DHT.
+
+``select_newest`` is the sans-IO part: from records read under a run's key it keeps the one
+with the highest version among those signed by the run's owner and holding a valid TOML, and
+says why it ignored the others. ``RunConfigWatcher`` polls the DHT with it. A peer applies
+a new version at its next sync boundary (``ConfigApplier``): a learning rate that changed
+halfway between two averaging rounds would make peers' updates disagree about what they did.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+
+import trio
+from libp2p.peer.id import ID
+
+from dandelion_p2p.errors import ConfigError, DandelionError, ProtocolViolation
+from dandelion_p2p.net.dht.messages import SignedRecord
+from dandelion_p2p.runconfig.publication import CONFIG_NAMESPACE, decode_config
+from dandelion_p2p.runconfig.schema import RunConfig, loads
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunConfigVersion:
+    """One verified version of a run's config."""
+
+    run: str
+    version: int
+    owner: str
+    toml: str
+    config: RunConfig
+    published_at: float
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "run": self.run,
+            "version": self.version,
+            "owner": self.owner,
+            "toml": self.toml,
+            "config": self.config.to_dict(),
+            "published_at": self.published_at,
+        }
+
+
+@dataclass(frozen=True)
+class Ignored:
+    publisher: str
+    version: int
+    reason: str
+
+
+def select_newest(
+    run: str, records: Iterable[SignedRecord]
+) -> tuple[RunConfigVersion | None, list[Ignored]]:
+    """The newest valid version of ``run`` among ``records``, and what was ignored and why."""
+    best: RunConfigVersion | None = None
+    ignored: list[Ignored] = []
+    for record in records:
+        publisher = _b58(record.publisher)
+        try:
+            value = decode_config(record.value)
+        except ProtocolViolation as exc:
+            ignored.append(Ignored(publisher, 0, f"invalid value: {exc}"))
+            continue
+        if value.run != run:
+            ignored.append(
+                Ignored(
+                    _b58(value.owner),
+                    value.version,
+                    f"config signed by {_b58(value.owner)}, who does not own run {run}",
+                )
+            )
+            continue
+        if best is not None and value.version <= best.version:
+            continue
+        try:
+            config = loads(value.toml)
+        except ConfigError as exc:
+            ignored.append(Ignored(publisher, value.version, f"invalid config: {exc}"))
+            continue
+        if config.name != value.name:
+            ignored.append(
+                Ignored(publisher, value.version, "the TOML names another run than the record")
+            )
+            continue
+        best = RunConfigVersion(
+            run=run,
+            version=value.version,
+            owner=_b58(value.owner),
+            toml=value.toml,
+            config=config,
+            published_at=value.published_at_ms / 1000,
+        )
+    return best, ignored
+
+
+def _b58(peer_id: bytes) -> str:
+    try:
+        return ID(peer_id).to_base58()
+    except Exception:
+        return peer_id.hex()
+
+
+GetRecords = Callable[[str, bytes], Awaitable[list[SignedRecord]]]
+
+
+class RunConfigWatcher:
+    """Keeps the newest verified config of ``run``; ``await changed(v)`` waits for a newer one.
+
+    ``get`` is the DHT read (``DHTNode.get``). Each ignored value is logged once, at warning
+    level: a config signed by another key is someone trying to steer the run.
+    """
+
+    def __init__(
+        self, run: str, get: GetRecords, *, poll_interval: float = 10.0
+    ) -> None:
+        self.run = run
+        self._get = get
+        self.poll_interval = poll_interval
+        self._current: RunConfigVersion | None = None
+        self._changed = trio.Event()
+        self._logged: set[tuple[str, int, str]] = set()
+        self.ignored_count = 0
+
+    def current(self) -> RunConfigVersion | None:
+        return self._current
+
+    async def changed(self, after_version: int = 0) -> RunConfigVersion:
+        """Wait until a version newer than ``after_version`` is known, and return it.
+
+        Cancellation leaves the watcher as it was.
+        """
+        while self._current is None or self._current.version <= after_version:
+            await self._changed.wait()
+        return self._current
+
+    def offer(self, found: RunConfigVersion | None, ignored: list[Ignored]) -> bool:
+        """Take the result of one read; True when it brought a newer version."""
+        for item in ignored:
+            key = (item.publisher, item.version, item.reason)
+            if key not in self._logged:
+                self._logged.add(key)
+                self.ignored_count += 1
+                log.warning("run %s: ignored config version %d: %s", self.run, item.version,
+                            item.reason)
+        if found is None or (self._current is not None and found.version <= self._current.version):
+            return False
+        previous = self._current
+        self._current = found
+        log.info(
+            "run %s: config version %d (was %s)",
+            self.run,
+            found.version,
+            previous.version if previous else "none",
+        )
+        self._changed.set()
+        self._changed = trio.Event()
+        return True
+
+    async def poll_once(self) -> bool:
+        try:
+            records = await self._get(CONFIG_NAMESPACE, self.run.encode())
+        except DandelionError as exc:
+            log.debug("reading the config of %s failed: %s", self.run, exc)
+            return False
+        return self.offer(*select_newest(self.run, records))
+
+    async def run_forever(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED  # type: ignore[name-defined]
+    ) -> None:
+        task_status.started()
+        while True:
+            await self.poll_once()
+            await trio.sleep(self.poll_interval)
+
+
+class ConfigApplier:
+    """What a trainer uses: the config in force, replaced only at a sync boundary."""
+
+    def __init__(self, watcher: RunConfigWatcher) -> None:
+        self.watcher = watcher
+        self.applied: RunConfigVersion | None = watcher.current()
+
+    def at_sync_boundary(self) -> RunConfigVersion | None:
+        """Call at each sync boundary; returns the new version when one is to be applied now."""
+        newest = self.watcher.current()
+        if newest is None or (self.applied is not None and newest.version <= self.applied.version):
+            return None
+        self.applied = newest
+        return newest

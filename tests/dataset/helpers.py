@@ -1,0 +1,56 @@
+"""Real images and packed datasets for the dataset tests."""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+
+from PIL import Image
+
+from dandelion_p2p.dataset.manifest import Manifest
+from dandelion_p2p.dataset.pack import pack
+from dandelion_p2p.identity import Identity
+
+RUN_TOML = """\
+name = "{name}"
+
+[model]
+base = "tiny-sd"
+
+[optimizer]
+lr = {lr}
+
+[dataset]
+lease_seconds = {lease_seconds}
+max_leases_per_peer = 2
+"""
+
+
+def image_bytes(seed: int, size: int = 96, fmt: str = "PNG") -> bytes:
+    """A noise image: incompressible, so its size (and so chunk counts) is predictable."""
+    rng = random.Random(seed)
+    img = Image.frombytes("RGB", (size, size), rng.randbytes(size * size * 3))
+    out = io.BytesIO()
+    img.save(out, format=fmt)
+    return out.getvalue()
+
+
+def image_folder(root: Path, count: int, *, first_seed: int = 0) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        (root / f"img{i:03d}.png").write_bytes(image_bytes(first_seed + i))
+        (root / f"img{i:03d}.txt").write_text(f"a noise picture number {i}\n")
+    return root
+
+
+def packed_dataset(tmp: Path, owner: Identity, images: int = 8) -> tuple[Path, Manifest]:
+    """``images`` noise images packed into 64 KiB chunks (two images per chunk)."""
+    src = image_folder(tmp / "src", images)
+    out = tmp / "packed"
+    manifest, _ = pack(src, out, owner, chunk_bytes=64 * 1024)
+    return out, manifest
+
+
+def run_toml(name: str = "tiny", lr: float = 1e-4, lease_seconds: float = 60.0) -> str:
+    return RUN_TOML.format(name=name, lr=lr, lease_seconds=lease_seconds)
