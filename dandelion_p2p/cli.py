@@ -39,6 +39,10 @@ NODE_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (("--webui-port",), {"type": int, "help": "Web UI port (0: any free port)."}),
     (("--run",), {"help": "Run id to train in."}),
     (("--worker/--no-worker",), {"default": None, "help": "Start the training worker."}),
+    (
+        ("--train-data",),
+        {"type": click.Path(path_type=Path), "help": "Images the worker trains on."},
+    ),
 ]
 
 DATASET_ROLE_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
@@ -243,6 +247,7 @@ def send(peer: str, text: str, data_dir: Path | None, config_file: Path | None) 
 EXTRA_COMMANDS: tuple[tuple[str, str], ...] = (
     ("dandelion_p2p.dataset.cli", "dataset"),
     ("dandelion_p2p.runconfig.cli", "runs"),
+    ("dandelion_p2p.worker.cli", "worker_command"),
 )
 
 

@@ -80,6 +80,7 @@ _KINDS: dict[str, str] = {
     "webui_port": "int",
     "dataset": "path",
     "run_config": "path",
+    "train_data": "path",
     "run": "str",
     "worker": "bool",
 }
@@ -160,6 +161,7 @@ class DaemonConfig:
     webui_port: int = 4080
     dataset: Path | None = None
     run_config: Path | None = None
+    train_data: Path | None = None
     run: str = ""
     worker: bool = True
     mode: Mode = "daemon"
@@ -376,7 +378,7 @@ def _from_cli(key: str, value: Any) -> Any:
 
 def _validate(values: Mapping[str, Any]) -> None:
     """Check types, ranges and consistency of fully typed values; raises ``_Invalid``."""
-    for key in ("data_dir", "identity", "dataset", "run_config"):
+    for key in ("data_dir", "identity", "dataset", "run_config", "train_data"):
         value = values.get(key)
         if value is None and key != "data_dir":
             continue

@@ -27,6 +27,7 @@ Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
 SERVICE_MODULES: tuple[str, ...] = (
     "dandelion_p2p.dataset.service",
+    "dandelion_p2p.sync.service",
 )
 """Started in this order; each may rely on handlers registered by those before it."""
 

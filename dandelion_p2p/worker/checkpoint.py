@@ -1,0 +1,150 @@
+"""Checkpoints: atomic, verified, the last N kept.
+
+A checkpoint is a folder ``step-00000123`` holding safetensors files, ``torch.save`` blobs
+and ``manifest.json`` (the training state and the blake3 hash of every file). It is written
+as ``.tmp-step-...`` (each file fsynced), then renamed into place and the parent fsynced: a
+crash at any point leaves either the whole new checkpoint or none, and the previous ones
+untouched. Loading checks every hash and falls back to the next older checkpoint.
+
+At start only our own unfinished ``.tmp-*`` folders are removed; nothing else is ever
+deleted except checkpoints beyond ``keep_last``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import blake3
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+NAME = re.compile(r"step-(\d{8,})")
+MANIFEST = "manifest.json"
+FORMAT = 1
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    meta: dict[str, Any]
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return load_file(self.path / f"{name}.safetensors")
+
+    def blob(self, name: str) -> Any:
+        # Our own file, verified against the manifest's hash before this is called.
+        return torch.load(self.path / f"{name}.pt", weights_only=False, map_location="cpu")
+
+    def has(self, name: str) -> bool:
+        return name in self.meta.get("files", {})
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _hash_file(path: Path) -> str:
+    h = blake3.blake3()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class CheckpointStore:
+    def __init__(self, root: Path, keep_last: int) -> None:
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob(".tmp-step-*"):
+            log.info("removing unfinished checkpoint %s", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def steps(self) -> list[Path]:
+        """Finished checkpoint folders, oldest first."""
+        found = [(int(m.group(1)), p) for p in self.root.iterdir()
+                 if (m := NAME.fullmatch(p.name)) and p.is_dir()]
+        return [p for _, p in sorted(found)]
+
+    def latest_step(self) -> int:
+        """The newest finished checkpoint's step (not verified), or -1."""
+        steps = self.steps()
+        return int(NAME.fullmatch(steps[-1].name).group(1)) if steps else -1  # type: ignore[union-attr]
+
+    def save(
+        self,
+        step: int,
+        meta: dict[str, Any],
+        tensors: dict[str, dict[str, torch.Tensor]],
+        blobs: dict[str, Any],
+    ) -> Path:
+        final = self.root / f"step-{step:08d}"
+        if final.exists():
+            return final
+        tmp = self.root / f".tmp-step-{step:08d}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        files: dict[str, str] = {}
+        for name, group in tensors.items():
+            path = tmp / f"{name}.safetensors"
+            save_file({k: v.detach().cpu().contiguous() for k, v in group.items()}, path)
+            files[path.name] = ""
+        for name, blob in blobs.items():
+            path = tmp / f"{name}.pt"
+            torch.save(blob, path)
+            files[path.name] = ""
+        for file_name in files:
+            _fsync_path(tmp / file_name)
+            files[file_name] = _hash_file(tmp / file_name)
+        manifest = {"format": FORMAT, "step": step, "files": files, **meta}
+        with (tmp / MANIFEST).open("w") as f:
+            json.dump(manifest, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_path(tmp)
+        os.rename(tmp, final)
+        _fsync_path(self.root)
+        self._prune()
+        return final
+
+    def _prune(self) -> None:
+        steps = self.steps()
+        for old in steps[: max(0, len(steps) - self.keep_last)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def verify(self, path: Path) -> Checkpoint:
+        """Read and check one checkpoint; raises ValueError saying what is wrong."""
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path}: no readable manifest ({exc})") from None
+        if manifest.get("format") != FORMAT:
+            raise ValueError(f"{path}: checkpoint format {manifest.get('format')!r}")
+        for file_name, digest in manifest.get("files", {}).items():
+            file = path / file_name
+            if not file.is_file() or _hash_file(file) != digest:
+                raise ValueError(f"{path}: {file_name} is missing or does not match its hash")
+        return Checkpoint(path, int(manifest["step"]), manifest)
+
+    def latest(self) -> Checkpoint | None:
+        """The newest checkpoint that verifies, or None."""
+        for path in reversed(self.steps()):
+            try:
+                return self.verify(path)
+            except ValueError as exc:
+                log.warning("checkpoint unusable, trying an older one: %s", exc)
+        return None

@@ -1,0 +1,142 @@
+"""``dandelion-p2p worker``: run the trainer, against a daemon or alone.
+
+Exit codes tell the supervising daemon what happened: 0 finished or stopped, 2 a problem with
+the configuration, the model or the data (restarting will not help), 3 out of memory, 1 any
+other failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+EXIT_CONFIG = 2
+EXIT_OOM = 3
+
+log = logging.getLogger("dandelion_p2p.worker")
+
+
+def _shard(value: str | None) -> tuple[int, int] | None:
+    if not value:
+        return None
+    try:
+        index, count = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise click.BadParameter("must look like INDEX/COUNT, e.g. 0/2") from None
+    if not 0 <= index < count:
+        raise click.BadParameter("INDEX must be in 0..COUNT-1")
+    return index, count
+
+
+@click.command("worker")
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path),
+              help="The daemon's control socket (default: DATA_DIR/control.sock).")
+@click.option("--data-dir", type=click.Path(path_type=Path),
+              help="The daemon's data directory (local settings, socket, work folder); "
+                   "default: $DANDELION_DATA_DIR or the daemon's default.")
+@click.option("--run-config", type=click.Path(path_type=Path),
+              help="Train alone from this run config, with no daemon.")
+@click.option("--data", type=click.Path(path_type=Path), required=True,
+              help="Folder of images with captions, or of .tar shards.")
+@click.option("--work-dir", type=click.Path(path_type=Path),
+              help="Checkpoints, cache, samples, exports (default: DATA_DIR/worker/RUN).")
+@click.option("--shard", help="Train only this share of the data: INDEX/COUNT.")
+@click.option("--stop-at", type=int, default=0, help="Stop at this global step.")
+@click.option("--device", default=None, help="auto, cpu or cuda (default: local settings).")
+@click.option("--no-export", is_flag=True, help="Do not export the model at the end.")
+@click.option("--log-level", default="info")
+def worker_command(socket_path: Path | None, data_dir: Path | None, run_config: Path | None,
+                   data: Path, work_dir: Path | None, shard: str | None, stop_at: int,
+                   device: str | None, no_export: bool, log_level: str) -> None:
+    """Train: with the swarm through the local daemon, or alone with --run-config."""
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    sys.exit(run_worker(socket_path=socket_path, data_dir=data_dir, run_config=run_config,
+                        data=data, work_dir=work_dir, shard=_shard(shard), stop_at=stop_at,
+                        device=device, export=not no_export))
+
+
+def run_worker(**kwargs: Any) -> int:
+    from dandelion_p2p.control import CommandFailed
+    from dandelion_p2p.errors import ConfigError, PeerUnavailable
+
+    try:
+        return _run(**kwargs)
+    except ConfigError as exc:
+        log.error("cannot train: %s", exc)
+        return EXIT_CONFIG
+    except (PeerUnavailable, CommandFailed) as exc:
+        log.error("lost the daemon: %s", exc)
+        return 1
+    except Exception as exc:
+        if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
+            log.error("out of memory: %s; lower the batch size or resolution, or turn on "
+                      "gradient checkpointing and 8-bit AdamW in the local settings", exc)
+            return EXIT_OOM
+        log.exception("the trainer failed")
+        return 1
+
+
+def _run(*, socket_path: Path | None, data_dir: Path | None, run_config: Path | None,
+         data: Path, work_dir: Path | None, shard: tuple[int, int] | None, stop_at: int,
+         device: str | None, export: bool) -> int:
+    from dandelion_p2p.config import default_data_dir
+    from dandelion_p2p.errors import ConfigError
+    from dandelion_p2p.local_settings import LocalSettings, load_local_settings
+    from dandelion_p2p.runconfig.schema import loads
+    from dandelion_p2p.worker.link import DaemonLink, Link, SoloLink
+    from dandelion_p2p.worker.train import Trainer, WorkerOptions
+
+    if data_dir is None and socket_path is None and run_config is None:
+        env = os.environ.get("DANDELION_DATA_DIR", "").strip()
+        data_dir = Path(env) if env else default_data_dir()
+    settings = load_local_settings(data_dir) if data_dir is not None else LocalSettings()
+    link: Link
+    peer = ""
+    if run_config is not None:
+        link = SoloLink(run_config)
+    else:
+        if socket_path is None:
+            if data_dir is None:
+                raise ConfigError("give --socket or --data-dir (a daemon), or --run-config")
+            socket_path = data_dir / "control.sock"
+        daemon = DaemonLink(socket_path)
+        link, peer = daemon, daemon.peer
+    config = loads(link.run_config_toml)
+    if work_dir is None:
+        if data_dir is None:
+            raise ConfigError("give --work-dir (or --data-dir)")
+        work_dir = data_dir / "worker" / config.name
+    options = WorkerOptions(
+        data=data,
+        work_dir=work_dir,
+        device=device or settings.device,
+        mixed_precision=settings.mixed_precision,
+        attention=settings.attention,
+        gradient_checkpointing=settings.gradient_checkpointing,
+        eight_bit_adam=settings.eight_bit_adam,
+        micro_batch=settings.micro_batch,
+        shard=shard,
+        stop_at=stop_at,
+        export=export,
+    )
+    trainer = Trainer(config, options, link, peer=peer)
+
+    def request_stop(signum: int, frame: object) -> None:
+        log.info("stopping after this step (signal %d)", signum)
+        trainer.stop_requested = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+    return 0

@@ -1,0 +1,36 @@
+"""An exponential moving average of the trained parameters.
+
+It lives in host memory when training on a GPU: a copy of every trained weight is memory the
+GPU needs more (an SD 1.5 UNet is 3.4 GB in fp32)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Ema:
+    def __init__(self, named: list[tuple[str, nn.Parameter]], decay: float,
+                 device: torch.device | None = None) -> None:
+        self.names = [name for name, _ in named]
+        self.params = [p for _, p in named]
+        self.shadow = [p.detach().to(device or p.device, copy=True) for p in self.params]
+        self.decay = decay
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        # A short warm-up (as diffusers' EMAModel): early averages would otherwise be
+        # dominated by the untrained start.
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for s, p in zip(self.shadow, self.params, strict=True):
+            s.lerp_(p.detach().to(s.device, non_blocking=True), 1.0 - decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: s for name, s in zip(self.names, self.shadow, strict=True)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], updates: int) -> None:
+        for name, s in zip(self.names, self.shadow, strict=True):
+            s.copy_(state[name])
+        self.updates = updates

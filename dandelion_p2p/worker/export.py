@@ -1,0 +1,49 @@
+"""Exporting the trained model: a diffusers folder, and a single file for SD UIs.
+
+Full fine-tunes export the whole pipeline as a diffusers folder and, for SD 1.x, one
+``.safetensors`` file in the original Stable Diffusion layout (``singlefile``). LoRA runs
+export ``pytorch_lora_weights.safetensors`` (diffusers' LoRA format, read by diffusers and
+the common UIs) and a folder with the base pipeline plus that file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from dandelion_p2p.runconfig.schema import RunConfig
+from dandelion_p2p.worker.model import Components
+from dandelion_p2p.worker.sampling import build_pipeline
+
+log = logging.getLogger(__name__)
+
+
+def export(c: Components, config: RunConfig, root: Path, step: int) -> Path:
+    """Write ``root/<run>-step-N/`` atomically (a temp folder renamed into place)."""
+    final = root / f"{config.name}-step-{step:08d}"
+    if final.exists():
+        return final
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    pipe = build_pipeline(c)
+    if config.training.method == "lora":
+        from peft.utils import get_peft_model_state_dict
+
+        layers = {"unet_lora_layers": get_peft_model_state_dict(c.unet)}
+        if config.training.train_text_encoder:
+            names = ["text_encoder_lora_layers", "text_encoder_2_lora_layers"]
+            for name, encoder in zip(names, c.text_encoders, strict=False):
+                layers[name] = get_peft_model_state_dict(encoder)
+        type(pipe).save_lora_weights(tmp, **layers)  # type: ignore[attr-defined]
+    else:
+        pipe.save_pretrained(tmp / "diffusers")  # type: ignore[attr-defined]
+        if c.family == "sd1":
+            from dandelion_p2p.worker.singlefile import save_single_file
+
+            save_single_file(c, tmp / f"{config.name}-step-{step:08d}.safetensors")
+    os.rename(tmp, final)
+    log.info("exported %s", final)
+    return final

@@ -1,0 +1,164 @@
+"""The worker's connection to its daemon, or to nobody when it trains alone.
+
+With a daemon, control messages are methods on the daemon's control socket
+(``protocol/worker.md``) and the vector to average lies in a ``SharedVector`` both map.
+Alone, ``SoloLink`` plays the daemon's part: every sync is a round of one.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from dandelion_p2p.control import call_sync
+from dandelion_p2p.errors import ConfigError, PeerUnavailable
+from dandelion_p2p.sync.shm import SharedVector
+from dandelion_p2p.worker import protocol
+
+PROGRESS_INTERVAL = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class SyncOutcome:
+    round: int
+    averaged: bool
+    """False when no other peer joined (the buffer holds this peer's own values)."""
+    fraction_averaged: float
+    members: int
+    seconds: float
+
+
+class Link(Protocol):
+    run: str
+    run_config_toml: str
+
+    def buffer(self, elements: int) -> np.ndarray: ...
+
+    def sync(self, round_: int, weight: float, kind: str) -> SyncOutcome: ...
+
+    def progress(self, fields: dict[str, Any], force: bool = False) -> bool:
+        """Report progress; True when the daemon asks the worker to stop."""
+        ...
+
+    def catch_up(self, have_step: int, checkpoints: Path, wait: bool = False) -> int:
+        """Have the swarm's state put into ``checkpoints`` when peers are ahead of
+        ``have_step``; returns the step downloaded, or -1. ``wait``: give a daemon that just
+        started a few seconds to find its peers."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class SoloLink:
+    """Training with no swarm: the run config comes from a file, rounds have one member."""
+
+    def __init__(self, run_config: Path) -> None:
+        try:
+            self.run_config_toml = Path(run_config).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read run config {run_config}: {exc.strerror}") from None
+        self.run = ""
+        self._buffer = np.empty(0, dtype=np.float32)
+
+    def buffer(self, elements: int) -> np.ndarray:
+        self._buffer = np.zeros(elements, dtype=np.float32)
+        return self._buffer
+
+    def sync(self, round_: int, weight: float, kind: str) -> SyncOutcome:
+        return SyncOutcome(round_, False, 0.0, 1, 0.0)
+
+    def progress(self, fields: dict[str, Any], force: bool = False) -> bool:
+        return False
+
+    def catch_up(self, have_step: int, checkpoints: Path, wait: bool = False) -> int:
+        return -1
+
+    def close(self) -> None:
+        pass
+
+
+class DaemonLink:
+    """Talks to the daemon on ``socket``.
+
+    Raises (from the constructor and every method):
+        PeerUnavailable: the daemon is not running or went away.
+        CommandFailed: the daemon refused (another worker holds the session, no run, ...).
+    """
+
+    def __init__(self, socket: Path, sync_timeout: float = 3600.0,
+                 connect_timeout: float = 30.0) -> None:
+        self.socket = Path(socket)
+        self.sync_timeout = sync_timeout
+        hello = self._hello(connect_timeout)
+        if hello.get("protocol") != protocol.PROTOCOL_VERSION:
+            raise ConfigError(
+                f"the daemon speaks worker protocol {hello.get('protocol')}, this worker "
+                f"{protocol.PROTOCOL_VERSION}: update one of them"
+            )
+        self.session: str = hello["session"]
+        self.run: str = hello["run"]
+        self.peer: str = hello.get("peer", "")
+        self.run_config_toml: str = hello["run_config"]
+        self._shared: SharedVector | None = None
+        self._last_progress = 0.0
+
+    def _hello(self, connect_timeout: float) -> dict[str, Any]:
+        """Say hello, waiting a while for a daemon that is still starting."""
+        deadline = time.monotonic() + connect_timeout
+        while True:
+            try:
+                return call_sync(self.socket, protocol.HELLO,
+                                 {"protocol": protocol.PROTOCOL_VERSION, "pid": os.getpid()})
+            except PeerUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def buffer(self, elements: int) -> np.ndarray:
+        answer = call_sync(self.socket, protocol.BUFFER,
+                           {"session": self.session, "elements": elements})
+        self._shared = SharedVector(Path(answer["path"]), elements, create=False)
+        return self._shared.array
+
+    def sync(self, round_: int, weight: float, kind: str) -> SyncOutcome:
+        started = time.monotonic()
+        answer = call_sync(
+            self.socket,
+            protocol.SYNC,
+            {"session": self.session, "round": round_, "weight": float(weight), "kind": kind},
+            timeout=self.sync_timeout,
+        )
+        return SyncOutcome(
+            round=round_,
+            averaged=bool(answer["averaged"]),
+            fraction_averaged=float(answer["fraction_averaged"]),
+            members=int(answer["members"]),
+            seconds=time.monotonic() - started,
+        )
+
+    def progress(self, fields: dict[str, Any], force: bool = False) -> bool:
+        now = time.monotonic()
+        if not force and now - self._last_progress < PROGRESS_INTERVAL:
+            return False
+        self._last_progress = now
+        answer = call_sync(self.socket, protocol.PROGRESS, {"session": self.session, **fields})
+        return bool(answer.get("stop", False))
+
+    def catch_up(self, have_step: int, checkpoints: Path, wait: bool = False) -> int:
+        answer = call_sync(
+            self.socket, protocol.CATCH_UP,
+            {"session": self.session, "step": have_step, "wait": wait,
+             "checkpoints": str(Path(checkpoints).absolute())},
+            timeout=self.sync_timeout,
+        )
+        return int(answer["step"])
+
+    def close(self) -> None:
+        if self._shared is not None:
+            self._shared.close()
+            self._shared = None

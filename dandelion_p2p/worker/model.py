@@ -1,0 +1,239 @@
+"""Loading a Stable Diffusion model for training, and choosing what trains.
+
+A model comes from a local diffusers folder, a single-file checkpoint (``.safetensors`` or
+``.ckpt``, through diffusers' ``from_single_file``) or, when the user names one, a hub id.
+SD 1.x and 2.x share one layout (2.x 768 models predict v); SDXL adds a second text encoder
+and size/crop conditioning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dandelion_p2p.errors import ConfigError
+from dandelion_p2p.runconfig.schema import ModelConfig, TrainingConfig
+
+log = logging.getLogger(__name__)
+
+PIPELINE_FAMILIES = {
+    "StableDiffusionPipeline": ("sd1", "sd2"),
+    "StableDiffusionXLPipeline": ("sdxl",),
+}
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+@dataclass
+class Components:
+    family: str
+    prediction: str
+    unet: Any
+    vae: Any
+    noise_scheduler: Any
+    tokenizers: list[Any]
+    text_encoders: list[Any]
+    source: str
+    trainable: list[tuple[str, nn.Parameter]] = field(default_factory=list)
+    """Every parameter that trains, by a stable name: what checkpoints hold and peers sync."""
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.family == "sdxl"
+
+
+def _looks_local(base: str) -> bool:
+    return base.startswith(("/", ".", "~")) or Path(base).suffix in SINGLE_FILE_SUFFIXES
+
+
+def _check_folder(folder: Path, family: str) -> None:
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise ConfigError(
+            f"{folder} is not a diffusers model folder (no model_index.json); give a diffusers "
+            "folder, a .safetensors/.ckpt checkpoint or a hub id"
+        )
+    try:
+        class_name = json.loads(index.read_text()).get("_class_name", "")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{index}: unreadable ({exc})") from None
+    families = PIPELINE_FAMILIES.get(class_name)
+    if families is None:
+        raise ConfigError(
+            f"{folder} holds a {class_name or 'unknown'} model; supported: "
+            + ", ".join(PIPELINE_FAMILIES)
+        )
+    if family not in families:
+        raise ConfigError(
+            f"{folder} holds a {class_name} but the run config says model.family = {family!r}"
+        )
+
+
+def _pipeline_class(family: str) -> Any:
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+
+
+def load_pipeline(model: ModelConfig) -> Any:
+    """The whole pipeline on the CPU.
+
+    Raises:
+        ConfigError: the model is missing, of an unsupported type, or cannot be read.
+    """
+    base = model.base
+    path = Path(base).expanduser()
+    cls = _pipeline_class(model.family)
+    try:
+        if path.is_dir():
+            _check_folder(path, model.family)
+            return cls.from_pretrained(path, safety_checker=None)
+        if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+            if not path.is_file():
+                raise ConfigError(f"model checkpoint {path} does not exist")
+            return cls.from_single_file(str(path))
+        if _looks_local(base) or path.exists():
+            raise ConfigError(f"model folder {path} does not exist")
+        log.info("loading %s from the hub", base)
+        return cls.from_pretrained(base, revision=model.revision or None)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"cannot load model {base!r}: {type(exc).__name__}: {exc}") from None
+
+
+def load_components(model: ModelConfig) -> Components:
+    from diffusers import DDPMScheduler
+
+    pipe = load_pipeline(model)
+    scheduler = DDPMScheduler.from_config(
+        pipe.scheduler.config, prediction_type=model.prediction
+    )
+    tokenizers = [pipe.tokenizer]
+    encoders = [pipe.text_encoder]
+    if model.family == "sdxl":
+        tokenizers.append(pipe.tokenizer_2)
+        encoders.append(pipe.text_encoder_2)
+    for module in (pipe.vae, *encoders, pipe.unet):
+        module.requires_grad_(False)
+    # Master weights in fp32 whatever the checkpoint holds; autocast does the rest.
+    pipe.unet.float()
+    pipe.vae.float()
+    return Components(
+        family=model.family,
+        prediction=model.prediction,
+        unet=pipe.unet,
+        vae=pipe.vae,
+        noise_scheduler=scheduler,
+        tokenizers=tokenizers,
+        text_encoders=encoders,
+        source=model.base,
+    )
+
+
+def select_trainable(c: Components, training: TrainingConfig, seed: int) -> None:
+    """Mark what trains (the UNet, or LoRA adapters on it; text encoders when asked) and list
+    it in ``c.trainable``. LoRA weights start from ``seed``, so every peer starts equal."""
+    torch.manual_seed(seed)
+    modules: list[tuple[str, Any]] = [("unet", c.unet)]
+    if training.train_text_encoder:
+        modules += [(f"text_encoder_{i}", enc) for i, enc in enumerate(c.text_encoders)]
+    if training.method == "lora":
+        from peft import LoraConfig
+
+        for name, module in modules:
+            targets = UNET_LORA_TARGETS if name == "unet" else TEXT_LORA_TARGETS
+            module.add_adapter(LoraConfig(
+                r=training.lora_rank,
+                lora_alpha=training.lora_alpha,  # type: ignore[arg-type]  # peft takes floats
+                init_lora_weights="gaussian",
+                target_modules=targets,
+            ))
+    else:
+        for _, module in modules:
+            module.requires_grad_(True)
+    c.trainable = [
+        (f"{name}.{pname}", p)
+        for name, module in modules
+        for pname, p in module.named_parameters()
+        if p.requires_grad
+    ]
+    for _, p in c.trainable:
+        p.data = p.data.float()
+    count = sum(p.numel() for _, p in c.trainable)
+    log.info("training %s: %d tensors, %d parameters", training.method, len(c.trainable), count)
+
+
+def use_attention(c: Components, wanted: str) -> str:
+    """SDPA unless xformers is asked for and actually runs here; returns what is used."""
+    if wanted != "xformers":
+        return "sdpa"
+    try:
+        import xformers.ops
+
+        device = next(c.unet.parameters()).device
+        q = torch.zeros(1, 8, 1, 8, device=device, dtype=torch.float16)
+        xformers.ops.memory_efficient_attention(q, q, q)
+        c.unet.enable_xformers_memory_efficient_attention()
+        return "xformers"
+    except Exception as exc:
+        log.warning("xformers unavailable here (%s: %s); using torch SDPA attention",
+                    type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        return "sdpa"
+
+
+def make_optimizer(params: list[nn.Parameter], name: str, lr: float, betas: tuple[float, float],
+                   weight_decay: float, eps: float) -> torch.optim.Optimizer:
+    """AdamW, 8-bit from bitsandbytes when asked and usable, else torch's (with a message)."""
+    if name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+
+            optimizer: torch.optim.Optimizer = bnb.optim.AdamW8bit(
+                params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps
+            )
+            log.info("optimizer: 8-bit AdamW (bitsandbytes)")
+            return optimizer
+        except Exception as exc:
+            log.warning(
+                "8-bit AdamW unavailable (%s: %s); falling back to torch AdamW, which keeps "
+                "optimizer state in fp32 (4x the memory)", type(exc).__name__, exc
+            )
+    log.info("optimizer: torch AdamW")
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
+
+
+def flatten_into(params: list[nn.Parameter], out: torch.Tensor, grads: bool = False) -> None:
+    """Copy parameters (or their gradients) into the flat float32 ``out``, in order."""
+    offset = 0
+    for p in params:
+        source = p.grad if grads else p.data
+        n = p.numel()
+        if source is None:
+            out[offset : offset + n].zero_()
+        else:
+            out[offset : offset + n].copy_(source.detach().reshape(-1))
+        offset += n
+
+
+def assign_from(params: list[nn.Parameter], flat: torch.Tensor, grads: bool = False) -> None:
+    """The inverse of ``flatten_into``."""
+    offset = 0
+    for p in params:
+        n = p.numel()
+        values = flat[offset : offset + n].view_as(p).to(p.device, p.dtype)
+        if grads:
+            if p.grad is None:
+                p.grad = values.clone()
+            else:
+                p.grad.copy_(values)
+        else:
+            p.data.copy_(values)
+        offset += n

@@ -1,0 +1,39 @@
+"""The outer optimizer of local-steps training (DiLoCo): Nesterov momentum on the swarm's
+averaged pseudo-gradient. It works on flat float32 vectors kept on the CPU, so the start
+weights and the momentum cost host memory, not GPU memory.
+
+Every peer holds the same start weights and momentum and receives the same averaged
+pseudo-gradient, so every peer computes the same new weights, bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class OuterNesterov:
+    def __init__(self, start: torch.Tensor, lr: float, momentum: float) -> None:
+        self.start = start.clone()
+        self.momentum_buffer = torch.zeros_like(self.start)
+        self.lr = lr
+        self.momentum = momentum
+
+    def pseudo_gradient(self, current: torch.Tensor, out: torch.Tensor) -> None:
+        """``out = start - current``: how far the local steps moved."""
+        torch.sub(self.start, current, out=out)
+
+    def step(self, averaged: torch.Tensor) -> torch.Tensor:
+        """Apply the averaged pseudo-gradient; returns (and remembers) the new start weights."""
+        self.momentum_buffer.mul_(self.momentum).add_(averaged)
+        update = averaged + self.momentum * self.momentum_buffer
+        self.start.sub_(update, alpha=self.lr)
+        return self.start
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"start": self.start, "momentum": self.momentum_buffer}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state["start"].shape != self.start.shape:
+            raise ValueError("outer optimizer state does not match the trained parameters")
+        self.start.copy_(state["start"])
+        self.momentum_buffer.copy_(state["momentum"])

@@ -1,0 +1,501 @@
+"""The trainer: one loop, readable top to bottom.
+
+    python -m dandelion_p2p.worker --run-config run.toml --data images/ --work-dir out/
+
+Per step: take this peer's next batch (bucketed, from the on-disk latent/text cache), draw
+noise and timesteps per sample, predict, weight the loss (min-SNR), backpropagate, step the
+optimizer at the LR the schedule gives for the swarm's global step. In local-steps mode every
+H steps the pseudo-gradient goes to the swarm and the outer Nesterov step brings every peer
+to the same weights; in gradient mode every step's gradient is averaged first. Checkpoints,
+sample images and progress reports happen at their intervals; a stop request (SIGTERM, or the
+daemon) ends the loop after the current step with a checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import blake3
+import numpy as np
+import torch
+
+from dandelion_p2p.errors import ConfigError
+from dandelion_p2p.runconfig.schema import RunConfig
+from dandelion_p2p.worker import diffusion
+from dandelion_p2p.worker.batches import BatchMaker
+from dandelion_p2p.worker.bucketing import BatchPlan, make_buckets, nearest_bucket, plan_epoch
+from dandelion_p2p.worker.checkpoint import Checkpoint, CheckpointStore
+from dandelion_p2p.worker.data import scan
+from dandelion_p2p.worker.ema import Ema
+from dandelion_p2p.worker.link import Link, SyncOutcome
+from dandelion_p2p.worker.model import (
+    assign_from,
+    flatten_into,
+    load_components,
+    make_optimizer,
+    select_trainable,
+    use_attention,
+)
+from dandelion_p2p.worker.outer import OuterNesterov
+from dandelion_p2p.worker.schedule import lr_at
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    data: Path
+    work_dir: Path
+    device: str = "auto"
+    mixed_precision: str = "auto"
+    """auto: bf16 on a GPU that has it, else fp16 on a GPU, none on the CPU."""
+    attention: str = "sdpa"
+    gradient_checkpointing: bool = True
+    eight_bit_adam: bool = True
+    micro_batch: int = 0
+    shard: tuple[int, int] | None = None
+    """(index, count): train only every count-th sample of each epoch's order."""
+    stop_at: int = 0
+    """Stop at this global step (0: the run's max_steps)."""
+    export: bool = True
+
+
+@dataclass
+class Position:
+    """Where training stands; saved in every checkpoint."""
+
+    global_step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    batches_done: int = 0
+    rounds: int = 0
+    samples_since_sync: int = 0
+    expected_peers: int = 1
+
+
+def pick_device(wanted: str) -> torch.device:
+    if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("device = cuda, but torch sees no CUDA device")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def pick_precision(wanted: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32. Master weights stay fp32 either way."""
+    if wanted == "no" or (wanted == "auto" and device.type == "cpu"):
+        return None
+    if wanted == "fp16":
+        return torch.float16
+    if wanted == "bf16" or (device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
+def vector_digest(vector: torch.Tensor) -> str:
+    return blake3.blake3(vector.detach().cpu().numpy().tobytes()).hexdigest()[:32]
+
+
+class Trainer:
+    def __init__(self, config: RunConfig, options: WorkerOptions, link: Link,
+                 peer: str = "") -> None:
+        self.config = config
+        self.options = options
+        self.link = link
+        self.stop_requested = False
+        t = config.training
+        options.work_dir.mkdir(parents=True, exist_ok=True)
+        self.device = pick_device(options.device)
+        self.autocast_dtype = pick_precision(options.mixed_precision, self.device)
+
+        # The model, and what of it trains.
+        self.c = load_components(config.model)
+        select_trainable(self.c, t, t.seed)
+        self.attention = use_attention(self.c, options.attention)
+        if options.gradient_checkpointing:
+            self.c.unet.enable_gradient_checkpointing()
+        frozen_dtype = self.autocast_dtype or torch.float32
+        self.c.unet.to(self.device)
+        self.c.vae.to(self.device)
+        for encoder in self.c.text_encoders:
+            encoder.to(self.device, torch.float32 if t.train_text_encoder else frozen_dtype)
+        self.c.unet.train()
+        self.params = [p for _, p in self.c.trainable]
+        self.n_elements = sum(p.numel() for p in self.params)
+
+        optimizer_name = config.optimizer.name
+        if optimizer_name == "adamw8bit" and not options.eight_bit_adam:
+            log.info("8-bit AdamW turned off in this machine's settings")
+            optimizer_name = "adamw"
+        o = config.optimizer
+        self.optimizer = make_optimizer(self.params, optimizer_name, o.lr, (o.beta1, o.beta2),
+                                        o.weight_decay, o.eps)
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=self.autocast_dtype == torch.float16
+        )
+        self.ema = (Ema(self.c.trainable, t.ema_decay, device=torch.device("cpu"))
+                    if t.ema else None)
+
+        # The data: every image in a bucket, batches planned per epoch.
+        self.samples = scan(options.data).samples
+        buckets = (make_buckets(t.resolution, t.bucket_min, t.bucket_max, t.bucket_step)
+                   if t.bucketing else [(t.resolution, t.resolution)])
+        self.sample_buckets = [nearest_bucket(s.width, s.height, buckets) for s in self.samples]
+        self.batches = BatchMaker(self.c, self.samples, options.work_dir / "cache", self.device,
+                                  cache_text=not t.train_text_encoder)
+        self.micro_batch = min(options.micro_batch or t.batch_size, t.batch_size)
+        if options.shard is not None:
+            self.order_seed: list[int] = [t.seed]
+            self.shard = options.shard
+        else:
+            # Without a shard from the swarm each peer walks the data in its own order.
+            self.order_seed = [t.seed, int(blake3.blake3(peer.encode()).hexdigest()[:8], 16)]
+            self.shard = (0, 1)
+        self._epoch_cache: tuple[int, list[BatchPlan]] | None = None
+
+        # The swarm: the shared buffer and, in local-steps mode, the outer optimizer.
+        self.shared = torch.from_numpy(link.buffer(self.n_elements))
+        self.flat = torch.empty(self.n_elements, dtype=torch.float32)
+        flatten_into(self.params, self.flat)
+        self.outer = (OuterNesterov(self.flat, config.sync.outer_lr, config.sync.outer_momentum)
+                      if config.sync.mode == "local_steps" else None)
+
+        self.position = Position(expected_peers=config.averaging.min_group if link.run else 1)
+        self.checkpoints = CheckpointStore(options.work_dir / "checkpoints",
+                                           config.checkpoint.keep_last)
+        self.train_log = (options.work_dir / "train_log.jsonl").open("a")
+        self.sync_log = (options.work_dir / "sync_log.jsonl").open("a")
+        # A peer without the swarm's newest state fetches it from peers already training.
+        have = self.checkpoints.latest_step()
+        self.joined = link.catch_up(have, self.checkpoints.root, wait=True) > have
+        latest = self.checkpoints.latest()
+        if latest is not None:
+            self.restore(latest)
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> None:
+        t = self.config.training
+        last_step = min(self.options.stop_at or t.max_steps, t.max_steps)
+        self.report("training", force=True)
+        if self.joined and self.outer is not None:
+            self.join_round()
+        started, samples = time.monotonic(), 0
+        while self.position.global_step < last_step and not self.stop_requested:
+            loss, n = self.train_step()
+            samples += n
+            p = self.position
+            self.log_step(loss, samples / max(1e-9, time.monotonic() - started))
+            if self.outer is not None and p.global_step % self.config.sync.local_steps == 0:
+                outcome = self.sync_local_steps()
+                if not outcome.averaged and outcome.members > 1:
+                    # Others were there but we could not average with them: we are behind
+                    # (or went alone for a while). Take the swarm's state and join it.
+                    self.catch_up_and_join()
+            if p.global_step % self.config.checkpoint.every_steps == 0:
+                self.save()
+            if t.sample_every and p.global_step % t.sample_every == 0:
+                self.sample_images()
+        self.save()
+        if self.position.global_step >= t.max_steps and self.options.export:
+            from dandelion_p2p.worker.export import export
+
+            export(self.c, self.config, self.options.work_dir / "export",
+                   self.position.global_step)
+        self.report("stopped", force=True)
+
+    def train_step(self) -> tuple[float, int]:
+        """One optimizer step (gradient mode: after the swarm averaged the gradients);
+        returns (mean loss, samples this peer trained)."""
+        p = self.position
+        target = self.local_target()
+        total, loss_sum = 0, 0.0
+        while True:
+            plan = self.next_batch()
+            # The plan is the run's batch; this machine may cut it into smaller forward passes
+            # (local settings: micro_batch) without changing what is learned.
+            for start in range(0, len(plan.indices), self.micro_batch):
+                part = BatchPlan(plan.bucket, plan.indices[start : start + self.micro_batch])
+                loss_sum += self.forward_backward(part)
+            total += len(plan.indices)
+            if self.outer is not None or total >= target:
+                break
+        scale = 1.0 / total
+        for param in self.params:
+            if param.grad is not None:
+                param.grad.mul_(scale)
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.optimizer)
+        if self.outer is None:
+            self.sync_gradients(total)
+        if self.config.optimizer.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.optimizer.max_grad_norm)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(p.global_step, self.config)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update()
+        p.global_step += 1
+        p.samples_since_sync += total
+        return loss_sum / total, total
+
+    def forward_backward(self, plan: BatchPlan) -> float:
+        """Accumulate the gradient of the summed per-sample loss; returns that sum."""
+        t = self.config.training
+        step = self.position.global_step
+        hashes = [self.samples[i].content_hash for i in plan.indices]
+        captions = [self.caption(i, step) for i in plan.indices]
+        latents, size_cond = self.batches.latents(plan.indices, plan.bucket)
+        scheduler = self.c.noise_scheduler
+        noise, timesteps = diffusion.draw_noise(
+            latents, t.seed, step, hashes, scheduler.config.num_train_timesteps, t.noise_offset
+        )
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        target = diffusion.target_for(scheduler, latents, noise, timesteps,
+                                      self.c.prediction)
+        weights = diffusion.loss_weights(scheduler.alphas_cumprod, timesteps,
+                                         t.min_snr_gamma, self.c.prediction)
+        with self.autocast():
+            text = self.batches.text(captions)
+            prediction = self.c.unet(noisy, timesteps,
+                                     **self.batches.unet_kwargs(text, size_cond)).sample
+        per_sample = (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+        loss = (per_sample * weights).sum()
+        self.scaler.scale(loss).backward()
+        return float(loss.detach())
+
+    def caption(self, index: int, step: int) -> str:
+        dropout = self.config.training.caption_dropout
+        sample = self.samples[index]
+        if dropout and diffusion.sample_generator(
+            self.config.training.seed + 1, step, sample.content_hash
+        ).initial_seed() % 10_000 < dropout * 10_000:
+            return ""
+        return sample.caption
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def next_batch(self) -> BatchPlan:
+        """This peer's next batch; the position in the data is part of every checkpoint."""
+        p = self.position
+        plans = self._epoch(p.epoch)
+        if p.batch_in_epoch >= len(plans):
+            p.epoch, p.batch_in_epoch = p.epoch + 1, 0
+            plans = self._epoch(p.epoch)
+        p.batch_in_epoch += 1
+        p.batches_done += 1
+        return plans[p.batch_in_epoch - 1]
+
+    def _epoch(self, epoch: int) -> list[BatchPlan]:
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            seed = int(np.random.SeedSequence(self.order_seed).generate_state(1)[0])
+            plans = plan_epoch(self.sample_buckets, self.config.training.batch_size, seed, epoch,
+                               *self.shard)
+            if not plans:
+                raise ConfigError(f"shard {self.shard[0]}/{self.shard[1]} holds no images")
+            self._epoch_cache = (epoch, plans)
+        return self._epoch_cache[1]
+
+    def local_target(self) -> int:
+        """Gradient mode: samples this peer gathers per step, its share of the target batch."""
+        if self.outer is not None:
+            return self.config.training.batch_size
+        share = math.ceil(self.config.sync.target_batch / max(1, self.position.expected_peers))
+        return max(1, share)
+
+    # ------------------------------------------------------------------ the swarm
+
+    def sync_local_steps(self) -> SyncOutcome:
+        """Average the pseudo-gradient (start - now) with the swarm, take the outer step."""
+        assert self.outer is not None
+        p = self.position
+        round_ = p.global_step // self.config.sync.local_steps
+        flatten_into(self.params, self.flat)
+        self.outer.pseudo_gradient(self.flat, self.shared)
+        if not bool(torch.isfinite(self.shared).all()):
+            raise FloatingPointError("the local steps produced non-finite weights")
+        self.report("syncing", force=True)
+        outcome = self.link.sync(round_, p.samples_since_sync, "local_steps")
+        new_start = self.outer.step(self.shared)
+        assign_from(self.params, new_start)
+        self.after_sync(outcome, new_start)
+        return outcome
+
+    def catch_up_and_join(self) -> None:
+        have = self.checkpoints.latest_step()
+        if self.link.catch_up(have, self.checkpoints.root) <= have:
+            return
+        latest = self.checkpoints.latest()
+        if latest is not None:
+            self.restore(latest)
+            self.join_round()
+
+    def join_round(self) -> None:
+        """Come into step with the swarm after downloading its state: arrive at the next round
+        with nothing to add (a zero pseudo-gradient, weight 0) and take the others' average.
+        If the swarm moved on meanwhile, fetch its newer state and try again."""
+        assert self.outer is not None
+        h = self.config.sync.local_steps
+        for _attempt in range(5):
+            p = self.position
+            if p.global_step >= self.config.training.max_steps:
+                return
+            p.global_step = p.global_step // h * h
+            assign_from(self.params, self.outer.start)
+            round_ = p.global_step // h + 1
+            self.shared.zero_()
+            self.report("syncing", force=True)
+            outcome = self.link.sync(round_, 0.0, "local_steps")
+            if outcome.averaged and outcome.fraction_averaged == 1.0:
+                p.global_step += h
+                new_start = self.outer.step(self.shared)
+                assign_from(self.params, new_start)
+                self.after_sync(outcome, new_start)
+                self.save()
+                log.info("joined the swarm at round %d", round_)
+                return
+            have = self.checkpoints.latest_step()
+            if self.link.catch_up(have, self.checkpoints.root) <= have:
+                log.info("no newer state among peers; training on from step %d", have)
+                return
+            latest = self.checkpoints.latest()
+            if latest is not None:
+                self.restore(latest)
+
+    def sync_gradients(self, samples: int) -> None:
+        """Replace this peer's gradient with the swarm's average for this step."""
+        p = self.position
+        flatten_into(self.params, self.shared, grads=True)
+        self.report("syncing")
+        outcome = self.link.sync(p.global_step + 1, samples, "gradient")
+        assign_from(self.params, self.shared, grads=True)
+        p.expected_peers = max(1, outcome.members)
+        self.after_sync(outcome, None)
+
+    def after_sync(self, outcome: SyncOutcome, weights: torch.Tensor | None) -> None:
+        p = self.position
+        p.rounds += 1
+        p.samples_since_sync = 0
+        entry: dict[str, Any] = {"round": outcome.round, "global_step": p.global_step,
+                 "averaged": outcome.averaged, "members": outcome.members,
+                 "fraction_averaged": outcome.fraction_averaged,
+                 "seconds": round(outcome.seconds, 3)}
+        if weights is not None:
+            entry["digest"] = vector_digest(weights)
+        self.sync_log.write(json.dumps(entry) + "\n")
+        self.sync_log.flush()
+        log.info("round %d: %s, %d members, %.0f%% averaged, %.2f s", outcome.round,
+                 "averaged" if outcome.averaged else "alone", outcome.members,
+                 100 * outcome.fraction_averaged, outcome.seconds)
+
+    # ------------------------------------------------------------------ reporting
+
+    def log_step(self, loss: float, samples_per_second: float) -> None:
+        p = self.position
+        lr = lr_at(p.global_step - 1, self.config)
+        self.train_log.write(json.dumps({"step": p.global_step, "loss": loss, "lr": lr,
+                                         "time": time.time()}) + "\n")
+        self.train_log.flush()
+        self.last_loss, self.last_rate = loss, samples_per_second
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {p.global_step}")
+        self.report("training")
+
+    def report(self, state: str, force: bool = False) -> None:
+        p = self.position
+        stop = self.link.progress({
+            "state": state,
+            "step": p.batches_done,
+            "global_step": p.global_step,
+            "loss": getattr(self, "last_loss", None),
+            "samples_per_second": getattr(self, "last_rate", None),
+            "detail": f"{len(self.samples)} images, {self.n_elements} trained parameters",
+        }, force=force)
+        if stop:
+            log.info("the daemon asks this worker to stop")
+            self.stop_requested = True
+
+    @torch.no_grad()
+    def sample_images(self) -> None:
+        from dandelion_p2p.worker.sampling import sample_images
+
+        step = self.position.global_step
+        paths = sample_images(self.c, self.config, self.options.work_dir / "samples", step,
+                              self.device)
+        log.info("step %d: wrote %d sample images", step, len(paths))
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self) -> None:
+        p = self.position
+        tensors: dict[str, dict[str, torch.Tensor]] = {
+            "trainable": {name: p.detach() for name, p in self.c.trainable}
+        }
+        if self.ema is not None:
+            tensors["ema"] = self.ema.state_dict()
+        if self.outer is not None:
+            tensors["outer"] = self.outer.state_dict()
+        blobs = {
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+            },
+        }
+        meta = {
+            "run": self.config.name,
+            "position": dict(vars(p)),
+            "ema_updates": self.ema.updates if self.ema is not None else 0,
+            "names": [name for name, _ in self.c.trainable],
+        }
+        path = self.checkpoints.save(p.global_step, meta, tensors, blobs)
+        log.info("checkpoint %s", path)
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        names = [name for name, _ in self.c.trainable]
+        if checkpoint.meta.get("names") != names or checkpoint.meta.get("run") != self.config.name:
+            raise ConfigError(
+                f"checkpoint {checkpoint.path} belongs to another run or model; move it away "
+                "or give this run another work folder"
+            )
+        trained = checkpoint.tensors("trainable")
+        with torch.no_grad():
+            for name, param in self.c.trainable:
+                param.copy_(trained[name])
+        if self.ema is not None and checkpoint.has("ema.safetensors"):
+            self.ema.load_state_dict(checkpoint.tensors("ema"), checkpoint.meta["ema_updates"])
+        if self.outer is not None:
+            self.outer.load_state_dict(checkpoint.tensors("outer"))
+        self.optimizer.load_state_dict(checkpoint.blob("optimizer"))
+        self.scaler.load_state_dict(checkpoint.blob("scaler"))
+        rng = checkpoint.blob("rng")
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        for key, value in checkpoint.meta["position"].items():
+            setattr(self.position, key, value)
+        log.info("resumed from checkpoint %s at global step %d", checkpoint.path,
+                 self.position.global_step)
+
+    def close(self) -> None:
+        self.train_log.close()
+        self.sync_log.close()
+        self.link.close()

@@ -1,0 +1,67 @@
+"""State transfer messages and the server's answers, without a network."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from dandelion_p2p.errors import ProtocolViolation
+from dandelion_p2p.identity import Identity
+from dandelion_p2p.sync.statesync import (
+    CHUNK,
+    StateChunk,
+    StateOffer,
+    StateOffered,
+    StateRead,
+    StateServer,
+)
+from dandelion_p2p.wire import RejectCode
+from dandelion_p2p.worker.checkpoint import CheckpointStore
+
+PEER = Identity.generate().peer_id
+
+
+def test_messages_are_bounded_and_checked() -> None:
+    with pytest.raises(ProtocolViolation):
+        StateRead(run="r", step=1, name="../../etc/passwd", offset=0, length=10)
+    with pytest.raises(ProtocolViolation):
+        StateRead(run="r", step=1, name="a.pt", offset=0, length=CHUNK + 1)
+    with pytest.raises(ProtocolViolation):
+        StateOffered(run="r", step=1, names=("a",), sizes=(), hashes=())
+    with pytest.raises(ProtocolViolation):
+        StateOffer(run="")
+
+
+async def test_the_server_offers_its_newest_and_serves_only_checkpoints(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "checkpoints", keep_last=3)
+    for step in (3, 6):
+        store.save(step, {}, {"trainable": {"w": torch.full((1000,), float(step))}},
+                   {"optimizer": {}})
+    (tmp_path / "checkpoints" / "secret.txt").write_text("not served")
+    server = StateServer(host=None, run=lambda: "run", checkpoints=lambda: tmp_path / "checkpoints")  # type: ignore[arg-type]
+    answer: Any = await server._answer(PEER, StateOffer(run="run"))
+    assert isinstance(answer, StateOffered) and answer.step == 6
+    files = answer.files()
+    assert set(files) == {"trainable.safetensors", "optimizer.pt", "manifest.json"}
+    size = files["trainable.safetensors"][0]
+    chunk: Any = await server._answer(
+        PEER, StateRead(run="run", step=6, name="trainable.safetensors", offset=0, length=size)
+    )
+    assert isinstance(chunk, StateChunk)
+    assert chunk.data == (tmp_path / "checkpoints/step-00000006/trainable.safetensors").read_bytes()
+    assert (await server._answer(PEER, StateOffer(run="other"))).step == -1  # type: ignore[attr-defined]
+    older: Any = await server._answer(
+        PEER, StateRead(run="run", step=3, name="trainable.safetensors", offset=0, length=16)
+    )
+    assert len(older.data) == 16, "a checkpoint still kept stays readable"
+    for bad in (StateRead(run="run", step=4, name="trainable.safetensors", offset=0, length=1),
+                StateRead(run="run", step=6, name="secret.txt", offset=0, length=1)):
+        with pytest.raises(ProtocolViolation) as info:
+            await server._answer(PEER, bad)
+        assert info.value.code == RejectCode.NOT_FOUND
+    with pytest.raises(ProtocolViolation):
+        await server._answer(PEER, StateRead(run="run", step=6, name="optimizer.pt",
+                                             offset=10**9, length=1))
