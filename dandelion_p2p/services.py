@@ -26,7 +26,9 @@ from dandelion_p2p.telemetry import Telemetry
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
 SERVICE_MODULES: tuple[str, ...] = (
+    "dandelion_p2p.node_metrics",
     "dandelion_p2p.dataset.service",
+    "dandelion_p2p.webui.service",
     "dandelion_p2p.sync.service",
 )
 """Started in this order; each may rely on handlers registered by those before it."""

@@ -85,7 +85,10 @@ def start_daemon(
     data_dir.mkdir(parents=True, exist_ok=True)
     stdout_path = data_dir / "stdout.log"
     stderr_path = data_dir / "stderr.log"
-    argv = [sys.executable, "-m", "dandelion_p2p.cli", command, *args, "--data-dir", str(data_dir)]
+    # Many test daemons run at once: none takes the web UI's fixed port unless a test asks.
+    webui = [] if any(a.startswith(("--webui", "--no-webui")) for a in args) else ["--no-webui"]
+    argv = [sys.executable, "-m", "dandelion_p2p.cli", command, *args, *webui,
+            "--data-dir", str(data_dir)]
     with stdout_path.open("w") as out, stderr_path.open("w") as err:
         proc = (launcher or LocalLauncher()).popen(argv, stdout=out, stderr=err)
     daemon = DaemonProcess(proc, data_dir, stdout_path, stderr_path)
