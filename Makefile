@@ -6,6 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 STAMP_CORE := $(VENV)/.stamp-core
+STAMP_TRAIN := $(VENV)/.stamp-train
 STAMP_DEV  := $(VENV)/.stamp-dev
 STAMP_SYS  := $(VENV)/.stamp-sys
 
@@ -21,10 +22,14 @@ $(STAMP_CORE): pyproject.toml | $(PY)
 	$(PIP) install -e .
 	touch $@
 
-# Tests train tiny diffusers models on the CPU: torch is pinned first so that the train extra's
-# range is already met and pip pulls no CUDA build.
-$(STAMP_DEV): pyproject.toml $(STAMP_CORE)
+# The demo and the tests train tiny diffusers models on the CPU: torch is pinned first so that
+# the train extra's range is already met and pip pulls no CUDA build.
+$(STAMP_TRAIN): pyproject.toml $(STAMP_CORE)
 	$(PIP) install '$(TORCH_PIN)'
+	$(PIP) install -e '.[train]'
+	touch $@
+
+$(STAMP_DEV): pyproject.toml $(STAMP_TRAIN)
 	$(PIP) install -e '.[train,dev]'
 	touch $@
 
@@ -47,7 +52,7 @@ $(STAMP_SYS): | $(PY)
 
 system-deps: $(STAMP_SYS)
 
-demo: $(STAMP_CORE)
+demo: $(STAMP_TRAIN)
 	$(PY) -m dandelion_p2p.demo
 
 test: $(STAMP_DEV) $(STAMP_SYS)

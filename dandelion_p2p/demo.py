@@ -1,12 +1,16 @@
-"""``make demo``: a local swarm on this machine — one public relay and two peers that join it.
+"""``make demo``: a local swarm on this machine trains a tiny Stable Diffusion model together.
 
-The two peers are told they are behind NAT (``--reachability private``), so, as on the
-internet, they can only be reached through the relay: they reserve a slot there, publish
-their relayed addresses in the DHT, find each other through it, and exchange signed notes.
+One public relay publishes the run (a tiny random SD 1.x model built here, 16 captioned
+images) and two peers that believe they are behind NAT join it: they reach each other only
+through the relay, find the run in the DHT, and their workers train with local steps,
+averaging their progress through the swarm every few steps. The demo prints each round as it
+happens and checks at the end that both peers hold the same weights.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import shutil
 import signal
 import subprocess
@@ -18,12 +22,15 @@ from typing import Any
 
 from dandelion_p2p.control import call_sync
 
+LOCAL_STEPS = 4
+MAX_STEPS = 24
+
 
 class Proc:
     def __init__(self, name: str, args: list[str], data_dir: Path) -> None:
         self.name = name
         self.data_dir = data_dir
-        data_dir.mkdir(parents=True)
+        data_dir.mkdir(parents=True, exist_ok=True)
         self.out = data_dir / "stdout.log"
         self.err = data_dir / "daemon.log"
         argv = [sys.executable, "-m", "dandelion_p2p.cli", *args, "--data-dir", str(data_dir)]
@@ -41,66 +48,175 @@ class Proc:
                 self.addrs = [x[9:] for x in lines if x.startswith("address: ")]
                 return
             if self.proc.poll() is not None:
-                raise SystemExit(f"{self.name} exited early:\n{self.err.read_text()}")
+                raise SystemExit(f"{self.name} exited early:\n{self.err.read_text()[-3000:]}")
             time.sleep(0.1)
         raise SystemExit(f"{self.name} did not start within {timeout} s")
 
-    def call(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
         return call_sync(self.data_dir / "control.sock", method, params, timeout=30.0)
 
     def stop(self) -> float:
         start = time.monotonic()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(timeout=10)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
         return time.monotonic() - start
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            break  # a line still being written
+    return out
 
 
 def short(peer_id: str) -> str:
     return f"{peer_id[:8]}…{peer_id[-4:]}"
 
 
+def write_run_config(path: Path, model: Path) -> None:
+    path.write_text(f'''name = "demo"
+
+[model]
+base = "{model}"
+family = "sd1"
+
+[training]
+method = "full"
+resolution = 64
+bucket_min = 64
+bucket_max = 128
+batch_size = 2
+max_steps = {MAX_STEPS}
+seed = 7
+min_snr_gamma = 5.0
+
+[optimizer]
+name = "adamw"
+lr = 0.001
+
+[schedule]
+name = "constant_with_warmup"
+warmup_steps = 4
+
+[sync]
+mode = "local_steps"
+local_steps = {LOCAL_STEPS}
+outer_lr = 0.7
+outer_momentum = 0.9
+
+[averaging]
+codec = "none"
+gather_window = 1.0
+chunk_timeout = 10.0
+
+[checkpoint]
+every_steps = {LOCAL_STEPS}
+keep_last = 2
+''')
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keep", action="store_true", help="keep the demo's folder")
+    args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="dandelion-demo-"))
     procs: list[Proc] = []
     try:
-        print("Starting a public relay node: dandelion-p2p daemon --relay")
-        relay = Proc("relay", ["daemon", "--relay", "--listen", "/ip4/127.0.0.1/tcp/0"],
-                     root / "relay")
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        from dandelion_p2p.worker.tiny import build_tiny_pipeline, write_images
+
+        for lib in (diffusers_logging, transformers_logging):
+            lib.disable_progress_bar()
+            lib.set_verbosity_error()
+
+        print("Building a tiny random Stable Diffusion 1.x model and 16 captioned images")
+        model = build_tiny_pipeline(root / "model")
+        run_toml = root / "run.toml"
+        write_run_config(run_toml, model)
+
+        print("Starting a public relay that publishes the run: dandelion-p2p daemon --relay "
+              "--run-config run.toml --no-worker")
+        relay = Proc("relay", ["daemon", "--relay", "--no-worker", "--no-webui",
+                               "--run-config", str(run_toml),
+                               "--listen", "/ip4/127.0.0.1/tcp/0"], root / "relay")
         procs.append(relay)
         relay.wait_ready()
         print(f"  relay {short(relay.peer_id)} at {relay.addrs[0]}")
+        run_id = ""
+        deadline = time.monotonic() + 30
+        while not run_id and time.monotonic() < deadline:
+            runs = relay.call("runs.list")["runs"]
+            run_id = next((r["run"] for r in runs if r["name"] == "demo"), "")
+            time.sleep(0.5)
+        if not run_id:
+            raise SystemExit("the relay did not publish the run")
+        print(f"  run {run_id} published in the DHT, signed by the relay's key")
 
         peers = []
-        for name in ("alice", "bob"):
-            print(f"Starting {name}: dandelion-p2p join <relay address> (simulated NAT)")
+        for seed, name in enumerate(("alice", "bob")):
+            write_images(root / name / "training-data", 8, seed=seed)
+            print(f"Starting {name}: dandelion-p2p join <relay> --run {run_id} (simulated NAT)")
             p = Proc(name, ["join", relay.addrs[0], "--reachability", "private",
+                            "--run", run_id, "--webui-port", "0",
                             "--listen", "/ip4/127.0.0.1/tcp/0"], root / name)
             procs.append(p)
             p.wait_ready()
             peers.append(p)
             status = p.call("status")
-            print(f"  {name} {short(p.peer_id)}: reachable only through "
-                  f"{len(status['relay_reservations'])} relay reservation(s)")
-            print(f"    advertises {status['addrs'][0]}")
-        alice, bob = peers
+            print(f"  {name} {short(p.peer_id)}: reachable through "
+                  f"{len(status['relay_reservations'])} relay reservation(s); web UI "
+                  f"{status.get('webui', {}).get('url', 'off')} "
+                  f"(token in {root / name / 'webui.token'})")
 
-        members = alice.call("members")["members"]
-        print(f"\nalice looks up the swarm's members in the DHT: {len(members)} found")
-        for peer_id, info in sorted(members.items()):
-            kind = "public" if info["reachable"] else "behind NAT"
-            print(f"  {short(peer_id)}  {kind:10}  {' '.join(info['roles'])}")
+        print(f"\nTraining: {LOCAL_STEPS} local steps, then one averaging round through the "
+              f"relay, until global step {MAX_STEPS}")
+        logs = {p.name: root / p.name / "worker" / "demo" for p in peers}
+        printed: dict[str, int] = {p.name: 0 for p in peers}
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            states = {p.name: p.call("training.status") for p in peers}
+            for name in printed:
+                rounds = read_jsonl(logs[name] / "sync_log.jsonl")
+                for entry in rounds[printed[name]:]:
+                    print(f"  {name}: round {entry['round']} at step {entry['global_step']}: "
+                          f"{entry['members']} peers, "
+                          f"{100 * entry['fraction_averaged']:.0f}% averaged in "
+                          f"{entry['seconds']:.1f} s, weights {entry.get('digest', '?')[:12]}")
+                printed[name] = len(rounds)
+                if states[name]["state"] == "crashed":
+                    raise SystemExit(f"{name}'s worker crashed: {states[name]['detail']}")
+            if all(st["state"] == "stopped" for st in states.values()):
+                break
+            time.sleep(1.0)
+        else:
+            raise SystemExit("training did not finish within 15 minutes")
 
-        print("\nSigned notes, each found through the DHT and carried through the relay:")
-        for sender, receiver, text in ((alice, bob, "hi bob"), (bob, alice, "hi alice")):
-            started = time.monotonic()
-            result = sender.call("send", {"peer": receiver.peer_id, "text": text})
-            ms = (time.monotonic() - started) * 1000
-            print(f"  {sender.name} -> {receiver.name}: {text!r}; verified signed receipt "
-                  f"{result['receipt']!r} in {ms:.0f} ms")
-        conns = alice.call("status")["connected_peers"]
-        connection = {c["peer_id"]: c["connection"] for c in conns}
-        print(f"  alice's connection to bob is {connection.get(bob.peer_id, 'gone')}")
+        print("\nResult:")
+        for name, folder in logs.items():
+            losses = [e["loss"] for e in read_jsonl(folder / "train_log.jsonl")]
+            k = max(1, len(losses) // 4)
+            print(f"  {name}: {len(losses)} steps; mean loss of the first {k} "
+                  f"{sum(losses[:k]) / k:.4f}, of the last {k} {sum(losses[-k:]) / k:.4f}")
+        digests = [{e["round"]: e.get("digest") for e in read_jsonl(f / "sync_log.jsonl")}
+                   for f in logs.values()]
+        shared = sorted(set(digests[0]) & set(digests[1]))
+        same = [r for r in shared if digests[0][r] is not None and digests[0][r] == digests[1][r]]
+        print(f"  after {len(same)} of {len(shared)} rounds both peers held bit-identical "
+              "weights")
 
         print("\nShutting down (SIGTERM):")
         for p in reversed(procs):
@@ -110,7 +226,10 @@ def main() -> None:
             if p.proc.poll() is None:
                 p.proc.kill()
                 p.proc.wait()
-        shutil.rmtree(root, ignore_errors=True)
+        if args.keep:
+            print(f"demo folder kept: {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

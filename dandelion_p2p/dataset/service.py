@@ -94,6 +94,9 @@ class RunsService:
     def _prepare_dataset_role(self) -> None:
         config = self.ctx.config
         if config.dataset is None:
+            # A run owner without a dataset of its own still publishes its run's config.
+            if config.run_config is not None:
+                self.start_toml, _ = _read_run_config(config.run_config)
             return
         if config.run_config is None:
             raise ConfigError("--dataset needs --run-config: the run the dataset is for")

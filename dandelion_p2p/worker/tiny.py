@@ -87,6 +87,9 @@ def build_tiny_pipeline(folder: Path, family: str = "sd1", seed: int = 0) -> Pat
         beta_schedule="scaled_linear",
         num_train_timesteps=1000,
         prediction_type="v_prediction" if family == "sd2" else "epsilon",
+        # What current diffusers expects of SD schedulers (it warns about older configs).
+        steps_offset=1,
+        clip_sample=False,
     )
     unet_args: dict[str, object] = dict(
         block_out_channels=(32, 64),
