@@ -39,6 +39,7 @@ def pack(src: Path, out: Path, chunk_size: str, owner_key: Path | None,
          data_dir: Path | None) -> None:
     """Pack SRC (image + .txt/.caption folders, WebDataset tars, parquet) into OUT."""
     from dandelion_p2p.config import load_config
+    from dandelion_p2p.dataset.manifest import signed_digest, signed_document
     from dandelion_p2p.dataset.pack import REPORT_FILENAME
     from dandelion_p2p.dataset.pack import pack as run_pack
     from dandelion_p2p.dataset.sources import find_units
@@ -54,7 +55,7 @@ def pack(src: Path, out: Path, chunk_size: str, owner_key: Path | None,
             key_path = load_config("daemon", cli).identity_path
             identity = load_or_create_identity(key_path)
             click.echo(f"signing with the daemon identity {key_path}", err=True)
-        units = len(find_units(src))
+        units = len(find_units(src, exclude=out))
         if sys.stderr.isatty():
             with click.progressbar(length=units, label="packing", file=sys.stderr) as bar:
                 manifest, report = run_pack(src, out, identity, chunk_bytes=chunk_bytes,
@@ -79,3 +80,5 @@ def pack(src: Path, out: Path, chunk_size: str, owner_key: Path | None,
         f"{counts.get('missing_caption', 0)} missing captions (packed with empty captions)"
     )
     click.echo(f"manifest: {manifest.digest} signed by {manifest.owner}")
+    signed = signed_digest(signed_document(out))
+    click.echo(f'for the run config: [dataset] manifest = "{signed}"')

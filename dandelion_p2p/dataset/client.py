@@ -9,6 +9,12 @@
 * ``await complete(lease)``: a receipt signed with this peer's key.
 
 A holder that sends bytes not matching the hash is scored down and the next holder is asked.
+
+When the run config names its manifest (``[dataset] manifest``, set ``expected_manifest``),
+the client fetches that signed manifest by its digest, checks it is signed by the run's
+owner, takes leases only from servers announcing it and refuses any grant of a chunk the
+manifest does not list: a peer announcing itself as a server of someone else's run gets
+nowhere.
 """
 
 from __future__ import annotations
@@ -36,6 +42,12 @@ from dandelion_p2p.dataset.holders import (
     decode_server,
     encode_value,
 )
+from dandelion_p2p.dataset.manifest import (
+    ChunkEntry,
+    Manifest,
+    parse_signed_document,
+    signed_digest,
+)
 from dandelion_p2p.dataset.messages import (
     CHUNK_PROTOCOL,
     DATASET,
@@ -49,8 +61,9 @@ from dandelion_p2p.dataset.messages import (
     Receipt,
 )
 from dandelion_p2p.dataset.server import violation_sink
-from dandelion_p2p.dataset.transfer import fetch_chunk, serve_chunks
+from dandelion_p2p.dataset.transfer import LargerThanExpected, fetch_chunk, serve_chunks
 from dandelion_p2p.errors import (
+    ConfigError,
     DandelionError,
     PeerUnavailable,
     ProtocolViolation,
@@ -59,6 +72,7 @@ from dandelion_p2p.errors import (
 from dandelion_p2p.net.dht.messages import PeerRef
 from dandelion_p2p.net.node import SwarmNode
 from dandelion_p2p.net.streams import request
+from dandelion_p2p.runconfig.publication import derive_run_id, run_name_of
 from dandelion_p2p.wire import Message, RejectCode
 
 log = logging.getLogger(__name__)
@@ -82,6 +96,7 @@ class DatasetClient:
         max_cached: int = DEFAULT_MAX_CACHED,
         announce_holdings: bool = True,
         request_timeout: float = REQUEST_TIMEOUT,
+        expected_manifest: str = "",
     ) -> None:
         self.node = node
         self.run = run
@@ -99,6 +114,13 @@ class DatasetClient:
         self._discovered_at = -math.inf
         self.rejected_holders: list[tuple[str, str]] = []
         """(peer id, reason) of every holder whose chunk failed verification."""
+        self.expected_manifest = expected_manifest
+        """Digest of the signed manifest the run config names; "" trusts any server."""
+        self.manifest: Manifest | None = None
+        self._manifest_digest = ""
+        self._entries: dict[str, ChunkEntry] = {}
+        self._announced: dict[bytes, str] = {}
+        self._warned_unverified = False
 
     # ---- serving what we hold ------------------------------------------------------------
 
@@ -151,9 +173,18 @@ class DatasetClient:
                     continue
                 if announcement.run == self.run:
                     found.append(record.publisher)
+                    self._announced[record.publisher] = announcement.manifest
             if found:
                 self._discovered = found
-        servers = list(dict.fromkeys([*self.known_servers, *self._discovered]))
+        discovered = self._discovered
+        if self.manifest is not None:
+            digest = self.manifest.digest
+            skipped = [p for p in discovered if self._announced.get(p) != digest]
+            if skipped:
+                log.debug("skipping %d servers of %s announcing another manifest",
+                          len(skipped), self.run)
+            discovered = [p for p in discovered if self._announced.get(p) == digest]
+        servers = list(dict.fromkeys([*self.known_servers, *discovered]))
         if self._preferred in servers:
             servers.remove(self._preferred)
             servers.insert(0, self._preferred)  # type: ignore[arg-type]
@@ -208,21 +239,101 @@ class DatasetClient:
             violation_sink(self.node)(ID(peer), exc.code)
             raise
 
+    # ---- the manifest --------------------------------------------------------------------
+
+    async def verified_manifest(self) -> Manifest | None:
+        """The run's signed manifest named by the run config, fetched and checked once.
+
+        None when the run config names no manifest (any announced server is trusted then).
+
+        Raises:
+            PeerUnavailable: no server delivered a manifest with that digest signed by the
+                run's owner.
+        """
+        digest = self.expected_manifest
+        if not digest:
+            if not self._warned_unverified:
+                self._warned_unverified = True
+                log.warning("run %s names no dataset manifest in its config: leases are taken "
+                            "from any peer announcing itself as its server", self.run)
+            return None
+        if self.manifest is not None and self._manifest_digest == digest:
+            return self.manifest
+        self.manifest, self._entries = None, {}
+        servers = await self.servers(refresh=True)
+        errors: list[str] = []
+        for peer in servers:
+            peer_id = ID(peer)
+            if self.node.is_banned(peer_id):
+                continue
+            try:
+                await self._connect(peer)
+                raw = await fetch_chunk(self.node.host, peer_id, digest)
+                manifest = self._check_manifest(raw, digest)
+            except ProtocolViolation as exc:
+                violation_sink(self.node)(peer_id, exc.code)
+                errors.append(f"{peer_id}: {exc}")
+                continue
+            except (PeerUnavailable, RemoteRejected) as exc:
+                errors.append(f"{peer_id}: {exc}")
+                continue
+            self.manifest, self._manifest_digest = manifest, digest
+            self._entries = {c.hash: c for c in manifest.chunks}
+            log.info("run %s: verified manifest %s (%d chunks)", self.run, digest[:12],
+                     len(manifest.chunks))
+            return manifest
+        self._discovered_at = -math.inf
+        raise PeerUnavailable(
+            f"no server of {self.run} delivered its manifest {digest[:12]}: "
+            + ("; ".join(errors) or "no server known")[:500]
+        )
+
+    def _check_manifest(self, raw: bytes, digest: str) -> Manifest:
+        if signed_digest(raw) != digest:  # fetch_chunk checked it; this guards a refactor
+            raise ProtocolViolation(RejectCode.INVALID_FIELD, "manifest digest differs")
+        try:
+            manifest = parse_signed_document(raw)
+            owner = ID.from_base58(manifest.owner).to_bytes()
+            if derive_run_id(owner, run_name_of(self.run)) != self.run:
+                raise ConfigError(f"manifest is signed by {manifest.owner}, not the run's owner")
+        except ConfigError as exc:
+            raise ProtocolViolation(RejectCode.INVALID_FIELD, str(exc)) from None
+        return manifest
+
+    def _grant_problem(self, grant: LeaseGrant) -> str:
+        """Why ``grant`` is not one of this run's chunks ("" when it is, or nothing to check)."""
+        if grant.run != self.run:
+            return f"a grant for run {grant.run[:80]!r}"
+        if self.manifest is None:
+            return ""
+        entry = self._entries.get(grant.chunk)
+        if entry is None:
+            return f"chunk {grant.chunk[:12]} is not in the run's manifest"
+        if (entry.samples, entry.size) != (grant.samples, grant.size):
+            return f"chunk {grant.chunk[:12]} has other samples or size in the manifest"
+        return ""
+
     # ---- leases --------------------------------------------------------------------------
 
     async def try_lease(self) -> LeaseGrant | NoLease:
-        """One round over the run's servers.
+        """One round over the run's servers; the first valid grant wins.
+
+        Every server is asked before a ``NoLease`` or a refusal is believed, so one server
+        that says "nothing free" (truthfully or not) does not stall training.
 
         Raises:
-            PeerUnavailable: no server answered.
-            RemoteRejected: a server refused (e.g. ``RATE_LIMITED``: complete a lease first).
+            PeerUnavailable: no server answered (or the run's manifest could not be had).
+            RemoteRejected: every answering server refused (e.g. ``RATE_LIMITED``).
         """
+        await self.verified_manifest()
         servers = await self.servers()
         if not servers:
             servers = await self.servers(refresh=True)
         if not servers:
             raise PeerUnavailable(f"no dataset server of {self.run} is known")
         failures = []
+        no_lease: NoLease | None = None
+        refused: RemoteRejected | None = None
         for server in servers:
             try:
                 reply = await self._ask(server, LeaseRequest(run=self.run))
@@ -230,17 +341,29 @@ class DatasetClient:
                 failures.append(f"{ID(server)}: {exc}")
                 continue
             except RemoteRejected as exc:
-                if exc.code == RejectCode.NOT_FOUND:
-                    failures.append(f"{ID(server)}: {exc}")
+                failures.append(f"{ID(server)}: {exc}")
+                if exc.code != RejectCode.NOT_FOUND and refused is None:
+                    refused = exc
+                continue
+            if isinstance(reply, LeaseGrant):
+                problem = self._grant_problem(reply)
+                if problem:
+                    log.warning("refused a lease from %s: %s", ID(server), problem)
+                    violation_sink(self.node)(ID(server), RejectCode.INVALID_FIELD)
+                    failures.append(f"{ID(server)}: {problem}")
                     continue
-                raise
-            if isinstance(reply, LeaseGrant) and reply.run == self.run:
                 self._granted_by[reply.lease_id] = server
                 self._preferred = server
                 return reply
             if isinstance(reply, NoLease):
-                return reply
+                if no_lease is None or reply.retry_after_ms < no_lease.retry_after_ms:
+                    no_lease = reply
+                continue
             failures.append(f"{ID(server)}: unexpected {type(reply).__name__}")
+        if no_lease is not None:
+            return no_lease
+        if refused is not None:
+            raise refused
         # Every server we knew failed: look for others next time.
         self._discovered_at = -math.inf
         raise PeerUnavailable("no dataset server answered: " + "; ".join(failures)[:500])
@@ -321,6 +444,12 @@ class DatasetClient:
                 return data
             log.warning("cached chunk %s is corrupt; fetching it again", name[:12])
             self._drop(name)
+        entry = self._entries.get(name)
+        # The signed manifest's size is authoritative; a caller's may simply be wrong, and a
+        # holder is not to blame for disagreeing with it.
+        trusted_size = entry is not None
+        if entry is not None:
+            expected_size = entry.size
         servers = await self.servers()
         random.shuffle(servers)
         candidates = [h for h in await self.holders(name) if h not in servers] + servers
@@ -333,6 +462,12 @@ class DatasetClient:
                 await self._connect(peer)
                 data = await fetch_chunk(self.node.host, peer_id, name,
                                          expected_size=expected_size)
+            except LargerThanExpected as exc:
+                if trusted_size:
+                    self.rejected_holders.append((peer_id.to_base58(), str(exc)))
+                    violation_sink(self.node)(peer_id, exc.code)
+                errors.append(f"{peer_id}: {exc}")
+                continue
             except ProtocolViolation as exc:
                 log.warning("rejected chunk %s from %s: %s", name[:12], peer_id, exc)
                 self.rejected_holders.append((peer_id.to_base58(), str(exc)))

@@ -151,6 +151,34 @@ def parse_manifest(data: Any) -> Manifest:
     return manifest
 
 
+def signed_document(directory: Path) -> bytes:
+    """The canonical JSON of ``manifest.json`` as signed (``{"manifest", "signature"}``).
+
+    Its BLAKE3 (``signed_digest``) is what a run config's ``[dataset] manifest`` names and
+    what clients fetch the manifest by; whitespace in the file does not change it.
+    """
+    path = directory / MANIFEST_FILENAME
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    parse_manifest(data)
+    return canonical_json(data)
+
+
+def signed_digest(document: bytes) -> str:
+    return blake3.blake3(document).hexdigest()
+
+
+def parse_signed_document(raw: bytes) -> Manifest:
+    """A manifest received as bytes; raises ``ConfigError`` if it is not one or is not signed."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise ConfigError(f"manifest: not JSON: {exc}") from None
+    return parse_manifest(data)
+
+
 def load_manifest(directory: Path) -> Manifest:
     path = directory / MANIFEST_FILENAME
     try:

@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
 MIN_CHUNK_BYTES = 64 * 1024
+MAX_PACK_CHUNK_BYTES = MAX_CHUNK_BYTES - tarfile.RECORDSIZE
+"""A closed tar is padded to a whole record; this leaves room for that padding."""
+TAR_END_BYTES = 1024
+"""The two zero blocks that end a tar."""
 REPORT_FILENAME = "pack-report.json"
 FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp"}
 MAX_PIXELS = 64 * 1024 * 1024
@@ -177,10 +181,12 @@ def pack(
         ConfigError: bad arguments, an unusable ``out``, nothing left to pack, or a source
             that cannot be read at all (such as parquet without pyarrow).
     """
-    if not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES:
-        raise ConfigError(f"--chunk-size must be {MIN_CHUNK_BYTES}..{MAX_CHUNK_BYTES} bytes")
+    if not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_PACK_CHUNK_BYTES:
+        raise ConfigError(
+            f"--chunk-size must be {MIN_CHUNK_BYTES}..{MAX_PACK_CHUNK_BYTES} bytes"
+        )
+    units = find_units(src, exclude=out)
     _prepare_out(out)
-    units = find_units(src)
     if not units:
         raise ConfigError(f"{src}: no images, .tar or .parquet files found")
     store = ChunkDir(out)
@@ -212,7 +218,7 @@ def pack(
                 sort_keys=True,
             ).encode()
             needed = ChunkWriter.sample_bytes(image, caption, meta)
-            if writer.samples and writer.size + needed + 1024 > chunk_bytes:
+            if writer.samples and closed_tar_size(writer.size + needed) > chunk_bytes:
                 flush()
             writer.add(key, image, caption, meta)
             report.samples += 1
@@ -229,6 +235,13 @@ def pack(
     for stale in set(store.names()) - keep:
         store.remove(stale)
     return manifest, report
+
+
+def closed_tar_size(members_bytes: int) -> int:
+    """Bytes of a tar whose members take ``members_bytes``, once closed (end blocks and
+    padding to a whole record)."""
+    record = tarfile.RECORDSIZE
+    return -(-(members_bytes + TAR_END_BYTES) // record) * record
 
 
 def _accept(raw: RawSample, report: PackReport) -> tuple[CheckedImage, str] | None:

@@ -25,7 +25,7 @@ from dandelion_p2p.dataset.holders import (
     encode_value,
 )
 from dandelion_p2p.dataset.leases import Lease, LeaseBook
-from dandelion_p2p.dataset.manifest import Manifest
+from dandelion_p2p.dataset.manifest import Manifest, signed_digest, signed_document
 from dandelion_p2p.dataset.messages import (
     CHUNK_PROTOCOL,
     DATASET,
@@ -81,6 +81,16 @@ class DatasetServer:
         self.book = book
         self.settings = settings
         self._names = {c.hash for c in manifest.chunks}
+        # Clients fetch the signed manifest by its digest (run config ``[dataset] manifest``)
+        # over the chunk protocol, to check every grant against it.
+        try:
+            self.signed_manifest: bytes | None = signed_document(dataset_dir)
+        except ConfigError as exc:
+            log.warning("the signed manifest cannot be served: %s", exc)
+            self.signed_manifest = None
+        self.signed_manifest_digest = (
+            signed_digest(self.signed_manifest) if self.signed_manifest is not None else ""
+        )
         self._db_lock = trio.Lock()
         self.served_requests = 0
         self.receipts_taken = 0
@@ -121,9 +131,11 @@ class DatasetServer:
                 serve_chunks(self.source, on_violation=report, refuse=self.node.is_banned),
             )
 
-    def source(self, name: str) -> Path | None:
+    def source(self, name: str) -> Path | bytes | None:
         if name in self._names and self.chunks.has(name):
             return self.chunks.path_of(name)
+        if self.signed_manifest is not None and name == self.signed_manifest_digest:
+            return self.signed_manifest
         return None
 
     async def announce(self) -> int:
@@ -213,6 +225,7 @@ class DatasetServer:
             "role": "server",
             "run": self.run,
             "manifest": self.manifest.digest,
+            "signed_manifest": self.signed_manifest_digest,
             "samples": self.manifest.samples,
             "bytes": self.manifest.size,
         }

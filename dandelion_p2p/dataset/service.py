@@ -12,12 +12,14 @@ and, when this daemon's key signed the dataset's manifest, publication of the ru
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import trio
 from libp2p.peer.id import ID
 
+from dandelion_p2p.dataset.chunks import MAX_CHUNK_BYTES
 from dandelion_p2p.dataset.client import DatasetClient
 from dandelion_p2p.dataset.leases import LeaseBook
 from dandelion_p2p.dataset.manifest import load_manifest
@@ -30,7 +32,7 @@ from dandelion_p2p.runconfig.directory import list_runs
 from dandelion_p2p.runconfig.publication import derive_run_id, is_run_id
 from dandelion_p2p.runconfig.publisher import RunPublisher
 from dandelion_p2p.runconfig.schema import RunConfig, loads
-from dandelion_p2p.runconfig.watcher import RunConfigWatcher
+from dandelion_p2p.runconfig.watcher import RunConfigVersion, RunConfigWatcher
 from dandelion_p2p.services import DaemonContext
 
 log = logging.getLogger(__name__)
@@ -67,7 +69,9 @@ class RunsService:
         self.node = ctx.node
         self.server: DatasetServer | None = None
         self.clients: dict[str, DatasetClient] = {}
-        self.watchers: dict[str, RunConfigWatcher] = {}
+        self.watchers: OrderedDict[str, RunConfigWatcher] = OrderedDict()
+        """Runs followed, least recently used first."""
+        self._watch_scopes: dict[str, trio.CancelScope] = {}
         self.start_toml: str | None = None
         self._leases: dict[int, tuple[DatasetClient, LeaseGrant]] = {}
         self._publisher: RunPublisher | None = None
@@ -128,17 +132,53 @@ class RunsService:
             )
         return self._publisher
 
-    def watcher(self, run: str) -> RunConfigWatcher:
-        """The watcher of ``run``, started on first use."""
-        watcher = self.watchers.get(run)
-        if watcher is None:
-            if len(self.watchers) >= MAX_WATCHED_RUNS:
+    def _pinned(self) -> set[str]:
+        """Runs followed for good: the one this daemon joined and the one it serves."""
+        pinned = {self.run_id} if self.run_id else set()
+        if self.server is not None:
+            pinned.add(self.server.run)
+        return pinned
+
+    def watch(self, watcher: RunConfigWatcher) -> RunConfigWatcher:
+        """Keep following ``watcher``'s run (polling the DHT), evicting the least recently
+        used run that is neither joined nor served when ``MAX_WATCHED_RUNS`` are followed."""
+        known = self.watchers.get(watcher.run)
+        if known is not None:
+            self.watchers.move_to_end(watcher.run)
+            return known
+        pinned = self._pinned()
+        while len(self.watchers) >= MAX_WATCHED_RUNS:
+            victim = next((r for r in self.watchers if r not in pinned), None)
+            if victim is None:
                 raise ConfigError(f"already following {MAX_WATCHED_RUNS} runs")
-            watcher = RunConfigWatcher(run, self.dht.get, poll_interval=WATCH_INTERVAL)
-            self.watchers[run] = watcher
-            if self._nursery is not None:
-                self._nursery.start_soon(watcher.run_forever)
+            self.watchers.pop(victim)
+            scope = self._watch_scopes.pop(victim, None)
+            if scope is not None:
+                scope.cancel()
+            log.debug("stopped following run %s (least recently used)", victim)
+        self.watchers[watcher.run] = watcher
+        self._start_watching(watcher)
         return watcher
+
+    def _start_watching(self, watcher: RunConfigWatcher) -> None:
+        if self._nursery is None or watcher.run in self._watch_scopes:
+            return
+        scope = trio.CancelScope()
+        self._watch_scopes[watcher.run] = scope
+
+        async def follow() -> None:
+            with scope:
+                await watcher.run_forever()
+
+        self._nursery.start_soon(follow)
+
+    def watcher(self, run: str) -> RunConfigWatcher:
+        """The watcher of a followed ``run``, or a new one not yet followed (see ``watch``)."""
+        watcher = self.watchers.get(run)
+        if watcher is not None:
+            self.watchers.move_to_end(run)
+            return watcher
+        return RunConfigWatcher(run, self.dht.get, poll_interval=WATCH_INTERVAL)
 
     def client(self, run: str) -> DatasetClient:
         client = self.clients.get(run)
@@ -149,7 +189,7 @@ class RunsService:
             client = self.clients[run] = DatasetClient(self.node, run, cache)
         return client
 
-    def chunk_source(self, name: str) -> Path | None:
+    def chunk_source(self, name: str) -> Path | bytes | None:
         """Chunks this daemon serves: its dataset's, then those cached for training."""
         if self.server is not None and (path := self.server.source(name)) is not None:
             return path
@@ -165,7 +205,7 @@ class RunsService:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 for watcher in self.watchers.values():
-                    nursery.start_soon(watcher.run_forever)
+                    self._start_watching(watcher)
                 if self.server is not None:
                     self.server.install(chunks=False)
                 self.node.host.set_stream_handler(
@@ -181,9 +221,9 @@ class RunsService:
                             log.warning("publishing the run config failed: %s", exc)
                 if self.server is not None:
                     nursery.start_soon(self._announce_server)
-                    self.watcher(self.server.run)
+                    self.watch(self.watcher(self.server.run))
                 if self.run_id:
-                    self.watcher(self.run_id)
+                    self.watch(self.watcher(self.run_id))
                     self.client(self.run_id)
                 task_status.started()
         finally:
@@ -208,13 +248,24 @@ class RunsService:
         runs = await list_runs(self.dht, self.node.settings.network)
         return {"runs": [r.to_json() for r in runs]}
 
-    async def runconfig_get(self, params: dict[str, Any]) -> dict[str, Any]:
-        watcher = self.watcher(_run_param(params, self._default_run()))
+    async def run_config_of(self, run: str) -> RunConfigVersion | None:
+        """The newest verified config of ``run``, read from the DHT if not known yet.
+
+        A run not followed yet is read once and followed from then on only if it has a
+        config: asking about run ids that do not exist costs one DHT read each, no slot.
+        """
+        watcher = self.watcher(run)
         if watcher.current() is None:
             await watcher.poll_once()
-        current = watcher.current()
+        if watcher.current() is not None or run in self._pinned():
+            self.watch(watcher)
+        return watcher.current()
+
+    async def runconfig_get(self, params: dict[str, Any]) -> dict[str, Any]:
+        run = _run_param(params, self._default_run())
+        current = await self.run_config_of(run)
         if current is None:
-            raise ConfigError(f"no config of run {watcher.run} found in the DHT")
+            raise ConfigError(f"no config of run {run} found in the DHT")
         return current.to_json()
 
     async def runconfig_publish(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -253,7 +304,17 @@ class RunsService:
         """``{"run"?}`` -> a lease; waits while every chunk of the epoch is out."""
         if len(self._leases) >= MAX_OPEN_LEASES:
             raise ConfigError(f"{MAX_OPEN_LEASES} leases are open; complete some first")
-        client = self.client(_run_param(params, self.run_id))
+        run = _run_param(params, self.run_id)
+        client = self.client(run)
+        try:
+            current = await self.run_config_of(run)
+        except ConfigError as exc:  # the DHT is not up yet: the client says what it lacks
+            log.info("run %s: config not readable now (%s)", run, exc)
+            current = None
+        # The owner-signed config names the manifest every grant is checked against; once
+        # known, a config not read this time does not unset it.
+        if current is not None:
+            client.expected_manifest = current.config.dataset.manifest
         grant = await client.lease()
         self._leases[grant.lease_id] = (client, grant)
         return {
@@ -273,7 +334,12 @@ class RunsService:
         if not isinstance(chunk, str):
             raise ConfigError("missing 'chunk' (a chunk hash)")
         size = params.get("size")
-        await client.fetch(chunk, expected_size=size if isinstance(size, int) else None)
+        if size is not None and (
+            not isinstance(size, int) or isinstance(size, bool)
+            or not 1 <= size <= MAX_CHUNK_BYTES
+        ):
+            raise ConfigError(f"'size' must be an integer 1..{MAX_CHUNK_BYTES}, got {size!r}")
+        await client.fetch(chunk, expected_size=size)
         path = client.path(chunk)
         return {"chunk": chunk, "path": str(path) if path else ""}
 

@@ -22,6 +22,8 @@ MAX_SAMPLE_BYTES = 64 * 1024 * 1024
 MAX_CAPTION_BYTES = 64 * 1024
 PARQUET_IMAGE_COLUMNS = ("image", "jpg", "png", "webp", "img", "image_bytes")
 PARQUET_CAPTION_COLUMNS = ("caption", "text", "txt", "prompt")
+_TAR_WANTED = {e.lstrip(".") for e in IMAGE_EXTENSIONS + CAPTION_EXTENSIONS}
+"""Tar member extensions read into memory; other members (depth maps, arrays) are skipped."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,8 +46,12 @@ class SourceUnit:
     caption_path: Path | None = None
 
 
-def find_units(src: Path) -> list[SourceUnit]:
-    """Every input unit under ``src`` in deterministic order; raises ``ConfigError``."""
+def find_units(src: Path, *, exclude: Path | None = None) -> list[SourceUnit]:
+    """Every input unit under ``src`` in deterministic order; raises ``ConfigError``.
+
+    ``exclude`` is a folder left out of the walk: the pack's own output when it lies inside
+    the source, whose chunk tars would otherwise be packed again.
+    """
     if src.is_file():
         kind = _kind_of(src)
         if kind is None:
@@ -53,10 +59,16 @@ def find_units(src: Path) -> list[SourceUnit]:
         return [_unit(src, kind)]
     if not src.is_dir():
         raise ConfigError(f"{src} does not exist")
+    skip = exclude.resolve() if exclude is not None else None
+    if skip is not None and skip == src.resolve():
+        raise ConfigError(f"{src}: the output folder cannot be the source folder itself")
     units: list[SourceUnit] = []
     for dirpath, dirnames, filenames in os.walk(src):
         dirnames.sort()
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        dirnames[:] = [
+            d for d in dirnames
+            if not d.startswith(".") and (skip is None or (Path(dirpath) / d).resolve() != skip)
+        ]
         for name in sorted(filenames):
             path = Path(dirpath) / name
             kind = _kind_of(path)
@@ -148,6 +160,8 @@ def _read_tar(path: Path, origin: str) -> Iterator[RawSample]:
                     if key is not None:
                         yield _tar_sample(origin, key, files)
                     key, files = member_key, {}
+                if ext.lower() not in _TAR_WANTED:
+                    continue
                 if member.size > MAX_SAMPLE_BYTES:
                     files[ext.lower()] = b""
                     continue
@@ -196,9 +210,19 @@ def _read_parquet(path: Path, origin: str) -> Iterator[RawSample]:
         )
     columns = [image_col] + ([caption_col] if caption_col else [])
     row = 0
-    for batch in parquet.iter_batches(columns=columns, batch_size=64):
-        images = batch.column(image_col).to_pylist()
-        captions = batch.column(caption_col).to_pylist() if caption_col else [None] * len(images)
+    batches = parquet.iter_batches(columns=columns, batch_size=64)
+    while True:
+        try:
+            batch = next(batches, None)
+            if batch is None:
+                return
+            images = batch.column(image_col).to_pylist()
+            captions = (batch.column(caption_col).to_pylist() if caption_col
+                        else [None] * len(images))
+        except Exception as exc:  # a damaged page: pyarrow raises OSError and its own types
+            yield RawSample(f"{origin}#{row}", None, None,
+                            f"unreadable parquet from row {row} on: {exc}")
+            return
         for image, caption in zip(images, captions, strict=True):
             yield _parquet_sample(f"{origin}#{row}", image, caption)
             row += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,29 @@ def _call(data_dir: Path | None, config_file: Path | None, method: str,
     from dandelion_p2p.cli import _control
 
     return _control(data_dir, config_file, method, params)
+
+
+def printable(value: object, *, multiline: bool = False) -> str:
+    """``value`` as text safe for a terminal: what comes from the DHT is anyone's text, and
+    control characters (escape sequences, carriage returns, bidi overrides) could rewrite
+    what the terminal shows. Each becomes U+FFFD; ``multiline`` keeps newlines and tabs."""
+    keep = {"\n", "\t"} if multiline else set()
+    return "".join(
+        ch if ch in keep or unicodedata.category(ch) not in ("Cc", "Cf") else "\ufffd"
+        for ch in str(value)
+    )
+
+
+def run_line(r: dict[str, Any]) -> str:
+    """One run of ``runs.list`` as ``dandelion-p2p runs`` prints it."""
+    return printable(f"{r['run']}  v{r['version']}  {r['model']}  owner {r['owner']}  "
+                     f"updated {_age(r['updated_at'])}")
+
+
+def shown_config(result: dict[str, Any]) -> str:
+    """``runconfig.get``'s result as ``dandelion-p2p runs show`` prints it."""
+    head = printable(f"# run {result['run']} version {result['version']} owner {result['owner']}")
+    return head + "\n" + printable(result["toml"], multiline=True)
 
 
 def _age(updated_at: float) -> str:
@@ -54,8 +78,7 @@ def runs(ctx: click.Context, data_dir: Path | None, config_file: Path | None,
         click.echo("no runs found")
         return
     for r in result["runs"]:
-        click.echo(f"{r['run']}  v{r['version']}  {r['model']}  owner {r['owner']}  "
-                   f"updated {_age(r['updated_at'])}")
+        click.echo(run_line(r))
 
 
 @runs.command()
@@ -64,8 +87,7 @@ def runs(ctx: click.Context, data_dir: Path | None, config_file: Path | None,
 def show(run: str, data_dir: Path | None, config_file: Path | None) -> None:
     """Print the newest config of RUN."""
     result = _call(data_dir, config_file, "runconfig.get", {"run": run})
-    click.echo(f"# run {result['run']} version {result['version']} owner {result['owner']}")
-    click.echo(result["toml"], nl=False)
+    click.echo(shown_config(result), nl=False)
 
 
 @runs.command()
@@ -75,4 +97,4 @@ def publish(toml_file: Path, data_dir: Path | None, config_file: Path | None) ->
     """Publish TOML_FILE as the next version of its run (the daemon's key owns the run)."""
     result = _call(data_dir, config_file, "runconfig.publish",
                    {"toml": toml_file.read_text(encoding="utf-8")})
-    click.echo(f"published {result['run']} version {result['version']}")
+    click.echo(printable(f"published {result['run']} version {result['version']}"))

@@ -170,7 +170,9 @@ class RunListings(Message):
             raise invalid("RunListings: a run is listed twice")
 
 
-def sign_config(identity: Identity, name: str, version: int, toml: str) -> SignedRunConfig:
+def sign_config(
+    identity: Identity, name: str, version: int, toml: str, *, published_at_ms: int | None = None
+) -> SignedRunConfig:
     owner = identity.peer_id_bytes
     unsigned = SignedRunConfig(
         run=derive_run_id(owner, name),
@@ -178,7 +180,9 @@ def sign_config(identity: Identity, name: str, version: int, toml: str) -> Signe
         owner=owner,
         version=version,
         toml=toml,
-        published_at_ms=int(time.time() * 1000),
+        published_at_ms=(
+            int(time.time() * 1000) if published_at_ms is None else published_at_ms
+        ),
         signature=b"",
     )
     return _with_signature(unsigned, identity.sign(unsigned.payload()))

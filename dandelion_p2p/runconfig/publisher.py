@@ -3,6 +3,8 @@
 The last published version of each run is kept in ``<data_dir>/runs/<run>.json`` so that a
 restarted owner continues counting; the version read back from the DHT counts too, so an
 owner whose state was lost never publishes a version that peers would take for an old one.
+The same files rebuild the owner's ``runs`` listing at start, so publishing one run after a
+restart does not drop the others from it.
 """
 
 from __future__ import annotations
@@ -49,8 +51,35 @@ class RunPublisher:
         self.dht = dht
         self.network = network
         self.state_dir = state_dir
-        self.listings: dict[str, RunListing] = {}
-        """Runs published by this process, listed in the network's ``runs`` record."""
+        self.listings: dict[str, RunListing] = self._load_listings()
+        """Runs published from this data dir, listed in the network's ``runs`` record."""
+
+    def _load_listings(self) -> dict[str, RunListing]:
+        listings: list[RunListing] = []
+        for path in sorted(self.state_dir.glob("*.json")):
+            try:
+                listing = self._listing_from_state(path)
+            except Exception as exc:  # one damaged file must not hide the other runs
+                log.warning("run state %s unreadable (%s); not listed", path, exc)
+                continue
+            if listing is not None:
+                listings.append(listing)
+        newest_first = sorted(listings, key=lambda r: r.updated_at_ms, reverse=True)
+        return {r.run: r for r in newest_first[:MAX_LISTED_RUNS]}
+
+    def _listing_from_state(self, path: Path) -> RunListing | None:
+        data = json.loads(path.read_text())
+        version, toml = int(data["version"]), str(data["toml"])
+        config = loads(toml)
+        run = self.run_id(config.name)
+        if path.name != f"{run}.json" or version < 1:
+            return None  # another key's state, or not a published version
+        published_at_ms = data.get("published_at_ms")
+        if not isinstance(published_at_ms, int) or isinstance(published_at_ms, bool):
+            published_at_ms = int(path.stat().st_mtime * 1000)
+        signed = sign_config(self.identity, config.name, version, toml,
+                             published_at_ms=published_at_ms)
+        return sign_listing(self.identity, signed, config.model.base)
 
     def run_id(self, name: str) -> str:
         return derive_run_id(self.identity.peer_id_bytes, name)
@@ -69,12 +98,13 @@ class RunPublisher:
             log.warning("run state %s unreadable (%s); taking the DHT's version", run, exc)
             return 0, ""
 
-    def _save(self, run: str, version: int, toml: str) -> None:
+    def _save(self, run: str, version: int, toml: str, published_at_ms: int) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         path = self._state_path(run)
         tmp = path.with_name(path.name + ".tmp")
         with tmp.open("w") as f:
-            json.dump({"run": run, "version": version, "toml": toml}, f)
+            json.dump({"run": run, "version": version, "toml": toml,
+                       "published_at_ms": published_at_ms}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -112,7 +142,7 @@ class RunPublisher:
         listed = {**self.listings, run: listing}
         newest_first = sorted(listed.values(), key=lambda r: r.updated_at_ms, reverse=True)
         listings = encode_value(RunListings(runs=tuple(newest_first[:MAX_LISTED_RUNS])))
-        self._save(run, version, toml)
+        self._save(run, version, toml, signed.published_at_ms)
         self.listings = {r.run: r for r in newest_first[:MAX_LISTED_RUNS]}
         stored = await self.dht.put(CONFIG_NAMESPACE, run.encode(), value, RECORD_TTL)
         await self.dht.put(RUNS_NAMESPACE, self.network.encode(), listings, RECORD_TTL)

@@ -18,7 +18,10 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 from dandelion_p2p.errors import ConfigError
 
 MAX_CONFIG_BYTES = 64 * 1024
+MAX_INTEGER = 2**63
+"""Integers are bounded like a signed 64-bit value: the trainer hands them to C code."""
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+_HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 Family = Literal["sd1", "sd2", "sdxl"]
 Prediction = Literal["epsilon", "v_prediction"]
@@ -122,6 +125,9 @@ class DatasetConfig:
     """How long a peer may hold a chunk before the dataset server leases it to another."""
     max_leases_per_peer: int = 4
     """Chunks one peer may hold at once, so no peer can take a whole epoch."""
+    manifest: str = ""
+    """BLAKE3 (hex) of the signed manifest (``dataset pack`` prints it). Peers then take
+    leases and chunks only from servers of that manifest; empty: from any announced server."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +167,16 @@ def loads(text: str | bytes) -> RunConfig:
         raise ConfigError("run config is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"run config is not valid TOML: {exc}") from None
-    return from_dict(data)
+    except RecursionError:
+        raise ConfigError("run config is nested too deeply") from None
+    except (OverflowError, ValueError, TypeError) as exc:
+        raise ConfigError(f"run config is not valid TOML: {exc}") from None
+    try:
+        return from_dict(data)
+    except RecursionError:
+        raise ConfigError("run config is nested too deeply") from None
+    except (OverflowError, ValueError, TypeError) as exc:
+        raise ConfigError(f"run config: {exc}") from None
 
 
 def from_dict(data: Any) -> RunConfig:
@@ -237,6 +252,8 @@ def validate(c: RunConfig) -> list[str]:
     d = c.dataset
     need(1 <= d.lease_seconds <= 86_400, "dataset.lease_seconds", "must be 1-86400 seconds")
     need(1 <= d.max_leases_per_peer <= 64, "dataset.max_leases_per_peer", "must be 1-64")
+    need(d.manifest == "" or bool(_HEX_DIGEST.fullmatch(d.manifest)), "dataset.manifest",
+         "must be the 64 lowercase hex digits `dataset pack` printed, or empty")
     return out
 
 
@@ -287,13 +304,19 @@ def _value(kind: Any, value: Any, key: str) -> Any:
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"run config: {key} must be an integer, got {value!r}")
+        if not -MAX_INTEGER < value < MAX_INTEGER:
+            raise ConfigError(f"run config: {key} must be an integer below 2**63 in magnitude")
         return value
     if kind is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"run config: {key} must be a number, got {value!r}")
+        if isinstance(value, int):
+            if not -MAX_INTEGER < value < MAX_INTEGER:
+                raise ConfigError(f"run config: {key} must be a number below 2**63 in magnitude")
+            return float(value)
         if not math.isfinite(value):
             raise ConfigError(f"run config: {key} must be finite")
-        return float(value)
+        return value
     if kind is str:
         if not isinstance(value, str):
             raise ConfigError(f"run config: {key} must be a string, got {value!r}")

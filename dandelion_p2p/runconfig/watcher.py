@@ -62,40 +62,56 @@ def select_newest(
     for record in records:
         publisher = _b58(record.publisher)
         try:
-            value = decode_config(record.value)
-        except ProtocolViolation as exc:
-            ignored.append(Ignored(publisher, 0, f"invalid value: {exc}"))
-            continue
-        if value.run != run:
-            ignored.append(
-                Ignored(
-                    _b58(value.owner),
-                    value.version,
-                    f"config signed by {_b58(value.owner)}, who does not own run {run}",
-                )
-            )
-            continue
-        if best is not None and value.version <= best.version:
-            continue
-        try:
-            config = loads(value.toml)
-        except ConfigError as exc:
-            ignored.append(Ignored(publisher, value.version, f"invalid config: {exc}"))
-            continue
-        if config.name != value.name:
-            ignored.append(
-                Ignored(publisher, value.version, "the TOML names another run than the record")
-            )
-            continue
-        best = RunConfigVersion(
-            run=run,
-            version=value.version,
-            owner=_b58(value.owner),
-            toml=value.toml,
-            config=config,
-            published_at=value.published_at_ms / 1000,
-        )
+            best = _consider(run, record, publisher, best, ignored)
+        except Exception as exc:
+            # One hostile record must never end the read of the others (nor the watcher).
+            log.warning("run %s: skipped a config record of %s: %r", run, publisher, exc)
+            ignored.append(Ignored(publisher, 0, f"unreadable record: {exc!r}"))
     return best, ignored
+
+
+def _consider(
+    run: str,
+    record: SignedRecord,
+    publisher: str,
+    best: RunConfigVersion | None,
+    ignored: list[Ignored],
+) -> RunConfigVersion | None:
+    """``best`` or, when ``record`` holds a newer valid version, that version."""
+    try:
+        value = decode_config(record.value)
+    except ProtocolViolation as exc:
+        ignored.append(Ignored(publisher, 0, f"invalid value: {exc}"))
+        return best
+    if value.run != run:
+        ignored.append(
+            Ignored(
+                _b58(value.owner),
+                value.version,
+                f"config signed by {_b58(value.owner)}, who does not own run {run}",
+            )
+        )
+        return best
+    if best is not None and value.version <= best.version:
+        return best
+    try:
+        config = loads(value.toml)
+    except ConfigError as exc:
+        ignored.append(Ignored(publisher, value.version, f"invalid config: {exc}"))
+        return best
+    if config.name != value.name:
+        ignored.append(
+            Ignored(publisher, value.version, "the TOML names another run than the record")
+        )
+        return best
+    return RunConfigVersion(
+        run=run,
+        version=value.version,
+        owner=_b58(value.owner),
+        toml=value.toml,
+        config=config,
+        published_at=value.published_at_ms / 1000,
+    )
 
 
 def _b58(peer_id: bytes) -> str:
@@ -174,7 +190,11 @@ class RunConfigWatcher:
     ) -> None:
         task_status.started()
         while True:
-            await self.poll_once()
+            try:
+                await self.poll_once()
+            except Exception:
+                # A bad poll costs one interval; ending here would take the daemon with it.
+                log.exception("run %s: polling the config failed", self.run)
             await trio.sleep(self.poll_interval)
 
 

@@ -45,10 +45,10 @@ def image_folder(root: Path, count: int, *, first_seed: int = 0) -> Path:
 
 
 def packed_dataset(tmp: Path, owner: Identity, images: int = 8) -> tuple[Path, Manifest]:
-    """``images`` noise images packed into 64 KiB chunks (two images per chunk)."""
+    """``images`` noise images packed into 72 KiB chunks (two images per chunk)."""
     src = image_folder(tmp / "src", images)
     out = tmp / "packed"
-    manifest, _ = pack(src, out, owner, chunk_bytes=64 * 1024)
+    manifest, _ = pack(src, out, owner, chunk_bytes=72 * 1024)
     return out, manifest
 
 

@@ -159,3 +159,43 @@ def test_never_two_active_leases_nor_two_receipts(
         for count in book.receipts_per_chunk(book.epoch).values():
             assert count <= 1
     book.close()
+
+
+def _finish_epoch_zero_in_bulk(book: LeaseBook, chunks: int) -> None:
+    """An epoch 0 with a receipt for every chunk, written in one transaction."""
+    with book._transaction():
+        for i in range(chunks):
+            chunk = f"{i + 1:064x}"
+            cursor = book.db.execute(
+                "INSERT INTO leases(epoch, chunk, peer, granted_at, expires_at, state) "
+                "VALUES (0, ?, ?, 0, 10, 'done')", (chunk, A))
+            book.db.execute(
+                "INSERT INTO receipts(epoch, chunk, lease_id, peer, samples, signature, "
+                "received_at) VALUES (0, ?, ?, ?, 10, x'00', 1)",
+                (chunk, cursor.lastrowid, A))
+
+
+def test_grants_count_receipts_per_chunk_through_an_index(tmp_path: Path) -> None:
+    from dandelion_p2p.dataset.leases import NEXT_CHUNK_QUERY
+
+    chunks = 5000
+    book = _book(tmp_path, n=chunks)
+    _finish_epoch_zero_in_bulk(book, chunks)
+    leases = [_grant(book, p, 5.0) for p in (A, B, C)]
+    assert {lease.epoch for lease in leases} == {1} and len({x.chunk for x in leases}) == 3
+    plan = " | ".join(
+        row[3] for row in book.db.execute("EXPLAIN QUERY PLAN " + NEXT_CHUNK_QUERY, (1, 1, 1))
+    )
+    assert "SCAN r2" not in plan and "USING COVERING INDEX receipts_by_chunk" in plan, plan
+    book.close()
+
+
+def test_a_database_made_before_the_receipt_index_gets_it_on_open(tmp_path: Path) -> None:
+    book = _book(tmp_path)
+    book.db.execute("DROP INDEX receipts_by_chunk")
+    book.close()
+    reopened = _book(tmp_path)
+    names = {row[0] for row in reopened.db.execute("SELECT name FROM sqlite_master "
+                                                   "WHERE type='index'")}
+    assert "receipts_by_chunk" in names
+    reopened.close()

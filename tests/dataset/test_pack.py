@@ -13,7 +13,12 @@ from click.testing import CliRunner
 
 from dandelion_p2p.cli import main
 from dandelion_p2p.dataset.chunks import chunk_hash
-from dandelion_p2p.dataset.manifest import MANIFEST_FILENAME, load_manifest
+from dandelion_p2p.dataset.manifest import (
+    MANIFEST_FILENAME,
+    load_manifest,
+    signed_digest,
+    signed_document,
+)
 from dandelion_p2p.dataset.pack import BROKEN, MISSING_CAPTION, check_image, pack
 from dandelion_p2p.errors import ConfigError
 from dandelion_p2p.identity import Identity, write_identity
@@ -82,8 +87,8 @@ def test_broken_image_and_missing_caption_are_reported_and_the_rest_packed(
 def test_packing_is_deterministic_and_the_manifest_is_signed(tmp_path: Path) -> None:
     src = image_folder(tmp_path / "src", 6)
     owner = Identity.generate()
-    first, _ = pack(src, tmp_path / "a", owner, chunk_bytes=64 * 1024)
-    second, _ = pack(src, tmp_path / "b", owner, chunk_bytes=64 * 1024)
+    first, _ = pack(src, tmp_path / "a", owner, chunk_bytes=72 * 1024)
+    second, _ = pack(src, tmp_path / "b", owner, chunk_bytes=72 * 1024)
     assert [c.hash for c in first.chunks] == [c.hash for c in second.chunks]
     assert len(first.chunks) == 3
     assert load_manifest(tmp_path / "a") == first
@@ -157,6 +162,8 @@ def test_cli_pack_prints_a_clear_report(tmp_path: Path) -> None:
     assert "packed 5 samples" in result.output
     assert "2 broken images" in result.output and "1 missing captions" in result.output
     assert owner.peer_id.to_base58() in result.output
+    signed = signed_digest(signed_document(tmp_path / "out"))
+    assert f'[dataset] manifest = "{signed}"' in result.output
 
     bad = CliRunner().invoke(main, ["dataset", "pack", str(src), str(tmp_path / "o2"),
                                     "--chunk-size", "lots", "--owner-key", str(key)])
