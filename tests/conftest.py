@@ -4,10 +4,26 @@ from __future__ import annotations
 
 import traceback
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from dandelion_p2p.netlab import NetLab, netlab_unavailable_reason
+from dandelion_p2p.worker.tiny import build_tiny_pipeline, write_images
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random SD 1.x pipeline folder, built once per session for every test using it."""
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd1"), "sd1")
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Eight small captioned images."""
+    folder = tmp_path_factory.mktemp("images")
+    write_images(folder, 8)
+    return folder
 
 
 @pytest.fixture
