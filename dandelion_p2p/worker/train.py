@@ -119,11 +119,12 @@ class Trainer:
         # The model, and what of it trains.
         self.c = load_components(config.model)
         select_trainable(self.c, t, t.seed)
-        self.attention = use_attention(self.c, options.attention)
         if options.gradient_checkpointing:
             self.c.unet.enable_gradient_checkpointing()
         frozen_dtype = self.autocast_dtype or torch.float32
         self.c.unet.to(self.device)
+        # After the move: xformers is probed with a test op on the UNet's own device.
+        self.attention = use_attention(self.c, options.attention)
         self.c.vae.to(self.device)
         for encoder in self.c.text_encoders:
             encoder.to(self.device, torch.float32 if t.train_text_encoder else frozen_dtype)
