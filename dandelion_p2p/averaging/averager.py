@@ -361,13 +361,26 @@ class Averager:
         # points into a frame, and a fresh multi-MiB allocation per frame costs page faults.
         buffer = bytearray(channel.receive_max_frame)
         view = memoryview(buffer)
-        while True:
-            try:
-                n = await channel.receive_into(view)
-            except DandelionError as exc:
-                rnd.fail(peer, f"receive failed: {exc}")
-                return
-            if rnd.state.done:
-                continue
-            rnd.dispatch(rnd.state.on_frame(peer, view[:n], trio.current_time()))
+        # Receive rate of this link, for status: the clock starts at the first frame, so
+        # only the bytes after it count.
+        first = last = 0.0
+        received = -1
+        try:
+            while True:
+                try:
+                    n = await channel.receive_into(view)
+                except DandelionError as exc:
+                    rnd.fail(peer, f"receive failed: {exc}")
+                    return
+                last = trio.current_time()
+                if received < 0:
+                    first, received = last, 0
+                else:
+                    received += n
+                if rnd.state.done:
+                    continue
+                rnd.dispatch(rnd.state.on_frame(peer, view[:n], last))
+        finally:
+            if received > 0:
+                self.node.record_link_rate(peer, received, last - first)
 

@@ -56,6 +56,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# A transfer smaller than this is timed by latency more than by bandwidth.
+MIN_MEASURED_BYTES = 1 << 20
+
 Reachability = Literal["auto", "public", "private"]
 
 SCORE_EVENT_OF = {
@@ -125,6 +128,8 @@ class SwarmNode:
         register_averaging_namespace(self.validator)
         register_dataset_namespaces(self.validator)
         self.bootstrap_refs = [parse_bootstrap(a) for a in settings.bootstrap]
+        # Measured bulk receive rate per peer, in Mbit/s (averaging rounds feed it).
+        self.link_mbps: dict[bytes, float] = {}
         self.reachable = settings.reachability == "public" or (
             settings.reachability == "auto" and settings.relay
         )
@@ -439,14 +444,25 @@ class SwarmNode:
                 any(maddrs.is_relayed(a) for a in (str(t) for t in c.get_transport_addresses()))
                 for c in conns
             )
+            bandwidth = self.link_mbps.get(peer_id.to_bytes())
             out.append(
                 {
                     "peer_id": peer_id.to_base58(),
                     "connection": "relayed" if relayed else "direct",
                     "addrs": transports,
+                    "bandwidth_mbps": None if bandwidth is None else round(bandwidth, 1),
                 }
             )
         return out
+
+    def record_link_rate(self, peer: bytes, nbytes: int, seconds: float) -> None:
+        """What a bulk transfer from ``peer`` achieved: kept as a moving average per peer
+        (shown in status; transfers too small to say anything are ignored)."""
+        if nbytes < MIN_MEASURED_BYTES or seconds <= 0:
+            return
+        mbps = nbytes * 8 / 1e6 / seconds
+        old = self.link_mbps.get(peer)
+        self.link_mbps[peer] = mbps if old is None else 0.7 * old + 0.3 * mbps
 
     def status(self) -> dict[str, Any]:
         return {

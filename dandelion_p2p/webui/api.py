@@ -228,7 +228,12 @@ class WebApi:
 
         for conn in status["connected_peers"]:
             r = row(conn["peer_id"])
-            r.update(connected=True, connection=conn["connection"], addrs=conn["addrs"])
+            r.update(
+                connected=True,
+                connection=conn["connection"],
+                addrs=conn["addrs"],
+                bandwidth_mbps=conn.get("bandwidth_mbps"),
+            )
         for peer, ann in members.items():
             r = row(peer)
             r.update(

@@ -140,3 +140,20 @@ async def test_a_peer_late_for_a_finished_round_finds_no_group_instead_of_waitin
             await late.averager.all_reduce(buffers[2], 1.0, 1)
         assert trio.current_time() - started < FAST.matchmaking.gather_window + 3.0
         np.testing.assert_array_equal(buffers[2], np.full(size, 3.0, dtype=np.float32))
+
+
+async def test_rounds_measure_each_links_receive_rate() -> None:
+    async with averaging_swarm(2, FAST) as members:
+        buffers = [np.full(1_000_000, i + 1.0, dtype=np.float32) for i in range(2)]
+
+        async def run(i: int) -> None:
+            await members[i].averager.all_reduce(buffers[i], 1.0, 1)
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for i in range(2):
+                    nursery.start_soon(run, i)
+        a, b = members
+        rows = {c["peer_id"]: c for c in a.node.connected_peers()}
+        rate = rows[b.node.peer_id.to_base58()]["bandwidth_mbps"]
+        assert rate is not None and rate > 0
