@@ -42,7 +42,6 @@ from __future__ import annotations
 import math
 import sys
 from abc import ABC, abstractmethod
-from collections.abc import Hashable
 from typing import Any
 
 import numpy as np
@@ -308,55 +307,6 @@ def get_codec(name: str) -> Codec:
 
 for _codec in (RawCodec(), Fp16Codec(), Bf16Codec(), Int8BlockCodec()):
     register_codec(_codec)
-
-
-class ErrorFeedback:
-    """Error feedback for a lossy codec (Seide et al. 2014; Karimireddy et al. 2019).
-
-    For each local buffer region (any hashable key, e.g. a span's ``(start, end)``) it keeps
-    the residual ``e``: what compression has dropped so far. ``encode`` sends
-    ``c = x + e`` and keeps ``e' = c - decode(encode(c))``. After ``T`` rounds the decoded
-    outputs sum to ``sum(x) + e_0 - e_T``: the error does not accumulate, it stays one
-    round's compression error of ``c`` (for int8, at most ``absmax(block) / 254`` per
-    element), so the bias of the running sum goes to zero relative to the sum.
-
-    The residual is committed on ``encode``: if the bytes are never delivered, call
-    ``reset`` for that region or the dropped part is counted as sent.
-    """
-
-    def __init__(self, codec: Codec) -> None:
-        self.codec = codec
-        self._residuals: dict[Hashable, FloatArray] = {}
-
-    def encode(self, region: Hashable, array: NDArray[Any]) -> bytes:
-        """Encode ``array`` plus the region's residual, and remember the new residual.
-
-        Raises ``ValueError`` on non-finite input or when the region's size changed; the
-        residual is left untouched then.
-        """
-        x = np.ascontiguousarray(array, dtype=np.float32).reshape(-1)
-        residual = self._residuals.get(region)
-        if residual is not None and residual.size != x.size:
-            raise ValueError(
-                f"region {region!r} held {residual.size} elements, now {x.size}; reset it first"
-            )
-        corrected = x + residual if residual is not None else x.copy()
-        data = self.codec.encode(corrected)
-        corrected -= self.codec.decode(data, x.size)
-        self._residuals[region] = corrected
-        return data
-
-    def residual(self, region: Hashable) -> FloatArray | None:
-        """A copy of the region's residual, or ``None`` if it has none yet."""
-        residual = self._residuals.get(region)
-        return None if residual is None else residual.copy()
-
-    def reset(self, region: Hashable | None = None) -> None:
-        """Forget one region's residual, or all of them."""
-        if region is None:
-            self._residuals.clear()
-        else:
-            self._residuals.pop(region, None)
 
 
 class BufferErrorFeedback:

@@ -10,7 +10,7 @@ from dandelion_p2p.averaging.compression import (
     CODECS,
     FP16_MAX,
     Bf16Codec,
-    ErrorFeedback,
+    BufferErrorFeedback,
     Fp16Codec,
     Int8BlockCodec,
     RawCodec,
@@ -207,7 +207,7 @@ def test_error_feedback_removes_the_bias_of_the_running_sum(name):
     # A fixed offset plus noise: a deterministic quantiser without feedback drops the same
     # part of the offset every round, so its error grows linearly.
     offset = rng.standard_normal(2048).astype(np.float32) * 1e-3 + 1.0
-    ef = ErrorFeedback(codec)
+    ef = BufferErrorFeedback(codec, 2048)
     sum_in = np.zeros(2048)
     sum_ef = np.zeros(2048)
     sum_plain = np.zeros(2048)
@@ -215,11 +215,11 @@ def test_error_feedback_removes_the_bias_of_the_running_sum(name):
     for _ in range(rounds):
         x = offset + rng.standard_normal(2048).astype(np.float32) * 1e-2
         sum_in += x
-        sum_ef += codec.decode(ef.encode("span", x), x.size)
+        sum_ef += codec.decode(ef.encode(x, 0), x.size)
         sum_plain += codec.decode(codec.encode(x), x.size)
         # The identity behind error feedback: what was sent is what came in minus the
         # residual still held back.
-    residual = ef.residual("span")
+    residual = ef.residual()
     assert residual is not None
     np.testing.assert_allclose(sum_ef, sum_in - residual, rtol=0, atol=1e-3)
     ef_error = np.linalg.norm(sum_ef - sum_in) / np.linalg.norm(sum_in)
@@ -228,28 +228,29 @@ def test_error_feedback_removes_the_bias_of_the_running_sum(name):
     assert ef_error < plain_error / 10
 
 
-def test_error_feedback_regions_are_independent_and_resettable():
-    ef = ErrorFeedback(Int8BlockCodec())
-    ef.encode(("a",), gaussian(300, 1))
-    ef.encode(("b",), gaussian(100, 2))
-    first, second = ef.residual(("a",)), ef.residual(("b",))
-    assert first is not None and second is not None
-    assert first.shape == (300,) and second.shape == (100,)
+def test_error_feedback_keeps_contribution_and_result_residuals_apart_by_position():
+    ef = BufferErrorFeedback(Int8BlockCodec(), 1000)
+    assert ef.residual() is None and ef.residual("result") is None
+    ef.encode(gaussian(300, 1), 0)
+    ef.encode_result(gaussian(100, 2), 500)
+    contribution, result = ef.residual(), ef.residual("result")
+    assert contribution is not None and result is not None
+    assert contribution.shape == result.shape == (1000,)
+    # Each residual holds only the elements its kind encoded, where they lie in the vector.
+    assert np.any(contribution[:300]) and not np.any(contribution[300:])
+    assert np.any(result[500:600]) and not np.any(result[:500]) and not np.any(result[600:])
     with pytest.raises(ValueError):
-        ef.encode(("a",), gaussian(200))
-    ef.reset(("a",))
-    assert ef.residual(("a",)) is None
-    ef.encode(("a",), gaussian(200))
+        ef.encode(gaussian(200), 900)  # beyond the vector
     ef.reset()
-    assert ef.residual(("a",)) is None and ef.residual(("b",)) is None
+    assert ef.residual() is None and ef.residual("result") is None
 
 
 def test_error_feedback_keeps_residual_on_refused_input():
-    ef = ErrorFeedback(Fp16Codec())
-    ef.encode(0, gaussian(64))
-    before = ef.residual(0)
+    ef = BufferErrorFeedback(Fp16Codec(), 64)
+    ef.encode(gaussian(64), 0)
+    before = ef.residual()
     bad = gaussian(64)
     bad[3] = np.nan
     with pytest.raises(ValueError):
-        ef.encode(0, bad)
-    np.testing.assert_array_equal(ef.residual(0), before)
+        ef.encode(bad, 0)
+    np.testing.assert_array_equal(ef.residual(), before)
