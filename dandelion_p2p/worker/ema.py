@@ -25,7 +25,9 @@ class Ema:
         # dominated by the untrained start.
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         for s, p in zip(self.shadow, self.params, strict=True):
-            s.lerp_(p.detach().to(s.device, non_blocking=True), 1.0 - decay)
+            # A blocking copy: a non-blocking one to host memory hands lerp_ a pinned buffer
+            # the GPU may not have filled yet, and the average silently takes stale values.
+            s.lerp_(p.detach().to(s.device), 1.0 - decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: s for name, s in zip(self.names, self.shadow, strict=True)}
