@@ -82,7 +82,7 @@ def test_status_json_and_clean_shutdown(tmp_path: Path, daemons: list[DaemonProc
     assert status["addrs"] and all("/p2p-circuit/" in a for a in status["addrs"])
     assert status["connected_peers"] == [
         {"peer_id": relay.peer_id, "connection": "direct",
-         "addrs": status["connected_peers"][0]["addrs"]}
+         "addrs": status["connected_peers"][0]["addrs"], "bandwidth_mbps": None}
     ]
     assert [r["relay"] for r in status["relay_reservations"]] == [relay.peer_id]
     assert status["routing_table_size"] == 1
