@@ -42,6 +42,7 @@ import torch
 from benchmarks import _report
 from dandelion_p2p.runconfig.schema import ModelConfig, OptimizerConfig, TrainingConfig
 from dandelion_p2p.worker import diffusion
+from dandelion_p2p.worker.device import pick_precision
 from dandelion_p2p.worker.model import (
     Components,
     load_components,
@@ -126,19 +127,6 @@ class Result:
     peak_rss_bytes: int
     rss_before_model_bytes: int | None
     gpu_name: str | None
-
-
-def pick_precision(wanted: str, device: torch.device) -> torch.dtype | None:
-    """dandelion_p2p.worker.train.pick_precision, whose module cannot be imported without the
-    daemon's network stack (a GPU box may have torch and diffusers only); a test keeps the
-    two equal."""
-    if wanted == "no" or (wanted == "auto" and device.type == "cpu"):
-        return None
-    if wanted == "fp16":
-        return torch.float16
-    if wanted == "bf16" or (device.type == "cuda" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return torch.float16
 
 
 def current_rss() -> int | None:

@@ -39,14 +39,6 @@ def chunk_hash(data: bytes) -> str:
     return blake3.blake3(data).hexdigest()
 
 
-def file_hash(path: Path) -> str:
-    hasher = blake3.blake3()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            hasher.update(block)
-    return hasher.hexdigest()
-
-
 class ChunkDir:
     """A directory of chunk files. Writes are atomic (temporary file, fsync, rename)."""
 

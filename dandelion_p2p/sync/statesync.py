@@ -24,13 +24,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import blake3
 import trio
 from libp2p.abc import IHost
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from dandelion_p2p.errors import DandelionError, ProtocolViolation
+from dandelion_p2p.hashing import file_digest
 from dandelion_p2p.net.streams import ViolationSink, request, serve_requests
 from dandelion_p2p.wire import Message, Registry, RejectCode, invalid
 
@@ -103,14 +103,6 @@ class StateChunk(Message):
     data: bytes
 
 
-def _hash_file(path: Path) -> str:
-    h = blake3.blake3()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @dataclass
 class Served:
     step: int
@@ -162,7 +154,7 @@ class StateServer:
             files = {name: ((folder / name).stat().st_size, digest)
                      for name, digest in manifest["files"].items()}
             files[MANIFEST] = ((folder / MANIFEST).stat().st_size,
-                               _hash_file(folder / MANIFEST))
+                               file_digest(folder / MANIFEST))
         except (OSError, ValueError, KeyError, AttributeError):
             return None
         served = Served(step, folder, files)
@@ -270,11 +262,11 @@ async def fetch_state(
     used: set[str] = set()
     for name, (size, digest) in wanted.items():
         target = partial / name
-        if target.is_file() and target.stat().st_size == size and _hash_file(target) == digest:
+        if target.is_file() and target.stat().st_size == size and file_digest(target) == digest:
             continue
         sources = [p for p, o in newest.items() if o.files().get(name) == (size, digest)]
         await _download(host, sources, run, step, name, size, target, timeout)
-        if _hash_file(target) != digest:
+        if file_digest(target) != digest:
             target.unlink(missing_ok=True)
             raise StateUnavailable(f"{name} from step {step} does not match its hash",
                                    retry=True)

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import blake3
 import torch
 from safetensors.torch import load_file, save_file
+
+from dandelion_p2p.hashing import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +56,6 @@ def _fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _hash_file(path: Path) -> str:
-    h = blake3.blake3()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class CheckpointStore:
@@ -109,7 +102,7 @@ class CheckpointStore:
             files[path.name] = ""
         for file_name in files:
             _fsync_path(tmp / file_name)
-            files[file_name] = _hash_file(tmp / file_name)
+            files[file_name] = file_digest(tmp / file_name)
         manifest = {"format": FORMAT, "step": step, "files": files, **meta}
         with (tmp / MANIFEST).open("w") as f:
             json.dump(manifest, f, indent=1, sort_keys=True)
@@ -136,7 +129,7 @@ class CheckpointStore:
             raise ValueError(f"{path}: checkpoint format {manifest.get('format')!r}")
         for file_name, digest in manifest.get("files", {}).items():
             file = path / file_name
-            if not file.is_file() or _hash_file(file) != digest:
+            if not file.is_file() or file_digest(file) != digest:
                 raise ValueError(f"{path}: {file_name} is missing or does not match its hash")
         return Checkpoint(path, int(manifest["step"]), manifest)
 

@@ -34,6 +34,7 @@ from dandelion_p2p.worker.batches import BatchMaker
 from dandelion_p2p.worker.bucketing import BatchPlan, make_buckets, nearest_bucket, plan_epoch
 from dandelion_p2p.worker.checkpoint import Checkpoint, CheckpointStore
 from dandelion_p2p.worker.data import scan
+from dandelion_p2p.worker.device import pick_device, pick_precision
 from dandelion_p2p.worker.ema import Ema
 from dandelion_p2p.worker.link import Link, SyncOutcome
 from dandelion_p2p.worker.model import (
@@ -79,25 +80,6 @@ class Position:
     rounds: int = 0
     samples_since_sync: int = 0
     expected_peers: int = 1
-
-
-def pick_device(wanted: str) -> torch.device:
-    if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ConfigError("device = cuda, but torch sees no CUDA device")
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def pick_precision(wanted: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32. Master weights stay fp32 either way."""
-    if wanted == "no" or (wanted == "auto" and device.type == "cpu"):
-        return None
-    if wanted == "fp16":
-        return torch.float16
-    if wanted == "bf16" or (device.type == "cuda" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return torch.float16
 
 
 def vector_digest(vector: torch.Tensor) -> str:
