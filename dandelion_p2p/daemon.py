@@ -195,7 +195,7 @@ async def run_daemon(
                 ctx.add_handlers(control_handlers(ctx))
                 for service in create_services(ctx):
                     await outer.start(service.run)
-                    log.info("%s started", service.name)
+                    log.info("%s service started", service.name)
                 await outer.start(serve_control, socket_path, ctx.handlers)
                 if on_ready is not None:
                     on_ready(node)

@@ -234,8 +234,8 @@ class SyncService:
         except ConfigError as exc:
             return f"run config: {exc}"
         if document is None:
-            return ("no run to train: join one with `run.join` or start the daemon with "
-                    "--run-config")
+            return ("no run to train: start the daemon with --run RUN (`dandelion-p2p runs` "
+                    "lists them) or --run-config, or join one from the web UI")
         self.document = document
         self.run_id = document.run
         folder = self.data_folder()

@@ -215,7 +215,8 @@ def test_two_tabs_receive_the_same_new_log_line(context: Any, web_swarm: WebSwar
         assert seqs[0] == seqs[1], "both tabs show the same numbered line"
         # Each tab also got the scrollback from before it opened.
         for tab in tabs:
-            assert tab.locator("#log-terminal .line", has_text="web UI started").count() == 1
+            started = tab.locator("#log-terminal .line", has_text="web UI service started")
+            assert started.count() == 1
         # Filtering by level hides info lines but keeps them for later.
         tabs[0].select_option("#log-level", "warning")
         assert tabs[0].locator("#log-terminal .line", has_text=marker).count() == 0
