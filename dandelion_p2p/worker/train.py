@@ -124,6 +124,14 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.autocast_dtype == torch.float16
         )
+        log.info(
+            "training %d parameters on %s, %s, %s attention, %s",
+            self.n_elements,
+            self.device,
+            "fp32" if self.autocast_dtype is None else f"{self.autocast_dtype} autocast",
+            self.attention,
+            type(self.optimizer).__name__,
+        )
         self.ema = (Ema(self.c.trainable, t.ema_decay, device=torch.device("cpu"))
                     if t.ema else None)
 
