@@ -37,8 +37,6 @@ log = logging.getLogger(__name__)
 
 PURPOSE = "averaging/1"
 TICK = 0.5
-# A finished round's announcement is withdrawn within this (best effort; it expires anyway).
-WITHDRAW_WITHIN = 1.0
 CHUNKS_PER_SPAN = 8
 MIN_CHUNK = 64 * 1024
 MAX_HELLO = 256
@@ -224,8 +222,7 @@ class Averager:
             expires_at_ms=int((time.time() + s.matchmaking.announcement_ttl) * 1000),
             banned=tuple(self._banned_now()),
         )
-        matchmaker = self._matchmaker()
-        spec, formation = await matchmaker.match(self.me, announcement)
+        spec, formation = await self._matchmaker().match(self.me, announcement)
         if spec is None:
             raise NoGroup(
                 f"round {round_}: {len(formation.ungrouped)} peers without a group, "
@@ -255,8 +252,6 @@ class Averager:
             rnd.finished.set()
             self._rounds.pop(round_, None)
             self._round_ready.pop(round_, None)
-        with trio.move_on_after(WITHDRAW_WITHIN):
-            await matchmaker.withdraw(announcement)
         report = state.report()
         for peer, event in state.score_events:
             self.node.record_score(peer, event)

@@ -7,7 +7,6 @@ publisher; the DHT verifies the publisher's signature on every record it stores 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -28,7 +27,6 @@ log = logging.getLogger(__name__)
 
 AVERAGING_NAMESPACE = "avg"
 MAX_ANNOUNCEMENT_TTL_MS = 600_000
-WITHDRAWN_TTL = 1.0
 
 
 def round_key(run: bytes, round_: int) -> bytes:
@@ -78,26 +76,6 @@ class Matchmaker:
             keep=False,
             timeout=self.settings.dht_timeout,
         )
-
-    async def withdraw(self, announcement: AveragingAnnouncement) -> None:
-        """Replace our announcement for its round with one that expires at once, so a peer
-        that reads the round's announcements after we finished it does not group with us
-        and wait out its timeouts. The DHT keeps each publisher's newest record: this one
-        overrides the first, then expires."""
-        soon = int((time.time() + WITHDRAWN_TTL) * 1000)
-        withdrawn = dataclasses.replace(announcement, expires_at_ms=soon)
-        try:
-            await self.dht.put(
-                AVERAGING_NAMESPACE,
-                round_key(announcement.run, announcement.round),
-                encode_announcement(withdrawn),
-                WITHDRAWN_TTL,
-                keep=False,
-                timeout=self.settings.dht_timeout,
-            )
-        except DandelionError as exc:
-            log.debug("withdrawing the announcement for round %d failed: %s",
-                      announcement.round, exc)
 
     async def read(self, run: bytes, round_: int) -> dict[bytes, AveragingAnnouncement]:
         """Valid announcements for (run, round), by publisher."""

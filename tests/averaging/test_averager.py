@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import trio
 
-from dandelion_p2p.averaging.averager import Averager, AveragingSettings, NoGroup
+from dandelion_p2p.averaging.averager import Averager, AveragingSettings
 from dandelion_p2p.averaging.matchmaking import MatchmakingSettings
 from dandelion_p2p.averaging.report import RoundReport
 from dandelion_p2p.averaging.scoring import ScoreEvent
@@ -118,28 +118,6 @@ async def test_a_ban_held_by_one_peer_only_keeps_one_group_and_cuts_the_peer_off
     assert all(c.status.value != "averaged" for c in spans[accused_id].chunks)
     third = members[1].node.identity.peer_id_bytes
     assert all(accused_id in c.contributors for c in spans[third].chunks)
-
-
-async def test_a_peer_late_for_a_finished_round_finds_no_group_instead_of_waiting() -> None:
-    size = 50_000
-    async with averaging_swarm(3, FAST) as members:
-        early, late = members[:2], members[2]
-        buffers = [np.ones(size, dtype=np.float32) * (i + 1) for i in range(3)]
-
-        async def run(i: int) -> None:
-            await members[i].averager.all_reduce(buffers[i], 1.0, 1)
-
-        with trio.fail_after(30):
-            async with trio.open_nursery() as nursery:
-                for i in range(len(early)):
-                    nursery.start_soon(run, i)
-        # The finished peers withdrew their announcements: the late one forms no group with
-        # them (which would have it wait out their channels), it hears that it is alone.
-        started = trio.current_time()
-        with pytest.raises(NoGroup), trio.fail_after(30):
-            await late.averager.all_reduce(buffers[2], 1.0, 1)
-        assert trio.current_time() - started < FAST.matchmaking.gather_window + 3.0
-        np.testing.assert_array_equal(buffers[2], np.full(size, 3.0, dtype=np.float32))
 
 
 async def test_rounds_measure_each_links_receive_rate() -> None:
