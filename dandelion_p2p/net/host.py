@@ -15,6 +15,7 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 
 from dandelion_p2p.identity import Identity
+from dandelion_p2p.net import yamux_control
 
 # Noise carries at most 65,519 plaintext bytes per message. yamux's default 64 KiB frame is
 # slightly larger, so every frame cost two Noise messages; matching the sizes moves ~30 % more
@@ -29,6 +30,7 @@ HAPPY_EYEBALLS_DELAY = 0.0
 def apply_libp2p_tuning() -> None:
     _yamux.MAX_MESSAGE_SIZE = NOISE_MAX_PLAINTEXT
     _swarm._HAPPY_EYEBALLS_DELAY = HAPPY_EYEBALLS_DELAY
+    yamux_control.install()
 
 
 async def _no_auto_connect() -> None:
