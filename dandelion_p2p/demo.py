@@ -1,10 +1,12 @@
 """``make demo``: a local swarm on this machine trains a tiny Stable Diffusion model together.
 
-One public relay publishes the run (a tiny random SD 1.x model built here, 16 captioned
-images) and two peers that believe they are behind NAT join it: they reach each other only
-through the relay, find the run in the DHT, and their workers train with local steps,
+One public relay publishes the run (a tiny random SD 1.x model built here) and serves its
+dataset (16 captioned images packed into signed, content-addressed chunks). Two peers that
+believe they are behind NAT join it: they reach each other only through the relay, find the
+run in the DHT, and their workers train on chunks leased from the relay with local steps,
 averaging their progress through the swarm every few steps. The demo prints each round as it
-happens and checks at the end that both peers hold the same weights.
+happens and checks at the end that both peers hold the same weights and that every chunk
+trained was receipted.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ def short(peer_id: str) -> str:
     return f"{peer_id[:8]}…{peer_id[-4:]}"
 
 
-def write_run_config(path: Path, model: Path) -> None:
+def write_run_config(path: Path, model: Path, manifest: str) -> None:
     path.write_text(f'''name = "demo"
 
 [model]
@@ -124,6 +126,10 @@ chunk_timeout = 10.0
 [checkpoint]
 every_steps = {LOCAL_STEPS}
 keep_last = 2
+
+[dataset]
+manifest = "{manifest}"
+lease_seconds = 60.0
 ''')
 
 
@@ -145,13 +151,24 @@ def main() -> None:
 
         print("Building a tiny random Stable Diffusion 1.x model and 16 captioned images")
         model = build_tiny_pipeline(root / "model")
+        # Uncompressed PNGs (~49 KB): four to a chunk, so the two peers share four chunks.
+        write_images(root / "images", 16, size=(128, 128), compress_level=0)
+        print("Packing them into chunks signed by the relay's key: dandelion-p2p dataset pack "
+              "images packed --chunk-size 200k --data-dir relay")
+        packed = subprocess.run(
+            [sys.executable, "-m", "dandelion_p2p.cli", "dataset", "pack", str(root / "images"),
+             str(root / "packed"), "--chunk-size", "200k", "--data-dir", str(root / "relay")],
+            capture_output=True, text=True, check=True,
+        ).stdout
+        manifest = packed.rsplit('manifest = "', 1)[1].split('"', 1)[0]
+        print("  " + packed.strip().splitlines()[0])
         run_toml = root / "run.toml"
-        write_run_config(run_toml, model)
+        write_run_config(run_toml, model, manifest)
 
-        print("Starting a public relay that publishes the run: dandelion-p2p daemon --relay "
-              "--run-config run.toml --no-worker")
+        print("Starting a public relay that publishes the run and serves its dataset: "
+              "dandelion-p2p daemon --relay --dataset packed --run-config run.toml --no-worker")
         relay = Proc("relay", ["daemon", "--relay", "--no-worker", "--no-webui",
-                               "--run-config", str(run_toml),
+                               "--dataset", str(root / "packed"), "--run-config", str(run_toml),
                                "--listen", "/ip4/127.0.0.1/tcp/0"], root / "relay")
         procs.append(relay)
         relay.wait_ready()
@@ -167,8 +184,7 @@ def main() -> None:
         print(f"  run {run_id} published in the DHT, signed by the relay's key")
 
         peers = []
-        for seed, name in enumerate(("alice", "bob")):
-            write_images(root / name / "training-data", 8, seed=seed)
+        for name in ("alice", "bob"):
             print(f"Starting {name}: dandelion-p2p join <relay> --run {run_id} (simulated NAT)")
             p = Proc(name, ["join", relay.addrs[0], "--reachability", "private",
                             "--run", run_id, "--webui-port", "0",
@@ -217,6 +233,12 @@ def main() -> None:
         same = [r for r in shared if digests[0][r] is not None and digests[0][r] == digests[1][r]]
         print(f"  after {len(same)} of {len(shared)} rounds both peers held bit-identical "
               "weights")
+        book = relay.call("dataset.status")
+        print(f"  the relay's lease book: {book['chunks']} chunks, {book['leases_granted']} "
+              f"leases granted, {book['receipts']} signed receipts; epoch {book['epoch']} has "
+              f"{book['completed']} of {book['chunks']} chunks done, "
+              f"{book['active_leases']} leased (peers that stop partway into a chunk leave "
+              "its lease to expire)")
 
         print("\nShutting down (SIGTERM):")
         for p in reversed(procs):

@@ -26,6 +26,7 @@ import random
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import overload
 
 import trio
 from libp2p.peer.id import ID
@@ -368,16 +369,28 @@ class DatasetClient:
         self._discovered_at = -math.inf
         raise PeerUnavailable("no dataset server answered: " + "; ".join(failures)[:500])
 
-    async def lease(self) -> LeaseGrant:
-        """A lease, waiting (as the server advises) while every chunk is out.
+    @overload
+    async def lease(self) -> LeaseGrant: ...
 
-        Raises ``PeerUnavailable`` when no server answers; cancel to stop waiting.
+    @overload
+    async def lease(self, wait: float) -> LeaseGrant | None: ...
+
+    async def lease(self, wait: float = math.inf) -> LeaseGrant | None:
+        """A lease, waiting (as the server advises) while every chunk is out; ``None`` once
+        ``wait`` seconds passed without one. A request under way is never cut short, so no
+        grant is lost to the deadline.
+
+        Raises ``PeerUnavailable`` when no server answers.
         """
+        deadline = trio.current_time() + wait
         while True:
             reply = await self.try_lease()
             if isinstance(reply, LeaseGrant):
                 return reply
-            await trio.sleep(max(0.2, reply.retry_after_ms / 1000))
+            left = deadline - trio.current_time()
+            if left <= 0:
+                return None
+            await trio.sleep(min(left, max(0.2, reply.retry_after_ms / 1000)))
 
     def receipt(self, lease: LeaseGrant, samples: int | None = None) -> Receipt:
         unsigned = Receipt(

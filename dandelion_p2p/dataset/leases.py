@@ -88,6 +88,10 @@ class Lease:
     size: int
 
 
+MIN_RETRY_AFTER = 0.5
+MAX_RETRY_AFTER = 2.0
+
+
 @dataclass(frozen=True, slots=True)
 class NoChunkFree:
     """Every chunk of the epoch is done or leased; ask again after ``retry_after`` seconds."""
@@ -237,7 +241,9 @@ class LeaseBook:
                     "SELECT MIN(expires_at) FROM leases WHERE state='active' AND epoch=?",
                     (epoch,),
                 ).fetchone()[0]
-                wait = max(1.0, min(60.0, (soonest or now + 5.0) - now))
+                # A receipt can free the epoch at any moment, so peers ask again soon, not
+                # only when the first lease expires.
+                wait = max(MIN_RETRY_AFTER, min(MAX_RETRY_AFTER, (soonest or now + 5.0) - now))
                 return NoChunkFree(epoch, wait)
             chunk, samples, size = row
             expires = now + lease_seconds

@@ -12,6 +12,7 @@ and, when this daemon's key signed the dataset's manifest, publication of the ru
 from __future__ import annotations
 
 import logging
+import math
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,9 @@ class RunsService:
         """Runs followed, least recently used first."""
         self._watch_scopes: dict[str, trio.CancelScope] = {}
         self.start_toml: str | None = None
-        self._leases: dict[int, tuple[DatasetClient, LeaseGrant]] = {}
+        self._leases: dict[int, tuple[DatasetClient, LeaseGrant, float]] = {}
+        """Leases taken for this node's worker and not yet completed: client, grant, and the
+        trio time the lease expires (the server grants the chunk again after that)."""
         self._publisher: RunPublisher | None = None
         self._nursery: trio.Nursery | None = None
         self._prepare_dataset_role()
@@ -301,7 +304,26 @@ class RunsService:
         return self.status()
 
     async def dataset_lease(self, params: dict[str, Any]) -> dict[str, Any]:
-        """``{"run"?}`` -> a lease; waits while every chunk of the epoch is out."""
+        """``{"run"?, "wait"?, "resume"?}`` -> a lease.
+
+        Waits while every chunk of the epoch is out: without end, or at most ``wait``
+        seconds, after which the answer is ``{"chunk": null}``. ``resume`` (a lease id, or
+        -1): hand back a lease of the run this daemon holds open, that one if it is held, so a
+        restarted worker goes on with it rather than leaving it to expire.
+        """
+        resume = params.get("resume")
+        if resume is not None:
+            if isinstance(resume, bool) or not isinstance(resume, int):
+                raise ConfigError(f"'resume' must be a lease id, got {resume!r}")
+            held = self._held_lease(_run_param(params, self.run_id), resume)
+            if held is not None:
+                return self._lease_answer(held)
+        wait = params.get("wait")
+        if wait is not None and (
+            isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 < wait <= 3600
+        ):
+            raise ConfigError(f"'wait' must be a number of seconds in (0, 3600], got {wait!r}")
+        self._forget_expired_leases()
         if len(self._leases) >= MAX_OPEN_LEASES:
             raise ConfigError(f"{MAX_OPEN_LEASES} leases are open; complete some first")
         run = _run_param(params, self.run_id)
@@ -315,8 +337,28 @@ class RunsService:
         # known, a config not read this time does not unset it.
         if current is not None:
             client.expected_manifest = current.config.dataset.manifest
-        grant = await client.lease()
-        self._leases[grant.lease_id] = (client, grant)
+        grant = await client.lease(wait=math.inf if wait is None else float(wait))
+        if grant is None:
+            return {"run": run, "chunk": None}
+        self._leases[grant.lease_id] = (
+            client, grant, trio.current_time() + grant.expires_in_ms / 1000
+        )
+        return self._lease_answer(grant)
+
+    def _forget_expired_leases(self) -> None:
+        now = trio.current_time()
+        for lease_id in [i for i, (_, _, expiry) in self._leases.items() if expiry <= now]:
+            del self._leases[lease_id]
+
+    def _held_lease(self, run: str, preferred: int) -> LeaseGrant | None:
+        self._forget_expired_leases()
+        if preferred in self._leases:
+            return self._leases[preferred][1]
+        held = [grant for _, grant, _ in self._leases.values() if grant.run == run]
+        return max(held, key=lambda g: g.lease_id) if held else None
+
+    @staticmethod
+    def _lease_answer(grant: LeaseGrant) -> dict[str, Any]:
         return {
             "run": grant.run,
             "lease_id": grant.lease_id,
@@ -349,7 +391,7 @@ class RunsService:
         held = self._leases.get(lease_id) if isinstance(lease_id, int) else None
         if held is None:
             raise ConfigError(f"no open lease {lease_id!r} on this daemon")
-        client, grant = held
+        client, grant, _ = held
         samples = params.get("samples")
         ack = await client.complete(grant, samples if isinstance(samples, int) else None)
         self._leases.pop(grant.lease_id, None)

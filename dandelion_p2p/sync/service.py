@@ -238,25 +238,29 @@ class SyncService:
                     "lists them) or --run-config, or join one from the web UI")
         self.document = document
         self.run_id = document.run
-        folder = self.data_folder()
-        if not folder.is_dir():
-            return (f"no training data: put images with captions (or .tar shards) in {folder}")
+        configured = self.ctx.config.train_data
+        if configured is not None and not Path(configured).is_dir():
+            return f"train_data {configured} is not a folder"
         return None
 
-    def data_folder(self) -> Path:
-        """The local images the worker trains on, until chunks are leased from the run's
-        dataset server: ``train_data`` when the configuration has it, else
-        ``DATA_DIR/training-data``."""
+    def data_folder(self) -> Path | None:
+        """The local images the worker trains on: ``train_data`` when configured, else
+        ``DATA_DIR/training-data`` if it exists; None: chunks leased from the run's dataset
+        servers."""
         configured = self.ctx.config.train_data
-        return Path(configured) if configured else self.ctx.config.data_dir / TRAINING_DATA
+        if configured is not None:
+            return Path(configured)
+        default = self.ctx.config.data_dir / TRAINING_DATA
+        return default if default.is_dir() else None
 
     def _argv(self) -> list[str]:
         config = self.ctx.config
+        folder = self.data_folder()
         return [
             sys.executable, "-m", "dandelion_p2p.worker",
             "--socket", str(config.control_socket_path),
             "--data-dir", str(config.data_dir),
-            "--data", str(self.data_folder()),
+            *(["--data", str(folder)] if folder is not None else []),
             "--log-level", config.log_level,
         ]
 

@@ -38,25 +38,28 @@ def crop_to_bucket(image: Image.Image, bucket: Bucket) -> tuple[torch.Tensor, li
 
 
 class BatchMaker:
-    def __init__(self, c: Components, samples: Sequence[Sample], cache_root: Path,
-                 device: torch.device, cache_text: bool) -> None:
+    """Model inputs for batches of samples. ``cache_latents``/``cache_text``: keep what was
+    encoded on disk (off for leased chunks, which rarely come back to the same peer)."""
+
+    def __init__(self, c: Components, cache_root: Path, device: torch.device,
+                 cache_text: bool, cache_latents: bool = True) -> None:
         self.c = c
-        self.samples = samples
         self.device = device
         self.cache_text = cache_text
+        self.cache_latents = cache_latents
         self.latent_cache = TensorCache(cache_root / "latents", module_fingerprint(c.vae))
         self.text_cache = TensorCache(cache_root / "text", module_fingerprint(*c.text_encoders))
         self.scaling = float(c.vae.config.scaling_factor)
 
     @torch.no_grad()
-    def latents(self, indices: Sequence[int], bucket: Bucket) -> tuple[torch.Tensor, torch.Tensor]:
+    def latents(self, samples: Sequence[Sample],
+                bucket: Bucket) -> tuple[torch.Tensor, torch.Tensor]:
         """(latents (B, 4, h/8, w/8) in fp32, size conditioning (B, 6))."""
         out: list[torch.Tensor] = []
         conds: list[torch.Tensor] = []
-        for index in indices:
-            sample = self.samples[index]
+        for sample in samples:
             key = f"{sample.content_hash}:{bucket[0]}x{bucket[1]}"
-            entry = self.latent_cache.get(key)
+            entry = self.latent_cache.get(key) if self.cache_latents else None
             if entry is None:
                 pixels, cond = crop_to_bucket(sample.load_image(), bucket)
                 vae_dtype = next(self.c.vae.parameters()).dtype
@@ -64,7 +67,8 @@ class BatchMaker:
                 # The mean, not a draw: a cached latent must not freeze one random sample.
                 entry = {"latent": dist.mode()[0].float().cpu() * self.scaling,
                          "cond": torch.tensor(cond, dtype=torch.float32)}
-                self.latent_cache.put(key, entry)
+                if self.cache_latents:
+                    self.latent_cache.put(key, entry)
             out.append(entry["latent"])
             conds.append(entry["cond"])
         return torch.stack(out).to(self.device), torch.stack(conds).to(self.device)

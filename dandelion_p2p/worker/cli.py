@@ -42,8 +42,9 @@ def _shard(value: str | None) -> tuple[int, int] | None:
                    "default: $DANDELION_DATA_DIR or the daemon's default.")
 @click.option("--run-config", type=click.Path(path_type=Path),
               help="Train alone from this run config, with no daemon.")
-@click.option("--data", type=click.Path(path_type=Path), required=True,
-              help="Folder of images with captions, or of .tar shards.")
+@click.option("--data", type=click.Path(path_type=Path),
+              help="Folder of images with captions, or of .tar shards (default, with a "
+                   "daemon: chunks leased from the run's dataset servers).")
 @click.option("--work-dir", type=click.Path(path_type=Path),
               help="Checkpoints, cache, samples, exports (default: DATA_DIR/worker/RUN).")
 @click.option("--shard", help="Train only this share of the data: INDEX/COUNT.")
@@ -52,8 +53,8 @@ def _shard(value: str | None) -> tuple[int, int] | None:
 @click.option("--no-export", is_flag=True, help="Do not export the model at the end.")
 @click.option("--log-level", default="info")
 def worker_command(socket_path: Path | None, data_dir: Path | None, run_config: Path | None,
-                   data: Path, work_dir: Path | None, shard: str | None, stop_at: int,
-                   device: str | None, no_export: bool, log_level: str) -> None:
+                   data: Path | None, work_dir: Path | None, shard: str | None,
+                   stop_at: int, device: str | None, no_export: bool, log_level: str) -> None:
     """Train: with the swarm through the local daemon, or alone with --run-config."""
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
@@ -85,7 +86,7 @@ def run_worker(**kwargs: Any) -> int:
 
 
 def _run(*, socket_path: Path | None, data_dir: Path | None, run_config: Path | None,
-         data: Path, work_dir: Path | None, shard: tuple[int, int] | None, stop_at: int,
+         data: Path | None, work_dir: Path | None, shard: tuple[int, int] | None, stop_at: int,
          device: str | None, export: bool) -> int:
     from dandelion_p2p.config import default_data_dir
     from dandelion_p2p.errors import ConfigError
@@ -101,6 +102,8 @@ def _run(*, socket_path: Path | None, data_dir: Path | None, run_config: Path | 
     link: Link
     peer = ""
     if run_config is not None:
+        if data is None:
+            raise ConfigError("training alone (--run-config) needs a folder of images: --data")
         link = SoloLink(run_config)
     else:
         if socket_path is None:

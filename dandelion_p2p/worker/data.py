@@ -153,6 +153,16 @@ def _scan_shard(shard: Path, report: ScanReport) -> None:
         report.skipped.append(f"{shard}: not a readable tar shard ({exc})")
 
 
+def scan_shard(shard: Path) -> ScanReport:
+    """The samples of one WebDataset tar shard, e.g. a chunk leased from a dataset server."""
+    report = ScanReport([], [], 0)
+    _scan_shard(Path(shard), report)
+    for line in report.skipped:
+        log.warning("skipping %s", line)
+    report.empty_captions = sum(1 for s in report.samples if not s.caption)
+    return report
+
+
 def scan(root: Path) -> ScanReport:
     """Every sample under ``root`` (image files and ``*.tar`` shards, recursively).
 

@@ -21,6 +21,8 @@ from dandelion_p2p.sync.shm import SharedVector
 from dandelion_p2p.worker import protocol
 
 PROGRESS_INTERVAL = 1.0
+CALL_MARGIN = 30.0
+CHUNK_FETCH_TIMEOUT = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +159,32 @@ class DaemonLink:
             timeout=self.sync_timeout,
         )
         return int(answer["step"])
+
+    # ---- chunks of the run's dataset, leased through the daemon (protocol/worker.md)
+
+    def lease_chunk(self, wait: float, resume: int | None = None) -> dict[str, Any] | None:
+        """A lease on a chunk (``lease_id``, ``chunk``, ``samples``, ``size``, ``epoch``), or
+        None when none was free within ``wait`` seconds. ``resume``: a lease id from before a
+        restart (or -1): the daemon hands back a lease it holds open, that one if it can."""
+        params: dict[str, Any] = {"run": self.run, "wait": wait}
+        if resume is not None:
+            params["resume"] = resume
+        answer = call_sync(self.socket, "dataset.lease", params, timeout=wait + CALL_MARGIN)
+        return answer if answer.get("chunk") else None
+
+    def fetch_chunk(self, chunk: str, size: int) -> Path:
+        """The daemon's verified copy of ``chunk``."""
+        answer = call_sync(self.socket, "dataset.fetch",
+                           {"run": self.run, "chunk": chunk, "size": size},
+                           timeout=CHUNK_FETCH_TIMEOUT)
+        if not answer.get("path"):
+            raise PeerUnavailable(f"the daemon fetched chunk {chunk[:12]} but kept no copy")
+        return Path(answer["path"])
+
+    def complete_chunk(self, lease_id: int, samples: int) -> dict[str, Any]:
+        """Hand in the receipt; the server's count of the epoch's chunks done."""
+        return call_sync(self.socket, "dataset.complete",
+                         {"lease_id": lease_id, "samples": samples}, timeout=CALL_MARGIN * 4)
 
     def close(self) -> None:
         if self._shared is not None:

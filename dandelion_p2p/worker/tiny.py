@@ -146,7 +146,7 @@ def _load_tokenizer(folder: Path):  # type: ignore[no-untyped-def]
 
 
 def write_images(folder: Path, count: int, size: tuple[int, int] = (64, 64), seed: int = 0,
-                 captions: bool = True) -> list[Path]:
+                 captions: bool = True, compress_level: int = 6) -> list[Path]:
     """``count`` images with simple structure (coloured gradients) and a caption beside each."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -159,7 +159,7 @@ def write_images(folder: Path, count: int, size: tuple[int, int] = (64, 64), see
         image = np.stack([(xx / w) * colour[0], (yy / h) * colour[1],
                           np.full_like(xx, colour[2])], axis=-1).astype(np.uint8)
         path = folder / f"img{i:03d}.png"
-        Image.fromarray(image).save(path)
+        Image.fromarray(image).save(path, compress_level=compress_level)
         if captions:
             path.with_suffix(".txt").write_text(" ".join(rng.choice(words, 3)))
         paths.append(path)

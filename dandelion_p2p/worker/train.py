@@ -31,12 +31,20 @@ from dandelion_p2p.errors import ConfigError
 from dandelion_p2p.runconfig.schema import RunConfig
 from dandelion_p2p.worker import diffusion
 from dandelion_p2p.worker.batches import BatchMaker
-from dandelion_p2p.worker.bucketing import BatchPlan, make_buckets, nearest_bucket, plan_epoch
+from dandelion_p2p.worker.bucketing import make_buckets
 from dandelion_p2p.worker.checkpoint import Checkpoint, CheckpointStore
-from dandelion_p2p.worker.data import scan
+from dandelion_p2p.worker.data import Sample
 from dandelion_p2p.worker.device import pick_device, pick_precision
 from dandelion_p2p.worker.ema import Ema
-from dandelion_p2p.worker.link import Link, SyncOutcome
+from dandelion_p2p.worker.feeds import (
+    Batch,
+    Feed,
+    FolderFeed,
+    LeasedFeed,
+    Position,
+    StopWaiting,
+)
+from dandelion_p2p.worker.link import DaemonLink, Link, SyncOutcome
 from dandelion_p2p.worker.model import (
     assign_from,
     flatten_into,
@@ -53,7 +61,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class WorkerOptions:
-    data: Path
+    data: Path | None
+    """A local folder of images; None: chunks leased from the run's dataset servers."""
     work_dir: Path
     device: str = "auto"
     mixed_precision: str = "auto"
@@ -67,19 +76,6 @@ class WorkerOptions:
     stop_at: int = 0
     """Stop at this global step (0: the run's max_steps)."""
     export: bool = True
-
-
-@dataclass
-class Position:
-    """Where training stands; saved in every checkpoint."""
-
-    global_step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    batches_done: int = 0
-    rounds: int = 0
-    samples_since_sync: int = 0
-    expected_peers: int = 1
 
 
 def vector_digest(vector: torch.Tensor) -> str:
@@ -135,22 +131,15 @@ class Trainer:
         self.ema = (Ema(self.c.trainable, t.ema_decay, device=torch.device("cpu"))
                     if t.ema else None)
 
-        # The data: every image in a bucket, batches planned per epoch.
-        self.samples = scan(options.data).samples
+        # The data: a local folder, or chunks leased from the run's dataset servers.
         buckets = (make_buckets(t.resolution, t.bucket_min, t.bucket_max, t.bucket_step)
                    if t.bucketing else [(t.resolution, t.resolution)])
-        self.sample_buckets = [nearest_bucket(s.width, s.height, buckets) for s in self.samples]
-        self.batches = BatchMaker(self.c, self.samples, options.work_dir / "cache", self.device,
-                                  cache_text=not t.train_text_encoder)
+        self.feed = self._make_feed(buckets, peer)
+        leased = isinstance(self.feed, LeasedFeed)
+        self.batches = BatchMaker(self.c, options.work_dir / "cache", self.device,
+                                  cache_text=not t.train_text_encoder and not leased,
+                                  cache_latents=not leased)
         self.micro_batch = min(options.micro_batch or t.batch_size, t.batch_size)
-        if options.shard is not None:
-            self.order_seed: list[int] = [t.seed]
-            self.shard = options.shard
-        else:
-            # Without a shard from the swarm each peer walks the data in its own order.
-            self.order_seed = [t.seed, int(blake3.blake3(peer.encode()).hexdigest()[:8], 16)]
-            self.shard = (0, 1)
-        self._epoch_cache: tuple[int, list[BatchPlan]] | None = None
 
         # The swarm: the shared buffer and, in local-steps mode, the outer optimizer.
         self.shared = torch.from_numpy(link.buffer(self.n_elements))
@@ -181,7 +170,12 @@ class Trainer:
             self.join_round()
         started, samples = time.monotonic(), 0
         while self.position.global_step < last_step and not self.stop_requested:
-            loss, n = self.train_step()
+            try:
+                loss, n = self.train_step()
+            except StopWaiting:
+                # Asked to stop while waiting for a chunk: a part-gathered step is dropped.
+                self.optimizer.zero_grad(set_to_none=True)
+                break
             samples += n
             p = self.position
             self.log_step(loss, samples / max(1e-9, time.monotonic() - started))
@@ -210,13 +204,13 @@ class Trainer:
         target = self.local_target()
         total, loss_sum = 0, 0.0
         while True:
-            plan = self.next_batch()
-            # The plan is the run's batch; this machine may cut it into smaller forward passes
+            batch = self.feed.next_batch(p)
+            # The batch is the run's; this machine may cut it into smaller forward passes
             # (local settings: micro_batch) without changing what is learned.
-            for start in range(0, len(plan.indices), self.micro_batch):
-                part = BatchPlan(plan.bucket, plan.indices[start : start + self.micro_batch])
+            for part in batch.split(self.micro_batch):
                 loss_sum += self.forward_backward(part)
-            total += len(plan.indices)
+            self.feed.batch_trained(p)
+            total += len(batch.samples)
             if self.outer is not None or total >= target:
                 break
         scale = 1.0 / total
@@ -240,13 +234,13 @@ class Trainer:
         p.samples_since_sync += total
         return loss_sum / total, total
 
-    def forward_backward(self, plan: BatchPlan) -> float:
+    def forward_backward(self, batch: Batch) -> float:
         """Accumulate the gradient of the summed per-sample loss; returns that sum."""
         t = self.config.training
         step = self.position.global_step
-        hashes = [self.samples[i].content_hash for i in plan.indices]
-        captions = [self.caption(i, step) for i in plan.indices]
-        latents, size_cond = self.batches.latents(plan.indices, plan.bucket)
+        hashes = [sample.content_hash for sample in batch.samples]
+        captions = [self.caption(sample, step) for sample in batch.samples]
+        latents, size_cond = self.batches.latents(batch.samples, batch.bucket)
         scheduler = self.c.noise_scheduler
         noise, timesteps = diffusion.draw_noise(
             latents, t.seed, step, hashes, scheduler.config.num_train_timesteps, t.noise_offset
@@ -265,9 +259,8 @@ class Trainer:
         self.scaler.scale(loss).backward()
         return float(loss.detach())
 
-    def caption(self, index: int, step: int) -> str:
+    def caption(self, sample: Sample, step: int) -> str:
         dropout = self.config.training.caption_dropout
-        sample = self.samples[index]
         if dropout and diffusion.sample_generator(
             self.config.training.seed + 1, step, sample.content_hash
         ).initial_seed() % 10_000 < dropout * 10_000:
@@ -279,26 +272,20 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def next_batch(self) -> BatchPlan:
-        """This peer's next batch; the position in the data is part of every checkpoint."""
-        p = self.position
-        plans = self._epoch(p.epoch)
-        if p.batch_in_epoch >= len(plans):
-            p.epoch, p.batch_in_epoch = p.epoch + 1, 0
-            plans = self._epoch(p.epoch)
-        p.batch_in_epoch += 1
-        p.batches_done += 1
-        return plans[p.batch_in_epoch - 1]
-
-    def _epoch(self, epoch: int) -> list[BatchPlan]:
-        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
-            seed = int(np.random.SeedSequence(self.order_seed).generate_state(1)[0])
-            plans = plan_epoch(self.sample_buckets, self.config.training.batch_size, seed, epoch,
-                               *self.shard)
-            if not plans:
-                raise ConfigError(f"shard {self.shard[0]}/{self.shard[1]} holds no images")
-            self._epoch_cache = (epoch, plans)
-        return self._epoch_cache[1]
+    def _make_feed(self, buckets: list[tuple[int, int]], peer: str) -> Feed:
+        t, options = self.config.training, self.options
+        if options.data is not None:
+            if options.shard is not None:
+                return FolderFeed(options.data, buckets, t.batch_size, [t.seed], options.shard)
+            # Without a shard from the swarm each peer walks the data in its own order.
+            order = [t.seed, int(blake3.blake3(peer.encode()).hexdigest()[:8], 16)]
+            return FolderFeed(options.data, buckets, t.batch_size, order, (0, 1))
+        if options.shard is not None:
+            raise ConfigError("a shard of the data needs a local folder (--data)")
+        if not isinstance(self.link, DaemonLink):
+            raise ConfigError("without a daemon there are no leased chunks: give --data")
+        return LeasedFeed(self.link, options.work_dir, buckets, t.batch_size, t.seed,
+                          lambda: self.stop_requested)
 
     def local_target(self) -> int:
         """Gradient mode: samples this peer gathers per step, its share of the target batch."""
@@ -413,7 +400,7 @@ class Trainer:
             "global_step": p.global_step,
             "loss": getattr(self, "last_loss", None),
             "samples_per_second": getattr(self, "last_rate", None),
-            "detail": f"{len(self.samples)} images, {self.n_elements} trained parameters",
+            "detail": f"{self.feed.describe()}, {self.n_elements} trained parameters",
         }, force=force)
         if stop:
             log.info("the daemon asks this worker to stop")
@@ -487,6 +474,7 @@ class Trainer:
                  self.position.global_step)
 
     def close(self) -> None:
+        self.feed.close()
         self.train_log.close()
         self.sync_log.close()
         self.link.close()

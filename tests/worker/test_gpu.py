@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from dandelion_p2p.runconfig.schema import RunConfig
-from dandelion_p2p.worker.bucketing import BatchPlan
 from dandelion_p2p.worker.ema import Ema
+from dandelion_p2p.worker.feeds import Batch, Position
 from dandelion_p2p.worker.link import SoloLink
 from dandelion_p2p.worker.train import Trainer, WorkerOptions
 from tests.worker.runconfigs import tiny_run
@@ -51,17 +51,17 @@ def logged_losses(work: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in lines]
 
 
-def fixed_batch_loss(trainer: Trainer, plan: BatchPlan) -> float:
+def fixed_batch_loss(trainer: Trainer, batch: Batch) -> float:
     """Mean loss on one batch with the noise and timesteps of step 0, whatever the step:
     comparable before and after training, unlike the per-step losses."""
     position = trainer.position.global_step
     trainer.position.global_step = 0
     try:
-        loss = trainer.forward_backward(plan)
+        loss = trainer.forward_backward(batch)
     finally:
         trainer.position.global_step = position
         trainer.optimizer.zero_grad(set_to_none=True)
-    return loss / len(plan.indices)
+    return loss / len(batch.samples)
 
 
 @pytest.fixture
@@ -106,11 +106,11 @@ def test_mixed_precision_trains_over_fp32_master_weights(
     hook = trainer.c.unet.conv_in.register_forward_hook(
         lambda _module, _inputs, output: computed_in.add(output.dtype)
     )
-    plan = trainer._epoch(0)[0]
+    batch = trainer.feed.next_batch(Position())
     try:
-        before = fixed_batch_loss(trainer, plan)
+        before = fixed_batch_loss(trainer, batch)
         trainer.run()
-        after = fixed_batch_loss(trainer, plan)
+        after = fixed_batch_loss(trainer, batch)
     finally:
         hook.remove()
         trainer.close()
