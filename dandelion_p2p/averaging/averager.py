@@ -10,6 +10,7 @@ arrive, the peers that fail, and the clock. The buffer is averaged in place; the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -49,7 +50,13 @@ def chunk_elements(n_elements: int, members: int, most: int) -> int:
 
 
 class NoGroup(DandelionError):
-    """Too few peers were ready for the round to form a group with this one."""
+    """Too few peers were ready for the round to form a group with this one, or (``late``) the
+    group it forms has already finished the round without it."""
+
+    def __init__(self, message: str, *, late: int = 0) -> None:
+        super().__init__(message)
+        self.late = late
+        """Members of this peer's group that finished the round before it came."""
 
 
 @dataclass(frozen=True)
@@ -149,6 +156,21 @@ class Averager:
             raise PeerUnavailable("the DHT is not running")
         return Matchmaker(self.node.dht, settings=self.settings.matchmaking)
 
+    def _announce_finished(
+        self, matchmaker: Matchmaker, announcement: AveragingAnnouncement
+    ) -> None:
+        """Tell peers still to come that this round is over here (in the background: the
+        caller has its result and must not wait for the DHT)."""
+
+        async def republish() -> None:
+            try:
+                await matchmaker.announce(dataclasses.replace(announcement, finished=True))
+            except DandelionError as exc:
+                log.debug("round %d: finished not announced: %s", announcement.round, exc)
+
+        if self.node.background is not None:
+            self.node.background.start_soon(republish)
+
     def _banned_now(self) -> list[bytes]:
         """Peers this node has banned, worst score first, as many as an announcement lists."""
         now, book = time.time(), self.node.scores
@@ -222,11 +244,20 @@ class Averager:
             expires_at_ms=int((time.time() + s.matchmaking.announcement_ttl) * 1000),
             banned=tuple(self._banned_now()),
         )
-        spec, formation = await self._matchmaker().match(self.me, announcement)
+        matchmaker = self._matchmaker()
+        spec, formation, finished = await matchmaker.match(self.me, announcement)
         if spec is None:
             raise NoGroup(
                 f"round {round_}: {len(formation.ungrouped)} peers without a group, "
                 f"{len(formation.groups)} groups formed"
+            )
+        gone = finished & set(spec.peer_ids)
+        if gone:
+            # Waiting for their chunks would only run into the chunk timeout.
+            raise NoGroup(
+                f"round {round_}: {len(gone)} of {len(spec.members) - 1} peers of this group "
+                "finished the round before this peer came",
+                late=len(gone),
             )
         state = AllReducePeer(
             peer_id=self.me,
@@ -252,6 +283,7 @@ class Averager:
             rnd.finished.set()
             self._rounds.pop(round_, None)
             self._round_ready.pop(round_, None)
+        self._announce_finished(matchmaker, announcement)
         report = state.report()
         for peer, event in state.score_events:
             self.node.record_score(peer, event)

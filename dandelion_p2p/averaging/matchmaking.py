@@ -98,10 +98,12 @@ class Matchmaker:
 
     async def match(
         self, me: bytes, announcement: AveragingAnnouncement
-    ) -> tuple[GroupSpec | None, Formation]:
+    ) -> tuple[GroupSpec | None, Formation, set[bytes]]:
         """Announce, wait out the gathering window, and form this round's groups.
 
-        Returns my group (None if I ended up without one) and the whole formation.
+        Returns my group (None if I ended up without one), the whole formation, and the other
+        announcers that have already finished the round. Finished announcers still count in
+        the formation, so that every peer forms the same groups whenever it reads.
         """
         s = self.settings
         await self.announce(announcement)
@@ -130,4 +132,5 @@ class Matchmaker:
             len(formation.groups),
             len(group.members) if group else 0,
         )
-        return group, formation
+        finished = {peer for peer, ann in seen.items() if ann.finished and peer != me}
+        return group, formation, finished

@@ -129,6 +129,9 @@ class AveragingAnnouncement(Message):
     """Peers the announcer has banned (its worst offenders first, at most MAX_LISTED_BANS):
     a peer banned by more than half of a round's other announcers is left out of every group
     (``group.consensus_bans``), so all members agree on the groups."""
+    finished: bool = False
+    """Set when the announcer republishes the announcement after its group finished the round:
+    a peer that forms a group with it now is late for the round."""
 
     def check(self) -> None:
         if len(self.banned) > MAX_LISTED_BANS:

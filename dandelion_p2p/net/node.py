@@ -138,6 +138,8 @@ class SwarmNode:
         self.scores_path = settings.data_dir / SCORES_FILENAME if settings.data_dir else None
         self.scores = ScoreBook.load(self.scores_path) if self.scores_path else ScoreBook()
         self._scores_dirty = False
+        self.background: trio.Nursery | None = None
+        """While the node runs: a nursery for work that should not hold up its caller."""
         self.notes = NoteService(
             self.host,
             identity,
@@ -226,10 +228,12 @@ class SwarmNode:
             background_trio_service(self.hole_punching),
             trio.open_nursery() as nursery,
         ):
+            self.background = nursery
             await self._start(nursery)
             try:
                 yield self
             finally:
+                self.background = None
                 nursery.cancel_scope.cancel()
                 self.save_scores()
 

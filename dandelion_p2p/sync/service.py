@@ -487,6 +487,13 @@ class SyncService:
                     error_feedback=self._error_feedback(averager),
                 )
             except NoGroup as exc:
+                if exc.late:
+                    # The others finished this round without us: we are behind. Reported as
+                    # a group we could not average with, which sends the worker to catch up.
+                    log.info("round %d: %s", round_, exc)
+                    result = {"averaged": False, "fraction_averaged": 0.0,
+                              "members": 1 + exc.late, "complete": False}
+                    break
                 if trio.current_time() < deadline:
                     continue
                 log.info("round %d: no group (%s); this peer goes on alone", round_, exc)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import trio
 
-from dandelion_p2p.averaging.averager import Averager, AveragingSettings
+from dandelion_p2p.averaging.averager import Averager, AveragingSettings, NoGroup
 from dandelion_p2p.averaging.matchmaking import MatchmakingSettings
 from dandelion_p2p.averaging.report import RoundReport
 from dandelion_p2p.averaging.scoring import ScoreEvent
@@ -135,3 +135,34 @@ async def test_rounds_measure_each_links_receive_rate() -> None:
         rows = {c["peer_id"]: c for c in a.node.connected_peers()}
         rate = rows[b.node.peer_id.to_base58()]["bandwidth_mbps"]
         assert rate is not None and rate > 0
+
+
+async def test_a_peer_late_for_a_round_learns_it_at_once_instead_of_timing_out() -> None:
+    slow = AveragingSettings(
+        max_chunk=64 * 1024,
+        chunk_timeout=30.0,
+        matchmaking=MatchmakingSettings(gather_window=1.0, settle=0.3),
+    )
+    async with averaging_swarm(3, slow) as (a, b, late):
+        buffers = [np.full(10_000, float(i), dtype=np.float32) for i in range(3)]
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for i, member in enumerate((a, b)):
+                    nursery.start_soon(member.averager.all_reduce, buffers[i], 1.0, 5)
+            assert np.array_equal(buffers[0], np.full(10_000, 0.5, dtype=np.float32))
+            # The pair's "finished" re-announcements go out in the background.
+            await trio.sleep(0.5)
+            started = time.monotonic()
+            with pytest.raises(NoGroup) as caught:
+                await late.averager.all_reduce(buffers[2], 1.0, 5)
+        # The gathering window and a DHT read, not the 30 s chunk timeout.
+        assert time.monotonic() - started < 5.0
+        assert caught.value.late == 2
+        assert np.array_equal(buffers[2], np.full(10_000, 2.0, dtype=np.float32))
+
+        # The next round, the three of them average together as usual.
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for i, member in enumerate((a, b, late)):
+                    nursery.start_soon(member.averager.all_reduce, buffers[i], 1.0, 6)
+        assert all(np.array_equal(buf, buffers[0]) for buf in buffers)
