@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from dandelion_p2p.averaging.averager import Averager, AveragingSettings, NoGroup
-from dandelion_p2p.averaging.matchmaking import MatchmakingSettings
+from dandelion_p2p.averaging.matchmaking import Matchmaker, MatchmakingSettings
 from dandelion_p2p.averaging.report import RoundReport
 from dandelion_p2p.averaging.scoring import ScoreEvent
 from dandelion_p2p.dataplane.service import DataPlane
@@ -140,7 +140,7 @@ async def test_rounds_measure_each_links_receive_rate() -> None:
 async def test_a_peer_late_for_a_round_learns_it_at_once_instead_of_timing_out() -> None:
     slow = AveragingSettings(
         max_chunk=64 * 1024,
-        chunk_timeout=30.0,
+        chunk_timeout=60.0,
         matchmaking=MatchmakingSettings(gather_window=1.0, settle=0.3),
     )
     async with averaging_swarm(3, slow) as (a, b, late):
@@ -150,13 +150,19 @@ async def test_a_peer_late_for_a_round_learns_it_at_once_instead_of_timing_out()
                 for i, member in enumerate((a, b)):
                     nursery.start_soon(member.averager.all_reduce, buffers[i], 1.0, 5)
             assert np.array_equal(buffers[0], np.full(10_000, 0.5, dtype=np.float32))
-            # The pair's "finished" re-announcements go out in the background.
-            await trio.sleep(0.5)
-            started = time.monotonic()
-            with pytest.raises(NoGroup) as caught:
-                await late.averager.all_reduce(buffers[2], 1.0, 5)
-        # The gathering window and a DHT read, not the 30 s chunk timeout.
-        assert time.monotonic() - started < 5.0
+            # The pair's "finished" republications go out in the background.
+            assert late.node.dht is not None
+            reader = Matchmaker(late.node.dht, settings=slow.matchmaking)
+            while True:
+                seen = await reader.read(RUN, 5)
+                if len(seen) == 2 and all(ann.finished for ann in seen.values()):
+                    break
+                await trio.sleep(0.1)
+        started = time.monotonic()
+        with trio.fail_after(50), pytest.raises(NoGroup) as caught:
+            await late.averager.all_reduce(buffers[2], 1.0, 5)
+        # Matchmaking time, far from the 60 s chunk timeout it used to wait out.
+        assert time.monotonic() - started < 20.0
         assert caught.value.late == 2
         assert np.array_equal(buffers[2], np.full(10_000, 2.0, dtype=np.float32))
 
