@@ -12,7 +12,6 @@ import logging
 import os
 import signal
 import sqlite3
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -31,22 +30,6 @@ from tests.daemon_proc import DaemonProcess, start_daemon
 from tests.dataset.helpers import image_folder
 from tests.sync.test_swarm_training import read_jsonl, wait_for
 from tests.worker.runconfigs import tiny_run
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    saved = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        yield started
-    finally:
-        for daemon in reversed(started):
-            daemon.stop(timeout=60)
-        if saved is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = saved
 
 
 def receipts(db: Path) -> list[tuple[int, str, bytes, int]]:

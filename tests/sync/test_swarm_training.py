@@ -14,12 +14,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -28,23 +26,6 @@ from tests.daemon_proc import DaemonProcess, start_daemon
 from tests.worker.runconfigs import tiny_run
 
 TIMEOUT = 300.0
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    # Two daemons and two workers share the test machine's cores: one thread each.
-    saved = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        yield started
-    finally:
-        for daemon in started:
-            daemon.stop(timeout=60)
-        if saved is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = saved
 
 
 def start_pair(tmp_path: Path, config: RunConfig, images: Path, worker: bool,
