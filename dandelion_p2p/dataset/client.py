@@ -86,6 +86,10 @@ DISCOVERY_INTERVAL = 30.0
 DEFAULT_MAX_CACHED = 16
 
 
+def _lease_key(lease: LeaseGrant) -> tuple[int, str, int]:
+    return lease.lease_id, lease.chunk, lease.epoch
+
+
 class DatasetClient:
     def __init__(
         self,
@@ -109,7 +113,11 @@ class DatasetClient:
         # Chunks verified in this process, least recently used first: only these are served.
         # Files left from an earlier run are checked again when first used.
         self._cached: OrderedDict[str, None] = OrderedDict()
-        self._granted_by: dict[int, bytes] = {}
+        self._granted_by: dict[tuple[int, str, int], list[bytes]] = {}
+        """Open leases (lease id, chunk, epoch) -> the servers that granted one so named.
+        Servers of a run number their leases independently and hand out chunks in the same
+        order, so two of them may well grant "lease 1, chunk X, epoch 0"; a receipt for
+        either is good at either, so each receipt goes to one of them."""
         self._preferred: bytes | None = None
         self._discovered: list[bytes] = []
         self._discovered_at = -math.inf
@@ -142,9 +150,18 @@ class DatasetClient:
     def cached(self) -> list[str]:
         return list(self._cached)
 
-    def granted_by(self, lease_id: int) -> bytes | None:
+    def granted_by(self, lease: LeaseGrant) -> bytes | None:
         """The server that granted an open lease (where its receipt goes)."""
-        return self._granted_by.get(lease_id)
+        servers = self._granted_by.get(_lease_key(lease))
+        return servers[-1] if servers else None
+
+    def _forget_grant(self, lease: LeaseGrant, server: bytes) -> None:
+        key = _lease_key(lease)
+        servers = self._granted_by.get(key, [])
+        if server in servers:
+            servers.remove(server)
+        if not servers:
+            self._granted_by.pop(key, None)
 
     # ---- finding peers -------------------------------------------------------------------
 
@@ -353,7 +370,7 @@ class DatasetClient:
                     violation_sink(self.node)(ID(server), RejectCode.INVALID_FIELD)
                     failures.append(f"{ID(server)}: {problem}")
                     continue
-                self._granted_by[reply.lease_id] = server
+                self._granted_by.setdefault(_lease_key(reply), []).append(server)
                 self._preferred = server
                 return reply
             if isinstance(reply, NoLease):
@@ -410,33 +427,37 @@ class DatasetClient:
         """Hand in a signed receipt for ``lease`` to the server that granted it.
 
         Retries while that server is unreachable (it may be restarting). A receipt the
-        server already holds is acknowledged again, so retrying is always safe.
+        server already holds is acknowledged again, so retrying is always safe. When several
+        servers granted a lease so named, the newest grant's server is asked first and the
+        receipt goes to the first that answers.
 
         Raises:
             PeerUnavailable: the server stayed unreachable for every attempt.
             RemoteRejected: refused, e.g. ``STALE`` (the lease expired and someone else
                 completed the chunk first).
         """
-        server = self._granted_by.get(lease.lease_id)
-        if server is None:
+        candidates = list(reversed(self._granted_by.get(_lease_key(lease), [])))
+        if not candidates:
             servers = await self.servers()
             if not servers:
                 raise PeerUnavailable(f"no dataset server of {self.run} is known")
-            server = servers[0]
+            candidates = servers[:1]
         message = Complete(receipt=self.receipt(lease, samples))
         for attempt in range(attempts):
-            try:
-                reply = await self._ask(server, message)
-            except PeerUnavailable as exc:
-                if attempt + 1 == attempts:
-                    raise
-                log.info("receipt for lease %d not delivered (%s); retrying", lease.lease_id, exc)
-                await trio.sleep(retry_delay)
-                continue
-            if not isinstance(reply, CompleteAck):
-                raise ProtocolViolation(RejectCode.UNEXPECTED, "expected CompleteAck")
-            self._granted_by.pop(lease.lease_id, None)
-            return reply
+            for server in candidates:
+                try:
+                    reply = await self._ask(server, message)
+                except PeerUnavailable as exc:
+                    if attempt + 1 == attempts and server == candidates[-1]:
+                        raise
+                    log.info("receipt for lease %d not delivered to %s (%s)", lease.lease_id,
+                             ID(server), exc)
+                    continue
+                if not isinstance(reply, CompleteAck):
+                    raise ProtocolViolation(RejectCode.UNEXPECTED, "expected CompleteAck")
+                self._forget_grant(lease, server)
+                return reply
+            await trio.sleep(retry_delay)
         raise AssertionError("unreachable")
 
     # ---- chunks --------------------------------------------------------------------------

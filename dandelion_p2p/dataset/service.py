@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -75,8 +76,9 @@ class RunsService:
         self._watch_scopes: dict[str, trio.CancelScope] = {}
         self.start_toml: str | None = None
         self._leases: dict[int, tuple[DatasetClient, LeaseGrant, float]] = {}
-        """Leases taken for this node's worker and not yet completed: client, grant, and the
-        trio time the lease expires (the server grants the chunk again after that)."""
+        """Leases taken for this node's worker and not yet completed, by a handle of this
+        daemon's (servers number their leases independently): client, grant, and the trio
+        time the lease expires (the server grants the chunk again after that)."""
         self._publisher: RunPublisher | None = None
         self._nursery: trio.Nursery | None = None
         self._prepare_dataset_role()
@@ -340,28 +342,32 @@ class RunsService:
         grant = await client.lease(wait=math.inf if wait is None else float(wait))
         if grant is None:
             return {"run": run, "chunk": None}
-        self._leases[grant.lease_id] = (
-            client, grant, trio.current_time() + grant.expires_in_ms / 1000
-        )
-        return self._lease_answer(grant)
+        handle = secrets.randbelow(2**31 - 1) + 1
+        while handle in self._leases:
+            handle = secrets.randbelow(2**31 - 1) + 1
+        self._leases[handle] = (client, grant, trio.current_time() + grant.expires_in_ms / 1000)
+        return self._lease_answer(handle)
 
     def _forget_expired_leases(self) -> None:
         now = trio.current_time()
         for lease_id in [i for i, (_, _, expiry) in self._leases.items() if expiry <= now]:
             del self._leases[lease_id]
 
-    def _held_lease(self, run: str, preferred: int) -> LeaseGrant | None:
+    def _held_lease(self, run: str, preferred: int) -> int | None:
+        """The handle of an open lease of ``run``: ``preferred`` if held, else the newest."""
         self._forget_expired_leases()
         if preferred in self._leases:
-            return self._leases[preferred][1]
-        held = [grant for _, grant, _ in self._leases.values() if grant.run == run]
-        return max(held, key=lambda g: g.lease_id) if held else None
+            return preferred
+        held = [(expiry, handle) for handle, (_, grant, expiry) in self._leases.items()
+                if grant.run == run]
+        return max(held)[1] if held else None
 
-    @staticmethod
-    def _lease_answer(grant: LeaseGrant) -> dict[str, Any]:
+    def _lease_answer(self, handle: int) -> dict[str, Any]:
+        grant = self._leases[handle][1]
         return {
             "run": grant.run,
-            "lease_id": grant.lease_id,
+            "lease_id": handle,
+            "server_lease_id": grant.lease_id,
             "epoch": grant.epoch,
             "chunk": grant.chunk,
             "samples": grant.samples,
@@ -388,13 +394,12 @@ class RunsService:
     async def dataset_complete(self, params: dict[str, Any]) -> dict[str, Any]:
         """``{"lease_id", "samples"?}`` -> the server's count of the epoch's completed chunks."""
         lease_id = params.get("lease_id")
-        held = self._leases.get(lease_id) if isinstance(lease_id, int) else None
-        if held is None:
+        if not isinstance(lease_id, int) or lease_id not in self._leases:
             raise ConfigError(f"no open lease {lease_id!r} on this daemon")
-        client, grant, _ = held
+        client, grant, _ = self._leases[lease_id]
         samples = params.get("samples")
         ack = await client.complete(grant, samples if isinstance(samples, int) else None)
-        self._leases.pop(grant.lease_id, None)
+        self._leases.pop(lease_id, None)
         return {"epoch": ack.epoch, "completed": ack.completed, "total": ack.total}
 
 

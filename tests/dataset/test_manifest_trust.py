@@ -62,7 +62,7 @@ async def test_a_hostile_server_of_the_same_run_is_skipped_and_its_grants_refuse
             for _ in range(3):
                 grant = await client.lease()
                 assert (grant.chunk, grant.samples, grant.size) in entries
-                assert client.granted_by(grant.lease_id) == owner.identity.peer_id_bytes
+                assert client.granted_by(grant) == owner.identity.peer_id_bytes
             assert hostile_server.served_requests == 0
 
             # Named explicitly (tried first), the hostile server's grant is refused, it is
@@ -71,7 +71,7 @@ async def test_a_hostile_server_of_the_same_run_is_skipped_and_its_grants_refuse
                                   servers=[_ref(hostile)], announce_holdings=False)
             grant = await named.lease()
             assert (grant.chunk, grant.samples, grant.size) in entries
-            assert named.granted_by(grant.lease_id) == owner.identity.peer_id_bytes
+            assert named.granted_by(grant) == owner.identity.peer_id_bytes
             assert hostile_server.served_requests >= 1
             assert other.violations.get(hostile.peer_id.to_base58(), 0) >= 1
 
@@ -131,7 +131,7 @@ async def test_a_no_lease_from_one_server_does_not_stop_the_client_asking_the_ne
                                    announce_holdings=False)
             reply = await client.try_lease()
             assert isinstance(reply, LeaseGrant)
-            assert client.granted_by(reply.lease_id) == owner.identity.peer_id_bytes
+            assert client.granted_by(reply) == owner.identity.peer_id_bytes
         finally:
             for book in books:
                 book.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
@@ -261,13 +262,13 @@ async def test_two_servers_serve_one_run_and_a_peer_fails_over(tmp_path: Path) -
         first = await client.lease()
         await client.fetch(first.chunk, expected_size=first.size)
         granted_by = next(i for i, n in enumerate(servers)
-                          if n.identity.peer_id_bytes == client.granted_by(first.lease_id))
+                          if n.identity.peer_id_bytes == client.granted_by(first))
         stops[granted_by].set()
         await trio.sleep(0.5)
 
         other = 1 - granted_by
         second = await client.lease()
-        assert client.granted_by(second.lease_id) == servers[other].identity.peer_id_bytes
+        assert client.granted_by(second) == servers[other].identity.peer_id_bytes
         data = await client.fetch(second.chunk, expected_size=second.size)
         assert chunk_hash(data) == second.chunk
         assert (await client.complete(second)).completed == 1
@@ -275,3 +276,38 @@ async def test_two_servers_serve_one_run_and_a_peer_fails_over(tmp_path: Path) -
         stops[other].set()
         for book in books:
             book.close()
+
+
+async def test_leases_of_the_same_number_from_two_servers_each_get_their_receipt(
+    tmp_path: Path,
+) -> None:
+    async with swarm(1) as (peer,), trio.open_nursery() as nursery:
+        boot = tuple(peer.full_addrs()[:1])
+        stop = trio.Event()
+        servers: list[SwarmNode] = [
+            await nursery.start(serve_node, public_settings(bootstrap=boot), stop)
+            for _ in range(2)
+        ]
+        owner = servers[0].identity
+        data_dir, manifest = packed_dataset(tmp_path, owner)
+        run = derive_run_id(owner.peer_id_bytes, "tiny")
+        books = []
+        for i, node in enumerate(servers):
+            book = LeaseBook(tmp_path / f"leases-{i}.sqlite", manifest, run)
+            books.append(book)
+            DatasetServer(node, run, manifest, data_dir, book,
+                          DatasetConfig(max_leases_per_peer=16)).install()
+        refs = [PeerRef(peer_id=n.identity.peer_id_bytes, addrs=tuple(n.direct_addrs()))
+                for n in servers]
+        client = DatasetClient(peer, run, tmp_path / "cache", servers=refs,
+                               announce_holdings=False)
+        total = len(manifest.chunks)
+        # The first server's chunks run out, then the second grants its own, numbered alike.
+        grants = [await client.lease() for _ in range(2 * total)]
+        assert [book.status(time.time())["active_leases"] for book in books] == [total, total]
+        named_alike = {(g.lease_id, g.chunk, g.epoch) for g in grants}
+        assert len(named_alike) < len(grants), "the servers should number leases alike here"
+        for grant in grants:
+            await client.complete(grant)
+        assert [book.completed(0) for book in books] == [total, total]
+        stop.set()

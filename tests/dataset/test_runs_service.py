@@ -126,7 +126,7 @@ async def test_leases_follow_the_manifest_the_run_config_names(tmp_path: Path) -
                     await lease({})
                 client = service.clients[run]
                 assert client.manifest == manifest and client.expected_manifest == digest
-                assert {client.granted_by(i) for i in service._leases} == {
+                assert {client.granted_by(g) for _, g, _ in service._leases.values()} == {
                     owner.identity.peer_id_bytes}
         finally:
             for book in books:
