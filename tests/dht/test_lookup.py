@@ -255,3 +255,25 @@ def test_bounded_candidate_list_still_finds_the_closest(max_candidates: int) -> 
     assert lookup.finished
     others = [p for p in net.ids if p != me]
     assert [r.peer_id for r in lookup.closest_answered()] == true_closest(others, target, 4)
+
+
+def test_closest_settled_waits_for_the_closest_not_for_any_answers() -> None:
+    target = bytes(32)
+    pool = true_closest([b"q-%d" % i for i in range(30)], target, 30)
+    near, far = pool[:3], pool[10:14]
+    lookup = Lookup(target, [ref(p) for p in far], local_peer_id=b"me", width=8, alpha=4)
+    for r in lookup.next_queries():
+        lookup.on_reply(r.peer_id, [])
+    # Four far peers answered (each might hold a stale copy): that settles nothing while
+    # closer peers are known and unasked.
+    assert lookup.closest_settled(3) == far[:3]
+    lookup.add([ref(p) for p in near])
+    assert lookup.closest_settled(3) is None
+    asked = lookup.next_queries()
+    assert [r.peer_id for r in asked][:3] == near
+    lookup.on_reply(near[0], [])
+    lookup.on_failure(near[1])
+    assert lookup.closest_settled(3) is None, "near[2] has not answered yet"
+    lookup.on_reply(near[2], [])
+    # A failed peer is skipped: the closest three that did not fail.
+    assert lookup.closest_settled(3) == [near[0], near[2], far[0]]

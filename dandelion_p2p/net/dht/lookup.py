@@ -108,5 +108,13 @@ class Lookup:
     def in_flight(self) -> int:
         return sum(1 for c in self._candidates.values() if c.state is QueryState.IN_FLIGHT)
 
+    def closest_settled(self, count: int) -> list[bytes] | None:
+        """The ``count`` closest candidates that have not failed, once all have answered;
+        None while any of them is still to be asked or answering."""
+        closest = self._live_closest()[:count]
+        if len(closest) < count or any(c.state is not QueryState.ANSWERED for c in closest):
+            return None
+        return [c.ref.peer_id for c in closest]
+
     def closest_answered(self) -> list[PeerRef]:
         return [c.ref for c in self._live_closest() if c.state is QueryState.ANSWERED]

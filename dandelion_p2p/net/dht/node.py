@@ -61,7 +61,8 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-# Servers that must have returned an owner-only record before a get stops early.
+# The closest servers that must all have returned an owner-only record before a get stops
+# early. The closest, not any: a farther replica may still hold a version an update missed.
 GET_QUORUM = 3
 # Room for the msgpack array headers around the records, generously.
 REPLY_MARGIN = 64
@@ -234,7 +235,7 @@ class DHTNode:
         query: Callable[[PeerRef], Awaitable[tuple[PeerRef, ...]]],
         width: int,
         timeout: float | None = None,
-        enough: Callable[[], bool] | None = None,
+        enough: Callable[[Lookup], bool] | None = None,
     ) -> Lookup:
         """Run a lookup; after ``timeout`` (default: three RPC timeouts) it stops with what
         it has, so one stalled peer among the closest delays a lookup by at most that."""
@@ -261,7 +262,7 @@ class DHTNode:
                     if lookup.finished or lookup.in_flight == 0:
                         break
                     await done_recv.receive()
-                    if enough is not None and enough():
+                    if enough is not None and enough(lookup):
                         break
                 nursery.cancel_scope.cancel()
         return lookup
@@ -355,13 +356,14 @@ class DHTNode:
         # GET_QUORUM of them returned it, asking the rest would only find copies of it. Keys
         # many publishers write to are read from all the closest servers.
         quorum = GET_QUORUM if policy is not None and policy.owner_only else None
-        await self._lookup(
-            target,
-            query,
-            self.replicas,
-            timeout,
-            enough=(lambda: len(holders) >= quorum) if quorum else None,
-        )
+
+        def enough(lookup: Lookup) -> bool:
+            assert quorum is not None
+            closest = lookup.closest_settled(quorum)
+            return closest is not None and set(closest) <= set(holders)
+
+        await self._lookup(target, query, self.replicas, timeout,
+                           enough=enough if quorum else None)
         t = now_ms()
         newest = [r for r in merge_newest(found) if r.expires_at_ms > t]
         self._queue_repairs(replies, newest)
