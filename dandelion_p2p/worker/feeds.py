@@ -69,8 +69,6 @@ class Feed(Protocol):
 
     def describe(self) -> str: ...
 
-    def close(self) -> None: ...
-
 
 def _plans(samples: Sequence[Sample], buckets: Sequence[Bucket], batch_size: int,
            seed: int, epoch: int, shard: tuple[int, int]) -> list[BatchPlan]:
@@ -115,9 +113,6 @@ class FolderFeed:
 
     def describe(self) -> str:
         return f"{len(self.samples)} images"
-
-    def close(self) -> None:
-        pass
 
 
 class ChunkLeases(Protocol):
@@ -207,9 +202,6 @@ class LeasedFeed:
             parts.append(f"epoch {self.progress['epoch']}: {self.progress['completed']}/"
                          f"{self.progress['total']} chunks done")
         return ", ".join(parts) or "waiting for a chunk lease"
-
-    def close(self) -> None:
-        pass
 
     # ---- leases
 

@@ -474,7 +474,6 @@ class Trainer:
                  self.position.global_step)
 
     def close(self) -> None:
-        self.feed.close()
         self.train_log.close()
         self.sync_log.close()
         self.link.close()
