@@ -234,7 +234,21 @@ async def test_an_epoch_across_two_peers_ends_with_one_receipt_per_chunk(tmp_pat
         assert set(s.server.book.receipts_per_chunk(0).values()) == {1}
 
 
-async def test_two_servers_serve_one_run_and_a_peer_fails_over(tmp_path: Path) -> None:
+@dataclass
+class TwoServers:
+    peer: SwarmNode
+    servers: list[SwarmNode]
+    stops: list[trio.Event]
+    books: list[LeaseBook]
+    manifest: Manifest
+    run: str
+
+
+@asynccontextmanager
+async def two_servers_of_one_run(
+    tmp_path: Path, config: DatasetConfig | None = None
+) -> AsyncIterator[TwoServers]:
+    """A peer and two dataset servers of one run, each in its own task to stop alone."""
     async with swarm(1) as (peer,), trio.open_nursery() as nursery:
         boot = tuple(peer.full_addrs()[:1])
         stops = [trio.Event(), trio.Event()]
@@ -250,12 +264,19 @@ async def test_two_servers_serve_one_run_and_a_peer_fails_over(tmp_path: Path) -
             # The second server is not the owner: it serves the owner's signed dataset.
             book = LeaseBook(tmp_path / f"leases-{i}.sqlite", manifest, run)
             books.append(book)
-            server = DatasetServer(node, run, manifest, data_dir, book, DatasetConfig())
+            server = DatasetServer(node, run, manifest, data_dir, book, config or DatasetConfig())
             server.install()
             assert await server.announce() >= 1
+        yield TwoServers(peer, servers, stops, books, manifest, run)
+        for stop in stops:
+            stop.set()
 
+
+async def test_two_servers_serve_one_run_and_a_peer_fails_over(tmp_path: Path) -> None:
+    async with two_servers_of_one_run(tmp_path) as two:
+        servers, books = two.servers, two.books
         # A server that vanished may leave a connection that only times out.
-        client = DatasetClient(peer, run, tmp_path / "cache", announce_holdings=False,
+        client = DatasetClient(two.peer, two.run, tmp_path / "cache", announce_holdings=False,
                                request_timeout=2.0)
         assert set(await client.servers(refresh=True)) == {n.identity.peer_id_bytes
                                                             for n in servers}
@@ -263,7 +284,7 @@ async def test_two_servers_serve_one_run_and_a_peer_fails_over(tmp_path: Path) -
         await client.fetch(first.chunk, expected_size=first.size)
         granted_by = next(i for i, n in enumerate(servers)
                           if n.identity.peer_id_bytes == client.granted_by(first))
-        stops[granted_by].set()
+        two.stops[granted_by].set()
         await trio.sleep(0.5)
 
         other = 1 - granted_by
@@ -273,41 +294,22 @@ async def test_two_servers_serve_one_run_and_a_peer_fails_over(tmp_path: Path) -
         assert chunk_hash(data) == second.chunk
         assert (await client.complete(second)).completed == 1
         assert books[other].completed(0) == 1
-        stops[other].set()
-        for book in books:
-            book.close()
 
 
 async def test_leases_of_the_same_number_from_two_servers_each_get_their_receipt(
     tmp_path: Path,
 ) -> None:
-    async with swarm(1) as (peer,), trio.open_nursery() as nursery:
-        boot = tuple(peer.full_addrs()[:1])
-        stop = trio.Event()
-        servers: list[SwarmNode] = [
-            await nursery.start(serve_node, public_settings(bootstrap=boot), stop)
-            for _ in range(2)
-        ]
-        owner = servers[0].identity
-        data_dir, manifest = packed_dataset(tmp_path, owner)
-        run = derive_run_id(owner.peer_id_bytes, "tiny")
-        books = []
-        for i, node in enumerate(servers):
-            book = LeaseBook(tmp_path / f"leases-{i}.sqlite", manifest, run)
-            books.append(book)
-            DatasetServer(node, run, manifest, data_dir, book,
-                          DatasetConfig(max_leases_per_peer=16)).install()
+    async with two_servers_of_one_run(tmp_path, DatasetConfig(max_leases_per_peer=16)) as two:
         refs = [PeerRef(peer_id=n.identity.peer_id_bytes, addrs=tuple(n.direct_addrs()))
-                for n in servers]
-        client = DatasetClient(peer, run, tmp_path / "cache", servers=refs,
+                for n in two.servers]
+        client = DatasetClient(two.peer, two.run, tmp_path / "cache", servers=refs,
                                announce_holdings=False)
-        total = len(manifest.chunks)
+        total = len(two.manifest.chunks)
         # The first server's chunks run out, then the second grants its own, numbered alike.
         grants = [await client.lease() for _ in range(2 * total)]
-        assert [book.status(time.time())["active_leases"] for book in books] == [total, total]
+        assert [b.status(time.time())["active_leases"] for b in two.books] == [total, total]
         named_alike = {(g.lease_id, g.chunk, g.epoch) for g in grants}
         assert len(named_alike) < len(grants), "the servers should number leases alike here"
         for grant in grants:
             await client.complete(grant)
-        assert [book.completed(0) for book in books] == [total, total]
-        stop.set()
+        assert [book.completed(0) for book in two.books] == [total, total]
