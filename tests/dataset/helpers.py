@@ -8,9 +8,13 @@ from pathlib import Path
 
 from PIL import Image
 
+from dandelion_p2p.dataset.leases import LeaseBook
 from dandelion_p2p.dataset.manifest import Manifest
 from dandelion_p2p.dataset.pack import pack
+from dandelion_p2p.dataset.server import DatasetServer
 from dandelion_p2p.identity import Identity
+from dandelion_p2p.net.node import SwarmNode
+from dandelion_p2p.runconfig.schema import DatasetConfig
 
 RUN_TOML = """\
 name = "{name}"
@@ -54,3 +58,20 @@ def packed_dataset(tmp: Path, owner: Identity, images: int = 8) -> tuple[Path, M
 
 def run_toml(name: str = "tiny", lr: float = 1e-4, lease_seconds: float = 60.0) -> str:
     return RUN_TOML.format(name=name, lr=lr, lease_seconds=lease_seconds)
+
+
+async def serve_dataset(
+    node: SwarmNode,
+    run: str,
+    manifest: Manifest,
+    data_dir: Path,
+    book_path: Path,
+    config: DatasetConfig | None = None,
+) -> DatasetServer:
+    """``node`` serves the packed dataset in ``data_dir`` for ``run``, announced in the DHT;
+    its lease book (``server.book``) is the caller's to close."""
+    book = LeaseBook(book_path, manifest, run)
+    server = DatasetServer(node, run, manifest, data_dir, book, config or DatasetConfig())
+    server.install()
+    assert await server.announce() >= 1
+    return server

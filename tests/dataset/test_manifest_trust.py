@@ -7,17 +7,15 @@ from pathlib import Path
 import pytest
 
 from dandelion_p2p.dataset.client import DatasetClient
-from dandelion_p2p.dataset.leases import LeaseBook
 from dandelion_p2p.dataset.manifest import load_manifest, signed_digest, signed_document
 from dandelion_p2p.dataset.messages import LeaseGrant
 from dandelion_p2p.dataset.pack import pack
-from dandelion_p2p.dataset.server import DatasetServer
 from dandelion_p2p.errors import PeerUnavailable
 from dandelion_p2p.net.dht.messages import PeerRef
 from dandelion_p2p.net.node import SwarmNode
 from dandelion_p2p.runconfig.publication import derive_run_id
 from dandelion_p2p.runconfig.schema import DatasetConfig
-from tests.dataset.helpers import image_folder, packed_dataset
+from tests.dataset.helpers import image_folder, packed_dataset, serve_dataset
 from tests.swarm import swarm
 
 
@@ -36,17 +34,13 @@ async def test_a_hostile_server_of_the_same_run_is_skipped_and_its_grants_refuse
         hostile_dir = tmp_path / "hostile"
         pack(image_folder(tmp_path / "hostile-src", 8, first_seed=100), hostile_dir,
              hostile.identity, chunk_bytes=64 * 1024)
-        books = []
-        servers = []
-        for node, data_dir in ((owner, honest_dir), (hostile, hostile_dir)):
-            manifest = load_manifest(data_dir)
-            book = LeaseBook(tmp_path / f"leases-{len(books)}.sqlite", manifest, run)
-            books.append(book)
-            server = DatasetServer(node, run, manifest, data_dir, book,
-                                   DatasetConfig(lease_seconds=30, max_leases_per_peer=8))
-            server.install()
-            assert await server.announce() >= 1
-            servers.append(server)
+        servers = [
+            await serve_dataset(node, run, load_manifest(data_dir), data_dir,
+                                tmp_path / f"leases-{i}.sqlite",
+                                DatasetConfig(lease_seconds=30, max_leases_per_peer=8))
+            for i, (node, data_dir) in enumerate(((owner, honest_dir), (hostile, hostile_dir)))
+        ]
+        books = [server.book for server in servers]
         honest_server, hostile_server = servers
         digest = signed_digest(signed_document(honest_dir))
         assert honest_server.signed_manifest_digest == digest
@@ -93,10 +87,8 @@ async def test_without_a_manifest_in_the_config_any_server_is_used_with_a_warnin
     async with swarm(2) as (owner, peer):
         run = derive_run_id(owner.identity.peer_id_bytes, "tiny")
         data_dir, manifest = packed_dataset(tmp_path, owner.identity)
-        book = LeaseBook(tmp_path / "leases.sqlite", manifest, run)
-        server = DatasetServer(owner, run, manifest, data_dir, book, DatasetConfig())
-        server.install()
-        await server.announce()
+        book = (await serve_dataset(owner, run, manifest, data_dir,
+                                    tmp_path / "leases.sqlite")).book
         try:
             client = DatasetClient(peer, run, tmp_path / "cache", announce_holdings=False)
             for _ in range(2):
@@ -113,14 +105,11 @@ async def test_a_no_lease_from_one_server_does_not_stop_the_client_asking_the_ne
     async with swarm(4) as (owner, second, greedy, peer):
         run = derive_run_id(owner.identity.peer_id_bytes, "tiny")
         data_dir, manifest = packed_dataset(tmp_path, owner.identity)
-        books = []
-        for node in (owner, second):
-            book = LeaseBook(tmp_path / f"leases-{len(books)}.sqlite", manifest, run)
-            books.append(book)
-            server = DatasetServer(node, run, manifest, data_dir, book,
-                                   DatasetConfig(lease_seconds=60, max_leases_per_peer=8))
-            server.install()
-            await server.announce()
+        books = [
+            (await serve_dataset(node, run, manifest, data_dir, tmp_path / f"leases-{i}.sqlite",
+                                 DatasetConfig(lease_seconds=60, max_leases_per_peer=8))).book
+            for i, node in enumerate((owner, second))
+        ]
         try:
             # Every chunk of the second server is out, so it answers NoLease.
             taker = DatasetClient(greedy, run, tmp_path / "cache-g", servers=[_ref(second)],

@@ -39,7 +39,7 @@ from dandelion_p2p.runconfig.publication import derive_run_id
 from dandelion_p2p.runconfig.schema import DatasetConfig
 from dandelion_p2p.wire import Message, Reject, RejectCode
 from dandelion_p2p.wire.framing import HEADER
-from tests.dataset.helpers import packed_dataset
+from tests.dataset.helpers import packed_dataset, serve_dataset
 from tests.swarm import public_settings, running_node, serve_node, swarm
 
 
@@ -61,15 +61,14 @@ async def dataset_swarm(tmp_path: Path, count: int = 3) -> AsyncIterator[Setup]:
         owner = nodes[0]
         data_dir, manifest = packed_dataset(tmp_path, owner.identity)
         run = derive_run_id(owner.identity.peer_id_bytes, "tiny")
-        book = LeaseBook(tmp_path / "leases.sqlite", manifest, run)
-        server = DatasetServer(owner, run, manifest, data_dir, book,
-                               DatasetConfig(lease_seconds=30, max_leases_per_peer=2))
-        server.install()
-        await server.announce()
+        server = await serve_dataset(
+            owner, run, manifest, data_dir, tmp_path / "leases.sqlite",
+            DatasetConfig(lease_seconds=30, max_leases_per_peer=2),
+        )
         try:
             yield Setup(nodes, server, manifest, run)
         finally:
-            book.close()
+            server.book.close()
 
 
 async def test_lease_fetch_complete_and_a_flipped_byte_is_fetched_again(tmp_path: Path) -> None:
@@ -259,14 +258,12 @@ async def two_servers_of_one_run(
         owner = servers[0].identity
         data_dir, manifest = packed_dataset(tmp_path, owner)
         run = derive_run_id(owner.peer_id_bytes, "tiny")
-        books = []
-        for i, node in enumerate(servers):
-            # The second server is not the owner: it serves the owner's signed dataset.
-            book = LeaseBook(tmp_path / f"leases-{i}.sqlite", manifest, run)
-            books.append(book)
-            server = DatasetServer(node, run, manifest, data_dir, book, config or DatasetConfig())
-            server.install()
-            assert await server.announce() >= 1
+        # The second server is not the owner: it serves the owner's signed dataset.
+        books = [
+            (await serve_dataset(node, run, manifest, data_dir,
+                                 tmp_path / f"leases-{i}.sqlite", config)).book
+            for i, node in enumerate(servers)
+        ]
         yield TwoServers(peer, servers, stops, books, manifest, run)
         for stop in stops:
             stop.set()

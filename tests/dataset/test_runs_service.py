@@ -14,9 +14,7 @@ import trio
 from dandelion_p2p.config import DaemonConfig
 from dandelion_p2p.dataplane.service import DataPlane
 from dandelion_p2p.dataset.chunks import MAX_CHUNK_BYTES
-from dandelion_p2p.dataset.leases import LeaseBook
 from dandelion_p2p.dataset.manifest import signed_digest, signed_document
-from dandelion_p2p.dataset.server import DatasetServer
 from dandelion_p2p.dataset.service import MAX_WATCHED_RUNS, RunsService
 from dandelion_p2p.errors import ConfigError, PeerUnavailable
 from dandelion_p2p.identity import Identity
@@ -24,10 +22,9 @@ from dandelion_p2p.loghub import LogHub
 from dandelion_p2p.net.node import SwarmNode
 from dandelion_p2p.runconfig.publication import derive_run_id
 from dandelion_p2p.runconfig.publisher import RunPublisher
-from dandelion_p2p.runconfig.schema import DatasetConfig
 from dandelion_p2p.services import DaemonContext
 from dandelion_p2p.telemetry import Telemetry
-from tests.dataset.helpers import packed_dataset, run_toml
+from tests.dataset.helpers import packed_dataset, run_toml, serve_dataset
 from tests.swarm import swarm
 
 
@@ -82,10 +79,8 @@ async def test_fetch_checks_the_size_and_blames_no_holder_for_a_wrong_one(tmp_pa
     async with swarm(2) as (owner, node):
         run = derive_run_id(owner.identity.peer_id_bytes, "tiny")
         data_dir, manifest = packed_dataset(tmp_path, owner.identity)
-        book = LeaseBook(tmp_path / "leases.sqlite", manifest, run)
-        server = DatasetServer(owner, run, manifest, data_dir, book, DatasetConfig())
-        server.install()
-        await server.announce()
+        book = (await serve_dataset(owner, run, manifest, data_dir,
+                                    tmp_path / "leases.sqlite")).book
         try:
             async with runs_service(node, tmp_path, run=run) as service:
                 fetch = service.ctx.handlers["dataset.fetch"]
@@ -109,14 +104,11 @@ async def test_leases_follow_the_manifest_the_run_config_names(tmp_path: Path) -
         data_dir, manifest = packed_dataset(tmp_path / "honest", owner.identity)
         hostile_dir, hostile_manifest = packed_dataset(tmp_path / "hostile", hostile.identity)
         digest = signed_digest(signed_document(data_dir))
-        books = []
-        for who, where, signed in ((owner, data_dir, manifest),
-                                   (hostile, hostile_dir, hostile_manifest)):
-            book = LeaseBook(tmp_path / f"leases-{len(books)}.sqlite", signed, run)
-            books.append(book)
-            server = DatasetServer(who, run, signed, where, book, DatasetConfig())
-            server.install()
-            await server.announce()
+        books = [
+            (await serve_dataset(who, run, signed, where, tmp_path / f"leases-{i}.sqlite")).book
+            for i, (who, where, signed) in enumerate(((owner, data_dir, manifest),
+                                                      (hostile, hostile_dir, hostile_manifest)))
+        ]
         await RunPublisher(owner.identity, owner.dht, "dandelion", tmp_path / "runs").publish(
             run_toml() + f'manifest = "{digest}"\n')
         try:
