@@ -490,7 +490,7 @@ class SyncService:
                 if exc.late:
                     # The others finished this round without us: we are behind. Reported as
                     # a group we could not average with, which sends the worker to catch up.
-                    log.info("round %d: %s", round_, exc)
+                    log.info("%s", exc)  # the message names the round
                     result = {"averaged": False, "fraction_averaged": 0.0,
                               "members": 1 + exc.late, "complete": False}
                     break

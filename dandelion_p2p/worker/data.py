@@ -157,6 +157,11 @@ def scan_shard(shard: Path) -> ScanReport:
     """The samples of one WebDataset tar shard, e.g. a chunk leased from a dataset server."""
     report = ScanReport([], [], 0)
     _scan_shard(Path(shard), report)
+    return _reported(report)
+
+
+def _reported(report: ScanReport) -> ScanReport:
+    """Log what was skipped and count the empty captions."""
     for line in report.skipped:
         log.warning("skipping %s", line)
     report.empty_captions = sum(1 for s in report.samples if not s.caption)
@@ -177,9 +182,7 @@ def scan(root: Path) -> ScanReport:
         _scan_folder_image(path, report)
     for shard in sorted(root.rglob("*.tar")):
         _scan_shard(shard, report)
-    for line in report.skipped:
-        log.warning("skipping %s", line)
-    report.empty_captions = sum(1 for s in report.samples if not s.caption)
+    _reported(report)
     if report.empty_captions:
         log.warning(
             "%d images have no caption (no .txt or .caption beside them, or an empty one); "
