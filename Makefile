@@ -11,27 +11,64 @@ STAMP_DEV  := $(VENV)/.stamp-dev
 STAMP_SYS  := $(VENV)/.stamp-sys
 
 # CPU machines take the local CPU wheel of torch; an unpinned torch would pull a CUDA build.
+# The lock pins the same release (tools/lockfile.py reads this line).
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test test-slow test-all lint typecheck bench clean system-deps
+# Every install comes from the committed lock (requirements/*.txt, made by `make lock`),
+# so a fresh machine gets exactly what the tests passed with; the project itself goes in
+# editable, without dependencies of its own choosing.
+LOCK := requirements
+PIP_TOOLS := pip-tools==7.6.2
+
+.PHONY: demo test test-slow test-all test-latest lint typecheck bench clean system-deps \
+	lock lock-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP_CORE): pyproject.toml | $(PY)
-	$(PIP) install -e .
+lock-check:
+	@$(PYTHON) tools/lockfile.py check
+
+$(STAMP_CORE): $(LOCK)/core.txt pyproject.toml | $(PY)
+	@$(PYTHON) tools/lockfile.py check
+	$(PIP) install -r $(LOCK)/core.txt
+	$(PIP) install --no-deps -e .
 	touch $@
 
-# The demo and the tests train tiny diffusers models on the CPU: torch is pinned first so that
-# the train extra's range is already met and pip pulls no CUDA build.
-$(STAMP_TRAIN): pyproject.toml $(STAMP_CORE)
+# torch first, from the pin: the lock's torch line then finds it installed (a CPU machine
+# keeps its CPU build).
+$(STAMP_TRAIN): $(LOCK)/train.txt pyproject.toml | $(PY)
+	@$(PYTHON) tools/lockfile.py check
 	$(PIP) install '$(TORCH_PIN)'
-	$(PIP) install -e '.[train]'
-	touch $@
+	$(PIP) install -r $(LOCK)/train.txt
+	$(PIP) install --no-deps -e .
+	touch $(STAMP_CORE) $@
 
-$(STAMP_DEV): pyproject.toml $(STAMP_TRAIN)
-	$(PIP) install -e '.[train,dev]'
-	touch $@
+$(STAMP_DEV): $(LOCK)/dev.txt pyproject.toml | $(PY)
+	@$(PYTHON) tools/lockfile.py check
+	$(PIP) install '$(TORCH_PIN)'
+	$(PIP) install -r $(LOCK)/dev.txt
+	$(PIP) install --no-deps -e .
+	touch $(STAMP_CORE) $(STAMP_TRAIN) $@
+
+# Re-resolve pyproject's ranges into the lock with pip-tools (in a venv of its own, so the
+# tool's own dependencies never reach the lock). Commit requirements/ afterwards.
+lock:
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip --disable-pip-version-check -q install '$(PIP_TOOLS)'
+	.venv-lock/bin/python tools/lockfile.py compile
+
+# The newest releases pyproject allows (not the lock), in a venv of their own: how the
+# next `make lock` would fare. Not part of CI.
+test-latest: $(STAMP_SYS)
+	$(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/python -m pip --disable-pip-version-check -q install '$(TORCH_PIN)'
+	.venv-latest/bin/python -m pip --disable-pip-version-check -q install --upgrade \
+		--upgrade-strategy eager -e '.[train,dev]'
+	.venv-latest/bin/python -m pip list --format=freeze > .venv-latest/versions.txt
+	.venv-latest/bin/ruff check dandelion_p2p tests benchmarks tools
+	.venv-latest/bin/mypy dandelion_p2p
+	.venv-latest/bin/python -m pytest
 
 # Network-lab tests need ip(8), tc(8) and nft(8); the port-mapping tests also run Debian's
 # miniupnpd as a real gateway when it is there; the web UI tests drive Debian's chromium.
@@ -55,8 +92,8 @@ system-deps: $(STAMP_SYS)
 demo: $(STAMP_TRAIN)
 	$(PY) -m dandelion_p2p.demo
 
-test: $(STAMP_DEV) $(STAMP_SYS)
-	$(VENV)/bin/ruff check dandelion_p2p tests benchmarks
+test: lock-check $(STAMP_DEV) $(STAMP_SYS)
+	$(VENV)/bin/ruff check dandelion_p2p tests benchmarks tools
 	$(VENV)/bin/mypy dandelion_p2p
 	$(PY) -m pytest
 
@@ -67,7 +104,7 @@ test-all: $(STAMP_DEV) $(STAMP_SYS)
 	$(PY) -m pytest -m ''
 
 lint: $(STAMP_DEV)
-	$(VENV)/bin/ruff check dandelion_p2p tests benchmarks
+	$(VENV)/bin/ruff check dandelion_p2p tests benchmarks tools
 
 typecheck: $(STAMP_DEV)
 	$(VENV)/bin/mypy dandelion_p2p
@@ -77,4 +114,4 @@ bench: $(STAMP_DEV)
 	$(PY) benchmarks/dht_latency.py --peers 40
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info
+	rm -rf $(VENV) .venv-lock .venv-latest .pytest_cache .ruff_cache .mypy_cache *.egg-info
