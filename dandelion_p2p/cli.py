@@ -198,6 +198,13 @@ def _print_status(s: dict[str, Any]) -> None:
     click.echo(f"connected peers: {len(s['connected_peers'])}")
     for p in s["connected_peers"]:
         click.echo(f"  {p['peer_id']} {p['connection']}")
+    training = s.get("training")
+    if isinstance(training, dict):
+        run = training.get("run") or "no run"
+        click.echo(f"training:       {training.get('state')} ({run}, global step "
+                   f"{training.get('global_step', 0)})")
+        if training.get("detail"):
+            click.echo(f"  {training['detail']}")
 
 
 CONTROL_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [

@@ -210,4 +210,35 @@ async def run_daemon(
                     waiters.start_soon(on_signal)
                     await ctx.shutdown.wait()
                     waiters.cancel_scope.cancel()
+                await _drain(ctx, signals)
             outer.cancel_scope.cancel()
+
+
+DRAIN_LIMIT = 45.0
+"""Seconds the daemon's services get to end gracefully once it is asked to stop: longer than
+a worker's grace after SIGTERM (``sync.supervisor.STOP_GRACE``), so that it is stopped, not
+abandoned."""
+
+
+async def _drain(ctx: DaemonContext, signals: Any) -> None:
+    """Run the services' drain hooks; a second signal, or ``DRAIN_LIMIT``, cuts them short."""
+    if not ctx.drains:
+        return
+    with trio.move_on_after(DRAIN_LIMIT) as limit:
+        async with trio.open_nursery() as nursery:
+
+            async def on_second_signal() -> None:
+                async for signum in signals:
+                    log.warning("received %s again: stopping now", signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    return
+
+            async def drain_all() -> None:
+                for drain in ctx.drains:
+                    await drain()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(on_second_signal)
+            nursery.start_soon(drain_all)
+    if limit.cancelled_caught:
+        log.warning("services did not stop within %g s; stopping them now", DRAIN_LIMIT)

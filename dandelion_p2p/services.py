@@ -48,6 +48,10 @@ class DaemonContext:
     """Extra parts of ``status``: section name -> a function returning JSON-able data."""
     shutdown: trio.Event = field(default_factory=trio.Event)
     """Set when the daemon is asked to stop (a service may also set it)."""
+    drains: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    """Run when the daemon stops, while the node and the control socket still serve, before
+    services are cancelled: what must end gracefully (a worker writing its stop checkpoint)
+    ends here. Each is bounded by ``DRAIN_LIMIT`` seconds."""
 
     def add_handlers(self, handlers: dict[str, Handler]) -> None:
         clash = sorted(set(handlers) & set(self.handlers))

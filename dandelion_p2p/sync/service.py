@@ -136,6 +136,10 @@ class SyncService:
         for stale in remove_stale(buffer_dir(ctx.config.data_dir)):
             log.info("removed the shared buffer %s of a daemon that is gone", stale)
         ctx.status_sections["training"] = self.status
+        self.draining = False
+        self._rounds: set[trio.CancelScope] = set()
+        self._worker_gone = trio.Event()
+        ctx.drains.append(self.drain)
 
     # ------------------------------------------------------------------ status
 
@@ -186,13 +190,17 @@ class SyncService:
                 self._set("idle" if self.state != "unavailable" else "unavailable", problem)
                 self.wanted = False
                 continue
+            if not self.wanted:
+                continue  # stopped (or the daemon began to stop) while the run was fetched
             started = time.monotonic()
             self._set("starting", "starting the worker")
+            self._worker_gone = trio.Event()
             self._worker = WorkerProcess(self._argv(), env=dict(os.environ))
             code = await self._worker.run(on_started=self._on_started)
             outcome = describe_exit(code, list(self._worker.tail))
             self.pid = None
             self._worker = None
+            self._worker_gone.set()
             self.session = None
             self._drop_buffer()
             if self.switching_run:
@@ -467,6 +475,35 @@ class SyncService:
         return fb
 
     async def h_sync(self, params: dict[str, Any]) -> dict[str, Any]:
+        """A round, cut short (averaged with nobody) when the daemon stops: the worker then
+        ends its step and writes its stop checkpoint instead of waiting out the round."""
+        self._check_session(params)
+        scope = trio.CancelScope()
+        if not self.draining:
+            self._rounds.add(scope)
+            try:
+                with scope:
+                    return await self._sync_round(params)
+            finally:
+                self._rounds.discard(scope)
+        return {"averaged": False, "fraction_averaged": 0.0, "members": 1, "complete": False,
+                "round": params.get("round"), "round_seconds": 0.0}
+
+    async def drain(self) -> None:
+        """Stop the worker while the control socket still serves: it needs the socket to end
+        its step, write its stop checkpoint and report; its last output reaches the log."""
+        self.draining = True
+        self.wanted, self.stop_asked = False, True
+        for scope in list(self._rounds):
+            scope.cancel()
+        worker = self._worker
+        if worker is None:
+            return
+        self._set("stopping", "the daemon is stopping: the worker ends its step")
+        await worker.stop()
+        await self._worker_gone.wait()
+
+    async def _sync_round(self, params: dict[str, Any]) -> dict[str, Any]:
         self._check_session(params)
         if self.buffer is None or self.document is None:
             raise ConfigError("no shared buffer: call worker.buffer first")

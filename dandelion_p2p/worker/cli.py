@@ -11,8 +11,9 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -20,6 +21,7 @@ EXIT_CONFIG = 2
 EXIT_OOM = 3
 
 log = logging.getLogger("dandelion_p2p.worker")
+T = TypeVar("T")
 
 
 def _shard(value: str | None) -> tuple[int, int] | None:
@@ -76,13 +78,48 @@ def run_worker(**kwargs: Any) -> int:
     except (PeerUnavailable, CommandFailed) as exc:
         log.error("lost the daemon: %s", exc)
         return 1
+    except ImportError as exc:
+        log.error("cannot train: this Python environment lacks a package the trainer needs "
+                  "(%s); install dandelion-p2p[train] from the project's lock", exc)
+        return EXIT_CONFIG
     except Exception as exc:
-        if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
+        if _out_of_memory(exc):
             log.error("out of memory: %s; lower the batch size or resolution, or turn on "
                       "gradient checkpointing and 8-bit AdamW in the local settings", exc)
             return EXIT_OOM
         log.exception("the trainer failed")
         return 1
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+
+
+def _set_up(make: Callable[[], T]) -> T:
+    """``make()``, with the failures a restart cannot fix turned into ``ConfigError``.
+
+    Setting up the trainer (imports, model, adapters, optimizer) is deterministic: an
+    exception there other than running out of memory, an I/O error or a lost daemon (a
+    missing package, a library that refuses the installed version of another) recurs on
+    every restart, so the daemon must be told not to try again (exit code 2).
+    """
+    from dandelion_p2p.control import CommandFailed
+    from dandelion_p2p.errors import ConfigError, PeerUnavailable
+
+    try:
+        return make()
+    except (ConfigError, PeerUnavailable, CommandFailed, OSError):
+        raise
+    except Exception as exc:
+        if _out_of_memory(exc):
+            raise
+        log.debug("setting up the trainer failed", exc_info=True)
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        raise ConfigError(
+            f"this Python environment cannot set up training ({type(exc).__name__}: "
+            f"{first_line}); install the versions in the project's lock "
+            "(requirements/train.txt)"
+        ) from exc
 
 
 def _run(*, socket_path: Path | None, data_dir: Path | None, run_config: Path | None,
@@ -126,11 +163,12 @@ def _run(*, socket_path: Path | None, data_dir: Path | None, run_config: Path | 
         gradient_checkpointing=settings.gradient_checkpointing,
         eight_bit_adam=settings.eight_bit_adam,
         micro_batch=settings.micro_batch,
+        follow_symlinks=settings.follow_symlinks,
         shard=shard,
         stop_at=stop_at,
         export=export,
     )
-    trainer = Trainer(config, options, link, peer=peer)
+    trainer = _set_up(lambda: Trainer(config, options, link, peer=peer))
 
     def request_stop(signum: int, frame: object) -> None:
         log.info("stopping after this step (signal %d)", signum)
@@ -142,4 +180,5 @@ def _run(*, socket_path: Path | None, data_dir: Path | None, run_config: Path | 
         trainer.run()
     finally:
         trainer.close()
+    log.info("the worker stopped at global step %d", trainer.position.global_step)
     return 0

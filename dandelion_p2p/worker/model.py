@@ -138,6 +138,32 @@ def load_components(model: ModelConfig) -> Components:
     )
 
 
+def add_lora(module: nn.Module, targets: list[str], rank: int, alpha: float) -> None:
+    """LoRA adapters on ``targets`` of ``module``, injected by peft itself.
+
+    diffusers' and transformers' ``add_adapter`` wrap the same injection but each demands a
+    minimum peft release of its own (transformers 5 asks for one newer than any published),
+    so a text encoder could not train LoRA with the newest of both; peft's injection works
+    on any module, with parameter names (``...lora_A.default.weight``) that checkpoints and
+    exports already use.
+
+    Raises:
+        ConfigError: peft cannot put adapters on this module (no target layer matched).
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # peft takes floats
+        init_lora_weights="gaussian",
+        target_modules=targets,
+    )
+    try:
+        inject_adapter_in_model(config, module)
+    except ValueError as exc:
+        raise ConfigError(f"cannot add LoRA adapters to {type(module).__name__}: {exc}") from None
+
+
 def select_trainable(c: Components, training: TrainingConfig, seed: int) -> None:
     """Mark what trains (the UNet, or LoRA adapters on it; text encoders when asked) and list
     it in ``c.trainable``. LoRA weights start from ``seed``, so every peer starts equal."""
@@ -146,16 +172,9 @@ def select_trainable(c: Components, training: TrainingConfig, seed: int) -> None
     if training.train_text_encoder:
         modules += [(f"text_encoder_{i}", enc) for i, enc in enumerate(c.text_encoders)]
     if training.method == "lora":
-        from peft import LoraConfig
-
         for name, module in modules:
             targets = UNET_LORA_TARGETS if name == "unet" else TEXT_LORA_TARGETS
-            module.add_adapter(LoraConfig(
-                r=training.lora_rank,
-                lora_alpha=training.lora_alpha,  # type: ignore[arg-type]  # peft takes floats
-                init_lora_weights="gaussian",
-                target_modules=targets,
-            ))
+            add_lora(module, targets, training.lora_rank, training.lora_alpha)
     else:
         for _, module in modules:
             module.requires_grad_(True)

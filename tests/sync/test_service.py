@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 from dandelion_p2p.control import CommandFailed
 from dandelion_p2p.sync.shm import SharedVector, remove_stale
 from dandelion_p2p.sync.supervisor import WorkerProcess, describe_exit
+from dandelion_p2p.worker import protocol
 from dandelion_p2p.worker.tiny import write_images
 from tests.daemon_proc import start_daemon
 from tests.worker.runconfigs import tiny_run
@@ -36,10 +38,17 @@ def test_a_worker_that_cannot_train_is_reported_and_the_protocol_holds(tmp_path:
         time.sleep(1.5)
         assert daemon.call("training.status")["crashes"] == 1, "a config error is not retried"
         assert daemon.call("status")["peer_id"] == daemon.peer_id, "the daemon lives on"
+        shown = subprocess.run(
+            [sys.executable, "-m", "dandelion_p2p.cli", "status",
+             "--data-dir", str(daemon.data_dir)],
+            capture_output=True, text=True, timeout=60, check=True,
+        ).stdout
+        assert "training:       crashed" in shown and "does not exist" in shown, shown
 
         with pytest.raises(CommandFailed, match="worker protocol"):
             daemon.call("worker.hello", {"protocol": 99})
-        hello = daemon.call("worker.hello", {"protocol": 1, "pid": os.getpid()})
+        hello = daemon.call("worker.hello", {"protocol": protocol.PROTOCOL_VERSION,
+                                             "pid": os.getpid()})
         assert "no-such-model" in hello["run_config"] and hello["run"] == "tiny"
         with pytest.raises(CommandFailed, match="unknown worker session"):
             daemon.call("worker.buffer", {"session": "forged", "elements": 10})

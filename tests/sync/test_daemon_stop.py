@@ -1,0 +1,71 @@
+"""SIGTERM to a swarm daemon stops its worker gracefully: the worker ends its step (a round
+it waits in is cut short), writes its stop checkpoint and exits before the daemon closes its
+control socket, its last output reaches the daemon's log, and a restarted daemon's worker
+goes on from that step instead of retraining steps."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import time
+from pathlib import Path
+
+from tests.daemon_proc import DaemonProcess, start_daemon
+from tests.worker.runconfigs import tiny_run
+
+TIMEOUT = 180.0
+
+
+def start(tmp_path: Path, images: Path) -> DaemonProcess:
+    data_dir = tmp_path / "peer"
+    if not (data_dir / "training-data").exists():
+        shutil.copytree(images, data_dir / "training-data")
+    args = ["--no-webui", "--listen", "/ip4/127.0.0.1/tcp/0", "--reachability", "public",
+            "--run-config", str(tmp_path / "run.toml"), "--worker"]
+    return start_daemon("daemon", args, data_dir)
+
+
+def wait_log(daemon: DaemonProcess, pattern: str) -> re.Match[str]:
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        found = re.search(pattern, daemon.logs())
+        if found:
+            return found
+        time.sleep(0.3)
+    raise AssertionError(f"no {pattern!r} in the log:\n{daemon.logs()[-6000:]}")
+
+
+def test_sigterm_lets_the_worker_write_its_stop_checkpoint(
+    tiny_sd1: Path, images: Path, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    # No periodic checkpoint before the stop; rounds find no group (one peer), so the worker
+    # may be waiting in one when the signal comes.
+    config = tiny_run(tiny_sd1, training={"max_steps": 100_000, "batch_size": 2},
+                      sync={"local_steps": 2},
+                      checkpoint={"every_steps": 100_000, "keep_last": 2})
+    (tmp_path / "run.toml").write_text(config.to_toml())
+    daemon = start(tmp_path, images)
+    daemons.append(daemon)
+    deadline = time.monotonic() + TIMEOUT
+    # Stopped while it waits in its first round (no group forms: it is alone).
+    while (status := daemon.call("training.status"))["state"] != "syncing":
+        assert time.monotonic() < deadline, status
+        time.sleep(0.1)
+
+    code, seconds = daemon.stop(signal.SIGTERM, timeout=90)
+    assert code == 0
+    logs = daemon.logs()
+    stopped = re.search(r"worker\.process: .*the worker stopped at global step (\d+)", logs)
+    assert stopped, f"the worker's last line is not in the daemon's log:\n{logs[-6000:]}"
+    step = int(stopped.group(1))
+    assert step >= 2
+    checkpoints = daemon.data_dir / "worker" / "tiny" / "checkpoints"
+    assert (checkpoints / f"step-{step:08d}").is_dir(), sorted(checkpoints.iterdir())
+    assert "exit code" not in logs and "killed by" not in logs, logs[-6000:]
+    assert seconds < 30, "a waiting round is cut short, not waited out"
+
+    again = start(tmp_path, images)
+    daemons.append(again)
+    resumed = wait_log(again, r"resumed from checkpoint .* at global step (\d+)")
+    assert int(resumed.group(1)) == step

@@ -1,0 +1,59 @@
+"""The worker process's exit codes: a failure that a restart cannot fix (a package missing, a
+library that refuses the installed version of another) exits with code 2, which tells the
+daemon not to restart it; the reason is the worker's last error line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dandelion_p2p.worker.cli import EXIT_CONFIG
+from tests.worker.runconfigs import tiny_run
+
+# Broken or mismatched environments: a package missing, or one whose entry point refuses the
+# installed release of another (as transformers 5 refuses peft 0.21).
+BROKEN_ENVIRONMENTS = {
+    "missing_package": (
+        "diffusers/__init__.py",
+        "raise ImportError(\"No module named 'diffusers'\")\n",
+        "diffusers",
+    ),
+    "incompatible_release": (
+        "sitecustomize.py",
+        "import peft\n"
+        "def refuse(*args, **kwargs):\n"
+        "    raise ValueError('The version of PEFT you are using is not compatible, please use"
+        " a version >= 9.0')\n"
+        "peft.inject_adapter_in_model = refuse\n",
+        "not compatible",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_ENVIRONMENTS))
+def test_an_environment_that_cannot_train_exits_with_code_2(
+    case: str, tiny_sd1: Path, images: Path, tmp_path: Path
+) -> None:
+    file, source, reason = BROKEN_ENVIRONMENTS[case]
+    shadow = tmp_path / "shadow" / file
+    shadow.parent.mkdir(parents=True)
+    shadow.write_text(source)
+    run_config = tmp_path / "run.toml"
+    run_config.write_text(tiny_run(tiny_sd1, training={"method": "lora", "lora_rank": 2,
+                                                       "max_steps": 1}).to_toml())
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "shadow"),
+                                                        str(Path.cwd())])}
+    done = subprocess.run(
+        [sys.executable, "-m", "dandelion_p2p.worker", "--run-config", str(run_config),
+         "--data", str(images), "--work-dir", str(tmp_path / "work")],
+        env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert done.returncode == EXIT_CONFIG, done.stderr[-3000:]
+    last_error = [line for line in done.stderr.splitlines() if "ERROR" in line][-1]
+    assert "cannot train" in last_error
+    assert reason in last_error
+    assert "Traceback" not in done.stderr, "an expected failure is explained, not dumped"
