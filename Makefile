@@ -59,12 +59,14 @@ lock:
 	.venv-lock/bin/python tools/lockfile.py compile
 
 # The newest releases pyproject allows (not the lock), in a venv of their own: how the
-# next `make lock` would fare. Not part of CI.
+# next `make lock` would fare. Not part of CI. torch stays at the pin: CPU machines have no
+# other CPU build.
 test-latest: $(STAMP_SYS)
 	$(PYTHON) -m venv .venv-latest
+	echo '$(TORCH_PIN)' > .venv-latest/torch-pin.txt
 	.venv-latest/bin/python -m pip --disable-pip-version-check -q install '$(TORCH_PIN)'
 	.venv-latest/bin/python -m pip --disable-pip-version-check -q install --upgrade \
-		--upgrade-strategy eager -e '.[train,dev]'
+		--upgrade-strategy eager -c .venv-latest/torch-pin.txt -e '.[train,dev]'
 	.venv-latest/bin/python -m pip list --format=freeze > .venv-latest/versions.txt
 	.venv-latest/bin/ruff check dandelion_p2p tests benchmarks tools
 	.venv-latest/bin/mypy dandelion_p2p
