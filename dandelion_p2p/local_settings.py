@@ -34,6 +34,8 @@ class LocalSettings:
     eight_bit_adam: bool = True
     share_telemetry: bool = False
     """Publish this peer's loss and throughput for the run's global charts."""
+    follow_symlinks: bool = False
+    """Train also on files that symlinks in the local data folder lead to outside it."""
 
     def __post_init__(self) -> None:
         problems = _problems(self)
@@ -67,7 +69,8 @@ def _problems(s: LocalSettings) -> list[str]:
         0 <= s.micro_batch <= 4096
     ):
         out.append(f"micro_batch must be an integer 0-4096, got {s.micro_batch!r}")
-    for name in ("gradient_checkpointing", "eight_bit_adam", "share_telemetry"):
+    for name in ("gradient_checkpointing", "eight_bit_adam", "share_telemetry",
+                 "follow_symlinks"):
         if not isinstance(getattr(s, name), bool):
             out.append(f"{name} must be true or false, got {getattr(s, name)!r}")
     return out

@@ -35,8 +35,10 @@ def dataset() -> None:
               help="The run owner's key file (default: this machine's daemon identity).")
 @click.option("--data-dir", type=click.Path(path_type=Path),
               help="Data dir whose identity signs, when --owner-key is not given.")
+@click.option("--follow-symlinks", is_flag=True,
+              help="Follow symlinks that lead outside SRC (default: report and skip them).")
 def pack(src: Path, out: Path, chunk_size: str, owner_key: Path | None,
-         data_dir: Path | None) -> None:
+         data_dir: Path | None, follow_symlinks: bool) -> None:
     """Pack SRC (image + .txt/.caption folders, WebDataset tars, parquet) into OUT."""
     from dandelion_p2p.config import load_config
     from dandelion_p2p.dataset.manifest import signed_digest, signed_document
@@ -55,13 +57,15 @@ def pack(src: Path, out: Path, chunk_size: str, owner_key: Path | None,
             key_path = load_config("daemon", cli).identity_path
             identity = load_or_create_identity(key_path)
             click.echo(f"signing with the daemon identity {key_path}", err=True)
-        units = len(find_units(src, exclude=out))
+        units = len(find_units(src, exclude=out, follow_symlinks=follow_symlinks))
         if sys.stderr.isatty():
             with click.progressbar(length=units, label="packing", file=sys.stderr) as bar:
                 manifest, report = run_pack(src, out, identity, chunk_bytes=chunk_bytes,
+                                            follow_symlinks=follow_symlinks,
                                             on_unit=lambda: bar.update(1))
         else:
-            manifest, report = run_pack(src, out, identity, chunk_bytes=chunk_bytes)
+            manifest, report = run_pack(src, out, identity, chunk_bytes=chunk_bytes,
+                                        follow_symlinks=follow_symlinks)
     except DandelionError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
@@ -76,8 +80,10 @@ def pack(src: Path, out: Path, chunk_size: str, owner_key: Path | None,
     )
     click.echo(
         f"skipped: {counts.get('broken_image', 0)} broken images, "
-        f"{counts.get('unreadable', 0)} unreadable; "
-        f"{counts.get('missing_caption', 0)} missing captions (packed with empty captions)"
+        f"{counts.get('unreadable', 0)} unreadable, "
+        f"{counts.get('symlink_outside', 0)} symlinks leading outside SRC; "
+        f"{counts.get('missing_caption', 0)} missing captions (packed with empty captions), "
+        f"{counts.get('caption_not_utf8', 0)} captions not UTF-8 (packed with U+FFFD)"
     )
     click.echo(f"manifest: {manifest.digest} signed by {manifest.owner}")
     signed = signed_digest(signed_document(out))

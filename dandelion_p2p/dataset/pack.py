@@ -14,7 +14,6 @@ import io
 import json
 import logging
 import tarfile
-import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +27,14 @@ from dandelion_p2p.dataset.manifest import (
     load_manifest,
     write_manifest,
 )
-from dandelion_p2p.dataset.sources import RawSample, find_units, read_unit
+from dandelion_p2p.dataset.probe import read_header
+from dandelion_p2p.dataset.sources import (
+    REFUSED_LINK,
+    RawSample,
+    find_units,
+    read_unit,
+    relative_origin,
+)
 from dandelion_p2p.errors import ConfigError
 from dandelion_p2p.identity import Identity
 
@@ -42,19 +48,23 @@ TAR_END_BYTES = 1024
 """The two zero blocks that end a tar."""
 REPORT_FILENAME = "pack-report.json"
 FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp"}
-MAX_PIXELS = 64 * 1024 * 1024
 
 BROKEN = "broken_image"
 MISSING_CAPTION = "missing_caption"
 UNREADABLE = "unreadable"
+SYMLINK_OUTSIDE = "symlink_outside"
+CAPTION_NOT_UTF8 = "caption_not_utf8"
+PACKED_ANYWAY = (MISSING_CAPTION, CAPTION_NOT_UTF8)
+"""Problems whose sample is packed all the same; every other problem leaves something out."""
 
 
 @dataclass(frozen=True, slots=True)
 class Problem:
     origin: str
     kind: str
-    """``broken_image`` and ``unreadable`` samples are skipped; ``missing_caption`` ones are
-    packed with an empty caption."""
+    """``broken_image``, ``unreadable`` and ``symlink_outside`` inputs are skipped;
+    ``missing_caption`` samples are packed with an empty caption, ``caption_not_utf8`` ones
+    with U+FFFD in place of the bad bytes."""
     detail: str
 
 
@@ -71,7 +81,7 @@ class PackReport:
 
     @property
     def skipped(self) -> int:
-        return sum(1 for p in self.problems if p.kind != MISSING_CAPTION)
+        return sum(1 for p in self.problems if p.kind not in PACKED_ANYWAY)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -94,31 +104,27 @@ class CheckedImage:
 
 
 def check_image(data: bytes) -> CheckedImage:
-    """Decode ``data`` fully with Pillow; raises ``ValueError`` saying why it is unusable."""
-    from PIL import Image, UnidentifiedImageError
+    """Decode ``data`` fully with Pillow; raises ``ValueError`` saying why it is unusable.
 
+    Unlike the worker's scan, which decodes each file once and remembers it, packing decodes
+    every pixel every time: a pack runs once and vouches for its chunks to every peer.
+    """
+    from PIL import Image
+
+    header = read_header(data)  # the pixel limit, before any decoding
+    ext = FORMATS.get(header.format)
+    if ext is None:
+        raise ValueError(f"format {header.format or 'unknown'} is not one of "
+                         f"{', '.join(FORMATS)}")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as probe:
-                probe.verify()
-            # verify() checks structure only; decoding every pixel finds truncated data.
-            with Image.open(io.BytesIO(data)) as img:
-                fmt = img.format or ""
-                width, height = img.size
-                if width * height > MAX_PIXELS:
-                    raise ValueError(f"{width}x{height} is over {MAX_PIXELS} pixels")
-                img.load()
-    except ValueError:
-        raise
-    except UnidentifiedImageError:
-        raise ValueError("not an image format Pillow can read") from None
+        with Image.open(io.BytesIO(data)) as probe:
+            probe.verify()
+        # verify() checks structure only; decoding every pixel finds truncated data.
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
     except Exception as exc:  # Pillow raises many unrelated types on bad input
         raise ValueError(f"{type(exc).__name__}: {exc}") from None
-    ext = FORMATS.get(fmt)
-    if ext is None:
-        raise ValueError(f"format {fmt or 'unknown'} is not one of {', '.join(FORMATS)}")
-    return CheckedImage(data, ext, width, height)
+    return CheckedImage(data, ext, header.width, header.height)
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
@@ -171,10 +177,12 @@ def pack(
     identity: Identity,
     *,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    follow_symlinks: bool = False,
     on_unit: Callable[[], None] | None = None,
 ) -> tuple[Manifest, PackReport]:
     """Pack ``src`` into ``out``; returns the signed manifest and a report of every problem.
 
+    Symlinks leading outside ``src`` are reported and left out unless ``follow_symlinks``.
     ``on_unit`` is called after each input file (for a progress bar).
 
     Raises:
@@ -185,7 +193,7 @@ def pack(
         raise ConfigError(
             f"--chunk-size must be {MIN_CHUNK_BYTES}..{MAX_PACK_CHUNK_BYTES} bytes"
         )
-    units = find_units(src, exclude=out)
+    units = find_units(src, exclude=out, follow_symlinks=follow_symlinks)
     _prepare_out(out)
     if not units:
         raise ConfigError(f"{src}: no images, .tar or .parquet files found")
@@ -207,6 +215,10 @@ def pack(
         writer = ChunkWriter()
 
     for unit in units:
+        if unit.kind == REFUSED_LINK:
+            origin = relative_origin(unit.path, src)
+            report.problems.append(Problem(origin, SYMLINK_OUTSIDE, unit.detail))
+            log.info("skipped %s: %s", origin, unit.detail)
         for raw in read_unit(unit, src):
             accepted = _accept(raw, report)
             if accepted is None:
@@ -261,6 +273,9 @@ def _accept(raw: RawSample, report: PackReport) -> tuple[CheckedImage, str] | No
         )
         log.info("%s has no caption; packed with an empty caption", raw.origin)
         return image, ""
+    if raw.caption_problem:
+        report.problems.append(Problem(raw.origin, CAPTION_NOT_UTF8, raw.caption_problem))
+        log.info("caption of %s: %s", raw.origin, raw.caption_problem)
     return image, raw.caption
 
 

@@ -2,24 +2,31 @@
 
 Every reader yields ``RawSample`` in a deterministic order (paths sorted, tar members and
 parquet rows in file order), so packing the same input twice gives the same chunks. Readers
-do not judge images; ``pack`` checks each one.
+do not judge images; ``pack`` checks each one. Symlinks that lead outside the source folder
+are refused unless followed on request (``walk.py``); captions are read by ``captions.py``.
 """
 
 from __future__ import annotations
 
-import os
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dandelion_p2p.dataset.captions import (
+    CAPTION_EXTENSIONS,
+    MAX_CAPTION_BYTES,
+    Caption,
+    decode_caption,
+    read_caption_file,
+)
+from dandelion_p2p.dataset.probe import MAX_IMAGE_BYTES
+from dandelion_p2p.dataset.walk import RefusedLink, list_folder
 from dandelion_p2p.errors import ConfigError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-CAPTION_EXTENSIONS = (".txt", ".caption")
-MAX_SAMPLE_BYTES = 64 * 1024 * 1024
-MAX_CAPTION_BYTES = 64 * 1024
+MAX_SAMPLE_BYTES = MAX_IMAGE_BYTES
 PARQUET_IMAGE_COLUMNS = ("image", "jpg", "png", "webp", "img", "image_bytes")
 PARQUET_CAPTION_COLUMNS = ("caption", "text", "txt", "prompt")
 _TAR_WANTED = {e.lstrip(".") for e in IMAGE_EXTENSIONS + CAPTION_EXTENSIONS}
@@ -35,22 +42,32 @@ class RawSample:
     caption: str | None
     """None when no caption was found."""
     problem: str = ""
+    caption_problem: str = ""
+    """Set when the caption is not valid UTF-8 (it is read with replacement characters)."""
+
+
+REFUSED_LINK = "refused_link"
+FOLLOW_HINT = "--follow-symlinks follows it"
 
 
 @dataclass(frozen=True, slots=True)
 class SourceUnit:
-    """One input file: an image (with its caption file), a tar or a parquet file."""
+    """One input file: an image (with its caption file), a tar or a parquet file; or a
+    symlink leading outside the source, refused (``detail`` says where it leads)."""
 
     path: Path
-    kind: str  # "image" | "tar" | "parquet"
+    kind: str  # "image" | "tar" | "parquet" | REFUSED_LINK
     caption_path: Path | None = None
+    detail: str = ""
 
 
-def find_units(src: Path, *, exclude: Path | None = None) -> list[SourceUnit]:
+def find_units(src: Path, *, exclude: Path | None = None,
+               follow_symlinks: bool = False) -> list[SourceUnit]:
     """Every input unit under ``src`` in deterministic order; raises ``ConfigError``.
 
     ``exclude`` is a folder left out of the walk: the pack's own output when it lies inside
-    the source, whose chunk tars would otherwise be packed again.
+    the source, whose chunk tars would otherwise be packed again. Symlinks leading outside
+    ``src`` become ``REFUSED_LINK`` units unless ``follow_symlinks``.
     """
     if src.is_file():
         kind = _kind_of(src)
@@ -59,21 +76,22 @@ def find_units(src: Path, *, exclude: Path | None = None) -> list[SourceUnit]:
         return [_unit(src, kind)]
     if not src.is_dir():
         raise ConfigError(f"{src} does not exist")
-    skip = exclude.resolve() if exclude is not None else None
-    if skip is not None and skip == src.resolve():
+    if exclude is not None and exclude.resolve() == src.resolve():
         raise ConfigError(f"{src}: the output folder cannot be the source folder itself")
+    listing = list_folder(src, follow_symlinks=follow_symlinks, skip_hidden=True,
+                          exclude=exclude)
+    present = {Path(f) for f in listing.files}
     units: list[SourceUnit] = []
-    for dirpath, dirnames, filenames in os.walk(src):
-        dirnames.sort()
-        dirnames[:] = [
-            d for d in dirnames
-            if not d.startswith(".") and (skip is None or (Path(dirpath) / d).resolve() != skip)
-        ]
-        for name in sorted(filenames):
-            path = Path(dirpath) / name
-            kind = _kind_of(path)
-            if kind is not None and not name.startswith("."):
-                units.append(_unit(path, kind))
+    for entry in listing.entries:
+        if isinstance(entry, RefusedLink):
+            if entry.is_dir or _kind_of(entry.path) or _is_caption(entry.path):
+                units.append(SourceUnit(entry.path, REFUSED_LINK,
+                                        detail=entry.explain(FOLLOW_HINT)))
+            continue
+        path = Path(entry)
+        kind = _kind_of(path)
+        if kind is not None:
+            units.append(_unit(path, kind, present))
     return units
 
 
@@ -88,38 +106,43 @@ def _kind_of(path: Path) -> str | None:
     return None
 
 
-def _unit(path: Path, kind: str) -> SourceUnit:
+def _is_caption(path: Path) -> bool:
+    return path.suffix.lower() in CAPTION_EXTENSIONS
+
+
+def _unit(path: Path, kind: str, present: set[Path] | None = None) -> SourceUnit:
+    """``present``: the files of the walk (a caption refused as a link is not among them);
+    None for a single file named by the user, whose caption is looked for beside it."""
     if kind != "image":
         return SourceUnit(path, kind)
     for ext in CAPTION_EXTENSIONS:
         candidate = path.with_suffix(ext)
-        if candidate.is_file():
+        found = candidate.is_file() if present is None else candidate in present
+        if found:
             return SourceUnit(path, kind, candidate)
     return SourceUnit(path, kind)
 
 
 def read_unit(unit: SourceUnit, src: Path) -> Iterator[RawSample]:
+    """The samples of one unit; a refused link gives none (the caller reports it)."""
     if unit.kind == "image":
         yield _read_image_file(unit, src)
     elif unit.kind == "tar":
-        yield from _read_tar(unit.path, _relative(unit.path, src))
-    else:
-        yield from _read_parquet(unit.path, _relative(unit.path, src))
+        yield from _read_tar(unit.path, relative_origin(unit.path, src))
+    elif unit.kind == "parquet":
+        yield from _read_parquet(unit.path, relative_origin(unit.path, src))
 
 
-def _relative(path: Path, src: Path) -> str:
+def relative_origin(path: Path, src: Path) -> str:
+    """How the report names ``path``: relative to the source folder."""
     try:
         return str(path.relative_to(src)) if src.is_dir() else path.name
     except ValueError:
         return path.name
 
 
-def _decode_caption(data: bytes) -> str:
-    return data[:MAX_CAPTION_BYTES].decode("utf-8", errors="replace").strip()
-
-
 def _read_image_file(unit: SourceUnit, src: Path) -> RawSample:
-    origin = _relative(unit.path, src)
+    origin = relative_origin(unit.path, src)
     try:
         size = unit.path.stat().st_size
         if size > MAX_SAMPLE_BYTES:
@@ -127,13 +150,18 @@ def _read_image_file(unit: SourceUnit, src: Path) -> RawSample:
         image = unit.path.read_bytes()
     except OSError as exc:
         return RawSample(origin, None, None, f"unreadable: {exc.strerror}")
-    caption = None
-    if unit.caption_path is not None:
-        try:
-            caption = _decode_caption(unit.caption_path.read_bytes())
-        except OSError:
-            caption = None
-    return RawSample(origin, image, caption)
+    if unit.caption_path is None:
+        return RawSample(origin, image, None)
+    try:
+        caption = read_caption_file(unit.caption_path)
+    except OSError:
+        return RawSample(origin, image, None)
+    return _with_caption(origin, image, caption, unit.caption_path.name)
+
+
+def _with_caption(origin: str, image: bytes, caption: Caption, caption_name: str) -> RawSample:
+    problem = f"{caption_name}: {caption.problem}" if caption.problem else ""
+    return RawSample(origin, image, caption.text, caption_problem=problem)
 
 
 def _read_tar(path: Path, origin: str) -> Iterator[RawSample]:
@@ -182,9 +210,12 @@ def _tar_sample(origin: str, key: str, files: dict[str, bytes]) -> RawSample:
         return RawSample(where, None, None, "no image in sample")
     if not image:
         return RawSample(where, None, None, f"image larger than {MAX_SAMPLE_BYTES} bytes")
-    caption = next((files[e.lstrip(".")] for e in CAPTION_EXTENSIONS if e.lstrip(".") in files),
-                   None)
-    return RawSample(where, image, None if caption is None else _decode_caption(caption))
+    caption_ext = next((e.lstrip(".") for e in CAPTION_EXTENSIONS if e.lstrip(".") in files),
+                       None)
+    if caption_ext is None:
+        return RawSample(where, image, None)
+    return _with_caption(where, image, decode_caption(files[caption_ext]),
+                         f"{key}.{caption_ext}")
 
 
 def _read_parquet(path: Path, origin: str) -> Iterator[RawSample]:

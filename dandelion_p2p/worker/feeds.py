@@ -77,11 +77,18 @@ def _plans(samples: Sequence[Sample], buckets: Sequence[Bucket], batch_size: int
 
 
 class FolderFeed:
-    """Every image of a local folder, once per epoch, in a seeded order (``bucketing.py``)."""
+    """Every image of a local folder, once per epoch, in a seeded order (``bucketing.py``).
+
+    ``scan_cache``: the file that keeps the folder scan's hashes for the next start
+    (``scan_cache.py``); ``follow_symlinks``: also train on files that symlinks lead to
+    outside the folder.
+    """
 
     def __init__(self, root: Path, buckets: Sequence[Bucket], batch_size: int,
-                 order_seed: Sequence[int], shard: tuple[int, int]) -> None:
-        self.samples = scan(root).samples
+                 order_seed: Sequence[int], shard: tuple[int, int], *,
+                 scan_cache: Path | None = None, follow_symlinks: bool = False) -> None:
+        self.samples = scan(root, follow_symlinks=follow_symlinks,
+                            cache_file=scan_cache).samples
         self.buckets = buckets
         self.batch_size = batch_size
         self.seed = int(np.random.SeedSequence(list(order_seed)).generate_state(1)[0])

@@ -76,6 +76,8 @@ class WorkerOptions:
     stop_at: int = 0
     """Stop at this global step (0: the run's max_steps)."""
     export: bool = True
+    follow_symlinks: bool = False
+    """Train also on files that symlinks in ``data`` lead to outside it."""
 
 
 def vector_digest(vector: torch.Tensor) -> str:
@@ -275,11 +277,14 @@ class Trainer:
     def _make_feed(self, buckets: list[tuple[int, int]], peer: str) -> Feed:
         t, options = self.config.training, self.options
         if options.data is not None:
-            if options.shard is not None:
-                return FolderFeed(options.data, buckets, t.batch_size, [t.seed], options.shard)
-            # Without a shard from the swarm each peer walks the data in its own order.
-            order = [t.seed, int(blake3.blake3(peer.encode()).hexdigest()[:8], 16)]
-            return FolderFeed(options.data, buckets, t.batch_size, order, (0, 1))
+            shard, order = options.shard, [t.seed]
+            if shard is None:
+                # Without a shard from the swarm each peer walks the data in its own order.
+                shard = (0, 1)
+                order = [t.seed, int(blake3.blake3(peer.encode()).hexdigest()[:8], 16)]
+            return FolderFeed(options.data, buckets, t.batch_size, order, shard,
+                              scan_cache=options.work_dir / "cache" / "scan.sqlite",
+                              follow_symlinks=options.follow_symlinks)
         if options.shard is not None:
             raise ConfigError("a shard of the data needs a local folder (--data)")
         if not isinstance(self.link, DaemonLink):

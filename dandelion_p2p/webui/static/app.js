@@ -354,6 +354,7 @@
     attention: "attention implementation",
     gradient_checkpointing: "less memory, a little slower",
     eight_bit_adam: "8-bit optimizer states (bitsandbytes)",
+    follow_symlinks: "also train on files that symlinks in the data folder lead to outside it",
     share_telemetry: "publish this peer's loss and throughput for the run's charts",
   };
 
