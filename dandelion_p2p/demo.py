@@ -5,8 +5,8 @@ dataset (16 captioned images packed into signed, content-addressed chunks). Two 
 believe they are behind NAT join it: they reach each other only through the relay, find the
 run in the DHT, and their workers train on chunks leased from the relay with local steps,
 averaging their progress through the swarm every few steps. The demo prints each round as it
-happens and checks at the end that both peers hold the same weights and that every chunk
-trained was receipted.
+happens and checks at the end that both peers hold the same weights (exiting with code 1 when
+they do not) and that every chunk trained was receipted.
 """
 
 from __future__ import annotations
@@ -81,6 +81,33 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         except ValueError:
             break  # a line still being written
     return out
+
+
+def final_weights_mismatch(work_dirs: dict[str, Path]) -> str | None:
+    """None when every worker's newest checkpoint is of the same step and holds bit-identical
+    trained weights; otherwise what differs."""
+    import torch
+    from safetensors.torch import load_file
+
+    finals: dict[str, tuple[int, dict[str, torch.Tensor]]] = {}
+    for name, work in work_dirs.items():
+        steps = {int(f.name.removeprefix("step-")): f for f in work.glob("checkpoints/step-*")
+                 if f.name.removeprefix("step-").isdigit()}
+        if not steps:
+            return f"{name} has no checkpoint"
+        newest = max(steps)
+        finals[name] = (newest, load_file(steps[newest] / "trainable.safetensors"))
+    (first, (step, weights)), *others = finals.items()
+    for name, (other_step, other_weights) in others:
+        if other_step != step:
+            return f"{first} ended at step {step}, {name} at step {other_step}"
+        if set(other_weights) != set(weights):
+            return f"{first} and {name} trained different tensors"
+        differ = [k for k in weights if not torch.equal(weights[k], other_weights[k])]
+        if differ:
+            return (f"{first} and {name} hold different weights at step {step} in "
+                    f"{len(differ)} of {len(weights)} tensors ({', '.join(differ[:3])})")
+    return None
 
 
 def short(peer_id: str) -> str:
@@ -233,6 +260,8 @@ def main() -> None:
         same = [r for r in shared if digests[0][r] is not None and digests[0][r] == digests[1][r]]
         print(f"  after {len(same)} of {len(shared)} rounds both peers held bit-identical "
               "weights")
+        mismatch = final_weights_mismatch(logs)
+        print(f"  final weights: {mismatch or 'bit-identical on both peers'}")
         book = relay.call("dataset.status")
         print(f"  the relay's lease book: {book['chunks']} chunks, {book['leases_granted']} "
               f"leases granted, {book['receipts']} signed receipts; epoch {book['epoch']} has "
@@ -243,6 +272,9 @@ def main() -> None:
         print("\nShutting down (SIGTERM):")
         for p in reversed(procs):
             print(f"  {p.name} stopped in {p.stop():.2f} s (exit code {p.proc.returncode})")
+        if mismatch:
+            args.keep = True
+            raise SystemExit(f"demo failed: the peers' final weights differ: {mismatch}")
     finally:
         for p in procs:
             if p.proc.poll() is None:

@@ -3,6 +3,9 @@ announcements, and form groups by the deterministic rule in ``group.py`` (no lea
 
 Announcements are DHT records under the ``avg`` namespace, keyed by (run, round), one per
 publisher; the DHT verifies the publisher's signature on every record it stores or returns.
+A training daemon's ``run`` is ``group_run_key(run id, config version)``: peers training under
+different versions of the run's config announce under different keys and compute different
+group ids, so they never form a group together.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import logging
 import time
 from dataclasses import dataclass
 
+import blake3
+import msgpack
 import trio
 
 from dandelion_p2p.averaging.group import Formation, GroupSpec, consensus_bans, form_groups
@@ -27,10 +32,20 @@ log = logging.getLogger(__name__)
 
 AVERAGING_NAMESPACE = "avg"
 MAX_ANNOUNCEMENT_TTL_MS = 600_000
+GROUP_RUN_DOMAIN = b"dandelion/avg-run/v1"
 
 
 def round_key(run: bytes, round_: int) -> bytes:
     return run + round_.to_bytes(8, "big")
+
+
+def group_run_key(run: str, config_version: int) -> bytes:
+    """What the peers of run ``run`` training under config version ``config_version`` average
+    as (the ``run`` of their announcements, group specs and frames): 32 bytes, so any run id
+    fits the averaging messages' bound."""
+    return blake3.blake3(
+        msgpack.packb([GROUP_RUN_DOMAIN, run, config_version], use_bin_type=True)
+    ).digest()
 
 
 def register_namespace(validator: RecordValidator) -> None:

@@ -31,6 +31,7 @@ from dandelion_p2p.dataset.transfer import serve_chunks
 from dandelion_p2p.errors import ConfigError, DandelionError
 from dandelion_p2p.net.dht.node import DHTNode
 from dandelion_p2p.runconfig.directory import list_runs
+from dandelion_p2p.runconfig.progress import newest_offered_step
 from dandelion_p2p.runconfig.publication import derive_run_id, is_run_id
 from dandelion_p2p.runconfig.publisher import RunPublisher
 from dandelion_p2p.runconfig.schema import RunConfig, loads
@@ -221,7 +222,9 @@ class RunsService:
                 if self.start_toml is not None:
                     with trio.move_on_after(START_PUBLISH_TIMEOUT):
                         try:
-                            await self.publisher().publish(self.start_toml, only_if_changed=True)
+                            await self.publisher().publish(
+                                self.start_toml, only_if_changed=True,
+                                swarm_step=self._swarm_step)
                         except DandelionError as exc:
                             log.warning("publishing the run config failed: %s", exc)
                 if self.server is not None:
@@ -277,12 +280,19 @@ class RunsService:
         toml = params.get("toml")
         if not isinstance(toml, str):
             raise ConfigError("missing 'toml' (the run config text)")
-        published = await self.publisher().publish(toml)
+        at_step = params.get("at_step")
+        if at_step is not None and (isinstance(at_step, bool) or not isinstance(at_step, int)):
+            raise ConfigError(f"'at_step' must be a global step, got {at_step!r}")
+        published = await self.publisher().publish(toml, at_step=at_step,
+                                                    swarm_step=self._swarm_step)
         watcher = self.watchers.get(published.run)
         if watcher is not None:
             await watcher.poll_once()
         return {"run": published.run, "version": published.version,
-                "stored_on": published.stored_on}
+                "stored_on": published.stored_on, "effective_step": published.effective_step}
+
+    async def _swarm_step(self, run: str) -> int:
+        return await newest_offered_step(self.node, run)
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {"role": "server" if self.server else "none"}

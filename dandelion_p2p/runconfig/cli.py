@@ -48,7 +48,8 @@ def run_line(r: dict[str, Any]) -> str:
 
 def shown_config(result: dict[str, Any]) -> str:
     """``runconfig.get``'s result as ``dandelion-p2p runs show`` prints it."""
-    head = printable(f"# run {result['run']} version {result['version']} owner {result['owner']}")
+    head = printable(f"# run {result['run']} version {result['version']} (from global step "
+                     f"{result.get('effective_step', 0)}) owner {result['owner']}")
     return head + "\n" + printable(result["toml"], multiline=True)
 
 
@@ -92,9 +93,16 @@ def show(run: str, data_dir: Path | None, config_file: Path | None) -> None:
 
 @runs.command()
 @click.argument("toml_file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--at-step", type=click.IntRange(0, 2**53 - 1), default=None,
+              help="The global step from which the new version applies (rounded up to a "
+                   "round boundary); default: a few rounds after the swarm's current step.")
 @_control_options
-def publish(toml_file: Path, data_dir: Path | None, config_file: Path | None) -> None:
+def publish(toml_file: Path, at_step: int | None, data_dir: Path | None,
+            config_file: Path | None) -> None:
     """Publish TOML_FILE as the next version of its run (the daemon's key owns the run)."""
-    result = _call(data_dir, config_file, "runconfig.publish",
-                   {"toml": toml_file.read_text(encoding="utf-8")})
-    click.echo(printable(f"published {result['run']} version {result['version']}"))
+    params: dict[str, Any] = {"toml": toml_file.read_text(encoding="utf-8")}
+    if at_step is not None:
+        params["at_step"] = at_step
+    result = _call(data_dir, config_file, "runconfig.publish", params)
+    click.echo(printable(f"published {result['run']} version {result['version']}, in force "
+                         f"from global step {result['effective_step']}"))

@@ -6,7 +6,9 @@ every published value carries the owner's signature and the id must derive from 
 
 Two namespaces:
 
-* ``runcfg``, key the run id: a ``SignedRunConfig`` (the TOML text, versioned).
+* ``runcfg``, key the run id: a ``SignedRunConfig`` (the TOML text, versioned, and the global
+  step from which the version applies). Values of the first format (``SignedRunConfigV1``, no
+  such step) are still read, as applying from step 0.
 * ``runs``, key the network name: one ``RunListings`` per owner (each run in it a signed
   ``RunListing``), so a peer can list the runs of its swarm without reading every config.
 
@@ -36,7 +38,9 @@ RUNCONFIG = Registry("runconfig")
 
 CONFIG_NAMESPACE = "runcfg"
 RUNS_NAMESPACE = "runs"
-CONFIG_SIGNING_DOMAIN = b"dandelion/runconfig/v1"
+CONFIG_SIGNING_DOMAIN_V1 = b"dandelion/runconfig/v1"
+CONFIG_SIGNING_DOMAIN = b"dandelion/runconfig/v2"
+MAX_STEP = 2**53
 LISTING_SIGNING_DOMAIN = b"dandelion/runlisting/v1"
 RUN_ID_HASH_HEX = 24
 RECORD_TTL = 3600.0
@@ -79,8 +83,9 @@ def _check_owner_fields(run: str, name: str, owner: bytes, where: str) -> None:
 
 
 @RUNCONFIG.message(1)
-class SignedRunConfig(Message):
-    """Version ``version`` of run ``run``'s config, signed by its owner."""
+class SignedRunConfigV1(Message):
+    """Version ``version`` of run ``run``'s config in the first format: no effective step, so
+    readers take it as applying from global step 0. Read, never written."""
 
     run: str
     name: str
@@ -91,26 +96,64 @@ class SignedRunConfig(Message):
     signature: bytes
 
     def check(self) -> None:
-        _check_owner_fields(self.run, self.name, self.owner, "SignedRunConfig")
-        if not 1 <= self.version < 2**63:
-            raise invalid("SignedRunConfig.version must be >= 1")
-        if len(self.toml.encode()) > MAX_TOML_BYTES:
-            raise invalid(f"SignedRunConfig.toml: over {MAX_TOML_BYTES} bytes")
-        if not 0 <= self.published_at_ms < 2**53:
-            raise invalid("SignedRunConfig.published_at_ms out of range")
-        if len(self.signature) > 64:
-            raise invalid("SignedRunConfig.signature longer than 64 bytes")
+        _check_config_fields(self.run, self.name, self.owner, self.version, self.toml,
+                             self.published_at_ms, self.signature)
 
     def payload(self) -> bytes:
         return msgpack.packb(
-            [CONFIG_SIGNING_DOMAIN, self.run, self.name, self.owner, self.version, self.toml,
+            [CONFIG_SIGNING_DOMAIN_V1, self.run, self.name, self.owner, self.version, self.toml,
              self.published_at_ms],
+            use_bin_type=True,
+        )
+
+    @property
+    def effective_step(self) -> int:
+        return 0
+
+
+@RUNCONFIG.message(4)
+class SignedRunConfig(Message):
+    """Version ``version`` of run ``run``'s config, in force from global step
+    ``effective_step``, signed by its owner."""
+
+    run: str
+    name: str
+    owner: bytes
+    version: int
+    effective_step: int
+    toml: str
+    published_at_ms: int
+    signature: bytes
+
+    def check(self) -> None:
+        _check_config_fields(self.run, self.name, self.owner, self.version, self.toml,
+                             self.published_at_ms, self.signature)
+        if not 0 <= self.effective_step < MAX_STEP:
+            raise invalid("SignedRunConfig.effective_step out of range")
+
+    def payload(self) -> bytes:
+        return msgpack.packb(
+            [CONFIG_SIGNING_DOMAIN, self.run, self.name, self.owner, self.version,
+             self.effective_step, self.toml, self.published_at_ms],
             use_bin_type=True,
         )
 
     @property
     def owner_b58(self) -> str:
         return ID(self.owner).to_base58()
+
+
+def _check_config_fields(run: str, name: str, owner: bytes, version: int, toml: str,
+                         published_at_ms: int, signature: bytes) -> None:
+    _check_owner_fields(run, name, owner, "SignedRunConfig")
+    if not 1 <= version < 2**63:
+        raise invalid("SignedRunConfig.version must be >= 1")
+    if len(toml.encode()) > MAX_TOML_BYTES:
+        raise invalid(f"SignedRunConfig.toml: over {MAX_TOML_BYTES} bytes")
+    if not 0 <= published_at_ms < 2**53:
+        raise invalid("SignedRunConfig.published_at_ms out of range")
+    if len(signature) > 64:
+        raise invalid("SignedRunConfig.signature longer than 64 bytes")
 
 
 @RUNCONFIG.message(2)
@@ -171,7 +214,8 @@ class RunListings(Message):
 
 
 def sign_config(
-    identity: Identity, name: str, version: int, toml: str, *, published_at_ms: int | None = None
+    identity: Identity, name: str, version: int, toml: str, *, effective_step: int = 0,
+    published_at_ms: int | None = None
 ) -> SignedRunConfig:
     owner = identity.peer_id_bytes
     unsigned = SignedRunConfig(
@@ -179,6 +223,7 @@ def sign_config(
         name=name,
         owner=owner,
         version=version,
+        effective_step=effective_step,
         toml=toml,
         published_at_ms=(
             int(time.time() * 1000) if published_at_ms is None else published_at_ms
@@ -205,7 +250,7 @@ def _with_signature(msg: M, signature: bytes) -> M:
     return dataclasses.replace(msg, signature=signature)  # type: ignore[type-var]
 
 
-def verify_owned(value: SignedRunConfig | RunListing) -> None:
+def verify_owned(value: SignedRunConfig | SignedRunConfigV1 | RunListing) -> None:
     """Raises ``ProtocolViolation`` unless the run id derives from the signer, who signed it."""
     try:
         expected = derive_run_id(value.owner, value.name)
@@ -219,10 +264,10 @@ def verify_owned(value: SignedRunConfig | RunListing) -> None:
         raise ProtocolViolation(RejectCode.BAD_SIGNATURE, "not signed by the run's owner")
 
 
-def decode_config(value: bytes) -> SignedRunConfig:
-    """Decode and verify a ``runcfg`` value; raises ``ProtocolViolation``."""
+def decode_config(value: bytes) -> SignedRunConfig | SignedRunConfigV1:
+    """Decode and verify a ``runcfg`` value (either format); raises ``ProtocolViolation``."""
     msg = decode(value, RUNCONFIG)
-    if not isinstance(msg, SignedRunConfig):
+    if not isinstance(msg, SignedRunConfig | SignedRunConfigV1):
         raise ProtocolViolation(RejectCode.UNKNOWN_TYPE, "value is not a SignedRunConfig")
     verify_owned(msg)
     return msg

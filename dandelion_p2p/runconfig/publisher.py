@@ -5,6 +5,10 @@ restarted owner continues counting; the version read back from the DHT counts to
 owner whose state was lost never publishes a version that peers would take for an old one.
 The same files rebuild the owner's ``runs`` listing at start, so publishing one run after a
 restart does not drop the others from it.
+
+Each version after the first applies from a global step (``effective_step``): the one asked
+for, or by default one comfortably after the swarm's current step, rounded up to a round
+boundary of the version in force, so every peer learns it before it applies.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,10 +35,18 @@ from dandelion_p2p.runconfig.publication import (
     sign_config,
     sign_listing,
 )
-from dandelion_p2p.runconfig.schema import loads
+from dandelion_p2p.runconfig.schema import RunConfig, loads
+from dandelion_p2p.runconfig.timeline import fixed_changes, round_boundary, round_up_to
 from dandelion_p2p.runconfig.watcher import RunConfigVersion, select_newest
 
 log = logging.getLogger(__name__)
+
+SwarmStep = Callable[[str], Awaitable[int]]
+"""The newest global step the run's peers report (-1: none known)."""
+
+ROUNDS_OF_NOTICE = 2
+"""Rounds, beyond the checkpoint interval by which a reported step may lag, between the
+swarm's step and a new version's default effective step: time for every peer to read it."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +54,14 @@ class Published:
     run: str
     version: int
     stored_on: int
+    effective_step: int = 0
+
+
+@dataclass(frozen=True)
+class _Previous:
+    version: int
+    toml: str
+    effective_step: int
 
 
 class RunPublisher:
@@ -89,22 +110,30 @@ class RunPublisher:
 
     def last_version(self, run: str) -> tuple[int, str]:
         """(version, toml) last published from this machine; (0, "") if none."""
+        last = self._last_published(run)
+        return last.version, last.toml
+
+    def _last_published(self, run: str) -> _Previous:
         try:
             data = json.loads(self._state_path(run).read_text())
-            return int(data["version"]), str(data["toml"])
+            effective = data.get("effective_step", 0)
+            return _Previous(int(data["version"]), str(data["toml"]),
+                             effective if isinstance(effective, int) else 0)
         except FileNotFoundError:
-            return 0, ""
+            return _Previous(0, "", 0)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("run state %s unreadable (%s); taking the DHT's version", run, exc)
-            return 0, ""
+            return _Previous(0, "", 0)
 
-    def _save(self, run: str, version: int, toml: str, published_at_ms: int) -> None:
+    def _save(self, run: str, version: int, toml: str, published_at_ms: int,
+              effective_step: int) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         path = self._state_path(run)
         tmp = path.with_name(path.name + ".tmp")
         with tmp.open("w") as f:
             json.dump({"run": run, "version": version, "toml": toml,
-                       "published_at_ms": published_at_ms}, f)
+                       "published_at_ms": published_at_ms, "effective_step": effective_step},
+                      f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -118,36 +147,81 @@ class RunPublisher:
         found, _ = select_newest(run, records)
         return found
 
-    async def publish(self, toml: str, *, only_if_changed: bool = False) -> Published:
+    async def publish(self, toml: str, *, only_if_changed: bool = False,
+                      at_step: int | None = None,
+                      swarm_step: SwarmStep | None = None) -> Published:
         """Validate ``toml`` and publish it as the next version of its run.
 
         With ``only_if_changed``, a text equal to the last published one is republished under
-        its old version instead (used at start-up, where the file usually did not change).
+        its old version and effective step instead (used at start-up, where the file usually
+        did not change).
+
+        The first version applies from step 0. A later one applies from ``at_step`` rounded up
+        to a round boundary of the version before it, or by default from a step
+        ``ROUNDS_OF_NOTICE`` rounds plus one checkpoint interval after the newest step
+        ``swarm_step`` finds (step 0 when it finds none).
 
         Raises:
-            ConfigError: the TOML is invalid or too large for a DHT record.
+            ConfigError: the TOML is invalid, too large for a DHT record, or changes a setting
+                that a running run cannot change; or ``at_step`` is given for a first version.
         """
         config = loads(toml)
         run = self.run_id(config.name)
-        local_version, local_toml = self.last_version(run)
+        local = self._last_published(run)
         newest = await self.newest_in_dht(run)
-        dht_version = newest.version if newest else 0
-        if only_if_changed and local_toml == toml and local_version >= max(dht_version, 1):
-            version = local_version
+        previous = local
+        if newest is not None and newest.version > local.version:
+            previous = _Previous(newest.version, newest.toml, newest.effective_step)
+        if only_if_changed and local.toml == toml and local.version >= max(previous.version, 1):
+            version, effective_step = local.version, local.effective_step
         else:
-            version = max(local_version, dht_version) + 1
-        signed = sign_config(self.identity, config.name, version, toml)
+            version = previous.version + 1
+            effective_step = await self._effective_step(run, config, previous, at_step,
+                                                        swarm_step)
+        signed = sign_config(self.identity, config.name, version, toml,
+                             effective_step=effective_step)
         value = encode_value(signed)
         listing = sign_listing(self.identity, signed, config.model.base)
         listed = {**self.listings, run: listing}
         newest_first = sorted(listed.values(), key=lambda r: r.updated_at_ms, reverse=True)
         listings = encode_value(RunListings(runs=tuple(newest_first[:MAX_LISTED_RUNS])))
-        self._save(run, version, toml, signed.published_at_ms)
+        self._save(run, version, toml, signed.published_at_ms, effective_step)
         self.listings = {r.run: r for r in newest_first[:MAX_LISTED_RUNS]}
         stored = await self.dht.put(CONFIG_NAMESPACE, run.encode(), value, RECORD_TTL)
         await self.dht.put(RUNS_NAMESPACE, self.network.encode(), listings, RECORD_TTL)
-        log.info("published run %s config version %d (stored on %d peers)", run, version, stored)
-        return Published(run, version, stored)
+        log.info("published run %s config version %d, in force from global step %d (stored "
+                 "on %d peers)", run, version, effective_step, stored)
+        return Published(run, version, stored, effective_step)
+
+    async def _effective_step(self, run: str, config: RunConfig, previous: _Previous,
+                              at_step: int | None, swarm_step: SwarmStep | None) -> int:
+        if previous.version == 0:
+            if at_step:
+                raise ConfigError("the first version of a run applies from step 0: "
+                                  "publish it without a step")
+            return 0
+        try:
+            before = loads(previous.toml)
+        except ConfigError:
+            before = None  # an unreadable predecessor in force nowhere: nothing to keep
+        if before is not None:
+            changed = fixed_changes(before, config)
+            if changed:
+                raise ConfigError(
+                    f"version {previous.version + 1} would change {', '.join(changed)}, which "
+                    "a running run cannot change: start a new run (another name) instead")
+        boundary = round_boundary(before or config)
+        if at_step is not None:
+            if not 0 <= at_step < 2**53:
+                raise ConfigError(f"at_step {at_step}: a global step, 0 to 2^53 - 1")
+            effective = round_up_to(at_step, boundary)
+            if effective != at_step:
+                log.info("run %s: step %d is not a round boundary; the new version applies "
+                         "from step %d", run, at_step, effective)
+            return effective
+        current = await swarm_step(run) if swarm_step is not None else -1
+        every = (before or config).checkpoint.every_steps
+        return round_up_to(max(current, 0) + every + ROUNDS_OF_NOTICE * boundary, boundary)
 
 
 def require_owner(identity: Identity, run: str, name: str) -> None:

@@ -24,13 +24,14 @@ _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 Family = Literal["sd1", "sd2", "sdxl"]
-Prediction = Literal["epsilon", "v_prediction"]
+Prediction = Literal["auto", "epsilon", "v_prediction"]
 Method = Literal["full", "lora"]
 OptimizerName = Literal["adamw", "adamw8bit"]
 ScheduleName = Literal["constant", "constant_with_warmup", "linear", "cosine"]
 SyncMode = Literal["local_steps", "gradient"]
 Codec = Literal["none", "fp16", "bf16", "int8"]
 Aggregation = Literal["mean", "centered_clip"]
+ExportWeights = Literal["auto", "ema", "raw"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,8 +39,9 @@ class ModelConfig:
     base: str
     """A local diffusers folder, a single-file checkpoint, or a hub id (fetched at run time)."""
     family: Family = "sd1"
-    prediction: Prediction = "epsilon"
-    """SD 2.x 768 models predict v; SD 1.x, SD 2.x 512-base and SDXL predict noise."""
+    prediction: Prediction = "auto"
+    """auto: what the model's own scheduler config says (SD 2.x 768 models predict v; SD 1.x,
+    SD 2.x 512-base and SDXL predict noise)."""
     revision: str = ""
 
 
@@ -99,6 +101,9 @@ class SyncConfig:
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     """Nesterov momentum of the outer optimizer (local_steps mode)."""
+    outer_step_alone: bool = False
+    """Take the outer step in a round this peer had to itself. Off: a lone peer's weights are
+    what its inner optimizer made of them (local_steps mode)."""
     target_batch: int = 256
     """Samples the swarm accumulates before one lockstep optimizer step (gradient mode)."""
 
@@ -131,6 +136,13 @@ class DatasetConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ExportConfig:
+    weights: ExportWeights = "auto"
+    """Which weights the export and the sample images use; auto: the EMA when training.ema is
+    on, else the raw trained weights."""
+
+
+@dataclass(frozen=True, slots=True)
 class RunConfig:
     name: str
     model: ModelConfig
@@ -141,11 +153,18 @@ class RunConfig:
     averaging: AveragingConfig = field(default_factory=AveragingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     def __post_init__(self) -> None:
         problems = validate(self)
         if problems:
             raise ConfigError("run config: " + "; ".join(problems))
+
+    def exported_weights(self) -> Literal["ema", "raw"]:
+        """The weights export and sample images use, ``export.weights`` resolved."""
+        if self.export.weights == "auto":
+            return "ema" if self.training.ema else "raw"
+        return self.export.weights
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (tuples as lists): what ``from_dict`` reads back."""
@@ -199,7 +218,7 @@ def validate(c: RunConfig) -> list[str]:
          f"1-64 of a-z, 0-9, '.', '_', '-', starting alphanumeric; got {c.name!r}")
     need(bool(c.model.base.strip()), "model.base", "must name a model folder, file or hub id")
     if c.model.family == "sdxl":
-        need(c.model.prediction == "epsilon", "model.prediction",
+        need(c.model.prediction != "v_prediction", "model.prediction",
              "SDXL models predict noise (epsilon)")
     t = c.training
     need(1 <= t.lora_rank <= 1024, "training.lora_rank", "must be 1-1024")
@@ -254,6 +273,10 @@ def validate(c: RunConfig) -> list[str]:
     need(1 <= d.max_leases_per_peer <= 64, "dataset.max_leases_per_peer", "must be 1-64")
     need(d.manifest == "" or bool(_HEX_DIGEST.fullmatch(d.manifest)), "dataset.manifest",
          "must be the 64 lowercase hex digits `dataset pack` printed, or empty")
+    # Refused rather than quietly exporting the raw weights: the owner asked for something
+    # this run does not keep.
+    need(c.export.weights != "ema" or t.ema, "export.weights",
+         '"ema" needs training.ema = true')
     return out
 
 

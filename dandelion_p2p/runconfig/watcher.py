@@ -2,9 +2,9 @@
 
 ``select_newest`` is the sans-IO part: from records read under a run's key it keeps the one
 with the highest version among those signed by the run's owner and holding a valid TOML, and
-says why it ignored the others. ``RunConfigWatcher`` polls the DHT with it. A peer applies
-a new version at its next sync boundary (``ConfigApplier``): a learning rate that changed
-halfway between two averaging rounds would make peers' updates disagree about what they did.
+says why it ignored the others. ``RunConfigWatcher`` polls the DHT with it. Each version
+says from which global step it applies; which version is in force for a round is decided by
+``timeline.ConfigTimeline`` from the versions a peer has verified.
 """
 
 from __future__ import annotations
@@ -34,11 +34,14 @@ class RunConfigVersion:
     toml: str
     config: RunConfig
     published_at: float
+    effective_step: int = 0
+    """The global step from which this version is in force."""
 
     def to_json(self) -> dict[str, object]:
         return {
             "run": self.run,
             "version": self.version,
+            "effective_step": self.effective_step,
             "owner": self.owner,
             "toml": self.toml,
             "config": self.config.to_dict(),
@@ -111,6 +114,7 @@ def _consider(
         toml=value.toml,
         config=config,
         published_at=value.published_at_ms / 1000,
+        effective_step=value.effective_step,
     )
 
 
@@ -168,9 +172,10 @@ class RunConfigWatcher:
         previous = self._current
         self._current = found
         log.info(
-            "run %s: config version %d (was %s)",
+            "run %s: config version %d, in force from global step %d (was %s)",
             self.run,
             found.version,
+            found.effective_step,
             previous.version if previous else "none",
         )
         self._changed.set()
@@ -197,18 +202,3 @@ class RunConfigWatcher:
                 log.exception("run %s: polling the config failed", self.run)
             await trio.sleep(self.poll_interval)
 
-
-class ConfigApplier:
-    """What a trainer uses: the config in force, replaced only at a sync boundary."""
-
-    def __init__(self, watcher: RunConfigWatcher) -> None:
-        self.watcher = watcher
-        self.applied: RunConfigVersion | None = watcher.current()
-
-    def at_sync_boundary(self) -> RunConfigVersion | None:
-        """Call at each sync boundary; returns the new version when one is to be applied now."""
-        newest = self.watcher.current()
-        if newest is None or (self.applied is not None and newest.version <= self.applied.version):
-            return None
-        self.applied = newest
-        return newest

@@ -2,6 +2,8 @@
 
 ``runconfig.get`` (the run's signed, published config, served by the runs subsystem) when
 that control method exists; otherwise the local TOML file named by ``run_config``.
+``RunVersions`` keeps every version the daemon has seen of its run, to say which one is in
+force for a round.
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard
 
 from dandelion_p2p.errors import ConfigError, DandelionError
 from dandelion_p2p.runconfig.schema import RunConfig, loads
+from dandelion_p2p.runconfig.timeline import ConfigTimeline
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +28,10 @@ class RunDocument:
     config: RunConfig
     origin: str
     """Where it came from, for messages."""
+    version: int = 0
+    """The published version; 0 for a local file."""
+    effective_step: int = 0
+    """The global step from which this version is in force."""
 
 
 class RunSource(Protocol):
@@ -74,10 +81,16 @@ class ControlMethodSource:
         except Exception:
             log.exception("runconfig.get %s failed", run)
             return None
-        text = answer.get("toml") if isinstance(answer, dict) else None
-        if not isinstance(text, str):
+        if not isinstance(answer, dict):
             return None
-        return RunDocument(run, text, loads(text), f"run {run} (published)")
+        text, version, effective = (answer.get(k) for k in ("toml", "version", "effective_step"))
+        if not isinstance(text, str) or not _is_count(version) or not _is_count(effective):
+            return None
+        return RunDocument(run, text, loads(text), f"run {run} (published)", version, effective)
+
+
+def _is_count(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class ChainedSource:
@@ -90,3 +103,49 @@ class ChainedSource:
             if found is not None:
                 return found
         return None
+
+
+class RunVersions:
+    """The versions of one run's config this daemon has seen, and which is in force when.
+
+    A local file is version 0, in force throughout, and read once: editing it does not change
+    a running run. A published run is read again at every round (from the runs service's
+    watcher, no network read), so each new version is known as soon as the watcher has it.
+    """
+
+    def __init__(self, run: str) -> None:
+        self.run = run
+        self.timeline: ConfigTimeline[RunDocument] = ConfigTimeline()
+
+    def offer(self, document: RunDocument) -> None:
+        if self.timeline.get(document.version) is not None:
+            return
+        refused = self.timeline.add(document)
+        if refused is not None:
+            log.warning("run %s: config version %d refused: %s", self.run, document.version,
+                        refused)
+        elif document.version > 0:
+            log.info("run %s: config version %d is in force from global step %d",
+                     self.run, document.version, document.effective_step)
+
+    async def refresh(self, source: RunSource) -> None:
+        """Learn the newest published version; a read that fails leaves what is known."""
+        newest = self.timeline.newest()
+        if newest is None or newest.version == 0:
+            return
+        try:
+            document = await source.fetch(self.run)
+        except ConfigError as exc:
+            log.info("run %s: newest config unreadable: %s", self.run, exc)
+            return
+        if document is not None and document.run == self.run:
+            self.offer(document)
+
+    def in_force(self, step: int) -> RunDocument | None:
+        return self.timeline.in_force(step)
+
+    def newest(self) -> RunDocument | None:
+        return self.timeline.newest()
+
+    def newer_than(self, version: int) -> list[RunDocument]:
+        return self.timeline.newer_than(version)

@@ -28,7 +28,7 @@ from libp2p.peer.id import ID
 
 from dandelion_p2p.averaging.averager import Averager, AveragingSettings, NoGroup
 from dandelion_p2p.averaging.compression import BufferErrorFeedback
-from dandelion_p2p.averaging.matchmaking import MatchmakingSettings
+from dandelion_p2p.averaging.matchmaking import MatchmakingSettings, group_run_key
 from dandelion_p2p.averaging.scoring import ScoreEvent
 from dandelion_p2p.errors import ConfigError, DandelionError
 from dandelion_p2p.net.node import SCORE_EVENT_OF
@@ -39,6 +39,7 @@ from dandelion_p2p.sync.runsource import (
     LocalFileSource,
     RunDocument,
     RunSource,
+    RunVersions,
 )
 from dandelion_p2p.sync.shm import SharedVector, buffer_dir, remove_stale
 from dandelion_p2p.sync.statesync import StateServer, StateUnavailable, fetch_state
@@ -92,6 +93,8 @@ class SyncService:
         )
         self.run_id = ctx.config.run
         self.document: RunDocument | None = None
+        self.versions: RunVersions | None = None
+        """Every version of the run's config seen, to tell which is in force for a round."""
         self.state = "idle"
         self.detail = ""
         self.pid: int | None = None
@@ -104,7 +107,7 @@ class SyncService:
         self.buffer: SharedVector | None = None
         self.averager: Averager | None = None
         self._feedback: BufferErrorFeedback | None = None
-        self.averager_run = ""
+        self.averager_key = b""
         self.grouped_last = True
         self.crashes = 0
         self.stop_asked = False
@@ -347,11 +350,15 @@ class SyncService:
         if isinstance(pid, int) and self._worker is None:
             self.pid = pid  # a worker started by hand, not by us
         self._set("starting", "the worker is loading the model and data")
+        versions = self._run_versions()
+        await versions.refresh(self.source)
+        newest = versions.newest() or self.document
         return {
             "protocol": protocol.PROTOCOL_VERSION,
             "session": self.session,
             "run": self.run_id,
-            "run_config": self.document.toml,
+            "run_config": newest.toml,
+            "run_configs": protocol.encode_run_configs(versions.timeline),
             "peer": self.ctx.identity.peer_id.to_base58(),
         }
 
@@ -439,12 +446,22 @@ class SyncService:
             log.info("cannot list the swarm's members: %s", exc)
         return [peer for peer in found if peer != me]
 
-    def _averager_for_run(self) -> Averager:
+    def _run_versions(self) -> RunVersions:
+        """The versions known of the run being trained, ``self.document`` among them."""
         assert self.document is not None
-        if self.averager is None or self.averager_run != self.run_id:
+        if self.versions is None or self.versions.run != self.run_id:
+            self.versions = RunVersions(self.run_id)
+        self.versions.offer(self.document)
+        return self.versions
+
+    def _averager_for(self, document: RunDocument) -> Averager:
+        """The averager of the run under config version ``document``: the version is part of
+        the group's identity, so peers on different versions never average together."""
+        key = group_run_key(self.run_id, document.version)
+        if self.averager is None or self.averager_key != key:
             if self.averager is not None:
                 self.ctx.dataplane.unregister("averaging/1")
-            a = self.document.config.averaging
+            a = document.config.averaging
             settings = AveragingSettings(
                 codec=a.codec,
                 mode=a.aggregation,
@@ -456,9 +473,9 @@ class SyncService:
                     max_group=a.max_group,
                 ),
             )
-            self.averager = Averager(self.ctx.node, self.ctx.dataplane,
-                                     run=self.run_id.encode(), settings=settings)
-            self.averager_run = self.run_id
+            self.averager = Averager(self.ctx.node, self.ctx.dataplane, run=key,
+                                     settings=settings)
+            self.averager_key = key
             self._feedback = None
         return self.averager
 
@@ -504,18 +521,30 @@ class SyncService:
         await self._worker_gone.wait()
 
     async def _sync_round(self, params: dict[str, Any]) -> dict[str, Any]:
-        self._check_session(params)
         if self.buffer is None or self.document is None:
             raise ConfigError("no shared buffer: call worker.buffer first")
         round_ = int(_need_number(params, "round", 0, 2**53))
         weight = _need_number(params, "weight", 0, 1e12)
+        trained_under, first_step, known = protocol.round_config(params)
+        versions = self._run_versions()
+        await versions.refresh(self.source)
+        in_force = versions.in_force(first_step) or self.document
         self._set("syncing", f"averaging round {round_}")
         started = trio.current_time()
-        averager = self._averager_for_run()
-        patience = max(MIN_PATIENCE, 10 * self.document.config.averaging.gather_window)
+        averager = self._averager_for(in_force)
+        patience = max(MIN_PATIENCE, 10 * in_force.config.averaging.gather_window)
         deadline = started + (patience if self.grouped_last else 0.0)
         result: dict[str, Any]
         while True:
+            if trained_under != in_force.version:
+                # Averaging would mix versions. A worker that missed a version is behind the
+                # peers that trained under it, and catches up as a late peer does.
+                log.info("round %d: the worker trained under config version %d, but version "
+                         "%d is in force from global step %d: not averaged", round_,
+                         trained_under, in_force.version, in_force.effective_step)
+                result = {"averaged": False, "fraction_averaged": 0.0, "members": 1,
+                          "complete": False}
+                break
             try:
                 report = await averager.all_reduce(
                     self.buffer.array,
@@ -558,6 +587,9 @@ class SyncService:
         seconds = trio.current_time() - started
         result["round"] = round_
         result["round_seconds"] = seconds
+        result["behind"] = in_force.version > trained_under
+        await versions.refresh(self.source)
+        result["run_configs"] = protocol.encode_run_configs(versions.newer_than(known))
         self.last_round = {**result, "finished_at": time.time()}
         telemetry = self.ctx.telemetry
         telemetry.record("round_seconds", seconds)

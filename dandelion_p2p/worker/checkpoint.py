@@ -6,8 +6,14 @@ as ``.tmp-step-...`` (each file fsynced), then renamed into place and the parent
 crash at any point leaves either the whole new checkpoint or none, and the previous ones
 untouched. Loading checks every hash and falls back to the next older checkpoint.
 
+A save for a step that already has a folder replaces it, whether that folder verifies or not:
+the caller's state is the current one (a damaged folder must not survive, and one that
+verifies may hold an older state of that step, from before a catch-up or a restore). The old
+folder is renamed to ``.replaced-step-...`` before the new one is renamed into place; a crash
+between the two renames is undone at the next start, so a step never goes missing.
+
 At start only our own unfinished ``.tmp-*`` folders are removed; nothing else is ever
-deleted except checkpoints beyond ``keep_last``.
+deleted except checkpoints beyond ``keep_last`` and replaced ones.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from dandelion_p2p.hashing import file_digest
 log = logging.getLogger(__name__)
 
 NAME = re.compile(r"step-(\d{8,})")
+REPLACED = re.compile(r"\.replaced-(step-\d{8,})-\d+")
 MANIFEST = "manifest.json"
 FORMAT = 1
 
@@ -66,6 +73,22 @@ class CheckpointStore:
         for stale in self.root.glob(".tmp-step-*"):
             log.info("removing unfinished checkpoint %s", stale)
             shutil.rmtree(stale, ignore_errors=True)
+        self._finish_replacements()
+
+    def _finish_replacements(self) -> None:
+        """Complete replacements a crash interrupted: the old folder goes back in place if
+        the new one never arrived, and is removed if it did."""
+        for old in self.root.glob(".replaced-step-*"):
+            m = REPLACED.fullmatch(old.name)
+            if m is None:
+                continue
+            final = self.root / m.group(1)
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                log.info("restoring %s: its replacement was not finished", final.name)
+                os.rename(old, final)
+        _fsync_path(self.root)
 
     def steps(self) -> list[Path]:
         """Finished checkpoint folders, oldest first."""
@@ -86,8 +109,6 @@ class CheckpointStore:
         blobs: dict[str, Any],
     ) -> Path:
         final = self.root / f"step-{step:08d}"
-        if final.exists():
-            return final
         tmp = self.root / f".tmp-step-{step:08d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -109,10 +130,26 @@ class CheckpointStore:
             f.flush()
             os.fsync(f.fileno())
         _fsync_path(tmp)
-        os.rename(tmp, final)
-        _fsync_path(self.root)
+        if final.exists():
+            self._replace(final, tmp)
+        else:
+            os.rename(tmp, final)
+            _fsync_path(self.root)
         self._prune()
         return final
+
+    def _replace(self, final: Path, new: Path) -> None:
+        try:
+            self.verify(final)
+            log.info("replacing checkpoint %s with the current state of that step", final.name)
+        except ValueError as exc:
+            log.warning("replacing a damaged checkpoint: %s", exc)
+        old = self.root / f".replaced-{final.name}-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(new, final)
+        _fsync_path(self.root)
+        shutil.rmtree(old, ignore_errors=True)
 
     def _prune(self) -> None:
         steps = self.steps()

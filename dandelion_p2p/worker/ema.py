@@ -5,6 +5,10 @@ GPU needs more (an SD 1.5 UNet is 3.4 GB in fp32)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import Literal
+
 import torch
 from torch import nn
 
@@ -29,6 +33,23 @@ class Ema:
             # the GPU may not have filled yet, and the average silently takes stale values.
             s.lerp_(p.detach().to(s.device), 1.0 - decay)
 
+    @contextlib.contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        """The EMA weights in the trained parameters for the duration; the trained weights
+        are back afterwards, bit for bit, even if the body raises."""
+        with torch.no_grad():
+            # Kept on the EMA's device (host memory when training on a GPU), like the EMA.
+            saved = [p.detach().to(s.device, copy=True)
+                     for s, p in zip(self.shadow, self.params, strict=True)]
+            for s, p in zip(self.shadow, self.params, strict=True):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for kept, p in zip(saved, self.params, strict=True):
+                    p.copy_(kept)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: s for name, s in zip(self.names, self.shadow, strict=True)}
 
@@ -36,3 +57,14 @@ class Ema:
         for name, s in zip(self.names, self.shadow, strict=True):
             s.copy_(state[name])
         self.updates = updates
+
+
+def chosen_weights(choice: Literal["ema", "raw"],
+                   ema: Ema | None) -> contextlib.AbstractContextManager[None]:
+    """The weights ``choice`` (a resolved ``export.weights``) names, in place for the
+    duration: the EMA swapped in, or the trained weights as they are."""
+    if choice == "raw":
+        return contextlib.nullcontext()
+    if ema is None:
+        raise ValueError("the EMA weights were asked for, but this run keeps no EMA")
+    return ema.swapped_in()

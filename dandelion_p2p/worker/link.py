@@ -3,10 +3,15 @@
 With a daemon, control messages are methods on the daemon's control socket
 (``protocol/worker.md``) and the vector to average lies in a ``SharedVector`` both map.
 Alone, ``SoloLink`` plays the daemon's part: every sync is a round of one.
+
+Either way the link holds the versions of the run's config the worker knows
+(``run_configs``); the daemon adds new ones to its answers, and the trainer switches to the
+version in force at a round boundary and says which it trains under (``round_config``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -17,8 +22,13 @@ import numpy as np
 
 from dandelion_p2p.control import call_sync
 from dandelion_p2p.errors import ConfigError, PeerUnavailable
+from dandelion_p2p.runconfig.schema import loads
+from dandelion_p2p.runconfig.timeline import ConfigTimeline
 from dandelion_p2p.sync.shm import SharedVector
 from dandelion_p2p.worker import protocol
+from dandelion_p2p.worker.protocol import ConfigVersion
+
+log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL = 1.0
 CALL_MARGIN = 30.0
@@ -33,11 +43,21 @@ class SyncOutcome:
     fraction_averaged: float
     members: int
     seconds: float
+    behind: bool = False
+    """The swarm trained this round under a config version this worker did not have: it is
+    behind, and catches up."""
 
 
 class Link(Protocol):
     run: str
     run_config_toml: str
+    run_configs: ConfigTimeline[ConfigVersion]
+    """The versions of the run's config this worker knows."""
+
+    def round_config(self, version: int, first_step: int) -> None:
+        """The config version the rounds from global step ``first_step`` train under (told
+        to the daemon with each sync, which averages only with peers on the same version)."""
+        ...
 
     def buffer(self, elements: int) -> np.ndarray: ...
 
@@ -65,7 +85,13 @@ class SoloLink:
         except OSError as exc:
             raise ConfigError(f"cannot read run config {run_config}: {exc.strerror}") from None
         self.run = ""
+        self.run_configs: ConfigTimeline[ConfigVersion] = ConfigTimeline()
+        self.run_configs.add(ConfigVersion(0, 0, self.run_config_toml,
+                                           loads(self.run_config_toml)))
         self._buffer = np.empty(0, dtype=np.float32)
+
+    def round_config(self, version: int, first_step: int) -> None:
+        pass
 
     def buffer(self, elements: int) -> np.ndarray:
         self._buffer = np.zeros(elements, dtype=np.float32)
@@ -106,8 +132,20 @@ class DaemonLink:
         self.run: str = hello["run"]
         self.peer: str = hello.get("peer", "")
         self.run_config_toml: str = hello["run_config"]
+        self.run_configs: ConfigTimeline[ConfigVersion] = ConfigTimeline()
+        self._learn(hello.get("run_configs"))
+        self._round_config = (0, 0)
         self._shared: SharedVector | None = None
         self._last_progress = 0.0
+
+    def _learn(self, run_configs: Any) -> None:
+        for entry in protocol.decode_run_configs(run_configs):
+            refused = self.run_configs.add(entry)
+            if refused is not None:
+                log.warning("run config version %d refused: %s", entry.version, refused)
+
+    def round_config(self, version: int, first_step: int) -> None:
+        self._round_config = (version, first_step)
 
     def _hello(self, connect_timeout: float) -> dict[str, Any]:
         """Say hello, waiting a while for a daemon that is still starting."""
@@ -129,18 +167,25 @@ class DaemonLink:
 
     def sync(self, round_: int, weight: float, kind: str) -> SyncOutcome:
         started = time.monotonic()
+        version, first_step = self._round_config
+        newest = self.run_configs.newest()
         answer = call_sync(
             self.socket,
             protocol.SYNC,
-            {"session": self.session, "round": round_, "weight": float(weight), "kind": kind},
+            {"session": self.session, "round": round_, "weight": float(weight), "kind": kind,
+             "config_version": version, "step": first_step,
+             "known_version": newest.version if newest is not None else 0},
             timeout=self.sync_timeout,
         )
+        # A daemon that is stopping answers before looking at versions: nothing new then.
+        self._learn(answer.get("run_configs", []))
         return SyncOutcome(
             round=round_,
             averaged=bool(answer["averaged"]),
             fraction_averaged=float(answer["fraction_averaged"]),
             members=int(answer["members"]),
             seconds=time.monotonic() - started,
+            behind=answer.get("behind") is True,
         )
 
     def progress(self, fields: dict[str, Any], force: bool = False) -> bool:

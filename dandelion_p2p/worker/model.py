@@ -109,13 +109,41 @@ def load_pipeline(model: ModelConfig) -> Any:
         raise ConfigError(f"cannot load model {base!r}: {type(exc).__name__}: {exc}") from None
 
 
+def resolve_prediction(model: ModelConfig, scheduler_config: Any) -> str:
+    """The prediction type to train: the run's, or with ``auto`` the model scheduler's.
+
+    Raises:
+        ConfigError: with ``auto``, a scheduler predicting something we do not train, or an
+            SDXL model whose scheduler predicts v (SDXL trains epsilon only).
+    """
+    # Schedulers saved before diffusers had the key predict noise.
+    own = str(scheduler_config.get("prediction_type") or "epsilon")
+    if model.prediction == "auto":
+        if own not in ("epsilon", "v_prediction"):
+            raise ConfigError(
+                f"{model.base}: the scheduler predicts {own!r}; set model.prediction to "
+                "epsilon or v_prediction"
+            )
+        if model.family == "sdxl" and own != "epsilon":
+            raise ConfigError(
+                f"{model.base}: the scheduler predicts {own}, but SDXL models train epsilon "
+                "only here"
+            )
+        log.info("prediction type %s (the model's scheduler)", own)
+        return own
+    if model.prediction != own:
+        log.warning("model.prediction = %s in the run config, but the model's scheduler says "
+                    "%s; training %s as the run says", model.prediction, own, model.prediction)
+    log.info("prediction type %s (the run config)", model.prediction)
+    return model.prediction
+
+
 def load_components(model: ModelConfig) -> Components:
     from diffusers import DDPMScheduler
 
     pipe = load_pipeline(model)
-    scheduler = DDPMScheduler.from_config(
-        pipe.scheduler.config, prediction_type=model.prediction
-    )
+    prediction = resolve_prediction(model, pipe.scheduler.config)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction)
     tokenizers = [pipe.tokenizer]
     encoders = [pipe.text_encoder]
     if model.family == "sdxl":
@@ -128,7 +156,7 @@ def load_components(model: ModelConfig) -> Components:
     pipe.vae.float()
     return Components(
         family=model.family,
-        prediction=model.prediction,
+        prediction=prediction,
         unet=pipe.unet,
         vae=pipe.vae,
         noise_scheduler=scheduler,

@@ -29,6 +29,13 @@ class OuterNesterov:
         self.start.sub_(update, alpha=self.lr)
         return self.start
 
+    def restart_from(self, current: torch.Tensor) -> torch.Tensor:
+        """A round this peer had to itself: the next local steps start from ``current``, and
+        the momentum stays what the swarm's rounds made it (a lone peer's own progress is not
+        extrapolated). Returns the new start weights."""
+        self.start.copy_(current)
+        return self.start
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"start": self.start, "momentum": self.momentum_buffer}
 

@@ -6,7 +6,14 @@ The control messages themselves travel as methods on the daemon's control socket
 
 from __future__ import annotations
 
-PROTOCOL_VERSION = 1
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from dandelion_p2p.errors import ConfigError
+from dandelion_p2p.runconfig.schema import RunConfig, loads
+
+PROTOCOL_VERSION = 2
 
 HELLO = "worker.hello"
 BUFFER = "worker.buffer"
@@ -19,3 +26,85 @@ MAX_DETAIL = 2000
 MAX_ELEMENTS = 8 * 1024**3 // 4
 """The largest vector the shared buffer holds: 8 GiB of float32 (an SDXL UNet is 10.3 GB in
 fp32, so a full SDXL fine-tune syncs in lower precision or as LoRA)."""
+
+MAX_RUN_CONFIGS = 8
+"""Config versions one answer carries (each at most a DHT record's 7 KiB of TOML)."""
+MAX_RUN_CONFIG_BYTES = 64 * 1024
+MAX_STEP = 2**53
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigVersion:
+    """A version of the run's config as the worker learns it: in force from global step
+    ``effective_step`` (version 0: a local file, in force throughout)."""
+
+    version: int
+    effective_step: int
+    toml: str
+    config: RunConfig
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"version": self.version, "effective_step": self.effective_step,
+                "toml": self.toml}
+
+
+class _RunConfigEntry(Protocol):
+    @property
+    def version(self) -> int: ...
+
+    @property
+    def effective_step(self) -> int: ...
+
+    @property
+    def toml(self) -> str: ...
+
+
+def encode_run_configs(entries: Iterable[_RunConfigEntry]) -> list[dict[str, Any]]:
+    """``run_configs`` for an answer: the newest ``MAX_RUN_CONFIGS`` of ``entries``."""
+    wire = [{"version": e.version, "effective_step": e.effective_step, "toml": e.toml}
+            for e in sorted(entries, key=lambda e: e.version)]
+    return wire[-MAX_RUN_CONFIGS:]
+
+
+def round_config(params: dict[str, Any]) -> tuple[int, int, int]:
+    """From a ``worker.sync`` request: the config version the round was trained under, the
+    round's first global step, and the newest version the worker holds.
+
+    Raises:
+        ConfigError: a field is missing or out of range.
+    """
+    return (_bounded_int(params.get("config_version"), "config_version", 0, 2**63),
+            _bounded_int(params.get("step"), "step", 0, MAX_STEP),
+            _bounded_int(params.get("known_version"), "known_version", 0, 2**63))
+
+
+def _bounded_int(value: Any, what: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value < high:
+        raise ConfigError(f"{what}: expected an integer in [{low}, {high})")
+    return value
+
+
+def decode_run_configs(value: Any) -> list[ConfigVersion]:
+    """The ``run_configs`` of a ``worker.hello`` or ``worker.sync`` answer, validated.
+
+    Raises:
+        ConfigError: not a list of at most ``MAX_RUN_CONFIGS`` valid versions.
+    """
+    if not isinstance(value, list) or len(value) > MAX_RUN_CONFIGS:
+        raise ConfigError(f"run_configs: expected a list of at most {MAX_RUN_CONFIGS}")
+    found = []
+    for item in value:
+        if not isinstance(item, dict) or set(item) != {"version", "effective_step", "toml"}:
+            raise ConfigError("run_configs: each entry is {version, effective_step, toml}")
+        toml = item["toml"]
+        if not isinstance(toml, str) or len(toml.encode()) > MAX_RUN_CONFIG_BYTES:
+            raise ConfigError(f"run_configs: toml must be text of at most "
+                              f"{MAX_RUN_CONFIG_BYTES} bytes")
+        found.append(ConfigVersion(
+            version=_bounded_int(item["version"], "run_configs.version", 0, 2**63),
+            effective_step=_bounded_int(item["effective_step"], "run_configs.effective_step",
+                                        0, MAX_STEP),
+            toml=toml,
+            config=loads(toml),
+        ))
+    return found

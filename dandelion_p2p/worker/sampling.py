@@ -1,18 +1,22 @@
-"""Sample images from the run's fixed prompts, saved with the global step in the name."""
+"""Sample images from the run's fixed prompts, saved with the global step and the weights used
+(``ema`` or ``raw``, as ``export.weights`` chooses) in the name and in the PNG's text."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+from PIL.PngImagePlugin import PngInfo
 
 from dandelion_p2p.runconfig.schema import RunConfig
+from dandelion_p2p.worker.ema import Ema, chosen_weights
 from dandelion_p2p.worker.model import Components
 
 
 def build_pipeline(c: Components) -> object:
     from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    # The trained scheduler's config, so sampling predicts what training taught (c.prediction).
     scheduler = DDIMScheduler.from_config(c.noise_scheduler.config)
     if c.is_sdxl:
         return StableDiffusionXLPipeline(
@@ -29,8 +33,10 @@ def build_pipeline(c: Components) -> object:
 
 @torch.no_grad()
 def sample_images(c: Components, config: RunConfig, folder: Path, step: int,
-                  device: torch.device) -> list[Path]:
+                  device: torch.device, ema: Ema | None) -> list[Path]:
+    """``folder/step-N-<weights>-I.png`` for every sample prompt I."""
     t = config.training
+    weights = config.exported_weights()
     folder.mkdir(parents=True, exist_ok=True)
     pipe = build_pipeline(c)
     pipe.set_progress_bar_config(disable=True)  # type: ignore[attr-defined]
@@ -38,16 +44,21 @@ def sample_images(c: Components, config: RunConfig, folder: Path, step: int,
     c.unet.eval()
     paths = []
     try:
-        for i, prompt in enumerate(t.sample_prompts):
-            generator = torch.Generator().manual_seed(t.seed + i)
-            with torch.autocast(device.type, enabled=False):
-                image = pipe(  # type: ignore[operator]
-                    prompt, num_inference_steps=t.sample_steps, generator=generator,
-                    height=t.resolution, width=t.resolution,
-                ).images[0]
-            path = folder / f"step-{step:08d}-{i:02d}.png"
-            image.save(path)
-            paths.append(path)
+        with chosen_weights(weights, ema):
+            for i, prompt in enumerate(t.sample_prompts):
+                generator = torch.Generator().manual_seed(t.seed + i)
+                with torch.autocast(device.type, enabled=False):
+                    image = pipe(  # type: ignore[operator]
+                        prompt, num_inference_steps=t.sample_steps, generator=generator,
+                        height=t.resolution, width=t.resolution,
+                    ).images[0]
+                info = PngInfo()
+                for key, value in (("weights", weights), ("step", str(step)),
+                                   ("prompt", prompt), ("run", config.name)):
+                    info.add_text(key, value)
+                path = folder / f"step-{step:08d}-{weights}-{i:02d}.png"
+                image.save(path, pnginfo=info)
+                paths.append(path)
     finally:
         c.unet.train(was_training)
     return paths

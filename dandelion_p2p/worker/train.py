@@ -29,6 +29,7 @@ import torch
 
 from dandelion_p2p.errors import ConfigError
 from dandelion_p2p.runconfig.schema import RunConfig
+from dandelion_p2p.runconfig.timeline import fixed_changes
 from dandelion_p2p.worker import diffusion
 from dandelion_p2p.worker.batches import BatchMaker
 from dandelion_p2p.worker.bucketing import make_buckets
@@ -155,48 +156,63 @@ class Trainer:
                                            config.checkpoint.keep_last)
         self.train_log = (options.work_dir / "train_log.jsonl").open("a")
         self.sync_log = (options.work_dir / "sync_log.jsonl").open("a")
+        self.config_version = -1
+        """The run config version in force here (-1: none applied yet)."""
         # A peer without the swarm's newest state fetches it from peers already training.
         have = self.checkpoints.latest_step()
         self.joined = link.catch_up(have, self.checkpoints.root, wait=True) > have
         latest = self.checkpoints.latest()
         if latest is not None:
             self.restore(latest)
+        self.apply_run_config()
 
     # ------------------------------------------------------------------ the loop
 
+    def last_step(self) -> int:
+        max_steps = self.config.training.max_steps
+        return min(self.options.stop_at or max_steps, max_steps)
+
     def run(self) -> None:
-        t = self.config.training
-        last_step = min(self.options.stop_at or t.max_steps, t.max_steps)
         self.report("training", force=True)
         if self.joined and self.outer is not None:
             self.join_round()
+            self.apply_run_config()
         started, samples = time.monotonic(), 0
-        while self.position.global_step < last_step and not self.stop_requested:
+        saved_at = -1
+        while self.position.global_step < self.last_step() and not self.stop_requested:
             try:
                 loss, n = self.train_step()
             except StopWaiting:
                 # Asked to stop while waiting for a chunk: a part-gathered step is dropped.
                 self.optimizer.zero_grad(set_to_none=True)
+                saved_at = -1  # the feed may have moved on since that checkpoint
                 break
             samples += n
             p = self.position
             self.log_step(loss, samples / max(1e-9, time.monotonic() - started))
-            if self.outer is not None and p.global_step % self.config.sync.local_steps == 0:
+            boundary = self.outer is None or p.global_step % self.config.sync.local_steps == 0
+            if self.outer is not None and boundary:
                 outcome = self.sync_local_steps()
-                if not outcome.averaged and outcome.members > 1:
+                if not outcome.averaged and (outcome.members > 1 or outcome.behind):
                     # Others were there but we could not average with them: we are behind
                     # (or went alone for a while). Take the swarm's state and join it.
                     self.catch_up_and_join()
+            if boundary:
+                self.apply_run_config()
+            t = self.config.training
             if p.global_step % self.config.checkpoint.every_steps == 0:
                 self.save()
+                saved_at = p.global_step
             if t.sample_every and p.global_step % t.sample_every == 0:
                 self.sample_images()
-        self.save()
-        if self.position.global_step >= t.max_steps and self.options.export:
+        # A save replaces a checkpoint of the same step: skip rewriting the one just written.
+        if saved_at != self.position.global_step:
+            self.save()
+        if self.position.global_step >= self.config.training.max_steps and self.options.export:
             from dandelion_p2p.worker.export import export
 
             export(self.c, self.config, self.options.work_dir / "export",
-                   self.position.global_step)
+                   self.position.global_step, self.ema)
         self.report("stopped", force=True)
 
     def train_step(self) -> tuple[float, int]:
@@ -302,7 +318,8 @@ class Trainer:
     # ------------------------------------------------------------------ the swarm
 
     def sync_local_steps(self) -> SyncOutcome:
-        """Average the pseudo-gradient (start - now) with the swarm, take the outer step."""
+        """Average the pseudo-gradient (start - now) with the swarm, take the outer step (in
+        a round this peer had to itself, only when ``sync.outer_step_alone`` says so)."""
         assert self.outer is not None
         p = self.position
         round_ = p.global_step // self.config.sync.local_steps
@@ -312,8 +329,14 @@ class Trainer:
             raise FloatingPointError("the local steps produced non-finite weights")
         self.report("syncing", force=True)
         outcome = self.link.sync(round_, p.samples_since_sync, "local_steps")
-        new_start = self.outer.step(self.shared)
-        assign_from(self.params, new_start)
+        alone = not outcome.averaged and outcome.members <= 1
+        if alone and not self.config.sync.outer_step_alone:
+            # The outer step extrapolates the swarm's averaged progress; applied to this
+            # peer's own progress alone it would only distort what the inner optimizer did.
+            new_start = self.outer.restart_from(self.flat)
+        else:
+            new_start = self.outer.step(self.shared)
+            assign_from(self.params, new_start)
         self.after_sync(outcome, new_start)
         return outcome
 
@@ -373,6 +396,7 @@ class Trainer:
         p.rounds += 1
         p.samples_since_sync = 0
         entry: dict[str, Any] = {"round": outcome.round, "global_step": p.global_step,
+                 "config_version": self.config_version,
                  "averaged": outcome.averaged, "members": outcome.members,
                  "fraction_averaged": outcome.fraction_averaged,
                  "seconds": round(outcome.seconds, 3)}
@@ -417,8 +441,9 @@ class Trainer:
 
         step = self.position.global_step
         paths = sample_images(self.c, self.config, self.options.work_dir / "samples", step,
-                              self.device)
-        log.info("step %d: wrote %d sample images", step, len(paths))
+                              self.device, self.ema)
+        log.info("step %d: wrote %d sample images from the %s weights", step, len(paths),
+                 self.config.exported_weights())
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -477,6 +502,53 @@ class Trainer:
             setattr(self.position, key, value)
         log.info("resumed from checkpoint %s at global step %d", checkpoint.path,
                  self.position.global_step)
+        # The optimizer state brought back the hyperparameters it was saved with.
+        self.apply_run_config(reapply=True)
+
+    # ------------------------------------------------------------------ run config versions
+
+    def apply_run_config(self, *, reapply: bool = False) -> None:
+        """Switch to the run config version in force at this global step. Called only at a
+        round boundary (or on a restored checkpoint's step), so every peer switches at the
+        same step and the peers of a round all train it under one version; the version goes
+        with the next sync, and the daemon averages only with peers on the same one.
+        ``reapply``: set the live settings again even if the version did not change."""
+        step = self.position.global_step
+        target = self.link.run_configs.in_force(step)
+        if target is None:
+            return
+        if target.version != self.config_version:
+            changed = fixed_changes(self.config, target.config)
+            if changed:
+                # The daemon refuses such versions; a worker must never half-apply one.
+                raise ConfigError(
+                    f"run config version {target.version} changes {', '.join(changed)}, "
+                    "which a running worker cannot change")
+            if self.config_version < 0:
+                log.info("training under run config version %d (in force from global step %d)"
+                         " at global step %d", target.version, target.effective_step, step)
+            else:
+                log.info("applying run config version %d at global step %d", target.version,
+                         step)
+            self.config, self.config_version = target.config, target.version
+            reapply = True
+        if reapply:
+            self._use_live_settings()
+        self.link.round_config(self.config_version, step)
+
+    def _use_live_settings(self) -> None:
+        """Put the settings a version may change into what was built from the config (the
+        rest is read from ``self.config`` where it is used)."""
+        c = self.config
+        for group in self.optimizer.param_groups:
+            group["betas"] = (c.optimizer.beta1, c.optimizer.beta2)
+            group["eps"] = c.optimizer.eps
+            group["weight_decay"] = c.optimizer.weight_decay
+        if self.outer is not None:
+            self.outer.lr, self.outer.momentum = c.sync.outer_lr, c.sync.outer_momentum
+        if self.ema is not None:
+            self.ema.decay = c.training.ema_decay
+        self.checkpoints.keep_last = c.checkpoint.keep_last
 
     def close(self) -> None:
         self.train_log.close()

@@ -75,3 +75,39 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path: 
     latest = store.latest()
     assert latest is not None and latest.step >= 1
     assert latest.tensors("weights")["w"].sum() == 8_000_000
+
+
+def test_a_damaged_checkpoint_of_the_same_step_is_replaced(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "ckpt", keep_last=3)
+    save(store, 1)
+    save(store, 2)
+    (tmp_path / "ckpt/step-00000002/weights.safetensors").write_bytes(b"torn")
+    store.save(2, {"note": "again"}, {"weights": {"w": torch.full((4,), 7.0)}},
+               {"optimizer": {"step": 2}})
+    latest = store.latest()
+    assert latest is not None and latest.step == 2 and latest.meta["note"] == "again"
+    assert latest.tensors("weights")["w"][0] == 7.0
+
+
+def test_a_sound_checkpoint_of_the_same_step_gives_way_to_the_current_state(
+    tmp_path: Path,
+) -> None:
+    store = CheckpointStore(tmp_path / "ckpt", keep_last=3)
+    save(store, 5)
+    store.save(5, {"note": "current"}, {"weights": {"w": torch.full((4,), -1.0)}},
+               {"optimizer": {"step": 5}})
+    latest = store.latest()
+    assert latest is not None and latest.meta["note"] == "current"
+    assert latest.tensors("weights")["w"][0] == -1.0
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step-00000005"]
+
+
+def test_a_crash_while_replacing_keeps_the_old_checkpoint_of_that_step(tmp_path: Path) -> None:
+    root = tmp_path / "ckpt"
+    save(CheckpointStore(root, keep_last=3), 4)
+    # Where a save that replaces step 4 is between its two renames: the old folder moved
+    # aside, the new one not yet in place.
+    (root / "step-00000004").rename(root / ".replaced-step-00000004-999")
+    latest = CheckpointStore(root, keep_last=3).latest()
+    assert latest is not None and latest.step == 4 and latest.meta["note"] == "step 4"
+    assert not list(root.glob(".replaced-*"))

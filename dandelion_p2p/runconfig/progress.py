@@ -1,0 +1,53 @@
+"""How far a run has trained, as its owner sees it when choosing where a new version applies.
+
+Peers training a run serve their newest checkpoint's step (``StateOffer`` of
+``/dandelion/state/1.0.0``); the newest step offered is the swarm's step, give or take one
+checkpoint interval, which the publisher allows for.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+from libp2p.peer.id import ID
+
+from dandelion_p2p.errors import DandelionError
+from dandelion_p2p.net.node import SwarmNode
+from dandelion_p2p.net.streams import request
+from dandelion_p2p.sync.statesync import MAX_REPLY, PROTOCOL_ID, STATE, StateOffer, StateOffered
+
+log = logging.getLogger(__name__)
+
+MAX_ASKED = 16
+ASK_TIMEOUT = 5.0
+
+
+async def newest_offered_step(node: SwarmNode, run: str, *, timeout: float = ASK_TIMEOUT) -> int:
+    """The newest checkpoint step of ``run`` that the swarm's members and connected peers
+    offer, asking at most ``MAX_ASKED`` of them, all within ``timeout`` seconds; -1 if none."""
+    newest = -1
+
+    async def ask(peer: ID) -> None:
+        nonlocal newest
+        try:
+            await node.connect_peer(peer)
+            reply = await request(node.host, peer, PROTOCOL_ID, StateOffer(run=run), STATE,
+                                  max_reply=MAX_REPLY, timeout=timeout)
+        except DandelionError as exc:
+            log.debug("step of %s from %s: %s", run, peer, exc)
+            return
+        if isinstance(reply, StateOffered) and reply.run == run:
+            newest = max(newest, reply.step)
+
+    with trio.move_on_after(timeout):
+        peers = set(node.host.get_network().get_connections_map())
+        try:
+            peers.update(ID.from_base58(peer) for peer in await node.members())
+        except DandelionError as exc:
+            log.info("cannot list the swarm's members: %s", exc)
+        peers.discard(node.identity.peer_id)
+        async with trio.open_nursery() as nursery:
+            for peer in sorted(peers, key=lambda p: p.to_bytes())[:MAX_ASKED]:
+                nursery.start_soon(ask, peer)
+    return newest
