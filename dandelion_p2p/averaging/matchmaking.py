@@ -3,9 +3,9 @@ announcements, and form groups by the deterministic rule in ``group.py`` (no lea
 
 Announcements are DHT records under the ``avg`` namespace, keyed by (run, round), one per
 publisher; the DHT verifies the publisher's signature on every record it stores or returns.
-A training daemon's ``run`` is ``group_run_key(run id, config version)``: peers training under
-different versions of the run's config announce under different keys and compute different
-group ids, so they never form a group together.
+A training daemon's ``run`` is ``group_run_key(run id, config version, config text)``: peers
+training under different versions of the run's config announce under different keys and
+compute different group ids, so they never form a group together.
 """
 
 from __future__ import annotations
@@ -39,12 +39,15 @@ def round_key(run: bytes, round_: int) -> bytes:
     return run + round_.to_bytes(8, "big")
 
 
-def group_run_key(run: str, config_version: int) -> bytes:
-    """What the peers of run ``run`` training under config version ``config_version`` average
-    as (the ``run`` of their announcements, group specs and frames): 32 bytes, so any run id
-    fits the averaging messages' bound."""
+def group_run_key(run: str, config_version: int, config_text: str = "") -> bytes:
+    """What the peers of run ``run`` training under config version ``config_version`` (whose
+    TOML is ``config_text``) average as (the ``run`` of their announcements, group specs and
+    frames): 32 bytes, so any run id fits the averaging messages' bound. The text is part of
+    it: should an owner ever sign two texts under one version number (two publishes racing
+    from two machines), the peers holding each still never average together."""
+    text_digest = blake3.blake3(config_text.encode()).digest()
     return blake3.blake3(
-        msgpack.packb([GROUP_RUN_DOMAIN, run, config_version], use_bin_type=True)
+        msgpack.packb([GROUP_RUN_DOMAIN, run, config_version, text_digest], use_bin_type=True)
     ).digest()
 
 

@@ -31,7 +31,7 @@ from dandelion_p2p.dataset.transfer import serve_chunks
 from dandelion_p2p.errors import ConfigError, DandelionError
 from dandelion_p2p.net.dht.node import DHTNode
 from dandelion_p2p.runconfig.directory import list_runs
-from dandelion_p2p.runconfig.progress import newest_offered_step
+from dandelion_p2p.runconfig.progress import swarm_checkpoint_step
 from dandelion_p2p.runconfig.publication import derive_run_id, is_run_id
 from dandelion_p2p.runconfig.publisher import RunPublisher
 from dandelion_p2p.runconfig.schema import RunConfig, loads
@@ -292,7 +292,7 @@ class RunsService:
                 "stored_on": published.stored_on, "effective_step": published.effective_step}
 
     async def _swarm_step(self, run: str) -> int:
-        return await newest_offered_step(self.node, run)
+        return await swarm_checkpoint_step(self.node, run)
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {"role": "server" if self.server else "none"}

@@ -23,13 +23,13 @@ MAX_ASKED = 16
 ASK_TIMEOUT = 5.0
 
 
-async def newest_offered_step(node: SwarmNode, run: str, *, timeout: float = ASK_TIMEOUT) -> int:
-    """The newest checkpoint step of ``run`` that the swarm's members and connected peers
-    offer, asking at most ``MAX_ASKED`` of them, all within ``timeout`` seconds; -1 if none."""
-    newest = -1
+async def swarm_checkpoint_step(node: SwarmNode, run: str, *, timeout: float = ASK_TIMEOUT) -> int:
+    """The swarm's checkpoint step of ``run``: the median of the newest steps its members and
+    connected peers offer (``robust_step``), asking at most ``MAX_ASKED`` of them, all within
+    ``timeout`` seconds; -1 if none answered."""
+    steps: list[int] = []
 
     async def ask(peer: ID) -> None:
-        nonlocal newest
         try:
             await node.connect_peer(peer)
             reply = await request(node.host, peer, PROTOCOL_ID, StateOffer(run=run), STATE,
@@ -37,8 +37,8 @@ async def newest_offered_step(node: SwarmNode, run: str, *, timeout: float = ASK
         except DandelionError as exc:
             log.debug("step of %s from %s: %s", run, peer, exc)
             return
-        if isinstance(reply, StateOffered) and reply.run == run:
-            newest = max(newest, reply.step)
+        if isinstance(reply, StateOffered) and reply.run == run and reply.step >= 0:
+            steps.append(reply.step)
 
     with trio.move_on_after(timeout):
         peers = set(node.host.get_network().get_connections_map())
@@ -50,4 +50,14 @@ async def newest_offered_step(node: SwarmNode, run: str, *, timeout: float = ASK
         async with trio.open_nursery() as nursery:
             for peer in sorted(peers, key=lambda p: p.to_bytes())[:MAX_ASKED]:
                 nursery.start_soon(ask, peer)
-    return newest
+    return robust_step(steps)
+
+
+def robust_step(steps: list[int]) -> int:
+    """The swarm's step from what peers claim: the median (the upper one of an even count),
+    so that one peer claiming a huge step cannot push a new version out of reach; -1 if no
+    peer answered."""
+    if not steps:
+        return -1
+    ordered = sorted(steps)
+    return ordered[len(ordered) // 2]

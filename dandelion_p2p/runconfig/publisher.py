@@ -20,6 +20,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import trio
+
 from dandelion_p2p.errors import ConfigError, DandelionError
 from dandelion_p2p.identity import Identity
 from dandelion_p2p.net.dht.node import DHTNode
@@ -74,6 +76,9 @@ class RunPublisher:
         self.state_dir = state_dir
         self.listings: dict[str, RunListing] = self._load_listings()
         """Runs published from this data dir, listed in the network's ``runs`` record."""
+        self._publishing = trio.Lock()
+        """One publication at a time: two that overlap would both sign the next version
+        number, with different texts."""
 
     def _load_listings(self) -> dict[str, RunListing]:
         listings: list[RunListing] = []
@@ -166,6 +171,11 @@ class RunPublisher:
                 that a running run cannot change; or ``at_step`` is given for a first version.
         """
         config = loads(toml)
+        async with self._publishing:
+            return await self._publish(config, toml, only_if_changed, at_step, swarm_step)
+
+    async def _publish(self, config: RunConfig, toml: str, only_if_changed: bool,
+                       at_step: int | None, swarm_step: SwarmStep | None) -> Published:
         run = self.run_id(config.name)
         local = self._last_published(run)
         newest = await self.newest_in_dht(run)

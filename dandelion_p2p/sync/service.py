@@ -286,6 +286,8 @@ class SyncService:
         return self.status()
 
     async def h_start(self, params: dict[str, Any]) -> dict[str, Any]:
+        if self.draining:
+            raise ConfigError("the daemon is stopping")
         self.wanted, self.stop_asked = True, False
         self._changed.set()
         return self.status()
@@ -404,8 +406,20 @@ class SyncService:
 
     async def h_catch_up(self, params: dict[str, Any]) -> dict[str, Any]:
         """Download the swarm's state into the worker's checkpoint folder when peers are
-        ahead of ``step``; answers the step now there (-1: nothing newer found)."""
+        ahead of ``step``; answers the step now there (-1: nothing newer found). Cut short,
+        like a round, when the daemon stops."""
         self._check_session(params)
+        scope = trio.CancelScope()
+        if not self.draining:
+            self._rounds.add(scope)
+            try:
+                with scope:
+                    return await self._catch_up(params)
+            finally:
+                self._rounds.discard(scope)
+        return {"step": -1, "detail": "the daemon is stopping"}
+
+    async def _catch_up(self, params: dict[str, Any]) -> dict[str, Any]:
         have = int(_need_number(params, "step", -1, 2**53))
         folder = Path(_need_str(params, "checkpoints", 4096))
         if not folder.is_absolute():
@@ -457,7 +471,7 @@ class SyncService:
     def _averager_for(self, document: RunDocument) -> Averager:
         """The averager of the run under config version ``document``: the version is part of
         the group's identity, so peers on different versions never average together."""
-        key = group_run_key(self.run_id, document.version)
+        key = group_run_key(self.run_id, document.version, document.toml)
         if self.averager is None or self.averager_key != key:
             if self.averager is not None:
                 self.ctx.dataplane.unregister("averaging/1")
@@ -504,7 +518,7 @@ class SyncService:
             finally:
                 self._rounds.discard(scope)
         return {"averaged": False, "fraction_averaged": 0.0, "members": 1, "complete": False,
-                "round": params.get("round"), "round_seconds": 0.0}
+                "round": params.get("round"), "round_seconds": 0.0, "stopping": True}
 
     async def drain(self) -> None:
         """Stop the worker while the control socket still serves: it needs the socket to end
@@ -517,8 +531,13 @@ class SyncService:
         if worker is None:
             return
         self._set("stopping", "the daemon is stopping: the worker ends its step")
-        await worker.stop()
-        await self._worker_gone.wait()
+        try:
+            await worker.stop()
+            await self._worker_gone.wait()
+        except trio.Cancelled:
+            # Cut short (a second signal, or the drain's time limit): no more grace.
+            worker.kill()
+            raise
 
     async def _sync_round(self, params: dict[str, Any]) -> dict[str, Any]:
         if self.buffer is None or self.document is None:

@@ -95,6 +95,11 @@ class WorkerProcess:
         process.kill()
         await process.wait()
 
+    def kill(self) -> None:
+        """SIGKILL now, without waiting: for a stop that must not wait out the grace."""
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+
     async def _copy_output(self) -> None:
         assert self.process is not None and self.process.stdout is not None
         pending = b""

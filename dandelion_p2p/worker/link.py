@@ -46,6 +46,8 @@ class SyncOutcome:
     behind: bool = False
     """The swarm trained this round under a config version this worker did not have: it is
     behind, and catches up."""
+    stopping: bool = False
+    """The daemon is stopping and cut the round short: nothing was averaged."""
 
 
 class Link(Protocol):
@@ -186,6 +188,7 @@ class DaemonLink:
             members=int(answer["members"]),
             seconds=time.monotonic() - started,
             behind=answer.get("behind") is True,
+            stopping=answer.get("stopping") is True,
         )
 
     def progress(self, fields: dict[str, Any], force: bool = False) -> bool:

@@ -81,6 +81,15 @@ class WorkerOptions:
     """Train also on files that symlinks in ``data`` lead to outside it."""
 
 
+class StepDropped(Exception):
+    """The swarm's averaging of this step's gradient did not take this peer's part: the
+    step is not applied."""
+
+    def __init__(self, outcome: SyncOutcome) -> None:
+        super().__init__(f"round {outcome.round} was not averaged")
+        self.outcome = outcome
+
+
 def vector_digest(vector: torch.Tensor) -> str:
     return blake3.blake3(vector.detach().cpu().numpy().tobytes()).hexdigest()[:32]
 
@@ -187,6 +196,14 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 saved_at = -1  # the feed may have moved on since that checkpoint
                 break
+            except StepDropped as dropped:
+                saved_at = -1
+                if dropped.outcome.stopping:
+                    self.stop_requested = True
+                    break
+                self.catch_up_and_join()
+                self.apply_run_config()
+                continue
             samples += n
             p = self.position
             self.log_step(loss, samples / max(1e-9, time.monotonic() - started))
@@ -238,7 +255,13 @@ class Trainer:
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
         if self.outer is None:
-            self.sync_gradients(total)
+            outcome = self.sync_gradients(total)
+            if outcome.stopping or outcome.behind:
+                # The swarm's step goes on without this gradient (or the daemon is stopping
+                # mid-round): applied alone it would set this peer's weights apart from the
+                # swarm's for good, since gradient mode never averages weights.
+                self.optimizer.zero_grad(set_to_none=True)
+                raise StepDropped(outcome)
         if self.config.optimizer.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.optimizer.max_grad_norm)
         for group in self.optimizer.param_groups:
@@ -347,7 +370,8 @@ class Trainer:
         latest = self.checkpoints.latest()
         if latest is not None:
             self.restore(latest)
-            self.join_round()
+            if self.outer is not None:
+                self.join_round()
 
     def join_round(self) -> None:
         """Come into step with the swarm after downloading its state: arrive at the next round
@@ -381,7 +405,7 @@ class Trainer:
             if latest is not None:
                 self.restore(latest)
 
-    def sync_gradients(self, samples: int) -> None:
+    def sync_gradients(self, samples: int) -> SyncOutcome:
         """Replace this peer's gradient with the swarm's average for this step."""
         p = self.position
         flatten_into(self.params, self.shared, grads=True)
@@ -390,6 +414,7 @@ class Trainer:
         assign_from(self.params, self.shared, grads=True)
         p.expected_peers = max(1, outcome.members)
         self.after_sync(outcome, None)
+        return outcome
 
     def after_sync(self, outcome: SyncOutcome, weights: torch.Tensor | None) -> None:
         p = self.position

@@ -13,7 +13,7 @@ import trio
 
 from dandelion_p2p.errors import ConfigError
 from dandelion_p2p.runconfig.directory import list_runs
-from dandelion_p2p.runconfig.progress import newest_offered_step
+from dandelion_p2p.runconfig.progress import swarm_checkpoint_step
 from dandelion_p2p.runconfig.publication import (
     CONFIG_NAMESPACE,
     encode_value,
@@ -54,7 +54,7 @@ async def test_a_new_version_reaches_every_peer_and_a_forgery_is_ignored(
             # peer training yet, it applies a checkpoint interval (500) and two rounds (of 50)
             # after step 0.
             async def swarm_step(asked: str) -> int:
-                return await newest_offered_step(owner, asked, timeout=2.0)
+                return await swarm_checkpoint_step(owner, asked, timeout=2.0)
 
             second = await publisher.publish(run_toml(lr=3e-4), swarm_step=swarm_step)
             assert (second.run, second.version, second.effective_step) == (run, 2, 600)
@@ -137,11 +137,11 @@ async def test_by_default_a_version_applies_a_few_rounds_after_the_swarms_step(
             CheckpointStore(folder, keep_last=1).save(
                 step, {}, {"trainable": {"w": torch.zeros(4)}}, {"optimizer": {}})
             StateServer(node.host, lambda: run, lambda folder=folder: folder).install()
-        assert await newest_offered_step(owner, run) == 1234
-        assert await newest_offered_step(owner, run + "x") == -1
+        assert await swarm_checkpoint_step(owner, run) == 1234
+        assert await swarm_checkpoint_step(owner, run + "x") == -1
 
         async def swarm_step(asked: str) -> int:
-            return await newest_offered_step(owner, asked)
+            return await swarm_checkpoint_step(owner, asked)
 
         second = await publisher.publish(run_toml(lr=2e-4), swarm_step=swarm_step)
         # 1234 plus a checkpoint interval (500) and two rounds of 50, on a round boundary.

@@ -12,6 +12,7 @@ from dandelion_p2p.averaging.matchmaking import group_run_key
 from dandelion_p2p.errors import ConfigError, ProtocolViolation
 from dandelion_p2p.identity import Identity
 from dandelion_p2p.net.dht.records import sign_record
+from dandelion_p2p.runconfig.progress import robust_step
 from dandelion_p2p.runconfig.publication import (
     CONFIG_NAMESPACE,
     CONFIG_SIGNING_DOMAIN_V1,
@@ -155,3 +156,18 @@ def test_the_worker_protocol_bounds_and_checks_config_versions() -> None:
                    {"config_version": 2, "step": 2**53, "known_version": 3}):
         with pytest.raises(ConfigError):
             round_config(params)
+
+
+def test_two_texts_under_one_version_number_never_share_a_group() -> None:
+    run = derive_run_id(Identity.generate().peer_id_bytes, "tiny")
+    one, other = version(2, 50, lr=5e-4), version(2, 50, lr=1e-3)
+    assert group_run_key(run, 2, one.toml) != group_run_key(run, 2, other.toml)
+    assert group_run_key(run, 2, one.toml) == group_run_key(run, 2, version(2, 50,
+                                                                           lr=5e-4).toml)
+
+
+def test_one_peer_claiming_a_huge_step_does_not_set_the_swarms_step() -> None:
+    assert robust_step([]) == -1
+    assert robust_step([120]) == 120
+    assert robust_step([120, 2**52, 118]) == 120
+    assert robust_step([100, 120, 2**52, 118]) == 120
