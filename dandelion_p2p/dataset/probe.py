@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+"""Files both the packer and the worker's folder scan take as images."""
 MAX_PIXELS = 64 * 1024 * 1024
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
 

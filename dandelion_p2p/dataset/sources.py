@@ -21,11 +21,10 @@ from dandelion_p2p.dataset.captions import (
     decode_caption,
     read_caption_file,
 )
-from dandelion_p2p.dataset.probe import MAX_IMAGE_BYTES
+from dandelion_p2p.dataset.probe import IMAGE_EXTENSIONS, MAX_IMAGE_BYTES
 from dandelion_p2p.dataset.walk import RefusedLink, list_folder
 from dandelion_p2p.errors import ConfigError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MAX_SAMPLE_BYTES = MAX_IMAGE_BYTES
 PARQUET_IMAGE_COLUMNS = ("image", "jpg", "png", "webp", "img", "image_bytes")
 PARQUET_CAPTION_COLUMNS = ("caption", "text", "txt", "prompt")

@@ -76,8 +76,8 @@ class StateOffered(Message):
             raise invalid("StateOffered: names, sizes and hashes must pair up (at most 64)")
         if not all(_FILE_NAME.fullmatch(n) for n in self.names):
             raise invalid("StateOffered: bad file name")
-        if any(s < 0 for s in self.sizes) or self.step < -1:
-            raise invalid("StateOffered: negative size or step")
+        if any(s < 0 for s in self.sizes) or not -1 <= self.step < 2**53:
+            raise invalid("StateOffered: negative size, or a step outside -1 .. 2^53 - 1")
 
     def files(self) -> dict[str, tuple[int, str]]:
         return {n: (s, h) for n, s, h in zip(self.names, self.sizes, self.hashes, strict=True)}
@@ -108,6 +108,14 @@ class Served:
     step: int
     folder: Path
     files: dict[str, tuple[int, str]]
+    manifest_identity: tuple[int, int] = (0, 0)
+    """The manifest's (inode, mtime_ns): a checkpoint replaced in place under the same step
+    (a damaged one, or a stop checkpoint rewritten) is read again, not offered stale."""
+
+
+def _identity(manifest: Path) -> tuple[int, int]:
+    stat = manifest.stat()
+    return stat.st_ino, stat.st_mtime_ns
 
 
 class StateServer:
@@ -145,10 +153,14 @@ class StateServer:
             return None
         folder = root / f"step-{step:08d}"
         cached = self._served.get(step)
-        if cached is not None and cached.folder == folder and folder.is_dir():
-            return cached
-        if not folder.is_dir():
+        try:
+            identity = _identity(folder / MANIFEST)
+        except OSError:
             return None
+        if cached is not None and cached.folder == folder and (
+            cached.manifest_identity == identity
+        ):
+            return cached
         try:
             manifest = json.loads((folder / MANIFEST).read_text())
             files = {name: ((folder / name).stat().st_size, digest)
@@ -157,7 +169,7 @@ class StateServer:
                                file_digest(folder / MANIFEST))
         except (OSError, ValueError, KeyError, AttributeError):
             return None
-        served = Served(step, folder, files)
+        served = Served(step, folder, files, identity)
         self._served = {k: v for k, v in self._served.items() if k > step - 1000}
         self._served[step] = served
         return served

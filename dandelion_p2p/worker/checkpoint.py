@@ -70,10 +70,10 @@ class CheckpointStore:
         self.root = Path(root)
         self.keep_last = keep_last
         self.root.mkdir(parents=True, exist_ok=True)
+        self._finish_replacements()
         for stale in self.root.glob(".tmp-step-*"):
             log.info("removing unfinished checkpoint %s", stale)
             shutil.rmtree(stale, ignore_errors=True)
-        self._finish_replacements()
 
     def _finish_replacements(self) -> None:
         """Complete replacements a crash interrupted: the old folder goes back in place if
@@ -83,11 +83,18 @@ class CheckpointStore:
             if m is None:
                 continue
             final = self.root / m.group(1)
-            if final.exists():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                log.info("restoring %s: its replacement was not finished", final.name)
-                os.rename(old, final)
+            if not final.exists():
+                # The old folder is moved aside only once the new one is written and fsynced:
+                # a new folder that verifies is the state to keep.
+                finished = [tmp for tmp in self.root.glob(f".tmp-{final.name}-*")
+                            if self._verifies(tmp)]
+                if finished:
+                    log.info("finishing the replacement of %s", final.name)
+                    os.rename(finished[0], final)
+                else:
+                    log.info("restoring %s: its replacement was not finished", final.name)
+                    os.rename(old, final)
+            shutil.rmtree(old, ignore_errors=True)
         _fsync_path(self.root)
 
     def steps(self) -> list[Path]:
@@ -139,17 +146,25 @@ class CheckpointStore:
         return final
 
     def _replace(self, final: Path, new: Path) -> None:
-        try:
-            self.verify(final)
+        # The manifest alone says whether the old folder was whole enough to name: hashing a
+        # full fine-tune's gigabytes here would only choose a log line, on the stop path.
+        if (final / MANIFEST).is_file():
             log.info("replacing checkpoint %s with the current state of that step", final.name)
-        except ValueError as exc:
-            log.warning("replacing a damaged checkpoint: %s", exc)
+        else:
+            log.warning("replacing a damaged checkpoint %s (no manifest)", final.name)
         old = self.root / f".replaced-{final.name}-{os.getpid()}"
         shutil.rmtree(old, ignore_errors=True)
         os.rename(final, old)
         os.rename(new, final)
         _fsync_path(self.root)
         shutil.rmtree(old, ignore_errors=True)
+
+    def _verifies(self, path: Path) -> bool:
+        try:
+            self.verify(path)
+        except ValueError:
+            return False
+        return True
 
     def _prune(self) -> None:
         steps = self.steps()

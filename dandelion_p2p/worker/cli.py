@@ -92,26 +92,32 @@ def run_worker(**kwargs: Any) -> int:
 
 
 def _out_of_memory(exc: BaseException) -> bool:
-    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+    return (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+            or "out of memory" in str(exc).lower())
+
+
+def _environment_mismatch(exc: BaseException) -> bool:
+    """Whether ``exc`` says that the installed packages do not fit together: one library
+    refusing the release of another, or calling an API the other does not have. Such a
+    failure recurs on every restart; anything else while setting up (a busy GPU, a bug in
+    one image's handling) may not, and is left to the daemon's restarts."""
+    if isinstance(exc, ImportError | NotImplementedError | AttributeError):
+        return True
+    text = str(exc).lower()
+    return "version" in text and any(word in text for word in (
+        "compatible", "requires", "please use", "upgrade", "install"))
 
 
 def _set_up(make: Callable[[], T]) -> T:
-    """``make()``, with the failures a restart cannot fix turned into ``ConfigError``.
-
-    Setting up the trainer (imports, model, adapters, optimizer) is deterministic: an
-    exception there other than running out of memory, an I/O error or a lost daemon (a
-    missing package, a library that refuses the installed version of another) recurs on
-    every restart, so the daemon must be told not to try again (exit code 2).
-    """
-    from dandelion_p2p.control import CommandFailed
-    from dandelion_p2p.errors import ConfigError, PeerUnavailable
+    """``make()``, with an environment whose packages do not fit together turned into
+    ``ConfigError`` (exit code 2: the daemon does not restart a worker that would fail the
+    same way again)."""
+    from dandelion_p2p.errors import ConfigError, DandelionError
 
     try:
         return make()
-    except (ConfigError, PeerUnavailable, CommandFailed, OSError):
-        raise
     except Exception as exc:
-        if _out_of_memory(exc):
+        if isinstance(exc, DandelionError) or not _environment_mismatch(exc):
             raise
         log.debug("setting up the trainer failed", exc_info=True)
         first_line = str(exc).splitlines()[0] if str(exc) else ""

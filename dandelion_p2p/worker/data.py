@@ -34,14 +34,19 @@ from dandelion_p2p.dataset.captions import (
     decode_caption,
     read_caption_file,
 )
-from dandelion_p2p.dataset.probe import MAX_IMAGE_BYTES, OverPixelLimit, read_and_decode
+from dandelion_p2p.dataset.probe import (
+    IMAGE_EXTENSIONS,
+    MAX_IMAGE_BYTES,
+    OverPixelLimit,
+    read_and_decode,
+)
 from dandelion_p2p.dataset.walk import RefusedLink, list_folder, path_order
 from dandelion_p2p.errors import ConfigError
 from dandelion_p2p.worker.scan_cache import ImageFacts, ScanCache
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+IMAGE_SUFFIXES = IMAGE_EXTENSIONS
 CAPTION_SUFFIXES = CAPTION_EXTENSIONS
 FOLLOW_HINT = "set follow_symlinks in the local settings to train on it"
 
@@ -219,7 +224,9 @@ def scan(root: Path, *, follow_symlinks: bool = False,
     root = Path(root)
     if not root.is_dir():
         raise ConfigError(f"training data folder {root} does not exist or is not a folder")
-    listing = list_folder(root, follow_symlinks=follow_symlinks)
+    # Hidden files and folders (.ipynb_checkpoints, editor backups) are skipped, as the
+    # packer skips them: a folder trains on what its packed dataset would hold.
+    listing = list_folder(root, follow_symlinks=follow_symlinks, skip_hidden=True)
     files = listing.files
     present = set(files)
     this = _Scan(ScanCache(cache_file) if cache_file is not None else None)

@@ -12,11 +12,13 @@ prediction type trained.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from dandelion_p2p.runconfig.schema import RunConfig
 from dandelion_p2p.worker.ema import Ema, chosen_weights
@@ -57,7 +59,20 @@ def _write(c: Components, config: RunConfig, tmp: Path, step: int) -> None:
             names = ["text_encoder_lora_layers", "text_encoder_2_lora_layers"]
             for name, encoder in zip(names, c.text_encoders, strict=False):
                 layers[name] = get_peft_model_state_dict(encoder)
-        type(pipe).save_lora_weights(tmp, **layers)  # type: ignore[attr-defined]
+        save = type(pipe).save_lora_weights  # type: ignore[attr-defined]
+        accepted = inspect.signature(save).parameters
+        metadata: dict[str, Any] = {}
+        for name, module in zip(
+            ["unet", "text_encoder", "text_encoder_2"],
+            [c.unet, *(c.text_encoders if config.training.train_text_encoder else [])],
+            strict=False,
+        ):
+            # Without the adapter's config beside the weights, loaders take lora_alpha to be
+            # the rank and apply the LoRA at the wrong strength whenever the two differ.
+            key = f"{name}_lora_adapter_metadata"
+            if key in accepted:
+                metadata[key] = module.peft_config["default"].to_dict()
+        save(tmp, **layers, **metadata)
     else:
         pipe.save_pretrained(tmp / "diffusers")  # type: ignore[attr-defined]
         if c.family == "sd1":

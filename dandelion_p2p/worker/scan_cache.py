@@ -7,9 +7,9 @@ while the file keeps its size and mtime_ns, the check ``make`` and ``rsync`` rel
 changed file gets a new mtime and is read again. A file rewritten in place with the same size
 and mtime (tools that restore times do this) is not noticed; clear the cache after such edits.
 
-The whole table is read at start and written back in one transaction when anything changed,
-so a re-scan of an unchanged folder writes nothing. The cache only saves time: a damaged or
-unwritable file is reported, started afresh, and never stops a scan.
+The whole table is read at start and, when anything changed, written whole to a new file that
+replaces the old one, so a re-scan of an unchanged folder writes nothing. The cache only
+saves time: a damaged or unwritable file is reported, started afresh, and never stops a scan.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """Raise when what an entry means changes (such as the checks behind ``problem``)."""
 _CREATE = """
 CREATE TABLE images (
-    path TEXT NOT NULL,
+    path BLOB NOT NULL,
     offset INTEGER NOT NULL,
     size INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL,
@@ -79,20 +79,29 @@ class ScanCache:
         (files gone from the folder)."""
         if not self._changed and self._kept.keys() == self._known.keys():
             return
-        rows = [(path, offset, size, mtime, f.content_hash, f.width, f.height, f.problem)
-                for (path, offset), (size, mtime, f) in self._kept.items()]
+        # Paths as the file system's bytes: a name that is not valid UTF-8 (an archive
+        # unpacked from another system) is still a name, and SQLite text must be UTF-8.
+        rows = [(os.fsencode(path), offset, size, mtime, f.content_hash, f.width, f.height,
+                 f.problem) for (path, offset), (size, mtime, f) in self._kept.items()]
+        # Written whole into a new file that then replaces the old one: a damaged cache, or
+        # another worker reading it, never stands in the way, and a crash leaves either.
+        tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.closing(sqlite3.connect(self.path, isolation_level=None)) as db:
-                db.execute("BEGIN IMMEDIATE")
-                db.execute("DROP TABLE IF EXISTS images")
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            with contextlib.closing(sqlite3.connect(tmp, isolation_level=None)) as db:
+                db.execute("BEGIN")
                 db.execute(_CREATE)
                 db.executemany("INSERT INTO images VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 db.execute("COMMIT")
-        except (OSError, sqlite3.Error) as exc:
+            os.replace(tmp, self.path)
+        except (OSError, sqlite3.Error, ValueError) as exc:
             log.warning("cannot write the scan cache %s (%s); the next scan reads every "
                         "image again", self.path, exc)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
             return
         self._known, self._changed = dict(self._kept), False
 
@@ -106,10 +115,15 @@ class ScanCache:
                 rows = db.execute("SELECT path, offset, size, mtime_ns, hash, width, height, "
                                   "problem FROM images").fetchall()
         except sqlite3.Error as exc:
-            log.warning("the scan cache %s is unreadable (%s); starting it afresh",
+            # Not deleted: another worker may hold it open; the next save replaces the table.
+            log.warning("the scan cache %s is unreadable (%s); reading every image again",
                         self.path, exc)
-            with contextlib.suppress(OSError):
-                self.path.unlink()
             return {}
-        return {(path, offset): (size, mtime, ImageFacts(digest, width, height, problem))
-                for path, offset, size, mtime, digest, width, height, problem in rows}
+        try:
+            return {(os.fsdecode(path), offset): (size, mtime,
+                                                  ImageFacts(digest, width, height, problem))
+                    for path, offset, size, mtime, digest, width, height, problem in rows}
+        except (TypeError, ValueError) as exc:
+            log.warning("the scan cache %s holds entries of another shape (%s); reading "
+                        "every image again", self.path, exc)
+            return {}

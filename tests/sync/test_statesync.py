@@ -65,3 +65,18 @@ async def test_the_server_offers_its_newest_and_serves_only_checkpoints(tmp_path
     with pytest.raises(ProtocolViolation):
         await server._answer(PEER, StateRead(run="run", step=6, name="optimizer.pt",
                                              offset=10**9, length=1))
+
+
+async def test_a_checkpoint_replaced_under_its_step_is_offered_anew(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "checkpoints", keep_last=3)
+    store.save(6, {}, {"trainable": {"w": torch.zeros(100)}}, {"optimizer": {}})
+    server = StateServer(host=None, run=lambda: "run", checkpoints=lambda: tmp_path / "checkpoints")  # type: ignore[arg-type]
+    first: Any = await server._answer(PEER, StateOffer(run="run"))
+    store.save(6, {}, {"trainable": {"w": torch.ones(100)}}, {"optimizer": {}})
+    again: Any = await server._answer(PEER, StateOffer(run="run"))
+    assert again.step == first.step == 6
+    now = (tmp_path / "checkpoints/step-00000006/trainable.safetensors")
+    from dandelion_p2p.hashing import file_digest
+
+    assert again.files()["trainable.safetensors"][1] == file_digest(now)
+    assert again.files()["trainable.safetensors"][1] != first.files()["trainable.safetensors"][1]

@@ -111,3 +111,18 @@ def test_a_crash_while_replacing_keeps_the_old_checkpoint_of_that_step(tmp_path:
     latest = CheckpointStore(root, keep_last=3).latest()
     assert latest is not None and latest.step == 4 and latest.meta["note"] == "step 4"
     assert not list(root.glob(".replaced-*"))
+
+
+def test_a_crash_after_the_new_folder_was_written_keeps_the_new_one(tmp_path: Path) -> None:
+    root = tmp_path / "ckpt"
+    save(CheckpointStore(root, keep_last=3), 4)
+    elsewhere = CheckpointStore(tmp_path / "other", keep_last=3)
+    elsewhere.save(4, {"note": "current"}, {"weights": {"w": torch.full((4,), -4.0)}},
+                   {"optimizer": {"step": 4}})
+    # Between the two renames of a replacement: the new folder written and fsynced under its
+    # temporary name, the old one moved aside.
+    (tmp_path / "other/step-00000004").rename(root / ".tmp-step-00000004-999")
+    (root / "step-00000004").rename(root / ".replaced-step-00000004-999")
+    latest = CheckpointStore(root, keep_last=3).latest()
+    assert latest is not None and latest.step == 4 and latest.meta["note"] == "current"
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000004"]

@@ -183,3 +183,28 @@ def test_following_symlinks_is_a_local_setting() -> None:
     assert LocalSettings().updated({"follow_symlinks": True}).follow_symlinks is True
     with pytest.raises(ConfigError, match="follow_symlinks must be true or false"):
         LocalSettings().updated({"follow_symlinks": "yes"})
+
+
+def test_a_file_name_that_is_not_utf8_is_scanned_and_cached(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    # A Latin-1 name, as an archive from another system unpacks it: not valid UTF-8.
+    name = os.fsdecode(b"caf\xe9")
+    (src / f"{name}.png").write_bytes(_png("latin"))
+    (src / f"{name}.txt").write_text("a cafe")
+    cache = tmp_path / "work" / "cache" / "scan.sqlite"
+    first = scan(src, cache_file=cache)
+    assert [s.caption for s in first.samples] == ["a cafe"]
+    assert cache.is_file()
+    again = scan(src, cache_file=cache)
+    assert [s.content_hash for s in again.samples] == [first.samples[0].content_hash]
+
+
+def test_the_worker_takes_the_files_the_packer_takes(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / ".ipynb_checkpoints").mkdir(parents=True)
+    (src / "a.png").write_bytes(_png("a"))
+    (src / "b.bmp").write_bytes(image_bytes(2, 24, "BMP"))
+    (src / ".hidden.png").write_bytes(_png("hidden"))
+    (src / ".ipynb_checkpoints" / "a-checkpoint.png").write_bytes(_png("copy"))
+    assert _names(scan(src).samples) == {"a.png", "b.bmp"}

@@ -151,3 +151,29 @@ def test_smaller_forward_passes_learn_the_same(tiny_sd1: Path, images: Path,
     split.close()
     for (name, a), (_, b) in zip(whole.c.trainable, split.c.trainable, strict=True):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-5), name
+
+
+def test_an_exported_lora_loads_back_at_the_strength_it_trained_at(
+    tiny_sd1: Path, images: Path, tmp_path: Path
+) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    # alpha / rank = 4: a loader that took alpha to be the rank would apply a quarter of it.
+    config = tiny_run(tiny_sd1, training={"method": "lora", "lora_rank": 2, "lora_alpha": 8.0,
+                                          "max_steps": 2},
+                      optimizer={"name": "adamw", "lr": 1e-2}, sync={"local_steps": 2})
+    trainer = train(config, images, tmp_path / "work", export=True)
+    unet = trainer.c.unet.eval()
+    loaded = StableDiffusionPipeline.from_pretrained(tiny_sd1, safety_checker=None)
+    loaded.load_lora_weights(tmp_path / "work/export/tiny-step-00000002")
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 8, 8, generator=generator)
+    text = torch.randn(1, 77, unet.config.cross_attention_dim, generator=generator)
+    timestep = torch.tensor([500])
+    with torch.no_grad():
+        ours = unet(latents, timestep, encoder_hidden_states=text).sample
+        theirs = loaded.unet(latents, timestep, encoder_hidden_states=text).sample
+        loaded.unet.disable_lora()
+        base = loaded.unet(latents, timestep, encoder_hidden_states=text).sample
+    assert float((ours - base).abs().max()) > 1e-4, "the LoRA changed nothing"
+    assert torch.allclose(ours, theirs, atol=1e-5), float((ours - theirs).abs().max())

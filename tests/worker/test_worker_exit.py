@@ -1,6 +1,7 @@
 """The worker process's exit codes: a failure that a restart cannot fix (a package missing, a
 library that refuses the installed version of another) exits with code 2, which tells the
-daemon not to restart it; the reason is the worker's last error line."""
+daemon not to restart it; the reason is the worker's last error line. A failure that may pass
+(a busy GPU) exits with code 1, which the daemon retries."""
 
 from __future__ import annotations
 
@@ -31,7 +32,40 @@ BROKEN_ENVIRONMENTS = {
         "peft.inject_adapter_in_model = refuse\n",
         "not compatible",
     ),
+    "api_missing": (
+        "sitecustomize.py",
+        "import peft\n"
+        "class LoraConfig:\n"
+        "    def __init__(self, *args, **kwargs):\n"
+        "        raise AttributeError(\"module 'torch' has no attribute 'float8_e4m3fn'\")\n"
+        "peft.LoraConfig = LoraConfig\n",
+        "float8_e4m3fn",
+    ),
 }
+TRANSIENT_FAILURE = (
+    "sitecustomize.py",
+    "import peft\n"
+    "def busy(*args, **kwargs):\n"
+    "    raise RuntimeError('CUDA error: all CUDA-capable devices are busy or unavailable')\n"
+    "peft.inject_adapter_in_model = busy\n",
+)
+
+
+def run_worker_in(tmp_path: Path, model: Path, images: Path, file: str,
+                  source: str) -> subprocess.CompletedProcess[str]:
+    shadow = tmp_path / "shadow" / file
+    shadow.parent.mkdir(parents=True)
+    shadow.write_text(source)
+    run_config = tmp_path / "run.toml"
+    run_config.write_text(tiny_run(model, training={"method": "lora", "lora_rank": 2,
+                                                    "max_steps": 1}).to_toml())
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "shadow"),
+                                                        str(Path.cwd())])}
+    return subprocess.run(
+        [sys.executable, "-m", "dandelion_p2p.worker", "--run-config", str(run_config),
+         "--data", str(images), "--work-dir", str(tmp_path / "work")],
+        env=env, capture_output=True, text=True, timeout=240,
+    )
 
 
 @pytest.mark.parametrize("case", sorted(BROKEN_ENVIRONMENTS))
@@ -39,21 +73,16 @@ def test_an_environment_that_cannot_train_exits_with_code_2(
     case: str, tiny_sd1: Path, images: Path, tmp_path: Path
 ) -> None:
     file, source, reason = BROKEN_ENVIRONMENTS[case]
-    shadow = tmp_path / "shadow" / file
-    shadow.parent.mkdir(parents=True)
-    shadow.write_text(source)
-    run_config = tmp_path / "run.toml"
-    run_config.write_text(tiny_run(tiny_sd1, training={"method": "lora", "lora_rank": 2,
-                                                       "max_steps": 1}).to_toml())
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "shadow"),
-                                                        str(Path.cwd())])}
-    done = subprocess.run(
-        [sys.executable, "-m", "dandelion_p2p.worker", "--run-config", str(run_config),
-         "--data", str(images), "--work-dir", str(tmp_path / "work")],
-        env=env, capture_output=True, text=True, timeout=240,
-    )
+    done = run_worker_in(tmp_path, tiny_sd1, images, file, source)
     assert done.returncode == EXIT_CONFIG, done.stderr[-3000:]
     last_error = [line for line in done.stderr.splitlines() if "ERROR" in line][-1]
     assert "cannot train" in last_error
     assert reason in last_error
     assert "Traceback" not in done.stderr, "an expected failure is explained, not dumped"
+
+
+def test_a_failure_that_may_pass_is_left_to_restarts(tiny_sd1: Path, images: Path,
+                                                     tmp_path: Path) -> None:
+    done = run_worker_in(tmp_path, tiny_sd1, images, *TRANSIENT_FAILURE)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "devices are busy" in done.stderr
