@@ -20,6 +20,7 @@ import os
 import secrets
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -409,15 +410,8 @@ class SyncService:
         ahead of ``step``; answers the step now there (-1: nothing newer found). Cut short,
         like a round, when the daemon stops."""
         self._check_session(params)
-        scope = trio.CancelScope()
-        if not self.draining:
-            self._rounds.add(scope)
-            try:
-                with scope:
-                    return await self._catch_up(params)
-            finally:
-                self._rounds.discard(scope)
-        return {"step": -1, "detail": "the daemon is stopping"}
+        answer = await self._unless_stopping(lambda: self._catch_up(params))
+        return answer if answer is not None else {"step": -1, "detail": "the daemon is stopping"}
 
     async def _catch_up(self, params: dict[str, Any]) -> dict[str, Any]:
         have = int(_need_number(params, "step", -1, 2**53))
@@ -509,16 +503,27 @@ class SyncService:
         """A round, cut short (averaged with nobody) when the daemon stops: the worker then
         ends its step and writes its stop checkpoint instead of waiting out the round."""
         self._check_session(params)
-        scope = trio.CancelScope()
-        if not self.draining:
-            self._rounds.add(scope)
-            try:
-                with scope:
-                    return await self._sync_round(params)
-            finally:
-                self._rounds.discard(scope)
+        answer = await self._unless_stopping(lambda: self._sync_round(params))
+        if answer is not None:
+            return answer
         return {"averaged": False, "fraction_averaged": 0.0, "members": 1, "complete": False,
                 "round": params.get("round"), "round_seconds": 0.0, "stopping": True}
+
+    async def _unless_stopping(
+        self, work: Callable[[], Awaitable[dict[str, Any]]]
+    ) -> dict[str, Any] | None:
+        """``work()``'s answer, or None when the daemon is stopping, before or while it runs
+        (``drain`` cancels it)."""
+        if self.draining:
+            return None
+        scope = trio.CancelScope()
+        self._rounds.add(scope)
+        try:
+            with scope:
+                return await work()
+        finally:
+            self._rounds.discard(scope)
+        return None
 
     async def drain(self) -> None:
         """Stop the worker while the control socket still serves: it needs the socket to end
