@@ -14,10 +14,9 @@ STAMP_SYS  := $(VENV)/.stamp-sys
 # The lock pins the same release (tools/lockfile.py reads this line).
 TORCH_PIN ?= torch==2.13.0
 
-# Every install comes from the committed lock (requirements/*.txt, made by `make lock`),
+# Every install comes from the committed lock (requirements-*.lock, made by `make lock`),
 # so a fresh machine gets exactly what the tests passed with; the project itself goes in
 # editable, without dependencies of its own choosing.
-LOCK := requirements
 PIP_TOOLS := pip-tools==7.6.2
 
 .PHONY: demo test test-slow test-all test-latest lint typecheck bench clean system-deps \
@@ -29,30 +28,30 @@ $(PY):
 lock-check:
 	@$(PYTHON) tools/lockfile.py check
 
-$(STAMP_CORE): $(LOCK)/core.txt pyproject.toml | $(PY)
+$(STAMP_CORE): requirements-core.lock pyproject.toml | $(PY)
 	@$(PYTHON) tools/lockfile.py check
-	$(PIP) install -r $(LOCK)/core.txt
+	$(PIP) install -r requirements-core.lock
 	$(PIP) install --no-deps -e .
 	touch $@
 
 # torch first, from the pin: the lock's torch line then finds it installed (a CPU machine
 # keeps its CPU build).
-$(STAMP_TRAIN): $(LOCK)/train.txt pyproject.toml | $(PY)
+$(STAMP_TRAIN): requirements-train.lock pyproject.toml | $(PY)
 	@$(PYTHON) tools/lockfile.py check
 	$(PIP) install '$(TORCH_PIN)'
-	$(PIP) install -r $(LOCK)/train.txt
+	$(PIP) install -r requirements-train.lock
 	$(PIP) install --no-deps -e .
 	touch $(STAMP_CORE) $@
 
-$(STAMP_DEV): $(LOCK)/dev.txt pyproject.toml | $(PY)
+$(STAMP_DEV): requirements-dev.lock pyproject.toml | $(PY)
 	@$(PYTHON) tools/lockfile.py check
 	$(PIP) install '$(TORCH_PIN)'
-	$(PIP) install -r $(LOCK)/dev.txt
+	$(PIP) install -r requirements-dev.lock
 	$(PIP) install --no-deps -e .
 	touch $(STAMP_CORE) $(STAMP_TRAIN) $@
 
 # Re-resolve pyproject's ranges into the lock with pip-tools (in a venv of its own, so the
-# tool's own dependencies never reach the lock). Commit requirements/ afterwards.
+# tool's own dependencies never reach the lock). Commit requirements-*.lock afterwards.
 lock:
 	$(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/python -m pip --disable-pip-version-check -q install '$(PIP_TOOLS)'

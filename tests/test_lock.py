@@ -68,10 +68,9 @@ def test_the_sets_agree_and_torch_is_the_cpu_pin() -> None:
 
 
 def test_a_dependency_edit_without_relocking_fails_the_check(tmp_path: Path) -> None:
-    for item in ("pyproject.toml", "Makefile"):
+    for item in ("pyproject.toml", "Makefile", *(f"requirements-{n}.lock" for n in lockfile.SETS)):
         shutil.copy(ROOT / item, tmp_path / item)
-    for folder in ("tools", "requirements"):
-        shutil.copytree(ROOT / folder, tmp_path / folder)
+    shutil.copytree(ROOT / "tools", tmp_path / "tools")
     check = [sys.executable, str(tmp_path / "tools" / "lockfile.py"), "check"]
     assert subprocess.run(check, capture_output=True).returncode == 0
 
@@ -79,7 +78,7 @@ def test_a_dependency_edit_without_relocking_fails_the_check(tmp_path: Path) -> 
     pyproject.write_text(pyproject.read_text().replace('"msgpack>=1.0"', '"msgpack>=1.1"'))
     failed = subprocess.run(check, capture_output=True, text=True)
     assert failed.returncode == 1
-    assert "make lock" in failed.stderr and "requirements/core.txt" in failed.stderr
+    assert "make lock" in failed.stderr and "requirements-core.lock" in failed.stderr
 
     # Settings that do not change what is installed need no new lock.
     pyproject.write_text(pyproject.read_text().replace('"msgpack>=1.1"', '"msgpack>=1.0"')

@@ -22,7 +22,6 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LOCK_DIR = ROOT / "requirements"
 SETS: dict[str, tuple[str, ...]] = {
     # name: the extras it installs (the core set is pyproject's dependencies alone)
     "dev": ("train", "dev"),
@@ -53,13 +52,12 @@ def dependency_digest() -> str:
 
 
 def lock_path(name: str) -> Path:
-    return LOCK_DIR / f"{name}.txt"
+    return ROOT / f"requirements-{name}.lock"
 
 
 def compile_locks() -> None:
     """Resolve every set with pip-compile; the smaller sets are constrained by ``dev`` so
     that a package has one version in all three."""
-    LOCK_DIR.mkdir(exist_ok=True)
     digest = dependency_digest()
     with tempfile.TemporaryDirectory() as tmp:
         torch_constraint = Path(tmp) / "torch.txt"
@@ -116,7 +114,7 @@ def main() -> None:
         problems = check_locks()
         if problems:
             print("the lock does not match pyproject.toml: " + "; ".join(problems)
-                  + "\nrun `make lock` and commit requirements/", file=sys.stderr)
+                  + "\nrun `make lock` and commit the requirements-*.lock files", file=sys.stderr)
             raise SystemExit(1)
     else:
         raise SystemExit(f"usage: {sys.argv[0]} compile|check")

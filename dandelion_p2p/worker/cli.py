@@ -124,7 +124,7 @@ def _set_up(make: Callable[[], T]) -> T:
         raise ConfigError(
             f"this Python environment cannot set up training ({type(exc).__name__}: "
             f"{first_line}); install the versions in the project's lock "
-            "(requirements/train.txt)"
+            "(requirements-train.lock)"
         ) from exc
 
 
