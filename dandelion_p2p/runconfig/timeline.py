@@ -73,11 +73,17 @@ def round_boundary(config: RunConfig) -> int:
 
 
 class Versioned(Protocol):
+    """A version of a run's config: a daemon's ``RunDocument`` or a worker's
+    ``ConfigVersion``."""
+
     @property
     def version(self) -> int: ...
 
     @property
     def effective_step(self) -> int: ...
+
+    @property
+    def toml(self) -> str: ...
 
     @property
     def config(self) -> RunConfig: ...

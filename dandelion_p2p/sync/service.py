@@ -506,8 +506,8 @@ class SyncService:
         answer = await self._unless_stopping(lambda: self._sync_round(params))
         if answer is not None:
             return answer
-        return {"averaged": False, "fraction_averaged": 0.0, "members": 1, "complete": False,
-                "round": params.get("round"), "round_seconds": 0.0, "stopping": True}
+        return {**_not_averaged(), "round": params.get("round"), "round_seconds": 0.0,
+                "stopping": True}
 
     async def _unless_stopping(
         self, work: Callable[[], Awaitable[dict[str, Any]]]
@@ -555,59 +555,15 @@ class SyncService:
         in_force = versions.in_force(first_step) or self.document
         self._set("syncing", f"averaging round {round_}")
         started = trio.current_time()
-        averager = self._averager_for(in_force)
-        patience = max(MIN_PATIENCE, 10 * in_force.config.averaging.gather_window)
-        deadline = started + (patience if self.grouped_last else 0.0)
-        result: dict[str, Any]
-        while True:
-            if trained_under != in_force.version:
-                # Averaging would mix versions. A worker that missed a version is behind the
-                # peers that trained under it, and catches up as a late peer does.
-                log.info("round %d: the worker trained under config version %d, but version "
-                         "%d is in force from global step %d: not averaged", round_,
-                         trained_under, in_force.version, in_force.effective_step)
-                result = {"averaged": False, "fraction_averaged": 0.0, "members": 1,
-                          "complete": False}
-                break
-            try:
-                report = await averager.all_reduce(
-                    self.buffer.array,
-                    max(weight, 1e-6),
-                    round_,
-                    error_feedback=self._error_feedback(averager),
-                )
-            except NoGroup as exc:
-                if exc.late:
-                    # The others finished this round without us: we are behind. Reported as
-                    # a group we could not average with, which sends the worker to catch up.
-                    log.info("%s", exc)  # the message names the round
-                    result = {"averaged": False, "fraction_averaged": 0.0,
-                              "members": 1 + exc.late, "complete": False}
-                    break
-                if trio.current_time() < deadline:
-                    continue
-                log.info("round %d: no group (%s); this peer goes on alone", round_, exc)
-                self.grouped_last = False
-                result = {"averaged": False, "fraction_averaged": 0.0, "members": 1,
-                          "complete": False}
-                break
-            except DandelionError as exc:
-                # The network let us down (no DHT yet, say): the worker trains on alone
-                # rather than crash, and tries again next round.
-                log.warning("round %d could not run: %s", round_, exc)
-                result = {"averaged": False, "fraction_averaged": 0.0, "members": 1,
-                          "complete": False}
-                break
-            except ValueError as exc:
-                raise ConfigError(f"round {round_} failed: {exc}") from None
-            self.grouped_last = True
-            result = {
-                "averaged": report.fraction_averaged > 0,
-                "fraction_averaged": report.fraction_averaged,
-                "members": len(report.members),
-                "complete": report.complete,
-            }
-            break
+        if trained_under != in_force.version:
+            # Averaging would mix versions. A worker that missed a version is behind the peers
+            # that trained under it, and catches up as a late peer does.
+            log.info("round %d: the worker trained under config version %d, but version %d "
+                     "is in force from global step %d: not averaged", round_, trained_under,
+                     in_force.version, in_force.effective_step)
+            result = _not_averaged()
+        else:
+            result = await self._average(in_force, round_, weight, started)
         seconds = trio.current_time() - started
         result["round"] = round_
         result["round_seconds"] = seconds
@@ -621,6 +577,55 @@ class SyncService:
         telemetry.record("round_peers", result["members"])
         self._set("training", None)
         return result
+
+
+    async def _average(self, document: RunDocument, round_: int, weight: float,
+                       started: float) -> dict[str, Any]:
+        """Average the shared buffer with the round's group under config ``document``,
+        waiting for a group as long as the last round had one (see ``MIN_PATIENCE``)."""
+        assert self.buffer is not None
+        averager = self._averager_for(document)
+        patience = max(MIN_PATIENCE, 10 * document.config.averaging.gather_window)
+        deadline = started + (patience if self.grouped_last else 0.0)
+        while True:
+            try:
+                report = await averager.all_reduce(
+                    self.buffer.array,
+                    max(weight, 1e-6),
+                    round_,
+                    error_feedback=self._error_feedback(averager),
+                )
+            except NoGroup as exc:
+                if exc.late:
+                    # The others finished this round without us: we are behind. Reported as
+                    # a group we could not average with, which sends the worker to catch up.
+                    log.info("%s", exc)  # the message names the round
+                    return _not_averaged(members=1 + exc.late)
+                if trio.current_time() < deadline:
+                    continue
+                log.info("round %d: no group (%s); this peer goes on alone", round_, exc)
+                self.grouped_last = False
+                return _not_averaged()
+            except DandelionError as exc:
+                # The network let us down (no DHT yet, say): the worker trains on alone
+                # rather than crash, and tries again next round.
+                log.warning("round %d could not run: %s", round_, exc)
+                return _not_averaged()
+            except ValueError as exc:
+                raise ConfigError(f"round {round_} failed: {exc}") from None
+            self.grouped_last = True
+            return {
+                "averaged": report.fraction_averaged > 0,
+                "fraction_averaged": report.fraction_averaged,
+                "members": len(report.members),
+                "complete": report.complete,
+            }
+
+
+def _not_averaged(members: int = 1) -> dict[str, Any]:
+    """A round's answer when nothing was averaged: the buffer holds the worker's own values."""
+    return {"averaged": False, "fraction_averaged": 0.0, "members": members,
+            "complete": False}
 
 
 def create(ctx: DaemonContext) -> SyncService | None:

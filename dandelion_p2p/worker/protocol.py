@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from dandelion_p2p.errors import ConfigError
 from dandelion_p2p.runconfig.schema import RunConfig, loads
+from dandelion_p2p.runconfig.timeline import Versioned
 
 PROTOCOL_VERSION = 2
 
@@ -43,23 +44,8 @@ class ConfigVersion:
     toml: str
     config: RunConfig
 
-    def to_wire(self) -> dict[str, Any]:
-        return {"version": self.version, "effective_step": self.effective_step,
-                "toml": self.toml}
 
-
-class _RunConfigEntry(Protocol):
-    @property
-    def version(self) -> int: ...
-
-    @property
-    def effective_step(self) -> int: ...
-
-    @property
-    def toml(self) -> str: ...
-
-
-def encode_run_configs(entries: Iterable[_RunConfigEntry]) -> list[dict[str, Any]]:
+def encode_run_configs(entries: Iterable[Versioned]) -> list[dict[str, Any]]:
     """``run_configs`` for an answer: the newest ``MAX_RUN_CONFIGS`` of ``entries``."""
     wire = [{"version": e.version, "effective_step": e.effective_step, "toml": e.toml}
             for e in sorted(entries, key=lambda e: e.version)]
