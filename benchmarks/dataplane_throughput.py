@@ -140,7 +140,8 @@ def make_host() -> tuple[Any, Any]:
 async def receiver_main(conn: Connection, job: Job, _peer: dict[str, Any]) -> None:
     import multiaddr
 
-    from dandelion_p2p.dataplane import Channel, DataPlane
+    from dandelion_p2p.dataplane.channel import Channel
+    from dandelion_p2p.dataplane.service import DataPlane
     from dandelion_p2p.dataplane.session import tune_socket
 
     host, identity = make_host()
@@ -216,7 +217,7 @@ async def sender_main(conn: Connection, job: Job, peer: dict[str, Any]) -> None:
     import multiaddr
     from libp2p.peer.peerinfo import info_from_p2p_addr
 
-    from dandelion_p2p.dataplane import DataPlane
+    from dandelion_p2p.dataplane.service import DataPlane
     from dandelion_p2p.dataplane.session import tune_socket
 
     pool = payload_pool(job.frame_size)

@@ -27,11 +27,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from libp2p.peer.id import ID
 from multiaddr import Multiaddr
 from multiaddr.exceptions import Error as MultiaddrError
 
 from dandelion_p2p.errors import ConfigError
+from dandelion_p2p.identity import PeerId
 
 Mode = Literal["daemon", "join"]
 Reachability = Literal["auto", "public", "private"]
@@ -475,6 +475,6 @@ def _check_addr(key: str, addr: str) -> None:
         if proto != "p2p" or not peer:
             raise _Invalid((key,), f"{addr!r} must end in /p2p/<peer id>")
         try:
-            ID.from_base58(peer)
+            PeerId.from_base58(peer)
         except ValueError as exc:
             raise _Invalid((key,), f"{addr!r}: bad peer id: {exc}") from None

@@ -2,6 +2,9 @@
 
 Keys are stored as unencrypted PKCS#8 PEM, file mode 0600. An ed25519 peer id embeds the
 public key (identity multihash), so a signature can be checked against a peer id alone.
+
+The peer id is computed here, from the libp2p peer-id specification, so that protocol cores
+can name and verify peers without importing libp2p; ``net.host`` converts to libp2p's types.
 """
 
 from __future__ import annotations
@@ -16,15 +19,72 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
-from libp2p.crypto.ed25519 import Ed25519PublicKey as Libp2pEd25519PublicKey
-from libp2p.crypto.ed25519 import create_new_key_pair
-from libp2p.crypto.keys import KeyPair, KeyType
-from libp2p.peer.id import ID
 
 from dandelion_p2p.errors import ConfigError
 
 SIGNATURE_SIZE = 64
 PUBLIC_KEY_SIZE = 32
+# identity multihash (0x00), length 36, then the protobuf PublicKey {Type: Ed25519, Data: 32 B}
+_ED25519_PEER_ID_PREFIX = bytes([0x00, 0x24, 0x08, 0x01, 0x12, 0x20])
+ED25519_PEER_ID_SIZE = len(_ED25519_PEER_ID_PREFIX) + PUBLIC_KEY_SIZE
+_BASE58_ALPHABET = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+_BASE58_INDEX = {c: i for i, c in enumerate(_BASE58_ALPHABET)}
+MAX_PEER_ID_SIZE = 128
+"""Longest peer id accepted from the wire: ed25519 ids are 38 bytes, RSA ids (sha256) 34."""
+
+
+def base58_encode(data: bytes) -> str:
+    zeros = len(data) - len(data.lstrip(b"\0"))
+    number = int.from_bytes(data, "big")
+    digits = []
+    while number:
+        number, digit = divmod(number, 58)
+        digits.append(_BASE58_ALPHABET[digit])
+    return "1" * zeros + "".join(reversed(digits))
+
+
+def base58_decode(text: str) -> bytes:
+    number = 0
+    for char in text:
+        digit = _BASE58_INDEX.get(char)
+        if digit is None:
+            raise ValueError(f"{char!r} is not a base58 digit")
+        number = number * 58 + digit
+    zeros = len(text) - len(text.lstrip("1"))
+    body = number.to_bytes((number.bit_length() + 7) // 8, "big") if number else b""
+    return b"\0" * zeros + body
+
+
+class PeerId(bytes):
+    """A peer id's bytes, printed in base58 as libp2p prints it.
+
+    A ``bytes`` subclass, so it equals and hashes like the raw id (and like libp2p's ``ID``
+    of the same bytes, which compares equal to bytes).
+    """
+
+    @classmethod
+    def from_base58(cls, text: str) -> PeerId:
+        if not text or len(text) > 2 * MAX_PEER_ID_SIZE:
+            raise ValueError("not a peer id")
+        return cls(base58_decode(text))
+
+    @classmethod
+    def of_public_key(cls, public_bytes: bytes) -> PeerId:
+        if len(public_bytes) != PUBLIC_KEY_SIZE:
+            raise ValueError("an ed25519 public key is 32 bytes")
+        return cls(_ED25519_PEER_ID_PREFIX + public_bytes)
+
+    def to_bytes(self) -> bytes:
+        return bytes(self)
+
+    def to_base58(self) -> str:
+        return base58_encode(self)
+
+    def __str__(self) -> str:
+        return self.to_base58()
+
+    def __repr__(self) -> str:
+        return f"PeerId({self.to_base58()})"
 
 
 @dataclass(frozen=True)
@@ -54,15 +114,12 @@ class Identity:
         )
 
     @property
-    def peer_id(self) -> ID:
-        return ID.from_pubkey(Libp2pEd25519PublicKey.from_bytes(self.public_bytes))
+    def peer_id(self) -> PeerId:
+        return PeerId.of_public_key(self.public_bytes)
 
     @property
     def peer_id_bytes(self) -> bytes:
-        return self.peer_id.to_bytes()
-
-    def key_pair(self) -> KeyPair:
-        return create_new_key_pair(self.seed)
+        return bytes(self.peer_id)
 
     def sign(self, data: bytes) -> bytes:
         return self.private_key.sign(data)
@@ -86,15 +143,15 @@ def verify(public_bytes: bytes, data: bytes, signature: bytes) -> bool:
 
 
 def public_key_of(peer_id_bytes: bytes) -> bytes | None:
-    """The ed25519 public key embedded in a peer id, or None if it embeds no ed25519 key."""
-    try:
-        key = ID(peer_id_bytes).extract_public_key()
-    except Exception:
+    """The ed25519 public key embedded in a peer id, or None if it embeds no ed25519 key.
+
+    Only the canonical encoding is accepted: the one every libp2p implementation writes.
+    """
+    if len(peer_id_bytes) != ED25519_PEER_ID_SIZE:
         return None
-    if key is None or key.get_type() != KeyType.Ed25519:
+    if not peer_id_bytes.startswith(_ED25519_PEER_ID_PREFIX):
         return None
-    raw = key.to_bytes()
-    return raw if len(raw) == PUBLIC_KEY_SIZE else None
+    return bytes(peer_id_bytes[len(_ED25519_PEER_ID_PREFIX) :])
 
 
 def verify_by_peer(peer_id_bytes: bytes, data: bytes, signature: bytes) -> bool:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dandelion_p2p.averaging.scoring import SCORES_FILENAME
 from dandelion_p2p.identity import Identity
 from dandelion_p2p.net.dht import messages as dht
 from dandelion_p2p.net.dht.messages import DHT, PutRecord
+from dandelion_p2p.reputation.store import SCORES_FILENAME
 from dandelion_p2p.wire import Reject, RejectCode, encode
 from tests.swarm import public_settings, running_node
 from tests.test_daemon_robustness import exchange, forged_record, frame, raw_host

@@ -70,9 +70,9 @@ from dandelion_p2p.averaging.report import (
     SpanOutcome,
     Violation,
 )
-from dandelion_p2p.averaging.scoring import ScoreEvent
 from dandelion_p2p.errors import ProtocolViolation
 from dandelion_p2p.identity import public_key_of, verify
+from dandelion_p2p.reputation.book import ScoreEvent
 from dandelion_p2p.wire import Reject, RejectCode
 
 Mode = Literal["mean", "centered_clip"]

@@ -12,7 +12,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from libp2p.peer.id import ID
+from dandelion_p2p.identity import PeerId
 
 Role = Literal["sender", "reducer"]
 
@@ -235,7 +235,7 @@ class RoundReport:
 
 
 def _b58(peer: bytes) -> str:
-    return ID(peer).to_base58()
+    return PeerId(peer).to_base58()
 
 
 def _violation(v: Violation) -> dict[str, Any]:

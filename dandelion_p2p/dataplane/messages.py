@@ -5,8 +5,6 @@ from __future__ import annotations
 import ipaddress
 from typing import Literal, get_args
 
-from libp2p.custom_types import TProtocol
-
 from dandelion_p2p.dataplane.sealing import (
     ABSOLUTE_MAX_FRAME,
     MIN_MAX_FRAME,
@@ -16,7 +14,7 @@ from dandelion_p2p.dataplane.sealing import (
 from dandelion_p2p.wire import Message, Registry, invalid
 
 DATAPLANE = Registry("dataplane")
-PROTOCOL_ID = TProtocol("/dandelion/data/1.0.0")
+PROTOCOL_ID = "/dandelion/data/1.0.0"
 MAX_HANDSHAKE_FRAME = 1024
 MAX_PURPOSE = 64
 MAX_ENDPOINT = 64

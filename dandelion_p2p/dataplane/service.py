@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 from libp2p.abc import IHost, INetStream
+from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from dandelion_p2p.dataplane.channel import DEFAULT_LINGER, DEFAULT_TIMEOUT, Channel
@@ -76,7 +77,7 @@ class DataPlane:
             parse_endpoint(advertise)
         self.host = host
         self.identity = identity
-        self.peer_id = identity.peer_id
+        self.peer_id = ID(identity.peer_id_bytes)
         self.listen_ip = listen_ip
         self.reachable = reachable
         self.port = port
@@ -135,13 +136,13 @@ class DataPlane:
                 self._nursery = nursery
                 for listener in listeners:
                     nursery.start_soon(self._accept_loop, listener)
-                self.host.set_stream_handler(PROTOCOL_ID, self._handle_stream)
+                self.host.set_stream_handler(TProtocol(PROTOCOL_ID), self._handle_stream)
                 log.info("data plane on %s (reachable: %s)", self.endpoint, self.reachable)
                 task_status.started()
                 try:
                     await trio.sleep_forever()
                 finally:
-                    self.host.remove_stream_handler(PROTOCOL_ID)
+                    self.host.remove_stream_handler(TProtocol(PROTOCOL_ID))
                     self._nursery = None
         finally:
             for listener in listeners:
@@ -174,7 +175,7 @@ class DataPlane:
         try:
             with trio.fail_after(timeout):
                 try:
-                    stream = await self.host.new_stream(peer_id, [PROTOCOL_ID])
+                    stream = await self.host.new_stream(peer_id, [TProtocol(PROTOCOL_ID)])
                 except Exception as exc:
                     raise PeerUnavailable(
                         f"cannot open a data stream to {peer_id}: {exc}"

@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import overload
 
 import trio
+from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
-from dandelion_p2p.averaging.scoring import ScoreEvent
 from dandelion_p2p.dataset.chunks import ChunkDir, check_chunk_name, chunk_hash
 from dandelion_p2p.dataset.holders import (
     CHUNK_NAMESPACE,
@@ -73,6 +73,7 @@ from dandelion_p2p.errors import (
 from dandelion_p2p.net.dht.messages import PeerRef
 from dandelion_p2p.net.node import SwarmNode
 from dandelion_p2p.net.streams import request
+from dandelion_p2p.reputation.book import ScoreEvent
 from dandelion_p2p.runconfig.publication import derive_run_id, run_name_of
 from dandelion_p2p.wire import Message, RejectCode
 
@@ -137,7 +138,7 @@ class DatasetClient:
         """Serve cached chunks to other peers (skip on a node that runs a dataset server)."""
         report = violation_sink(self.node)
         self.node.host.set_stream_handler(
-            CHUNK_PROTOCOL,
+            TProtocol(CHUNK_PROTOCOL),
             serve_chunks(self.source, on_violation=report, refuse=self.node.is_banned),
         )
 

@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import blake3
-from libp2p.peer.id import ID
 
 from dandelion_p2p.dataset.chunks import MAX_CHUNK_BYTES, is_chunk_name
 from dandelion_p2p.errors import ConfigError
-from dandelion_p2p.identity import Identity, verify_by_peer
+from dandelion_p2p.identity import Identity, PeerId, verify_by_peer
 
 MANIFEST_FILENAME = "manifest.json"
 FORMAT = "dandelion-dataset"
@@ -112,7 +111,7 @@ def parse_manifest(data: Any) -> Manifest:
         raise ConfigError(f"manifest: version {body.get('version')!r}, expected {FORMAT_VERSION}")
     owner = body.get("owner")
     try:
-        owner_bytes = ID.from_base58(owner).to_bytes() if isinstance(owner, str) else b""
+        owner_bytes = PeerId.from_base58(owner).to_bytes() if isinstance(owner, str) else b""
     except Exception:
         owner_bytes = b""
     if not owner_bytes:

@@ -8,15 +8,14 @@ blake3 of the chunk; run ids are as in ``runconfig.publication``.
 from __future__ import annotations
 
 import msgpack
-from libp2p.custom_types import TProtocol
 
 from dandelion_p2p.dataset.chunks import MAX_CHUNK_BYTES, is_chunk_name
 from dandelion_p2p.wire import Message, Registry, invalid
 
 DATASET = Registry("dataset")
 
-LEASE_PROTOCOL = TProtocol("/dandelion/dataset/lease/1.0.0")
-CHUNK_PROTOCOL = TProtocol("/dandelion/dataset/chunk/1.0.0")
+LEASE_PROTOCOL = "/dandelion/dataset/lease/1.0.0"
+CHUNK_PROTOCOL = "/dandelion/dataset/chunk/1.0.0"
 MAX_REQUEST = 4096
 MAX_REPLY = 4096
 PART_BYTES = 1 << 20

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
+from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
-from dandelion_p2p.averaging.scoring import ScoreEvent
 from dandelion_p2p.dataset.chunks import ChunkDir
 from dandelion_p2p.dataset.holders import (
     HOLDING_TTL,
@@ -42,6 +42,7 @@ from dandelion_p2p.errors import ConfigError, ProtocolViolation
 from dandelion_p2p.identity import verify_by_peer
 from dandelion_p2p.net.node import SCORE_EVENT_OF, SwarmNode
 from dandelion_p2p.net.streams import serve_requests
+from dandelion_p2p.reputation.book import ScoreEvent
 from dandelion_p2p.runconfig.schema import DatasetConfig
 from dandelion_p2p.wire import Message, RejectCode
 
@@ -115,7 +116,7 @@ class DatasetServer:
         report = violation_sink(self.node)
         host = self.node.host
         host.set_stream_handler(
-            LEASE_PROTOCOL,
+            TProtocol(LEASE_PROTOCOL),
             serve_requests(
                 DATASET,
                 self._answer,
@@ -127,7 +128,7 @@ class DatasetServer:
         )
         if chunks:
             host.set_stream_handler(
-                CHUNK_PROTOCOL,
+                TProtocol(CHUNK_PROTOCOL),
                 serve_chunks(self.source, on_violation=report, refuse=self.node.is_banned),
             )
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from dandelion_p2p.dataset.chunks import MAX_CHUNK_BYTES
@@ -215,7 +216,7 @@ class RunsService:
                 if self.server is not None:
                     self.server.install(chunks=False)
                 self.node.host.set_stream_handler(
-                    CHUNK_PROTOCOL,
+                    TProtocol(CHUNK_PROTOCOL),
                     serve_chunks(self.chunk_source, on_violation=violation_sink(self.node),
                                  refuse=self.node.is_banned),
                 )

@@ -16,6 +16,7 @@ from pathlib import Path
 import blake3
 import trio
 from libp2p.abc import IHost, INetStream
+from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from dandelion_p2p.dataset.chunks import MAX_CHUNK_BYTES, check_chunk_name
@@ -210,7 +211,7 @@ async def fetch_chunk(
     try:
         try:
             with trio.fail_after(REQUEST_TIMEOUT):
-                stream = await host.new_stream(peer_id, [CHUNK_PROTOCOL])
+                stream = await host.new_stream(peer_id, [TProtocol(CHUNK_PROTOCOL)])
                 await write_message(stream, GetChunk(chunk=name))
                 header = await read_message(stream, DATASET, MAX_REPLY)
         except trio.TooSlowError:

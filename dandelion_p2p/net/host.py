@@ -9,8 +9,11 @@ import libp2p.stream_muxer.yamux.yamux as _yamux
 import multiaddr
 from libp2p import new_host
 from libp2p.abc import IHost
+from libp2p.crypto.ed25519 import create_new_key_pair as create_ed25519_key_pair
+from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.network.config import ConnectionConfig
+from libp2p.peer.id import ID
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 
@@ -31,6 +34,15 @@ def apply_libp2p_tuning() -> None:
     _yamux.MAX_MESSAGE_SIZE = NOISE_MAX_PLAINTEXT
     _swarm._HAPPY_EYEBALLS_DELAY = HAPPY_EYEBALLS_DELAY
     yamux_control.install()
+
+
+def libp2p_key_pair(identity: Identity) -> KeyPair:
+    return create_ed25519_key_pair(identity.seed)
+
+
+def libp2p_peer_id(peer: bytes) -> ID:
+    """libp2p's peer id type for our ``PeerId`` (or raw id bytes), for calls into the host."""
+    return peer if isinstance(peer, ID) else ID(bytes(peer))
 
 
 async def _no_auto_connect() -> None:
@@ -67,7 +79,7 @@ def build_host(
     dial_timeout: float = 10.0,
 ) -> IHost:
     apply_libp2p_tuning()
-    key_pair = identity.key_pair()
+    key_pair = libp2p_key_pair(identity)
     host = new_host(
         key_pair=key_pair,
         # Noise only. py-libp2p otherwise also accepts /plaintext/2.0.0, where a dialer can

@@ -24,7 +24,6 @@ from libp2p.utils.address_validation import expand_wildcard_address
 
 from dandelion_p2p import __version__
 from dandelion_p2p.averaging.matchmaking import register_namespace as register_averaging_namespace
-from dandelion_p2p.averaging.scoring import SCORES_FILENAME, ScoreBook, ScoreEvent
 from dandelion_p2p.dataset.namespaces import register_namespaces as register_dataset_namespaces
 from dandelion_p2p.errors import ConfigError, DandelionError, PeerUnavailable, ProtocolViolation
 from dandelion_p2p.identity import Identity
@@ -49,6 +48,8 @@ from dandelion_p2p.net.dialer import Dialer
 from dandelion_p2p.net.host import build_host
 from dandelion_p2p.net.notes import NoteService
 from dandelion_p2p.net.relay import RelayLimitsConfig, RelayReservations, relay_services
+from dandelion_p2p.reputation.book import ScoreBook, ScoreEvent
+from dandelion_p2p.reputation.store import SCORES_FILENAME, load_book, save_book
 from dandelion_p2p.wire import RejectCode
 
 if TYPE_CHECKING:
@@ -107,7 +108,7 @@ class SwarmNode:
     def __init__(self, identity: Identity, settings: NodeSettings) -> None:
         self.identity = identity
         self.settings = settings
-        self.peer_id = identity.peer_id
+        self.peer_id = ID(identity.peer_id_bytes)
         self.host: IHost = build_host(
             identity, announce=settings.announce, dial_timeout=settings.dial_timeout
         )
@@ -136,7 +137,7 @@ class SwarmNode:
         self.mapped_addrs: list[str] = []
         self.violations: dict[str, int] = {}
         self.scores_path = settings.data_dir / SCORES_FILENAME if settings.data_dir else None
-        self.scores = ScoreBook.load(self.scores_path) if self.scores_path else ScoreBook()
+        self.scores = load_book(self.scores_path) if self.scores_path else ScoreBook()
         self._scores_dirty = False
         self.background: trio.Nursery | None = None
         """While the node runs: a nursery for work that should not hold up its caller."""
@@ -175,7 +176,7 @@ class SwarmNode:
         self._scores_dirty = False
         if self.scores_path is not None:
             try:
-                self.scores.save(self.scores_path)
+                save_book(self.scores, self.scores_path)
             except OSError as exc:
                 log.warning("cannot save peer scores to %s: %s", self.scores_path, exc)
 

@@ -74,7 +74,7 @@ async def close_quietly(stream: INetStream, *, reset: bool = False) -> None:
 async def request(
     host: IHost,
     peer_id: ID,
-    protocol: TProtocol,
+    protocol: str,
     msg: Message,
     registry: Registry,
     *,
@@ -94,7 +94,7 @@ async def request(
     try:
         with trio.fail_after(timeout):
             try:
-                stream = await host.new_stream(peer_id, [protocol])
+                stream = await host.new_stream(peer_id, [TProtocol(protocol)])
             except Exception as exc:
                 raise PeerUnavailable(f"cannot open {protocol} to {peer_id}: {exc}") from None
             await write_message(stream, msg)

@@ -26,10 +26,9 @@ from typing import TypeVar
 
 import blake3
 import msgpack
-from libp2p.peer.id import ID
 
 from dandelion_p2p.errors import ConfigError, ProtocolViolation
-from dandelion_p2p.identity import Identity, verify_by_peer
+from dandelion_p2p.identity import Identity, PeerId, verify_by_peer
 from dandelion_p2p.net.dht.messages import MAX_VALUE
 from dandelion_p2p.net.dht.records import NamespacePolicy, RecordValidator
 from dandelion_p2p.wire import Message, Registry, RejectCode, decode, encode, invalid
@@ -140,7 +139,7 @@ class SignedRunConfig(Message):
 
     @property
     def owner_b58(self) -> str:
-        return ID(self.owner).to_base58()
+        return PeerId(self.owner).to_base58()
 
 
 def _check_config_fields(run: str, name: str, owner: bytes, version: int, toml: str,
@@ -190,7 +189,7 @@ class RunListing(Message):
         return {
             "run": self.run,
             "name": self.name,
-            "owner": ID(self.owner).to_base58(),
+            "owner": PeerId(self.owner).to_base58(),
             "version": self.version,
             "model": self.model,
             "updated_at": self.updated_at_ms / 1000,

@@ -23,8 +23,8 @@ from dandelion_p2p.averaging.allreduce import AllReducePeer, Send
 from dandelion_p2p.averaging.compression import BufferErrorFeedback, get_codec
 from dandelion_p2p.averaging.group import GroupSpec, Member
 from dandelion_p2p.averaging.report import ChunkStatus, RoundReport
-from dandelion_p2p.averaging.scoring import ScoreEvent
 from dandelion_p2p.identity import Identity
+from dandelion_p2p.reputation.book import ScoreEvent
 
 RUN = b"run-test"
 IDENTITIES = [Identity.from_seed(bytes([i + 1]) * 32) for i in range(10)]

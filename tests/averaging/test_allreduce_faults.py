@@ -22,8 +22,8 @@ from dandelion_p2p.averaging.messages import (
     unpack_frame,
 )
 from dandelion_p2p.averaging.report import ChunkStatus, ExclusionReason
-from dandelion_p2p.averaging.scoring import ScoreEvent
 from dandelion_p2p.identity import Identity
+from dandelion_p2p.reputation.book import ScoreEvent
 from dandelion_p2p.wire import Reject, RejectCode
 from tests.averaging.test_allreduce import (
     BY_ID,

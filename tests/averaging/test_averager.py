@@ -14,9 +14,9 @@ import trio
 from dandelion_p2p.averaging.averager import Averager, AveragingSettings, NoGroup
 from dandelion_p2p.averaging.matchmaking import Matchmaker, MatchmakingSettings
 from dandelion_p2p.averaging.report import RoundReport
-from dandelion_p2p.averaging.scoring import ScoreEvent
 from dandelion_p2p.dataplane.service import DataPlane
 from dandelion_p2p.net.node import SwarmNode
+from dandelion_p2p.reputation.book import ScoreEvent
 from tests.swarm import swarm
 
 RUN = b"test-run"

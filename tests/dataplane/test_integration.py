@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 import trio
 
-from dandelion_p2p.dataplane import Channel, ChannelClosed, DataPlane
-from dandelion_p2p.dataplane.service import MAX_UNCLAIMED_CONNECTIONS
+from dandelion_p2p.dataplane.channel import Channel
+from dandelion_p2p.dataplane.errors import ChannelClosed
+from dandelion_p2p.dataplane.service import MAX_UNCLAIMED_CONNECTIONS, DataPlane
 from dandelion_p2p.errors import PeerUnavailable, ProtocolViolation, RemoteRejected
 from dandelion_p2p.net.node import SwarmNode
 from dandelion_p2p.wire import RejectCode

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from libp2p.custom_types import TProtocol
-
 from dandelion_p2p.wire import Message, Registry, invalid
 
 DHT = Registry("dht")
 
-PROTOCOL_ID = TProtocol("/dandelion/dht/1.0.0")
+PROTOCOL_ID = "/dandelion/dht/1.0.0"
 MAX_FRAME = 256 * 1024
 KEY_SIZE = 32
 MAX_PEER_ID = 64

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 from libp2p.abc import IHost
+from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from dandelion_p2p.errors import (
@@ -137,7 +138,7 @@ class DHTNode:
     def install(self) -> None:
         if self.server:
             self.host.set_stream_handler(
-                PROTOCOL_ID,
+                TProtocol(PROTOCOL_ID),
                 serve_requests(
                     DHT,
                     self._answer,

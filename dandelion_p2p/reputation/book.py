@@ -22,29 +22,24 @@ is banned in its first round when a round carries two chunks or more, and by its
 otherwise (for rounds up to about an hour apart). A forged signature bans at once. An honest
 peer needs six timeouts in a row, with no success between them, to be banned.
 
-Time is always passed in (``now``, in seconds); nothing here reads a clock. For a book that
-is saved and loaded, use a clock that survives restarts (Unix time).
+Time is always passed in (``now``, in seconds); nothing here reads a clock or a file
+(``reputation.store`` saves and loads books). For a book that is saved and loaded, use a clock
+that survives restarts (Unix time).
 """
 
 from __future__ import annotations
 
-import contextlib
 import enum
-import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from libp2p.peer.id import ID
+from dandelion_p2p.identity import PeerId
 
 log = logging.getLogger(__name__)
 
-SCORES_FILENAME = "scores.json"
 _FORMAT = "dandelion-scores"
 _VERSION = 1
 
@@ -95,7 +90,7 @@ class Standing:
 
     @property
     def peer(self) -> str:
-        return ID(self.peer_id).to_base58()
+        return PeerId(self.peer_id).to_base58()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -145,7 +140,7 @@ class ScoreBook:
         rec.banned_until = now + duration
         log.warning(
             "banned peer %s for %.0f s (score %.2f after %s)",
-            ID(peer).to_base58(),
+            PeerId(peer).to_base58(),
             duration,
             rec.score,
             event.value,
@@ -189,13 +184,10 @@ class ScoreBook:
             del self._records[peer]
         return len(stale)
 
-    def save(self, path: Path) -> None:
-        """Write the book to ``path`` atomically: a crash leaves the old file or the new one.
-
-        Raises ``OSError`` when the directory cannot be written.
-        """
+    def to_json(self) -> dict[str, Any]:
+        """The book as a JSON document, for ``reputation.store`` to write."""
         peers = {
-            ID(peer).to_base58(): {
+            PeerId(peer).to_base58(): {
                 "score": rec.score,
                 "updated": rec.updated,
                 "banned_until": rec.banned_until,
@@ -204,24 +196,14 @@ class ScoreBook:
             }
             for peer, rec in sorted(self._records.items())
         }
-        text = json.dumps({"format": _FORMAT, "version": _VERSION, "peers": peers}, indent=1)
-        _atomic_write(path, text.encode())
+        return {"format": _FORMAT, "version": _VERSION, "peers": peers}
 
     @classmethod
-    def load(cls, path: Path, policy: ScorePolicy | None = None) -> ScoreBook:
-        """The book saved at ``path``; an empty one if there is none yet.
-
-        A file that cannot be read or parsed is not fatal: losing scores only forgives
-        peers, so we log a warning and start empty rather than refuse to run.
-        """
+    def from_json(cls, data: Any, policy: ScorePolicy | None = None) -> ScoreBook:
+        """The book a ``to_json`` document describes; ``ValueError`` (or a lookup error)
+        on anything malformed."""
         book = cls(policy)
-        try:
-            data = json.loads(path.read_bytes())
-            book._records = _parse(data)
-        except FileNotFoundError:
-            pass
-        except Exception as exc:  # whatever is wrong with the file, the daemon must start
-            log.warning("ignoring unreadable score book %s (%s); starting empty", path, exc)
+        book._records = _parse(data)
         return book
 
     def _current(self, peer: bytes, now: float) -> _Record:
@@ -259,7 +241,7 @@ def _parse(data: Any) -> dict[bytes, _Record]:
             isinstance(k, str) and _is_count(v) for k, v in events.items()
         ):
             raise ValueError(f"bad event counts for {name}")
-        records[ID.from_base58(name).to_bytes()] = _Record(
+        records[PeerId.from_base58(name).to_bytes()] = _Record(
             score=_finite(entry["score"]),
             updated=_finite(entry["updated"]),
             banned_until=None if banned_until is None else _finite(banned_until),
@@ -277,25 +259,3 @@ def _finite(value: Any) -> float:
 
 def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    # The rename itself lives in the directory: sync it too, where the platform allows.
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)

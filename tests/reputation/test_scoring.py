@@ -7,12 +7,12 @@ import random
 import pytest
 from libp2p.peer.id import ID
 
-from dandelion_p2p.averaging.scoring import (
-    SCORES_FILENAME,
+from dandelion_p2p.reputation.book import (
     ScoreBook,
     ScoreEvent,
     ScorePolicy,
 )
+from dandelion_p2p.reputation.store import SCORES_FILENAME, load_book, save_book
 
 ALICE = bytes.fromhex(
     "0024080112205b2d3a9a2c3e7e0f5b1c6a1f6a0e2b7c3d4e5f60718293a4b5c6d7e8f90a1b2c"
@@ -182,24 +182,24 @@ def test_save_and_load_round_trip(tmp_path):
     book.record(ALICE, ScoreEvent.SUCCESS, T0)
     book.record(MALLORY, ScoreEvent.MALFORMED, T0, count=2)
     path = tmp_path / "data" / SCORES_FILENAME
-    book.save(path)
+    save_book(book, path)
     assert sorted(p.name for p in path.parent.iterdir()) == [SCORES_FILENAME]
     stored = json.loads(path.read_text())
     assert set(stored["peers"]) == {ID(ALICE).to_base58(), ID(MALLORY).to_base58()}
 
-    loaded = ScoreBook.load(path)
+    loaded = load_book(path)
     later = T0 + 1234.0
     assert loaded.snapshot(later) == book.snapshot(later)
     assert loaded.is_banned(MALLORY, later)
 
     book.record(ALICE, ScoreEvent.TIMEOUT, T0 + 1)
-    book.save(path)
-    assert ScoreBook.load(path).score(ALICE, T0 + 1) == pytest.approx(-0.75, rel=1e-3)
+    save_book(book, path)
+    assert load_book(path).score(ALICE, T0 + 1) == pytest.approx(-0.75, rel=1e-3)
 
 
 def test_missing_file_starts_empty_silently(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
-        book = ScoreBook.load(tmp_path / SCORES_FILENAME)
+        book = load_book(tmp_path / SCORES_FILENAME)
     assert len(book) == 0
     assert not caplog.records
 
@@ -255,7 +255,7 @@ def test_corrupt_file_starts_empty_with_a_warning(tmp_path, caplog, content):
     path = tmp_path / SCORES_FILENAME
     path.write_bytes(content)
     with caplog.at_level(logging.WARNING):
-        book = ScoreBook.load(path)
+        book = load_book(path)
     assert len(book) == 0
     assert any("starting empty" in r.getMessage() for r in caplog.records)
 
@@ -265,7 +265,7 @@ def test_valid_file_with_good_entry_loads(tmp_path):
     entry = {**GOOD_ENTRY, "events": {"timeout": 1}}
     data = {"format": "dandelion-scores", "version": 1, "peers": {ID(ALICE).to_base58(): entry}}
     path.write_text(json.dumps(data))
-    assert ScoreBook.load(path).score(ALICE, T0) == -1.0
+    assert load_book(path).score(ALICE, T0) == -1.0
 
 
 def test_policy_is_validated():
