@@ -29,8 +29,9 @@ _ED25519_PEER_ID_PREFIX = bytes([0x00, 0x24, 0x08, 0x01, 0x12, 0x20])
 ED25519_PEER_ID_SIZE = len(_ED25519_PEER_ID_PREFIX) + PUBLIC_KEY_SIZE
 _BASE58_ALPHABET = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 _BASE58_INDEX = {c: i for i, c in enumerate(_BASE58_ALPHABET)}
-MAX_PEER_ID_SIZE = 128
-"""Longest peer id accepted from the wire: ed25519 ids are 38 bytes, RSA ids (sha256) 34."""
+MIN_PEER_ID_SIZE = 2
+MAX_PEER_ID_SIZE = 64
+"""Peer ids accepted from the wire: ed25519 ids are 38 bytes, hashed (RSA) ids 34."""
 
 
 def base58_encode(data: bytes) -> str:

@@ -25,8 +25,6 @@ import msgpack
 
 from dandelion_p2p.averaging.messages import (
     MAX_GROUP_SIZE,
-    MAX_PEER_ID,
-    MIN_PEER_ID,
     AveragingAnnouncement,
     check_peer_id,
     check_round,
@@ -39,6 +37,7 @@ from dandelion_p2p.averaging.partition import (
     PeerBandwidth,
     partition,
 )
+from dandelion_p2p.identity import MAX_PEER_ID_SIZE, MIN_PEER_ID_SIZE
 
 GROUP_DOMAIN = b"dandelion/avg-group/v1"
 ORDER_DOMAIN = b"dandelion/avg-order/v1"
@@ -280,7 +279,7 @@ def _ineligible(
         return "banned"
     if not isinstance(ann, AveragingAnnouncement):
         return "not an averaging announcement"
-    if not MIN_PEER_ID <= len(peer_id) <= MAX_PEER_ID:
+    if not MIN_PEER_ID_SIZE <= len(peer_id) <= MAX_PEER_ID_SIZE:
         return "malformed peer id"
     if ann.run != run:
         return "another run"

@@ -25,7 +25,7 @@ import blake3
 import msgpack
 
 from dandelion_p2p.errors import ProtocolViolation
-from dandelion_p2p.identity import verify_by_peer
+from dandelion_p2p.identity import MAX_PEER_ID_SIZE, MIN_PEER_ID_SIZE, verify_by_peer
 from dandelion_p2p.wire import Message, Registry, Reject, RejectCode, decode, encode, invalid
 from dandelion_p2p.wire.framing import ABSOLUTE_MAX_FRAME
 
@@ -38,19 +38,16 @@ DIGEST_SIZE = 32
 SIGNATURE_SIZE = 64
 GROUP_ID_SIZE = 32
 MAX_RUN_ID = 64
-MIN_PEER_ID = 2
-MAX_PEER_ID = 64
 MAX_CODEC_NAME = 32
 MAX_ENDPOINT = 300
 MAX_LISTED_BANS = 32
-MAX_PEER_ID = 64
 MAX_GROUP_SIZE = 256
 MAX_ROUND = 2**63 - 1
 # 2**48 float32 elements is 1 PiB: far beyond any model, yet small enough that offsets stay
 # exact in float64 arithmetic anywhere downstream.
 MAX_ELEMENTS = 2**48
 MAX_CHUNK_INDEX = 2**32 - 1
-# A result header with MAX_GROUP_SIZE contributors of MAX_PEER_ID bytes and their weights is
+# A result header with MAX_GROUP_SIZE contributors of MAX_PEER_ID_SIZE bytes and their weights is
 # about 19 KiB; 64 KiB leaves room without letting a header claim real memory.
 MAX_HEADER = 64 * 1024
 MAX_FRAME = ABSOLUTE_MAX_FRAME
@@ -62,7 +59,7 @@ Signer = Callable[[bytes], bytes]
 
 
 def check_peer_id(peer_id: bytes, where: str) -> None:
-    if not MIN_PEER_ID <= len(peer_id) <= MAX_PEER_ID:
+    if not MIN_PEER_ID_SIZE <= len(peer_id) <= MAX_PEER_ID_SIZE:
         raise invalid(f"{where}: peer id of {len(peer_id)} bytes")
 
 
@@ -136,7 +133,7 @@ class AveragingAnnouncement(Message):
     def check(self) -> None:
         if len(self.banned) > MAX_LISTED_BANS:
             raise invalid(f"AveragingAnnouncement.banned lists over {MAX_LISTED_BANS} peers")
-        if any(not 0 < len(p) <= MAX_PEER_ID for p in self.banned):
+        if any(not 0 < len(p) <= MAX_PEER_ID_SIZE for p in self.banned):
             raise invalid("AveragingAnnouncement.banned holds a malformed peer id")
         check_run(self.run, "AveragingAnnouncement")
         check_round(self.round, "AveragingAnnouncement")

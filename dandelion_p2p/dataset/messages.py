@@ -10,6 +10,7 @@ from __future__ import annotations
 import msgpack
 
 from dandelion_p2p.dataset.chunks import MAX_CHUNK_BYTES, is_chunk_name
+from dandelion_p2p.identity import MAX_PEER_ID_SIZE
 from dandelion_p2p.wire import Message, Registry, invalid
 
 DATASET = Registry("dataset")
@@ -22,7 +23,6 @@ PART_BYTES = 1 << 20
 MAX_PART_FRAME = PART_BYTES + 256
 RECEIPT_DOMAIN = b"dandelion/receipt/v1"
 MAX_RUN_ID = 128
-MAX_PEER_ID = 64
 
 
 def _check_run(run: str, where: str) -> None:
@@ -95,7 +95,7 @@ class Receipt(Message):
         _check_chunk(self.chunk, "Receipt")
         if not (0 < self.lease_id < 2**63 and 0 <= self.epoch < 2**31):
             raise invalid("Receipt: lease id or epoch out of range")
-        if not 2 <= len(self.peer) <= MAX_PEER_ID:
+        if not 2 <= len(self.peer) <= MAX_PEER_ID_SIZE:
             raise invalid("Receipt.peer: not a peer id")
         if not 0 <= self.samples < 2**31:
             raise invalid("Receipt.samples out of range")

@@ -28,7 +28,7 @@ import blake3
 import msgpack
 
 from dandelion_p2p.errors import ConfigError, ProtocolViolation
-from dandelion_p2p.identity import Identity, PeerId, verify_by_peer
+from dandelion_p2p.identity import MAX_PEER_ID_SIZE, Identity, PeerId, verify_by_peer
 from dandelion_p2p.net.dht.messages import MAX_VALUE
 from dandelion_p2p.net.dht.records import NamespacePolicy, RecordValidator
 from dandelion_p2p.wire import Message, Registry, RejectCode, decode, encode, invalid
@@ -46,7 +46,6 @@ RECORD_TTL = 3600.0
 MAX_RECORD_TTL_MS = 2 * 3_600_000
 # The config and its envelope must fit one DHT value.
 MAX_TOML_BYTES = MAX_VALUE - 1024
-MAX_PEER_ID = 64
 _RUN_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _RUN_ID = re.compile(r"([a-z0-9][a-z0-9._-]{0,63})-([0-9a-f]{24})")
 M = TypeVar("M", bound=Message)
@@ -73,7 +72,7 @@ def is_run_id(text: str) -> bool:
 
 
 def _check_owner_fields(run: str, name: str, owner: bytes, where: str) -> None:
-    if not 2 <= len(owner) <= MAX_PEER_ID:
+    if not 2 <= len(owner) <= MAX_PEER_ID_SIZE:
         raise invalid(f"{where}.owner: not a peer id")
     if not _RUN_NAME.fullmatch(name):
         raise invalid(f"{where}.name: not a run name")

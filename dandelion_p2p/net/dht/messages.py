@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dandelion_p2p.identity import MAX_PEER_ID_SIZE
 from dandelion_p2p.wire import Message, Registry, invalid
 
 DHT = Registry("dht")
@@ -9,7 +10,6 @@ DHT = Registry("dht")
 PROTOCOL_ID = "/dandelion/dht/1.0.0"
 MAX_FRAME = 256 * 1024
 KEY_SIZE = 32
-MAX_PEER_ID = 64
 MAX_ADDRS = 16
 MAX_ADDR_LEN = 300
 MAX_NAMESPACE = 32
@@ -20,7 +20,7 @@ MAX_RECORDS_PER_REPLY = 64
 
 
 def check_peer_id(peer_id: bytes, where: str) -> None:
-    if not 2 <= len(peer_id) <= MAX_PEER_ID:
+    if not 2 <= len(peer_id) <= MAX_PEER_ID_SIZE:
         raise invalid(f"{where}: peer id of {len(peer_id)} bytes")
 
 
