@@ -12,6 +12,7 @@ import trio
 from libp2p.peer.id import ID
 
 from dandelion_p2p.config import DaemonConfig
+from dandelion_p2p.context import DaemonContext, Handler
 from dandelion_p2p.control import serve_control
 from dandelion_p2p.dataplane.messages import format_endpoint
 from dandelion_p2p.dataplane.service import DataPlane
@@ -21,7 +22,7 @@ from dandelion_p2p.local_settings import load_local_settings, save_local_setting
 from dandelion_p2p.loghub import LogHub
 from dandelion_p2p.net.node import NodeSettings, SwarmNode
 from dandelion_p2p.net.relay import RelayLimitsConfig
-from dandelion_p2p.services import DaemonContext, Handler, create_services
+from dandelion_p2p.services import create_services
 from dandelion_p2p.telemetry import Telemetry
 
 log = logging.getLogger(__name__)

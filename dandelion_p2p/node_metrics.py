@@ -8,7 +8,7 @@ import time
 
 import trio
 
-from dandelion_p2p.services import DaemonContext
+from dandelion_p2p.context import DaemonContext
 
 log = logging.getLogger(__name__)
 

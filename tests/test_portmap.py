@@ -29,11 +29,16 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dandelion_p2p.errors import ConfigError, PeerUnavailable, ProtocolViolation, RemoteRejected
+from dandelion_p2p.errors import (
+    ConfigError,
+    PeerUnavailable,
+    ProtocolViolation,
+    RejectCode,
+    RemoteRejected,
+)
 from dandelion_p2p.net.portmap import client, http, natpmp, pcp, upnp
 from dandelion_p2p.net.portmap.route import parse_default_gateway
 from dandelion_p2p.netlab import Host, NatRouter, NetLab
-from dandelion_p2p.wire.reject import RejectCode
 
 GATEWAY_SCRIPT = Path(__file__).parent / "support" / "portmap_gateway.py"
 MINIUPNPD = "/usr/sbin/miniupnpd"

@@ -47,8 +47,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from dandelion_p2p.errors import ProtocolViolation
-from dandelion_p2p.wire.reject import RejectCode
+from dandelion_p2p.errors import ProtocolViolation, RejectCode
 
 FloatArray = NDArray[np.float32]
 Buffer = bytes | bytearray | memoryview

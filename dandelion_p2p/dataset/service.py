@@ -22,6 +22,7 @@ import trio
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
+from dandelion_p2p.context import DaemonContext
 from dandelion_p2p.dataset.chunks import MAX_CHUNK_BYTES
 from dandelion_p2p.dataset.client import DatasetClient
 from dandelion_p2p.dataset.leases import LeaseBook
@@ -37,7 +38,6 @@ from dandelion_p2p.runconfig.publication import derive_run_id, is_run_id
 from dandelion_p2p.runconfig.publisher import RunPublisher
 from dandelion_p2p.runconfig.schema import RunConfig, loads
 from dandelion_p2p.runconfig.watcher import RunConfigVersion, RunConfigWatcher
-from dandelion_p2p.services import DaemonContext
 
 log = logging.getLogger(__name__)
 

@@ -30,10 +30,10 @@ from libp2p.peer.id import ID
 from dandelion_p2p.averaging.averager import Averager, AveragingSettings, NoGroup
 from dandelion_p2p.averaging.compression import BufferErrorFeedback
 from dandelion_p2p.averaging.matchmaking import MatchmakingSettings, group_run_key
+from dandelion_p2p.context import DaemonContext
 from dandelion_p2p.errors import ConfigError, DandelionError
 from dandelion_p2p.net.node import SCORE_EVENT_OF
 from dandelion_p2p.reputation.book import ScoreEvent
-from dandelion_p2p.services import DaemonContext
 from dandelion_p2p.sync.runsource import (
     ChainedSource,
     ControlMethodSource,

@@ -19,6 +19,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from dandelion_p2p.context import DaemonContext
 from dandelion_p2p.errors import (
     ConfigError,
     DandelionError,
@@ -28,7 +29,6 @@ from dandelion_p2p.errors import (
 )
 from dandelion_p2p.local_settings import ATTENTIONS, DEVICES, PRECISIONS
 from dandelion_p2p.loghub import LogLine
-from dandelion_p2p.services import DaemonContext
 from dandelion_p2p.webui.http_io import (
     ApiError,
     JSONOut,

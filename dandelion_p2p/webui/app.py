@@ -20,7 +20,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from dandelion_p2p.services import DaemonContext
+from dandelion_p2p.context import DaemonContext
 from dandelion_p2p.webui.api import WebApi
 from dandelion_p2p.webui.guard import check_request, cookie_name
 from dandelion_p2p.webui.http_io import error_body

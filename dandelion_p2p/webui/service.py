@@ -15,8 +15,8 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
+from dandelion_p2p.context import DaemonContext
 from dandelion_p2p.errors import ConfigError
-from dandelion_p2p.services import DaemonContext
 from dandelion_p2p.webui.app import build_app
 from dandelion_p2p.webui.token import load_or_create_token, token_path
 

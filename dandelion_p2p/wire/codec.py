@@ -10,8 +10,7 @@ from typing import Any
 
 import msgpack
 
-from dandelion_p2p.errors import ProtocolViolation
-from dandelion_p2p.wire.reject import RejectCode
+from dandelion_p2p.errors import ProtocolViolation, RejectCode
 from dandelion_p2p.wire.schema import Message, Registry
 
 WIRE_VERSION = 1

@@ -10,8 +10,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 
-from dandelion_p2p.errors import ProtocolViolation
-from dandelion_p2p.wire.reject import RejectCode
+from dandelion_p2p.errors import ProtocolViolation, RejectCode
 
 HEADER = struct.Struct(">I")
 HEADER_SIZE = HEADER.size

@@ -14,8 +14,7 @@ import typing
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
-from dandelion_p2p.errors import ProtocolViolation
-from dandelion_p2p.wire.reject import RejectCode
+from dandelion_p2p.errors import ProtocolViolation, RejectCode
 
 Checker = Callable[[Any, str], Any]
 M = TypeVar("M", bound="Message")

@@ -16,8 +16,7 @@ from dandelion_p2p.averaging.compression import (
     RawCodec,
     get_codec,
 )
-from dandelion_p2p.errors import ProtocolViolation
-from dandelion_p2p.wire.reject import RejectCode
+from dandelion_p2p.errors import ProtocolViolation, RejectCode
 
 finite_f32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
 vectors = hnp.arrays(np.float32, st.integers(0, 700), elements=finite_f32)

@@ -12,6 +12,7 @@ import pytest
 import trio
 
 from dandelion_p2p.config import DaemonConfig
+from dandelion_p2p.context import DaemonContext
 from dandelion_p2p.dataplane.service import DataPlane
 from dandelion_p2p.dataset.chunks import MAX_CHUNK_BYTES
 from dandelion_p2p.dataset.manifest import signed_digest, signed_document
@@ -22,7 +23,6 @@ from dandelion_p2p.loghub import LogHub
 from dandelion_p2p.net.node import SwarmNode
 from dandelion_p2p.runconfig.publication import derive_run_id
 from dandelion_p2p.runconfig.publisher import RunPublisher
-from dandelion_p2p.services import DaemonContext
 from dandelion_p2p.telemetry import Telemetry
 from tests.dataset.helpers import packed_dataset, run_toml, serve_dataset
 from tests.swarm import swarm

@@ -18,11 +18,11 @@ import trio
 from trio_websocket import HandshakeError, open_websocket_url
 
 from dandelion_p2p.config import DaemonConfig
+from dandelion_p2p.context import DaemonContext
 from dandelion_p2p.daemon import control_handlers
 from dandelion_p2p.dataplane.service import DataPlane
 from dandelion_p2p.loghub import LogHub
 from dandelion_p2p.node_metrics import NodeMetrics
-from dandelion_p2p.services import DaemonContext
 from dandelion_p2p.telemetry import Telemetry
 from dandelion_p2p.webui import service as webui_service
 from dandelion_p2p.webui.app import build_app

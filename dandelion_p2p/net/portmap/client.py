@@ -26,10 +26,15 @@ from typing import Literal, NoReturn, TypeVar, cast
 
 import trio
 
-from dandelion_p2p.errors import ConfigError, PeerUnavailable, ProtocolViolation, RemoteRejected
+from dandelion_p2p.errors import (
+    ConfigError,
+    PeerUnavailable,
+    ProtocolViolation,
+    RejectCode,
+    RemoteRejected,
+)
 from dandelion_p2p.net.portmap import http, natpmp, pcp, upnp
 from dandelion_p2p.net.portmap.route import default_gateway
-from dandelion_p2p.wire.reject import RejectCode
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,7 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
-from dandelion_p2p.errors import ProtocolViolation, RemoteRejected
-from dandelion_p2p.wire.reject import RejectCode
+from dandelion_p2p.errors import ProtocolViolation, RejectCode, RemoteRejected
 
 SERVER_PORT = 5351
 VERSION = 0

@@ -18,9 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
-from dandelion_p2p.errors import ProtocolViolation, RemoteRejected
+from dandelion_p2p.errors import ProtocolViolation, RejectCode, RemoteRejected
 from dandelion_p2p.net.portmap.http import HttpUrl, parse_url
-from dandelion_p2p.wire.reject import RejectCode
 
 SSDP_GROUP = "239.255.255.250"
 SSDP_PORT = 1900
