@@ -101,6 +101,10 @@ class StreamTransport:
 
     def __init__(self, stream: INetStream) -> None:
         self.stream = stream
+        self._closed = False
+        # The read in progress, if any: yamux wakes a reader for the peer's FIN or reset, not
+        # for our own close, so ``aclose`` cancels it (as closing a socket wakes its reader).
+        self._reading: trio.CancelScope | None = None
 
     async def send_all(self, data: Buffer) -> None:
         try:
@@ -111,14 +115,23 @@ class StreamTransport:
             raise PeerUnavailable(f"stream write failed: {exc!r}") from None
 
     async def receive_into(self, core: ChannelCore) -> int:
-        try:
-            data = await self.stream.read(STREAM_READ_CHUNK)
-        except StreamEOF:
-            return 0
-        except StreamError as exc:
-            raise PeerUnavailable(f"stream read failed: {type(exc).__name__}") from None
-        except Exception as exc:  # muxer internals raise more than the documented types
-            raise PeerUnavailable(f"stream read failed: {exc!r}") from None
+        if self._closed:
+            raise PeerUnavailable("stream read failed: the transport is closed")
+        data = b""
+        with trio.CancelScope() as reading:
+            self._reading = reading
+            try:
+                data = await self.stream.read(STREAM_READ_CHUNK)
+            except StreamEOF:
+                return 0
+            except StreamError as exc:
+                raise PeerUnavailable(f"stream read failed: {type(exc).__name__}") from None
+            except Exception as exc:  # muxer internals raise more than the documented types
+                raise PeerUnavailable(f"stream read failed: {exc!r}") from None
+            finally:
+                self._reading = None
+        if reading.cancelled_caught:
+            raise PeerUnavailable("stream read failed: the transport was closed")
         core.feed(data)
         return len(data)
 
@@ -133,6 +146,9 @@ class StreamTransport:
             raise PeerUnavailable(f"stream half-close failed: {exc!r}") from None
 
     async def aclose(self) -> None:
+        self._closed = True
+        if self._reading is not None:
+            self._reading.cancel()
         await close_quietly(self.stream)
 
 

@@ -8,31 +8,18 @@ from contextlib import asynccontextmanager
 
 import pytest
 import trio
+import trio.testing
 
 from dandelion_p2p.dataplane.channel import Channel, TcpTransport
 from dandelion_p2p.dataplane.errors import ChannelClosed
 from dandelion_p2p.dataplane.flow import ChannelCore, Credit
-from dandelion_p2p.dataplane.sealing import MAX_COUNTER, SessionKeys, derive_keys
+from dandelion_p2p.dataplane.sealing import MAX_COUNTER
 from dandelion_p2p.errors import PeerUnavailable, ProtocolViolation
-from dandelion_p2p.identity import Identity
+from tests.dataplane.conftest import A, B
+from tests.dataplane.conftest import channel_core as core
+from tests.dataplane.conftest import session_keys as session
 
-A = Identity.generate().peer_id
-B = Identity.generate().peer_id
 SMALL = 4096
-
-
-def session() -> SessionKeys:
-    return derive_keys(os.urandom(32), os.urandom(16), A.to_bytes(), B.to_bytes())
-
-
-def core(keys: SessionKeys, role: str, max_frame: int, window: int | None) -> ChannelCore:
-    return ChannelCore.for_session(
-        keys,
-        role,  # type: ignore[arg-type]
-        receive_max_frame=max_frame,
-        send_max_frame=max_frame,
-        window_bytes=window,
-    )
 
 
 def socket_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
@@ -172,7 +159,11 @@ async def test_a_tampered_frame_breaks_the_channel_after_the_good_ones() -> None
                 pass
 
 
-async def test_sender_waits_for_credit_and_timeouts_leave_the_channel_usable() -> None:
+async def test_sender_waits_for_credit_and_timeouts_leave_the_channel_usable(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Virtual time: the socket pair's bytes are ready as soon as they are written, so the clock
+    # jumps only when every task waits for a timeout.
     async with channel_pair(max_frame=SMALL, window=2 * SMALL) as (a, b):
         await a.send(bytes(SMALL))
         await a.send(bytes(SMALL))
