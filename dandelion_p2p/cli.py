@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +12,12 @@ import click
 import trio
 
 from dandelion_p2p import __version__
-from dandelion_p2p.config import DaemonConfig, load_config
+from dandelion_p2p.cli_common import CONTROL_OPTIONS, Options, add_options, call_daemon, fail
+from dandelion_p2p.config import load_config
 from dandelion_p2p.errors import DandelionError
 from dandelion_p2p.identity import Identity, write_identity
 
-NODE_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
+NODE_OPTIONS: Options = [
     (("--data-dir",), {"type": click.Path(path_type=Path), "help": "State directory."}),
     (("--identity",), {"type": click.Path(path_type=Path), "help": "ed25519 key file."}),
     (("--config", "config_file"), {"type": click.Path(path_type=Path), "help": "TOML file."}),
@@ -45,12 +45,12 @@ NODE_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     ),
 ]
 
-DATASET_ROLE_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
+DATASET_ROLE_OPTIONS: Options = [
     (("--dataset",), {"type": click.Path(path_type=Path), "help": "Packed dataset to serve."}),
     (("--run-config",), {"type": click.Path(path_type=Path), "help": "Run config to publish."}),
 ]
 
-RELAY_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
+RELAY_OPTIONS: Options = [
     (("--relay/--no-relay",), {"default": None, "help": "Serve as a circuit relay hop."}),
     (("--relay-max-reservations",), {"type": int}),
     (("--relay-max-circuits",), {"type": int}),
@@ -58,22 +58,6 @@ RELAY_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (("--relay-circuit-seconds",), {"type": int}),
     (("--relay-reservation-ttl",), {"type": int}),
 ]
-
-
-def add_options(
-    options: list[tuple[tuple[str, ...], dict[str, Any]]],
-) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
-        for names, kwargs in reversed(options):
-            func = click.option(*names, **kwargs)(func)
-        return func
-
-    return decorate
-
-
-def fail(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(2)
 
 
 @click.group()
@@ -110,7 +94,6 @@ def _run_node(mode: str, config_file: Path | None, values: dict[str, Any]) -> No
         config.control_socket_path  # noqa: B018 - fails early, before any network activity
     except DandelionError as exc:
         fail(str(exc))
-        return
     logs = LogHub()
     configure_logging(config.log_level, logs)
 
@@ -165,25 +148,6 @@ def join(bootstrap_peers: tuple[str, ...], config_file: Path | None, **values: A
     _run_node("join", config_file, values)
 
 
-def _resolve_data_dir(data_dir: Path | None, config_file: Path | None) -> Path:
-    """The data dir as the daemon resolves it: flag, then DANDELION_DATA_DIR, then the file."""
-    cli_values = {"data_dir": data_dir} if data_dir is not None else {}
-    return load_config("daemon", cli_values, config_file=config_file).data_dir
-
-
-def _control(
-    data_dir: Path | None, config_file: Path | None, method: str, params: dict[str, Any]
-) -> dict[str, Any]:
-    from dandelion_p2p.control import call_sync
-
-    try:
-        path = DaemonConfig(data_dir=_resolve_data_dir(data_dir, config_file)).control_socket_path
-        return call_sync(path, method, params, timeout=30.0)
-    except DandelionError as exc:
-        fail(str(exc))
-        raise AssertionError("unreachable") from None
-
-
 def _print_status(s: dict[str, Any]) -> None:
     click.echo(f"peer id:        {s['peer_id']}")
     click.echo(f"network:        {s['network']}  (relay: {'yes' if s['relay'] else 'no'})")
@@ -207,18 +171,12 @@ def _print_status(s: dict[str, Any]) -> None:
             click.echo(f"  {training['detail']}")
 
 
-CONTROL_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
-    (("--data-dir",), {"type": click.Path(path_type=Path), "help": "The daemon's data dir."}),
-    (("--config", "config_file"), {"type": click.Path(path_type=Path), "help": "TOML file."}),
-]
-
-
 @main.command()
 @add_options(CONTROL_OPTIONS)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status(data_dir: Path | None, config_file: Path | None, as_json: bool) -> None:
     """Show a running daemon's peer id, addresses, peers, reservations and routing table."""
-    result = _control(data_dir, config_file, "status", {})
+    result = call_daemon(data_dir, config_file, "status", {})
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
@@ -230,7 +188,7 @@ def status(data_dir: Path | None, config_file: Path | None, as_json: bool) -> No
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def peers(data_dir: Path | None, config_file: Path | None, as_json: bool) -> None:
     """List the members of the swarm, as announced in the DHT."""
-    result = _control(data_dir, config_file, "members", {})
+    result = call_daemon(data_dir, config_file, "members", {})
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -245,7 +203,7 @@ def peers(data_dir: Path | None, config_file: Path | None, as_json: bool) -> Non
 @add_options(CONTROL_OPTIONS)
 def send(peer: str, text: str, data_dir: Path | None, config_file: Path | None) -> None:
     """Send a signed note to PEER (found through the DHT) and print its signed receipt."""
-    result = _control(data_dir, config_file, "send", {"peer": peer, "text": text})
+    result = call_daemon(data_dir, config_file, "send", {"peer": peer, "text": text})
     click.echo(f"verified receipt from {peer}: {result['receipt']}")
 
 

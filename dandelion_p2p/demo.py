@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dandelion_p2p.control import call_sync
+from dandelion_p2p.control.client import call_sync
 
 LOCAL_STEPS = 4
 MAX_STEPS = 24

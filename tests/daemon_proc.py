@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from dandelion_p2p.control import call_sync
+from dandelion_p2p.control.client import call_sync
 
 
 class Launcher(Protocol):

@@ -14,7 +14,8 @@ import msgpack
 import pytest
 import trio
 
-from dandelion_p2p.control import (
+from dandelion_p2p.control.client import call, call_sync
+from dandelion_p2p.control.protocol import (
     CONTROL,
     MAX_FRAME,
     AlreadyRunning,
@@ -22,10 +23,8 @@ from dandelion_p2p.control import (
     Handler,
     Request,
     Response,
-    call,
-    call_sync,
-    serve_control,
 )
+from dandelion_p2p.control.server import serve_control
 from dandelion_p2p.errors import (
     ConfigError,
     PeerUnavailable,

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from dandelion_p2p.cli_common import fail
+
 SIZE = re.compile(r"(\d+)\s*([kmg]?)(i?b)?", re.IGNORECASE)
 UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 SHOWN_PROBLEMS = 20
@@ -67,8 +69,7 @@ def pack(src: Path, out: Path, chunk_size: str, owner_key: Path | None,
             manifest, report = run_pack(src, out, identity, chunk_bytes=chunk_bytes,
                                         follow_symlinks=follow_symlinks)
     except DandelionError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        fail(str(exc))
     for problem in report.problems[:SHOWN_PROBLEMS]:
         click.echo(f"{problem.kind}: {problem.origin}: {problem.detail}")
     if len(report.problems) > SHOWN_PROBLEMS:

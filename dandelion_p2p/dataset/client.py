@@ -1,6 +1,7 @@
 """What a training peer uses: lease chunks, fetch them from any holder, hand in receipts.
 
-``DatasetClient(node, run, cache_dir)``:
+``DatasetClient(run, cache_dir, host=, signer=, records=, links=, scores=)``, over the
+node's narrow ports (``dataset.ports``):
 
 * ``await lease()`` -> ``LeaseGrant``: from a dataset server of the run (found in the DHT, or
   given), waiting while every chunk of the epoch is out;
@@ -19,7 +20,6 @@ nowhere.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import random
@@ -29,9 +29,11 @@ from pathlib import Path
 from typing import overload
 
 import trio
+from libp2p.abc import IHost
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
+from dandelion_p2p.dataset.chunk_protocol import LargerThanExpected
 from dandelion_p2p.dataset.chunks import ChunkDir, check_chunk_name, chunk_hash
 from dandelion_p2p.dataset.holders import (
     CHUNK_NAMESPACE,
@@ -43,12 +45,8 @@ from dandelion_p2p.dataset.holders import (
     decode_server,
     encode_value,
 )
-from dandelion_p2p.dataset.manifest import (
-    ChunkEntry,
-    Manifest,
-    parse_signed_document,
-    signed_digest,
-)
+from dandelion_p2p.dataset.lease_protocol import LeaseRound, manifest_of_run, receipt_for
+from dandelion_p2p.dataset.manifest import ChunkEntry, Manifest
 from dandelion_p2p.dataset.messages import (
     CHUNK_PROTOCOL,
     DATASET,
@@ -61,21 +59,20 @@ from dandelion_p2p.dataset.messages import (
     NoLease,
     Receipt,
 )
+from dandelion_p2p.dataset.ports import PeerConnector, PeerScores, RecordStore, Signer
 from dandelion_p2p.dataset.server import violation_sink
-from dandelion_p2p.dataset.transfer import LargerThanExpected, fetch_chunk, serve_chunks
+from dandelion_p2p.dataset.transfer import fetch_chunk, serve_chunks
 from dandelion_p2p.errors import (
-    ConfigError,
     DandelionError,
     PeerUnavailable,
     ProtocolViolation,
+    RejectCode,
     RemoteRejected,
 )
 from dandelion_p2p.net.dht.messages import PeerRef
-from dandelion_p2p.net.node import SwarmNode
 from dandelion_p2p.net.streams import request
 from dandelion_p2p.reputation.book import ScoreEvent
-from dandelion_p2p.runconfig.publication import derive_run_id, run_name_of
-from dandelion_p2p.wire import Message, RejectCode
+from dandelion_p2p.wire import Message
 
 log = logging.getLogger(__name__)
 
@@ -92,19 +89,34 @@ def _lease_key(lease: LeaseGrant) -> tuple[int, str, int]:
 
 
 class DatasetClient:
+    """A training peer's view of one run's dataset: its servers, leases and chunks.
+
+    Streams go over ``host``; ``signer`` signs receipts; ``records`` (the DHT) says who
+    serves the run and who holds a chunk; ``links`` connects to them; ``scores`` scores the
+    holders and servers and counts their violations, and no banned peer is asked.
+    """
+
     def __init__(
         self,
-        node: SwarmNode,
         run: str,
         cache_dir: Path,
         *,
+        host: IHost,
+        signer: Signer,
+        records: RecordStore,
+        links: PeerConnector,
+        scores: PeerScores,
         servers: Sequence[PeerRef] = (),
         max_cached: int = DEFAULT_MAX_CACHED,
         announce_holdings: bool = True,
         request_timeout: float = REQUEST_TIMEOUT,
         expected_manifest: str = "",
     ) -> None:
-        self.node = node
+        self.host = host
+        self.signer = signer
+        self.records = records
+        self.links = links
+        self.scores = scores
         self.run = run
         self.cache = ChunkDir(cache_dir)
         self.known_servers: dict[bytes, tuple[str, ...]] = {s.peer_id: s.addrs for s in servers}
@@ -136,10 +148,10 @@ class DatasetClient:
 
     def install(self) -> None:
         """Serve cached chunks to other peers (skip on a node that runs a dataset server)."""
-        report = violation_sink(self.node)
-        self.node.host.set_stream_handler(
+        report = violation_sink(self.scores)
+        self.host.set_stream_handler(
             TProtocol(CHUNK_PROTOCOL),
-            serve_chunks(self.source, on_violation=report, refuse=self.node.is_banned),
+            serve_chunks(self.source, on_violation=report, refuse=self.scores.is_banned),
         )
 
     def source(self, name: str) -> Path | None:
@@ -173,12 +185,10 @@ class DatasetClient:
         server that last answered comes first.
         """
         now = trio.current_time()
-        if self.node.dht is not None and (
-            refresh or now - self._discovered_at >= DISCOVERY_INTERVAL
-        ):
+        if refresh or now - self._discovered_at >= DISCOVERY_INTERVAL:
             self._discovered_at = now
             try:
-                records = await self.node.dht.get(
+                records = await self.records.get(
                     SERVERS_NAMESPACE, self.run.encode(), timeout=DHT_TIMEOUT
                 )
             except DandelionError as exc:
@@ -211,15 +221,13 @@ class DatasetClient:
 
     async def holders(self, name: str) -> list[bytes]:
         """Peers announcing a copy of chunk ``name`` (not servers, not us), in random order."""
-        if self.node.dht is None:
-            return []
         try:
-            records = await self.node.dht.get(
+            records = await self.records.get(
                 CHUNK_NAMESPACE, chunk_key(name), timeout=DHT_TIMEOUT
             )
         except DandelionError:
             return []
-        me = self.node.identity.peer_id_bytes
+        me = self.signer.peer_id_bytes
         out = []
         for record in records:
             try:
@@ -233,29 +241,25 @@ class DatasetClient:
 
     async def _connect(self, peer: bytes) -> None:
         peer_id = ID(peer)
-        if self.node.dialer.is_connected(peer_id):
+        if self.links.is_connected(peer_id):
             return
         # py-libp2p refuses for 60 s to dial a peer whose addresses all failed once; a
         # dataset server that restarts is back within seconds, and the dialer keeps its own
         # (short) backoff anyway.
-        unblock = getattr(self.node.host.get_network(), "unblock_peer", None)
+        unblock = getattr(self.host.get_network(), "unblock_peer", None)
         if unblock is not None:
             unblock(peer_id)
-        addrs = self.known_servers.get(peer, ())
-        if addrs:
-            await self.node.dialer.connect(peer_id, addrs)
-        else:
-            await self.node.connect_peer(peer_id)
+        await self.links.connect_peer(peer_id, self.known_servers.get(peer, ()))
 
     async def _ask(self, peer: bytes, msg: Message) -> Message:
         await self._connect(peer)
         try:
             return await request(
-                self.node.host, ID(peer), LEASE_PROTOCOL, msg, DATASET,
+                self.host, ID(peer), LEASE_PROTOCOL, msg, DATASET,
                 max_reply=MAX_REPLY, timeout=self.request_timeout,
             )
         except ProtocolViolation as exc:
-            violation_sink(self.node)(ID(peer), exc.code)
+            violation_sink(self.scores)(ID(peer), exc.code)
             raise
 
     # ---- the manifest --------------------------------------------------------------------
@@ -283,14 +287,14 @@ class DatasetClient:
         errors: list[str] = []
         for peer in servers:
             peer_id = ID(peer)
-            if self.node.is_banned(peer_id):
+            if self.scores.is_banned(peer_id):
                 continue
             try:
                 await self._connect(peer)
-                raw = await fetch_chunk(self.node.host, peer_id, digest)
-                manifest = self._check_manifest(raw, digest)
+                raw = await fetch_chunk(self.host, peer_id, digest)
+                manifest = manifest_of_run(raw, digest, self.run)
             except ProtocolViolation as exc:
-                violation_sink(self.node)(peer_id, exc.code)
+                violation_sink(self.scores)(peer_id, exc.code)
                 errors.append(f"{peer_id}: {exc}")
                 continue
             except (PeerUnavailable, RemoteRejected) as exc:
@@ -306,31 +310,6 @@ class DatasetClient:
             f"no server of {self.run} delivered its manifest {digest[:12]}: "
             + ("; ".join(errors) or "no server known")[:500]
         )
-
-    def _check_manifest(self, raw: bytes, digest: str) -> Manifest:
-        if signed_digest(raw) != digest:  # fetch_chunk checked it; this guards a refactor
-            raise ProtocolViolation(RejectCode.INVALID_FIELD, "manifest digest differs")
-        try:
-            manifest = parse_signed_document(raw)
-            owner = ID.from_base58(manifest.owner).to_bytes()
-            if derive_run_id(owner, run_name_of(self.run)) != self.run:
-                raise ConfigError(f"manifest is signed by {manifest.owner}, not the run's owner")
-        except ConfigError as exc:
-            raise ProtocolViolation(RejectCode.INVALID_FIELD, str(exc)) from None
-        return manifest
-
-    def _grant_problem(self, grant: LeaseGrant) -> str:
-        """Why ``grant`` is not one of this run's chunks ("" when it is, or nothing to check)."""
-        if grant.run != self.run:
-            return f"a grant for run {grant.run[:80]!r}"
-        if self.manifest is None:
-            return ""
-        entry = self._entries.get(grant.chunk)
-        if entry is None:
-            return f"chunk {grant.chunk[:12]} is not in the run's manifest"
-        if (entry.samples, entry.size) != (grant.samples, grant.size):
-            return f"chunk {grant.chunk[:12]} has other samples or size in the manifest"
-        return ""
 
     # ---- leases --------------------------------------------------------------------------
 
@@ -350,42 +329,29 @@ class DatasetClient:
             servers = await self.servers(refresh=True)
         if not servers:
             raise PeerUnavailable(f"no dataset server of {self.run} is known")
-        failures = []
-        no_lease: NoLease | None = None
-        refused: RemoteRejected | None = None
+        lease_round = LeaseRound(self.run, self._entries if self.manifest is not None else None)
         for server in servers:
             try:
                 reply = await self._ask(server, LeaseRequest(run=self.run))
-            except (PeerUnavailable, ProtocolViolation) as exc:
-                failures.append(f"{ID(server)}: {exc}")
+            except (PeerUnavailable, ProtocolViolation, RemoteRejected) as exc:
+                lease_round.failed(server, exc)
                 continue
-            except RemoteRejected as exc:
-                failures.append(f"{ID(server)}: {exc}")
-                if exc.code != RejectCode.NOT_FOUND and refused is None:
-                    refused = exc
+            try:
+                grant = lease_round.answered(server, reply)
+            except ProtocolViolation as exc:
+                log.warning("refused a lease from %s: %s", ID(server), exc.detail)
+                violation_sink(self.scores)(ID(server), exc.code)
                 continue
-            if isinstance(reply, LeaseGrant):
-                problem = self._grant_problem(reply)
-                if problem:
-                    log.warning("refused a lease from %s: %s", ID(server), problem)
-                    violation_sink(self.node)(ID(server), RejectCode.INVALID_FIELD)
-                    failures.append(f"{ID(server)}: {problem}")
-                    continue
-                self._granted_by.setdefault(_lease_key(reply), []).append(server)
+            if grant is not None:
+                self._granted_by.setdefault(_lease_key(grant), []).append(server)
                 self._preferred = server
-                return reply
-            if isinstance(reply, NoLease):
-                if no_lease is None or reply.retry_after_ms < no_lease.retry_after_ms:
-                    no_lease = reply
-                continue
-            failures.append(f"{ID(server)}: unexpected {type(reply).__name__}")
-        if no_lease is not None:
-            return no_lease
-        if refused is not None:
-            raise refused
-        # Every server we knew failed: look for others next time.
-        self._discovered_at = -math.inf
-        raise PeerUnavailable("no dataset server answered: " + "; ".join(failures)[:500])
+                return grant
+        try:
+            return lease_round.outcome()
+        except PeerUnavailable:
+            # Every server we knew failed: look for others next time.
+            self._discovered_at = -math.inf
+            raise
 
     @overload
     async def lease(self) -> LeaseGrant: ...
@@ -411,15 +377,7 @@ class DatasetClient:
             await trio.sleep(min(left, max(0.2, reply.retry_after_ms / 1000)))
 
     def receipt(self, lease: LeaseGrant, samples: int | None = None) -> Receipt:
-        unsigned = Receipt(
-            run=lease.run,
-            lease_id=lease.lease_id,
-            epoch=lease.epoch,
-            chunk=lease.chunk,
-            peer=self.node.identity.peer_id_bytes,
-            samples=lease.samples if samples is None else samples,
-        )
-        return dataclasses.replace(unsigned, signature=self.node.identity.sign(unsigned.payload()))
+        return receipt_for(lease, self.signer.peer_id_bytes, self.signer.sign, samples)
 
     async def complete(
         self, lease: LeaseGrant, samples: int | None = None, *, attempts: int = 20,
@@ -491,28 +449,28 @@ class DatasetClient:
         errors: list[str] = []
         for peer in candidates:
             peer_id = ID(peer)
-            if self.node.is_banned(peer_id):
+            if self.scores.is_banned(peer_id):
                 continue
             try:
                 await self._connect(peer)
-                data = await fetch_chunk(self.node.host, peer_id, name,
+                data = await fetch_chunk(self.host, peer_id, name,
                                          expected_size=expected_size)
             except LargerThanExpected as exc:
                 if trusted_size:
                     self.rejected_holders.append((peer_id.to_base58(), str(exc)))
-                    violation_sink(self.node)(peer_id, exc.code)
+                    violation_sink(self.scores)(peer_id, exc.code)
                 errors.append(f"{peer_id}: {exc}")
                 continue
             except ProtocolViolation as exc:
                 log.warning("rejected chunk %s from %s: %s", name[:12], peer_id, exc)
                 self.rejected_holders.append((peer_id.to_base58(), str(exc)))
-                violation_sink(self.node)(peer_id, exc.code)
+                violation_sink(self.scores)(peer_id, exc.code)
                 errors.append(f"{peer_id}: {exc}")
                 continue
             except (PeerUnavailable, RemoteRejected) as exc:
                 errors.append(f"{peer_id}: {exc}")
                 continue
-            self.node.record_score(peer, ScoreEvent.SUCCESS)
+            self.scores.record_score(peer, ScoreEvent.SUCCESS)
             await self._keep(name, data)
             return data
         raise PeerUnavailable(
@@ -531,15 +489,14 @@ class DatasetClient:
         while len(self._cached) > self.max_cached:
             oldest, _ = self._cached.popitem(last=False)
             self._drop(oldest)
-        if self.announce_holdings and self.node.dht is not None:
+        if self.announce_holdings:
             value = encode_value(ChunkHolding(chunk=name, size=len(data)))
             try:
-                await self.node.dht.put(CHUNK_NAMESPACE, chunk_key(name), value, HOLDING_TTL)
+                await self.records.put(CHUNK_NAMESPACE, chunk_key(name), value, HOLDING_TTL)
             except DandelionError as exc:
                 log.info("announcing chunk %s failed: %s", name[:12], exc)
 
     def _drop(self, name: str) -> None:
         self._cached.pop(name, None)
         self.cache.remove(name)
-        if self.node.dht is not None:
-            self.node.dht.unpublish(CHUNK_NAMESPACE, chunk_key(name))
+        self.records.unpublish(CHUNK_NAMESPACE, chunk_key(name))

@@ -66,6 +66,14 @@ class Manifest:
     def canonical(self) -> bytes:
         return canonical_json(self.body())
 
+    def signed_bytes(self) -> bytes:
+        """The bytes the owner's signature covers: the domain, then the canonical body.
+
+        JSON, not msgpack: the manifest is a file people read, so it is not a
+        ``SignedMessage``; this is its one definition of what is signed.
+        """
+        return SIGNING_DOMAIN + self.canonical()
+
     @property
     def digest(self) -> str:
         return blake3.blake3(self.canonical()).hexdigest()
@@ -84,7 +92,7 @@ def canonical_json(data: Any) -> bytes:
 def sign_manifest(manifest: Manifest, identity: Identity) -> dict[str, Any]:
     if identity.peer_id.to_base58() != manifest.owner:
         raise ConfigError("the manifest must be signed by its owner's key")
-    signature = identity.sign(SIGNING_DOMAIN + manifest.canonical())
+    signature = identity.sign(manifest.signed_bytes())
     return {"manifest": manifest.body(), "signature": signature.hex()}
 
 
@@ -145,7 +153,7 @@ def parse_manifest(data: Any) -> Manifest:
         signature = bytes.fromhex(signature_hex) if isinstance(signature_hex, str) else b""
     except ValueError:
         signature = b""
-    if not verify_by_peer(owner_bytes, SIGNING_DOMAIN + manifest.canonical(), signature):
+    if not verify_by_peer(owner_bytes, manifest.signed_bytes(), signature):
         raise ConfigError("manifest: the signature does not verify for its owner")
     return manifest
 

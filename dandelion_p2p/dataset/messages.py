@@ -7,11 +7,10 @@ blake3 of the chunk; run ids are as in ``runconfig.publication``.
 
 from __future__ import annotations
 
-import msgpack
-
 from dandelion_p2p.dataset.chunks import MAX_CHUNK_BYTES, is_chunk_name
 from dandelion_p2p.identity import MAX_PEER_ID_SIZE
 from dandelion_p2p.wire import Message, Registry, invalid
+from dandelion_p2p.wire.signed import SignedMessage
 
 DATASET = Registry("dataset")
 
@@ -21,7 +20,6 @@ MAX_REQUEST = 4096
 MAX_REPLY = 4096
 PART_BYTES = 1 << 20
 MAX_PART_FRAME = PART_BYTES + 256
-RECEIPT_DOMAIN = b"dandelion/receipt/v1"
 MAX_RUN_ID = 128
 
 
@@ -79,8 +77,10 @@ class NoLease(Message):
 
 
 @DATASET.message(4)
-class Receipt(Message):
+class Receipt(SignedMessage):
     """A peer's statement, signed with its key, that it trained on a leased chunk."""
+
+    SIGNING_DOMAIN = b"dandelion/receipt/v1"
 
     run: str
     lease_id: int
@@ -101,13 +101,6 @@ class Receipt(Message):
             raise invalid("Receipt.samples out of range")
         if len(self.signature) > 64:
             raise invalid("Receipt.signature longer than 64 bytes")
-
-    def payload(self) -> bytes:
-        return msgpack.packb(
-            [RECEIPT_DOMAIN, self.run, self.lease_id, self.epoch, self.chunk, self.peer,
-             self.samples],
-            use_bin_type=True,
-        )
 
 
 @DATASET.message(5)

@@ -31,9 +31,8 @@ from dandelion_p2p.dataset.messages import CHUNK_PROTOCOL, LeaseGrant
 from dandelion_p2p.dataset.server import DatasetServer, violation_sink
 from dandelion_p2p.dataset.transfer import serve_chunks
 from dandelion_p2p.errors import ConfigError, DandelionError
-from dandelion_p2p.net.dht.node import DHTNode
+from dandelion_p2p.net.ports import RecordStore
 from dandelion_p2p.runconfig.directory import list_runs
-from dandelion_p2p.runconfig.progress import swarm_checkpoint_step
 from dandelion_p2p.runconfig.publication import derive_run_id, is_run_id
 from dandelion_p2p.runconfig.publisher import RunPublisher
 from dandelion_p2p.runconfig.schema import RunConfig, loads
@@ -45,6 +44,7 @@ WATCH_INTERVAL = 5.0
 START_PUBLISH_TIMEOUT = 20.0
 MAX_WATCHED_RUNS = 16
 MAX_OPEN_LEASES = 64
+SWARM_STEP_METHOD = "training.swarm_step"
 
 
 def _read_run_config(path: Path) -> tuple[str, RunConfig]:
@@ -122,19 +122,25 @@ class RunsService:
                      run, manifest.owner)
         book = LeaseBook(config.data_dir / "dataset" / f"{run}.sqlite", manifest, run)
         self.server = DatasetServer(
-            self.node, run, manifest, config.dataset, book, run_config.dataset
+            run, manifest, config.dataset, book, run_config.dataset,
+            host=self.node.host, records=self.records, scores=self.node,
         )
 
     @property
-    def dht(self) -> DHTNode:
+    def records(self) -> RecordStore:
+        """The node's DHT.
+
+        Raises:
+            ConfigError: the DHT is not running yet.
+        """
         if self.node.dht is None:
             raise ConfigError("the DHT is not running yet")
-        return self.node.dht
+        return self.node.records
 
     def publisher(self) -> RunPublisher:
         if self._publisher is None:
             self._publisher = RunPublisher(
-                self.ctx.identity, self.dht, self.node.settings.network,
+                self.ctx.identity, self.records, self.node.settings.network,
                 self.ctx.config.data_dir / "runs",
             )
         return self._publisher
@@ -185,7 +191,7 @@ class RunsService:
         if watcher is not None:
             self.watchers.move_to_end(run)
             return watcher
-        return RunConfigWatcher(run, self.dht.get, poll_interval=WATCH_INTERVAL)
+        return RunConfigWatcher(run, self.records, poll_interval=WATCH_INTERVAL)
 
     def client(self, run: str) -> DatasetClient:
         client = self.clients.get(run)
@@ -193,7 +199,10 @@ class RunsService:
             if len(self.clients) >= MAX_WATCHED_RUNS:
                 raise ConfigError(f"already training in {MAX_WATCHED_RUNS} runs")
             cache = self.ctx.config.data_dir / "chunk-cache" / run
-            client = self.clients[run] = DatasetClient(self.node, run, cache)
+            client = self.clients[run] = DatasetClient(
+                run, cache, host=self.node.host, signer=self.node.identity,
+                records=self.records, links=self.node, scores=self.node,
+            )
         return client
 
     def chunk_source(self, name: str) -> Path | bytes | None:
@@ -254,7 +263,7 @@ class RunsService:
     # ---- control methods -----------------------------------------------------------------
 
     async def runs_list(self, params: dict[str, Any]) -> dict[str, Any]:
-        runs = await list_runs(self.dht, self.node.settings.network)
+        runs = await list_runs(self.records, self.node.settings.network)
         return {"runs": [r.to_json() for r in runs]}
 
     async def run_config_of(self, run: str) -> RunConfigVersion | None:
@@ -293,7 +302,18 @@ class RunsService:
                 "stored_on": published.stored_on, "effective_step": published.effective_step}
 
     async def _swarm_step(self, run: str) -> int:
-        return await swarm_checkpoint_step(self.node, run)
+        """The swarm's checkpoint step of ``run`` (-1: unknown), from the training service,
+        which speaks the state protocol that answers it."""
+        ask = self.ctx.handlers.get(SWARM_STEP_METHOD)
+        if ask is None:
+            return -1
+        try:
+            answer = await ask({"run": run})
+        except DandelionError as exc:
+            log.debug("step of %s: %s", run, exc)
+            return -1
+        step = answer.get("step") if isinstance(answer, dict) else None
+        return step if isinstance(step, int) and not isinstance(step, bool) else -1
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {"role": "server" if self.server else "none"}

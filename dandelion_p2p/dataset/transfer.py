@@ -1,9 +1,8 @@
 """Chunk transfer over libp2p: serve chunks by hash, fetch and verify them.
 
-The server answers ``GetChunk`` with a ``ChunkHeader`` and the bytes in ``ChunkPart`` frames
-of at most 1 MiB; the fetcher bounds every frame before decoding it, refuses more bytes than
-announced (or than the lease said), and checks the blake3 hash over everything it got, so a
-truncated, padded or altered chunk never passes.
+The rules are ``chunk_protocol``'s; this module moves its frames over libp2p streams and keeps
+its deadlines. The server answers ``GetChunk`` with a ``ChunkHeader`` and the bytes in
+``ChunkPart`` frames of at most 1 MiB; the fetcher bounds every frame before decoding it.
 """
 
 from __future__ import annotations
@@ -13,13 +12,26 @@ import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import blake3
 import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
-from dandelion_p2p.dataset.chunks import MAX_CHUNK_BYTES, check_chunk_name
+from dandelion_p2p.dataset.chunk_protocol import (
+    DEADLINE_GRACE,
+    MAX_CONCURRENT_SERVES,
+    MAX_SERVES_PER_PEER,
+    MAX_SERVES_PER_PREFIX,
+    MIN_RATE,
+    ChunkReceiver,
+    ChunkSource,
+    ServeLimits,
+    ServeSlots,
+    chunk_to_serve,
+    network_prefix,
+    transfer_deadline,
+)
+from dandelion_p2p.dataset.chunks import MAX_CHUNK_BYTES
 from dandelion_p2p.dataset.messages import (
     CHUNK_PROTOCOL,
     DATASET,
@@ -31,7 +43,8 @@ from dandelion_p2p.dataset.messages import (
     ChunkPart,
     GetChunk,
 )
-from dandelion_p2p.errors import PeerUnavailable, ProtocolViolation, RemoteRejected
+from dandelion_p2p.errors import PeerUnavailable, ProtocolViolation
+from dandelion_p2p.net.addrs import is_relayed
 from dandelion_p2p.net.streams import (
     NOT_A_FAULT,
     ViolationSink,
@@ -46,29 +59,6 @@ log = logging.getLogger(__name__)
 REQUEST_TIMEOUT = 5.0
 PART_TIMEOUT = 30.0
 """Seconds one part may take to arrive or to be sent: a stalled peer is dropped."""
-MIN_RATE = 256 * 1024
-"""Bytes per second a whole transfer must average, on top of ``DEADLINE_GRACE``: a peer
-trickling a byte just inside ``PART_TIMEOUT`` would otherwise hold a fetch or a serve slot
-for days."""
-DEADLINE_GRACE = 30.0
-MIN_PART_BYTES = 64 * 1024
-"""Every part but the last carries at least this much (senders use ``PART_BYTES``)."""
-MAX_CONCURRENT_SERVES = 8
-MAX_SERVES_PER_PEER = 2
-
-
-class LargerThanExpected(ProtocolViolation):
-    """The holder announced more bytes than the fetcher expected: a violation only when the
-    expectation came from the signed manifest, not from a caller that may be wrong."""
-
-
-def transfer_deadline(size: int, *, min_rate: float = MIN_RATE,
-                      grace: float = DEADLINE_GRACE) -> float:
-    """Seconds a transfer of ``size`` bytes may take in all."""
-    return size / min_rate + grace
-
-ChunkSource = Callable[[str], Path | bytes | None]
-"""A chunk's file, or bytes held in memory (the signed manifest), or None when not held."""
 
 
 def serve_chunks(
@@ -78,6 +68,7 @@ def serve_chunks(
     refuse: Callable[[ID], bool] | None = None,
     max_concurrent: int = MAX_CONCURRENT_SERVES,
     max_per_peer: int = MAX_SERVES_PER_PEER,
+    max_per_prefix: int = MAX_SERVES_PER_PREFIX,
     min_rate: float = MIN_RATE,
     grace: float = DEADLINE_GRACE,
 ) -> Callable[[INetStream], Awaitable[None]]:
@@ -85,70 +76,72 @@ def serve_chunks(
 
     ``source(name)`` maps a valid chunk name to its file, or None when it is not held. Bad
     requests are answered with a ``Reject`` and reported; none of them stops the handler.
-    At most ``max_concurrent`` chunks are sent at once, ``max_per_peer`` to one peer, each
-    within ``transfer_deadline`` (a slow reader is cut off and its slot freed).
+    At most ``max_concurrent`` chunks are sent at once, ``max_per_peer`` to one peer and
+    ``max_per_prefix`` to the peers of one network, each within ``transfer_deadline`` (a slow
+    reader is cut off and its slot freed).
     """
-    slots = trio.Semaphore(max_concurrent)
-    per_peer: dict[ID, int] = {}
-
-    async def reject(stream: INetStream, code: RejectCode, detail: str) -> None:
-        with trio.move_on_after(1.0), contextlib.suppress(Exception):
-            await write_message(stream, Reject(code=int(code), detail=detail[:512]))
+    slots = ServeSlots(ServeLimits(max_concurrent, max_per_peer, max_per_prefix))
 
     async def handler(stream: INetStream) -> None:
         peer_id = stream.muxed_conn.peer_id
+        peer = peer_id.to_bytes()
         try:
             if refuse is not None and refuse(peer_id):
-                await reject(stream, RejectCode.FORBIDDEN, "banned")
+                await _reject(stream, RejectCode.FORBIDDEN, "banned")
                 return
             try:
                 with trio.fail_after(REQUEST_TIMEOUT):
                     msg = await read_message(stream, DATASET, MAX_REQUEST)
-                if not isinstance(msg, GetChunk):
-                    raise ProtocolViolation(RejectCode.UNKNOWN_TYPE, "expected GetChunk")
-                name = check_chunk_name(msg.chunk)
-                path = source(name)
-                if path is None:
-                    raise ProtocolViolation(RejectCode.NOT_FOUND, f"chunk {name} is not here")
+                name, held = chunk_to_serve(msg, source)
             except ProtocolViolation as exc:
                 log.info("rejecting chunk request from %s: %s", peer_id, exc)
                 if on_violation is not None and exc.code not in NOT_A_FAULT:
                     on_violation(peer_id, exc.code)
-                await reject(stream, exc.code, exc.detail)
+                await _reject(stream, exc.code, exc.detail)
                 return
-            if per_peer.get(peer_id, 0) >= max_per_peer:
-                await reject(stream, RejectCode.RATE_LIMITED,
-                             f"already sending you {max_per_peer} chunks")
+            prefix = _network_of(stream)
+            try:
+                slots.take(peer, prefix)
+            except ProtocolViolation as exc:
+                await _reject(stream, exc.code, exc.detail)
                 return
             try:
-                slots.acquire_nowait()
-            except trio.WouldBlock:
-                await reject(stream, RejectCode.RATE_LIMITED, "serving too many chunks")
-                return
-            per_peer[peer_id] = per_peer.get(peer_id, 0) + 1
-            try:
-                if isinstance(path, bytes):
-                    await _send_bytes(stream, name, path, min_rate, grace)
+                if isinstance(held, bytes):
+                    await _send_bytes(stream, name, held, min_rate, grace)
                 else:
-                    await _send_file(stream, name, path, min_rate, grace)
+                    await _send_file(stream, name, held, min_rate, grace)
             finally:
-                slots.release()
-                left = per_peer.pop(peer_id) - 1
-                if left:
-                    per_peer[peer_id] = left
+                slots.give_back(peer, prefix)
         except (PeerUnavailable, trio.TooSlowError):
             pass
         except ProtocolViolation as exc:
             # Our own file went missing or is unusable: the requester asks another holder.
             log.warning("cannot serve a chunk to %s: %s", peer_id, exc)
-            await reject(stream, exc.code, exc.detail)
+            await _reject(stream, exc.code, exc.detail)
         except Exception:
             log.exception("serving a chunk to %s failed", peer_id)
-            await reject(stream, RejectCode.INTERNAL, "")
+            await _reject(stream, RejectCode.INTERNAL, "")
         finally:
             await close_quietly(stream)
 
     return handler
+
+
+async def _reject(stream: INetStream, code: RejectCode, detail: str) -> None:
+    with trio.move_on_after(1.0), contextlib.suppress(Exception):
+        await write_message(stream, Reject(code=int(code), detail=detail[:512]))
+
+
+def _network_of(stream: INetStream) -> str | None:
+    """The network prefix of the peer's address; None when relayed (the address is the
+    relay's) or unknown."""
+    try:
+        if any(is_relayed(str(a)) for a in stream.muxed_conn.get_transport_addresses()):
+            return None
+        address = stream.get_remote_address()
+    except Exception:
+        return None
+    return network_prefix(str(address[0])) if address else None
 
 
 async def _send_bytes(
@@ -201,12 +194,12 @@ async def fetch_chunk(
         PeerUnavailable: no stream, or the peer stalled, was too slow or closed early.
         RemoteRejected: the peer refused (e.g. ``NOT_FOUND``).
         ProtocolViolation: the peer sent malformed frames, too many bytes, or bytes whose
-            hash is not ``name`` (the caller should score it and try another holder).
+            hash is not ``name`` (the caller should score it and try another holder);
+            ``LargerThanExpected`` when it announced more than ``expected_size``.
 
     Cancellation closes the stream.
     """
-    check_chunk_name(name)
-    limit = expected_size if expected_size is not None else MAX_CHUNK_BYTES
+    receiver = ChunkReceiver(name, expected_size)
     stream: INetStream | None = None
     try:
         try:
@@ -220,20 +213,9 @@ async def fetch_chunk(
             raise
         except Exception as exc:
             raise PeerUnavailable(f"cannot fetch from {peer_id}: {exc}") from None
-        if isinstance(header, Reject):
-            raise RemoteRejected(header.code, header.detail)
-        if not isinstance(header, ChunkHeader) or header.chunk != name:
-            raise ProtocolViolation(RejectCode.UNEXPECTED, "expected the header of that chunk")
-        if header.size > limit:
-            raise LargerThanExpected(
-                RejectCode.TOO_LARGE, f"chunk of {header.size} bytes, expected at most {limit}"
-            )
-        hasher = blake3.blake3()
-        received = bytearray()
-        deadline = trio.current_time() + transfer_deadline(
-            header.size, min_rate=min_rate, grace=grace
-        )
-        while len(received) < header.size:
+        size = receiver.receive_header(header)
+        deadline = trio.current_time() + transfer_deadline(size, min_rate=min_rate, grace=grace)
+        while not receiver.complete:
             try:
                 with trio.fail_at(min(deadline, trio.current_time() + PART_TIMEOUT)):
                     part = await read_message(stream, DATASET, MAX_PART_FRAME)
@@ -241,22 +223,8 @@ async def fetch_chunk(
                 raise PeerUnavailable(
                     f"{peer_id} stalled or was too slow sending chunk {name[:12]}"
                 ) from None
-            if not isinstance(part, ChunkPart):
-                raise ProtocolViolation(RejectCode.UNEXPECTED, "expected a ChunkPart")
-            if len(received) + len(part.data) > header.size:
-                raise ProtocolViolation(RejectCode.TOO_LARGE, "more bytes than announced")
-            if len(part.data) < MIN_PART_BYTES and len(received) + len(part.data) < header.size:
-                raise ProtocolViolation(
-                    RejectCode.INVALID_FIELD,
-                    f"a part of {len(part.data)} bytes (at least {MIN_PART_BYTES} but the last)",
-                )
-            hasher.update(part.data)
-            received += part.data
-        if hasher.hexdigest() != name:
-            raise ProtocolViolation(
-                RejectCode.INVALID_FIELD, f"chunk bytes do not hash to {name[:12]}..."
-            )
-        return bytes(received)
+            receiver.receive_part(part)
+        return receiver.result()
     finally:
         if stream is not None:
             await close_quietly(stream)

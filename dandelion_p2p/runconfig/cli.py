@@ -10,23 +10,7 @@ from typing import Any
 
 import click
 
-CONTROL = [
-    click.option("--data-dir", type=click.Path(path_type=Path), help="The daemon's data dir."),
-    click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML file."),
-]
-
-
-def _control_options(func: Any) -> Any:
-    for option in reversed(CONTROL):
-        func = option(func)
-    return func
-
-
-def _call(data_dir: Path | None, config_file: Path | None, method: str,
-          params: dict[str, Any]) -> dict[str, Any]:
-    from dandelion_p2p.cli import _control
-
-    return _control(data_dir, config_file, method, params)
+from dandelion_p2p.cli_common import CONTROL_OPTIONS, add_options, call_daemon
 
 
 def printable(value: object, *, multiline: bool = False) -> str:
@@ -63,7 +47,7 @@ def _age(updated_at: float) -> str:
 
 
 @click.group(invoke_without_command=True)
-@_control_options
+@add_options(CONTROL_OPTIONS)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def runs(ctx: click.Context, data_dir: Path | None, config_file: Path | None,
@@ -71,7 +55,7 @@ def runs(ctx: click.Context, data_dir: Path | None, config_file: Path | None,
     """List the runs of the swarm (as their owners list them in the DHT)."""
     if ctx.invoked_subcommand is not None:
         return
-    result = _call(data_dir, config_file, "runs.list", {})
+    result = call_daemon(data_dir, config_file, "runs.list", {})
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -84,10 +68,10 @@ def runs(ctx: click.Context, data_dir: Path | None, config_file: Path | None,
 
 @runs.command()
 @click.argument("run")
-@_control_options
+@add_options(CONTROL_OPTIONS)
 def show(run: str, data_dir: Path | None, config_file: Path | None) -> None:
     """Print the newest config of RUN."""
-    result = _call(data_dir, config_file, "runconfig.get", {"run": run})
+    result = call_daemon(data_dir, config_file, "runconfig.get", {"run": run})
     click.echo(shown_config(result), nl=False)
 
 
@@ -96,13 +80,13 @@ def show(run: str, data_dir: Path | None, config_file: Path | None) -> None:
 @click.option("--at-step", type=click.IntRange(0, 2**53 - 1), default=None,
               help="The global step from which the new version applies (rounded up to a "
                    "round boundary); default: a few rounds after the swarm's current step.")
-@_control_options
+@add_options(CONTROL_OPTIONS)
 def publish(toml_file: Path, at_step: int | None, data_dir: Path | None,
             config_file: Path | None) -> None:
     """Publish TOML_FILE as the next version of its run (the daemon's key owns the run)."""
     params: dict[str, Any] = {"toml": toml_file.read_text(encoding="utf-8")}
     if at_step is not None:
         params["at_step"] = at_step
-    result = _call(data_dir, config_file, "runconfig.publish", params)
+    result = call_daemon(data_dir, config_file, "runconfig.publish", params)
     click.echo(printable(f"published {result['run']} version {result['version']}, in force "
                          f"from global step {result['effective_step']}"))

@@ -19,19 +19,17 @@ that a newer schema does not make older servers refuse configs.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import time
-from typing import TypeVar
 
 import blake3
-import msgpack
 
 from dandelion_p2p.errors import ConfigError, ProtocolViolation
 from dandelion_p2p.identity import MAX_PEER_ID_SIZE, Identity, PeerId, verify_by_peer
 from dandelion_p2p.net.dht.messages import MAX_VALUE
 from dandelion_p2p.net.dht.records import NamespacePolicy, RecordValidator
 from dandelion_p2p.wire import Message, Registry, RejectCode, decode, encode, invalid
+from dandelion_p2p.wire.signed import SignedMessage
 
 RUNCONFIG = Registry("runconfig")
 
@@ -48,7 +46,6 @@ MAX_RECORD_TTL_MS = 2 * 3_600_000
 MAX_TOML_BYTES = MAX_VALUE - 1024
 _RUN_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _RUN_ID = re.compile(r"([a-z0-9][a-z0-9._-]{0,63})-([0-9a-f]{24})")
-M = TypeVar("M", bound=Message)
 
 
 def derive_run_id(owner: bytes, name: str) -> str:
@@ -80,10 +77,27 @@ def _check_owner_fields(run: str, name: str, owner: bytes, where: str) -> None:
         raise invalid(f"{where}.run: not a run id")
 
 
+def _check_config(config: SignedRunConfig | SignedRunConfigV1) -> None:
+    """The rules both config formats share (every field but the V2 ``effective_step``)."""
+    _check_owner_fields(config.run, config.name, config.owner, "SignedRunConfig")
+    if not 1 <= config.version < 2**63:
+        raise invalid("SignedRunConfig.version must be >= 1")
+    if len(config.toml.encode()) > MAX_TOML_BYTES:
+        raise invalid(f"SignedRunConfig.toml: over {MAX_TOML_BYTES} bytes")
+    if not 0 <= config.published_at_ms < 2**53:
+        raise invalid("SignedRunConfig.published_at_ms out of range")
+    if len(config.signature) > 64:
+        raise invalid("SignedRunConfig.signature longer than 64 bytes")
+
+
+# The two config formats cannot share one field declaration: the signed bytes follow the
+# declaration order, and V2 signs ``effective_step`` between ``version`` and ``toml``.
 @RUNCONFIG.message(1)
-class SignedRunConfigV1(Message):
+class SignedRunConfigV1(SignedMessage):
     """Version ``version`` of run ``run``'s config in the first format: no effective step, so
     readers take it as applying from global step 0. Read, never written."""
+
+    SIGNING_DOMAIN = CONFIG_SIGNING_DOMAIN_V1
 
     run: str
     name: str
@@ -94,15 +108,7 @@ class SignedRunConfigV1(Message):
     signature: bytes
 
     def check(self) -> None:
-        _check_config_fields(self.run, self.name, self.owner, self.version, self.toml,
-                             self.published_at_ms, self.signature)
-
-    def payload(self) -> bytes:
-        return msgpack.packb(
-            [CONFIG_SIGNING_DOMAIN_V1, self.run, self.name, self.owner, self.version, self.toml,
-             self.published_at_ms],
-            use_bin_type=True,
-        )
+        _check_config(self)
 
     @property
     def effective_step(self) -> int:
@@ -110,9 +116,11 @@ class SignedRunConfigV1(Message):
 
 
 @RUNCONFIG.message(4)
-class SignedRunConfig(Message):
+class SignedRunConfig(SignedMessage):
     """Version ``version`` of run ``run``'s config, in force from global step
     ``effective_step``, signed by its owner."""
+
+    SIGNING_DOMAIN = CONFIG_SIGNING_DOMAIN
 
     run: str
     name: str
@@ -124,39 +132,20 @@ class SignedRunConfig(Message):
     signature: bytes
 
     def check(self) -> None:
-        _check_config_fields(self.run, self.name, self.owner, self.version, self.toml,
-                             self.published_at_ms, self.signature)
+        _check_config(self)
         if not 0 <= self.effective_step < MAX_STEP:
             raise invalid("SignedRunConfig.effective_step out of range")
-
-    def payload(self) -> bytes:
-        return msgpack.packb(
-            [CONFIG_SIGNING_DOMAIN, self.run, self.name, self.owner, self.version,
-             self.effective_step, self.toml, self.published_at_ms],
-            use_bin_type=True,
-        )
 
     @property
     def owner_b58(self) -> str:
         return PeerId(self.owner).to_base58()
 
 
-def _check_config_fields(run: str, name: str, owner: bytes, version: int, toml: str,
-                         published_at_ms: int, signature: bytes) -> None:
-    _check_owner_fields(run, name, owner, "SignedRunConfig")
-    if not 1 <= version < 2**63:
-        raise invalid("SignedRunConfig.version must be >= 1")
-    if len(toml.encode()) > MAX_TOML_BYTES:
-        raise invalid(f"SignedRunConfig.toml: over {MAX_TOML_BYTES} bytes")
-    if not 0 <= published_at_ms < 2**53:
-        raise invalid("SignedRunConfig.published_at_ms out of range")
-    if len(signature) > 64:
-        raise invalid("SignedRunConfig.signature longer than 64 bytes")
-
-
 @RUNCONFIG.message(2)
-class RunListing(Message):
+class RunListing(SignedMessage):
     """What ``runs`` shows about a run: enough to choose one to join, signed by its owner."""
+
+    SIGNING_DOMAIN = LISTING_SIGNING_DOMAIN
 
     run: str
     name: str
@@ -176,13 +165,6 @@ class RunListing(Message):
             raise invalid("RunListing.updated_at_ms out of range")
         if len(self.signature) > 64:
             raise invalid("RunListing.signature longer than 64 bytes")
-
-    def payload(self) -> bytes:
-        return msgpack.packb(
-            [LISTING_SIGNING_DOMAIN, self.run, self.name, self.owner, self.version, self.model,
-             self.updated_at_ms],
-            use_bin_type=True,
-        )
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -228,7 +210,7 @@ def sign_config(
         ),
         signature=b"",
     )
-    return _with_signature(unsigned, identity.sign(unsigned.payload()))
+    return unsigned.signed_with(identity.sign)
 
 
 def sign_listing(identity: Identity, config: SignedRunConfig, model: str) -> RunListing:
@@ -241,11 +223,7 @@ def sign_listing(identity: Identity, config: SignedRunConfig, model: str) -> Run
         updated_at_ms=config.published_at_ms,
         signature=b"",
     )
-    return _with_signature(unsigned, identity.sign(unsigned.payload()))
-
-
-def _with_signature(msg: M, signature: bytes) -> M:
-    return dataclasses.replace(msg, signature=signature)  # type: ignore[type-var]
+    return unsigned.signed_with(identity.sign)
 
 
 def verify_owned(value: SignedRunConfig | SignedRunConfigV1 | RunListing) -> None:
@@ -258,7 +236,7 @@ def verify_owned(value: SignedRunConfig | SignedRunConfigV1 | RunListing) -> Non
         raise ProtocolViolation(
             RejectCode.FORBIDDEN, f"run {value.run} does not belong to the signing key"
         )
-    if not verify_by_peer(value.owner, value.payload(), value.signature):
+    if not verify_by_peer(value.owner, value.signed_bytes(), value.signature):
         raise ProtocolViolation(RejectCode.BAD_SIGNATURE, "not signed by the run's owner")
 
 

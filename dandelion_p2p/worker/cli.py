@@ -67,7 +67,7 @@ def worker_command(socket_path: Path | None, data_dir: Path | None, run_config: 
 
 
 def run_worker(**kwargs: Any) -> int:
-    from dandelion_p2p.control import CommandFailed
+    from dandelion_p2p.control.protocol import CommandFailed
     from dandelion_p2p.errors import ConfigError, PeerUnavailable
 
     try:
@@ -174,7 +174,12 @@ def _run(*, socket_path: Path | None, data_dir: Path | None, run_config: Path | 
         stop_at=stop_at,
         export=export,
     )
-    trainer = _set_up(lambda: Trainer(config, options, link, peer=peer))
+    def set_up() -> Trainer:
+        trainer = Trainer(config, options, link, peer=peer)
+        trainer.resume()
+        return trainer
+
+    trainer = _set_up(set_up)
 
     def request_stop(signum: int, frame: object) -> None:
         log.info("stopping after this step (signal %d)", signum)

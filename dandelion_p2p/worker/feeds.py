@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from dandelion_p2p.control import CommandFailed
+from dandelion_p2p.control.protocol import CommandFailed
 from dandelion_p2p.errors import ConfigError, DandelionError, PeerUnavailable
 from dandelion_p2p.worker.bucketing import BatchPlan, Bucket, nearest_bucket, plan_epoch
 from dandelion_p2p.worker.data import Sample, scan, scan_shard

@@ -5,9 +5,11 @@ from __future__ import annotations
 import io
 import random
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
+from dandelion_p2p.dataset.client import DatasetClient
 from dandelion_p2p.dataset.leases import LeaseBook
 from dandelion_p2p.dataset.manifest import Manifest
 from dandelion_p2p.dataset.pack import pack
@@ -71,7 +73,14 @@ async def serve_dataset(
     """``node`` serves the packed dataset in ``data_dir`` for ``run``, announced in the DHT;
     its lease book (``server.book``) is the caller's to close."""
     book = LeaseBook(book_path, manifest, run)
-    server = DatasetServer(node, run, manifest, data_dir, book, config or DatasetConfig())
+    server = DatasetServer(run, manifest, data_dir, book, config or DatasetConfig(),
+                           host=node.host, records=node.records, scores=node)
     server.install()
     assert await server.announce() >= 1
     return server
+
+
+def dataset_client(node: SwarmNode, run: str, cache_dir: Path, **options: Any) -> DatasetClient:
+    """A dataset client of ``run`` over ``node``'s ports, as the daemon wires one."""
+    return DatasetClient(run, cache_dir, host=node.host, signer=node.identity,
+                         records=node.records, links=node, scores=node, **options)

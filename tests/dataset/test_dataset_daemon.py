@@ -19,9 +19,9 @@ import pytest
 import trio
 from libp2p.peer.id import ID
 
-from dandelion_p2p.control import CommandFailed, call
+from dandelion_p2p.control.client import call
+from dandelion_p2p.control.protocol import CommandFailed
 from dandelion_p2p.dataset.chunks import chunk_hash
-from dandelion_p2p.dataset.client import DatasetClient
 from dandelion_p2p.dataset.messages import LeaseGrant
 from dandelion_p2p.errors import PeerUnavailable, RemoteRejected
 from dandelion_p2p.identity import Identity, write_identity
@@ -29,7 +29,7 @@ from dandelion_p2p.net.dht.messages import PeerRef
 from dandelion_p2p.runconfig.publication import derive_run_id
 from dandelion_p2p.runconfig.watcher import RunConfigWatcher
 from tests.daemon_proc import DaemonProcess, start_daemon
-from tests.dataset.helpers import packed_dataset, run_toml
+from tests.dataset.helpers import dataset_client, packed_dataset, run_toml
 from tests.swarm import public_settings, running_node
 
 
@@ -95,8 +95,8 @@ async def test_sigkill_mid_lease_loses_nothing_and_grants_nothing_twice(tmp_path
             nodes = [await stack.enter_async_context(
                 running_node(public_settings(bootstrap=boot))) for _ in range(2)]
             holder, worker = (
-                DatasetClient(n, run, tmp_path / f"cache-{i}", servers=[server],
-                              announce_holdings=False)
+                dataset_client(n, run, tmp_path / f"cache-{i}", servers=[server],
+                               announce_holdings=False)
                 for i, n in enumerate(nodes)
             )
             # The holder takes a lease and keeps it across the crash.
@@ -174,7 +174,7 @@ async def test_sigkill_mid_lease_loses_nothing_and_grants_nothing_twice(tmp_path
             # A new learning rate published mid-run reaches a peer's watcher.
             dht = nodes[1].dht
             assert dht is not None
-            watcher = RunConfigWatcher(run, dht.get, poll_interval=0.2)
+            watcher = RunConfigWatcher(run, dht, poll_interval=0.2)
             published = await call(sock, "runconfig.publish", {"toml": run_toml(lr=2e-4)})
             assert (published["run"], published["version"]) == (run, 2)
             async with trio.open_nursery() as nursery:

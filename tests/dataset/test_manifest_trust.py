@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from dandelion_p2p.dataset.client import DatasetClient
 from dandelion_p2p.dataset.manifest import load_manifest, signed_digest, signed_document
 from dandelion_p2p.dataset.messages import LeaseGrant
 from dandelion_p2p.dataset.pack import pack
@@ -15,7 +14,7 @@ from dandelion_p2p.net.dht.messages import PeerRef
 from dandelion_p2p.net.node import SwarmNode
 from dandelion_p2p.runconfig.publication import derive_run_id
 from dandelion_p2p.runconfig.schema import DatasetConfig
-from tests.dataset.helpers import image_folder, packed_dataset, serve_dataset
+from tests.dataset.helpers import dataset_client, image_folder, packed_dataset, serve_dataset
 from tests.swarm import swarm
 
 
@@ -45,8 +44,8 @@ async def test_a_hostile_server_of_the_same_run_is_skipped_and_its_grants_refuse
         digest = signed_digest(signed_document(honest_dir))
         assert honest_server.signed_manifest_digest == digest
         try:
-            client = DatasetClient(peer, run, tmp_path / "cache", expected_manifest=digest,
-                                   announce_holdings=False)
+            client = dataset_client(peer, run, tmp_path / "cache", expected_manifest=digest,
+                                    announce_holdings=False)
             discovered = await client.servers(refresh=True)
             assert hostile.identity.peer_id_bytes in discovered  # before the manifest is known
             manifest = await client.verified_manifest()
@@ -61,8 +60,8 @@ async def test_a_hostile_server_of_the_same_run_is_skipped_and_its_grants_refuse
 
             # Named explicitly (tried first), the hostile server's grant is refused, it is
             # scored down, and the lease comes from the owner's server.
-            named = DatasetClient(other, run, tmp_path / "cache-2", expected_manifest=digest,
-                                  servers=[_ref(hostile)], announce_holdings=False)
+            named = dataset_client(other, run, tmp_path / "cache-2", expected_manifest=digest,
+                                   servers=[_ref(hostile)], announce_holdings=False)
             grant = await named.lease()
             assert (grant.chunk, grant.samples, grant.size) in entries
             assert named.granted_by(grant) == owner.identity.peer_id_bytes
@@ -71,9 +70,9 @@ async def test_a_hostile_server_of_the_same_run_is_skipped_and_its_grants_refuse
 
             # A config naming the hostile manifest finds it signed by someone else than the
             # run's owner: no manifest, no lease.
-            fooled = DatasetClient(other, run, tmp_path / "cache-3",
-                                   expected_manifest=hostile_server.signed_manifest_digest,
-                                   announce_holdings=False)
+            fooled = dataset_client(other, run, tmp_path / "cache-3",
+                                    expected_manifest=hostile_server.signed_manifest_digest,
+                                    announce_holdings=False)
             with pytest.raises(PeerUnavailable, match="not the run's owner"):
                 await fooled.verified_manifest()
         finally:
@@ -90,7 +89,7 @@ async def test_without_a_manifest_in_the_config_any_server_is_used_with_a_warnin
         book = (await serve_dataset(owner, run, manifest, data_dir,
                                     tmp_path / "leases.sqlite")).book
         try:
-            client = DatasetClient(peer, run, tmp_path / "cache", announce_holdings=False)
+            client = dataset_client(peer, run, tmp_path / "cache", announce_holdings=False)
             for _ in range(2):
                 await client.lease()
             warnings = [r for r in caplog.records if "names no dataset manifest" in r.message]
@@ -112,12 +111,12 @@ async def test_a_no_lease_from_one_server_does_not_stop_the_client_asking_the_ne
         ]
         try:
             # Every chunk of the second server is out, so it answers NoLease.
-            taker = DatasetClient(greedy, run, tmp_path / "cache-g", servers=[_ref(second)],
-                                  announce_holdings=False)
+            taker = dataset_client(greedy, run, tmp_path / "cache-g", servers=[_ref(second)],
+                                   announce_holdings=False)
             for _ in manifest.chunks:
                 assert isinstance(await taker.try_lease(), LeaseGrant)
-            client = DatasetClient(peer, run, tmp_path / "cache", servers=[_ref(second)],
-                                   announce_holdings=False)
+            client = dataset_client(peer, run, tmp_path / "cache", servers=[_ref(second)],
+                                    announce_holdings=False)
             reply = await client.try_lease()
             assert isinstance(reply, LeaseGrant)
             assert client.granted_by(reply) == owner.identity.peer_id_bytes

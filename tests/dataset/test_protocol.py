@@ -39,7 +39,7 @@ from dandelion_p2p.runconfig.publication import derive_run_id
 from dandelion_p2p.runconfig.schema import DatasetConfig
 from dandelion_p2p.wire import Message, Reject, RejectCode
 from dandelion_p2p.wire.framing import HEADER
-from tests.dataset.helpers import packed_dataset, serve_dataset
+from tests.dataset.helpers import dataset_client, packed_dataset, serve_dataset
 from tests.swarm import public_settings, running_node, serve_node, swarm
 
 
@@ -73,7 +73,7 @@ async def dataset_swarm(tmp_path: Path, count: int = 3) -> AsyncIterator[Setup]:
 
 async def test_lease_fetch_complete_and_a_flipped_byte_is_fetched_again(tmp_path: Path) -> None:
     async with dataset_swarm(tmp_path) as s:
-        holder = DatasetClient(s.nodes[1], s.run, tmp_path / "cache-b")
+        holder = dataset_client(s.nodes[1], s.run, tmp_path / "cache-b")
         holder.install()
         lease = await holder.lease()
         data = await holder.fetch(lease.chunk, expected_size=lease.size)
@@ -88,7 +88,7 @@ async def test_lease_fetch_complete_and_a_flipped_byte_is_fetched_again(tmp_path
         raw[len(raw) // 2] ^= 0x01
         cached.write_bytes(bytes(raw))
 
-        fetcher = DatasetClient(s.nodes[2], s.run, tmp_path / "cache-c")
+        fetcher = dataset_client(s.nodes[2], s.run, tmp_path / "cache-c")
         fetcher.install()
         assert await fetcher.holders(lease.chunk) == [s.nodes[1].identity.peer_id_bytes]
         got = await fetcher.fetch(lease.chunk)
@@ -185,20 +185,20 @@ async def test_bad_requests_get_reject_codes_and_the_server_keeps_serving(
 
         def forged(node: SwarmNode, grant: LeaseGrant) -> Receipt:
             receipt = unsigned(node, grant)
-            return replace(receipt, signature=Identity.generate().sign(receipt.payload()))
+            return replace(receipt, signature=Identity.generate().sign(receipt.signed_bytes()))
 
         def in_another_name(node: SwarmNode, grant: LeaseGrant) -> Receipt:
             victim = s.nodes[1].identity
             receipt = Receipt(peer=victim.peer_id_bytes, **fields(grant))
-            return replace(receipt, signature=victim.sign(receipt.payload()))
+            return replace(receipt, signature=victim.sign(receipt.signed_bytes()))
 
         assert await receipt_rejection(unsigned) == RejectCode.BAD_SIGNATURE
         assert await receipt_rejection(forged) == RejectCode.BAD_SIGNATURE
         assert await receipt_rejection(in_another_name) == RejectCode.FORBIDDEN
         assert s.server.book.completed(0) == 0
 
-        honest = DatasetClient(s.nodes[1], s.run, tmp_path / "cache-b",
-                               servers=[s.server_ref()])
+        honest = dataset_client(s.nodes[1], s.run, tmp_path / "cache-b",
+                                servers=[s.server_ref()])
         lease = await honest.lease()
         assert chunk_hash(await honest.fetch(lease.chunk)) == lease.chunk
         ack = await honest.complete(lease)
@@ -207,7 +207,7 @@ async def test_bad_requests_get_reject_codes_and_the_server_keeps_serving(
 
 async def test_an_epoch_across_two_peers_ends_with_one_receipt_per_chunk(tmp_path: Path) -> None:
     async with dataset_swarm(tmp_path) as s:
-        clients = [DatasetClient(n, s.run, tmp_path / f"cache-{i}")
+        clients = [dataset_client(n, s.run, tmp_path / f"cache-{i}")
                    for i, n in enumerate(s.nodes[1:])]
         holding: dict[str, str] = {}
         done: list[str] = []
@@ -217,7 +217,7 @@ async def test_an_epoch_across_two_peers_ends_with_one_receipt_per_chunk(tmp_pat
                 reply = await client.try_lease()
                 if not isinstance(reply, LeaseGrant) or reply.epoch > 0:
                     return
-                who = client.node.peer_id.to_base58()
+                who = ID(client.signer.peer_id_bytes).to_base58()
                 assert reply.chunk not in holding, "one chunk leased to two peers at once"
                 holding[reply.chunk] = who
                 await client.fetch(reply.chunk, expected_size=reply.size)
@@ -273,8 +273,8 @@ async def test_two_servers_serve_one_run_and_a_peer_fails_over(tmp_path: Path) -
     async with two_servers_of_one_run(tmp_path) as two:
         servers, books = two.servers, two.books
         # A server that vanished may leave a connection that only times out.
-        client = DatasetClient(two.peer, two.run, tmp_path / "cache", announce_holdings=False,
-                               request_timeout=2.0)
+        client = dataset_client(two.peer, two.run, tmp_path / "cache", announce_holdings=False,
+                                request_timeout=2.0)
         assert set(await client.servers(refresh=True)) == {n.identity.peer_id_bytes
                                                             for n in servers}
         first = await client.lease()
@@ -299,8 +299,8 @@ async def test_leases_of_the_same_number_from_two_servers_each_get_their_receipt
     async with two_servers_of_one_run(tmp_path, DatasetConfig(max_leases_per_peer=16)) as two:
         refs = [PeerRef(peer_id=n.identity.peer_id_bytes, addrs=tuple(n.direct_addrs()))
                 for n in two.servers]
-        client = DatasetClient(two.peer, two.run, tmp_path / "cache", servers=refs,
-                               announce_holdings=False)
+        client = dataset_client(two.peer, two.run, tmp_path / "cache", servers=refs,
+                                announce_holdings=False)
         total = len(two.manifest.chunks)
         # The first server's chunks run out, then the second grants its own, numbered alike.
         grants = [await client.lease() for _ in range(2 * total)]

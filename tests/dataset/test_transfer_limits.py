@@ -8,6 +8,7 @@ import pytest
 import trio
 from libp2p.abc import INetStream
 
+from dandelion_p2p.dataset.chunk_protocol import MIN_PART_BYTES
 from dandelion_p2p.dataset.chunks import chunk_hash
 from dandelion_p2p.dataset.messages import (
     CHUNK_PROTOCOL,
@@ -18,7 +19,7 @@ from dandelion_p2p.dataset.messages import (
     ChunkPart,
     GetChunk,
 )
-from dandelion_p2p.dataset.transfer import MIN_PART_BYTES, fetch_chunk, serve_chunks
+from dandelion_p2p.dataset.transfer import fetch_chunk, serve_chunks
 from dandelion_p2p.errors import PeerUnavailable, ProtocolViolation
 from dandelion_p2p.net.node import SwarmNode
 from dandelion_p2p.net.streams import close_quietly, read_message, write_message

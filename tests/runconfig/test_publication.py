@@ -6,6 +6,7 @@ import dataclasses
 import time
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from dandelion_p2p.errors import ConfigError, ProtocolViolation
@@ -14,7 +15,10 @@ from dandelion_p2p.net.dht.records import RecordValidator, sign_record
 from dandelion_p2p.runconfig.publication import (
     CONFIG_NAMESPACE,
     RUNS_NAMESPACE,
+    RunListing,
     RunListings,
+    SignedRunConfig,
+    SignedRunConfigV1,
     decode_config,
     derive_run_id,
     encode_value,
@@ -73,10 +77,10 @@ def test_dht_servers_refuse_configs_not_signed_by_the_runs_owner() -> None:
 
     # The forger signs a config claiming the owner's run...
     claims_run = dataclasses.replace(good, owner=forger.peer_id_bytes, signature=b"")
-    claims_run = dataclasses.replace(claims_run, signature=forger.sign(claims_run.payload()))
+    claims_run = claims_run.signed_with(forger.sign)
     # ... or keeps the owner's name in the value but signs it itself.
     owner_named = dataclasses.replace(good, version=9, signature=b"")
-    owner_named = dataclasses.replace(owner_named, signature=forger.sign(owner_named.payload()))
+    owner_named = owner_named.signed_with(forger.sign)
     for forged, code in ((claims_run, RejectCode.FORBIDDEN),
                          (owner_named, RejectCode.BAD_SIGNATURE)):
         with pytest.raises(ProtocolViolation) as exc:
@@ -113,10 +117,31 @@ def test_listings_are_signed_per_run() -> None:
     validator.validate(_record(owner, b"dandelion", value, RUNS_NAMESPACE),
                        int(time.time() * 1000))
     stolen = dataclasses.replace(listing, model="evil", signature=b"")
-    stolen = dataclasses.replace(stolen, signature=forger.sign(stolen.payload()))
+    stolen = stolen.signed_with(forger.sign)
     with pytest.raises(ProtocolViolation):
         validator.validate(
             _record(forger, b"dandelion", encode_value(RunListings(runs=(stolen,))),
                     RUNS_NAMESPACE),
             int(time.time() * 1000),
         )
+
+
+def test_signed_bytes_are_those_the_spec_lists() -> None:
+    """protocol/runconfig.md pins each signed array; the declared fields must produce it."""
+    owner = b"\x00\x24" + bytes(range(36))
+    run = derive_run_id(owner, "tiny")
+    config = SignedRunConfig(run=run, name="tiny", owner=owner, version=3, effective_step=150,
+                             toml="x = 1", published_at_ms=7, signature=b"s")
+    assert config.signed_bytes() == msgpack.packb(
+        [b"dandelion/runconfig/v2", run, "tiny", owner, 3, 150, "x = 1", 7], use_bin_type=True
+    )
+    first = SignedRunConfigV1(run=run, name="tiny", owner=owner, version=3, toml="x = 1",
+                              published_at_ms=7, signature=b"s")
+    assert first.signed_bytes() == msgpack.packb(
+        [b"dandelion/runconfig/v1", run, "tiny", owner, 3, "x = 1", 7], use_bin_type=True
+    )
+    listing = RunListing(run=run, name="tiny", owner=owner, version=3, model="sd",
+                         updated_at_ms=7, signature=b"s")
+    assert listing.signed_bytes() == msgpack.packb(
+        [b"dandelion/runlisting/v1", run, "tiny", owner, 3, "sd", 7], use_bin_type=True
+    )

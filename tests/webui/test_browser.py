@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from dandelion_p2p.control import CommandFailed
+from dandelion_p2p.control.protocol import CommandFailed
 from tests.webui.conftest import RUN_CONFIG, WebSwarm, wait_until
 
 CHROMIUM = Path("/usr/bin/chromium")
