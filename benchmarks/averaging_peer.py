@@ -27,6 +27,7 @@ from dandelion_p2p.daemon import configure_logging
 from dandelion_p2p.dataplane.service import DataPlane
 from dandelion_p2p.identity import Identity
 from dandelion_p2p.net.node import NodeSettings, SwarmNode
+from dandelion_p2p.services import DHT_NAMESPACES
 
 PIECE = 1 << 20
 _blocks: dict[int, np.ndarray] = {}
@@ -121,7 +122,7 @@ async def main(args: argparse.Namespace) -> None:
     )
     if args.byzantine == "nan":
         send_nan_payloads()
-    node = SwarmNode(identity, settings)
+    node = SwarmNode(identity, settings, namespaces=DHT_NAMESPACES)
     out = Path(args.out)
     async with node.running(), trio.open_nursery() as nursery:
         # Frames hold at most a 4 MiB chunk plus its header; a window of two such frames per
@@ -136,7 +137,16 @@ async def main(args: argparse.Namespace) -> None:
             window_bytes=2 * frame,
         )
         await nursery.start(dataplane.run)
-        averager = Averager(node, dataplane, run=args.run.encode(), settings=averaging)
+        averager = Averager(
+            signer=identity,
+            records=node.records,
+            links=node,
+            reputation=node,
+            dataplane=dataplane,
+            background=node.background,
+            run=args.run.encode(),
+            settings=averaging,
+        )
         addr = node.full_addrs()[0]
         print(f"ready {identity.peer_id.to_base58()} {addr}", flush=True)
         line = await trio.to_thread.run_sync(sys.stdin.readline)

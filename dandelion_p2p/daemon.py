@@ -13,7 +13,7 @@ from libp2p.peer.id import ID
 
 from dandelion_p2p.config import DaemonConfig
 from dandelion_p2p.context import DaemonContext, Handler
-from dandelion_p2p.control import serve_control
+from dandelion_p2p.control.server import serve_control
 from dandelion_p2p.dataplane.messages import format_endpoint
 from dandelion_p2p.dataplane.service import DataPlane
 from dandelion_p2p.errors import ConfigError
@@ -22,7 +22,7 @@ from dandelion_p2p.local_settings import load_local_settings, save_local_setting
 from dandelion_p2p.loghub import LogHub
 from dandelion_p2p.net.node import NodeSettings, SwarmNode
 from dandelion_p2p.net.relay import RelayLimitsConfig
-from dandelion_p2p.services import create_services
+from dandelion_p2p.services import DHT_NAMESPACES, create_services
 from dandelion_p2p.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ async def run_daemon(
     config.data_dir.mkdir(parents=True, exist_ok=True)
     identity = load_or_create_identity(config.identity_path)
     socket_path = config.control_socket_path
-    node = SwarmNode(identity, node_settings(config))
+    node = SwarmNode(identity, node_settings(config), namespaces=DHT_NAMESPACES)
     if logs is None:
         logs = LogHub()
     logs.bind()

@@ -13,7 +13,10 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
+from dandelion_p2p.averaging.matchmaking import register_namespace as register_averaging_namespace
 from dandelion_p2p.context import DaemonContext, Service
+from dandelion_p2p.dataset.namespaces import register_namespaces as register_dataset_namespaces
+from dandelion_p2p.net.dht.records import NamespaceRegistration
 
 SERVICE_MODULES: tuple[str, ...] = (
     "dandelion_p2p.node_metrics",
@@ -22,6 +25,13 @@ SERVICE_MODULES: tuple[str, ...] = (
     "dandelion_p2p.sync.service",
 )
 """Started in this order; each may rely on handlers registered by those before it."""
+
+DHT_NAMESPACES: tuple[NamespaceRegistration, ...] = (
+    register_averaging_namespace,
+    register_dataset_namespaces,
+)
+"""Every feature's DHT namespaces, for every ``SwarmNode``: a DHT server stores averaging
+announcements, dataset holders and run configs whether or not it takes part itself."""
 
 
 def create_services(ctx: DaemonContext) -> list[Service]:

@@ -10,6 +10,7 @@ import trio
 
 from dandelion_p2p.identity import Identity
 from dandelion_p2p.net.node import NodeSettings, SwarmNode
+from dandelion_p2p.services import DHT_NAMESPACES
 
 LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
 
@@ -22,7 +23,7 @@ def public_settings(**overrides: object) -> NodeSettings:
 
 @asynccontextmanager
 async def running_node(settings: NodeSettings) -> AsyncIterator[SwarmNode]:
-    node = SwarmNode(Identity.generate(), settings)
+    node = SwarmNode(Identity.generate(), settings, namespaces=DHT_NAMESPACES)
     async with node.running():
         yield node
 

@@ -28,7 +28,6 @@ from libp2p.peer.peerinfo import PeerInfo
 from multiaddr import Multiaddr
 
 from dandelion_p2p.identity import Identity
-from dandelion_p2p.net import notes
 from dandelion_p2p.net.announce import (
     ANNOUNCEMENT_TTL,
     MEMBERS_NAMESPACE,
@@ -51,6 +50,7 @@ from dandelion_p2p.net.dht.messages import (
 from dandelion_p2p.net.dht.records import node_key, routing_key, sign_record
 from dandelion_p2p.net.host import build_host
 from dandelion_p2p.net.node import NodeSettings, SwarmNode
+from dandelion_p2p.net.notes import protocol as notes
 from dandelion_p2p.net.streams import (
     NOT_A_FAULT,
     close_quietly,

@@ -458,7 +458,7 @@ async def test_keep_mapped_raises_when_nothing_can_be_mapped(
 # connection with b"pong:" + what it read, and on "close" from stdin removes the mapping.
 MAPPER = r"""
 import json, sys, trio
-from dandelion_p2p.net.portmap import close, open_mapping
+from dandelion_p2p.net.portmap.client import close, open_mapping
 
 async def answer(stream):
     async with stream:
@@ -487,7 +487,7 @@ trio.run(main)
 # Runs on the private host: holds a mapping with keep_mapped until a line arrives on stdin.
 KEEPER = r"""
 import functools, json, sys, trio
-from dandelion_p2p.net.portmap import keep_mapped
+from dandelion_p2p.net.portmap.client import keep_mapped
 
 async def answer(stream):
     async with stream:

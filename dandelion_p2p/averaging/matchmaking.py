@@ -25,8 +25,9 @@ from dandelion_p2p.averaging.messages import (
     encode_announcement,
 )
 from dandelion_p2p.errors import DandelionError, ProtocolViolation
-from dandelion_p2p.net.dht.node import DHTNode
 from dandelion_p2p.net.dht.records import NamespacePolicy, RecordValidator
+from dandelion_p2p.net.ports import RecordStore
+from dandelion_p2p.runconfig.schema import DEFAULT_GATHER_WINDOW
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,9 @@ def group_run_key(run: str, config_version: int, config_text: str = "") -> bytes
 
 
 def register_namespace(validator: RecordValidator) -> None:
+    """The ``avg`` namespace, on every node: DHT servers hold the announcements of peers
+    behind NAT whether or not they average themselves."""
+
     def check(value: bytes) -> None:
         decode_announcement(value)
 
@@ -62,7 +66,7 @@ def register_namespace(validator: RecordValidator) -> None:
 
 @dataclass(frozen=True)
 class MatchmakingSettings:
-    gather_window: float = 2.0
+    gather_window: float = DEFAULT_GATHER_WINDOW
     """Seconds between announcing and reading the others' announcements."""
     settle: float = 0.5
     """A second read this long after the first catches announcements still propagating."""
@@ -74,19 +78,14 @@ class MatchmakingSettings:
 
 
 class Matchmaker:
-    def __init__(
-        self,
-        dht: DHTNode,
-        *,
-        settings: MatchmakingSettings,
-    ) -> None:
-        self.dht = dht
+    def __init__(self, records: RecordStore, *, settings: MatchmakingSettings) -> None:
+        self.records = records
         self.settings = settings
 
     async def announce(self, announcement: AveragingAnnouncement) -> int:
         key = round_key(announcement.run, announcement.round)
         ttl = max(1.0, announcement.expires_at_ms / 1000 - time.time())
-        return await self.dht.put(
+        return await self.records.put(
             AVERAGING_NAMESPACE,
             key,
             encode_announcement(announcement),
@@ -98,7 +97,7 @@ class Matchmaker:
     async def read(self, run: bytes, round_: int) -> dict[bytes, AveragingAnnouncement]:
         """Valid announcements for (run, round), by publisher."""
         try:
-            records = await self.dht.get(
+            records = await self.records.get(
                 AVERAGING_NAMESPACE, round_key(run, round_), timeout=self.settings.dht_timeout
             )
         except DandelionError as exc:

@@ -1,14 +1,15 @@
 """The swarm node: one libp2p host with our DHT, relay handling, reachability and notes.
 
 This is the network core every daemon runs, public relay or NAT'd peer alike. It owns no
-training or averaging logic; those services register their own protocols on ``host``.
+training or averaging logic and knows no feature: features register their own protocols on
+``host``, and the composition root passes in their DHT namespaces (``namespaces``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +24,6 @@ from libp2p.tools.anyio_service import background_trio_service
 from libp2p.utils.address_validation import expand_wildcard_address
 
 from dandelion_p2p import __version__
-from dandelion_p2p.averaging.matchmaking import register_namespace as register_averaging_namespace
-from dandelion_p2p.dataset.namespaces import register_namespaces as register_dataset_namespaces
 from dandelion_p2p.errors import ConfigError, DandelionError, PeerUnavailable, ProtocolViolation
 from dandelion_p2p.identity import Identity
 from dandelion_p2p.net import addrs as maddrs
@@ -42,13 +41,15 @@ from dandelion_p2p.net.announce import (
 )
 from dandelion_p2p.net.dht.messages import PeerRef
 from dandelion_p2p.net.dht.node import DHTNode
-from dandelion_p2p.net.dht.records import RecordValidator
-from dandelion_p2p.net.dialback import DialBackService, ask_dial_back
+from dandelion_p2p.net.dht.records import NamespaceRegistration, RecordValidator
+from dandelion_p2p.net.dialback.protocol import dial_back_request
+from dandelion_p2p.net.dialback.service import DialBackService, ask_dial_back
 from dandelion_p2p.net.dialer import Dialer
 from dandelion_p2p.net.host import build_host
-from dandelion_p2p.net.notes import NoteService
+from dandelion_p2p.net.notes.service import NoteService
+from dandelion_p2p.net.ports import RecordStore
 from dandelion_p2p.net.relay import RelayLimitsConfig, RelayReservations, relay_services
-from dandelion_p2p.reputation.book import ScoreBook, ScoreEvent
+from dandelion_p2p.reputation.book import SCORE_EVENT_OF, ScoreBook, ScoreEvent
 from dandelion_p2p.reputation.store import SCORES_FILENAME, load_book, save_book
 from dandelion_p2p.wire import RejectCode
 
@@ -61,14 +62,6 @@ log = logging.getLogger(__name__)
 MIN_MEASURED_BYTES = 1 << 20
 
 Reachability = Literal["auto", "public", "private"]
-
-SCORE_EVENT_OF = {
-    RejectCode.BAD_SIGNATURE: ScoreEvent.BAD_SIGNATURE,
-    # Claiming to be someone else (a sender or signer that is not the connected peer).
-    RejectCode.FORBIDDEN: ScoreEvent.BAD_SIGNATURE,
-    RejectCode.TIMEOUT: ScoreEvent.TIMEOUT,
-}
-
 
 @dataclass(frozen=True)
 class NodeSettings:
@@ -103,9 +96,21 @@ def parse_bootstrap(addr: str) -> PeerRef:
 
 
 class SwarmNode:
-    """Run with ``async with node.running(): ...``; everything stops when the block exits."""
+    """Run with ``async with node.running(): ...``; everything stops when the block exits.
 
-    def __init__(self, identity: Identity, settings: NodeSettings) -> None:
+    ``namespaces`` register the features' DHT namespaces beside the node's own (peers,
+    members, relays). Every node should get every feature's: a DHT server stores the records
+    of features it does not take part in, since peers behind NAT rely on public nodes to
+    hold theirs.
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        settings: NodeSettings,
+        *,
+        namespaces: Iterable[NamespaceRegistration] = (),
+    ) -> None:
         self.identity = identity
         self.settings = settings
         self.peer_id = ID(identity.peer_id_bytes)
@@ -124,10 +129,8 @@ class SwarmNode:
         )
         self.validator = RecordValidator()
         register_core_namespaces(self.validator)
-        # Every DHT server stores averaging announcements, whether or not it averages itself:
-        # peers behind NAT rely on the public nodes to hold them.
-        register_averaging_namespace(self.validator)
-        register_dataset_namespaces(self.validator)
+        for register in namespaces:
+            register(self.validator)
         self.bootstrap_refs = [parse_bootstrap(a) for a in settings.bootstrap]
         # Measured bulk receive rate per peer, in Mbit/s (averaging rounds feed it).
         self.link_mbps: dict[bytes, float] = {}
@@ -137,7 +140,8 @@ class SwarmNode:
         self.mapped_addrs: list[str] = []
         self.violations: dict[str, int] = {}
         self.scores_path = settings.data_dir / SCORES_FILENAME if settings.data_dir else None
-        self.scores = load_book(self.scores_path) if self.scores_path else ScoreBook()
+        self.scores = ScoreBook()
+        """Filled from ``scores_path`` when the node starts running."""
         self._scores_dirty = False
         self.background: trio.Nursery | None = None
         """While the node runs: a nursery for work that should not hold up its caller."""
@@ -222,6 +226,8 @@ class SwarmNode:
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[SwarmNode]:
+        if self.scores_path is not None:
+            self.scores = load_book(self.scores_path)
         listen = [multiaddr.Multiaddr(a) for a in self.settings.listen]
         async with (
             self.host.run(listen_addrs=listen),
@@ -304,8 +310,8 @@ class SwarmNode:
 
     async def check_reachability(self, addrs: list[str]) -> bool:
         """Ask connected bootstrap peers to dial us back; reachable if any of them can."""
-        candidates = [a for a in addrs if not maddrs.is_relayed(a)]
-        if not candidates:
+        ask = dial_back_request(addrs)
+        if ask is None:
             return False
         for ref in self.bootstrap_refs:
             helper = ID(ref.peer_id)
@@ -313,7 +319,7 @@ class SwarmNode:
                 continue
             try:
                 result = await ask_dial_back(
-                    self.host, helper, candidates, timeout=self.settings.request_timeout
+                    self.host, helper, ask, timeout=self.settings.request_timeout
                 )
             except PeerUnavailable as exc:
                 log.info("dial-back check via %s failed: %s", helper, exc)
@@ -416,11 +422,32 @@ class SwarmNode:
         newest = max(records, key=lambda r: r.seq)
         return decode_announcement(newest.value)
 
-    async def connect_peer(self, peer_id: ID) -> None:
+    @property
+    def records(self) -> RecordStore:
+        """The DHT, as the features that store records in it see it.
+
+        Raises:
+            PeerUnavailable: the node is not running (yet).
+        """
+        if self.dht is None:
+            raise PeerUnavailable("the DHT is not running")
+        return self.dht
+
+    def is_connected(self, peer_id: ID) -> bool:
+        return self.dialer.is_connected(peer_id)
+
+    async def connect_peer(self, peer_id: ID, addrs: Sequence[str] = ()) -> None:
+        """Connect unless connected: at ``addrs`` when given, else at the addresses the
+        peer announced in the DHT.
+
+        Raises:
+            PeerUnavailable: the peer has no record, or none of its addresses answered.
+        """
         if self.dialer.is_connected(peer_id):
             return
-        announcement = await self.lookup_peer(peer_id)
-        await self.dialer.connect(peer_id, announcement.addrs)
+        if not addrs:
+            addrs = (await self.lookup_peer(peer_id)).addrs
+        await self.dialer.connect(peer_id, addrs)
 
     async def members(self) -> dict[str, PeerAnnouncement]:
         if self.dht is None:

@@ -16,7 +16,7 @@ import trio
 
 from dandelion_p2p.errors import DandelionError
 from dandelion_p2p.net import addrs as maddrs
-from dandelion_p2p.net.portmap import PortMapping, keep_mapped
+from dandelion_p2p.net.portmap.client import PortMapping, keep_mapped
 
 if TYPE_CHECKING:
     from dandelion_p2p.net.node import SwarmNode

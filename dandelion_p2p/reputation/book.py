@@ -36,6 +36,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from dandelion_p2p.errors import RejectCode
 from dandelion_p2p.identity import PeerId
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,16 @@ class ScoreEvent(enum.Enum):
     OUTLIER = "outlier"
     MALFORMED = "malformed"
     BAD_SIGNATURE = "bad_signature"
+
+
+SCORE_EVENT_OF: Mapping[RejectCode, ScoreEvent] = {
+    RejectCode.BAD_SIGNATURE: ScoreEvent.BAD_SIGNATURE,
+    # Claiming to be someone else (a sender or signer that is not the connected peer).
+    RejectCode.FORBIDDEN: ScoreEvent.BAD_SIGNATURE,
+    RejectCode.TIMEOUT: ScoreEvent.TIMEOUT,
+}
+"""How a remote peer's protocol violation, by its reject code, is scored; a code not listed
+here scores as ``MALFORMED``."""
 
 
 @dataclass(frozen=True, slots=True)

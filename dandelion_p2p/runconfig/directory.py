@@ -5,20 +5,19 @@ from __future__ import annotations
 import logging
 
 from dandelion_p2p.errors import ProtocolViolation
-from dandelion_p2p.net.dht.node import DHTNode
+from dandelion_p2p.net.ports import RecordStore
 from dandelion_p2p.runconfig.publication import RUNS_NAMESPACE, RunListing, decode_listings
 
 log = logging.getLogger(__name__)
 
 
-async def list_runs(dht: DHTNode, network: str) -> list[RunListing]:
+async def list_runs(records: RecordStore, network: str) -> list[RunListing]:
     """Every run listed in ``network``, newest version of each, most recently updated first.
 
     Raises ``DandelionError`` subclasses when the DHT cannot be read.
     """
-    records = await dht.get(RUNS_NAMESPACE, network.encode())
     newest: dict[str, RunListing] = {}
-    for record in records:
+    for record in await records.get(RUNS_NAMESPACE, network.encode()):
         try:
             listings = decode_listings(record.value)
         except ProtocolViolation as exc:

@@ -24,7 +24,7 @@ import trio
 
 from dandelion_p2p.errors import ConfigError, DandelionError
 from dandelion_p2p.identity import Identity
-from dandelion_p2p.net.dht.node import DHTNode
+from dandelion_p2p.net.ports import RecordStore
 from dandelion_p2p.runconfig.publication import (
     CONFIG_NAMESPACE,
     MAX_LISTED_RUNS,
@@ -67,18 +67,27 @@ class _Previous:
 
 
 class RunPublisher:
-    """Publishes configs of runs owned by ``identity`` into ``dht``."""
+    """Publishes configs of runs owned by ``identity`` into ``records`` (the DHT)."""
 
-    def __init__(self, identity: Identity, dht: DHTNode, network: str, state_dir: Path) -> None:
+    def __init__(
+        self, identity: Identity, records: RecordStore, network: str, state_dir: Path
+    ) -> None:
         self.identity = identity
-        self.dht = dht
+        self.records = records
         self.network = network
         self.state_dir = state_dir
-        self.listings: dict[str, RunListing] = self._load_listings()
-        """Runs published from this data dir, listed in the network's ``runs`` record."""
+        self._listings: dict[str, RunListing] | None = None
         self._publishing = trio.Lock()
         """One publication at a time: two that overlap would both sign the next version
         number, with different texts."""
+
+    @property
+    def listings(self) -> dict[str, RunListing]:
+        """Runs published from this data dir, listed in the network's ``runs`` record (read
+        from the run states under ``state_dir`` when first asked for)."""
+        if self._listings is None:
+            self._listings = self._load_listings()
+        return self._listings
 
     def _load_listings(self) -> dict[str, RunListing]:
         listings: list[RunListing] = []
@@ -145,7 +154,7 @@ class RunPublisher:
 
     async def newest_in_dht(self, run: str) -> RunConfigVersion | None:
         try:
-            records = await self.dht.get(CONFIG_NAMESPACE, run.encode())
+            records = await self.records.get(CONFIG_NAMESPACE, run.encode())
         except DandelionError as exc:
             log.info("could not read %s from the DHT: %s", run, exc)
             return None
@@ -196,9 +205,9 @@ class RunPublisher:
         newest_first = sorted(listed.values(), key=lambda r: r.updated_at_ms, reverse=True)
         listings = encode_value(RunListings(runs=tuple(newest_first[:MAX_LISTED_RUNS])))
         self._save(run, version, toml, signed.published_at_ms, effective_step)
-        self.listings = {r.run: r for r in newest_first[:MAX_LISTED_RUNS]}
-        stored = await self.dht.put(CONFIG_NAMESPACE, run.encode(), value, RECORD_TTL)
-        await self.dht.put(RUNS_NAMESPACE, self.network.encode(), listings, RECORD_TTL)
+        self._listings = {r.run: r for r in newest_first[:MAX_LISTED_RUNS]}
+        stored = await self.records.put(CONFIG_NAMESPACE, run.encode(), value, RECORD_TTL)
+        await self.records.put(RUNS_NAMESPACE, self.network.encode(), listings, RECORD_TTL)
         log.info("published run %s config version %d, in force from global step %d (stored "
                  "on %d peers)", run, version, effective_step, stored)
         return Published(run, version, stored, effective_step)

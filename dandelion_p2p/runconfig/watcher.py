@@ -10,14 +10,15 @@ says from which global step it applies; which version is in force for a round is
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import trio
-from libp2p.peer.id import ID
 
 from dandelion_p2p.errors import ConfigError, DandelionError, ProtocolViolation
+from dandelion_p2p.identity import PeerId
 from dandelion_p2p.net.dht.messages import SignedRecord
+from dandelion_p2p.net.ports import RecordStore
 from dandelion_p2p.runconfig.publication import CONFIG_NAMESPACE, decode_config
 from dandelion_p2p.runconfig.schema import RunConfig, loads
 
@@ -120,26 +121,23 @@ def _consider(
 
 def _b58(peer_id: bytes) -> str:
     try:
-        return ID(peer_id).to_base58()
+        return PeerId(peer_id).to_base58()
     except Exception:
         return peer_id.hex()
-
-
-GetRecords = Callable[[str, bytes], Awaitable[list[SignedRecord]]]
 
 
 class RunConfigWatcher:
     """Keeps the newest verified config of ``run``; ``await changed(v)`` waits for a newer one.
 
-    ``get`` is the DHT read (``DHTNode.get``). Each ignored value is logged once, at warning
-    level: a config signed by another key is someone trying to steer the run.
+    ``records`` is the DHT, only read. Each ignored value is logged once, at warning level: a
+    config signed by another key is someone trying to steer the run.
     """
 
     def __init__(
-        self, run: str, get: GetRecords, *, poll_interval: float = 10.0
+        self, run: str, records: RecordStore, *, poll_interval: float = 10.0
     ) -> None:
         self.run = run
-        self._get = get
+        self.records = records
         self.poll_interval = poll_interval
         self._current: RunConfigVersion | None = None
         self._changed = trio.Event()
@@ -184,7 +182,7 @@ class RunConfigWatcher:
 
     async def poll_once(self) -> bool:
         try:
-            records = await self._get(CONFIG_NAMESPACE, self.run.encode())
+            records = await self.records.get(CONFIG_NAMESPACE, self.run.encode())
         except DandelionError as exc:
             log.debug("reading the config of %s failed: %s", self.run, exc)
             return False

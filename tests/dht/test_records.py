@@ -29,8 +29,8 @@ from dandelion_p2p.net.dht.messages import (
 )
 from dandelion_p2p.net.dht.records import (
     CLOCK_SKEW_MS,
+    LocalRecordStore,
     NamespacePolicy,
-    RecordStore,
     RecordValidator,
     merge_newest,
     routing_key,
@@ -95,6 +95,32 @@ def test_signed_record_validates_and_survives_the_wire() -> None:
     assert isinstance(received, PutRecord)
     assert received.record == rec
     validator.validate(received.record, NOW)
+
+
+def test_signed_bytes_and_signature_are_those_of_the_spec_example() -> None:
+    """protocol/dht.md section 4.1, byte for byte."""
+    identity = Identity.from_seed(bytes(range(32)))
+    publisher = bytes.fromhex(
+        "002408011220" "03a107bff3ce10be1d70dd18e74bc09967e4d6309ba50d5f1ddc8664125531b8"
+    )
+    assert identity.peer_id_bytes == publisher
+    rec = sign_record(identity, "members", b"dandelion", b"\x01\x02", 5, 1_700_000_000_000)
+    assert rec.signed_bytes() == (
+        b"\x97\xc4\x13dandelion/record/v1\xa7members\xc4\x09dandelion\xc4\x02\x01\x02"
+        + b"\xc4\x26" + publisher + b"\x05\xcf" + bytes.fromhex("0000018bcfe56800")
+    )
+    assert rec.signed_bytes() == msgpack.packb(
+        [b"dandelion/record/v1", "members", b"dandelion", b"\x01\x02", publisher, 5,
+         1_700_000_000_000],
+        use_bin_type=True,
+    )
+    assert rec.signature.hex() == (
+        "62d8e18dc47d39042d7e283dfa9c79694c463d9a392577434220c248752bcedab9c0cc35caea0ccb2706b043e"
+        "542d4cf221ca38aa1aa46895217c3b20f659106"
+    )
+    assert routing_key("members", b"dandelion").hex() == (
+        "28042396385b0411259338f7cbfa7d4bb749b56e61b8bcceb80f91a8988c1da4"
+    )
 
 
 def test_record_signed_by_one_key_but_claiming_another_publisher_is_bad_signature() -> None:
@@ -256,12 +282,12 @@ def test_out_of_range_fields_are_refused_when_decoding(fields: dict[str, object]
 # ---- the store ------------------------------------------------------------------------------
 
 
-def held(store: RecordStore, rec: SignedRecord, now_ms: int = NOW) -> list[SignedRecord]:
+def held(store: LocalRecordStore, rec: SignedRecord, now_ms: int = NOW) -> list[SignedRecord]:
     return store.get(routing_key(rec.namespace, rec.key), now_ms)
 
 
 def test_newer_seq_replaces_the_publishers_record() -> None:
-    store = RecordStore()
+    store = LocalRecordStore()
     first, second = record(seq=1, value=b"a"), record(seq=2, value=b"b")
     assert store.put(first, NOW)
     assert store.put(second, NOW)
@@ -271,7 +297,7 @@ def test_newer_seq_replaces_the_publishers_record() -> None:
 
 @pytest.mark.parametrize("seq, value", [(1, b"a"), (2, b"changed")])
 def test_older_or_equal_seq_with_other_content_is_stale(seq: int, value: bytes) -> None:
-    store = RecordStore()
+    store = LocalRecordStore()
     current = record(seq=2, value=b"a")
     store.put(current, NOW)
     with pytest.raises(ProtocolViolation) as info:
@@ -281,7 +307,7 @@ def test_older_or_equal_seq_with_other_content_is_stale(seq: int, value: bytes) 
 
 
 def test_identical_put_is_idempotent() -> None:
-    store = RecordStore()
+    store = LocalRecordStore()
     rec = record()
     assert store.put(rec, NOW) is True
     assert store.put(rec, NOW) is False
@@ -291,7 +317,7 @@ def test_identical_put_is_idempotent() -> None:
 
 def test_an_expired_record_is_replaced_even_by_a_lower_seq() -> None:
     # After expiry the publisher may have restarted with a fresh counter; nothing is held.
-    store = RecordStore()
+    store = LocalRecordStore()
     store.put(record(seq=9, expires_at_ms=NOW + 10), NOW)
     later = NOW + 20
     replacement = record(seq=1, expires_at_ms=later + TTL_MS)
@@ -300,7 +326,7 @@ def test_an_expired_record_is_replaced_even_by_a_lower_seq() -> None:
 
 
 def test_publishers_coexist_under_one_key() -> None:
-    store = RecordStore()
+    store = LocalRecordStore()
     recs = [record(who, value=name) for who, name in ((ALICE, b"a"), (BOB, b"b"), (CAROL, b"c"))]
     for rec in recs:
         store.put(rec, NOW)
@@ -315,7 +341,7 @@ def test_publishers_coexist_under_one_key() -> None:
 
 
 def test_expired_records_are_hidden_then_purged() -> None:
-    store = RecordStore()
+    store = LocalRecordStore()
     short = record(ALICE, expires_at_ms=NOW + 100)
     long = record(BOB, expires_at_ms=NOW + 10_000)
     elsewhere = record(CAROL, key=b"elsewhere", expires_at_ms=NOW + 100)
@@ -331,7 +357,7 @@ def test_expired_records_are_hidden_then_purged() -> None:
 
 
 def test_key_capacity_is_rate_limited_until_something_expires() -> None:
-    store = RecordStore(max_keys=2)
+    store = LocalRecordStore(max_keys=2)
     store.put(record(key=b"a", expires_at_ms=NOW + 100), NOW)
     store.put(record(key=b"b"), NOW)
     with pytest.raises(ProtocolViolation) as info:
@@ -345,7 +371,7 @@ def test_key_capacity_is_rate_limited_until_something_expires() -> None:
 
 
 def test_publisher_capacity_per_key_is_rate_limited_until_something_expires() -> None:
-    store = RecordStore(max_publishers_per_key=2)
+    store = LocalRecordStore(max_publishers_per_key=2)
     store.put(record(ALICE, expires_at_ms=NOW + 100), NOW)
     store.put(record(BOB), NOW)
     with pytest.raises(ProtocolViolation) as info:

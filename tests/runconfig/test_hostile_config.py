@@ -64,19 +64,32 @@ def test_a_deeply_nested_config_record_is_skipped_and_the_good_one_kept() -> Non
 async def test_a_failing_poll_does_not_end_the_watcher() -> None:
     owner = Identity.generate()
     good = sign_config(owner, "tiny", 1, run_toml())
-    calls = 0
 
-    async def get(namespace: str, key: bytes) -> list[SignedRecord]:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            raise RuntimeError("a read that breaks in an unforeseen way")
-        return [_record(owner, good.run, run_toml(), 1)]
+    class FirstReadBreaks:
+        """A record store whose first read breaks in an unforeseen way."""
 
-    watcher = RunConfigWatcher(good.run, get, poll_interval=0.01)
+        calls = 0
+
+        async def get(
+            self, namespace: str, key: bytes, *, timeout: float | None = None
+        ) -> list[SignedRecord]:
+            self.calls += 1
+            if self.calls == 1:
+                raise RuntimeError("a read that breaks in an unforeseen way")
+            return [_record(owner, good.run, run_toml(), 1)]
+
+        async def put(self, namespace: str, key: bytes, value: bytes, ttl: float, *,
+                      keep: bool = True, timeout: float | None = None) -> int:
+            raise AssertionError("a watcher only reads")
+
+        def unpublish(self, namespace: str, key: bytes) -> None:
+            raise AssertionError("a watcher only reads")
+
+    store = FirstReadBreaks()
+    watcher = RunConfigWatcher(good.run, store, poll_interval=0.01)
     async with trio.open_nursery() as nursery:
         await nursery.start(watcher.run_forever)
         with trio.fail_after(5):
             found = await watcher.changed()
         nursery.cancel_scope.cancel()
-    assert found.version == 1 and calls >= 2
+    assert found.version == 1 and store.calls >= 2

@@ -13,7 +13,6 @@ import trio
 
 from dandelion_p2p.errors import ConfigError
 from dandelion_p2p.runconfig.directory import list_runs
-from dandelion_p2p.runconfig.progress import swarm_checkpoint_step
 from dandelion_p2p.runconfig.publication import (
     CONFIG_NAMESPACE,
     encode_value,
@@ -21,6 +20,7 @@ from dandelion_p2p.runconfig.publication import (
 )
 from dandelion_p2p.runconfig.publisher import RunPublisher
 from dandelion_p2p.runconfig.watcher import RunConfigWatcher
+from dandelion_p2p.sync.progress import swarm_checkpoint_step
 from dandelion_p2p.sync.statesync import StateServer
 from dandelion_p2p.worker.checkpoint import CheckpointStore
 from tests.dataset.helpers import run_toml
@@ -42,7 +42,7 @@ async def test_a_new_version_reaches_every_peer_and_a_forgery_is_ignored(
         watchers = []
         for node in nodes:
             assert node.dht is not None
-            watchers.append(RunConfigWatcher(run, node.dht.get, poll_interval=0.2))
+            watchers.append(RunConfigWatcher(run, node.dht, poll_interval=0.2))
         async with trio.open_nursery() as nursery:
             for watcher in watchers:
                 nursery.start_soon(watcher.run_forever)

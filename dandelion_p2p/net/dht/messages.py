@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dandelion_p2p.identity import MAX_PEER_ID_SIZE
 from dandelion_p2p.wire import Message, Registry, invalid
+from dandelion_p2p.wire.signed import SignedMessage
 
 DHT = Registry("dht")
 
@@ -40,8 +41,10 @@ class PeerRef(Message):
 
 
 @DHT.message(2)
-class SignedRecord(Message):
-    """A record as stored and returned; ``signature`` covers every other field."""
+class SignedRecord(SignedMessage):
+    """A record as stored and returned; ``signature`` covers every other field (section 4)."""
+
+    SIGNING_DOMAIN = b"dandelion/record/v1"
 
     namespace: str
     key: bytes

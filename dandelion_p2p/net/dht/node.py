@@ -23,7 +23,6 @@ from dandelion_p2p.errors import (
     ProtocolViolation,
     RemoteRejected,
 )
-from dandelion_p2p.identity import Identity
 from dandelion_p2p.net.dht.lookup import Lookup
 from dandelion_p2p.net.dht.messages import (
     DHT,
@@ -41,7 +40,7 @@ from dandelion_p2p.net.dht.messages import (
     SignedRecord,
 )
 from dandelion_p2p.net.dht.records import (
-    RecordStore,
+    LocalRecordStore,
     RecordValidator,
     merge_newest,
     routing_key,
@@ -49,6 +48,7 @@ from dandelion_p2p.net.dht.records import (
 )
 from dandelion_p2p.net.dht.routing import RoutingTable
 from dandelion_p2p.net.dialer import Dialer
+from dandelion_p2p.net.ports import Signer
 from dandelion_p2p.net.streams import NOT_A_FAULT, ViolationSink, request, serve_requests
 from dandelion_p2p.wire import Message, RejectCode, encode
 
@@ -96,7 +96,7 @@ class DHTNode:
     def __init__(
         self,
         host: IHost,
-        identity: Identity,
+        signer: Signer,
         dialer: Dialer,
         validator: RecordValidator,
         *,
@@ -110,8 +110,8 @@ class DHTNode:
         is_banned: Callable[[ID], bool] | None = None,
     ) -> None:
         self.host = host
-        self.identity = identity
-        self.local_id = identity.peer_id_bytes
+        self.signer = signer
+        self.local_id = signer.peer_id_bytes
         self.dialer = dialer
         self.validator = validator
         self.server = server
@@ -122,7 +122,7 @@ class DHTNode:
         self.on_violation = on_violation
         self.is_banned = is_banned or (lambda peer_id: False)
         self.table = RoutingTable(self.local_id, k=k)
-        self.store = RecordStore()
+        self.store = LocalRecordStore()
         # (namespace, key) -> (value, ttl, when last published) for records we keep alive.
         self._published: dict[tuple[str, bytes], tuple[bytes, float, float]] = {}
         self._seq = now_ms()
@@ -415,7 +415,7 @@ class DHTNode:
         """
         self._seq = max(self._seq + 1, now_ms())
         expires = now_ms() + int(ttl * 1000)
-        record = sign_record(self.identity, namespace, key, value, self._seq, expires)
+        record = sign_record(self.signer, namespace, key, value, self._seq, expires)
         if keep:
             self._published[(namespace, key)] = (value, ttl, trio.current_time())
             self._published_at_size = len(self.table)

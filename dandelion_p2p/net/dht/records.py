@@ -12,16 +12,16 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import msgpack
-
 from dandelion_p2p.errors import ProtocolViolation
-from dandelion_p2p.identity import Identity, verify_by_peer
+from dandelion_p2p.identity import verify_by_peer
 from dandelion_p2p.net.dht.messages import SignedRecord
+from dandelion_p2p.net.ports import Signer
 from dandelion_p2p.wire import RejectCode
 
-SIGNING_DOMAIN = b"dandelion/record/v1"
 # Clocks of strangers disagree; a record may claim an expiry this far past its namespace's TTL.
 CLOCK_SKEW_MS = 60_000
+# What ``SignedRecord.check`` accepts as a signature until ``signed_with`` replaces it.
+_UNSIGNED = bytes(64)
 
 
 def routing_key(namespace: str, key: bytes) -> bytes:
@@ -34,28 +34,19 @@ def node_key(peer_id: bytes) -> bytes:
     return hashlib.sha256(peer_id).digest()
 
 
-def signing_payload(
-    namespace: str, key: bytes, value: bytes, publisher: bytes, seq: int, expires_at_ms: int
-) -> bytes:
-    return msgpack.packb(
-        [SIGNING_DOMAIN, namespace, key, value, publisher, seq, expires_at_ms], use_bin_type=True
-    )
-
-
 def sign_record(
-    identity: Identity, namespace: str, key: bytes, value: bytes, seq: int, expires_at_ms: int
+    signer: Signer, namespace: str, key: bytes, value: bytes, seq: int, expires_at_ms: int
 ) -> SignedRecord:
-    publisher = identity.peer_id_bytes
-    payload = signing_payload(namespace, key, value, publisher, seq, expires_at_ms)
-    return SignedRecord(
+    unsigned = SignedRecord(
         namespace=namespace,
         key=key,
         value=value,
-        publisher=publisher,
+        publisher=signer.peer_id_bytes,
         seq=seq,
         expires_at_ms=expires_at_ms,
-        signature=identity.sign(payload),
+        signature=_UNSIGNED,
     )
+    return unsigned.signed_with(signer.sign)
 
 
 ValueCheck = Callable[[bytes], None]
@@ -98,15 +89,7 @@ class RecordValidator:
             raise ProtocolViolation(
                 RejectCode.FORBIDDEN, f"only the owner may publish under {record.namespace!r}"
             )
-        payload = signing_payload(
-            record.namespace,
-            record.key,
-            record.value,
-            record.publisher,
-            record.seq,
-            record.expires_at_ms,
-        )
-        if not verify_by_peer(record.publisher, payload, record.signature):
+        if not verify_by_peer(record.publisher, record.signed_bytes(), record.signature):
             raise ProtocolViolation(RejectCode.BAD_SIGNATURE, "record signature does not verify")
         if policy.check_value is not None:
             policy.check_value(record.value)
@@ -119,13 +102,19 @@ class RecordValidator:
         return True
 
 
+NamespaceRegistration = Callable[[RecordValidator], None]
+"""A feature's function that registers its DHT namespaces on a node's validator, so the network
+layer serves a feature's records without knowing the feature."""
+
+
 def newer(candidate: SignedRecord, current: SignedRecord) -> bool:
     """Whether ``candidate`` should replace ``current`` from the same publisher."""
     return candidate.seq > current.seq
 
 
-class RecordStore:
-    """Records this node holds, bounded per key and in total; expired ones are dropped."""
+class LocalRecordStore:
+    """Records this node holds as a DHT server, bounded per key and in total; expired ones
+    are dropped. (The DHT as a whole, seen by its users, is ``net.ports.RecordStore``.)"""
 
     def __init__(self, *, max_keys: int = 65_536, max_publishers_per_key: int = 1024) -> None:
         self.max_keys = max_keys

@@ -1,0 +1,74 @@
+"""The narrow interfaces features take from the network layer instead of the swarm node.
+
+A feature that stores records, signs, or connects to peers names only what it uses: the DHT
+node, an ``Identity`` and the swarm node satisfy these, and tests hand in small fakes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+from dandelion_p2p.net.dht.messages import SignedRecord
+
+if TYPE_CHECKING:
+    from libp2p.peer.id import ID
+
+
+class RecordStore(Protocol):
+    """Signed records in the DHT, by (namespace, key); the node's own key signs what it puts."""
+
+    async def put(
+        self,
+        namespace: str,
+        key: bytes,
+        value: bytes,
+        ttl: float,
+        *,
+        keep: bool = True,
+        timeout: float | None = None,
+    ) -> int:
+        """Sign ``value`` and store it on the servers closest to the key; returns how many
+        stored it (0 is not an error). With ``keep`` the record is republished before it
+        expires until ``unpublish``. ``timeout`` bounds the lookup and, again, the stores.
+
+        Raises:
+            ProtocolViolation: the value is too large for a record.
+        """
+        ...
+
+    async def get(
+        self, namespace: str, key: bytes, *, timeout: float | None = None
+    ) -> list[SignedRecord]:
+        """Every valid, unexpired record under (namespace, key), the newest per publisher.
+
+        Raises:
+            DandelionError: the DHT could not be read.
+        """
+        ...
+
+    def unpublish(self, namespace: str, key: bytes) -> None:
+        """Stop republishing the record put under (namespace, key); it expires on its own."""
+        ...
+
+
+class Signer(Protocol):
+    """Signs as one peer (an ``Identity``)."""
+
+    @property
+    def peer_id_bytes(self) -> bytes: ...
+
+    def sign(self, data: bytes) -> bytes: ...
+
+
+class Connector(Protocol):
+    """Opens connections to peers by id, finding their addresses in the DHT when needed."""
+
+    async def connect_peer(self, peer_id: ID) -> None:
+        """Connect unless already connected.
+
+        Raises:
+            PeerUnavailable: no address of the peer is known, or none could be dialled.
+        """
+        ...
+
+    def is_connected(self, peer_id: ID) -> bool: ...
