@@ -5,6 +5,10 @@ a group with the others through the DHT, opens one data-plane channel per pair o
 (the peer with the smaller id opens it), and drives ``AllReducePeer`` with the frames that
 arrive, the peers that fail, and the clock. The buffer is averaged in place; the returned
 ``RoundReport`` says exactly what was averaged.
+
+The averager takes the node's parts it uses as the narrow interfaces of ``ports`` (a signer,
+the DHT's record store, the links to peers, the score book, the data plane), never the swarm
+node itself; constructing it does no I/O.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-import msgpack
 import numpy as np
 import trio
 from libp2p.peer.id import ID
@@ -26,13 +29,24 @@ from dandelion_p2p.averaging.allreduce import AllReducePeer, Send
 from dandelion_p2p.averaging.compression import BufferErrorFeedback, get_codec
 from dandelion_p2p.averaging.group import GroupSpec
 from dandelion_p2p.averaging.matchmaking import Matchmaker, MatchmakingSettings
-from dandelion_p2p.averaging.messages import MAX_LISTED_BANS, AveragingAnnouncement
+from dandelion_p2p.averaging.messages import (
+    MAX_LISTED_BANS,
+    AveragingAnnouncement,
+    ChannelHello,
+    decode_hello,
+    encode_hello,
+)
+from dandelion_p2p.averaging.ports import (
+    ChannelOpener,
+    PeerLinks,
+    PeerReputation,
+    RecordStore,
+    Signer,
+)
 from dandelion_p2p.averaging.report import RoundReport
 from dandelion_p2p.dataplane.channel import Channel
-from dandelion_p2p.dataplane.service import DataPlane
 from dandelion_p2p.errors import DandelionError, PeerUnavailable, ProtocolViolation
-from dandelion_p2p.net.node import SwarmNode
-from dandelion_p2p.wire import RejectCode
+from dandelion_p2p.runconfig.schema import DEFAULT_CHUNK_TIMEOUT
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +54,6 @@ PURPOSE = "averaging/1"
 TICK = 0.5
 CHUNKS_PER_SPAN = 8
 MIN_CHUNK = 64 * 1024
-MAX_HELLO = 256
 
 
 def chunk_elements(n_elements: int, members: int, most: int) -> int:
@@ -67,27 +80,11 @@ class AveragingSettings:
     """Most elements per chunk frame (4 MiB of float32); spans are cut into at least
     ``CHUNKS_PER_SPAN`` chunks when that leaves them above ``MIN_CHUNK``, so that a reducer's
     results start flowing back while the rest of its span still arrives."""
-    chunk_timeout: float = 10.0
+    chunk_timeout: float = DEFAULT_CHUNK_TIMEOUT
     """A peer silent this long (no valid chunk or result) is cut off."""
     open_timeout: float = 10.0
     bandwidth_mbps: float = 100.0
     matchmaking: MatchmakingSettings = field(default_factory=MatchmakingSettings)
-
-
-def _hello(run: bytes, round_: int, group_id: bytes) -> bytes:
-    return msgpack.packb([run, round_, group_id], use_bin_type=True)
-
-
-def _parse_hello(frame: bytes) -> tuple[bytes, int, bytes]:
-    if len(frame) > MAX_HELLO:
-        raise ProtocolViolation(RejectCode.TOO_LARGE, "averaging hello too long")
-    try:
-        run, round_, group_id = msgpack.unpackb(frame, raw=False)
-    except Exception:
-        raise ProtocolViolation(RejectCode.MALFORMED, "bad averaging hello") from None
-    if not (isinstance(run, bytes) and isinstance(round_, int) and isinstance(group_id, bytes)):
-        raise ProtocolViolation(RejectCode.MALFORMED, "bad averaging hello")
-    return run, round_, group_id
 
 
 class _Round:
@@ -133,47 +130,76 @@ class _Round:
 
 
 class Averager:
+    """This peer's averaging rounds of run ``run``.
+
+    ``signer`` signs chunks and results as this peer; ``records`` holds the round
+    announcements; ``links`` connects to the other members; ``reputation`` holds this node's
+    bans and takes each round's score events; ``dataplane`` carries the frames; the
+    "finished" announcement of a round is republished in ``background`` when given. A
+    ``SwarmNode`` satisfies ``links`` and ``reputation``, its ``identity`` ``signer`` and its
+    ``records`` ``records``.
+    """
+
     def __init__(
         self,
-        node: SwarmNode,
-        dataplane: DataPlane,
         *,
+        signer: Signer,
+        records: RecordStore,
+        links: PeerLinks,
+        reputation: PeerReputation,
+        dataplane: ChannelOpener,
+        background: trio.Nursery | None = None,
         run: bytes,
         settings: AveragingSettings | None = None,
     ) -> None:
-        self.node = node
+        self.signer = signer
+        self.links = links
+        self.reputation = reputation
         self.dataplane = dataplane
+        self.background = background
         self.run = run
         self.settings = settings or AveragingSettings()
-        self.me = node.identity.peer_id_bytes
+        self.me = signer.peer_id_bytes
+        self.matchmaker = Matchmaker(records, settings=self.settings.matchmaking)
         self._rounds: dict[int, _Round] = {}
         self._round_ready: dict[int, trio.Event] = {}
+        self._installed = False
         self.reports: list[RoundReport] = []
-        dataplane.register(PURPOSE, self._inbound)
 
-    def _matchmaker(self) -> Matchmaker:
-        if self.node.dht is None:
-            raise PeerUnavailable("the DHT is not running")
-        return Matchmaker(self.node.dht, settings=self.settings.matchmaking)
+    def install(self) -> None:
+        """Serve the channels other members open to this peer (``all_reduce`` calls it
+        before it announces, so a caller need not). Idempotent.
 
-    def _announce_finished(
-        self, matchmaker: Matchmaker, announcement: AveragingAnnouncement
-    ) -> None:
+        Raises:
+            ValueError: another handler already serves the averaging purpose on this data
+                plane (an averager of another run not uninstalled).
+        """
+        if not self._installed:
+            self.dataplane.register(PURPOSE, self._inbound)
+            self._installed = True
+
+    def uninstall(self) -> None:
+        """Stop serving inbound averaging channels (rounds in progress keep theirs)."""
+        if self._installed:
+            self.dataplane.unregister(PURPOSE)
+            self._installed = False
+
+    def _announce_finished(self, announcement: AveragingAnnouncement) -> None:
         """Tell peers still to come that this round is over here (in the background: the
         caller has its result and must not wait for the DHT)."""
 
         async def republish() -> None:
             try:
-                await matchmaker.announce(dataclasses.replace(announcement, finished=True))
+                await self.matchmaker.announce(dataclasses.replace(announcement, finished=True))
             except DandelionError as exc:
                 log.debug("round %d: finished not announced: %s", announcement.round, exc)
 
-        if self.node.background is not None:
-            self.node.background.start_soon(republish)
+        if self.background is not None:
+            self.background.start_soon(republish)
 
     def _banned_now(self) -> list[bytes]:
         """Peers this node has banned, worst score first, as many as an announcement lists."""
-        now, book = time.time(), self.node.scores
+        now, book = time.time(), self.reputation.scores
         standings = sorted(
             (s for s in book.snapshot(now) if book.is_banned(s.peer_id, now)),
             key=lambda s: s.score,
@@ -183,14 +209,13 @@ class Averager:
     async def _inbound(self, channel: Channel) -> None:
         """A member with a smaller peer id opened a channel to us for some round."""
         try:
-            run, round_, _group_id = _parse_hello(
-                await channel.receive(timeout=self.settings.open_timeout)
-            )
+            hello = decode_hello(await channel.receive(timeout=self.settings.open_timeout))
         except (ProtocolViolation, PeerUnavailable) as exc:
             log.info("averaging channel from %s refused: %s", channel.peer_id, exc)
             return
-        if run != self.run:
+        if hello.run != self.run:
             return
+        round_ = hello.round
         ready = self._round_ready.setdefault(round_, trio.Event())
         with trio.move_on_after(self.settings.matchmaking.gather_window * 4 + 10):
             await ready.wait()
@@ -229,23 +254,24 @@ class Averager:
 
         Raises:
             NoGroup: fewer than the minimum group size were ready for this round.
-            PeerUnavailable: the DHT is not running.
+            ValueError: ``buffer`` is not a 1-D C-contiguous float32 array, or another
+                handler serves the averaging purpose (see ``install``).
         """
         if buffer.dtype != np.float32 or buffer.ndim != 1 or not buffer.flags.c_contiguous:
             raise ValueError("all_reduce needs a 1-D C-contiguous float32 buffer")
+        self.install()
         s = self.settings
         announcement = AveragingAnnouncement(
             run=self.run,
             round=round_,
             weight=float(weight),
             bandwidth_mbps=s.bandwidth_mbps,
-            accepts_connections=self.node.reachable,
+            accepts_connections=self.links.reachable,
             endpoint=self.dataplane.endpoint or "",
             expires_at_ms=int((time.time() + s.matchmaking.announcement_ttl) * 1000),
             banned=tuple(self._banned_now()),
         )
-        matchmaker = self._matchmaker()
-        spec, formation, finished = await matchmaker.match(self.me, announcement)
+        spec, formation, finished = await self.matchmaker.match(self.me, announcement)
         if spec is None:
             raise NoGroup(
                 f"round {round_}: {len(formation.ungrouped)} peers without a group, "
@@ -261,7 +287,7 @@ class Averager:
             )
         state = AllReducePeer(
             peer_id=self.me,
-            sign=self.node.identity.sign,
+            sign=self.signer.sign,
             spec=spec,
             buffer=buffer,
             weight=weight,
@@ -272,7 +298,7 @@ class Averager:
             error_feedback=error_feedback,
         )
         for peer in spec.peer_ids:
-            if peer != self.me and self.node.scores.is_banned(peer, time.time()):
+            if peer != self.me and self.reputation.scores.is_banned(peer, time.time()):
                 state.exclude_banned(peer, trio.current_time())
         rnd = _Round(state, spec)
         self._rounds[round_] = rnd
@@ -283,10 +309,10 @@ class Averager:
             rnd.finished.set()
             self._rounds.pop(round_, None)
             self._round_ready.pop(round_, None)
-        self._announce_finished(matchmaker, announcement)
+        self._announce_finished(announcement)
         report = state.report()
         for peer, event in state.score_events:
-            self.node.record_score(peer, event)
+            self.reputation.record_score(peer, event)
         self.reports.append(report)
         log.info(
             "round %d: %.1f%% averaged with %d members%s",
@@ -335,9 +361,11 @@ class Averager:
         s = self.settings
         try:
             if self.me < peer:
-                await self.node.connect_peer(peer_id)
+                await self.links.connect_peer(peer_id)
                 channel = await self.dataplane.open(peer_id, PURPOSE, timeout=s.open_timeout)
-                await channel.send(_hello(self.run, round_, rnd.spec.group_id))
+                await channel.send(
+                    encode_hello(ChannelHello(self.run, round_, rnd.spec.group_id))
+                )
             else:
                 channel = await self._accepted(rnd, peer_id)
         except (DandelionError, trio.TooSlowError) as exc:
@@ -369,7 +397,7 @@ class Averager:
         while trio.current_time() < deadline:
             with trio.move_on_after(0.25):
                 return await inbox.receive()
-            if not self.node.dialer.is_connected(peer_id):
+            if not self.links.is_connected(peer_id):
                 raise PeerUnavailable(f"{peer_id} disconnected before opening its channel")
         raise PeerUnavailable(f"{peer_id} opened no channel in time")
 
@@ -409,5 +437,4 @@ class Averager:
                 rnd.dispatch(rnd.state.on_frame(peer, view[:n], last))
         finally:
             if received > 0:
-                self.node.record_link_rate(peer, received, last - first)
-
+                self.reputation.record_link_rate(peer, received, last - first)

@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from typing import Any
 
 import blake3
-import msgpack
 
 from dandelion_p2p.errors import ProtocolViolation
 from dandelion_p2p.identity import MAX_PEER_ID_SIZE, MIN_PEER_ID_SIZE, verify_by_peer
 from dandelion_p2p.wire import Message, Registry, Reject, RejectCode, decode, encode, invalid
 from dandelion_p2p.wire.framing import ABSOLUTE_MAX_FRAME
+from dandelion_p2p.wire.signed import SignedMessage
 
 AVERAGING = Registry("averaging")
 
@@ -36,6 +35,8 @@ RESULT_DOMAIN = b"dandelion/avg-result/v1"
 
 DIGEST_SIZE = 32
 SIGNATURE_SIZE = 64
+UNSIGNED = bytes(SIGNATURE_SIZE)
+"""The signature a header is built with before ``signed_with`` replaces it."""
 GROUP_ID_SIZE = 32
 MAX_RUN_ID = 64
 MAX_CODEC_NAME = 32
@@ -51,6 +52,7 @@ MAX_CHUNK_INDEX = 2**32 - 1
 # about 19 KiB; 64 KiB leaves room without letting a header claim real memory.
 MAX_HEADER = 64 * 1024
 MAX_FRAME = ABSOLUTE_MAX_FRAME
+MAX_HELLO = 256
 
 FRAME_PREFIX = struct.Struct(">I")
 
@@ -148,9 +150,12 @@ class AveragingAnnouncement(Message):
 
 
 @AVERAGING.message(2)
-class ChunkHeader(Message):
+class ChunkHeader(SignedMessage):
     """Elements ``[start, end)`` of ``sender``'s vector, for the reducer of span
-    ``span_index``; the payload is ``codec``'s encoding of them."""
+    ``span_index``; the payload is ``codec``'s encoding of them. ``sender`` signs every
+    other field (protocol/averaging.md section 6.5)."""
+
+    SIGNING_DOMAIN = CHUNK_DOMAIN
 
     run: bytes
     round: int
@@ -165,6 +170,12 @@ class ChunkHeader(Message):
     weight: float
     digest: bytes
     signature: bytes
+
+    def __post_init__(self) -> None:
+        # Signed as float64 whatever number the caller passed, as the receiver decodes it:
+        # an int weight would otherwise be signed as an int and never verify.
+        object.__setattr__(self, "weight", float(self.weight))
+        self.check()
 
     def check(self) -> None:
         _check_common(
@@ -187,27 +198,13 @@ class ChunkHeader(Message):
         if not self.weight > 0.0:
             raise invalid("ChunkHeader.weight must be > 0")
 
-    def signing_payload(self) -> bytes:
-        return chunk_signing_payload(
-            self.run,
-            self.round,
-            self.group_id,
-            self.span_index,
-            self.chunk_index,
-            self.start,
-            self.end,
-            self.sender,
-            self.recipient,
-            self.codec,
-            self.weight,
-            self.digest,
-        )
-
 
 @AVERAGING.message(3)
-class ResultHeader(Message):
+class ResultHeader(SignedMessage):
     """The aggregate of elements ``[start, end)`` over ``contributors`` (in group order, with
-    the weights each was counted with), signed by ``reducer``."""
+    the weights each was counted with); ``reducer`` signs every other field."""
+
+    SIGNING_DOMAIN = RESULT_DOMAIN
 
     run: bytes
     round: int
@@ -222,6 +219,11 @@ class ResultHeader(Message):
     codec: str
     digest: bytes
     signature: bytes
+
+    def __post_init__(self) -> None:
+        # Float64 whatever the caller passed, as for ChunkHeader.weight.
+        object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+        self.check()
 
     def check(self) -> None:
         _check_common(
@@ -251,96 +253,21 @@ class ResultHeader(Message):
         if not all(w > 0.0 for w in self.weights):
             raise invalid("ResultHeader.weights must be > 0")
 
-    def signing_payload(self) -> bytes:
-        return result_signing_payload(
-            self.run,
-            self.round,
-            self.group_id,
-            self.span_index,
-            self.chunk_index,
-            self.start,
-            self.end,
-            self.reducer,
-            self.contributors,
-            self.weights,
-            self.codec,
-            self.digest,
-        )
 
+@AVERAGING.message(4)
+class ChannelHello(Message):
+    """The first frame on an averaging channel: the round (and the opener's view of the group)
+    the channel is for."""
 
-def _canonical(items: list[Any]) -> bytes:
-    # msgpack-python already writes the canonical form of wire.md 4.2 (smallest ints, bin for
-    # bytes, float64 for floats); what must not vary is the list itself.
-    packed: bytes = msgpack.packb(items, use_bin_type=True)
-    return packed
+    run: bytes
+    round: int
+    group_id: bytes
 
-
-def chunk_signing_payload(
-    run: bytes,
-    round_: int,
-    group_id: bytes,
-    span_index: int,
-    chunk_index: int,
-    start: int,
-    end: int,
-    sender: bytes,
-    recipient: bytes,
-    codec: str,
-    weight: float,
-    digest: bytes,
-) -> bytes:
-    """The bytes a chunk's sender signs (protocol/averaging.md section 6)."""
-    return _canonical(
-        [
-            CHUNK_DOMAIN,
-            run,
-            round_,
-            group_id,
-            span_index,
-            chunk_index,
-            start,
-            end,
-            sender,
-            recipient,
-            codec,
-            float(weight),
-            digest,
-        ]
-    )
-
-
-def result_signing_payload(
-    run: bytes,
-    round_: int,
-    group_id: bytes,
-    span_index: int,
-    chunk_index: int,
-    start: int,
-    end: int,
-    reducer: bytes,
-    contributors: tuple[bytes, ...],
-    weights: tuple[float, ...],
-    codec: str,
-    digest: bytes,
-) -> bytes:
-    """The bytes a result's reducer signs (protocol/averaging.md section 6)."""
-    return _canonical(
-        [
-            RESULT_DOMAIN,
-            run,
-            round_,
-            group_id,
-            span_index,
-            chunk_index,
-            start,
-            end,
-            reducer,
-            list(contributors),
-            [float(w) for w in weights],
-            codec,
-            digest,
-        ]
-    )
+    def check(self) -> None:
+        check_run(self.run, "ChannelHello.run")
+        check_round(self.round, "ChannelHello.round")
+        if len(self.group_id) != GROUP_ID_SIZE:
+            raise invalid(f"ChannelHello.group_id must be {GROUP_ID_SIZE} bytes")
 
 
 def payload_digest(payload: Buffer) -> bytes:
@@ -350,12 +277,12 @@ def payload_digest(payload: Buffer) -> bytes:
 
 def verify_chunk(header: ChunkHeader) -> bool:
     """Whether ``header.signature`` is ``header.sender``'s signature over the chunk fields."""
-    return verify_by_peer(header.sender, header.signing_payload(), header.signature)
+    return verify_by_peer(header.sender, header.signed_bytes(), header.signature)
 
 
 def verify_result(header: ResultHeader) -> bool:
     """Whether ``header.signature`` is ``header.reducer``'s signature over the result fields."""
-    return verify_by_peer(header.reducer, header.signing_payload(), header.signature)
+    return verify_by_peer(header.reducer, header.signed_bytes(), header.signature)
 
 
 def pack_frame(header: Message, payload: Buffer = b"") -> list[Buffer]:
@@ -420,6 +347,34 @@ def unpack_frame(frame: Buffer) -> tuple[Message, memoryview]:
             RejectCode.UNKNOWN_TYPE, f"{type(header).__name__} is not a data-plane frame"
         )
     return header, payload
+
+
+def encode_hello(hello: ChannelHello) -> bytes:
+    return join_frame(pack_frame(hello))
+
+
+def decode_hello(frame: Buffer) -> ChannelHello:
+    """The ``ChannelHello`` a channel's first frame holds (protocol/averaging.md 6.6).
+
+    Its size is checked before anything is decoded. Raises ``ProtocolViolation``
+    (``TOO_LARGE``, ``MALFORMED``, ``UNSUPPORTED_VERSION``, ``UNKNOWN_TYPE``, ``INVALID_FIELD``).
+    """
+    view = memoryview(frame).cast("B")
+    if view.nbytes > MAX_HELLO:
+        raise ProtocolViolation(RejectCode.TOO_LARGE, f"hello of {view.nbytes} bytes")
+    if view.nbytes < FRAME_PREFIX.size:
+        raise ProtocolViolation(RejectCode.MALFORMED, "hello shorter than its length prefix")
+    (head_len,) = FRAME_PREFIX.unpack_from(view)
+    if FRAME_PREFIX.size + head_len > view.nbytes:
+        raise ProtocolViolation(RejectCode.MALFORMED, "hello header longer than the frame")
+    if FRAME_PREFIX.size + head_len < view.nbytes:
+        raise ProtocolViolation(RejectCode.MALFORMED, "a ChannelHello carries no payload")
+    hello = decode(bytes(view[FRAME_PREFIX.size :]), AVERAGING)
+    if not isinstance(hello, ChannelHello):
+        raise ProtocolViolation(
+            RejectCode.UNKNOWN_TYPE, f"{type(hello).__name__} is not a ChannelHello"
+        )
+    return hello
 
 
 def encode_announcement(announcement: AveragingAnnouncement) -> bytes:

@@ -30,6 +30,11 @@ class ChunkStatus(enum.Enum):
     peer's local values."""
 
 
+def status_of(contributors: tuple[bytes, ...]) -> ChunkStatus:
+    """The status of a chunk replaced by a result over ``contributors``."""
+    return ChunkStatus.AVERAGED if len(contributors) >= 2 else ChunkStatus.SOLO
+
+
 class ExclusionReason(enum.Enum):
     TIMEOUT = "timeout"
     FAILED = "failed"

@@ -18,6 +18,17 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 from dandelion_p2p.errors import ConfigError
 
 MAX_CONFIG_BYTES = 64 * 1024
+
+DEFAULT_CHUNK_TIMEOUT = 10.0
+"""Seconds a reducer waits for a sender's next valid chunk, and an averaging peer for a member's
+writes to drain, before giving up on it (protocol/averaging.md section 11). The one default of
+the run config's ``averaging.chunk_timeout``, ``AveragingSettings`` and ``AllReducePeer``."""
+
+DEFAULT_GATHER_WINDOW = 5.0
+"""Seconds between announcing for a round and reading the others' announcements
+(protocol/averaging.md section 14.1). The one default of the run config's
+``averaging.gather_window`` and ``MatchmakingSettings``."""
+
 MAX_INTEGER = 2**63
 """Integers are bounded like a signed 64-bit value: the trainer hands them to C code."""
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
@@ -114,8 +125,8 @@ class AveragingConfig:
     aggregation: Aggregation = "mean"
     min_group: int = 2
     max_group: int = 16
-    chunk_timeout: float = 10.0
-    gather_window: float = 5.0
+    chunk_timeout: float = DEFAULT_CHUNK_TIMEOUT
+    gather_window: float = DEFAULT_GATHER_WINDOW
 
 
 @dataclass(frozen=True, slots=True)

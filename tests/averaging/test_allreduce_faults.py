@@ -15,10 +15,8 @@ from dandelion_p2p.averaging.allreduce import AllReducePeer, Send
 from dandelion_p2p.averaging.messages import (
     ChunkHeader,
     ResultHeader,
-    chunk_signing_payload,
     pack_frame,
     payload_digest,
-    result_signing_payload,
     unpack_frame,
 )
 from dandelion_p2p.averaging.report import ChunkStatus, ExclusionReason
@@ -49,39 +47,11 @@ def span_of(swarm: Swarm, peer: bytes) -> slice:
 
 
 def sign_chunk(ident: Identity, h: ChunkHeader) -> ChunkHeader:
-    payload = chunk_signing_payload(
-        h.run,
-        h.round,
-        h.group_id,
-        h.span_index,
-        h.chunk_index,
-        h.start,
-        h.end,
-        h.sender,
-        h.recipient,
-        h.codec,
-        h.weight,
-        h.digest,
-    )
-    return dataclasses.replace(h, signature=ident.sign(payload))
+    return h.signed_with(ident.sign)
 
 
 def sign_result(ident: Identity, h: ResultHeader) -> ResultHeader:
-    payload = result_signing_payload(
-        h.run,
-        h.round,
-        h.group_id,
-        h.span_index,
-        h.chunk_index,
-        h.start,
-        h.end,
-        h.reducer,
-        h.contributors,
-        h.weights,
-        h.codec,
-        h.digest,
-    )
-    return dataclasses.replace(h, signature=ident.sign(payload))
+    return h.signed_with(ident.sign)
 
 
 def reframe(header: ChunkHeader | ResultHeader, payload: bytes) -> bytes:

@@ -43,8 +43,7 @@ def chunk_header(**changes) -> ChunkHeader:
         digest=payload_digest(PAYLOAD),
     )
     fields.update(changes)
-    payload = m.chunk_signing_payload(*[fields[k] for k in list(fields)])
-    return ChunkHeader(**fields, signature=A.sign(payload))
+    return ChunkHeader(**fields, signature=m.UNSIGNED).signed_with(A.sign)
 
 
 def result_header(**changes) -> ResultHeader:
@@ -64,8 +63,7 @@ def result_header(**changes) -> ResultHeader:
         digest=payload_digest(PAYLOAD),
     )
     fields.update(changes)
-    payload = m.result_signing_payload(*[fields[k] for k in list(fields)])
-    return ResultHeader(**fields, signature=B.sign(payload))
+    return ResultHeader(**fields, signature=m.UNSIGNED).signed_with(B.sign)
 
 
 def test_frame_round_trip_without_copying_the_payload() -> None:
@@ -106,6 +104,37 @@ def test_signatures_cover_every_field() -> None:
     )
     # The domains keep a chunk signature from passing for anything else.
     assert m.CHUNK_DOMAIN != m.RESULT_DOMAIN
+
+
+def test_signed_bytes_are_the_arrays_of_the_spec() -> None:
+    """protocol/averaging.md section 6.5, spelled out: a field added, dropped or moved in a
+    header class would change what every peer signs."""
+    chunk = chunk_header()
+    assert chunk.signed_bytes() == msgpack.packb(
+        [
+            b"dandelion/avg-chunk/v1", b"run", 3, b"\x11" * 32, 1, 2, 1024, 2048,
+            A.peer_id_bytes, B.peer_id_bytes, "none", 12.5, payload_digest(PAYLOAD),
+        ],
+        use_bin_type=True,
+    )
+    result = result_header()
+    assert result.signed_bytes() == msgpack.packb(
+        [
+            b"dandelion/avg-result/v1", b"run", 3, b"\x11" * 32, 0, 0, 0, 1024,
+            B.peer_id_bytes, list(result.contributors), [1.0, 2.0], "none",
+            payload_digest(PAYLOAD),
+        ],
+        use_bin_type=True,
+    )
+
+
+def test_integer_weights_are_signed_as_the_floats_the_receiver_decodes() -> None:
+    chunk = chunk_header(weight=12)
+    assert chunk.signed_bytes() == chunk_header(weight=12.0).signed_bytes()
+    decoded, _ = unpack_frame(b"".join(pack_frame(chunk, PAYLOAD)))
+    assert isinstance(decoded, ChunkHeader) and verify_chunk(decoded)
+    result = result_header(weights=(1, 2))
+    assert result.signed_bytes() == result_header().signed_bytes()
 
 
 @pytest.mark.parametrize(
@@ -195,3 +224,44 @@ def test_reject_frame_has_no_payload() -> None:
     frame = b"".join(pack_frame(Reject(code=int(RejectCode.TIMEOUT))))
     header, payload = unpack_frame(frame)
     assert isinstance(header, Reject) and payload.nbytes == 0
+
+
+def test_channel_hello_round_trips_as_a_frame_of_the_family() -> None:
+    hello = m.ChannelHello(run=b"run", round=7, group_id=bytes(32))
+    frame = m.encode_hello(hello)
+    assert frame[:4] == struct.pack(">I", len(frame) - 4)
+    assert m.decode_hello(frame) == hello
+    # read only as a channel's first frame: never as a chunk or result
+    with pytest.raises(ProtocolViolation) as exc:
+        m.unpack_frame(frame)
+    assert exc.value.code == RejectCode.UNKNOWN_TYPE
+
+
+def _hello_frame(body: dict[str, object], type_id: int = 4) -> bytes:
+    head = msgpack.packb([1, type_id, body], use_bin_type=True)
+    return struct.pack(">I", len(head)) + head
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        (b"\x00" * 257, RejectCode.TOO_LARGE),
+        (b"\x00\x00", RejectCode.MALFORMED),
+        # the bare [run, round, group_id] array of earlier releases is not a frame
+        (msgpack.packb([b"run", 1, bytes(32)], use_bin_type=True), RejectCode.MALFORMED),
+        (m.encode_hello(m.ChannelHello(b"run", 1, bytes(32))) + b"x", RejectCode.MALFORMED),
+        (_hello_frame({"run": b"run", "round": True, "group_id": bytes(32)}),
+         RejectCode.INVALID_FIELD),
+        (_hello_frame({"run": b"run", "round": 1, "group_id": bytes(31)}),
+         RejectCode.INVALID_FIELD),
+        (_hello_frame({"run": b"", "round": 1, "group_id": bytes(32)}),
+         RejectCode.INVALID_FIELD),
+        (_hello_frame({"run": b"run", "round": -1, "group_id": bytes(32)}),
+         RejectCode.INVALID_FIELD),
+        (_hello_frame({"code": 1, "detail": ""}, type_id=0), RejectCode.UNKNOWN_TYPE),
+    ],
+)
+def test_channel_hello_is_checked_like_every_frame(frame: bytes, code: RejectCode) -> None:
+    with pytest.raises(ProtocolViolation) as exc:
+        m.decode_hello(frame)
+    assert exc.value.code == code

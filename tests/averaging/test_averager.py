@@ -39,7 +39,17 @@ async def averaging_swarm(
         for node in nodes:
             dp = DataPlane(node.host, node.identity, listen_ip="127.0.0.1", reachable=True)
             await nursery.start(dp.run)
-            members.append(Member(node, dp, Averager(node, dp, run=RUN, settings=settings)))
+            averager = Averager(
+                signer=node.identity,
+                records=node.records,
+                links=node,
+                reputation=node,
+                dataplane=dp,
+                background=node.background,
+                run=RUN,
+                settings=settings,
+            )
+            members.append(Member(node, dp, averager))
         try:
             yield members
         finally:
