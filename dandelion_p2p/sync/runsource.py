@@ -149,3 +149,50 @@ class RunVersions:
 
     def newer_than(self, version: int) -> list[RunDocument]:
         return self.timeline.newer_than(version)
+
+
+class CurrentRun:
+    """The run this daemon trains: its id, its config once fetched, the versions seen of it,
+    and where its worker keeps the checkpoints served to joining peers."""
+
+    def __init__(self, run: str, source: RunSource, worker_dir: Path) -> None:
+        self.id = run
+        self.source = source
+        self.worker_dir = worker_dir
+        """``DATA_DIR/worker``: each run config's worker folder is under it, by name."""
+        self.document: RunDocument | None = None
+        self.checkpoint_dir: Path | None = None
+        """The folder the worker named in its last ``worker.catch_up``."""
+        self._versions: RunVersions | None = None
+
+    async def load(self) -> RunDocument | None:
+        """Fetch the run's config and make it the one trained; None when no source has it.
+
+        Raises:
+            ConfigError: a source has the run but its config is invalid.
+        """
+        document = await self.source.fetch(self.id)
+        if document is not None:
+            self.document, self.id = document, document.run
+        return document
+
+    def switch(self, run: str) -> None:
+        """Train ``run`` from now on; its config is fetched when the next worker starts."""
+        self.id = run
+        self.document = None
+
+    def versions(self) -> RunVersions:
+        """The versions known of the run, ``document`` among them (it must be loaded)."""
+        assert self.document is not None
+        if self._versions is None or self._versions.run != self.id:
+            self._versions = RunVersions(self.id)
+        self._versions.offer(self.document)
+        return self._versions
+
+    def checkpoints(self) -> Path | None:
+        """Where the worker keeps its checkpoints; None before the run is known."""
+        if self.checkpoint_dir is not None:
+            return self.checkpoint_dir
+        if self.document is None:
+            return None
+        return self.worker_dir / self.document.config.name / "checkpoints"

@@ -20,13 +20,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from dandelion_p2p.control import call_sync
+from dandelion_p2p.control.client import call_sync
 from dandelion_p2p.errors import ConfigError, PeerUnavailable
 from dandelion_p2p.runconfig.schema import loads
 from dandelion_p2p.runconfig.timeline import ConfigTimeline
-from dandelion_p2p.sync.shm import SharedVector
 from dandelion_p2p.worker import protocol
 from dandelion_p2p.worker.protocol import ConfigVersion
+from dandelion_p2p.worker.shm import SharedVector
 
 log = logging.getLogger(__name__)
 

@@ -167,9 +167,19 @@ class Trainer:
         self.sync_log = (options.work_dir / "sync_log.jsonl").open("a")
         self.config_version = -1
         """The run config version in force here (-1: none applied yet)."""
-        # A peer without the swarm's newest state fetches it from peers already training.
+        self.joined: bool | None = None
+        """Whether ``resume`` took the swarm's state from peers (None: not resumed yet)."""
+
+    def resume(self) -> None:
+        """Call once before ``run``: take the swarm's newer state if peers are ahead
+        (``Link.catch_up``), load the newest checkpoint, apply the config version in force.
+
+        Raises:
+            ConfigError: the checkpoint is another run's or model's, or the version in
+                force changes what a running worker cannot; and whatever the link raises.
+        """
         have = self.checkpoints.latest_step()
-        self.joined = link.catch_up(have, self.checkpoints.root, wait=True) > have
+        self.joined = self.link.catch_up(have, self.checkpoints.root, wait=True) > have
         latest = self.checkpoints.latest()
         if latest is not None:
             self.restore(latest)
@@ -182,6 +192,8 @@ class Trainer:
         return min(self.options.stop_at or max_steps, max_steps)
 
     def run(self) -> None:
+        if self.joined is None:
+            raise RuntimeError("Trainer.resume() must be called before Trainer.run()")
         self.report("training", force=True)
         if self.joined and self.outer is not None:
             self.join_round()

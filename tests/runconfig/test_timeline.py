@@ -12,7 +12,6 @@ from dandelion_p2p.averaging.matchmaking import group_run_key
 from dandelion_p2p.errors import ConfigError, ProtocolViolation
 from dandelion_p2p.identity import Identity
 from dandelion_p2p.net.dht.records import sign_record
-from dandelion_p2p.runconfig.progress import robust_step
 from dandelion_p2p.runconfig.publication import (
     CONFIG_NAMESPACE,
     CONFIG_SIGNING_DOMAIN_V1,
@@ -29,6 +28,7 @@ from dandelion_p2p.runconfig.timeline import (
     round_up_to,
 )
 from dandelion_p2p.runconfig.watcher import select_newest
+from dandelion_p2p.sync.statesync_core import robust_step
 from dandelion_p2p.wire import RejectCode
 from dandelion_p2p.worker.protocol import (
     MAX_RUN_CONFIGS,
@@ -121,8 +121,8 @@ def test_the_effective_step_is_signed_and_the_first_format_still_reads() -> None
 
     unsigned = SignedRunConfigV1(run=signed.run, name="tiny", owner=owner.peer_id_bytes,
                                  version=1, toml=run_toml(), published_at_ms=1, signature=b"")
-    assert CONFIG_SIGNING_DOMAIN_V1 in unsigned.payload()
-    first = dataclasses.replace(unsigned, signature=owner.sign(unsigned.payload()))
+    assert CONFIG_SIGNING_DOMAIN_V1 in unsigned.signed_bytes()
+    first = dataclasses.replace(unsigned, signature=owner.sign(unsigned.signed_bytes()))
     records = [sign_record(owner, CONFIG_NAMESPACE, signed.run.encode(), encode_value(value),
                            seq=1, expires_at_ms=int(time.time() * 1000) + 60_000)
                for value in (first, signed)]

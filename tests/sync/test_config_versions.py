@@ -19,8 +19,8 @@ import pytest
 from dandelion_p2p.identity import Identity, write_identity
 from dandelion_p2p.runconfig.publication import derive_run_id
 from dandelion_p2p.runconfig.schema import RunConfig
-from dandelion_p2p.sync.shm import SharedVector
 from dandelion_p2p.worker import protocol
+from dandelion_p2p.worker.shm import SharedVector
 from tests.daemon_proc import DaemonProcess, start_daemon
 from tests.sync.test_swarm_training import read_jsonl, wait_for
 from tests.worker.runconfigs import tiny_run

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dandelion_p2p.control import CommandFailed
-from dandelion_p2p.sync.shm import SharedVector, remove_stale
+from dandelion_p2p.control.protocol import CommandFailed
 from dandelion_p2p.sync.supervisor import WorkerProcess, describe_exit
 from dandelion_p2p.worker import protocol
+from dandelion_p2p.worker.shm import SharedVector, remove_stale
 from dandelion_p2p.worker.tiny import write_images
 from tests.daemon_proc import start_daemon
 from tests.worker.runconfigs import tiny_run

@@ -10,13 +10,13 @@ import torch
 
 from dandelion_p2p.errors import ProtocolViolation
 from dandelion_p2p.identity import Identity
-from dandelion_p2p.sync.statesync import (
+from dandelion_p2p.sync.statesync import StateServer
+from dandelion_p2p.sync.statesync_core import (
     CHUNK,
     StateChunk,
     StateOffer,
     StateOffered,
     StateRead,
-    StateServer,
 )
 from dandelion_p2p.wire import RejectCode
 from dandelion_p2p.worker.checkpoint import CheckpointStore

@@ -137,6 +137,7 @@ def test_gradient_mode_two_peers_match_one_with_twice_the_batch(
         reference = Trainer(single, WorkerOptions(data=images, work_dir=tmp_path / "single",
                                                   shard=(0, 1), export=False),
                             SoloLink(tmp_path / "single.toml"))
+        reference.resume()
         reference.run()
         reference.close()
         for worker in workers:

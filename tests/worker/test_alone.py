@@ -19,6 +19,7 @@ def train(config: RunConfig, images: Path, work: Path, stop_at: int = 0) -> Trai
     toml.write_text(config.to_toml())
     trainer = Trainer(config, WorkerOptions(data=images, work_dir=work, export=False,
                                             device="cpu", stop_at=stop_at), SoloLink(toml))
+    trainer.resume()
     try:
         trainer.run()
     finally:

@@ -27,6 +27,7 @@ def train(config: RunConfig, images: Path, work: Path) -> Trainer:
     toml.write_text(config.to_toml())
     trainer = Trainer(config, WorkerOptions(data=images, work_dir=work, export=True,
                                             device="cpu"), SoloLink(toml))
+    trainer.resume()
     try:
         trainer.run()
     finally:

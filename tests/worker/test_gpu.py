@@ -33,8 +33,10 @@ def cuda_trainer(config: RunConfig, images: Path, work: Path, **options: object)
     toml.parent.mkdir(parents=True, exist_ok=True)
     toml.write_text(config.to_toml())
     settings: dict[str, object] = {"device": "cuda", "export": False, **options}
-    return Trainer(config, WorkerOptions(data=images, work_dir=work, **settings),  # type: ignore[arg-type]
-                   SoloLink(toml))
+    trainer = Trainer(config, WorkerOptions(data=images, work_dir=work, **settings),  # type: ignore[arg-type]
+                      SoloLink(toml))
+    trainer.resume()
+    return trainer
 
 
 def train(config: RunConfig, images: Path, work: Path, **options: object) -> Trainer:

@@ -30,6 +30,7 @@ def train(config: RunConfig, images: Path, work: Path, stop_at: int = 0,
     trainer = Trainer(config, WorkerOptions(data=images, work_dir=work, stop_at=stop_at,
                                             export=export, gradient_checkpointing=True),
                       solo(work.parent, config))
+    trainer.resume()
     try:
         trainer.run()
     finally:
@@ -128,7 +129,7 @@ def test_a_checkpoint_of_another_run_is_not_loaded(tiny_sd1: Path, images: Path,
     other = replace(config, name="other")
     with pytest.raises(ConfigError, match="another run"):
         Trainer(other, WorkerOptions(data=images, work_dir=tmp_path / "work"),
-                solo(tmp_path, other))
+                solo(tmp_path, other)).resume()
 
 
 def test_smaller_forward_passes_learn_the_same(tiny_sd1: Path, images: Path,
@@ -142,11 +143,13 @@ def test_smaller_forward_passes_learn_the_same(tiny_sd1: Path, images: Path,
     whole = Trainer(config, WorkerOptions(data=images, work_dir=tmp_path / "whole",
                                           export=False, device="cpu"),
                     solo(tmp_path, config))
+    whole.resume()
     whole.run()
     whole.close()
     split = Trainer(config, WorkerOptions(data=images, work_dir=tmp_path / "split",
                                           micro_batch=1, export=False, device="cpu"),
                     solo(tmp_path, config))
+    split.resume()
     split.run()
     split.close()
     for (name, a), (_, b) in zip(whole.c.trainable, split.c.trainable, strict=True):

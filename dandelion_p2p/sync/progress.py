@@ -1,8 +1,9 @@
 """How far a run has trained, as its owner sees it when choosing where a new version applies.
 
 Peers training a run serve their newest checkpoint's step (``StateOffer`` of
-``/dandelion/state/1.0.0``); the newest step offered is the swarm's step, give or take one
-checkpoint interval, which the publisher allows for.
+``/dandelion/state/1.0.0``); the median of the steps offered is the swarm's step, give or take
+one checkpoint interval, which the publisher allows for. Other services reach it through the
+``training.swarm_step`` control method.
 """
 
 from __future__ import annotations
@@ -13,17 +14,25 @@ import trio
 from libp2p.peer.id import ID
 
 from dandelion_p2p.errors import DandelionError
-from dandelion_p2p.net.node import SwarmNode
 from dandelion_p2p.net.streams import request
-from dandelion_p2p.sync.statesync import MAX_REPLY, PROTOCOL_ID, STATE, StateOffer, StateOffered
+from dandelion_p2p.sync.ports import StatePeers
+from dandelion_p2p.sync.statesync_core import (
+    MAX_ASKED,
+    MAX_REPLY,
+    PROTOCOL_ID,
+    STATE,
+    StateOffer,
+    StateOffered,
+    robust_step,
+)
 
 log = logging.getLogger(__name__)
 
-MAX_ASKED = 16
 ASK_TIMEOUT = 5.0
 
 
-async def swarm_checkpoint_step(node: SwarmNode, run: str, *, timeout: float = ASK_TIMEOUT) -> int:
+async def swarm_checkpoint_step(node: StatePeers, run: str, *,
+                                timeout: float = ASK_TIMEOUT) -> int:
     """The swarm's checkpoint step of ``run``: the median of the newest steps its members and
     connected peers offer (``robust_step``), asking at most ``MAX_ASKED`` of them, all within
     ``timeout`` seconds; -1 if none answered."""
@@ -46,18 +55,8 @@ async def swarm_checkpoint_step(node: SwarmNode, run: str, *, timeout: float = A
             peers.update(ID.from_base58(peer) for peer in await node.members())
         except DandelionError as exc:
             log.info("cannot list the swarm's members: %s", exc)
-        peers.discard(node.identity.peer_id)
+        peers.discard(node.peer_id)
         async with trio.open_nursery() as nursery:
             for peer in sorted(peers, key=lambda p: p.to_bytes())[:MAX_ASKED]:
                 nursery.start_soon(ask, peer)
     return robust_step(steps)
-
-
-def robust_step(steps: list[int]) -> int:
-    """The swarm's step from what peers claim: the median (the upper one of an even count),
-    so that one peer claiming a huge step cannot push a new version out of reach; -1 if no
-    peer answered."""
-    if not steps:
-        return -1
-    ordered = sorted(steps)
-    return ordered[len(ordered) // 2]

@@ -1,0 +1,71 @@
+"""Catch-up: the daemon's answer to ``worker.catch_up``.
+
+A worker that starts, or learns from a round that it is behind, asks its daemon to put the
+swarm's newest state into its checkpoint folder. The daemon lists the peers that may hold it
+and runs state transfer (``statesync``), trying again while no peer is known yet (just
+started) or while a download can be retried.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import trio
+from libp2p.peer.id import ID
+
+from dandelion_p2p.errors import DandelionError
+from dandelion_p2p.sync.ports import StatePeers
+from dandelion_p2p.sync.statesync import fetch_state
+from dandelion_p2p.sync.statesync_core import StateUnavailable
+
+log = logging.getLogger(__name__)
+
+CATCH_UP_TRIES = 10
+CATCH_UP_PAUSE = 1.0
+
+
+class CatchUp:
+    def __init__(self, peers: StatePeers) -> None:
+        self.peers = peers
+
+    async def run(self, run: str, have: int, folder: Path, *, wait: bool) -> dict[str, Any]:
+        """Download the newest state of ``run`` newer than step ``have`` into ``folder``.
+        Answers ``step`` (the step now there, -1: nothing newer found) and ``peers`` it came
+        from, or ``detail`` saying why not. ``wait``: ask again while no peer is known.
+
+        A local file error (a full disk) is raised as it is (``OSError``).
+        """
+        for attempt in range(CATCH_UP_TRIES):
+            peers = await self.training_peers()
+            if not peers:
+                if not wait or attempt + 1 == CATCH_UP_TRIES:
+                    return {"step": -1, "detail": "no peers to ask"}
+                # Just started: the bootstrap connection or member records may not be up yet.
+                await trio.sleep(CATCH_UP_PAUSE)
+                continue
+            try:
+                step, sources = await fetch_state(
+                    self.peers.host, peers, run, have, folder,
+                    connect=self.peers.connect_peer,
+                )
+                break
+            except StateUnavailable as exc:
+                log.info("state transfer: %s", exc)
+                if not exc.retry or attempt + 1 == CATCH_UP_TRIES:
+                    return {"step": -1, "detail": str(exc)}
+        else:
+            return {"step": -1, "detail": "no peers to ask"}
+        return {"step": step, "peers": sources}
+
+    async def training_peers(self) -> list[ID]:
+        """Peers that may hold the run's state: the swarm's members and whoever we are
+        connected to (a member record may not have spread yet)."""
+        me = self.peers.peer_id
+        found = set(self.peers.host.get_network().get_connections_map())
+        try:
+            found.update(ID.from_base58(peer) for peer in await self.peers.members())
+        except DandelionError as exc:
+            log.info("cannot list the swarm's members: %s", exc)
+        return [peer for peer in found if peer != me]

@@ -1,0 +1,182 @@
+"""Averaging rounds: the daemon's answer to ``worker.sync``.
+
+The worker has put its pseudo-gradient (or gradient) into the shared buffer; the daemon
+averages the buffer in place with the round's group and says how much was averaged. Peers on
+different run config versions never average together: the version is part of the group's
+identity, and a worker that trained a round under a version no longer in force is answered
+"not averaged, behind", which sends it to catch up.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Protocol
+
+import trio
+
+from dandelion_p2p.averaging.averager import Averager, AveragingSettings, NoGroup
+from dandelion_p2p.averaging.compression import BufferErrorFeedback
+from dandelion_p2p.averaging.matchmaking import MatchmakingSettings, group_run_key
+from dandelion_p2p.errors import ConfigError, DandelionError
+from dandelion_p2p.sync.runsource import CurrentRun, RunDocument
+from dandelion_p2p.sync.state import TrainingState
+from dandelion_p2p.telemetry import Telemetry
+from dandelion_p2p.worker import protocol
+from dandelion_p2p.worker.shm import SharedVector
+
+log = logging.getLogger(__name__)
+
+MIN_PATIENCE = 60.0
+"""Seconds a peer waits at a sync point for the group it averaged with last time (a peer
+whose worker restarts from its checkpoint comes back within this); a peer that found nobody
+last time tries once per round."""
+
+SERIES_HELP = {
+    "round_seconds": "seconds an averaging round took",
+    "fraction_averaged": "fraction of the vector averaged with other peers in a round",
+    "round_peers": "peers in the last averaging round",
+}
+
+
+class Averagers(Protocol):
+    """Makes the averager of one group identity (run, config version) and retires it."""
+
+    def create(self, run: bytes, settings: AveragingSettings) -> Averager: ...
+
+    def retire(self, averager: Averager) -> None: ...
+
+
+def not_averaged(members: int = 1) -> dict[str, Any]:
+    """A round's answer when nothing was averaged: the buffer holds the worker's own values."""
+    return {"averaged": False, "fraction_averaged": 0.0, "members": members,
+            "complete": False}
+
+
+class Rounds:
+    def __init__(self, state: TrainingState, current: CurrentRun, averagers: Averagers,
+                 telemetry: Telemetry) -> None:
+        self.state = state
+        self.current = current
+        self.averagers = averagers
+        self.telemetry = telemetry
+        self.averager: Averager | None = None
+        self.averager_key = b""
+        self._feedback: BufferErrorFeedback | None = None
+        self.grouped_last = True
+        """The last round found a group: wait for it (``MIN_PATIENCE``) in this one."""
+        self.last_round: dict[str, Any] | None = None
+
+    async def sync(self, buffer: SharedVector, round_: int, weight: float,
+                   trained_under: int, first_step: int, known: int) -> dict[str, Any]:
+        """Average ``buffer`` for round ``round_`` (weight: the samples behind it), trained
+        under config version ``trained_under`` from global step ``first_step``; the answer
+        carries the versions newer than ``known``.
+
+        Raises:
+            ConfigError: the round failed on bad input (a vector the group cannot use).
+        """
+        assert self.current.document is not None
+        versions = self.current.versions()
+        await versions.refresh(self.current.source)
+        in_force = versions.in_force(first_step) or self.current.document
+        self.state.round_started(round_)
+        started = trio.current_time()
+        if trained_under != in_force.version:
+            # Averaging would mix versions. A worker that missed a version is behind the peers
+            # that trained under it, and catches up as a late peer does.
+            log.info("round %d: the worker trained under config version %d, but version %d "
+                     "is in force from global step %d: not averaged", round_, trained_under,
+                     in_force.version, in_force.effective_step)
+            result = not_averaged()
+        else:
+            result = await self._average(buffer, in_force, round_, weight, started)
+        seconds = trio.current_time() - started
+        result["round"] = round_
+        result["round_seconds"] = seconds
+        result["behind"] = in_force.version > trained_under
+        await versions.refresh(self.current.source)
+        result["run_configs"] = protocol.encode_run_configs(versions.newer_than(known))
+        self.last_round = {**result, "finished_at": time.time()}
+        self.telemetry.record("round_seconds", seconds)
+        self.telemetry.record("fraction_averaged", result["fraction_averaged"])
+        self.telemetry.record("round_peers", result["members"])
+        self.state.round_ended()
+        return result
+
+    async def _average(self, buffer: SharedVector, document: RunDocument, round_: int,
+                       weight: float, started: float) -> dict[str, Any]:
+        """Average the shared buffer with the round's group under config ``document``,
+        waiting for a group as long as the last round had one (see ``MIN_PATIENCE``)."""
+        averager = self._averager_for(document)
+        patience = max(MIN_PATIENCE, 10 * document.config.averaging.gather_window)
+        deadline = started + (patience if self.grouped_last else 0.0)
+        while True:
+            try:
+                report = await averager.all_reduce(
+                    buffer.array,
+                    max(weight, 1e-6),
+                    round_,
+                    error_feedback=self._error_feedback(averager, buffer),
+                )
+            except NoGroup as exc:
+                if exc.late:
+                    # The others finished this round without us: we are behind. Reported as
+                    # a group we could not average with, which sends the worker to catch up.
+                    log.info("%s", exc)  # the message names the round
+                    return not_averaged(members=1 + exc.late)
+                if trio.current_time() < deadline:
+                    continue
+                log.info("round %d: no group (%s); this peer goes on alone", round_, exc)
+                self.grouped_last = False
+                return not_averaged()
+            except DandelionError as exc:
+                # The network let us down (no DHT yet, say): the worker trains on alone
+                # rather than crash, and tries again next round.
+                log.warning("round %d could not run: %s", round_, exc)
+                return not_averaged()
+            except ValueError as exc:
+                raise ConfigError(f"round {round_} failed: {exc}") from None
+            self.grouped_last = True
+            return {
+                "averaged": report.fraction_averaged > 0,
+                "fraction_averaged": report.fraction_averaged,
+                "members": len(report.members),
+                "complete": report.complete,
+            }
+
+    def _averager_for(self, document: RunDocument) -> Averager:
+        """The averager of the run under config version ``document``: the version is part of
+        the group's identity, so peers on different versions never average together."""
+        key = group_run_key(self.current.id, document.version, document.toml)
+        if self.averager is None or self.averager_key != key:
+            if self.averager is not None:
+                self.averagers.retire(self.averager)
+            a = document.config.averaging
+            settings = AveragingSettings(
+                codec=a.codec,
+                mode=a.aggregation,
+                chunk_timeout=a.chunk_timeout,
+                matchmaking=MatchmakingSettings(
+                    gather_window=a.gather_window,
+                    settle=min(0.5, a.gather_window / 2),
+                    min_group=a.min_group,
+                    max_group=a.max_group,
+                ),
+            )
+            self.averager = self.averagers.create(key, settings)
+            self.averager_key = key
+            self._feedback = None
+        return self.averager
+
+    def _error_feedback(self, averager: Averager,
+                        buffer: SharedVector) -> BufferErrorFeedback | None:
+        """One error feedback per run and vector, kept across rounds: with a lossy codec,
+        what compression drops from a round's pseudo-gradient is sent in later rounds."""
+        if averager.settings.codec == "none":
+            return None
+        size = buffer.array.size
+        fb = self._feedback
+        if fb is None or fb.size != size or fb.codec.name != averager.settings.codec:
+            fb = self._feedback = averager.error_feedback_for(size)
+        return fb

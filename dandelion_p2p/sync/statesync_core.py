@@ -1,0 +1,297 @@
+"""State transfer's core (``/dandelion/state/1.0.0``, ``protocol/statesync.md``): the
+messages, what a server answers from its checkpoints, and the joiner's decisions (which offer
+to take, which source reads which chunk, what counts as a chunk received). No I/O: no trio,
+no libp2p, no sockets; ``statesync`` runs it over libp2p streams.
+
+The state is a worker checkpoint (``worker/checkpoint.py``): after every averaging round all
+peers hold the same weights and outer-optimizer state, so any of them can serve it. A joiner
+asks several peers for their newest checkpoint (``StateOffer``), takes the newest step, checks
+that the peers offering it agree on the hash of every file that must be identical across the
+swarm (``SHARED_FILES``), then reads each file in chunks (``StateRead``) spread over all peers
+that hold the same bytes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+from dandelion_p2p.errors import DandelionError, ProtocolViolation
+from dandelion_p2p.wire import Message, Registry, RejectCode, invalid
+
+STATE = Registry("state")
+PROTOCOL_ID = "/dandelion/state/1.0.0"
+CHUNK = 1 << 20
+MAX_REQUEST = 4096
+MAX_REPLY = CHUNK + 4096
+MAX_FILES = 64
+MAX_NAME = 128
+MAX_ASKED = 16
+"""Peers a joiner asks for offers."""
+READS_PER_SOURCE = 4
+"""Chunk reads of one file in flight, per source of that file."""
+PASSES = 3
+"""Passes over a file's missing chunks before the download is given up (and retried)."""
+SHARED_FILES = ("trainable.safetensors", "outer.safetensors")
+"""Files identical on every peer after a round: their hashes must agree across offers."""
+MANIFEST = "manifest.json"
+FILE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+STEP_DIR = re.compile(r"step-(\d{8,})")
+"""A checkpoint folder's name; others (``.tmp-step-…``, ``.download-step-…``) are never
+offered."""
+
+
+@STATE.message(1)
+class StateOffer(Message):
+    """Which checkpoint of ``run`` do you hold?"""
+
+    run: str
+
+    def check(self) -> None:
+        if not 0 < len(self.run) <= 128:
+            raise invalid("StateOffer.run must be 1-128 characters")
+
+
+@STATE.message(2)
+class StateOffered(Message):
+    """The newest checkpoint: its step (-1: none) and, per file, its size and blake3 hash."""
+
+    run: str
+    step: int
+    names: tuple[str, ...] = ()
+    sizes: tuple[int, ...] = ()
+    hashes: tuple[str, ...] = ()
+
+    def check(self) -> None:
+        if not (len(self.names) == len(self.sizes) == len(self.hashes) <= MAX_FILES):
+            raise invalid("StateOffered: names, sizes and hashes must pair up (at most 64)")
+        if not all(FILE_NAME.fullmatch(n) for n in self.names):
+            raise invalid("StateOffered: bad file name")
+        if any(s < 0 for s in self.sizes) or not -1 <= self.step < 2**53:
+            raise invalid("StateOffered: negative size, or a step outside -1 .. 2^53 - 1")
+
+    def files(self) -> dict[str, tuple[int, str]]:
+        return {n: (s, h) for n, s, h in zip(self.names, self.sizes, self.hashes, strict=True)}
+
+
+@STATE.message(3)
+class StateRead(Message):
+    run: str
+    step: int
+    name: str
+    offset: int
+    length: int
+
+    def check(self) -> None:
+        if not FILE_NAME.fullmatch(self.name):
+            raise invalid("StateRead.name is not a file name")
+        if self.offset < 0 or not 0 < self.length <= CHUNK:
+            raise invalid(f"StateRead: offset >= 0 and length 1-{CHUNK}")
+
+
+@STATE.message(4)
+class StateChunk(Message):
+    data: bytes
+
+
+class StateUnavailable(DandelionError):
+    """No peer offered a usable state newer than ours, or its download failed."""
+
+    def __init__(self, message: str, retry: bool = False) -> None:
+        super().__init__(message)
+        self.retry = retry
+        """True when asking again may help (the offered checkpoint went away meanwhile)."""
+
+
+# ---------------------------------------------------------------------- the server
+
+
+class Listing(Protocol):
+    """One checkpoint as a server offers it: its step, and per file its size and hash."""
+
+    @property
+    def step(self) -> int: ...
+
+    @property
+    def files(self) -> Mapping[str, tuple[int, str]]: ...
+
+
+L = TypeVar("L", bound=Listing)
+
+
+class CheckpointSource(Protocol[L]):
+    """The checkpoints a server holds (``sync.checkpoints`` reads them from the worker's
+    folder)."""
+
+    def newest(self) -> L | None: ...
+
+    def at_step(self, step: int) -> L | None: ...
+
+    def read(self, listing: L, name: str, offset: int, length: int) -> bytes:
+        """Up to ``length`` bytes of the file ``name`` of ``listing`` from ``offset``."""
+        ...
+
+
+def offer_of(run: str, listing: Listing | None) -> StateOffered:
+    """The ``StateOffered`` of ``listing`` (None: no checkpoint of ``run`` here)."""
+    if listing is None:
+        return StateOffered(run=run, step=-1)
+    names = tuple(listing.files)
+    return StateOffered(run=run, step=listing.step, names=names,
+                        sizes=tuple(listing.files[n][0] for n in names),
+                        hashes=tuple(listing.files[n][1] for n in names))
+
+
+def answer(request: Message, run: str, checkpoints: CheckpointSource[L]) -> Message:
+    """The server's reply to ``request``; ``run``: the run this daemon trains.
+
+    Raises:
+        ProtocolViolation: ``NOT_FOUND`` (no such checkpoint or file: not the peer's fault),
+            ``INVALID_FIELD`` (an offset beyond the file), ``UNKNOWN_TYPE`` (not a request).
+    """
+    if isinstance(request, StateOffer):
+        return offer_of(request.run, checkpoints.newest() if request.run == run else None)
+    if isinstance(request, StateRead):
+        # Any checkpoint still kept may be read: a joiner's download of the one offered
+        # goes on while this peer writes newer ones.
+        listing = checkpoints.at_step(request.step) if request.run == run else None
+        if listing is None or request.name not in listing.files:
+            raise ProtocolViolation(RejectCode.NOT_FOUND, "no such checkpoint file")
+        size = listing.files[request.name][0]
+        if request.offset >= size:
+            raise ProtocolViolation(RejectCode.INVALID_FIELD, "offset beyond the file")
+        return StateChunk(data=checkpoints.read(listing, request.name, request.offset,
+                                                request.length))
+    raise ProtocolViolation(RejectCode.UNKNOWN_TYPE, "expected StateOffer or StateRead")
+
+
+# ---------------------------------------------------------------------- the joiner
+
+P = TypeVar("P")
+"""A peer, as the adapter names it (any hashable id)."""
+
+
+@dataclass(frozen=True)
+class Selection(Generic[P]):
+    """The state to download: ``step``, offered by ``offers`` (the sources), whose files are
+    those of the first to have answered (``reference``)."""
+
+    step: int
+    reference: P
+    offers: dict[P, StateOffered]
+
+    def files(self) -> dict[str, tuple[int, str]]:
+        """The files to fetch, name: (size, hash), in the reference's order."""
+        return self.offers[self.reference].files()
+
+    def sources_of(self, name: str) -> list[P]:
+        """The sources whose offer lists ``name`` with the reference's size and hash."""
+        wanted = self.files()[name]
+        return [p for p, o in self.offers.items() if o.files().get(name) == wanted]
+
+
+class OfferRound(Generic[P]):
+    """The offers of one download: collects the replies to ``StateOffer`` and chooses the
+    newest state, if the peers offering it agree on the shared files."""
+
+    def __init__(self, run: str, have_step: int) -> None:
+        self.run = run
+        self.have_step = have_step
+        self.offers: dict[P, StateOffered] = {}
+        """Offers newer than ``have_step``, in the order they arrived."""
+        self.holders = 0
+        """Peers that hold some checkpoint of the run, newer or not."""
+
+    def request(self) -> StateOffer:
+        return StateOffer(run=self.run)
+
+    def received(self, peer: P, reply: Message | None) -> None:
+        """``peer``'s reply (None: none came, or it failed); anything but a ``StateOffered``
+        of this run is ignored, and nothing is scored."""
+        if not isinstance(reply, StateOffered) or reply.run != self.run:
+            return
+        if reply.step >= 0:
+            self.holders += 1
+        if reply.step > self.have_step:
+            self.offers[peer] = reply
+
+    def choose(self, asked: int) -> Selection[P]:
+        """The newest state offered; ``asked``: how many peers there were to ask.
+
+        Raises:
+            StateUnavailable: no peer offers a newer state, or the peers offering the newest
+                disagree on a shared file (neither is worth retrying at once).
+        """
+        if not self.offers:
+            raise StateUnavailable(
+                f"no peer offers a state of run {self.run} newer than step {self.have_step} "
+                f"({self.holders} of {asked} asked hold one)"
+            )
+        step = max(o.step for o in self.offers.values())
+        newest = {p: o for p, o in self.offers.items() if o.step == step}
+        for name in SHARED_FILES:
+            hashes = {o.files().get(name, (0, ""))[1] for o in newest.values()}
+            if len(hashes) > 1:
+                raise StateUnavailable(
+                    f"peers disagree on {name} at step {step}: {len(hashes)} different hashes"
+                )
+        return Selection(step, next(iter(newest)), newest)
+
+
+class FileFetch(Generic[P]):
+    """The chunks of one file and who reads each: chunk ``i`` of those still missing from
+    source ``i mod (sources still in use)``, in up to ``PASSES`` passes."""
+
+    def __init__(self, run: str, step: int, name: str, size: int, sources: list[P]) -> None:
+        self.run = run
+        self.step = step
+        self.name = name
+        self.size = size
+        self.offsets = list(range(0, size, CHUNK))
+        self.done: set[int] = set()
+        self.alive = list(sources)
+        """Sources still in use: one that fails is dropped, unless it is the last."""
+        self.in_flight = READS_PER_SOURCE * len(sources)
+        """Reads the adapter may have in flight at once."""
+        self.passes = 0
+
+    def next_pass(self) -> list[tuple[P, StateRead]]:
+        """The reads of the next pass over the missing chunks; none when the file is
+        complete or every pass is spent."""
+        missing = [o for o in self.offsets if o not in self.done]
+        if not missing or self.passes == PASSES:
+            return []
+        self.passes += 1
+        return [(self.alive[i % len(self.alive)],
+                 StateRead(run=self.run, step=self.step, name=self.name, offset=offset,
+                           length=min(CHUNK, self.size - offset)))
+                for i, offset in enumerate(missing)]
+
+    def received(self, read: StateRead, reply: Message) -> bytes | None:
+        """The bytes to write at ``read.offset``, or None: only a ``StateChunk`` of exactly
+        the length asked is taken; anything else leaves the chunk missing."""
+        if isinstance(reply, StateChunk) and len(reply.data) == read.length:
+            self.done.add(read.offset)
+            return reply.data
+        return None
+
+    def failed(self, peer: P) -> None:
+        """A read from ``peer`` failed (no stream, a timeout, a ``Reject``)."""
+        if peer in self.alive and len(self.alive) > 1:
+            self.alive.remove(peer)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.done) == len(self.offsets)
+
+
+def robust_step(steps: list[int]) -> int:
+    """The swarm's step from what peers claim: the median (the upper one of an even count),
+    so that one peer claiming a huge step cannot push a new version out of reach; -1 if no
+    peer answered."""
+    if not steps:
+        return -1
+    ordered = sorted(steps)
+    return ordered[len(ordered) // 2]
