@@ -85,7 +85,7 @@ def start_cluster(
     ready_timeout: float = 60.0,
 ) -> Cluster:
     """Start ``n`` peers; returns once all printed ``ready``. Without ``bootstrap`` the first
-    peer seeds the DHT for the others."""
+    peer seeds the DHT for the others. The others start together: each only needs the seed."""
     workdir.mkdir(parents=True, exist_ok=True)
     cluster = Cluster()
     seeded = bool(bootstrap)
@@ -111,9 +111,12 @@ def start_cluster(
                 proc = subprocess.Popen(argv, **launcher_kwargs)
             peer = Peer(i, proc, out, log, seed=i, weight=weight)
             cluster.peers.append(peer)
-            _wait_ready(peer, ready_timeout)
             if i == 0 and not seeded:
+                _wait_ready(peer, ready_timeout)
                 bootstrap = peer.addr
+        for peer in cluster.peers:
+            if not peer.peer_id:
+                _wait_ready(peer, ready_timeout)
     except BaseException:
         cluster.stop()
         raise

@@ -33,6 +33,10 @@ NODE_OPTIONS: Options = [
     (("--upnp/--no-upnp",), {"default": None, "help": "Ask the router for a port mapping."}),
     (("--dial-timeout",), {"type": float}),
     (("--request-timeout",), {"type": float}),
+    (
+        ("--catch-up-wait",),
+        {"type": float, "help": "Seconds a starting worker waits for peers to catch up from."},
+    ),
     (("--log-level",), {"type": click.Choice(["debug", "info", "warning", "error", "critical"])}),
     (("--webui/--no-webui",), {"default": None, "help": "Serve the web UI (default on)."}),
     (("--webui-host",), {"help": "Web UI address (default 127.0.0.1; others warn)."}),

@@ -74,6 +74,7 @@ _KINDS: dict[str, str] = {
     "upnp": "bool",
     "dial_timeout": "float",
     "request_timeout": "float",
+    "catch_up_wait": "float",
     "log_level": "choice",
     "webui": "bool",
     "webui_host": "str",
@@ -155,6 +156,7 @@ class DaemonConfig:
     upnp: bool = False
     dial_timeout: float = 10.0
     request_timeout: float = 10.0
+    catch_up_wait: float = 9.0
     log_level: str = "info"
     webui: bool = True
     webui_host: str = "127.0.0.1"
@@ -430,6 +432,14 @@ def _validate(values: Mapping[str, Any]) -> None:
             or value <= 0
         ):
             raise _Invalid((key,), f"must be a positive number of seconds, got {value!r}")
+    wait = values.get("catch_up_wait", 0.0)
+    if (
+        isinstance(wait, bool)
+        or not isinstance(wait, int | float)
+        or not math.isfinite(wait)
+        or wait < 0
+    ):
+        raise _Invalid(("catch_up_wait",), f"must be 0 or more seconds, got {wait!r}")
     for key, allowed in (
         ("reachability", REACHABILITIES),
         ("log_level", LOG_LEVELS),

@@ -61,17 +61,61 @@ class DaemonProcess:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> tuple[int, float]:
         """Signal the daemon and wait; returns (exit code, seconds it took)."""
         start = time.monotonic()
+        self.send_signal(sig)
+        code = self.wait_stopped(sig, timeout)
+        return code, time.monotonic() - start
+
+    def send_signal(self, sig: int) -> None:
+        """Send ``sig`` unless the daemon has exited (a second SIGTERM cuts its drain short)."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
+
+    def wait_stopped(self, sig: int, timeout: float) -> int:
+        """The exit code; a daemon still running after ``timeout`` is killed, and that fails."""
         try:
-            code = self.proc.wait(timeout=timeout)
+            return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
             raise AssertionError(
                 f"daemon ignored {sig!r} for {timeout} s:\n{self.logs()}"
             ) from None
-        return code, time.monotonic() - start
+
+
+def launch_daemon(
+    command: str,
+    args: list[str],
+    data_dir: Path,
+    *,
+    launcher: Launcher | None = None,
+) -> DaemonProcess:
+    """Start the process without waiting for it: ``wait_ready`` next (``start_daemons``)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    stdout_path = data_dir / "stdout.log"
+    stderr_path = data_dir / "stderr.log"
+    # Many test daemons run at once: none takes the web UI's fixed port unless a test asks.
+    webui = [] if any(a.startswith(("--webui", "--no-webui")) for a in args) else ["--no-webui"]
+    argv = [sys.executable, "-m", "dandelion_p2p.cli", command, *args, *webui,
+            "--data-dir", str(data_dir)]
+    with stdout_path.open("w") as out, stderr_path.open("w") as err:
+        proc = (launcher or LocalLauncher()).popen(argv, stdout=out, stderr=err)
+    return DaemonProcess(proc, data_dir, stdout_path, stderr_path)
+
+
+def start_daemons(
+    launched: list[DaemonProcess], ready_timeout: float = 30.0
+) -> list[DaemonProcess]:
+    """Wait until every daemon of ``launched`` is ready; on failure all of them are killed."""
+    try:
+        for daemon in launched:
+            daemon.wait_ready(ready_timeout)
+    except BaseException:
+        for daemon in launched:
+            if daemon.proc.poll() is None:
+                daemon.proc.kill()
+                daemon.proc.wait()
+        raise
+    return launched
 
 
 def start_daemon(
@@ -82,21 +126,6 @@ def start_daemon(
     launcher: Launcher | None = None,
     ready_timeout: float = 30.0,
 ) -> DaemonProcess:
-    data_dir.mkdir(parents=True, exist_ok=True)
-    stdout_path = data_dir / "stdout.log"
-    stderr_path = data_dir / "stderr.log"
-    # Many test daemons run at once: none takes the web UI's fixed port unless a test asks.
-    webui = [] if any(a.startswith(("--webui", "--no-webui")) for a in args) else ["--no-webui"]
-    argv = [sys.executable, "-m", "dandelion_p2p.cli", command, *args, *webui,
-            "--data-dir", str(data_dir)]
-    with stdout_path.open("w") as out, stderr_path.open("w") as err:
-        proc = (launcher or LocalLauncher()).popen(argv, stdout=out, stderr=err)
-    daemon = DaemonProcess(proc, data_dir, stdout_path, stderr_path)
-    try:
-        daemon.wait_ready(ready_timeout)
-    except BaseException:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        raise
+    (daemon,) = start_daemons([launch_daemon(command, args, data_dir, launcher=launcher)],
+                              ready_timeout)
     return daemon

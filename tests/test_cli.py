@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -117,14 +118,20 @@ def test_second_daemon_on_one_data_dir_is_refused(
 
 
 def test_bad_input_gets_a_clear_error(tmp_path: Path) -> None:
-    bad_listen = cli("daemon", "--listen", "not-an-address", "--data-dir", str(tmp_path / "x"))
-    assert bad_listen.returncode == 2 and "listen" in bad_listen.stderr
-    bad_boot = cli("join", "/ip4/127.0.0.1/tcp/4001", "--data-dir", str(tmp_path / "y"))
-    assert bad_boot.returncode == 2 and "/p2p/" in bad_boot.stderr
-    no_daemon = cli("status", "--data-dir", str(tmp_path / "nobody"))
-    assert no_daemon.returncode == 2 and "no daemon" in no_daemon.stderr.lower()
     env = dict(os.environ, DANDELION_RELAY_MAX_CIRCUITS="0")
-    bad_env = cli("daemon", "--data-dir", str(tmp_path / "z"), env=env)
+    # Independent commands, run at once: each spends its time starting Python.
+    with ThreadPoolExecutor(4) as pool:
+        runs = [
+            pool.submit(cli, "daemon", "--listen", "not-an-address", "--data-dir",
+                        str(tmp_path / "x")),
+            pool.submit(cli, "join", "/ip4/127.0.0.1/tcp/4001", "--data-dir", str(tmp_path / "y")),
+            pool.submit(cli, "status", "--data-dir", str(tmp_path / "nobody")),
+            pool.submit(cli, "daemon", "--data-dir", str(tmp_path / "z"), env=env),
+        ]
+        bad_listen, bad_boot, no_daemon, bad_env = (run.result() for run in runs)
+    assert bad_listen.returncode == 2 and "listen" in bad_listen.stderr
+    assert bad_boot.returncode == 2 and "/p2p/" in bad_boot.stderr
+    assert no_daemon.returncode == 2 and "no daemon" in no_daemon.stderr.lower()
     assert bad_env.returncode == 2 and "DANDELION_RELAY_MAX_CIRCUITS" in bad_env.stderr
 
 

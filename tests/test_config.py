@@ -44,6 +44,7 @@ def test_defaults() -> None:
     assert cfg.relay_circuit_bytes == 1 << 30
     assert cfg.relay_circuit_seconds == cfg.relay_reservation_ttl == 3600
     assert cfg.dial_timeout == cfg.request_timeout == 10.0
+    assert cfg.catch_up_wait == 9.0
     assert cfg.log_level == "info"
 
 
@@ -108,6 +109,8 @@ def test_control_socket_path_too_long() -> None:
         ({"relay_reservation_ttl": 0}, "relay_reservation_ttl: must be a positive integer"),
         ({"dial_timeout": 0}, "dial_timeout: must be a positive number"),
         ({"request_timeout": float("inf")}, "request_timeout: must be a positive number"),
+        ({"catch_up_wait": -1.0}, "catch_up_wait: must be 0 or more seconds"),
+        ({"catch_up_wait": float("nan")}, "catch_up_wait: must be 0 or more seconds"),
         ({"reachability": "sometimes"}, "reachability: must be one of auto, public, private"),
         ({"log_level": "loud"}, "log_level: must be one of debug"),
         ({"mode": "serve"}, "mode: must be one of daemon, join"),
@@ -120,6 +123,11 @@ def test_invalid_values_name_the_key(kwargs: dict[str, Any], message: str) -> No
     kwargs.setdefault("data_dir", Path("/d"))
     with pytest.raises(ConfigError, match=message):
         DaemonConfig(**kwargs)
+
+
+def test_catch_up_wait_may_be_zero() -> None:
+    assert DaemonConfig(data_dir=Path("/d"), catch_up_wait=0).catch_up_wait == 0
+    assert load_config("daemon", {"catch_up_wait": "0"}, {}).catch_up_wait == 0.0
 
 
 def test_valid_addresses_accepted() -> None:

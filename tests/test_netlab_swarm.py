@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dandelion_p2p.netlab import Host, NatRouter, NetLab
-from tests.daemon_proc import DaemonProcess, start_daemon
+from tests.daemon_proc import DaemonProcess, launch_daemon, start_daemon, start_daemons
 
 pytestmark = pytest.mark.netlab
 
@@ -59,6 +59,16 @@ def start_relay(host: Host, tmp_path: Path, daemons: list[DaemonProcess]) -> Dae
     return relay
 
 
+def start_nat_peers(boot: str, tmp_path: Path, nats: dict[str, NatRouter],
+                    daemons: list[DaemonProcess]) -> list[DaemonProcess]:
+    """A ``join`` peer behind each router of ``nats``, in ``tmp_path / name``; started
+    together, as each only needs the relay at ``boot``."""
+    peers = start_daemons([launch_daemon("join", [boot], tmp_path / name, launcher=nat.host)
+                           for name, nat in nats.items()])
+    daemons.extend(peers)
+    return peers
+
+
 def listen_port(status: dict[str, object]) -> int:
     addrs = status["listen_addrs"]
     assert isinstance(addrs, list)
@@ -77,10 +87,7 @@ def test_two_nat_peers_find_each_other_through_the_relay(
 
     relay = start_relay(public, tmp_path, daemons)
     boot = f"/ip4/{public.ip}/tcp/4001/p2p/{relay.peer_id}"
-    a = start_daemon("join", [boot], tmp_path / "a", launcher=nat_a.host)
-    daemons.append(a)
-    b = start_daemon("join", [boot], tmp_path / "b", launcher=nat_b.host)
-    daemons.append(b)
+    a, b = start_nat_peers(boot, tmp_path, {"a": nat_a, "b": nat_b}, daemons)
 
     status_a, status_b = a.call("status"), b.call("status")
     for status in (status_a, status_b):
@@ -169,10 +176,7 @@ def test_hole_punching_upgrades_a_relayed_connection(
     nat_b = netlab.add_nat("b", answer_with_rst=answer_with_rst)
     relay = start_relay(public, tmp_path, daemons)
     boot = f"/ip4/{public.ip}/tcp/4001/p2p/{relay.peer_id}"
-    a = start_daemon("join", [boot], tmp_path / "a", launcher=nat_a.host)
-    daemons.append(a)
-    b = start_daemon("join", [boot], tmp_path / "b", launcher=nat_b.host)
-    daemons.append(b)
+    a, b = start_nat_peers(boot, tmp_path, {"a": nat_a, "b": nat_b}, daemons)
     assert a.call("send", {"peer": b.peer_id, "text": "punch"})["receipt"] == "received: punch"
 
     deadline = time.monotonic() + 25
@@ -182,7 +186,7 @@ def test_hole_punching_upgrades_a_relayed_connection(
         kind = conns.get(b.peer_id, "gone")
         if kind == "direct":
             break
-        time.sleep(1.0)
+        time.sleep(0.2)
     if answer_with_rst:
         # Such NATs mostly reset the other side's SYN before the simultaneous open completes;
         # when both SYNs cross first the punch succeeds (seen once in many runs). Either way
@@ -212,12 +216,13 @@ def test_peer_behind_nat_moves_to_another_relay_when_its_relay_is_killed(
     daemons.append(second)
     second_addr = f"/ip4/{second_host.ip}/tcp/4001/p2p/{second.peer_id}"
     # One reservation only, and the first relay listed first: the peer starts on it.
-    a = start_daemon("join", [first_addr, second_addr, "--relays", "1"], tmp_path / "a",
-                     launcher=nat_a.host)
-    daemons.append(a)
-    b = start_daemon("join", [second_addr, "--relays", "1"], tmp_path / "b",
-                     launcher=nat_b.host)
-    daemons.append(b)
+    a, b = start_daemons([
+        launch_daemon("join", [first_addr, second_addr, "--relays", "1"], tmp_path / "a",
+                      launcher=nat_a.host),
+        launch_daemon("join", [second_addr, "--relays", "1"], tmp_path / "b",
+                      launcher=nat_b.host),
+    ])
+    daemons.extend((a, b))
     assert [r["relay"] for r in a.call("status")["relay_reservations"]] == [first.peer_id]
     assert b.call("send", {"peer": a.peer_id, "text": "one"})["receipt"] == "received: one"
 
@@ -228,7 +233,7 @@ def test_peer_behind_nat_moves_to_another_relay_when_its_relay_is_killed(
         held = [r["relay"] for r in a.call("status")["relay_reservations"]]
         if held == [second.peer_id]:
             break
-        time.sleep(0.5)
+        time.sleep(0.1)
     assert held == [second.peer_id], a.logs()[-3000:]
     assert all(second.peer_id in addr for addr in a.call("status")["addrs"])
 
@@ -240,5 +245,5 @@ def test_peer_behind_nat_moves_to_another_relay_when_its_relay_is_killed(
         except Exception:
             if time.monotonic() > deadline:
                 raise
-            time.sleep(1.0)
+            time.sleep(0.2)
     assert receipt == "received: two"

@@ -134,8 +134,9 @@ async def test_lookup_of_unknown_peer_fails_cleanly() -> None:
 async def test_a_node_whose_routing_table_emptied_rejoins_through_its_bootstrap_peer() -> None:
     async with AsyncExitStack() as stack:
         seed = await stack.enter_async_context(running_node(public_settings()))
+        # Checked every half second, not every 5 s: the test waits for the check to happen.
         joiner = await stack.enter_async_context(
-            running_node(public_settings(bootstrap=(seed.full_addrs()[0],)))
+            running_node(public_settings(bootstrap=(seed.full_addrs()[0],), rejoin_interval=0.5))
         )
         assert joiner.dht is not None
         seed_id = seed.identity.peer_id_bytes

@@ -80,6 +80,9 @@ class NodeSettings:
     dht_replicas: int = 8
     data_dir: Path | None = None
     """Where peer scores persist; None keeps them in memory only."""
+    rejoin_interval: float = 5.0
+    """Seconds between checks for a node cut off from everyone (or with an emptied routing
+    table), which then joins through its bootstrap peers again."""
 
 
 def parse_bootstrap(addr: str) -> PeerRef:
@@ -345,7 +348,7 @@ class SwarmNode:
         empty (the first bootstrap query timed out and took its contact with it), join
         through the bootstrap peers again."""
         while True:
-            await trio.sleep(5.0)
+            await trio.sleep(self.settings.rejoin_interval)
             if not self.bootstrap_refs:
                 continue
             isolated = not self.host.get_network().get_connections()

@@ -23,12 +23,15 @@ from dandelion_p2p.sync.statesync_core import StateUnavailable
 log = logging.getLogger(__name__)
 
 CATCH_UP_TRIES = 10
-CATCH_UP_PAUSE = 1.0
 
 
 class CatchUp:
-    def __init__(self, peers: StatePeers) -> None:
+    def __init__(self, peers: StatePeers, *, wait_for_peers: float) -> None:
+        """``wait_for_peers``: seconds a ``wait`` call keeps looking while no peer is known
+        (the daemon's ``catch_up_wait``), spread over the tries so that a shorter wait still
+        looks as many times."""
         self.peers = peers
+        self.pause = wait_for_peers / (CATCH_UP_TRIES - 1)
 
     async def run(self, run: str, have: int, folder: Path, *, wait: bool) -> dict[str, Any]:
         """Download the newest state of ``run`` newer than step ``have`` into ``folder``.
@@ -43,7 +46,7 @@ class CatchUp:
                 if not wait or attempt + 1 == CATCH_UP_TRIES:
                     return {"step": -1, "detail": "no peers to ask"}
                 # Just started: the bootstrap connection or member records may not be up yet.
-                await trio.sleep(CATCH_UP_PAUSE)
+                await trio.sleep(self.pause)
                 continue
             try:
                 step, sources = await fetch_state(

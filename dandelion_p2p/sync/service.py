@@ -90,7 +90,8 @@ class SyncService:
                                             ctx.node, self.status)
         self.worker_methods = rpc.WorkerMethods(
             self.state, self.current, self.session, self.supervisor, self.rounds,
-            CatchUp(ctx.node), self.progress, ctx.telemetry, ctx.identity.peer_id.to_base58(),
+            CatchUp(ctx.node, wait_for_peers=config.catch_up_wait), self.progress,
+            ctx.telemetry, ctx.identity.peer_id.to_base58(),
         )
         self.scores: PeerScores = ctx.node
         self.state_server = StateServer(

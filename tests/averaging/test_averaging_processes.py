@@ -17,7 +17,9 @@ from benchmarks.averaging_peer import peer_vector
 SIZE = 6_000_000
 CHUNK_TIMEOUT = 3.0
 MID_ROUND = 1 << 20
-COMMON = ["--chunk-timeout", str(CHUNK_TIMEOUT), "--gather", "1.0", "--settle", "0.3",
+# The peers start their rounds together on loopback: half a second gathers every announcement.
+GATHER = ["--gather", "0.5", "--settle", "0.3"]
+COMMON = ["--chunk-timeout", str(CHUNK_TIMEOUT), *GATHER,
           "--chunk-elements", "262144", "--mark-mid-round", str(MID_ROUND)]
 
 
@@ -140,8 +142,8 @@ def test_byzantine_peer_is_clipped_scored_and_excluded(
     rounds = 3
     cluster = start_cluster(
         4, workdir, size=400_000, rounds=rounds,
-        extra=["--mode", "centered_clip", "--chunk-timeout", "3", "--gather", "1.0",
-               "--settle", "0.3", "--chunk-elements", "16384", "--save", "--pause", "0.5"],
+        extra=["--mode", "centered_clip", "--chunk-timeout", "3", *GATHER,
+               "--chunk-elements", "16384", "--save", "--pause", "0.5"],
         per_peer={3: ["--byzantine", attack]},
     )
     clusters.append(cluster)

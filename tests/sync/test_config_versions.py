@@ -21,7 +21,7 @@ from dandelion_p2p.runconfig.publication import derive_run_id
 from dandelion_p2p.runconfig.schema import RunConfig
 from dandelion_p2p.worker import protocol
 from dandelion_p2p.worker.shm import SharedVector
-from tests.daemon_proc import DaemonProcess, start_daemon
+from tests.daemon_proc import DaemonProcess, launch_daemon, start_daemon, start_daemons
 from tests.sync.test_swarm_training import read_jsonl, wait_for
 from tests.worker.runconfigs import tiny_run
 
@@ -42,13 +42,14 @@ def start_owner(tmp_path: Path, config: RunConfig) -> tuple[DaemonProcess, str]:
     return daemon, derive_run_id(owner.peer_id_bytes, config.name)
 
 
-def start_peer(tmp_path: Path, name: str, run: str, owner: DaemonProcess,
-               images: Path | None) -> DaemonProcess:
+def launch_peer(tmp_path: Path, name: str, run: str, owner: DaemonProcess,
+                images: Path | None) -> DaemonProcess:
+    """A peer's daemon joining ``run``, launched (``start_daemons`` waits until it is ready)."""
     data_dir = tmp_path / name
     data_dir.mkdir()
     if images is not None:
         shutil.copytree(images, data_dir / "training-data")
-    return start_daemon("daemon", [
+    return launch_daemon("daemon", [
         "--listen", "/ip4/127.0.0.1/tcp/0", "--reachability", "public",
         "--worker" if images is not None else "--no-worker", "--run", run,
         "--bootstrap", owner.addrs[0]], data_dir)
@@ -72,7 +73,8 @@ def test_a_new_version_applies_on_every_running_worker_at_the_same_global_step(
                       checkpoint={"every_steps": 3, "keep_last": 2})
     owner, run = start_owner(tmp_path, first)
     daemons.append(owner)
-    peers = [start_peer(tmp_path, f"peer{i}", run, owner, images) for i in range(2)]
+    peers = start_daemons([launch_peer(tmp_path, f"peer{i}", run, owner, images)
+                           for i in range(2)])
     daemons.extend(peers)
 
     states = wait_for(peers, lambda s: all(x["global_step"] >= 3 for x in s), "step 3")
@@ -117,7 +119,7 @@ def test_a_worker_that_trained_a_round_under_an_old_version_is_not_averaged(
                       sync={"local_steps": 3})
     owner, run = start_owner(tmp_path, first)
     daemons.append(owner)
-    peer = start_peer(tmp_path, "peer", run, owner, None)
+    (peer,) = start_daemons([launch_peer(tmp_path, "peer", run, owner, None)])
     daemons.append(peer)
     wait_for_version(peer, run, 1)
 

@@ -23,8 +23,9 @@ def start(tmp_path: Path, images: Path) -> DaemonProcess:
     data_dir = tmp_path / "peer"
     if not (data_dir / "training-data").exists():
         shutil.copytree(images, data_dir / "training-data")
+    # A lone daemon has no peer to catch up from: its starting worker need not wait for one.
     args = ["--no-webui", "--listen", "/ip4/127.0.0.1/tcp/0", "--reachability", "public",
-            "--run-config", str(tmp_path / "run.toml"), "--worker"]
+            "--run-config", str(tmp_path / "run.toml"), "--worker", "--catch-up-wait", "0"]
     return start_daemon("daemon", args, data_dir)
 
 
@@ -34,7 +35,7 @@ def wait_log(daemon: DaemonProcess, pattern: str) -> re.Match[str]:
         found = re.search(pattern, daemon.logs())
         if found:
             return found
-        time.sleep(0.3)
+        time.sleep(0.1)
     raise AssertionError(f"no {pattern!r} in the log:\n{daemon.logs()[-6000:]}")
 
 

@@ -26,7 +26,7 @@ from dandelion_p2p.identity import Identity, write_identity
 from dandelion_p2p.runconfig.publication import derive_run_id
 from dandelion_p2p.worker.feeds import LeasedFeed, Position
 from dandelion_p2p.worker.link import DaemonLink
-from tests.daemon_proc import DaemonProcess, start_daemon
+from tests.daemon_proc import DaemonProcess, launch_daemon, start_daemon, start_daemons
 from tests.dataset.helpers import image_folder
 from tests.sync.test_swarm_training import read_jsonl, wait_for
 from tests.worker.runconfigs import tiny_run
@@ -75,12 +75,11 @@ def test_workers_train_on_leased_chunks_and_hand_in_receipts(
     assert len(chunks) == 8
     server = start_server(server_dir, toml, tmp_path)
     daemons.append(server)
-    peers = []
-    for i in range(2):
-        peers.append(start_daemon("daemon", [
-            "--listen", "/ip4/127.0.0.1/tcp/0", "--reachability", "public", "--worker",
-            "--run", run, "--bootstrap", server.addrs[0]], tmp_path / f"peer{i}"))
-        daemons.append(peers[-1])
+    # Both peers only need the server: they start together.
+    peers = start_daemons([launch_daemon("daemon", [
+        "--listen", "/ip4/127.0.0.1/tcp/0", "--reachability", "public", "--worker",
+        "--run", run, "--bootstrap", server.addrs[0]], tmp_path / f"peer{i}") for i in range(2)])
+    daemons.extend(peers)
     b = peers[1]
 
     # Kill b's worker once it has a checkpoint; its daemon starts it again.

@@ -32,7 +32,7 @@ def test_a_worker_that_cannot_train_is_reported_and_the_protocol_holds(tmp_path:
         deadline = time.monotonic() + 120
         while (status := daemon.call("training.status"))["state"] != "crashed":
             assert time.monotonic() < deadline, status
-            time.sleep(0.3)
+            time.sleep(0.1)
         assert "configuration problem" in status["detail"]
         assert "does not exist" in status["detail"]
         time.sleep(1.5)

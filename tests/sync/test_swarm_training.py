@@ -50,7 +50,7 @@ def wait_for(daemons: list[DaemonProcess], done: Any, what: str) -> list[dict[st
         states = [d.call("training.status") for d in daemons]
         if done(states):
             return states
-        time.sleep(0.3)
+        time.sleep(0.1)
     logs = "\n\n".join(d.logs()[-6000:] for d in daemons)
     raise AssertionError(f"timed out waiting for {what}: {states}\n{logs}")
 
@@ -173,8 +173,11 @@ def test_a_third_peer_joins_mid_run_with_the_swarms_state(
     tiny_sd1: Path, images: Path, tmp_path: Path, daemons: list[DaemonProcess]
 ) -> None:
     # A run far longer than the test: it ends once the newcomer has trained with the pair.
+    # The newcomer, just done downloading, must reach a round before the pair's gathering
+    # window closes: this test keeps the window of half a second it was written with.
     config = tiny_run(tiny_sd1, training={"max_steps": 3000, "batch_size": 2},
-                      sync={"local_steps": 3}, checkpoint={"every_steps": 3, "keep_last": 2})
+                      sync={"local_steps": 3}, checkpoint={"every_steps": 3, "keep_last": 2},
+                      averaging={"gather_window": 0.5})
     a, b = start_pair(tmp_path, config, images, True, daemons)
     wait_for([a], lambda s: s[0]["global_step"] >= 6, "the pair to pass round 2")
 

@@ -8,6 +8,7 @@ import json
 import math
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -68,10 +69,14 @@ def test_tiny_model_on_cpu_reports_rss_and_settings(tmp_path: Path) -> None:
 
 
 def test_bad_arguments_are_refused() -> None:
-    done = run_script("--device", "cpu", "--resolution", "100")
-    assert done.returncode != 0 and "multiple of 8" in done.stderr
-    done = run_script("--device", "cpu", "--steps", "2", "--warmup", "3")
-    assert done.returncode != 0 and "--steps must exceed --warmup" in done.stderr
+    # Both run at once: each spends its time importing before it looks at its arguments.
+    with ThreadPoolExecutor(2) as pool:
+        resolution = pool.submit(run_script, "--device", "cpu", "--resolution", "100")
+        warmup = pool.submit(run_script, "--device", "cpu", "--steps", "2", "--warmup", "3")
+        done = resolution.result()
+        assert done.returncode != 0 and "multiple of 8" in done.stderr
+        done = warmup.result()
+        assert done.returncode != 0 and "--steps must exceed --warmup" in done.stderr
 
 
 def test_the_benchmark_chooses_precision_as_the_worker_does() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,8 +52,9 @@ TRANSIENT_FAILURE = (
 )
 
 
-def run_worker_in(tmp_path: Path, model: Path, images: Path, file: str,
-                  source: str) -> subprocess.CompletedProcess[str]:
+def start_worker_in(tmp_path: Path, model: Path, images: Path, file: str,
+                    source: str) -> subprocess.Popen[bytes]:
+    """A worker with ``source`` shadowing ``file``; its stderr goes to ``tmp_path/stderr``."""
     shadow = tmp_path / "shadow" / file
     shadow.parent.mkdir(parents=True)
     shadow.write_text(source)
@@ -61,28 +63,52 @@ def run_worker_in(tmp_path: Path, model: Path, images: Path, file: str,
                                                     "max_steps": 1}).to_toml())
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "shadow"),
                                                         str(Path.cwd())])}
-    return subprocess.run(
-        [sys.executable, "-m", "dandelion_p2p.worker", "--run-config", str(run_config),
-         "--data", str(images), "--work-dir", str(tmp_path / "work")],
-        env=env, capture_output=True, text=True, timeout=240,
-    )
+    with (tmp_path / "stderr").open("w") as stderr:
+        return subprocess.Popen(
+            [sys.executable, "-m", "dandelion_p2p.worker", "--run-config", str(run_config),
+             "--data", str(images), "--work-dir", str(tmp_path / "work")],
+            env=env, stdout=subprocess.DEVNULL, stderr=stderr,
+        )
+
+
+@pytest.fixture(scope="module")
+def worker_runs(tiny_sd1: Path, images: Path,
+                tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str]]:
+    """Exit code and stderr of a worker in every environment, by case name (``transient``:
+    ``TRANSIENT_FAILURE``). The workers run at once: each spends its time importing."""
+    cases = {**{name: (file, source) for name, (file, source, _) in BROKEN_ENVIRONMENTS.items()},
+             "transient": TRANSIENT_FAILURE}
+    folders = {name: tmp_path_factory.mktemp(name) for name in cases}
+    started = {name: start_worker_in(folders[name], tiny_sd1, images, *case)
+               for name, case in cases.items()}
+    deadline = time.monotonic() + 240
+    try:
+        return {name: (proc.wait(timeout=max(0.0, deadline - time.monotonic())),
+                       (folders[name] / "stderr").read_text())
+                for name, proc in started.items()}
+    finally:
+        for proc in started.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 @pytest.mark.parametrize("case", sorted(BROKEN_ENVIRONMENTS))
 def test_an_environment_that_cannot_train_exits_with_code_2(
-    case: str, tiny_sd1: Path, images: Path, tmp_path: Path
+    case: str, worker_runs: dict[str, tuple[int, str]]
 ) -> None:
-    file, source, reason = BROKEN_ENVIRONMENTS[case]
-    done = run_worker_in(tmp_path, tiny_sd1, images, file, source)
-    assert done.returncode == EXIT_CONFIG, done.stderr[-3000:]
-    last_error = [line for line in done.stderr.splitlines() if "ERROR" in line][-1]
+    _, _, reason = BROKEN_ENVIRONMENTS[case]
+    returncode, stderr = worker_runs[case]
+    assert returncode == EXIT_CONFIG, stderr[-3000:]
+    last_error = [line for line in stderr.splitlines() if "ERROR" in line][-1]
     assert "cannot train" in last_error
     assert reason in last_error
-    assert "Traceback" not in done.stderr, "an expected failure is explained, not dumped"
+    assert "Traceback" not in stderr, "an expected failure is explained, not dumped"
 
 
-def test_a_failure_that_may_pass_is_left_to_restarts(tiny_sd1: Path, images: Path,
-                                                     tmp_path: Path) -> None:
-    done = run_worker_in(tmp_path, tiny_sd1, images, *TRANSIENT_FAILURE)
-    assert done.returncode == 1, done.stderr[-3000:]
-    assert "devices are busy" in done.stderr
+def test_a_failure_that_may_pass_is_left_to_restarts(
+    worker_runs: dict[str, tuple[int, str]]
+) -> None:
+    returncode, stderr = worker_runs["transient"]
+    assert returncode == 1, stderr[-3000:]
+    assert "devices are busy" in stderr
