@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -23,7 +24,7 @@ from libp2p.abc import IHost
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
-from dandelion_p2p.errors import DandelionError
+from dandelion_p2p.errors import DandelionError, ProtocolViolation, RejectCode
 from dandelion_p2p.hashing import file_digest
 from dandelion_p2p.net.streams import ViolationSink, request, serve_requests
 from dandelion_p2p.sync.checkpoints import CheckpointCatalog
@@ -35,6 +36,8 @@ from dandelion_p2p.sync.statesync_core import (
     STATE,
     FileFetch,
     OfferRound,
+    StateOffer,
+    StateOffered,
     StateRead,
     StateUnavailable,
     answer,
@@ -44,8 +47,19 @@ from dandelion_p2p.wire import Message
 log = logging.getLogger(__name__)
 
 
+MAX_READS_PER_PEER = 4
+"""Requests one peer may have answered at once: a joiner reads at most 4 chunks of a file
+from each source (``READS_PER_SOURCE``)."""
+MAX_READS = 32
+"""Requests answered at once for all peers together: eight joiners at full speed."""
+
+
 class StateServer:
-    """Serves the newest checkpoint under the folder ``checkpoints()`` names, for ``run()``."""
+    """Serves the newest checkpoint under the folder ``checkpoints()`` names, for ``run()``.
+
+    Each request costs a file open and a read of up to 1 MiB, done on a worker thread so that
+    a slow disk does not hold the event loop; at most ``MAX_READS_PER_PEER`` per peer and
+    ``MAX_READS`` in all are answered at once, others get ``RATE_LIMITED`` (not scored)."""
 
     def __init__(self, host: IHost, run: Callable[[], str],
                  checkpoints: Callable[[], Path | None], *, timeout: float = 30.0,
@@ -57,6 +71,7 @@ class StateServer:
         self.timeout = timeout
         self.on_violation = on_violation
         self.is_banned = is_banned
+        self._in_flight: dict[bytes, int] = {}
 
     def install(self) -> None:
         """Register the stream handler on the host (no I/O until a peer opens a stream)."""
@@ -66,7 +81,28 @@ class StateServer:
         ))
 
     async def _answer(self, peer: ID, msg: Message) -> Message:
-        return answer(msg, self.run(), self.catalog)
+        key = peer.to_bytes()
+        if (self._in_flight.get(key, 0) >= MAX_READS_PER_PEER
+                or sum(self._in_flight.values()) >= MAX_READS):
+            raise ProtocolViolation(RejectCode.RATE_LIMITED, "too many state requests at once")
+        self._in_flight[key] = self._in_flight.get(key, 0) + 1
+        try:
+            return await trio.to_thread.run_sync(self._answer_now, msg, self.run())
+        finally:
+            self._in_flight[key] -= 1
+            if not self._in_flight[key]:
+                del self._in_flight[key]
+
+    def _answer_now(self, msg: Message, run: str) -> Message:
+        try:
+            return answer(msg, run, self.catalog)
+        except ProtocolViolation as exc:
+            if isinstance(msg, StateOffer) and exc.code == RejectCode.INVALID_FIELD:
+                # Our own checkpoint does not fit the offer's rules: our problem, not the
+                # asker's, so it is told we have none rather than scored.
+                log.warning("cannot offer the newest checkpoint: %s", exc.detail)
+                return StateOffered(run=msg.run, step=-1)
+            raise
 
 
 async def fetch_state(
@@ -104,12 +140,19 @@ async def fetch_state(
             reply = None
         offers.received(peer, reply)
 
+    # A random sample, so that which peers are asked is not up to the order of a list that
+    # others fill (member records, connections).
     async with trio.open_nursery() as nursery:
-        for peer in peers[:MAX_ASKED]:
+        for peer in random.sample(peers, min(len(peers), MAX_ASKED)):
             nursery.start_soon(ask, peer)
     chosen = offers.choose(asked=len(peers))
     step = chosen.step
     destination.mkdir(parents=True, exist_ok=True)
+    needed = sum(size for size, _ in chosen.files().values())
+    free = shutil.disk_usage(destination).free
+    if needed > free:
+        raise StateUnavailable(f"the state at step {step} needs {needed} bytes; "
+                               f"{destination} has {free} free")
     partial = destination / f".download-step-{step:08d}"
     partial.mkdir(exist_ok=True)
     used: set[str] = set()

@@ -5,10 +5,10 @@ no libp2p, no sockets; ``statesync`` runs it over libp2p streams.
 
 The state is a worker checkpoint (``worker/checkpoint.py``): after every averaging round all
 peers hold the same weights and outer-optimizer state, so any of them can serve it. A joiner
-asks several peers for their newest checkpoint (``StateOffer``), takes the newest step, checks
-that the peers offering it agree on the hash of every file that must be identical across the
-swarm (``SHARED_FILES``), then reads each file in chunks (``StateRead``) spread over all peers
-that hold the same bytes.
+asks several peers for their newest checkpoint (``StateOffer``), takes the state (a step and
+the hashes of the files that must be identical across the swarm, ``SHARED_FILES``) that the
+most peers offer, the newest among equals, then reads each file in chunks (``StateRead``)
+spread over all peers that hold the same bytes.
 """
 
 from __future__ import annotations
@@ -37,7 +37,13 @@ PASSES = 3
 SHARED_FILES = ("trainable.safetensors", "outer.safetensors")
 """Files identical on every peer after a round: their hashes must agree across offers."""
 MANIFEST = "manifest.json"
-FILE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+MAX_FILE_SIZE = 1 << 40
+"""Largest file an offer may list (1 TiB): far above any checkpoint, far below what makes a
+sparse file or a size sum misbehave."""
+MAX_STATE_SIZE = 1 << 42
+"""Largest sum of the files of one offer."""
+FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+"""A plain file name: never ``.``, ``..`` or hidden, never a path."""
 STEP_DIR = re.compile(r"step-(\d{8,})")
 """A checkpoint folder's name; others (``.tmp-step-…``, ``.download-step-…``) are never
 offered."""
@@ -69,8 +75,12 @@ class StateOffered(Message):
             raise invalid("StateOffered: names, sizes and hashes must pair up (at most 64)")
         if not all(FILE_NAME.fullmatch(n) for n in self.names):
             raise invalid("StateOffered: bad file name")
-        if any(s < 0 for s in self.sizes) or not -1 <= self.step < 2**53:
-            raise invalid("StateOffered: negative size, or a step outside -1 .. 2^53 - 1")
+        if len(set(self.names)) != len(self.names):
+            raise invalid("StateOffered: a file is listed twice")
+        if not all(0 <= s <= MAX_FILE_SIZE for s in self.sizes) or sum(self.sizes) > MAX_STATE_SIZE:
+            raise invalid("StateOffered: a size below 0 or above 1 TiB, or 4 TiB in all")
+        if not -1 <= self.step < 2**53:
+            raise invalid("StateOffered: a step outside -1 .. 2^53 - 1")
 
     def files(self) -> dict[str, tuple[int, str]]:
         return {n: (s, h) for n, s, h in zip(self.names, self.sizes, self.hashes, strict=True)}
@@ -218,26 +228,42 @@ class OfferRound(Generic[P]):
             self.offers[peer] = reply
 
     def choose(self, asked: int) -> Selection[P]:
-        """The newest state offered; ``asked``: how many peers there were to ask.
+        """The state offered by the most peers that agree on it, the newest among equals;
+        ``asked``: how many peers there were to ask.
+
+        A state is a step and the hashes of its ``SHARED_FILES``. Support comes first so that
+        one peer claiming a far newer step, or different bytes for the step the others hold,
+        is outvoted by the peers that agree; only between states of equal support does the
+        newer step win.
 
         Raises:
-            StateUnavailable: no peer offers a newer state, or the peers offering the newest
-                disagree on a shared file (neither is worth retrying at once).
+            StateUnavailable: no peer offers a newer state, or equally supported offers of the
+                newest such step disagree on a shared file (neither is worth retrying at once).
         """
         if not self.offers:
             raise StateUnavailable(
                 f"no peer offers a state of run {self.run} newer than step {self.have_step} "
                 f"({self.holders} of {asked} asked hold one)"
             )
-        step = max(o.step for o in self.offers.values())
-        newest = {p: o for p, o in self.offers.items() if o.step == step}
-        for name in SHARED_FILES:
-            hashes = {o.files().get(name, (0, ""))[1] for o in newest.values()}
-            if len(hashes) > 1:
-                raise StateUnavailable(
-                    f"peers disagree on {name} at step {step}: {len(hashes)} different hashes"
-                )
-        return Selection(step, next(iter(newest)), newest)
+        states: dict[tuple[int, tuple[str, ...]], dict[P, StateOffered]] = {}
+        for peer, offer in self.offers.items():
+            files = offer.files()
+            shared = tuple(files.get(name, (0, ""))[1] for name in SHARED_FILES)
+            states.setdefault((offer.step, shared), {})[peer] = offer
+        best = max((len(peers), step) for (step, _), peers in states.items())
+        tied = [peers for (step, _), peers in states.items() if (len(peers), step) == best]
+        if len(tied) > 1:
+            step = best[1]
+            for name in SHARED_FILES:
+                hashes = {o.files().get(name, (0, ""))[1]
+                          for peers in tied for o in peers.values()}
+                if len(hashes) > 1:
+                    raise StateUnavailable(
+                        f"peers disagree on {name} at step {step}: {len(hashes)} different "
+                        f"hashes, offered by equally many peers"
+                    )
+        chosen = tied[0]
+        return Selection(best[1], next(iter(chosen)), chosen)
 
 
 class FileFetch(Generic[P]):
