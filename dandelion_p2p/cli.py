@@ -34,6 +34,10 @@ NODE_OPTIONS: Options = [
     (("--dial-timeout",), {"type": float}),
     (("--request-timeout",), {"type": float}),
     (
+        ("--frame-budget-bytes",),
+        {"type": int, "help": "Memory for frames peers have begun sending (all peers)."},
+    ),
+    (
         ("--catch-up-wait",),
         {"type": float, "help": "Seconds a starting worker waits for peers to catch up from."},
     ),
@@ -61,6 +65,7 @@ RELAY_OPTIONS: Options = [
     (("--relay-circuit-bytes",), {"type": int}),
     (("--relay-circuit-seconds",), {"type": int}),
     (("--relay-reservation-ttl",), {"type": int}),
+    (("--relay-reservations-per-network",), {"type": int}),
 ]
 
 

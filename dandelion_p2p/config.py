@@ -70,6 +70,9 @@ _KINDS: dict[str, str] = {
     "relay_circuit_bytes": "int",
     "relay_circuit_seconds": "int",
     "relay_reservation_ttl": "int",
+    "relay_reservations_per_network": "int",
+    "frame_budget_bytes": "int",
+    "dht_store_bytes": "int",
     "reachability": "choice",
     "upnp": "bool",
     "dial_timeout": "float",
@@ -152,6 +155,13 @@ class DaemonConfig:
     relay_circuit_bytes: int = 1 << 30
     relay_circuit_seconds: int = 3600
     relay_reservation_ttl: int = 3600
+    relay_reservations_per_network: int = 8
+    """Reservations our relay grants to peers of one IPv4 /24 or IPv6 /48."""
+    frame_budget_bytes: int = 64 * 1024 * 1024
+    """Memory for frames remote peers have begun but not finished sending, in total; one peer
+    may hold 1/8 of it, one network (IPv4 /24, IPv6 /48) 1/4."""
+    dht_store_bytes: int = 64 * 1024 * 1024
+    """What remote peers can make this node hold as DHT records, in bytes, in total."""
     reachability: Reachability = "auto"
     upnp: bool = False
     dial_timeout: float = 10.0
@@ -419,6 +429,9 @@ def _validate(values: Mapping[str, Any]) -> None:
         "relay_circuit_bytes",
         "relay_circuit_seconds",
         "relay_reservation_ttl",
+        "relay_reservations_per_network",
+        "frame_budget_bytes",
+        "dht_store_bytes",
     ):
         value = values.get(key, 1)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

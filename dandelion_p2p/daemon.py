@@ -24,6 +24,7 @@ from dandelion_p2p.net.node import NodeSettings, SwarmNode
 from dandelion_p2p.net.relay import RelayLimitsConfig
 from dandelion_p2p.services import DHT_NAMESPACES, create_services
 from dandelion_p2p.telemetry import Telemetry
+from dandelion_p2p.wire.frame_budget import FrameBudgetLimits
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +42,16 @@ def node_settings(config: DaemonConfig) -> NodeSettings:
             circuit_bytes=config.relay_circuit_bytes,
             circuit_seconds=config.relay_circuit_seconds,
             reservation_ttl=config.relay_reservation_ttl,
+            max_reservations_per_network=config.relay_reservations_per_network,
         ),
+        frame_budget=FrameBudgetLimits.from_total(config.frame_budget_bytes),
         reachability=config.reachability,
         relays_wanted=config.relays,
         upnp=config.upnp,
         dial_timeout=config.dial_timeout,
         request_timeout=config.request_timeout,
         data_dir=config.data_dir,
+        dht_store_bytes=config.dht_store_bytes,
     )
 
 

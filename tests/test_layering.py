@@ -22,7 +22,7 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
     frozenset(layer.split())
     for layer in (
         "errors",
-        "hashing files telemetry local_settings",
+        "hashing files networks telemetry local_settings",
         "wire",
         "identity",
         "reputation",
@@ -63,6 +63,7 @@ CORE_MODULES: tuple[str, ...] = (
     "dandelion_p2p.errors",
     "dandelion_p2p.files",
     "dandelion_p2p.hashing",
+    "dandelion_p2p.networks",
     "dandelion_p2p.identity",
     "dandelion_p2p.wire",
     "dandelion_p2p.wire.codec",
@@ -87,6 +88,7 @@ CORE_MODULES: tuple[str, ...] = (
     "dandelion_p2p.runconfig.publication",
     "dandelion_p2p.dataset.messages",
     "dandelion_p2p.dataset.leases",
+    "dandelion_p2p.dataset.deliveries",
     "dandelion_p2p.dataset.manifest",
     "dandelion_p2p.dataset.ports",
     "dandelion_p2p.averaging.messages",
@@ -98,6 +100,7 @@ CORE_MODULES: tuple[str, ...] = (
     "dandelion_p2p.averaging.allreduce",
     "dandelion_p2p.averaging.admission",
     "dandelion_p2p.averaging.ledger",
+    "dandelion_p2p.averaging.equivocation",
     "dandelion_p2p.averaging.sends",
     "dandelion_p2p.averaging.span_reducer",
     "dandelion_p2p.averaging.result_receiver",

@@ -41,7 +41,7 @@ from dandelion_p2p.net.announce import (
 )
 from dandelion_p2p.net.dht.messages import PeerRef
 from dandelion_p2p.net.dht.node import DHTNode
-from dandelion_p2p.net.dht.records import NamespaceRegistration, RecordValidator
+from dandelion_p2p.net.dht.records import NamespaceRegistration, RecordValidator, StoreLimits
 from dandelion_p2p.net.dialback.protocol import dial_back_request
 from dandelion_p2p.net.dialback.service import DialBackService, ask_dial_back
 from dandelion_p2p.net.dialer import Dialer
@@ -52,6 +52,7 @@ from dandelion_p2p.net.relay import RelayLimitsConfig, RelayReservations, relay_
 from dandelion_p2p.reputation.book import SCORE_EVENT_OF, ScoreBook, ScoreEvent
 from dandelion_p2p.reputation.store import SCORES_FILENAME, load_book, save_book
 from dandelion_p2p.wire import RejectCode
+from dandelion_p2p.wire.frame_budget import PROCESS_FRAME_BUDGET, FrameBudgetLimits
 
 if TYPE_CHECKING:
     from dandelion_p2p.net.portmapping import PortForwarding
@@ -78,6 +79,11 @@ class NodeSettings:
     request_timeout: float = 10.0
     dht_k: int = 20
     dht_replicas: int = 8
+    dht_store_bytes: int = 64 * 1024 * 1024
+    """What remote peers can make this node hold as DHT records, in bytes, in total."""
+    frame_budget: FrameBudgetLimits | None = None
+    """Bounds of the process-wide budget for partly received frames; None keeps the
+    process's (several nodes in one test process share one budget)."""
     data_dir: Path | None = None
     """Where peer scores persist; None keeps them in memory only."""
     rejoin_interval: float = 5.0
@@ -231,6 +237,8 @@ class SwarmNode:
     async def running(self) -> AsyncIterator[SwarmNode]:
         if self.scores_path is not None:
             self.scores = load_book(self.scores_path)
+        if self.settings.frame_budget is not None:
+            PROCESS_FRAME_BUDGET.configure(self.settings.frame_budget)
         listen = [multiaddr.Multiaddr(a) for a in self.settings.listen]
         async with (
             self.host.run(listen_addrs=listen),
@@ -277,6 +285,7 @@ class SwarmNode:
             rpc_timeout=self.settings.request_timeout,
             on_violation=self._violation,
             is_banned=self.is_banned,
+            store_limits=StoreLimits(max_bytes=self.settings.dht_store_bytes),
         )
         self.dht.install()
         if self.bootstrap_refs:

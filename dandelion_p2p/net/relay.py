@@ -16,7 +16,6 @@ from libp2p.abc import IHost
 from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
-from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
 from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 
@@ -24,6 +23,11 @@ from dandelion_p2p.errors import DandelionError
 from dandelion_p2p.net import addrs as maddrs
 from dandelion_p2p.net.dht.messages import PeerRef
 from dandelion_p2p.net.dialer import Dialer
+from dandelion_p2p.net.relay_limits import (
+    DEFAULT_RECLAIM_AFTER_S,
+    DEFAULT_RESERVATIONS_PER_NETWORK,
+    BoundedCircuitV2Protocol,
+)
 from dandelion_p2p.net.streams import close_quietly
 
 log = logging.getLogger(__name__)
@@ -36,6 +40,10 @@ class RelayLimitsConfig:
     circuit_bytes: int = 1 << 30
     circuit_seconds: int = 3600
     reservation_ttl: int = 3600
+    # Reservations held by peers of one IPv4 /24 or IPv6 /48.
+    max_reservations_per_network: int = DEFAULT_RESERVATIONS_PER_NETWORK
+    # An idle reservation at least this old may be reclaimed when the relay is full.
+    reclaim_idle_after: float = DEFAULT_RECLAIM_AFTER_S
 
     def to_libp2p(self) -> RelayLimits:
         return RelayLimits(
@@ -49,10 +57,16 @@ class RelayLimitsConfig:
 
 def relay_services(
     host: IHost, *, serve_hop: bool, limits: RelayLimitsConfig
-) -> tuple[CircuitV2Protocol, CircuitV2Transport]:
+) -> tuple[BoundedCircuitV2Protocol, CircuitV2Transport]:
     """The relay protocol (hop if ``serve_hop``, always stop) and the transport to dial circuits."""
     libp2p_limits = limits.to_libp2p()
-    protocol = CircuitV2Protocol(host, limits=libp2p_limits, allow_hop=serve_hop)
+    protocol = BoundedCircuitV2Protocol(
+        host,
+        libp2p_limits,
+        allow_hop=serve_hop,
+        per_network=limits.max_reservations_per_network,
+        reclaim_after=limits.reclaim_idle_after,
+    )
     roles = RelayRole.STOP | RelayRole.CLIENT | (RelayRole.HOP if serve_hop else RelayRole(0))
     transport = CircuitV2Transport(
         host, protocol, RelayConfig(roles=roles, limits=libp2p_limits)

@@ -13,7 +13,9 @@ from libp2p.network.stream.exceptions import StreamError
 from libp2p.peer.id import ID
 
 from dandelion_p2p.errors import PeerUnavailable, ProtocolViolation, RemoteRejected
+from dandelion_p2p.networks import network_of
 from dandelion_p2p.wire import Message, Registry, Reject, RejectCode, decode, encode
+from dandelion_p2p.wire.frame_budget import PROCESS_FRAME_BUDGET, FrameBudget
 from dandelion_p2p.wire.framing import HEADER, HEADER_SIZE, check_length
 
 log = logging.getLogger(__name__)
@@ -41,11 +43,71 @@ async def read_exact(stream: INetStream, n: int) -> bytes:
     return bytes(buf)
 
 
-async def read_frame(stream: INetStream, max_size: int) -> bytes:
+class FrameBudgetExceeded(ProtocolViolation):
+    """Partly received frames went over a bound. ``peer_at_fault`` when the bound was the
+    peer's own share (score it); otherwise its network or the whole process was full."""
+
+    def __init__(self, detail: str, *, peer_at_fault: bool) -> None:
+        code = RejectCode.TOO_LARGE if peer_at_fault else RejectCode.RATE_LIMITED
+        super().__init__(code, detail)
+        self.peer_at_fault = peer_at_fault
+
+
+# A body is read and charged in pieces of at most this size, never at its declared length.
+BODY_READ_CHUNK = 64 * 1024
+
+
+def stream_origin(stream: INetStream) -> tuple[bytes, str]:
+    """The remote peer's id bytes and the network (/24 or /48) it connects from."""
+    try:
+        peer = stream.muxed_conn.peer_id.to_bytes()
+    except Exception:  # a stream without a connection (a test double) is one unknown peer
+        peer = b""
+    try:
+        remote = stream.get_remote_address()
+    except Exception:
+        remote = None
+    return peer, network_of(remote[0] if remote else None)
+
+
+async def read_frame(
+    stream: INetStream, max_size: int, budget: FrameBudget | None = None
+) -> bytes:
+    """Read one frame, charging its body to ``budget`` as the bytes arrive.
+
+    Raises ``ProtocolViolation(RATE_LIMITED)`` when the peer, its network or the process would
+    go over the budget for partly received frames; the caller resets the stream. The charge is
+    released when this returns or raises, whatever the reason.
+    """
+    budget = budget if budget is not None else PROCESS_FRAME_BUDGET
     header = await read_exact(stream, HEADER_SIZE)
     (length,) = HEADER.unpack(header)
     check_length(length, max_size)
-    return await read_exact(stream, length)
+    peer, network = stream_origin(stream)
+    body = bytearray()
+    charged = 0
+    try:
+        while len(body) < length:
+            try:
+                chunk = await stream.read(min(BODY_READ_CHUNK, length - len(body)))
+            except StreamError as exc:
+                raise PeerUnavailable(
+                    f"stream ended after {len(body)} of {length} bytes: {type(exc).__name__}"
+                ) from None
+            if not chunk:
+                raise PeerUnavailable(f"stream ended after {len(body)} of {length} bytes")
+            if not budget.try_charge(peer, network, len(chunk)):
+                held = budget.held_by(peer)
+                raise FrameBudgetExceeded(
+                    f"partly received frames over budget ({held} bytes held by this peer,"
+                    f" {budget.held_by_network(network)} by {network}, {budget.used} in all)",
+                    peer_at_fault=held + len(chunk) > budget.limits.per_peer_bytes,
+                )
+            charged += len(chunk)
+            body += chunk
+        return bytes(body)
+    finally:
+        budget.release(peer, network, charged)
 
 
 async def read_message(stream: INetStream, registry: Registry, max_size: int) -> Message:
@@ -128,6 +190,7 @@ def serve_requests(
 
     async def handler(stream: INetStream) -> None:
         peer_id = stream.muxed_conn.peer_id
+        reset = False
         if refuse is not None and refuse(peer_id):
             with trio.move_on_after(1.0), contextlib.suppress(Exception):
                 await write_message(stream, Reject(code=int(RejectCode.FORBIDDEN), detail="banned"))
@@ -138,6 +201,14 @@ def serve_requests(
                 try:
                     msg = await read_message(stream, registry, max_request)
                     reply = await handle(peer_id, msg)
+                except FrameBudgetExceeded as exc:
+                    # Reset, not answered: the memory goes back at once and the sender learns
+                    # nothing it could tune a slower attack by.
+                    log.info("resetting %s stream from %s: %s", registry.family, peer_id, exc)
+                    if on_violation is not None and exc.peer_at_fault:
+                        on_violation(peer_id, exc.code)
+                    reset = True
+                    return
                 except ProtocolViolation as exc:
                     log.info("rejecting %s from %s: %s", registry.family, peer_id, exc)
                     if on_violation is not None and exc.code not in NOT_A_FAULT:
@@ -152,6 +223,6 @@ def serve_requests(
                 with contextlib.suppress(Exception):
                     await write_message(stream, Reject(code=int(RejectCode.INTERNAL)))
         finally:
-            await close_quietly(stream)
+            await close_quietly(stream, reset=reset)
 
     return handler

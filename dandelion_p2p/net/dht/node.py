@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import random
 import time
 from collections.abc import Awaitable, Callable
 
@@ -40,8 +41,12 @@ from dandelion_p2p.net.dht.messages import (
     SignedRecord,
 )
 from dandelion_p2p.net.dht.records import (
+    READ_BACK_NETWORK,
     LocalRecordStore,
     RecordValidator,
+    Source,
+    StoreLimits,
+    diverse_selection,
     merge_newest,
     routing_key,
     sign_record,
@@ -50,6 +55,7 @@ from dandelion_p2p.net.dht.routing import RoutingTable
 from dandelion_p2p.net.dialer import Dialer
 from dandelion_p2p.net.ports import Signer
 from dandelion_p2p.net.streams import NOT_A_FAULT, ViolationSink, request, serve_requests
+from dandelion_p2p.networks import network_of
 from dandelion_p2p.wire import Message, RejectCode, encode
 
 log = logging.getLogger(__name__)
@@ -69,21 +75,19 @@ GET_QUORUM = 3
 REPLY_MARGIN = 64
 
 
-def fit_records(records: list[SignedRecord], budget: int) -> list[SignedRecord]:
-    """The newest records that fit in ``budget`` encoded bytes (at most the per-reply cap).
+def encoded_size(record: SignedRecord) -> int:
+    return len(encode(record))
 
-    A key with many publishers (swarm membership) can hold more than one reply carries; the
-    newest announcements are the ones worth sending.
-    """
-    chosen: list[SignedRecord] = []
-    used = 0
-    for record in sorted(records, key=lambda r: r.expires_at_ms, reverse=True):
-        size = len(encode(record))
-        if used + size > budget or len(chosen) >= MAX_RECORDS_PER_REPLY:
-            break
-        chosen.append(record)
-        used += size
-    return chosen
+
+def remote_network(host: IHost, peer_id: ID) -> str:
+    """The network (IPv4 /24, IPv6 /48) of the connection a peer reached us over; for a
+    relayed connection that is the relay's, which bounds what all peers behind it store."""
+    with contextlib.suppress(Exception):
+        for conn in host.get_network().get_connections(peer_id):
+            remote = getattr(conn.muxed_conn, "get_remote_address", lambda: None)()
+            if remote:
+                return network_of(str(remote[0]))
+    return network_of(None)
 
 
 class DHTNode:
@@ -108,6 +112,8 @@ class DHTNode:
         rpc_timeout: float = 5.0,
         on_violation: ViolationSink | None = None,
         is_banned: Callable[[ID], bool] | None = None,
+        store_limits: StoreLimits | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.host = host
         self.signer = signer
@@ -122,7 +128,8 @@ class DHTNode:
         self.on_violation = on_violation
         self.is_banned = is_banned or (lambda peer_id: False)
         self.table = RoutingTable(self.local_id, k=k)
-        self.store = LocalRecordStore()
+        self.store = LocalRecordStore(store_limits)
+        self.rng = rng or random.Random()
         # (namespace, key) -> (value, ttl, when last published) for records we keep alive.
         self._published: dict[tuple[str, bytes], tuple[bytes, float, float]] = {}
         self._seq = now_ms()
@@ -171,16 +178,23 @@ class DHTNode:
         if isinstance(msg, GetRecords):
             self._learn_sender(peer_id, msg.sender)
             closer = self._closer_refs(msg.target, peer_id.to_bytes())
-            records = fit_records(
-                self.store.get(msg.target, now_ms()),
+            # A key with many publishers can hold more than one reply carries: the choice
+            # takes turns between storing networks, so no expiry claim and no flood from one
+            # network crowds out the others.
+            records = diverse_selection(
+                self.store.entries(msg.target, now_ms()),
                 budget=MAX_FRAME - len(encode(Records(records=(), closer=closer))) - REPLY_MARGIN,
+                max_count=MAX_RECORDS_PER_REPLY,
+                size_of=encoded_size,
+                rng=self.rng,
             )
             return Records(records=tuple(records), closer=closer)
         if isinstance(msg, PutRecord):
             self._learn_sender(peer_id, msg.sender)
             t = now_ms()
             self.validator.validate(msg.record, t)
-            self.store.put(msg.record, t)
+            source = Source(peer=peer_id.to_bytes(), network=remote_network(self.host, peer_id))
+            self.store.put(msg.record, t, source)
             return PutAck(stored=True)
         raise ProtocolViolation(RejectCode.UNKNOWN_TYPE, f"{type(msg).__name__} is not a request")
 
@@ -377,10 +391,12 @@ class DHTNode:
         than another replica is handed the newer one, so an update that missed some replicas
         (a timeout during its put) reaches them at the next read."""
         latest = {r.publisher: r for r in newest}
+        read_back = Source(peer=b"read-back", network=READ_BACK_NETWORK)
         if self.server:
             for record in newest:
                 with contextlib.suppress(ProtocolViolation):
-                    self.store.put(record, now_ms())  # refused when not newer: fine
+                    # Refused when not newer or over the read-back share: fine.
+                    self.store.put(record, now_ms(), read_back)
         for ref, records in replies:
             for record in records:
                 current = latest.get(record.publisher)
