@@ -40,6 +40,7 @@ import numpy as np
 from dandelion_p2p.averaging.admission import Admission, Refusal
 from dandelion_p2p.averaging.aggregation import DEFAULT_ITERATIONS, DEFAULT_OUTLIER_RATIO
 from dandelion_p2p.averaging.compression import CODECS, BufferErrorFeedback, Codec, get_codec
+from dandelion_p2p.averaging.equivocation import EchoExchange
 from dandelion_p2p.averaging.group import GroupSpec
 from dandelion_p2p.averaging.ledger import RoundLedger
 from dandelion_p2p.averaging.messages import (
@@ -48,6 +49,7 @@ from dandelion_p2p.averaging.messages import (
     MAX_HEADER,
     Buffer,
     ChunkHeader,
+    ResultEcho,
     ResultHeader,
     Signer,
     unpack_frame,
@@ -66,7 +68,7 @@ from dandelion_p2p.averaging.span_reducer import FloatArray, Mode, SpanReducer
 from dandelion_p2p.errors import ProtocolViolation
 from dandelion_p2p.reputation.book import ScoreEvent
 from dandelion_p2p.runconfig.schema import DEFAULT_CHUNK_TIMEOUT
-from dandelion_p2p.wire import Reject
+from dandelion_p2p.wire import Reject, RejectCode, encode
 
 MODES: tuple[Mode, ...] = ("mean", "centered_clip")
 DEFAULT_MAX_CHUNK = 1 << 20
@@ -166,6 +168,10 @@ class AllReducePeer:
             codec=self._codec,
             ledger=self._ledger,
         )
+        self._echoes = EchoExchange(spec, self.partition, peer_id)
+        self._outbox: list[Send] = []
+        self._settled_at: float | None = None
+        """When every result was settled and our final echo went out."""
         self._t0: float | None = None
         self._started_at: float | None = None
         self._finished_at: float | None = None
@@ -183,6 +189,9 @@ class AllReducePeer:
 
         Raises ``RuntimeError`` when called twice (a local bug).
         """
+        return self._start(now) + self._drain()
+
+    def _start(self, now: float) -> list[Send]:
         if self._started_at is not None:
             raise RuntimeError("round already started")
         self._touch(now)
@@ -203,6 +212,9 @@ class AllReducePeer:
         of the transport). Never raises for anything in the frame: a bad frame is refused,
         scored and answered with a ``Reject``. Nothing pointing into ``frame`` is kept after
         the call, so the caller may reuse its memory for the next frame."""
+        return self._on_frame(sender, frame, now) + self._drain()
+
+    def _on_frame(self, sender: bytes, frame: Buffer, now: float) -> list[Send]:
         self._touch(now)
         self._ledger.count_received(memoryview(frame).nbytes)
         try:
@@ -212,6 +224,8 @@ class AllReducePeer:
         if isinstance(header, Reject):
             self._ledger.record_reject(sender, header.code, header.detail, now)
             return []
+        if isinstance(header, ResultEcho):
+            return self._on_echo(sender, header, payload, now)
         assert isinstance(header, ChunkHeader | ResultHeader)  # unpack_frame admits no other
         refusal = self._admission.check(sender, header)
         if refusal is not None:
@@ -225,12 +239,24 @@ class AllReducePeer:
         refused = self._receiver.on_result(sender, header, payload, now)
         if refused is not None:
             return self._refuse(sender, refused, now, header)
+        sends: list[Send] = []
+        if self._receiver.applied(sender, header):
+            # Every member tells the others what the reducer sent it: a reducer that sent
+            # members different results is caught by all of them within the round.
+            others = [p for p in self._others if p != sender and p not in self._ledger.gone]
+            sends = self._framer.echoes(encode(header), others)
+            caught = self._echoes.observe(header)
+            if caught is not None:
+                sends += self._equivocated(caught, now)
         self._maybe_done(now)
-        return []
+        return sends
 
     def on_peer_failed(self, peer: bytes, now: float, reason: str = "") -> list[Send]:
         """The transport lost ``peer`` (connection dead, stream stalled): stop waiting for
         it in both roles and stop sending it results."""
+        return self._on_peer_failed(peer, now, reason) + self._drain()
+
+    def _on_peer_failed(self, peer: bytes, now: float, reason: str = "") -> list[Send]:
         self._touch(now)
         if peer not in self.spec or peer == self.peer_id:
             return []
@@ -247,6 +273,9 @@ class AllReducePeer:
         """Leave out a member this peer has banned (the group kept it, since most members
         have not): none of its chunks count here and none of ours go to it. Not scored
         again: the ban is the score's doing."""
+        return self._exclude_banned(peer, now) + self._drain()
+
+    def _exclude_banned(self, peer: bytes, now: float) -> list[Send]:
         self._touch(now)
         if peer not in self.spec or peer == self.peer_id:
             return []
@@ -256,6 +285,9 @@ class AllReducePeer:
 
     def tick(self, now: float) -> list[Send]:
         """Apply the timeouts due at ``now``; call it at ``next_deadline`` (or periodically)."""
+        return self._tick(now) + self._drain()
+
+    def _tick(self, now: float) -> list[Send]:
         since = self._touch(now)
         sends: list[Send] = []
         late = self._reducer.late_senders(now, since, self.chunk_timeout)
@@ -265,6 +297,8 @@ class AllReducePeer:
         if late:
             sends.extend(self._reducer.finish_ready())
             self._maybe_done(now)
+        if self._settled_at is not None and now - self._settled_at >= self.result_timeout:
+            self._echoes.awaited.clear()  # members silent this long compare nothing more
         for reducer in self._receiver.overdue(now, since, self.result_timeout):
             self._receiver.abandon(reducer, ExclusionReason.TIMEOUT, now, "no result in time")
             self._maybe_done(now)
@@ -287,6 +321,8 @@ class AllReducePeer:
             return None
         deadlines = self._reducer.deadlines(self._t0, self.chunk_timeout)
         deadlines += self._receiver.deadlines(self._t0, self.result_timeout)
+        if self._settled_at is not None and self._awaited_echoes():
+            deadlines.append(self._settled_at + self.result_timeout)
         return min(deadlines, default=None)
 
     @property
@@ -337,6 +373,7 @@ class AllReducePeer:
             bytes_received=ledger.bytes_received,
             started_at=self._started_at,
             finished_at=self._finished_at,
+            equivocation_proofs=tuple(encode(p) for p in self._echoes.proofs.values()),
         )
 
     # ------------------------------------------------------------- refusals and failures
@@ -391,6 +428,40 @@ class AllReducePeer:
         self._maybe_done(now)
         return sends
 
+    # --------------------------------------------------------------------------- echoes
+
+    def _on_echo(
+        self, sender: bytes, echo: ResultEcho, payload: memoryview, now: float
+    ) -> list[Send]:
+        if sender not in self.spec or sender == self.peer_id:
+            return self._refuse(
+                sender, Refusal(RejectCode.FORBIDDEN, "echo from a non-member"), now
+            )
+        if self.done:
+            return []  # the report is written; a late proof cannot change what it says
+        outcome = self._echoes.on_echo(sender, echo, payload)
+        if isinstance(outcome, Refusal):
+            return self._refuse(sender, outcome, now)
+        sends = [] if outcome is None else self._equivocated(outcome, now)
+        self._maybe_done(now)
+        return sends
+
+    def _equivocated(self, reducer: bytes, now: float) -> list[Send]:
+        """``reducer`` signed two results for one chunk: its span goes back to local values
+        here, as on every member that compares, and it is out of the round."""
+        self._ledger.event(reducer, ScoreEvent.EQUIVOCATION)
+        detail = "signed different results for one chunk"
+        self._receiver.revert(reducer, now, detail)
+        return self._fail(reducer, ExclusionReason.EQUIVOCATION, now, detail)
+
+    def _awaited_echoes(self) -> bool:
+        gone = self._ledger.gone
+        return any(p not in gone and not self._ledger.was_excluded(p) for p in self._echoes.awaited)
+
+    def _drain(self) -> list[Send]:
+        sends, self._outbox = self._outbox, []
+        return sends
+
     # ------------------------------------------------------------------------ bookkeeping
 
     def _touch(self, now: float) -> float:
@@ -409,8 +480,15 @@ class AllReducePeer:
             return
         if self._reducer.open_chunks or self._receiver.unsettled_chunks:
             return
+        if self._settled_at is None:
+            self._settled_at = now
+            live = [p for p in self._others if p not in self._ledger.gone]
+            self._outbox += self._framer.echoes(b"", live)
+        if self._awaited_echoes():
+            return
         self._finished_at = now
         self._reducer.release()
+        self._receiver.release()
         for peer in self._others:
             owed_chunks = self._reducer.has_chunks
             owed_results = self._receiver.expects_results_from(peer)

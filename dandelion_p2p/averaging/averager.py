@@ -46,6 +46,7 @@ from dandelion_p2p.averaging.ports import (
 from dandelion_p2p.averaging.report import RoundReport
 from dandelion_p2p.dataplane.channel import Channel
 from dandelion_p2p.errors import DandelionError, PeerUnavailable, ProtocolViolation
+from dandelion_p2p.reputation.book import ScoreEvent
 from dandelion_p2p.runconfig.schema import DEFAULT_CHUNK_TIMEOUT
 
 log = logging.getLogger(__name__)
@@ -206,6 +207,12 @@ class Averager:
         )
         return [s.peer_id for s in standings[:MAX_LISTED_BANS]]
 
+    def _track_recorded(self) -> frozenset[bytes]:
+        """Peers whose past rounds left them a positive score in our book: the only ones whose
+        ban votes count (a fresh identity costs nothing, so its vote is worth nothing)."""
+        now = time.time()
+        return frozenset(s.peer_id for s in self.reputation.scores.snapshot(now) if s.score > 0)
+
     async def _inbound(self, channel: Channel) -> None:
         """A member with a smaller peer id opened a channel to us for some round."""
         try:
@@ -271,7 +278,12 @@ class Averager:
             expires_at_ms=int((time.time() + s.matchmaking.announcement_ttl) * 1000),
             banned=tuple(self._banned_now()),
         )
-        spec, formation, finished = await self.matchmaker.match(self.me, announcement)
+        spec, formation, finished = await self.matchmaker.match(
+            self.me, announcement, self._track_recorded()
+        )
+        for liar in formation.overclaimed:
+            if liar != self.me and spec is not None and liar in spec:
+                self.reputation.record_score(liar, ScoreEvent.MALFORMED)
         if spec is None:
             raise NoGroup(
                 f"round {round_}: {len(formation.ungrouped)} peers without a group, "
@@ -290,7 +302,8 @@ class Averager:
             sign=self.signer.sign,
             spec=spec,
             buffer=buffer,
-            weight=weight,
+            # The group may have clipped our claim (run cap, median bound); sign what it holds.
+            weight=spec.member(self.me).weight,
             codec=s.codec,
             max_chunk=chunk_elements(buffer.size, len(spec.members), s.max_chunk),
             mode=s.mode,
@@ -363,9 +376,7 @@ class Averager:
             if self.me < peer:
                 await self.links.connect_peer(peer_id)
                 channel = await self.dataplane.open(peer_id, PURPOSE, timeout=s.open_timeout)
-                await channel.send(
-                    encode_hello(ChannelHello(self.run, round_, rnd.spec.group_id))
-                )
+                await channel.send(encode_hello(ChannelHello(self.run, round_, rnd.spec.group_id)))
             else:
                 channel = await self._accepted(rnd, peer_id)
         except (DandelionError, trio.TooSlowError) as exc:

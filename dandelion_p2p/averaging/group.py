@@ -38,8 +38,12 @@ from dandelion_p2p.averaging.partition import (
     partition,
 )
 from dandelion_p2p.identity import MAX_PEER_ID_SIZE, MIN_PEER_ID_SIZE
+from dandelion_p2p.runconfig.schema import DEFAULT_MAX_WEIGHT
 
 GROUP_DOMAIN = b"dandelion/avg-group/v1"
+# A member may weigh at most this many times the round's median announced weight.
+DEFAULT_WEIGHT_SPREAD = 2.0
+
 ORDER_DOMAIN = b"dandelion/avg-order/v1"
 
 
@@ -184,6 +188,9 @@ class Formation:
     groups: tuple[GroupSpec, ...]
     ungrouped: tuple[bytes, ...]
     rejected: tuple[tuple[bytes, str], ...]
+    overclaimed: tuple[bytes, ...] = ()
+    """Peers that announced more weight than the run's ``max_weight``: clipped, and a
+    violation (an honest worker never claims more samples than the run allows)."""
 
     def group_of(self, peer_id: bytes) -> GroupSpec | None:
         for group in self.groups:
@@ -192,21 +199,65 @@ class Formation:
         return None
 
 
-def consensus_bans(announcements: Mapping[bytes, AveragingAnnouncement]) -> frozenset[bytes]:
-    """Peers banned by more than half of the other announcers of a round.
+def consensus_bans(
+    announcements: Mapping[bytes, AveragingAnnouncement],
+    track_recorded: Collection[bytes] | None = None,
+    *,
+    me: bytes | None = None,
+) -> frozenset[bytes]:
+    """Peers banned by more than half of the track-recorded other announcers of a round.
 
-    Every peer that reads the same announcements computes the same set, so bans agreed by a
-    majority never split a group; a lone accuser cannot evict an honest peer. A peer banned
-    only by a minority stays grouped, and each of its accusers leaves it out of its own
-    sums and sends it nothing (``AllReducePeer.exclude_banned``).
+    Identities are free, so a vote counts only from a publisher in ``track_recorded`` (peers
+    whose past rounds verified in our own score book); ``None`` counts every publisher (for
+    callers without a book). The majority is taken over the track-recorded announcers other
+    than the accused, so a crowd of fresh keys neither votes nor dilutes the vote. ``me`` is
+    never banned by others' votes: a peer does not evict itself from its own round. A peer
+    banned only by a minority stays grouped, and each of its accusers leaves it out of its
+    own sums and sends it nothing (``AllReducePeer.exclude_banned``).
     """
+    voters = frozenset(p for p in announcements if track_recorded is None or p in track_recorded)
     accusations: dict[bytes, int] = {}
-    for publisher, ann in announcements.items():
-        for accused in set(ann.banned):
-            if accused != publisher and accused in announcements:
+    for publisher in voters:
+        for accused in set(announcements[publisher].banned):
+            if accused != publisher and accused in announcements and accused != me:
                 accusations[accused] = accusations.get(accused, 0) + 1
-    others = len(announcements) - 1
-    return frozenset(p for p, votes in accusations.items() if 2 * votes > others)
+    return frozenset(p for p, votes in accusations.items() if 2 * votes > len(voters - {p}))
+
+
+def bounded_weights(
+    weights: Mapping[bytes, float], max_weight: float, spread: float = DEFAULT_WEIGHT_SPREAD
+) -> dict[bytes, float]:
+    """Announced weights clipped to ``min(max_weight, spread * median)``.
+
+    The run's ``max_weight`` bounds what anyone may claim; the median term bounds a lone
+    liar by what the round's typical member announced, so one member's share stays near an
+    honest newcomer's whatever it claims. Deterministic over the same announcements.
+    """
+    if not weights:
+        return {}
+    ordered = sorted(weights.values())
+    mid = len(ordered) // 2
+    median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2.0
+    cap = min(max_weight, spread * median)
+    return {p: min(w, cap) for p, w in weights.items()}
+
+
+def bounded_bandwidths(members: Collection[Member]) -> list[Member]:
+    """Members with announced bandwidth clipped to the group's median announcement.
+
+    Bandwidth is a claim nobody has measured when the group forms; sizing spans by it
+    would let one liar take the whole vector and drop it. At the median, a liar reduces
+    at most as much as a typical member of its group.
+    """
+    if not members:
+        return []
+    ordered = sorted(m.bandwidth for m in members)
+    mid = len(ordered) // 2
+    median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2.0
+    return [
+        Member(m.peer_id, m.weight, min(m.bandwidth, median), m.accepts_connections)
+        for m in members
+    ]
 
 
 def form_groups(
@@ -220,14 +271,17 @@ def form_groups(
     now: float,
     block_size: int = DEFAULT_BLOCK_SIZE,
     min_bandwidth_fraction: float = DEFAULT_MIN_BANDWIDTH_FRACTION,
+    max_weight: float = DEFAULT_MAX_WEIGHT,
 ) -> Formation:
     """Form round ``round_``'s groups from ``announcements`` (publisher peer id -> verified
     announcement), deterministically: every peer that sees the same announcements, bans and
     ``now`` (Unix seconds, for expiry) gets the same groups, whatever the mapping's order.
 
     A peer is rejected when banned, when its id is malformed, or when its announcement is for
-    another run or round or has expired. Members' ``bandwidth`` is the announced
-    ``bandwidth_mbps``.
+    another run or round or has expired. Members' ``weight`` is the announced weight clipped
+    by ``bounded_weights`` (``max_weight`` and twice the median of the eligible announcements);
+    their ``bandwidth`` is the announced ``bandwidth_mbps`` clipped to their group's median
+    (``bounded_bandwidths``).
 
     Raises ``ValueError`` when ``min_size``/``max_size`` are not ``1 <= min <= max <=
     MAX_GROUP_SIZE``.
@@ -238,7 +292,9 @@ def form_groups(
     check_round(round_, "form_groups")
     banned_set = frozenset(banned)
     now_ms = now * 1000.0
-    eligible: list[tuple[bytes, Member]] = []
+    if not (math.isfinite(max_weight) and max_weight > 0.0):
+        raise ValueError(f"max_weight must be finite and > 0, got {max_weight!r}")
+    valid: dict[bytes, AveragingAnnouncement] = {}
     rejected: list[tuple[bytes, str]] = []
     for peer_id in sorted(announcements):
         ann = announcements[peer_id]
@@ -246,7 +302,11 @@ def form_groups(
         if reason is not None:
             rejected.append((peer_id, reason))
             continue
-        member = Member(peer_id, ann.weight, ann.bandwidth_mbps, ann.accepts_connections)
+        valid[peer_id] = ann
+    weights = bounded_weights({p: a.weight for p, a in valid.items()}, max_weight)
+    eligible: list[tuple[bytes, Member]] = []
+    for peer_id, ann in valid.items():
+        member = Member(peer_id, weights[peer_id], ann.bandwidth_mbps, ann.accepts_connections)
         eligible.append((order_key(run, round_, peer_id), member))
     eligible.sort(key=lambda pair: pair[0])
     ordered = [m for _, m in eligible]
@@ -257,14 +317,15 @@ def form_groups(
             GroupSpec.of(
                 run,
                 round_,
-                ordered[at : at + size],
+                bounded_bandwidths(ordered[at : at + size]),
                 block_size=block_size,
                 min_bandwidth_fraction=min_bandwidth_fraction,
             )
         )
         at += size
     ungrouped = tuple(m.peer_id for m in ordered[at:])
-    return Formation(tuple(groups), ungrouped, tuple(rejected))
+    overclaimed = tuple(p for p, a in valid.items() if a.weight > max_weight)
+    return Formation(tuple(groups), ungrouped, tuple(rejected), overclaimed)
 
 
 def _ineligible(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import blake3
@@ -27,7 +28,7 @@ from dandelion_p2p.averaging.messages import (
 from dandelion_p2p.errors import DandelionError, ProtocolViolation
 from dandelion_p2p.net.dht.records import NamespacePolicy, RecordValidator
 from dandelion_p2p.net.ports import RecordStore
-from dandelion_p2p.runconfig.schema import DEFAULT_GATHER_WINDOW
+from dandelion_p2p.runconfig.schema import DEFAULT_GATHER_WINDOW, DEFAULT_MAX_WEIGHT
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,8 @@ class MatchmakingSettings:
     announcement_ttl: float = 120.0
     dht_timeout: float = 2.0
     """Bound on each DHT read or write, so a stalled peer cannot hold up matchmaking."""
+    max_weight: float = DEFAULT_MAX_WEIGHT
+    """Samples one member may claim for one round; a larger announcement is clipped."""
 
 
 class Matchmaker:
@@ -114,13 +117,18 @@ class Matchmaker:
         return found
 
     async def match(
-        self, me: bytes, announcement: AveragingAnnouncement
+        self,
+        me: bytes,
+        announcement: AveragingAnnouncement,
+        track_recorded: Collection[bytes] | None = None,
     ) -> tuple[GroupSpec | None, Formation, set[bytes]]:
         """Announce, wait out the gathering window, and form this round's groups.
 
         Returns my group (None if I ended up without one), the whole formation, and the other
         announcers that have already finished the round. Finished announcers still count in
         the formation, so that every peer forms the same groups whenever it reads.
+        Ban votes count only from ``track_recorded`` publishers (all when None), and never
+        evict ``me``.
         """
         s = self.settings
         await self.announce(announcement)
@@ -131,7 +139,7 @@ class Matchmaker:
         seen[me] = announcement
         # The groups follow the bans a majority agrees on, never this peer's alone: every
         # member must form the same groups. Peers only we banned are cut off later, by us.
-        banned = consensus_bans(seen)
+        banned = consensus_bans(seen, track_recorded, me=me)
         formation = form_groups(
             seen,
             announcement.round,
@@ -140,6 +148,7 @@ class Matchmaker:
             banned,
             run=announcement.run,
             now=time.time(),
+            max_weight=s.max_weight,
         )
         group = formation.group_of(me)
         log.info(

@@ -270,6 +270,24 @@ class ChannelHello(Message):
             raise invalid(f"ChannelHello.group_id must be {GROUP_ID_SIZE} bytes")
 
 
+@AVERAGING.message(6)
+class ResultEcho(Message):
+    """A member's copy, to the other members, of a result header it applied (the encoded
+    ``ResultHeader`` is the frame's payload), or with ``final`` and no payload: it has
+    settled every chunk and echoes nothing more this round."""
+
+    run: bytes
+    round: int
+    group_id: bytes
+    final: bool
+
+    def check(self) -> None:
+        check_run(self.run, "ResultEcho.run")
+        check_round(self.round, "ResultEcho.round")
+        if len(self.group_id) != GROUP_ID_SIZE:
+            raise invalid(f"ResultEcho.group_id must be {GROUP_ID_SIZE} bytes")
+
+
 def payload_digest(payload: Buffer) -> bytes:
     """BLAKE3-256 of the payload bytes."""
     return blake3.blake3(payload).digest()
@@ -342,6 +360,11 @@ def unpack_frame(frame: Buffer) -> tuple[Message, memoryview]:
     if isinstance(header, Reject):
         if payload.nbytes:
             raise ProtocolViolation(RejectCode.MALFORMED, "a Reject carries no payload")
+    elif isinstance(header, ResultEcho):
+        if header.final != (payload.nbytes == 0) or payload.nbytes > MAX_HEADER:
+            raise ProtocolViolation(
+                RejectCode.MALFORMED, "an echo carries one result header, a final one none"
+            )
     elif not isinstance(header, ChunkHeader | ResultHeader):
         raise ProtocolViolation(
             RejectCode.UNKNOWN_TYPE, f"{type(header).__name__} is not a data-plane frame"

@@ -42,6 +42,7 @@ class ExclusionReason(enum.Enum):
     MALFORMED = "malformed"
     GROUP_MISMATCH = "group_mismatch"
     BANNED = "banned"
+    EQUIVOCATION = "equivocation"
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +151,9 @@ class RoundReport:
     """Bytes of every frame handed in, refused ones included."""
     started_at: float | None
     finished_at: float | None
+    equivocation_proofs: tuple[bytes, ...] = ()
+    """Encoded ``EquivocationProof``s caught this round (protocol/averaging.md 6.7): what
+    other peers may check and ban on without having taken part."""
     fraction_averaged: float = field(init=False)
     """Elements of this peer's vector replaced by a result with >= 2 contributors, over n."""
     complete: bool = field(init=False)
@@ -236,6 +240,7 @@ class RoundReport:
             "bytes_received": self.bytes_received,
             "started_at": self.started_at,
             "finished_at": self.finished_at,
+            "equivocation_proofs": [p.hex() for p in self.equivocation_proofs],
         }
 
 

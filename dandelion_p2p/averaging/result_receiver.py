@@ -60,6 +60,9 @@ class ResultReceiver:
         self._unsettled: dict[int, int] = {i: len(v) for i, v in self._results.items()}
         self._pending = sum(self._unsettled.values())
         self._progress: dict[bytes, float] = {}
+        # Our own values of each chunk a result replaced, until the round ends: what a chunk
+        # goes back to when its reducer turns out to have sent members different results.
+        self._replaced: dict[tuple[int, int], NDArray[np.float32]] = {}
 
     # --------------------------------------------------------------------------- queries
 
@@ -143,6 +146,7 @@ class ResultReceiver:
             values = self._codec.decode_view(payload, chunk.size)
         except ProtocolViolation as exc:
             return bad(exc.code, exc.detail)
+        self._replaced[(span_index, chunk_index)] = self._buffer[chunk.start : chunk.end].copy()
         self._buffer[chunk.start : chunk.end] = values
         self._results[span_index][chunk_index] = ChunkOutcome(
             chunk.index, chunk.start, chunk.end, status_of(h.contributors), h.contributors
@@ -181,6 +185,39 @@ class ResultReceiver:
         for ci, outcome in enumerate(self._results[si]):
             if outcome is None:
                 self._settle_local(si, ci, f"reducer {reason.value}")
+
+    def revert(self, reducer: bytes, now: float, detail: str) -> None:
+        """``reducer`` signed different results for one chunk: every chunk of its span goes
+        back to (or stays at) our local values and is reported ``LOCAL``."""
+        si = self._spec.index_of(reducer)
+        if si not in self._results:
+            return
+        self._ledger.add_exclusion(
+            ExcludedPeer(reducer, "reducer", ExclusionReason.EQUIVOCATION, now, detail)
+        )
+        for ci, outcome in enumerate(self._results[si]):
+            c = self._span_chunks[si][ci]
+            if outcome is None:
+                self._settle_local(si, ci, "reducer equivocated")
+                continue
+            local = self._replaced.pop((si, ci), None)
+            if local is not None:
+                self._buffer[c.start : c.end] = local
+            self._results[si][ci] = ChunkOutcome(
+                c.index, c.start, c.end, ChunkStatus.LOCAL, (), "reducer equivocated"
+            )
+
+    def release(self) -> None:
+        """Drop the copies of replaced values once the round is over."""
+        self._replaced.clear()
+
+    def applied(self, reducer: bytes, h: ResultHeader) -> bool:
+        """Whether the chunk ``h`` names holds ``reducer``'s result now."""
+        span_index, chunk_index = self.locate(reducer, h)
+        if span_index is None or chunk_index is None:
+            return False
+        outcome = self._results[span_index][chunk_index]
+        return outcome is not None and outcome.status is not ChunkStatus.LOCAL
 
     # -------------------------------------------------------------------------- internals
 

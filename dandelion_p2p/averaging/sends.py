@@ -18,6 +18,7 @@ from dandelion_p2p.averaging.messages import (
     UNSIGNED,
     Buffer,
     ChunkHeader,
+    ResultEcho,
     ResultHeader,
     Signer,
     frame_size,
@@ -27,7 +28,7 @@ from dandelion_p2p.averaging.messages import (
 from dandelion_p2p.averaging.partition import Chunk
 from dandelion_p2p.wire import Reject, RejectCode
 
-SendKind = Literal["chunk", "result", "reject"]
+SendKind = Literal["chunk", "result", "reject", "echo"]
 MAX_REJECT_DETAIL = 512
 
 
@@ -155,6 +156,18 @@ class Framer:
         ).signed_with(self._sign)
         render = self._shared(pack_frame(header, payload))
         return [Send(p, "result", span_index, chunk.index, render) for p in recipients]
+
+    def echoes(self, result: Buffer, recipients: list[bytes]) -> list[Send]:
+        """The encoded header of a result we applied, for the other members to compare; an
+        empty ``result`` says we echo nothing more this round."""
+        echo = ResultEcho(
+            run=self._spec.run,
+            round=self._spec.round,
+            group_id=self._spec.group_id,
+            final=not result,
+        )
+        render = self._shared(pack_frame(echo, result))
+        return [Send(p, "echo", -1, -1, render) for p in recipients]
 
     def reject(self, peer: bytes, code: RejectCode, detail: str) -> Send:
         """The answer to a refused frame."""

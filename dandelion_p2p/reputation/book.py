@@ -51,6 +51,9 @@ class ScoreEvent(enum.Enum):
     OUTLIER = "outlier"
     MALFORMED = "malformed"
     BAD_SIGNATURE = "bad_signature"
+    # Two conflicting results signed for one chunk: proof of deliberate misbehaviour, which
+    # no honest fault produces, so one occurrence bans.
+    EQUIVOCATION = "equivocation"
 
 
 SCORE_EVENT_OF: Mapping[RejectCode, ScoreEvent] = {
@@ -70,6 +73,7 @@ class ScorePolicy:
     outlier: float = -1.0
     malformed: float = -4.5
     bad_signature: float = -10.0
+    equivocation: float = -20.0
     max_score: float = 2.0
     min_score: float = -20.0
     ban_threshold: float = -6.0

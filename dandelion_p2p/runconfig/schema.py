@@ -29,6 +29,11 @@ DEFAULT_GATHER_WINDOW = 5.0
 (protocol/averaging.md section 14.1). The one default of the run config's
 ``averaging.gather_window`` and ``MatchmakingSettings``."""
 
+DEFAULT_MAX_WEIGHT = 1e6
+"""Samples one member may claim for one averaging round; a larger announcement is clipped to it
+and scored as a violation (protocol/averaging.md section 3). The one default of the run
+config's ``averaging.max_weight`` and ``MatchmakingSettings``."""
+
 MAX_INTEGER = 2**63
 """Integers are bounded like a signed 64-bit value: the trainer hands them to C code."""
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
@@ -127,6 +132,7 @@ class AveragingConfig:
     max_group: int = 16
     chunk_timeout: float = DEFAULT_CHUNK_TIMEOUT
     gather_window: float = DEFAULT_GATHER_WINDOW
+    max_weight: float = DEFAULT_MAX_WEIGHT
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +282,7 @@ def validate(c: RunConfig) -> list[str]:
          "need 2 <= min_group <= max_group <= 256")
     need(0.1 <= a.chunk_timeout <= 600, "averaging.chunk_timeout", "must be 0.1-600 seconds")
     need(0.1 <= a.gather_window <= 600, "averaging.gather_window", "must be 0.1-600 seconds")
+    need(1.0 <= a.max_weight <= 1e12, "averaging.max_weight", "must be 1-1e12 samples")
     k = c.checkpoint
     need(k.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
     need(1 <= k.keep_last <= 1000, "checkpoint.keep_last", "must be 1-1000")

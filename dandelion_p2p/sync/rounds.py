@@ -162,6 +162,7 @@ class Rounds:
                     settle=min(0.5, a.gather_window / 2),
                     min_group=a.min_group,
                     max_group=a.max_group,
+                    max_weight=a.max_weight,
                 ),
             )
             self.averager = self.averagers.create(key, settings)

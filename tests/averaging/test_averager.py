@@ -12,11 +12,13 @@ import pytest
 import trio
 
 from dandelion_p2p.averaging.averager import Averager, AveragingSettings, NoGroup
+from dandelion_p2p.averaging.group import bounded_weights
 from dandelion_p2p.averaging.matchmaking import Matchmaker, MatchmakingSettings
 from dandelion_p2p.averaging.report import RoundReport
 from dandelion_p2p.dataplane.service import DataPlane
 from dandelion_p2p.net.node import SwarmNode
 from dandelion_p2p.reputation.book import ScoreEvent
+from dandelion_p2p.runconfig.schema import DEFAULT_MAX_WEIGHT
 from tests.swarm import swarm
 
 RUN = b"test-run"
@@ -68,8 +70,10 @@ async def test_group_averages_to_the_weighted_mean(n: int) -> None:
     size = 300_000
     vectors = [rng.standard_normal(size).astype(np.float32) + 1 for _ in range(n)]
     weights = [float(w) for w in rng.integers(1, 10, n)]
-    expected = sum(w * v.astype(np.float64) for w, v in zip(weights, vectors, strict=True))
-    expected /= sum(weights)
+    # The group holds each claim bounded by twice the round's median (group.bounded_weights).
+    held = list(bounded_weights(dict(enumerate(weights)), DEFAULT_MAX_WEIGHT).values())
+    expected = sum(w * v.astype(np.float64) for w, v in zip(held, vectors, strict=True))
+    expected /= sum(held)
     async with averaging_swarm(n, FAST) as members:
         reports = [None] * n
         buffers = [v.copy() for v in vectors]

@@ -11,6 +11,7 @@ from dandelion_p2p.averaging.group import (
     Formation,
     GroupSpec,
     Member,
+    bounded_weights,
     consensus_bans,
     form_groups,
     group_sizes,
@@ -23,6 +24,7 @@ from dandelion_p2p.averaging.messages import (
     encode_announcement,
 )
 from dandelion_p2p.errors import ProtocolViolation
+from dandelion_p2p.runconfig.schema import DEFAULT_MAX_WEIGHT
 
 RUN = b"run-a"
 NOW = 1_700_000_000.0
@@ -180,13 +182,15 @@ def test_formation_is_deterministic_and_partitions_the_eligible(anns, lo, extra,
     assert len({g.group_id for g in result.groups}) == len(result.groups)
     for g in result.groups:
         assert g.peer_ids == tuple(sorted(g.peer_ids))
+        # Claims are bounded (bounded_weights, bounded_bandwidths), never raised.
+        capped = bounded_weights({p: anns[p].weight for p in eligible}, DEFAULT_MAX_WEIGHT)
         for m in g.members:
             ann = anns[m.peer_id]
-            assert (m.weight, m.bandwidth, m.accepts_connections) == (
-                ann.weight,
-                ann.bandwidth_mbps,
+            assert (m.weight, m.accepts_connections) == (
+                capped[m.peer_id],
                 ann.accepts_connections,
             )
+            assert m.bandwidth <= ann.bandwidth_mbps
         assert result.group_of(g.peer_ids[0]) is g
 
 

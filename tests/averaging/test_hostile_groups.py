@@ -1,0 +1,137 @@
+"""Attacks on group formation and aggregation by peers whose identities cost nothing.
+
+Each test reproduces one attack and prints the figures it measured (run with ``-s``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import trio
+
+from dandelion_p2p.averaging.group import consensus_bans, form_groups
+from dandelion_p2p.averaging.messages import AveragingAnnouncement
+from dandelion_p2p.runconfig.schema import DEFAULT_MAX_WEIGHT
+from tests.averaging.test_averager import FAST, averaging_swarm
+
+RUN = b"run-a"
+NOW = 1_700_000_000.0
+LATER_MS = int((NOW + 600) * 1000)
+
+
+def pid(i: int) -> bytes:
+    return b"\x00\x24" + i.to_bytes(4, "big")
+
+
+def announcement(
+    weight: float = 2.0, bandwidth: float = 100.0, banned: tuple[bytes, ...] = ()
+) -> AveragingAnnouncement:
+    return AveragingAnnouncement(
+        run=RUN,
+        round=7,
+        weight=weight,
+        bandwidth_mbps=bandwidth,
+        accepts_connections=True,
+        endpoint="/ip4/10.0.0.1/tcp/4001",
+        expires_at_ms=LATER_MS,
+        banned=banned,
+    )
+
+
+def relative_l2(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+@pytest.mark.parametrize("n_fresh", [4, 50])
+def test_fresh_identities_banning_everyone_evict_nobody(n_fresh: int) -> None:
+    honest = [pid(i) for i in range(1, 4)]
+    seen = {p: announcement() for p in honest}
+    for i in range(n_fresh):
+        seen[pid(1000 + i)] = announcement(banned=tuple(honest))
+    for me in honest:
+        # Our own book: the other honest peers have averaged with us before.
+        bans = consensus_bans(seen, track_recorded=set(honest) - {me}, me=me)
+        formation = form_groups(seen, 7, 2, 64, bans, run=RUN, now=NOW)
+        print(f"{n_fresh} fresh accusers, view of honest peer {honest.index(me)}: banned "
+              f"{len(bans & set(honest))} honest peers, "
+              f"honest grouped {sum(formation.group_of(p) is not None for p in honest)}/3")
+        assert not bans & set(honest), f"{n_fresh} fresh keys evicted {len(bans)} honest peers"
+        assert all(formation.group_of(p) is not None for p in honest)
+    # Without any book every vote counts, yet a peer is still never evicted by others' votes.
+    for me in honest:
+        assert me not in consensus_bans(seen, None, me=me)
+
+
+def test_a_ban_still_needs_a_majority_of_track_recorded_voters() -> None:
+    peers = [pid(i) for i in range(1, 6)]
+    target = peers[0]
+    seen = {p: announcement(banned=(target,) if p in peers[1:4] else ()) for p in peers}
+    bans = consensus_bans(seen, track_recorded=set(peers), me=peers[4])
+    print(f"3 of 4 track-recorded voters accuse: banned={target in bans}")
+    assert bans == {target}
+    two_votes = {p: announcement(banned=(target,) if p in peers[1:3] else ()) for p in peers}
+    assert consensus_bans(two_votes, track_recorded=set(peers), me=peers[4]) == frozenset()
+
+
+def test_a_weight_claim_is_bounded_by_the_run_cap_and_the_median() -> None:
+    seen = {pid(1): announcement(1.0), pid(2): announcement(2.0), pid(3): announcement(3.0)}
+    seen[pid(9)] = announcement(1e9)
+    formation = form_groups(seen, 7, 2, 16, run=RUN, now=NOW)
+    (group,) = formation.groups
+    weights = {m.peer_id: m.weight for m in group.members}
+    share = weights[pid(9)] / sum(weights.values())
+    print(f"liar claimed 1e9, holds weight {weights[pid(9)]} (share {share:.3f}); honest "
+          f"weights {[weights[pid(i)] for i in (1, 2, 3)]}; overclaimed {formation.overclaimed}")
+    assert weights[pid(9)] <= 2 * 2.5
+    assert [weights[pid(i)] for i in (1, 2, 3)] == [1.0, 2.0, 3.0]
+    assert formation.overclaimed == (pid(9),) and DEFAULT_MAX_WEIGHT < 1e9
+
+
+def test_a_bandwidth_claim_takes_at_most_a_typical_members_span() -> None:
+    seen = {pid(i): announcement(bandwidth=100.0) for i in (1, 2, 3)}
+    seen[pid(9)] = announcement(bandwidth=1e9)
+    (group,) = form_groups(seen, 7, 2, 16, run=RUN, now=NOW).groups
+    part = group.partition(1_000_000)
+    fraction = part.span_of(pid(9)).size / 1_000_000
+    print(f"bandwidth liar (1e9 Mbit/s vs 100) reduces {fraction:.3f} of the vector")
+    assert fraction <= 0.25 + 256 / 1_000_000
+
+
+@pytest.mark.parametrize("mode", ["mean", "centered_clip"])
+async def test_a_weight_liar_barely_moves_the_honest_result(mode: str) -> None:
+    rng = np.random.default_rng(11)
+    size = 100_000
+    base = rng.standard_normal(size).astype(np.float32)
+    honest_vectors = [base + 0.05 * rng.standard_normal(size).astype(np.float32) for _ in range(3)]
+    honest_weights = [1.0, 2.0, 3.0]
+    pairs = zip(honest_weights, honest_vectors, strict=True)
+    want = sum(w * v.astype(np.float64) for w, v in pairs)
+    want /= sum(honest_weights)
+    # Honest peers differ by 5 % per element (centered clipping's tau follows that spread).
+    # In mean mode any contribution moves the mean by its share, so the liar there sends a
+    # vector close to the others' (the attack is the weight); centered clipping gets a poison.
+    offset = 0.05 if mode == "mean" else 10.0
+    poison = (want * (1 + offset)).astype(np.float32)
+    vectors = [*honest_vectors, poison]
+    weights = [*honest_weights, 1e9]
+    settings = dataclasses.replace(FAST, mode=mode)
+    async with averaging_swarm(4, settings) as members:
+        buffers = [v.copy() for v in vectors]
+
+        async def run(i: int) -> None:
+            await members[i].averager.all_reduce(buffers[i], weights[i], 1)
+
+        with trio.fail_after(90):
+            async with trio.open_nursery() as nursery:
+                for i in range(4):
+                    nursery.start_soon(run, i)
+        liar = members[3].node.identity.peer_id_bytes
+        liar_scores = [m.node.scores.score(liar, 0.0) for m in members[:3]]
+    errors = [relative_l2(buffers[i].astype(np.float64), want) for i in range(3)]
+    unbounded = relative_l2(poison.astype(np.float64), want)
+    print(f"{mode}: liar weight 1e9, poison at relative L2 {unbounded:.3f}; honest results at "
+          f"{[round(e, 4) for e in errors]} from the honest weighted mean; liar scores "
+          f"{liar_scores}")
+    assert max(errors) < 0.05, f"{mode}: honest results at {errors}"
