@@ -10,7 +10,6 @@ frames, is ``transfer``'s job.
 
 from __future__ import annotations
 
-import ipaddress
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,10 +33,8 @@ MIN_PART_BYTES = 64 * 1024
 MAX_CONCURRENT_SERVES = 8
 MAX_SERVES_PER_PEER = 2
 MAX_SERVES_PER_PREFIX = 4
-"""Chunks sent at once to the peers of one network (``network_prefix``): identities are free,
-so two per peer alone would let one host with many keys take every slot."""
-IPV4_PREFIX_BITS = 24
-IPV6_PREFIX_BITS = 48
+"""Chunks sent at once to the peers of one public network (``networks.public_network_of``):
+identities are free, so two per peer alone would let one host with many keys take every slot."""
 
 ChunkSource = Callable[[str], Path | bytes | None]
 """A chunk's file, or bytes held in memory (the signed manifest), or None when not held."""
@@ -74,18 +71,6 @@ def chunk_to_serve(msg: Message, source: ChunkSource) -> tuple[str, Path | bytes
     return name, held
 
 
-def network_prefix(address: str) -> str | None:
-    """The network a peer's address belongs to, for ``MAX_SERVES_PER_PREFIX``: its /24 (IPv4)
-    or /48 (IPv6). None for an address that is not globally routable (loopback, a LAN): the
-    limit is about strangers on the internet, not peers sharing a host or a LAN."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return None
-    if not ip.is_global:
-        return None
-    bits = IPV4_PREFIX_BITS if ip.version == 4 else IPV6_PREFIX_BITS
-    return str(ipaddress.ip_network(f"{ip}/{bits}", strict=False))
 
 
 @dataclass(frozen=True, slots=True)

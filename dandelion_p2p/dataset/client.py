@@ -127,6 +127,9 @@ class DatasetClient:
         # Files left from an earlier run are checked again when first used.
         self._cached: OrderedDict[str, None] = OrderedDict()
         self._granted_by: dict[tuple[int, str, int], list[bytes]] = {}
+        # Which peers sent us each cached chunk: a server takes a receipt only for a chunk it
+        # delivered itself, so one that got from a holder is downloaded from it once more.
+        self._fetched_from: dict[str, set[bytes]] = {}
         """Open leases (lease id, chunk, epoch) -> the servers that granted one so named.
         Servers of a run number their leases independently and hand out chunks in the same
         order, so two of them may well grant "lease 1, chunk X, epoch 0"; a receipt for
@@ -405,6 +408,7 @@ class DatasetClient:
         for attempt in range(attempts):
             for server in candidates:
                 try:
+                    await self._download_from(server, lease)
                     reply = await self._ask(server, message)
                 except PeerUnavailable as exc:
                     if attempt + 1 == attempts and server == candidates[-1]:
@@ -418,6 +422,19 @@ class DatasetClient:
                 return reply
             await trio.sleep(retry_delay)
         raise AssertionError("unreachable")
+
+    async def _download_from(self, server: bytes, lease: LeaseGrant) -> None:
+        """Make sure ``server`` delivered ``lease``'s chunk to us before the receipt goes to
+        it (raises ``PeerUnavailable`` when it cannot send it now)."""
+        if server in self._fetched_from.get(lease.chunk, ()):
+            return
+        await self._connect(server)
+        try:
+            await fetch_chunk(self.host, ID(server), lease.chunk, expected_size=lease.size)
+        except (ProtocolViolation, RemoteRejected) as exc:
+            raise PeerUnavailable(f"the server did not send chunk {lease.chunk[:12]}: {exc}"
+                                  ) from None
+        self._fetched_from.setdefault(lease.chunk, set()).add(server)
 
     # ---- chunks --------------------------------------------------------------------------
 
@@ -471,6 +488,7 @@ class DatasetClient:
                 errors.append(f"{peer_id}: {exc}")
                 continue
             self.scores.record_score(peer, ScoreEvent.SUCCESS)
+            self._fetched_from.setdefault(name, set()).add(peer)
             await self._keep(name, data)
             return data
         raise PeerUnavailable(
@@ -498,5 +516,6 @@ class DatasetClient:
 
     def _drop(self, name: str) -> None:
         self._cached.pop(name, None)
+        self._fetched_from.pop(name, None)
         self.cache.remove(name)
         self.records.unpublish(CHUNK_NAMESPACE, chunk_key(name))

@@ -18,7 +18,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 
-from dandelion_p2p.dataset.leases import Lease, LeaseBook
+from dandelion_p2p.dataset.leases import (
+    MAX_LEASES_PER_NETWORK,
+    Lease,
+    LeaseBook,
+)
 from dandelion_p2p.dataset.manifest import (
     ChunkEntry,
     Manifest,
@@ -41,6 +45,7 @@ from dandelion_p2p.errors import (
     RemoteRejected,
 )
 from dandelion_p2p.identity import PeerId, verify_by_peer
+from dandelion_p2p.networks import UNKNOWN_NETWORK
 from dandelion_p2p.runconfig.publication import derive_run_id, run_name_of
 from dandelion_p2p.runconfig.schema import DatasetConfig
 from dandelion_p2p.wire import Message
@@ -58,23 +63,36 @@ class LeaseDesk:
     connection).
     """
 
-    def __init__(self, run: str, book: LeaseBook, settings: DatasetConfig) -> None:
+    def __init__(
+        self, run: str, book: LeaseBook, settings: DatasetConfig, *,
+        max_leases_per_network: int = MAX_LEASES_PER_NETWORK,
+        delivered: Callable[[bytes, str], bool] | None = None,
+    ) -> None:
         self.run = run
         self.book = book
         self.settings = settings
+        self.max_leases_per_network = max_leases_per_network
+        # None: receipts are not checked against deliveries (a desk whose chunks are served
+        # elsewhere); a dataset server passes its delivery log.
+        self.delivered = delivered
         self.served_requests = 0
         self.receipts_taken = 0
 
-    def answer(self, peer: bytes, msg: Message, now: float) -> LeaseGrant | NoLease | CompleteAck:
-        """The reply to request ``msg`` from the connected ``peer`` (binary peer id).
+    def answer(
+        self, peer: bytes, msg: Message, now: float, network: str = UNKNOWN_NETWORK
+    ) -> LeaseGrant | NoLease | CompleteAck:
+        """The reply to request ``msg`` from the connected ``peer`` (binary peer id), whose
+        address lies in ``network`` (``networks.network_of``).
 
         Raises ``ProtocolViolation`` with the code dataset.md section 2.2 gives, in its order
         of checks: ``UNKNOWN_TYPE``, ``NOT_FOUND`` (another run, or no such lease),
-        ``RATE_LIMITED``, ``FORBIDDEN``, ``BAD_SIGNATURE``, ``INVALID_FIELD``, ``STALE``.
+        ``RATE_LIMITED`` (per peer, then per network), ``FORBIDDEN``, ``BAD_SIGNATURE``,
+        ``UNEXPECTED`` (a receipt for a chunk never delivered to ``peer``), ``INVALID_FIELD``
+        (also for more samples than the chunk has), ``STALE``.
         """
         self.served_requests += 1
         if isinstance(msg, LeaseRequest):
-            return self._lease(peer, msg, now)
+            return self._lease(peer, msg, now, network)
         if isinstance(msg, Complete):
             return self._complete(peer, msg, now)
         raise ProtocolViolation(RejectCode.UNKNOWN_TYPE, f"{type(msg).__name__} is not a request")
@@ -83,13 +101,17 @@ class LeaseDesk:
         if run != self.run:
             raise ProtocolViolation(RejectCode.NOT_FOUND, f"run {run[:80]!r} is not served here")
 
-    def _lease(self, peer: bytes, msg: LeaseRequest, now: float) -> LeaseGrant | NoLease:
+    def _lease(
+        self, peer: bytes, msg: LeaseRequest, now: float, network: str
+    ) -> LeaseGrant | NoLease:
         self._check_run(msg.run)
         result = self.book.grant(
             peer,
             now,
             lease_seconds=self.settings.lease_seconds,
             max_per_peer=self.settings.max_leases_per_peer,
+            network=network,
+            max_per_network=self.max_leases_per_network,
         )
         if not isinstance(result, Lease):
             return NoLease(epoch=result.epoch, retry_after_ms=int(result.retry_after * 1000))
@@ -112,6 +134,11 @@ class LeaseDesk:
             raise ProtocolViolation(RejectCode.FORBIDDEN, "receipt names another peer")
         if not verify_by_peer(receipt.peer, receipt.signed_bytes(), receipt.signature):
             raise ProtocolViolation(RejectCode.BAD_SIGNATURE, "receipt is not signed by its peer")
+        if self.delivered is not None and not self.delivered(peer, receipt.chunk):
+            raise ProtocolViolation(
+                RejectCode.UNEXPECTED,
+                f"chunk {receipt.chunk[:12]} was not delivered to you here; download it first",
+            )
         outcome = self.book.record_receipt(
             lease_id=receipt.lease_id,
             epoch=receipt.epoch,

@@ -27,6 +27,7 @@ import blake3
 
 from dandelion_p2p.dataset.manifest import Manifest
 from dandelion_p2p.errors import ConfigError, ProtocolViolation
+from dandelion_p2p.networks import UNKNOWN_NETWORK
 from dandelion_p2p.wire import RejectCode
 
 SCHEMA = """
@@ -45,7 +46,8 @@ CREATE TABLE IF NOT EXISTS leases (
     granted_at REAL NOT NULL,
     expires_at REAL NOT NULL,
     state TEXT NOT NULL CHECK (state IN ('active', 'done', 'expired', 'superseded')),
-    ended_at REAL
+    ended_at REAL,
+    network TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS one_active_lease ON leases(epoch, chunk)
     WHERE state = 'active';
@@ -88,6 +90,12 @@ class Lease:
     size: int
 
 
+"""The network bucket of a peer whose address we cannot place (relayed: we see the relay's)."""
+
+MAX_LEASES_PER_NETWORK = 8
+"""Active leases the peers of one network (IPv4 /24, IPv6 /48) hold together: identities are
+free, so a per-peer limit alone lets one network take every chunk of an epoch."""
+
 MIN_RETRY_AFTER = 0.5
 MAX_RETRY_AFTER = 2.0
 
@@ -127,6 +135,7 @@ class LeaseBook:
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.create_function("shuffle_key", 2, _shuffle_key, deterministic=True)
         self.db.executescript(SCHEMA)
+        self._add_network_column()
         self.total = len(manifest.chunks)
         self._init_meta(manifest, run)
         # Status is read from other threads while a grant may be writing: a reader of its
@@ -154,6 +163,16 @@ class LeaseBook:
                     f"lease database {self.path} belongs to another dataset or run "
                     f"({meta.get('run')}); move it away to start over"
                 )
+
+    def _add_network_column(self) -> None:
+        """Books written before leases recorded the requester's network get the column
+        (NULL for their old rows, which then count toward no network)."""
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(leases)")}
+        if "network" not in columns:
+            self.db.execute("ALTER TABLE leases ADD COLUMN network TEXT")
+        self.db.execute(
+            "CREATE INDEX IF NOT EXISTS leases_by_network ON leases(network, state)"
+        )
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self.db)
@@ -216,11 +235,14 @@ class LeaseBook:
         )
 
     def grant(
-        self, peer: bytes, now: float, *, lease_seconds: float, max_per_peer: int
+        self, peer: bytes, now: float, *, lease_seconds: float, max_per_peer: int,
+        network: str = UNKNOWN_NETWORK, max_per_network: int = MAX_LEASES_PER_NETWORK,
     ) -> Lease | NoChunkFree:
-        """Lease the least-trained free chunk of the current epoch to ``peer``.
+        """Lease the least-trained free chunk of the current epoch to ``peer``, whose
+        address lies in ``network`` (its prefix).
 
-        Raises ``ProtocolViolation(RATE_LIMITED)`` when the peer holds ``max_per_peer``.
+        Raises ``ProtocolViolation(RATE_LIMITED)`` when the peer holds ``max_per_peer``, or
+        the peers of its network hold ``max_per_network`` together.
         """
         with self._transaction():
             self._expire(now)
@@ -230,6 +252,14 @@ class LeaseBook:
             if held >= max_per_peer:
                 raise ProtocolViolation(
                     RejectCode.RATE_LIMITED, f"already holding {held} leases; complete one first"
+                )
+            held_by_network = self.db.execute(
+                "SELECT COUNT(*) FROM leases WHERE network=? AND state='active'", (network,)
+            ).fetchone()[0]
+            if held_by_network >= max_per_network:
+                raise ProtocolViolation(
+                    RejectCode.RATE_LIMITED,
+                    f"peers of your network hold {held_by_network} leases; try again later",
                 )
             epoch = self.epoch
             if self.completed(epoch) >= self.total:
@@ -248,9 +278,9 @@ class LeaseBook:
             chunk, samples, size = row
             expires = now + lease_seconds
             cursor = self.db.execute(
-                "INSERT INTO leases(epoch, chunk, peer, granted_at, expires_at, state) "
-                "VALUES (?, ?, ?, ?, ?, 'active')",
-                (epoch, chunk, peer, now, expires),
+                "INSERT INTO leases(epoch, chunk, peer, granted_at, expires_at, state, network) "
+                "VALUES (?, ?, ?, ?, ?, 'active', ?)",
+                (epoch, chunk, peer, now, expires, network),
             )
             lease_id = cursor.lastrowid
             assert lease_id is not None
@@ -264,19 +294,27 @@ class LeaseBook:
 
         Raises ``ProtocolViolation``: ``NOT_FOUND`` for an unknown lease, ``FORBIDDEN`` when
         the lease is another peer's, ``INVALID_FIELD`` when chunk or epoch do not match it,
-        ``STALE`` when the chunk was already completed under another lease.
+        ``STALE`` when the chunk was already completed under another lease, and
+        ``INVALID_FIELD`` for more ``samples`` than the chunk has in the manifest.
         """
         with self._transaction():
             row = self.db.execute(
-                "SELECT epoch, chunk, peer, state FROM leases WHERE id=?", (lease_id,)
+                "SELECT l.epoch, l.chunk, l.peer, l.state, c.samples FROM leases l "
+                "JOIN chunks c ON c.hash = l.chunk WHERE l.id=?",
+                (lease_id,),
             ).fetchone()
             if row is None:
                 raise ProtocolViolation(RejectCode.NOT_FOUND, f"no lease {lease_id}")
-            l_epoch, l_chunk, l_peer, state = row
+            l_epoch, l_chunk, l_peer, state, chunk_samples = row
             if l_peer != peer:
                 raise ProtocolViolation(RejectCode.FORBIDDEN, "the lease is another peer's")
             if (l_epoch, l_chunk) != (epoch, chunk):
                 raise ProtocolViolation(RejectCode.INVALID_FIELD, "chunk or epoch differ")
+            if samples > chunk_samples:
+                raise ProtocolViolation(
+                    RejectCode.INVALID_FIELD,
+                    f"{samples} samples claimed for a chunk of {chunk_samples}",
+                )
             done = self.db.execute(
                 "SELECT lease_id FROM receipts WHERE epoch=? AND chunk=?", (epoch, chunk)
             ).fetchone()

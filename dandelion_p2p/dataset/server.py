@@ -19,6 +19,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from dandelion_p2p.dataset.chunks import ChunkDir
+from dandelion_p2p.dataset.deliveries import DeliveryLog
 from dandelion_p2p.dataset.holders import (
     HOLDING_TTL,
     SERVERS_NAMESPACE,
@@ -26,13 +27,15 @@ from dandelion_p2p.dataset.holders import (
     encode_value,
 )
 from dandelion_p2p.dataset.lease_protocol import LeaseDesk
-from dandelion_p2p.dataset.leases import LeaseBook
+from dandelion_p2p.dataset.leases import MAX_LEASES_PER_NETWORK, LeaseBook
 from dandelion_p2p.dataset.manifest import Manifest, signed_digest, signed_document
 from dandelion_p2p.dataset.messages import CHUNK_PROTOCOL, DATASET, LEASE_PROTOCOL, MAX_REQUEST
 from dandelion_p2p.dataset.ports import PeerScores, RecordStore
 from dandelion_p2p.dataset.transfer import serve_chunks
 from dandelion_p2p.errors import ConfigError, RejectCode
+from dandelion_p2p.net.addrs import is_relayed
 from dandelion_p2p.net.streams import serve_requests
+from dandelion_p2p.networks import UNKNOWN_NETWORK, network_of
 from dandelion_p2p.reputation.book import SCORE_EVENT_OF, ScoreEvent
 from dandelion_p2p.runconfig.schema import DatasetConfig
 from dandelion_p2p.wire import Message
@@ -69,6 +72,7 @@ class DatasetServer:
         host: IHost,
         records: RecordStore,
         scores: PeerScores,
+        max_leases_per_network: int = MAX_LEASES_PER_NETWORK,
     ) -> None:
         self.host = host
         self.records = records
@@ -78,7 +82,9 @@ class DatasetServer:
         self.chunks = ChunkDir(dataset_dir)
         self.book = book
         self.settings = settings
-        self.desk = LeaseDesk(run, book, settings)
+        self.deliveries = DeliveryLog()
+        self.desk = LeaseDesk(run, book, settings, delivered=self.deliveries.delivered,
+                              max_leases_per_network=max_leases_per_network)
         self._names = {c.hash for c in manifest.chunks}
         # Clients fetch the signed manifest by its digest (run config ``[dataset] manifest``)
         # over the chunk protocol, to check every grant against it.
@@ -124,8 +130,18 @@ class DatasetServer:
         if chunks:
             self.host.set_stream_handler(
                 TProtocol(CHUNK_PROTOCOL),
-                serve_chunks(self.source, on_violation=report, refuse=self.scores.is_banned),
+                serve_chunks(
+                    self.source,
+                    on_violation=report,
+                    refuse=self.scores.is_banned,
+                    on_delivered=self.record_delivery,
+                ),
             )
+
+    def record_delivery(self, peer: bytes, name: str) -> None:
+        """``name`` was sent to ``peer`` up to its last part (from our files or a cache)."""
+        if name in self._names:
+            self.deliveries.record(peer, name)
 
     def source(self, name: str) -> Path | bytes | None:
         if name in self._names and self.chunks.has(name):
@@ -157,10 +173,31 @@ class DatasetServer:
 
     async def _answer(self, peer_id: ID, msg: Message) -> Message:
         peer = peer_id.to_bytes()
+        network = self._network_of(peer_id)
         # The desk commits each grant and receipt to SQLite before answering: a thread's work,
         # one request at a time (the book is one connection).
         async with self._desk_lock:
-            return await trio.to_thread.run_sync(self.desk.answer, peer, msg, time.time())
+            return await trio.to_thread.run_sync(
+                self.desk.answer, peer, msg, time.time(), network
+            )
+
+    def _network_of(self, peer_id: ID) -> str:
+        """The network of the address ``peer_id`` is connected from directly, or
+        ``UNKNOWN_NETWORK`` (relayed: the address we see is the relay's)."""
+        for conn in self.host.get_network().get_connections(peer_id):
+            try:
+                muxed = conn.muxed_conn
+                if any(is_relayed(str(a)) for a in muxed.get_transport_addresses()):
+                    continue
+                # The concrete muxers have it; the libp2p interface does not declare it.
+                remote = getattr(muxed, "get_remote_address", None)
+                address = remote() if callable(remote) else None
+            except Exception:  # a closing connection: try the next one
+                continue
+            network = network_of(str(address[0])) if address else UNKNOWN_NETWORK
+            if network != UNKNOWN_NETWORK:
+                return network
+        return UNKNOWN_NETWORK
 
     def status(self) -> dict[str, Any]:
         status: dict[str, Any] = {

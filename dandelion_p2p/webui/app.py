@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dandelion_p2p.context import DaemonContext
 from dandelion_p2p.webui.api import WebApi
-from dandelion_p2p.webui.guard import check_request, cookie_name
+from dandelion_p2p.webui.guard import check_request, cookie_name, same_origin_location
 from dandelion_p2p.webui.http_io import error_body
 from dandelion_p2p.webui.scrubbing import SecretScrubber
 
@@ -137,8 +137,7 @@ class Guard:
     ) -> None:
         """Set the cookie and reload the page without the token in its URL."""
         rest = urlencode([(k, v) for k, v in query if k != "token"])
-        # One leading slash: "//host/..." would send the browser to another site.
-        location = "/" + scope["path"].lstrip("/") + (f"?{rest}" if rest else "")
+        location = same_origin_location(scope["path"]) + (f"?{rest}" if rest else "")
         name = cookie_name(headers.get("host", ""))
         cookie = f"{name}={self.session}; HttpOnly; SameSite=Strict; Path=/"
         await send(

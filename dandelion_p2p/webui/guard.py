@@ -13,7 +13,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 COOKIE_NAME = "dandelion_webui"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -138,3 +138,26 @@ def check_request(
         if origin is None and via == "cookie":
             return Verdict(403, "a request authenticated by cookie must carry its Origin")
     return Verdict(0, via=via)
+
+
+LOGIN_FALLBACK = "/"
+"""Where a login goes when the requested path cannot be echoed back safely."""
+
+PATH_SAFE_CHARACTERS = "/-._~!$&'()*+,;=:@"
+"""Characters a same-origin path keeps as they are; every other one is percent-encoded."""
+
+
+def same_origin_location(path: str) -> str:
+    """The ``Location`` that reloads the decoded request ``path`` on our own origin.
+
+    A browser reads ``//host``, ``/\\host`` and such with tabs or newlines inside as
+    another site, so leading slashes collapse to one, a path with a backslash or a control
+    character goes to ``/``, and the rest is percent-encoded (an encoded ``%2F`` or ``%5C``
+    reaches us decoded and is judged as what it decodes to)."""
+    if "\\" in path or any(ord(c) < 0x20 or ord(c) == 0x7F for c in path):
+        return LOGIN_FALLBACK
+    location = "/" + quote(path.lstrip("/"), safe=PATH_SAFE_CHARACTERS)
+    if location.startswith("//"):
+        return LOGIN_FALLBACK
+    return location
+

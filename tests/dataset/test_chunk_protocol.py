@@ -15,7 +15,6 @@ from dandelion_p2p.dataset.chunk_protocol import (
     ServeLimits,
     ServeSlots,
     chunk_to_serve,
-    network_prefix,
     transfer_deadline,
 )
 from dandelion_p2p.dataset.chunks import chunk_hash
@@ -29,6 +28,7 @@ from dandelion_p2p.dataset.messages import (
     LeaseRequest,
 )
 from dandelion_p2p.errors import ProtocolViolation, RejectCode, RemoteRejected
+from dandelion_p2p.networks import public_network_of as network_prefix
 from dandelion_p2p.wire import FrameDecoder, Message, Reject, decode, encode, encode_frame
 
 DATA = bytes(range(256)) * 9000  # a little over two parts
