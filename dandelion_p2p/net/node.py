@@ -59,6 +59,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+MAX_VIOLATORS_SHOWN = 10_000
+"""Peers whose violation counts ``status`` keeps."""
+
 # A transfer smaller than this is timed by latency more than by bandwidth.
 MIN_MEASURED_BYTES = 1 << 20
 
@@ -169,6 +172,11 @@ class SwarmNode:
 
     def _violation(self, peer_id: ID, code: RejectCode) -> None:
         key = peer_id.to_base58()
+        if key not in self.violations and len(self.violations) >= MAX_VIOLATORS_SHOWN:
+            # A diagnostic count, bounded like everything a stranger can add to: the oldest
+            # entries go first.
+            for old in list(self.violations)[: MAX_VIOLATORS_SHOWN // 10]:
+                del self.violations[old]
         self.violations[key] = self.violations.get(key, 0) + 1
         log.info("protocol violation by %s: %s", key, code.name)
         event = SCORE_EVENT_OF.get(code, ScoreEvent.MALFORMED)

@@ -81,10 +81,14 @@ class ScorePolicy:
     ban_duration: float = 1800.0
     max_ban_duration: float = 86400.0
     ban_memory: float = 86400.0
+    max_peers: int = 10_000
+    """Peers the book remembers: fresh identities are free, so the book is bounded."""
 
     def __post_init__(self) -> None:
         if not self.min_score <= self.ban_threshold < 0.0 <= self.max_score:
             raise ValueError("need min_score <= ban_threshold < 0 <= max_score")
+        if self.max_peers < 1:
+            raise ValueError("max_peers must be >= 1")
         if not (self.half_life > 0 and 0 < self.ban_duration <= self.max_ban_duration):
             raise ValueError("half_life and ban durations must be positive")
 
@@ -224,11 +228,29 @@ class ScoreBook:
     def _current(self, peer: bytes, now: float) -> _Record:
         rec = self._records.get(peer)
         if rec is None:
+            if len(self._records) >= self.policy.max_peers:
+                self._make_room(now)
             rec = self._records[peer] = _Record(updated=now)
         rec.score = self._decayed(rec, now)
         # A clock that stepped back must not let a peer's score decay twice.
         rec.updated = max(rec.updated, now)
         return rec
+
+    def _make_room(self, now: float) -> None:
+        """Forget a tenth of the book, least worth keeping first: peers without a good score
+        (oldest news first, bans included: a banned stranger can make a new key anyway),
+        then the lowest good scores. A track record is what a fresh identity cannot make."""
+        self.prune(now)
+        excess = len(self._records) - self.policy.max_peers + max(1, self.policy.max_peers // 10)
+        if excess <= 0:
+            return
+
+        def keep_value(item: tuple[bytes, _Record]) -> tuple[bool, float]:
+            score = self._decayed(item[1], now)
+            return (score > 0.01, score if score > 0.01 else item[1].updated)
+
+        for peer, _ in sorted(self._records.items(), key=keep_value)[:excess]:
+            del self._records[peer]
 
     def _decayed(self, rec: _Record, now: float) -> float:
         elapsed = max(0.0, now - rec.updated)
