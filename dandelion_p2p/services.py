@@ -14,6 +14,7 @@ import importlib
 from collections.abc import Callable
 
 from dandelion_p2p.averaging.matchmaking import register_namespace as register_averaging_namespace
+from dandelion_p2p.averaging.proofs import register_namespace as register_proof_namespace
 from dandelion_p2p.context import DaemonContext, Service
 from dandelion_p2p.dataset.namespaces import register_namespaces as register_dataset_namespaces
 from dandelion_p2p.net.dht.records import NamespaceRegistration
@@ -28,10 +29,12 @@ SERVICE_MODULES: tuple[str, ...] = (
 
 DHT_NAMESPACES: tuple[NamespaceRegistration, ...] = (
     register_averaging_namespace,
+    register_proof_namespace,
     register_dataset_namespaces,
 )
 """Every feature's DHT namespaces, for every ``SwarmNode``: a DHT server stores averaging
-announcements, dataset holders and run configs whether or not it takes part itself."""
+announcements, equivocation proofs, dataset holders and run configs whether or not it takes
+part itself."""
 
 
 def create_services(ctx: DaemonContext) -> list[Service]:

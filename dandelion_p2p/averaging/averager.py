@@ -2,8 +2,10 @@
 
 ``await averager.all_reduce(buffer, weight, round_)`` announces this peer for the round, forms
 a group with the others through the DHT, opens one data-plane channel per pair of members
-(the peer with the smaller id opens it), and drives ``AllReducePeer`` with the frames that
-arrive, the peers that fail, and the clock. The buffer is averaged in place; the returned
+(the peer with the smaller id opens it), leaves out of the round the members it cannot reach
+and those that failed it in the previous round (``GroupSpec.without``: the layout and group id
+change with them), and drives ``AllReducePeer`` with the frames that arrive, the peers that
+fail, and the clock. The buffer is averaged in place; the returned
 ``RoundReport`` says exactly what was averaged.
 
 The averager takes the node's parts it uses as the narrow interfaces of ``ports`` (a signer,
@@ -18,6 +20,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -43,7 +46,8 @@ from dandelion_p2p.averaging.ports import (
     RecordStore,
     Signer,
 )
-from dandelion_p2p.averaging.report import RoundReport
+from dandelion_p2p.averaging.proofs import ProofExchange
+from dandelion_p2p.averaging.report import ExclusionReason, RoundReport
 from dandelion_p2p.dataplane.channel import Channel
 from dandelion_p2p.errors import DandelionError, PeerUnavailable, ProtocolViolation
 from dandelion_p2p.reputation.book import ScoreEvent
@@ -52,6 +56,7 @@ from dandelion_p2p.runconfig.schema import DEFAULT_CHUNK_TIMEOUT
 log = logging.getLogger(__name__)
 
 PURPOSE = "averaging/1"
+_NOT_A_FAILURE = frozenset({ExclusionReason.BANNED, ExclusionReason.GROUP_MISMATCH})
 TICK = 0.5
 CHUNKS_PER_SPAN = 8
 MIN_CHUNK = 64 * 1024
@@ -84,20 +89,26 @@ class AveragingSettings:
     chunk_timeout: float = DEFAULT_CHUNK_TIMEOUT
     """A peer silent this long (no valid chunk or result) is cut off."""
     open_timeout: float = 10.0
+    failure_memory_rounds: int = 1
+    """A member that failed this peer (timed out, dropped its link, broke the protocol) is
+    left out of the spans of this many following rounds of this averager."""
     bandwidth_mbps: float = 100.0
     matchmaking: MatchmakingSettings = field(default_factory=MatchmakingSettings)
 
 
 class _Round:
-    """One round in progress: the state machine and a queue of frames per member."""
+    """One round in progress: the channels to the group as formed, a queue of frames per
+    member, and (once the channels are settled) the state machine over the members kept."""
 
-    def __init__(self, state: AllReducePeer, spec: GroupSpec) -> None:
-        self.state = state
+    def __init__(self, spec: GroupSpec, me: bytes) -> None:
+        self._state: AllReducePeer | None = None
         self.spec = spec
+        self.ready = trio.Event()
+        """Set when the state machine exists: frames are read from then on."""
         self.outboxes: dict[bytes, trio.MemorySendChannel[Send]] = {}
         self.inboxes: dict[bytes, trio.MemoryReceiveChannel[Send]] = {}
         for peer in spec.peer_ids:
-            if peer != state.peer_id:
+            if peer != me:
                 send, recv = trio.open_memory_channel[Send](math.inf)
                 self.outboxes[peer] = send
                 self.inboxes[peer] = recv
@@ -114,7 +125,22 @@ class _Round:
         self.writing: set[bytes] = set(self.outboxes)
         self.connected: set[bytes] = set()
         self.channels: dict[bytes, Channel] = {}
+        self.unreachable: set[bytes] = set()
         self.changed = trio.Event()
+
+    @property
+    def state(self) -> AllReducePeer:
+        if self._state is None:
+            raise RuntimeError("the round's state machine is made once its channels settle")
+        return self._state
+
+    def begin(self, state: AllReducePeer) -> None:
+        self._state = state
+        self.ready.set()
+
+    @property
+    def links_settled(self) -> bool:
+        return self.connected | self.unreachable >= self.outboxes.keys()
 
     def dispatch(self, sends: list[Send]) -> None:
         for send in sends:
@@ -126,7 +152,10 @@ class _Round:
         self.changed.set()
 
     def fail(self, peer: bytes, reason: str) -> None:
-        if not self.state.done:
+        if self._state is None:
+            self.unreachable.add(peer)
+            self.changed.set()
+        elif not self.state.done:
             self.dispatch(self.state.on_peer_failed(peer, trio.current_time(), reason))
 
 
@@ -162,8 +191,13 @@ class Averager:
         self.settings = settings or AveragingSettings()
         self.me = signer.peer_id_bytes
         self.matchmaker = Matchmaker(records, settings=self.settings.matchmaking)
+        self.proofs = ProofExchange(
+            records, reputation, run, dht_timeout=self.settings.matchmaking.dht_timeout
+        )
         self._rounds: dict[int, _Round] = {}
         self._round_ready: dict[int, trio.Event] = {}
+        self._failed_in_round: dict[bytes, int] = {}
+        """Members that failed this peer, with the last round they did."""
         self._installed = False
         self.reports: list[RoundReport] = []
 
@@ -197,6 +231,18 @@ class Averager:
 
         if self.background is not None:
             self.background.start_soon(republish)
+
+    async def _publish_proofs(self, report: RoundReport) -> None:
+        """Put this peer's share of the round's equivocation proofs in the DHT, so that peers
+        outside the group ban the reducer too (in the background when the node has one)."""
+
+        async def publish() -> None:
+            await self.proofs.publish(report.equivocation_proofs, report.members, self.me)
+
+        if self.background is not None:
+            self.background.start_soon(publish)
+        else:
+            await publish()
 
     def _banned_now(self) -> list[bytes]:
         """Peers this node has banned, worst score first, as many as an announcement lists."""
@@ -243,7 +289,7 @@ class Averager:
     def bytes_moved(self, round_: int) -> tuple[int, int] | None:
         """(sent, received) so far by the round in progress, or None when it is not running."""
         rnd = self._rounds.get(round_)
-        return None if rnd is None else rnd.state.bytes_moved
+        return None if rnd is None or not rnd.ready.is_set() else rnd.state.bytes_moved
 
     async def all_reduce(
         self,
@@ -268,6 +314,9 @@ class Averager:
             raise ValueError("all_reduce needs a 1-D C-contiguous float32 buffer")
         self.install()
         s = self.settings
+        # Proofs other peers published ban their reducers before this round's announcement
+        # lists our bans and before the group is formed.
+        await self.proofs.fetch()
         announcement = AveragingAnnouncement(
             run=self.run,
             round=round_,
@@ -297,36 +346,48 @@ class Averager:
                 "finished the round before this peer came",
                 late=len(gone),
             )
-        state = AllReducePeer(
-            peer_id=self.me,
-            sign=self.signer.sign,
-            spec=spec,
-            buffer=buffer,
-            # The group may have clipped our claim (run cap, median bound); sign what it holds.
-            weight=spec.member(self.me).weight,
-            codec=s.codec,
-            max_chunk=chunk_elements(buffer.size, len(spec.members), s.max_chunk),
-            mode=s.mode,
-            chunk_timeout=s.chunk_timeout,
-            error_feedback=error_feedback,
-        )
-        for peer in spec.peer_ids:
-            if peer != self.me and self.reputation.scores.is_banned(peer, time.time()):
-                state.exclude_banned(peer, trio.current_time())
-        rnd = _Round(state, spec)
+
+        def start_state(unreachable: set[bytes]) -> AllReducePeer:
+            kept = spec.without(unreachable | self._failed_recently(round_, spec))
+            if kept is not spec:
+                log.info("round %d: %d members left out of the spans: %s", round_,
+                         len(kept.excluded), sorted(ID(p).to_base58() for p in kept.excluded))
+            state = AllReducePeer(
+                peer_id=self.me,
+                sign=self.signer.sign,
+                spec=kept,
+                buffer=buffer,
+                # The group may have clipped our claim (run cap, median bound): sign that.
+                weight=spec.member(self.me).weight,
+                codec=s.codec,
+                max_chunk=chunk_elements(buffer.size, len(kept.members), s.max_chunk),
+                mode=s.mode,
+                chunk_timeout=s.chunk_timeout,
+                error_feedback=error_feedback,
+            )
+            for peer in kept.peer_ids:
+                if peer != self.me and self.reputation.scores.is_banned(peer, time.time()):
+                    state.exclude_banned(peer, trio.current_time())
+            return state
+
+        rnd = _Round(spec, self.me)
         self._rounds[round_] = rnd
         self._round_ready.setdefault(round_, trio.Event()).set()
         try:
-            await self._drive(rnd, round_)
+            await self._drive(rnd, round_, start_state)
         finally:
             rnd.finished.set()
             self._rounds.pop(round_, None)
             self._round_ready.pop(round_, None)
         self._announce_finished(announcement)
+        state = rnd.state
         report = state.report()
+        self._remember_failures(round_, report)
         for peer, event in state.score_events:
             self.reputation.record_score(peer, event)
         self.reports.append(report)
+        if report.equivocation_proofs:
+            await self._publish_proofs(report)
         log.info(
             "round %d: %.1f%% averaged with %d members%s",
             round_,
@@ -336,11 +397,46 @@ class Averager:
         )
         return report
 
-    async def _drive(self, rnd: _Round, round_: int) -> None:
-        state = rnd.state
+    def _failed_recently(self, round_: int, spec: GroupSpec) -> set[bytes]:
+        """Members of ``spec`` that failed this peer in the last ``failure_memory_rounds``
+        rounds: every member that averaged with them saw the same failure, so all leave them
+        out alike and the group keeps one layout."""
+        memory = self.settings.failure_memory_rounds
+        return {
+            p for p in spec.peer_ids
+            if p in self._failed_in_round and 0 < round_ - self._failed_in_round[p] <= memory
+        }
+
+    def _remember_failures(self, round_: int, report: RoundReport) -> None:
+        # A peer that only saw another layout (or that we banned) did not fail the round.
+        for peer, reasons in report.excluded_peers().items():
+            if any(r not in _NOT_A_FAILURE for r in reasons):
+                self._failed_in_round[peer] = round_
+        for peer, last in list(self._failed_in_round.items()):
+            if round_ - last > self.settings.failure_memory_rounds:
+                del self._failed_in_round[peer]
+
+    async def _settle_links(self, rnd: _Round) -> None:
+        """Wait until every member's channel is open or given up, at most the connect
+        bound: members slower than that cannot keep the round's chunk timeout anyway."""
+        s = self.settings
+        with trio.move_on_after(min(s.open_timeout, s.chunk_timeout)):
+            while not rnd.links_settled:
+                rnd.changed = trio.Event()
+                await rnd.changed.wait()
+
+    async def _drive(
+        self,
+        rnd: _Round,
+        round_: int,
+        start_state: Callable[[set[bytes]], AllReducePeer],
+    ) -> None:
         async with trio.open_nursery() as nursery:
             for peer in rnd.outboxes:
                 nursery.start_soon(self._link, rnd, round_, peer)
+            await self._settle_links(rnd)
+            state = start_state(set(rnd.outboxes) - rnd.connected)
+            rnd.begin(state)
             rnd.dispatch(state.start(trio.current_time()))
             while not state.done:
                 rnd.changed = trio.Event()
@@ -357,7 +453,7 @@ class Averager:
                 box.close()
             excluded = state.report().excluded_peers()
             with trio.move_on_after(self.settings.chunk_timeout):
-                while rnd.writing & rnd.connected - excluded.keys():
+                while rnd.writing & rnd.connected & set(state.spec.peer_ids) - excluded.keys():
                     rnd.changed = trio.Event()
                     await rnd.changed.wait()
             # A frame being written is shielded from cancellation (a half-written frame would
@@ -385,6 +481,7 @@ class Averager:
             return
         rnd.connected.add(peer)
         rnd.channels[peer] = channel
+        rnd.changed.set()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._write, rnd, peer, channel)
@@ -431,6 +528,7 @@ class Averager:
         # only the bytes after it count.
         first = last = 0.0
         received = -1
+        await rnd.ready.wait()
         try:
             while True:
                 try:

@@ -45,6 +45,7 @@ GROUP_DOMAIN = b"dandelion/avg-group/v1"
 DEFAULT_WEIGHT_SPREAD = 2.0
 
 ORDER_DOMAIN = b"dandelion/avg-order/v1"
+EXCLUSION_DOMAIN = b"dandelion/avg-exclusion/v1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +80,10 @@ class GroupSpec:
     members: tuple[Member, ...]
     block_size: int = DEFAULT_BLOCK_SIZE
     min_bandwidth_fraction: float = DEFAULT_MIN_BANDWIDTH_FRACTION
+    excluded: tuple[bytes, ...] = ()
+    """Members of the group as formed that this round leaves out (``without``), sorted."""
+    formed_id: bytes = b""
+    """The ``group_id`` of the group as formed, when ``excluded`` is not empty."""
     group_id: bytes = field(init=False)
     _index: dict[bytes, int] = field(init=False, repr=False, compare=False)
 
@@ -94,6 +99,10 @@ class GroupSpec:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if not 0.0 <= self.min_bandwidth_fraction <= 1.0:
             raise ValueError("min_bandwidth_fraction must be in [0, 1]")
+        if any(a >= b for a, b in itertools.pairwise(self.excluded)):
+            raise ValueError("excluded peers must be sorted, without duplicates")
+        if set(self.excluded) & set(ids):
+            raise ValueError("an excluded peer cannot be a member")
         object.__setattr__(self, "group_id", _group_id(self))
         object.__setattr__(self, "_index", {p: i for i, p in enumerate(ids)})
 
@@ -125,6 +134,31 @@ class GroupSpec:
     def member(self, peer_id: bytes) -> Member:
         return self.members[self._index[peer_id]]
 
+    def without(self, excluded: Collection[bytes]) -> GroupSpec:
+        """This group with ``excluded`` members left out of the round: the spans are cut
+        among the others only, and the id changes to H(formed group id, sorted excluded ids),
+        so two members whose exclusions differ refuse each other's frames as another group
+        instead of mixing values of different layouts. Same spec and same set, same result;
+        an empty set (after dropping non-members) returns this spec.
+
+        Raises ``ValueError`` when nothing would be left, or on a spec already narrowed.
+        """
+        if self.excluded:
+            raise ValueError("a group is narrowed once, from the group as formed")
+        dropped = tuple(sorted(set(excluded) & set(self._index)))
+        if not dropped:
+            return self
+        kept = tuple(m for m in self.members if m.peer_id not in dropped)
+        return GroupSpec(
+            self.run,
+            self.round,
+            kept,
+            self.block_size,
+            self.min_bandwidth_fraction,
+            excluded=dropped,
+            formed_id=self.group_id,
+        )
+
     def partition(self, n_elements: int) -> Partition:
         """The span partition of an ``n_elements`` vector among the members (partition.py)."""
         return partition(
@@ -136,6 +170,11 @@ class GroupSpec:
 
 
 def _group_id(spec: GroupSpec) -> bytes:
+    if spec.excluded:
+        narrowed = msgpack.packb(
+            [EXCLUSION_DOMAIN, spec.formed_id, list(spec.excluded)], use_bin_type=True
+        )
+        return blake3.blake3(narrowed).digest()
     canonical = msgpack.packb(
         [
             GROUP_DOMAIN,

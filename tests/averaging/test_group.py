@@ -89,6 +89,25 @@ def test_any_difference_in_view_changes_the_group_id(change) -> None:
     assert change().group_id != spec(BASE).group_id
 
 
+def test_leaving_members_out_folds_them_into_the_id_and_the_spans() -> None:
+    formed = spec([*BASE, Member(pid(3), 5.0, 100.0), Member(pid(4), 5.0, 100.0)])
+    narrowed = formed.without({pid(3), pid(9)})
+    # Same formed group and same exclusions: same spec, whatever the order they were seen in.
+    assert narrowed == formed.without([pid(9), pid(3)])
+    assert narrowed.group_id == formed.without([pid(3)]).group_id
+    assert narrowed.peer_ids == (pid(1), pid(2), pid(4)) and narrowed.excluded == (pid(3),)
+    assert narrowed.member(pid(4)) == formed.member(pid(4))
+    # Another exclusion set, or none, is another layout.
+    ids = {formed.group_id, narrowed.group_id, formed.without({pid(4)}).group_id,
+           formed.without({pid(3), pid(4)}).group_id}
+    assert len(ids) == 4
+    assert formed.without({pid(9)}) is formed
+    part = narrowed.partition(10_000)
+    assert pid(3) not in part.reducers and part.reducers == (pid(1), pid(4))
+    with pytest.raises(ValueError):
+        narrowed.without({pid(4)})
+
+
 def test_spec_partition_uses_members_bandwidth_and_reachability() -> None:
     part = spec(BASE).partition(10_000)
     # Only the member accepting connections reduces.

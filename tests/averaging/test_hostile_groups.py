@@ -6,15 +6,30 @@ Each test reproduces one attack and prints the figures it measured (run with ``-
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 import pytest
 import trio
+from libp2p.peer.id import ID
 
+from dandelion_p2p.averaging.averager import PURPOSE
 from dandelion_p2p.averaging.group import consensus_bans, form_groups
-from dandelion_p2p.averaging.messages import AveragingAnnouncement
+from dandelion_p2p.averaging.matchmaking import AVERAGING_NAMESPACE, round_key
+from dandelion_p2p.averaging.messages import (
+    MAX_GROUP_SIZE,
+    AveragingAnnouncement,
+    ChannelHello,
+    encode_announcement,
+    encode_hello,
+)
+from dandelion_p2p.averaging.report import RoundReport
+from dandelion_p2p.dataplane.channel import Channel
+from dandelion_p2p.identity import Identity
+from dandelion_p2p.net.dht.records import sign_record
 from dandelion_p2p.runconfig.schema import DEFAULT_MAX_WEIGHT
-from tests.averaging.test_averager import FAST, averaging_swarm
+from tests.averaging.test_averager import FAST, Member, averaging_swarm
+from tests.averaging.test_averager import RUN as RUN_OF_SWARM
 
 RUN = b"run-a"
 NOW = 1_700_000_000.0
@@ -135,3 +150,130 @@ async def test_a_weight_liar_barely_moves_the_honest_result(mode: str) -> None:
           f"{[round(e, 4) for e in errors]} from the honest weighted mean; liar scores "
           f"{liar_scores}")
     assert max(errors) < 0.05, f"{mode}: honest results at {errors}"
+
+
+# ---------------------------------------------------------------- members that never deliver
+
+HONEST_WEIGHTS = (1.0, 2.0, 3.0)
+SILENT_SETTINGS = dataclasses.replace(
+    FAST,
+    chunk_timeout=2.0,
+    matchmaking=dataclasses.replace(FAST.matchmaking, max_group=MAX_GROUP_SIZE),
+)
+
+
+def honest_inputs(size: int, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    vectors = [rng.standard_normal(size).astype(np.float32) for _ in HONEST_WEIGHTS]
+    pairs = zip(HONEST_WEIGHTS, vectors, strict=True)
+    want = sum(w * v.astype(np.float64) for w, v in pairs) / sum(HONEST_WEIGHTS)
+    return vectors, want
+
+
+async def honest_round(
+    members: list[Member], buffers: list[np.ndarray], round_: int
+) -> list[RoundReport]:
+    reports: list[RoundReport | None] = [None] * len(members)
+
+    async def run(i: int) -> None:
+        reports[i] = await members[i].averager.all_reduce(buffers[i], HONEST_WEIGHTS[i], round_)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for i in range(len(members)):
+                nursery.start_soon(run, i)
+    return [r for r in reports if r is not None]
+
+
+@pytest.mark.parametrize("n_fresh", [4, 50])
+async def test_fresh_announcers_that_never_connect_take_no_span(n_fresh: int) -> None:
+    """Fresh keys announce for the round (banning every honest peer) and never connect.
+
+    Their signed announcements go straight into each honest node's own record store: an
+    attacker with many networks gets that many past the DHT's per-network caps, and the
+    point here is what averaging does with the ones that arrive.
+    """
+    size = 200_000
+    vectors, want = honest_inputs(size, n_fresh)
+    async with averaging_swarm(3, SILENT_SETTINGS) as members:
+        honest = [m.node.identity.peer_id_bytes for m in members]
+        key = round_key(RUN_OF_SWARM, 1)
+        expires_ms = int((time.time() + 60) * 1000)
+        for i in range(n_fresh):
+            fresh = Identity.generate()
+            value = encode_announcement(AveragingAnnouncement(
+                run=RUN_OF_SWARM, round=1, weight=2.0, bandwidth_mbps=1e9,
+                accepts_connections=True, endpoint=f"10.9.{i // 250}.{i % 250}:4001",
+                expires_at_ms=expires_ms, banned=tuple(honest),
+            ))
+            record = sign_record(fresh, AVERAGING_NAMESPACE, key, value, 1, expires_ms)
+            for m in members:
+                assert m.node.dht is not None
+                m.node.dht.store.put(record, int(time.time() * 1000))
+        buffers = [v.copy() for v in vectors]
+        reports = await honest_round(members, buffers, 1)
+    errors = [relative_l2(b.astype(np.float64), want) for b in buffers]
+    for i, rep in enumerate(reports):
+        print(f"{n_fresh} never-connecting fresh announcers: honest peer {i} averaged "
+              f"{100 * rep.fraction_averaged:.1f} % of the vector with {len(rep.members)} "
+              f"members, relative L2 to the honest mean {errors[i]:.2e}")
+    assert len(reports) == 3
+    for rep in reports:
+        assert set(rep.members) == set(honest), "fresh announcers held spans"
+        assert rep.fraction_averaged == 1.0 and rep.complete, rep.excluded
+    assert max(errors) < 1e-5
+
+
+async def test_a_member_that_never_answers_costs_one_round() -> None:
+    """A liar announces a huge bandwidth, opens and accepts its channels, and never sends a
+    chunk or a result. It costs its (median-bounded) span in the round it is met; every
+    honest member saw it fail there, so all leave it out of the next round alike."""
+    size = 200_000
+    async with averaging_swarm(4, SILENT_SETTINGS) as everyone:
+        members, liar = everyone[:3], everyone[3]
+        liar_id = liar.node.identity.peer_id_bytes
+        liar.averager.uninstall()
+
+        async def hold_silently(channel: Channel) -> None:
+            await trio.sleep_forever()
+
+        liar.dataplane.register(PURPOSE, hold_silently)
+        opened: list[Channel] = []
+
+        async def lie(round_: int) -> None:
+            announcement = AveragingAnnouncement(
+                run=RUN_OF_SWARM, round=round_, weight=2.0, bandwidth_mbps=1e9,
+                accepts_connections=True, endpoint=liar.dataplane.endpoint or "",
+                expires_at_ms=int((time.time() + 60) * 1000),
+            )
+            spec, _, _ = await liar.averager.matchmaker.match(liar_id, announcement)
+            assert spec is not None
+            for peer in spec.peer_ids:
+                if liar_id < peer:
+                    await liar.node.connect_peer(ID(peer))
+                    channel = await liar.dataplane.open(ID(peer), PURPOSE, timeout=10.0)
+                    await channel.send(encode_hello(ChannelHello(RUN_OF_SWARM, round_,
+                                                                 spec.group_id)))
+                    opened.append(channel)
+
+        fractions: list[list[float]] = []
+        for round_ in (1, 2):
+            vectors, want = honest_inputs(size, round_)
+            buffers = [v.copy() for v in vectors]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lie, round_)
+                reports = await honest_round(members, buffers, round_)
+            fractions.append([rep.fraction_averaged for rep in reports])
+            errors = [relative_l2(b.astype(np.float64), want) for b in buffers]
+            for i, rep in enumerate(reports):
+                print(f"round {round_}: honest peer {i} averaged "
+                      f"{100 * rep.fraction_averaged:.1f} % with {len(rep.members)} members "
+                      f"(liar a member: {liar_id in rep.members}); buffer at relative L2 "
+                      f"{errors[i]:.3f} from the honest mean (what was not averaged stays "
+                      "local)")
+            assert len(reports) == 3
+        for channel in opened:
+            await channel.aclose()
+    first, second = fractions
+    assert all(0.7 <= f < 1.0 for f in first), f"round 1: {first}"
+    assert all(f == 1.0 for f in second), f"round 2: {second}"
