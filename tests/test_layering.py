@@ -88,7 +88,6 @@ CORE_MODULES: tuple[str, ...] = (
     "dandelion_p2p.runconfig.publication",
     "dandelion_p2p.dataset.messages",
     "dandelion_p2p.dataset.leases",
-    "dandelion_p2p.dataset.deliveries",
     "dandelion_p2p.dataset.manifest",
     "dandelion_p2p.dataset.ports",
     "dandelion_p2p.averaging.messages",

@@ -83,3 +83,16 @@ class ChunkDir:
     def remove(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path_of(name).unlink()
+
+
+def possession_proof(nonce: bytes, data: bytes) -> bytes:
+    """Keyed BLAKE3 of a chunk's bytes under a lease's 32-byte nonce: computable only by
+    whoever holds the bytes once the nonce is known, and fresh for every lease."""
+    return blake3.blake3(data, key=nonce).digest()
+
+
+def file_possession_proof(nonce: bytes, path: Path) -> bytes:
+    """``possession_proof`` of the chunk stored at ``path``, read without loading it whole."""
+    hasher = blake3.blake3(key=nonce)
+    hasher.update_mmap(path)
+    return hasher.digest()

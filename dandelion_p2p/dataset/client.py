@@ -34,7 +34,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from dandelion_p2p.dataset.chunk_protocol import LargerThanExpected
-from dandelion_p2p.dataset.chunks import ChunkDir, check_chunk_name, chunk_hash
+from dandelion_p2p.dataset.chunks import ChunkDir, check_chunk_name, chunk_hash, possession_proof
 from dandelion_p2p.dataset.holders import (
     CHUNK_NAMESPACE,
     HOLDING_TTL,
@@ -84,8 +84,8 @@ DISCOVERY_INTERVAL = 30.0
 DEFAULT_MAX_CACHED = 16
 
 
-def _lease_key(lease: LeaseGrant) -> tuple[int, str, int]:
-    return lease.lease_id, lease.chunk, lease.epoch
+def _lease_key(lease: LeaseGrant) -> tuple[int, str, int, bytes]:
+    return lease.lease_id, lease.chunk, lease.epoch, lease.nonce
 
 
 class DatasetClient:
@@ -126,14 +126,12 @@ class DatasetClient:
         # Chunks verified in this process, least recently used first: only these are served.
         # Files left from an earlier run are checked again when first used.
         self._cached: OrderedDict[str, None] = OrderedDict()
-        self._granted_by: dict[tuple[int, str, int], list[bytes]] = {}
-        # Which peers sent us each cached chunk: a server takes a receipt only for a chunk it
-        # delivered itself, so one that got from a holder is downloaded from it once more.
-        self._fetched_from: dict[str, set[bytes]] = {}
-        """Open leases (lease id, chunk, epoch) -> the servers that granted one so named.
+        self._granted_by: dict[tuple[int, str, int, bytes], list[bytes]] = {}
+        """Open leases (lease id, chunk, epoch, nonce) -> the server that granted it.
         Servers of a run number their leases independently and hand out chunks in the same
-        order, so two of them may well grant "lease 1, chunk X, epoch 0"; a receipt for
-        either is good at either, so each receipt goes to one of them."""
+        order, so two of them may well grant "lease 1, chunk X, epoch 0"; the nonce tells
+        them apart, and a receipt's possession proof is good only where its nonce came
+        from."""
         self._preferred: bytes | None = None
         self._discovered: list[bytes] = []
         self._discovered_at = -math.inf
@@ -379,8 +377,13 @@ class DatasetClient:
                 return None
             await trio.sleep(min(left, max(0.2, reply.retry_after_ms / 1000)))
 
-    def receipt(self, lease: LeaseGrant, samples: int | None = None) -> Receipt:
-        return receipt_for(lease, self.signer.peer_id_bytes, self.signer.sign, samples)
+    async def receipt(self, lease: LeaseGrant, samples: int | None = None) -> Receipt:
+        """Our signed receipt for ``lease``, its possession proof computed from the chunk's
+        verified bytes, wherever they came from (fetched again if no longer cached)."""
+        data = await self.fetch(lease.chunk, expected_size=lease.size)
+        possession = await trio.to_thread.run_sync(possession_proof, lease.nonce, data)
+        return receipt_for(lease, self.signer.peer_id_bytes, self.signer.sign, possession,
+                           samples)
 
     async def complete(
         self, lease: LeaseGrant, samples: int | None = None, *, attempts: int = 20,
@@ -389,9 +392,9 @@ class DatasetClient:
         """Hand in a signed receipt for ``lease`` to the server that granted it.
 
         Retries while that server is unreachable (it may be restarting). A receipt the
-        server already holds is acknowledged again, so retrying is always safe. When several
-        servers granted a lease so named, the newest grant's server is asked first and the
-        receipt goes to the first that answers.
+        server already holds is acknowledged again, so retrying is always safe. The receipt
+        proves possession of the chunk's bytes however we got them (from a holder, our cache
+        or a server); only the granting server knows the nonce it is proved with.
 
         Raises:
             PeerUnavailable: the server stayed unreachable for every attempt.
@@ -404,11 +407,10 @@ class DatasetClient:
             if not servers:
                 raise PeerUnavailable(f"no dataset server of {self.run} is known")
             candidates = servers[:1]
-        message = Complete(receipt=self.receipt(lease, samples))
+        message = Complete(receipt=await self.receipt(lease, samples))
         for attempt in range(attempts):
             for server in candidates:
                 try:
-                    await self._download_from(server, lease)
                     reply = await self._ask(server, message)
                 except PeerUnavailable as exc:
                     if attempt + 1 == attempts and server == candidates[-1]:
@@ -422,19 +424,6 @@ class DatasetClient:
                 return reply
             await trio.sleep(retry_delay)
         raise AssertionError("unreachable")
-
-    async def _download_from(self, server: bytes, lease: LeaseGrant) -> None:
-        """Make sure ``server`` delivered ``lease``'s chunk to us before the receipt goes to
-        it (raises ``PeerUnavailable`` when it cannot send it now)."""
-        if server in self._fetched_from.get(lease.chunk, ()):
-            return
-        await self._connect(server)
-        try:
-            await fetch_chunk(self.host, ID(server), lease.chunk, expected_size=lease.size)
-        except (ProtocolViolation, RemoteRejected) as exc:
-            raise PeerUnavailable(f"the server did not send chunk {lease.chunk[:12]}: {exc}"
-                                  ) from None
-        self._fetched_from.setdefault(lease.chunk, set()).add(server)
 
     # ---- chunks --------------------------------------------------------------------------
 
@@ -488,7 +477,6 @@ class DatasetClient:
                 errors.append(f"{peer_id}: {exc}")
                 continue
             self.scores.record_score(peer, ScoreEvent.SUCCESS)
-            self._fetched_from.setdefault(name, set()).add(peer)
             await self._keep(name, data)
             return data
         raise PeerUnavailable(
@@ -516,6 +504,5 @@ class DatasetClient:
 
     def _drop(self, name: str) -> None:
         self._cached.pop(name, None)
-        self._fetched_from.pop(name, None)
         self.cache.remove(name)
         self.records.unpublish(CHUNK_NAMESPACE, chunk_key(name))

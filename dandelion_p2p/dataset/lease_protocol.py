@@ -15,9 +15,12 @@ Times are Unix seconds passed in by the caller.
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
+from dandelion_p2p.dataset.chunks import file_possession_proof
 from dandelion_p2p.dataset.leases import (
     MAX_LEASES_PER_NETWORK,
     Lease,
@@ -66,15 +69,15 @@ class LeaseDesk:
     def __init__(
         self, run: str, book: LeaseBook, settings: DatasetConfig, *,
         max_leases_per_network: int = MAX_LEASES_PER_NETWORK,
-        delivered: Callable[[bytes, str], bool] | None = None,
+        chunk_path: Callable[[str], Path] | None = None,
     ) -> None:
         self.run = run
         self.book = book
         self.settings = settings
         self.max_leases_per_network = max_leases_per_network
-        # None: receipts are not checked against deliveries (a desk whose chunks are served
-        # elsewhere); a dataset server passes its delivery log.
-        self.delivered = delivered
+        # Where the desk reads a chunk to check a receipt's possession proof. None: proofs
+        # are not checked (a desk without the chunks); a dataset server passes its files.
+        self.chunk_path = chunk_path
         self.served_requests = 0
         self.receipts_taken = 0
 
@@ -87,8 +90,9 @@ class LeaseDesk:
         Raises ``ProtocolViolation`` with the code dataset.md section 2.2 gives, in its order
         of checks: ``UNKNOWN_TYPE``, ``NOT_FOUND`` (another run, or no such lease),
         ``RATE_LIMITED`` (per peer, then per network), ``FORBIDDEN``, ``BAD_SIGNATURE``,
-        ``UNEXPECTED`` (a receipt for a chunk never delivered to ``peer``), ``INVALID_FIELD``
-        (also for more samples than the chunk has), ``STALE``.
+        ``INVALID_FIELD`` (also for a wrong possession proof and for more samples than the
+        chunk has), ``STALE``. Checking a proof reads and hashes the chunk: call from a
+        worker thread.
         """
         self.served_requests += 1
         if isinstance(msg, LeaseRequest):
@@ -125,6 +129,7 @@ class LeaseDesk:
             samples=result.samples,
             size=result.size,
             expires_in_ms=max(1, int((result.expires_at - now) * 1000)),
+            nonce=result.nonce or b"",
         )
 
     def _complete(self, peer: bytes, msg: Complete, now: float) -> CompleteAck:
@@ -134,11 +139,8 @@ class LeaseDesk:
             raise ProtocolViolation(RejectCode.FORBIDDEN, "receipt names another peer")
         if not verify_by_peer(receipt.peer, receipt.signed_bytes(), receipt.signature):
             raise ProtocolViolation(RejectCode.BAD_SIGNATURE, "receipt is not signed by its peer")
-        if self.delivered is not None and not self.delivered(peer, receipt.chunk):
-            raise ProtocolViolation(
-                RejectCode.UNEXPECTED,
-                f"chunk {receipt.chunk[:12]} was not delivered to you here; download it first",
-            )
+        if self.chunk_path is not None:
+            self._check_possession(peer, receipt, self.chunk_path)
         outcome = self.book.record_receipt(
             lease_id=receipt.lease_id,
             epoch=receipt.epoch,
@@ -156,6 +158,29 @@ class LeaseDesk:
                 outcome.total,
             )
         return CompleteAck(epoch=outcome.epoch, completed=outcome.completed, total=outcome.total)
+
+    def _check_possession(
+        self, peer: bytes, receipt: Receipt, chunk_path: Callable[[str], Path]
+    ) -> None:
+        """Refuse (``INVALID_FIELD``) a receipt whose possession proof is not the keyed hash
+        of the chunk under its lease's nonce: its signer does not hold the bytes."""
+        lease = self.book.lease(receipt.lease_id)
+        # Only the signer's own lease of that chunk is worth reading a chunk for; the book
+        # refuses every other receipt with its own code. A lease granted before leases had
+        # nonces has nothing to check against.
+        if (lease is None or lease.peer != peer or lease.chunk != receipt.chunk
+                or lease.nonce is None):
+            return
+        # The same signed receipt again (its acknowledgement was lost): proven when recorded,
+        # and resending it must not make us hash the chunk once more.
+        if self.book.receipt_signature(lease.id) == receipt.signature:
+            return
+        expected = file_possession_proof(lease.nonce, chunk_path(receipt.chunk))
+        if not hmac.compare_digest(expected, receipt.possession):
+            raise ProtocolViolation(
+                RejectCode.INVALID_FIELD,
+                f"possession proof for chunk {receipt.chunk[:12]} does not match its bytes",
+            )
 
 
 # ---- the client's end ------------------------------------------------------------------------
@@ -253,9 +278,11 @@ class LeaseRound:
 
 
 def receipt_for(
-    lease: LeaseGrant, peer: bytes, sign: Callable[[bytes], bytes], samples: int | None = None
+    lease: LeaseGrant, peer: bytes, sign: Callable[[bytes], bytes], possession: bytes,
+    samples: int | None = None,
 ) -> Receipt:
-    """``peer``'s signed receipt for ``lease``: ``samples`` trained (default: all of them)."""
+    """``peer``'s signed receipt for ``lease``: ``samples`` trained (default: all of them),
+    ``possession`` the chunk's ``possession_proof`` under the lease's nonce."""
     return Receipt(
         run=lease.run,
         lease_id=lease.lease_id,
@@ -263,4 +290,5 @@ def receipt_for(
         chunk=lease.chunk,
         peer=peer,
         samples=lease.samples if samples is None else samples,
+        possession=possession,
     ).signed_with(sign)

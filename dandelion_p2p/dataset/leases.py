@@ -19,6 +19,7 @@ Times are Unix seconds passed in by the caller, so tests need no real waiting.
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +48,8 @@ CREATE TABLE IF NOT EXISTS leases (
     expires_at REAL NOT NULL,
     state TEXT NOT NULL CHECK (state IN ('active', 'done', 'expired', 'superseded')),
     ended_at REAL,
-    network TEXT
+    network TEXT,
+    nonce BLOB
 );
 CREATE UNIQUE INDEX IF NOT EXISTS one_active_lease ON leases(epoch, chunk)
     WHERE state = 'active';
@@ -88,6 +90,9 @@ class Lease:
     expires_at: float
     samples: int
     size: int
+    nonce: bytes | None
+    """Key of the receipt's possession proof; None for a lease granted before leases had
+    one (such a receipt is taken without a proof)."""
 
 
 """The network bucket of a peer whose address we cannot place (relayed: we see the relay's)."""
@@ -95,6 +100,9 @@ class Lease:
 MAX_LEASES_PER_NETWORK = 8
 """Active leases the peers of one network (IPv4 /24, IPv6 /48) hold together: identities are
 free, so a per-peer limit alone lets one network take every chunk of an epoch."""
+
+NONCE_BYTES = 32
+"""A fresh random nonce per lease keys its receipt's possession proof (a BLAKE3 key)."""
 
 MIN_RETRY_AFTER = 0.5
 MAX_RETRY_AFTER = 2.0
@@ -135,7 +143,7 @@ class LeaseBook:
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.create_function("shuffle_key", 2, _shuffle_key, deterministic=True)
         self.db.executescript(SCHEMA)
-        self._add_network_column()
+        self._add_missing_columns()
         self.total = len(manifest.chunks)
         self._init_meta(manifest, run)
         # Status is read from other threads while a grant may be writing: a reader of its
@@ -164,12 +172,15 @@ class LeaseBook:
                     f"({meta.get('run')}); move it away to start over"
                 )
 
-    def _add_network_column(self) -> None:
-        """Books written before leases recorded the requester's network get the column
-        (NULL for their old rows, which then count toward no network)."""
+    def _add_missing_columns(self) -> None:
+        """Books written before leases recorded the requester's network or a nonce get the
+        columns (NULL for their old rows, which then count toward no network and take a
+        receipt without a possession proof)."""
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(leases)")}
         if "network" not in columns:
             self.db.execute("ALTER TABLE leases ADD COLUMN network TEXT")
+        if "nonce" not in columns:
+            self.db.execute("ALTER TABLE leases ADD COLUMN nonce BLOB")
         self.db.execute(
             "CREATE INDEX IF NOT EXISTS leases_by_network ON leases(network, state)"
         )
@@ -204,10 +215,17 @@ class LeaseBook:
     def lease(self, lease_id: int) -> Lease | None:
         row = self.db.execute(
             "SELECT l.id, l.epoch, l.chunk, l.peer, l.granted_at, l.expires_at, c.samples, "
-            "c.size FROM leases l JOIN chunks c ON c.hash = l.chunk WHERE l.id = ?",
+            "c.size, l.nonce FROM leases l JOIN chunks c ON c.hash = l.chunk WHERE l.id = ?",
             (lease_id,),
         ).fetchone()
         return Lease(*row) if row else None
+
+    def receipt_signature(self, lease_id: int) -> bytes | None:
+        """The signature of the receipt recorded for ``lease_id``, if any."""
+        row = self.db.execute(
+            "SELECT signature FROM receipts WHERE lease_id=?", (lease_id,)
+        ).fetchone()
+        return bytes(row[0]) if row else None
 
     def status(self, now: float) -> dict[str, object]:
         def one(query: str, *args: object) -> int:
@@ -277,14 +295,15 @@ class LeaseBook:
                 return NoChunkFree(epoch, wait)
             chunk, samples, size = row
             expires = now + lease_seconds
+            nonce = secrets.token_bytes(NONCE_BYTES)
             cursor = self.db.execute(
-                "INSERT INTO leases(epoch, chunk, peer, granted_at, expires_at, state, network) "
-                "VALUES (?, ?, ?, ?, ?, 'active', ?)",
-                (epoch, chunk, peer, now, expires, network),
+                "INSERT INTO leases(epoch, chunk, peer, granted_at, expires_at, state, network, "
+                "nonce) VALUES (?, ?, ?, ?, ?, 'active', ?, ?)",
+                (epoch, chunk, peer, now, expires, network, nonce),
             )
             lease_id = cursor.lastrowid
             assert lease_id is not None
-            return Lease(lease_id, epoch, chunk, peer, now, expires, samples, size)
+            return Lease(lease_id, epoch, chunk, peer, now, expires, samples, size, nonce)
 
     def record_receipt(
         self, *, lease_id: int, epoch: int, chunk: str, peer: bytes, samples: int,

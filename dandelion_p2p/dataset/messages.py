@@ -14,13 +14,15 @@ from dandelion_p2p.wire.signed import SignedMessage
 
 DATASET = Registry("dataset")
 
-LEASE_PROTOCOL = "/dandelion/dataset/lease/1.0.0"
+LEASE_PROTOCOL = "/dandelion/dataset/lease/2.0.0"
 CHUNK_PROTOCOL = "/dandelion/dataset/chunk/1.0.0"
 MAX_REQUEST = 4096
 MAX_REPLY = 4096
 PART_BYTES = 1 << 20
 MAX_PART_FRAME = PART_BYTES + 256
 MAX_RUN_ID = 128
+POSSESSION_BYTES = 32
+"""Length of a lease's nonce and of the possession proof keyed with it (a BLAKE3 key)."""
 
 
 def _check_run(run: str, where: str) -> None:
@@ -45,6 +47,9 @@ class LeaseRequest(Message):
 
 @DATASET.message(2)
 class LeaseGrant(Message):
+    """``chunk`` is leased to the asker; its receipt proves possession of the chunk's bytes
+    with ``nonce``, fresh for this lease."""
+
     run: str
     lease_id: int
     epoch: int
@@ -52,6 +57,7 @@ class LeaseGrant(Message):
     samples: int
     size: int
     expires_in_ms: int
+    nonce: bytes
 
     def check(self) -> None:
         _check_run(self.run, "LeaseGrant")
@@ -62,6 +68,8 @@ class LeaseGrant(Message):
             raise invalid("LeaseGrant: samples or size out of range")
         if not 0 < self.expires_in_ms <= 86_400_000:
             raise invalid("LeaseGrant.expires_in_ms out of range")
+        if len(self.nonce) != POSSESSION_BYTES:
+            raise invalid(f"LeaseGrant.nonce: {POSSESSION_BYTES} bytes")
 
 
 @DATASET.message(3)
@@ -78,9 +86,10 @@ class NoLease(Message):
 
 @DATASET.message(4)
 class Receipt(SignedMessage):
-    """A peer's statement, signed with its key, that it trained on a leased chunk."""
+    """A peer's statement, signed with its key, that it trained on a leased chunk;
+    ``possession`` is ``possession_proof(grant.nonce, chunk bytes)``."""
 
-    SIGNING_DOMAIN = b"dandelion/receipt/v1"
+    SIGNING_DOMAIN = b"dandelion/receipt/v2"
 
     run: str
     lease_id: int
@@ -88,6 +97,7 @@ class Receipt(SignedMessage):
     chunk: str
     peer: bytes
     samples: int
+    possession: bytes
     signature: bytes = b""
 
     def check(self) -> None:
@@ -99,6 +109,8 @@ class Receipt(SignedMessage):
             raise invalid("Receipt.peer: not a peer id")
         if not 0 <= self.samples < 2**31:
             raise invalid("Receipt.samples out of range")
+        if len(self.possession) != POSSESSION_BYTES:
+            raise invalid(f"Receipt.possession: {POSSESSION_BYTES} bytes")
         if len(self.signature) > 64:
             raise invalid("Receipt.signature longer than 64 bytes")
 

@@ -19,7 +19,6 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from dandelion_p2p.dataset.chunks import ChunkDir
-from dandelion_p2p.dataset.deliveries import DeliveryLog
 from dandelion_p2p.dataset.holders import (
     HOLDING_TTL,
     SERVERS_NAMESPACE,
@@ -82,8 +81,9 @@ class DatasetServer:
         self.chunks = ChunkDir(dataset_dir)
         self.book = book
         self.settings = settings
-        self.deliveries = DeliveryLog()
-        self.desk = LeaseDesk(run, book, settings, delivered=self.deliveries.delivered,
+        # A receipt proves its signer holds the chunk's bytes (however it got them): the desk
+        # checks the proof against our own copy.
+        self.desk = LeaseDesk(run, book, settings, chunk_path=self.chunks.path_of,
                               max_leases_per_network=max_leases_per_network)
         self._names = {c.hash for c in manifest.chunks}
         # Clients fetch the signed manifest by its digest (run config ``[dataset] manifest``)
@@ -134,14 +134,8 @@ class DatasetServer:
                     self.source,
                     on_violation=report,
                     refuse=self.scores.is_banned,
-                    on_delivered=self.record_delivery,
                 ),
             )
-
-    def record_delivery(self, peer: bytes, name: str) -> None:
-        """``name`` was sent to ``peer`` up to its last part (from our files or a cache)."""
-        if name in self._names:
-            self.deliveries.record(peer, name)
 
     def source(self, name: str) -> Path | bytes | None:
         if name in self._names and self.chunks.has(name):

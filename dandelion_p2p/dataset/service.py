@@ -214,10 +214,6 @@ class RunsService:
                 return path
         return None
 
-    def _chunk_delivered(self, peer: bytes, name: str) -> None:
-        if self.server is not None:
-            self.server.record_delivery(peer, name)
-
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED  # type: ignore[name-defined]
     ) -> None:
@@ -231,8 +227,7 @@ class RunsService:
                 self.node.host.set_stream_handler(
                     TProtocol(CHUNK_PROTOCOL),
                     serve_chunks(self.chunk_source, on_violation=violation_sink(self.node),
-                                 refuse=self.node.is_banned,
-                                 on_delivered=self._chunk_delivered),
+                                 refuse=self.node.is_banned),
                 )
                 if self.start_toml is not None:
                     with trio.move_on_after(START_PUBLISH_TIMEOUT):

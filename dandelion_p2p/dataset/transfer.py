@@ -66,7 +66,6 @@ def serve_chunks(
     *,
     on_violation: ViolationSink | None = None,
     refuse: Callable[[ID], bool] | None = None,
-    on_delivered: Callable[[bytes, str], None] | None = None,
     max_concurrent: int = MAX_CONCURRENT_SERVES,
     max_per_peer: int = MAX_SERVES_PER_PEER,
     max_per_prefix: int = MAX_SERVES_PER_PREFIX,
@@ -79,8 +78,7 @@ def serve_chunks(
     requests are answered with a ``Reject`` and reported; none of them stops the handler.
     At most ``max_concurrent`` chunks are sent at once, ``max_per_peer`` to one peer and
     ``max_per_prefix`` to the peers of one network, each within ``transfer_deadline`` (a slow
-    reader is cut off and its slot freed). ``on_delivered(peer, name)`` hears of every chunk
-    sent up to its last part (what a dataset server checks receipts against).
+    reader is cut off and its slot freed).
     """
     slots = ServeSlots(ServeLimits(max_concurrent, max_per_peer, max_per_prefix))
 
@@ -108,17 +106,10 @@ def serve_chunks(
                 await _reject(stream, exc.code, exc.detail)
                 return
             try:
-
-                def last_part_next() -> None:
-                    # Recorded before the last part leaves: a receipt sent the moment the
-                    # peer has the whole chunk must find its delivery already there.
-                    if on_delivered is not None:
-                        on_delivered(peer, name)
-
                 if isinstance(held, bytes):
-                    await _send_bytes(stream, name, held, min_rate, grace, last_part_next)
+                    await _send_bytes(stream, name, held, min_rate, grace)
                 else:
-                    await _send_file(stream, name, held, min_rate, grace, last_part_next)
+                    await _send_file(stream, name, held, min_rate, grace)
             finally:
                 slots.give_back(peer, prefix)
         except (PeerUnavailable, trio.TooSlowError):
@@ -154,8 +145,7 @@ def _network_of(stream: INetStream) -> str | None:
 
 
 async def _send_bytes(
-    stream: INetStream, name: str, data: bytes, min_rate: float, grace: float,
-    last_part_next: Callable[[], None],
+    stream: INetStream, name: str, data: bytes, min_rate: float, grace: float
 ) -> None:
     if not 0 < len(data) <= MAX_CHUNK_BYTES:
         raise ProtocolViolation(RejectCode.INTERNAL, "held bytes have an impossible size")
@@ -163,15 +153,12 @@ async def _send_bytes(
         with trio.fail_after(PART_TIMEOUT):
             await write_message(stream, ChunkHeader(chunk=name, size=len(data)))
         for start in range(0, len(data), PART_BYTES):
-            if start + PART_BYTES >= len(data):
-                last_part_next()
             with trio.fail_after(PART_TIMEOUT):
                 await write_message(stream, ChunkPart(data=data[start:start + PART_BYTES]))
 
 
 async def _send_file(
-    stream: INetStream, name: str, path: Path, min_rate: float, grace: float,
-    last_part_next: Callable[[], None],
+    stream: INetStream, name: str, path: Path, min_rate: float, grace: float
 ) -> None:
     try:
         f = await trio.open_file(path, "rb")
@@ -189,8 +176,6 @@ async def _send_file(
                 data = await f.read(min(PART_BYTES, size - sent))
                 if not data:
                     raise PeerUnavailable("chunk file shrank while being sent")
-                if sent + len(data) >= size:
-                    last_part_next()
                 with trio.fail_after(PART_TIMEOUT):
                     await write_message(stream, ChunkPart(data=data))
                 sent += len(data)

@@ -1,33 +1,39 @@
 """Attacks on leases and receipts by peers whose identities cost nothing: hoarding the free
-chunks from one network, receipts for chunks never downloaded, inflated sample counts.
+chunks from one network, receipts without the chunk's bytes, inflated sample counts; and an
+honest peer whose chunk came from another holder completing its lease without the server.
 Real libp2p hosts on loopback; the network split (loopback peers all share 127.0.0.0/24) is
 shown on the lease desk itself with two documentation networks."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import secrets
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
-from dandelion_p2p.dataset.chunks import chunk_hash
-from dandelion_p2p.dataset.deliveries import DeliveryLog
+from dandelion_p2p.dataset.chunk_protocol import ChunkSource
+from dandelion_p2p.dataset.chunks import ChunkDir, chunk_hash, possession_proof
 from dandelion_p2p.dataset.lease_protocol import LeaseDesk, receipt_for
 from dandelion_p2p.dataset.leases import LeaseBook
 from dandelion_p2p.dataset.manifest import Manifest
 from dandelion_p2p.dataset.messages import (
+    CHUNK_PROTOCOL,
     DATASET,
     LEASE_PROTOCOL,
     MAX_REPLY,
+    POSSESSION_BYTES,
     Complete,
     CompleteAck,
     LeaseGrant,
     LeaseRequest,
+    Receipt,
 )
-from dandelion_p2p.dataset.server import DatasetServer
-from dandelion_p2p.dataset.transfer import fetch_chunk
+from dandelion_p2p.dataset.server import DatasetServer, violation_sink
+from dandelion_p2p.dataset.transfer import fetch_chunk, serve_chunks
 from dandelion_p2p.errors import ProtocolViolation, RemoteRejected
 from dandelion_p2p.identity import Identity
 from dandelion_p2p.net.dht.messages import PeerRef
@@ -149,10 +155,21 @@ async def test_strangers_on_one_network_hold_no_more_than_its_share(tmp_path: Pa
         assert granted == 3 and refused == 9, figures
 
 
-async def test_receipts_count_only_for_chunks_delivered_and_samples_in_the_manifest(
+def _unproven(receipt: Receipt, possession: bytes, sign: Callable[[bytes], bytes]) -> Receipt:
+    """``receipt`` re-signed with another possession proof, past the local check (a hostile
+    client's encoder checks nothing)."""
+    forged = replace(receipt)
+    object.__setattr__(forged, "possession", possession)
+    object.__setattr__(forged, "signature", sign(forged.signed_bytes()))
+    return forged
+
+
+async def test_a_receipt_counts_only_with_proof_of_the_bytes_and_the_manifests_samples(
     tmp_path: Path,
 ) -> None:
     async with hostile_setup(tmp_path) as s:
+        # A fresh identity leases two chunks, downloads nothing, and hands in 100 receipts
+        # with guessed proofs.
         cheat = await s.stranger()
         sign = cheat.identity.sign
         me = cheat.identity.peer_id_bytes
@@ -162,22 +179,37 @@ async def test_receipts_count_only_for_chunks_delivered_and_samples_in_the_manif
         for i in range(100):
             grant = grants[i % 2]
             assert isinstance(grant, LeaseGrant)
-            codes.append(await _code(s.ask(cheat, Complete(receipt=receipt_for(grant, me, sign)))))
-        completed_without_download = s.server.book.completed(0)
+            guess = receipt_for(grant, me, sign, secrets.token_bytes(POSSESSION_BYTES))
+            codes.append(await _code(s.ask(cheat, Complete(receipt=guess))))
+        completed_without_bytes = s.server.book.completed(0)
         violations = s.owner.violations.get(ID(me).to_base58(), 0)
         banned = s.owner.is_banned(ID(me))
 
-        # Another fresh identity downloads its chunk, then claims far more samples than the
-        # chunk holds.
+        # Another one sends no proof at all (an empty field), and a proof of other bytes.
+        empty_handed = await s.stranger()
+        grant = await s.ask(empty_handed, LeaseRequest(run=s.run))
+        assert isinstance(grant, LeaseGrant)
+        honest_form = receipt_for(grant, empty_handed.identity.peer_id_bytes,
+                                  empty_handed.identity.sign, bytes(POSSESSION_BYTES))
+        missing = _unproven(honest_form, b"", empty_handed.identity.sign)
+        missing_code = await _code(s.ask(empty_handed, Complete(receipt=missing)))
+        other_bytes = possession_proof(grant.nonce, b"not the chunk")
+        wrong = receipt_for(grant, empty_handed.identity.peer_id_bytes,
+                            empty_handed.identity.sign, other_bytes)
+        wrong_code = await _code(s.ask(empty_handed, Complete(receipt=wrong)))
+        empty_handed_violations = s.owner.violations.get(empty_handed.peer_id.to_base58(), 0)
+
+        # Another fresh identity downloads its chunk, proves it, then claims far more
+        # samples than the chunk holds.
         inflater = await s.stranger()
         grant = await s.ask(inflater, LeaseRequest(run=s.run))
         assert isinstance(grant, LeaseGrant)
         data = await fetch_chunk(inflater.host, s.owner.peer_id, grant.chunk)
         assert chunk_hash(data) == grant.chunk
         inflated = receipt_for(grant, inflater.identity.peer_id_bytes, inflater.identity.sign,
-                               samples=2**31 - 1)
+                               possession_proof(grant.nonce, data), samples=2**31 - 1)
         inflated_code = await _code(s.ask(inflater, Complete(receipt=inflated)))
-        stored_samples = s.server.book.db.execute("SELECT COUNT(*) FROM receipts").fetchone()[0]
+        stored = s.server.book.db.execute("SELECT COUNT(*) FROM receipts").fetchone()[0]
 
         honest_node = await s.stranger()
         server_ref = PeerRef(peer_id=s.owner.identity.peer_id_bytes,
@@ -188,37 +220,129 @@ async def test_receipts_count_only_for_chunks_delivered_and_samples_in_the_manif
         assert chunk_hash(await honest.fetch(lease.chunk)) == lease.chunk
         ack = await honest.complete(lease)
         figures = {
-            "receipts_without_download": len(codes),
-            "refused_as_undelivered": codes.count(RejectCode.UNEXPECTED),
+            "receipts_without_bytes": len(codes),
+            "refused_wrong_proof": codes.count(RejectCode.INVALID_FIELD),
             "refused_as_banned": codes.count(RejectCode.FORBIDDEN),
-            "completed_by_them": completed_without_download,
+            "completed_by_them": completed_without_bytes,
             "violations_scored": violations,
             "receipt_cheat_banned": banned,
+            "missing_proof_code": missing_code,
+            "proof_of_other_bytes_code": wrong_code,
+            "their_violations_scored": empty_handed_violations,
             "inflated_samples": inflated.samples,
             "chunk_samples": grant.samples,
             "inflated_samples_code": inflated_code,
-            "receipts_stored_after_inflated": stored_samples,
+            "receipts_stored_before_honest": stored,
             "honest_completed": ack.completed,
-            "server_deliveries": len(s.server.deliveries),
         }
-        print("\nreceipts without a delivery, and inflated:", figures)
-        # Refused as undelivered until the score book bans the peer, then refused unread.
-        assert codes[0] == RejectCode.UNEXPECTED, figures
-        assert set(codes) <= {RejectCode.UNEXPECTED, RejectCode.FORBIDDEN}, figures
-        assert banned, figures
-        assert completed_without_download == 0, figures
-        assert violations >= 1, figures
-        assert inflated_code == RejectCode.INVALID_FIELD and stored_samples == 0, figures
+        print("\nreceipts without the bytes, and inflated:", figures)
+        # Refused for a wrong proof until the score book bans the peer, then refused unread.
+        assert codes[0] == RejectCode.INVALID_FIELD, figures
+        assert set(codes) <= {RejectCode.INVALID_FIELD, RejectCode.FORBIDDEN}, figures
+        assert banned and violations >= 1, figures
+        assert completed_without_bytes == 0, figures
+        assert missing_code == RejectCode.INVALID_FIELD, figures
+        assert wrong_code in (RejectCode.INVALID_FIELD, RejectCode.FORBIDDEN), figures
+        assert empty_handed_violations >= 1, figures
+        assert inflated_code == RejectCode.INVALID_FIELD and stored == 0, figures
         assert isinstance(ack, CompleteAck) and ack.completed == 1, figures
 
 
-def test_the_delivery_log_is_bounded_per_peer_and_in_total() -> None:
-    log = DeliveryLog(max_per_peer=3, max_total=5)
-    peers = [Identity.generate().peer_id_bytes for _ in range(3)]
-    for peer in peers:
-        for n in range(10):
-            log.record(peer, f"{n:064x}")
-    figures = {"entries": len(log), "per_peer": [log.held_for(p) for p in peers]}
-    print("\ndelivery log after 3 peers x 10 chunks:", figures)
-    assert len(log) == 5 and all(n <= 3 for n in figures["per_peer"]), figures  # type: ignore[union-attr]
-    assert log.delivered(peers[-1], f"{9:064x}") and not log.delivered(peers[0], f"{0:064x}")
+class ServedBytes:
+    """A chunk source that counts the bytes it hands to the chunk protocol."""
+
+    def __init__(self, source: ChunkSource) -> None:
+        self.source = source
+        self.total = 0
+
+    def __call__(self, name: str) -> Path | bytes | None:
+        held = self.source(name)
+        if isinstance(held, Path):
+            self.total += held.stat().st_size
+        elif held is not None:
+            self.total += len(held)
+        return held
+
+
+async def test_a_chunk_from_another_holder_completes_the_lease_without_the_server(
+    tmp_path: Path,
+) -> None:
+    async with swarm(3) as nodes:
+        owner, holder_node, trainer_node = nodes
+        data_dir, manifest = packed_dataset(tmp_path, owner.identity, images=16)
+        run = derive_run_id(owner.identity.peer_id_bytes, "tiny")
+        book = LeaseBook(tmp_path / "leases.sqlite", manifest, run)
+        try:
+            server = DatasetServer(
+                run, manifest, data_dir, book,
+                DatasetConfig(lease_seconds=60, max_leases_per_peer=2),
+                host=owner.host, records=owner.records, scores=owner,
+            )
+            server.install(chunks=False)
+            served = ServedBytes(server.source)
+            owner.host.set_stream_handler(
+                TProtocol(CHUNK_PROTOCOL),
+                serve_chunks(served, on_violation=violation_sink(owner), refuse=owner.is_banned),
+            )
+            assert await server.announce() >= 1
+
+            # A holder caches every chunk (from the server) and announces its copies.
+            holder = dataset_client(holder_node, run, tmp_path / "cache-holder")
+            holder.install()
+            for entry in manifest.chunks:
+                await holder.fetch(entry.hash, expected_size=entry.size)
+            served_to_holder = served.total
+
+            trainer = dataset_client(trainer_node, run, tmp_path / "cache-trainer")
+            trainer.install()
+            lease = await trainer.lease()
+            assert await trainer.holders(lease.chunk) == [holder_node.identity.peer_id_bytes]
+            data = await trainer.fetch(lease.chunk, expected_size=lease.size)
+            ack = await trainer.complete(lease)
+            figures = {
+                "chunks": len(manifest.chunks),
+                "dataset_bytes": manifest.size,
+                "served_to_holder": served_to_holder,
+                "served_for_the_lease": served.total - served_to_holder,
+                "chunk_bytes": len(data),
+                "completed": ack.completed,
+                "trainer_violations": owner.violations.get(trainer_node.peer_id.to_base58(), 0),
+            }
+            print("\nlease completed from a holder's copy:", figures)
+            assert served_to_holder == manifest.size, figures
+            assert figures["served_for_the_lease"] == 0, figures
+            assert ack.completed == 1 and figures["trainer_violations"] == 0, figures
+        finally:
+            book.close()
+
+
+def test_a_resent_receipt_is_acknowledged_without_hashing_the_chunk_again(
+    tmp_path: Path,
+) -> None:
+    owner, peer = Identity.generate(), Identity.generate()
+    data_dir, manifest = packed_dataset(tmp_path, owner, images=16)
+    run = derive_run_id(owner.peer_id_bytes, "tiny")
+    chunk_files = ChunkDir(data_dir)
+    reads: list[str] = []
+
+    def chunk_path(name: str) -> Path:
+        reads.append(name)
+        return chunk_files.path_of(name)
+
+    book = LeaseBook(tmp_path / "leases.sqlite", manifest, run)
+    try:
+        desk = LeaseDesk(run, book, DatasetConfig(lease_seconds=60, max_leases_per_peer=2),
+                         chunk_path=chunk_path)
+        grant = desk.answer(peer.peer_id_bytes, LeaseRequest(run=run), 0.0)
+        assert isinstance(grant, LeaseGrant)
+        proof = possession_proof(grant.nonce, chunk_files.path_of(grant.chunk).read_bytes())
+        receipt = receipt_for(grant, peer.peer_id_bytes, peer.sign, proof)
+        acks = [desk.answer(peer.peer_id_bytes, Complete(receipt=receipt), 1.0)
+                for _ in range(50)]
+        figures = {"receipts_sent": len(acks), "chunk_reads": len(reads),
+                   "receipts_taken": desk.receipts_taken}
+        print("\nthe same proven receipt sent 50 times:", figures)
+        assert all(isinstance(a, CompleteAck) and a.completed == 1 for a in acks), figures
+        assert figures["chunk_reads"] == 1 and figures["receipts_taken"] == 1, figures
+    finally:
+        book.close()

@@ -44,6 +44,8 @@ from dandelion_p2p.wire import Message, decode, encode
 OWNER = Identity.generate()
 RUN = derive_run_id(OWNER.peer_id_bytes, "tiny")
 ALICE, BOB = Identity.generate(), Identity.generate()
+UNCHECKED_PROOF = bytes(32)
+"""A possession proof for a desk that checks none (it holds no chunk files)."""
 
 
 def _manifest(chunks: int = 3) -> Manifest:
@@ -103,7 +105,8 @@ def test_requests_for_another_run_or_of_another_kind_are_refused(desk: LeaseDesk
     other = derive_run_id(OWNER.peer_id_bytes, "other")
     assert refusal(desk, ALICE, LeaseRequest(run=other)) == RejectCode.NOT_FOUND
     lease = grant(desk, ALICE)
-    foreign = receipt_for(dataclasses.replace(lease, run=other), ALICE.peer_id_bytes, ALICE.sign)
+    foreign = receipt_for(dataclasses.replace(lease, run=other), ALICE.peer_id_bytes, ALICE.sign,
+                          UNCHECKED_PROOF)
     assert refusal(desk, ALICE, Complete(receipt=foreign)) == RejectCode.NOT_FOUND
     stray = ChunkHeader(chunk=lease.chunk, size=lease.size)
     assert refusal(desk, ALICE, stray) == RejectCode.UNKNOWN_TYPE
@@ -111,7 +114,7 @@ def test_requests_for_another_run_or_of_another_kind_are_refused(desk: LeaseDesk
 
 def test_a_receipt_is_taken_once_and_acknowledged_again(desk: LeaseDesk) -> None:
     lease = grant(desk, ALICE)
-    receipt = receipt_for(lease, ALICE.peer_id_bytes, ALICE.sign)
+    receipt = receipt_for(lease, ALICE.peer_id_bytes, ALICE.sign, UNCHECKED_PROOF)
     ack = ask(desk, ALICE, Complete(receipt=receipt))
     assert ack == CompleteAck(epoch=0, completed=1, total=3)
     # Its acknowledgement was lost: the peer sends it again.
@@ -125,12 +128,15 @@ def test_receipts_are_checked_in_the_order_the_spec_gives(desk: LeaseDesk) -> No
 
     def signed(**change: object) -> Complete:
         fields = dataclasses.replace(lease, **change)  # type: ignore[arg-type]
-        return Complete(receipt=receipt_for(fields, ALICE.peer_id_bytes, ALICE.sign))
+        return Complete(
+            receipt=receipt_for(fields, ALICE.peer_id_bytes, ALICE.sign, UNCHECKED_PROOF)
+        )
 
     unsigned = Receipt(run=RUN, lease_id=lease.lease_id, epoch=lease.epoch, chunk=lease.chunk,
-                       peer=ALICE.peer_id_bytes, samples=lease.samples)
+                       peer=ALICE.peer_id_bytes, samples=lease.samples,
+                       possession=UNCHECKED_PROOF)
     forged = unsigned.signed_with(BOB.sign)
-    in_bobs_name = receipt_for(lease, BOB.peer_id_bytes, BOB.sign)
+    in_bobs_name = receipt_for(lease, BOB.peer_id_bytes, BOB.sign, UNCHECKED_PROOF)
     other_chunk = next(c.hash for c in _manifest().chunks if c.hash != lease.chunk)
     assert refusal(desk, ALICE, Complete(receipt=in_bobs_name)) == RejectCode.FORBIDDEN
     assert refusal(desk, ALICE, Complete(receipt=unsigned)) == RejectCode.BAD_SIGNATURE
@@ -139,7 +145,7 @@ def test_receipts_are_checked_in_the_order_the_spec_gives(desk: LeaseDesk) -> No
     assert refusal(desk, ALICE, signed(chunk=other_chunk)) == RejectCode.INVALID_FIELD
     assert refusal(desk, ALICE, signed(epoch=1)) == RejectCode.INVALID_FIELD
     # Bob signs a receipt of his own for Alice's lease.
-    bobs = receipt_for(lease, BOB.peer_id_bytes, BOB.sign)
+    bobs = receipt_for(lease, BOB.peer_id_bytes, BOB.sign, UNCHECKED_PROOF)
     assert refusal(desk, BOB, Complete(receipt=bobs)) == RejectCode.FORBIDDEN
     assert desk.receipts_taken == 0
 
@@ -149,23 +155,26 @@ def test_receipts_are_checked_in_the_order_the_spec_gives(desk: LeaseDesk) -> No
         again = grant(desk, BOB, now=later)
         if again.chunk == lease.chunk:
             break
-        ask(desk, BOB, Complete(receipt=receipt_for(again, BOB.peer_id_bytes, BOB.sign)), later)
+        bobs_again = receipt_for(again, BOB.peer_id_bytes, BOB.sign, UNCHECKED_PROOF)
+        ask(desk, BOB, Complete(receipt=bobs_again), later)
     assert again.chunk == lease.chunk
-    ask(desk, BOB, Complete(receipt=receipt_for(again, BOB.peer_id_bytes, BOB.sign)), later)
+    ask(desk, BOB, Complete(
+        receipt=receipt_for(again, BOB.peer_id_bytes, BOB.sign, UNCHECKED_PROOF)), later)
     assert refusal(desk, ALICE, signed(), later) == RejectCode.STALE
 
 
 def test_receipt_signed_bytes_are_the_array_the_spec_lists() -> None:
+    proof = bytes(range(32))
     receipt = Receipt(run=RUN, lease_id=7, epoch=2, chunk="ab" * 32, peer=ALICE.peer_id_bytes,
-                      samples=9, signature=b"s")
+                      samples=9, possession=proof, signature=b"s")
     assert receipt.signed_bytes() == msgpack.packb(
-        [b"dandelion/receipt/v1", RUN, 7, 2, "ab" * 32, ALICE.peer_id_bytes, 9],
+        [b"dandelion/receipt/v2", RUN, 7, 2, "ab" * 32, ALICE.peer_id_bytes, 9, proof],
         use_bin_type=True,
     )
     lease = LeaseGrant(run=RUN, lease_id=7, epoch=2, chunk="ab" * 32, samples=9, size=100,
-                       expires_in_ms=1000)
-    mine = receipt_for(lease, ALICE.peer_id_bytes, ALICE.sign, samples=4)
-    assert mine.samples == 4 and mine.peer == ALICE.peer_id_bytes
+                       expires_in_ms=1000, nonce=bytes(32))
+    mine = receipt_for(lease, ALICE.peer_id_bytes, ALICE.sign, proof, samples=4)
+    assert mine.samples == 4 and mine.peer == ALICE.peer_id_bytes and mine.possession == proof
     assert verify_by_peer(ALICE.peer_id_bytes, mine.signed_bytes(), mine.signature)
 
 
@@ -177,7 +186,7 @@ CHUNK = _manifest().chunks[0]
 
 def _grant_of(entry: ChunkEntry, run: str = RUN) -> LeaseGrant:
     return LeaseGrant(run=run, lease_id=1, epoch=0, chunk=entry.hash, samples=entry.samples,
-                      size=entry.size, expires_in_ms=1000)
+                      size=entry.size, expires_in_ms=1000, nonce=bytes(32))
 
 
 def test_grant_problems_name_what_is_wrong() -> None:

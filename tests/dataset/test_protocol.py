@@ -178,7 +178,7 @@ async def test_bad_requests_get_reject_codes_and_the_server_keeps_serving(
 
         def fields(grant: LeaseGrant) -> dict[str, Any]:
             return dict(run=s.run, lease_id=grant.lease_id, epoch=grant.epoch,
-                        chunk=grant.chunk, samples=grant.samples)
+                        chunk=grant.chunk, samples=grant.samples, possession=bytes(32))
 
         def unsigned(node: SwarmNode, grant: LeaseGrant) -> Receipt:
             return Receipt(peer=node.identity.peer_id_bytes, **fields(grant))
