@@ -1,0 +1,28 @@
+"""``benchmarks/quality.py --quick`` learns as well through the swarm as on one machine.
+
+Two real daemons on loopback and two real worker processes train the tiny model in gradient
+mode with batch b each; one process trains it with batch 2b. At equal samples seen the swarm's
+validation loss (fixed noise and timesteps per image) must be within 3 % of the baseline's, and
+both must have learned: a change that breaks learning or averaging fails here.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import quality
+
+
+def test_quick_gradient_mode_matches_the_baseline(tmp_path: Path) -> None:
+    assert quality.main(["--quick", "--out", str(tmp_path)]) == 0
+    results = {r["name"]: r for r in json.loads((tmp_path / "results.json").read_text())
+               ["results"]}
+    base, swarm = results["baseline"], results["gradient-none"]
+    assert base["final"] < 0.9 * base["curve"][0][1], "the baseline did not learn"
+    assert abs(swarm["ratio"] - 1.0) <= 0.03, swarm
+    assert swarm["averaged"] == swarm["rounds"] > 0 and swarm["min_members"] == 2, swarm
+    assert (tmp_path / "curves.png").stat().st_size > 0
