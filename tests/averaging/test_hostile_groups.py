@@ -30,14 +30,7 @@ from dandelion_p2p.net.dht.records import sign_record
 from dandelion_p2p.runconfig.schema import DEFAULT_MAX_WEIGHT
 from tests.averaging.test_averager import FAST, Member, averaging_swarm
 from tests.averaging.test_averager import RUN as RUN_OF_SWARM
-
-RUN = b"run-a"
-NOW = 1_700_000_000.0
-LATER_MS = int((NOW + 600) * 1000)
-
-
-def pid(i: int) -> bytes:
-    return b"\x00\x24" + i.to_bytes(4, "big")
+from tests.averaging.test_group import LATER_MS, NOW, RUN, pid
 
 
 def announcement(
