@@ -6,8 +6,8 @@ is capped at ``max_score`` so that a long good record cannot buy a free attack, 
 ``half_life``. When an event leaves the score at or below ``ban_threshold`` the peer is
 banned for ``ban_duration``, doubled for each earlier ban within ``ban_memory`` and capped at
 ``max_ban_duration``. Announcements list the announcer's bans; matchmaking leaves out the
-peers that more than half of a round's announcers banned, and each peer cuts off the members it
-banned itself.
+peers that more than half of the announcers with a good score in our own book banned (votes
+of strangers do not count), and each peer cuts off the members it banned itself.
 
 How callers report, so the numbers below mean what they say:
 
