@@ -1,8 +1,9 @@
 """Attacks on leases and receipts by peers whose identities cost nothing: hoarding the free
 chunks from one network, receipts without the chunk's bytes, inflated sample counts; and an
 honest peer whose chunk came from another holder completing its lease without the server.
-Real libp2p hosts on loopback; the network split (loopback peers all share 127.0.0.0/24) is
-shown on the lease desk itself with two documentation networks."""
+Real libp2p hosts on loopback; the network split is shown on the lease desk itself with two
+documentation networks, and over real hosts listening in two loopback networks that the server
+dials (a peer's own dial leaves from 127.0.0.1, so every loopback dialler shares 127.0.0.0/24)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from pathlib import Path
 
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+from multiaddr import Multiaddr
 
 from dandelion_p2p.dataset.chunk_protocol import ChunkSource
 from dandelion_p2p.dataset.chunks import ChunkDir, chunk_hash, possession_proof
@@ -62,6 +65,14 @@ class Setup:
         boot = (self.owner.full_addrs()[0],)
         return await self.stack.enter_async_context(
             running_node(public_settings(bootstrap=boot)))
+
+    async def dialled_stranger(self, listen: str) -> SwarmNode:
+        """A fresh identity listening at ``listen`` and dialled by the server, so the server
+        sees the connection come from ``listen``'s network, not the loopback dial source."""
+        node = await self.stack.enter_async_context(running_node(public_settings(listen=(listen,))))
+        await self.owner.host.connect(
+            PeerInfo(node.host.get_id(), [Multiaddr(a) for a in node.host.get_addrs()]))
+        return node
 
     async def ask(self, node: SwarmNode, msg: Message) -> Message:
         return await request(node.host, self.owner.peer_id, LEASE_PROTOCOL, msg, DATASET,
@@ -153,6 +164,38 @@ async def test_strangers_on_one_network_hold_no_more_than_its_share(tmp_path: Pa
                    "active_leases": status["active_leases"]}
         print("\n6 loopback identities asking twice each:", figures)
         assert granted == 3 and refused == 9, figures
+
+
+async def test_a_newcomer_from_another_network_leases_past_a_hoarding_network(
+    tmp_path: Path,
+) -> None:
+    async with hostile_setup(tmp_path, per_network=3) as s:
+        granted = refused = 0
+        hoarder_networks: set[str] = set()
+        for i in range(6):
+            node = await s.dialled_stranger(f"/ip4/127.0.9.{i + 1}/tcp/0")
+            hoarder_networks.add(s.server._network_of(node.peer_id))
+            for _ in range(2):
+                try:
+                    reply = await s.ask(node, LeaseRequest(run=s.run))
+                except RemoteRejected as exc:
+                    assert exc.code == RejectCode.RATE_LIMITED, exc
+                    refused += 1
+                    continue
+                granted += isinstance(reply, LeaseGrant)
+        newcomer = await s.dialled_stranger("/ip4/127.0.1.5/tcp/0")
+        newcomer_network = s.server._network_of(newcomer.peer_id)
+        reply = await s.ask(newcomer, LeaseRequest(run=s.run))
+        figures = {"chunks": len(s.manifest.chunks), "hoarder_networks": sorted(hoarder_networks),
+                   "granted": granted, "refused": refused, "newcomer_network": newcomer_network,
+                   "newcomer": type(reply).__name__,
+                   "active_leases": s.server.book.status(0.0)["active_leases"]}
+        print("\n6 identities of 127.0.9.0/24 asking twice each, then one of 127.0.1.0/24:",
+              figures)
+        assert hoarder_networks == {"127.0.9.0/24"}, figures
+        assert newcomer_network == "127.0.1.0/24", figures
+        assert granted == 3 and refused == 9, figures
+        assert isinstance(reply, LeaseGrant), f"the newcomer was starved: {figures}"
 
 
 def _unproven(receipt: Receipt, possession: bytes, sign: Callable[[bytes], bytes]) -> Receipt:
