@@ -32,9 +32,8 @@ from dandelion_p2p.dataset.messages import CHUNK_PROTOCOL, DATASET, LEASE_PROTOC
 from dandelion_p2p.dataset.ports import PeerScores, RecordStore
 from dandelion_p2p.dataset.transfer import serve_chunks
 from dandelion_p2p.errors import ConfigError, RejectCode
-from dandelion_p2p.net.addrs import is_relayed
+from dandelion_p2p.net.origin import peer_network
 from dandelion_p2p.net.streams import serve_requests
-from dandelion_p2p.networks import UNKNOWN_NETWORK, network_of
 from dandelion_p2p.reputation.book import SCORE_EVENT_OF, ScoreEvent
 from dandelion_p2p.runconfig.schema import DatasetConfig
 from dandelion_p2p.wire import Message
@@ -178,20 +177,7 @@ class DatasetServer:
     def _network_of(self, peer_id: ID) -> str:
         """The network of the address ``peer_id`` is connected from directly, or
         ``UNKNOWN_NETWORK`` (relayed: the address we see is the relay's)."""
-        for conn in self.host.get_network().get_connections(peer_id):
-            try:
-                muxed = conn.muxed_conn
-                if any(is_relayed(str(a)) for a in muxed.get_transport_addresses()):
-                    continue
-                # The concrete muxers have it; the libp2p interface does not declare it.
-                remote = getattr(muxed, "get_remote_address", None)
-                address = remote() if callable(remote) else None
-            except Exception:  # a closing connection: try the next one
-                continue
-            network = network_of(str(address[0])) if address else UNKNOWN_NETWORK
-            if network != UNKNOWN_NETWORK:
-                return network
-        return UNKNOWN_NETWORK
+        return peer_network(self.host, peer_id, direct_only=True)
 
     def status(self) -> dict[str, Any]:
         status: dict[str, Any] = {

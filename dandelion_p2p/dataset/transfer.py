@@ -43,7 +43,7 @@ from dandelion_p2p.dataset.messages import (
     GetChunk,
 )
 from dandelion_p2p.errors import PeerUnavailable, ProtocolViolation
-from dandelion_p2p.net.addrs import is_relayed
+from dandelion_p2p.net.origin import is_direct_connection, remote_ip
 from dandelion_p2p.net.streams import (
     NOT_A_FAULT,
     ViolationSink,
@@ -135,13 +135,10 @@ async def _reject(stream: INetStream, code: RejectCode, detail: str) -> None:
 def _network_of(stream: INetStream) -> str | None:
     """The network prefix of the peer's address; None when relayed (the address is the
     relay's) or unknown."""
-    try:
-        if any(is_relayed(str(a)) for a in stream.muxed_conn.get_transport_addresses()):
-            return None
-        address = stream.get_remote_address()
-    except Exception:
+    if not is_direct_connection(getattr(stream, "muxed_conn", None)):
         return None
-    return public_network_of(str(address[0])) if address else None
+    ip = remote_ip(stream)
+    return public_network_of(ip) if ip else None
 
 
 async def _send_bytes(

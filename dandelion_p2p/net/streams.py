@@ -13,6 +13,7 @@ from libp2p.network.stream.exceptions import StreamError
 from libp2p.peer.id import ID
 
 from dandelion_p2p.errors import PeerUnavailable, ProtocolViolation, RemoteRejected
+from dandelion_p2p.net.origin import remote_ip
 from dandelion_p2p.networks import network_of
 from dandelion_p2p.wire import Message, Registry, Reject, RejectCode, decode, encode
 from dandelion_p2p.wire.frame_budget import PROCESS_FRAME_BUDGET, FrameBudget
@@ -63,11 +64,7 @@ def stream_origin(stream: INetStream) -> tuple[bytes, str]:
         peer = stream.muxed_conn.peer_id.to_bytes()
     except Exception:  # a stream without a connection (a test double) is one unknown peer
         peer = b""
-    try:
-        remote = stream.get_remote_address()
-    except Exception:
-        remote = None
-    return peer, network_of(remote[0] if remote else None)
+    return peer, network_of(remote_ip(stream))
 
 
 async def read_frame(

@@ -146,19 +146,25 @@ def test_one_network_hoarding_leases_does_not_starve_another(tmp_path: Path) -> 
     assert limited["newcomer"] == "LeaseGrant", f"the newcomer was starved: {outcomes}"
 
 
+async def ask_twice_each(s: Setup, nodes: list[SwarmNode]) -> tuple[int, int]:
+    """Each node asks for a lease twice; (granted, refused). Every refusal must be
+    ``RATE_LIMITED``."""
+    granted = refused = 0
+    for node in nodes:
+        for _ in range(2):
+            try:
+                reply = await s.ask(node, LeaseRequest(run=s.run))
+            except RemoteRejected as exc:
+                assert exc.code == RejectCode.RATE_LIMITED, exc
+                refused += 1
+                continue
+            granted += isinstance(reply, LeaseGrant)
+    return granted, refused
+
+
 async def test_strangers_on_one_network_hold_no_more_than_its_share(tmp_path: Path) -> None:
     async with hostile_setup(tmp_path, per_network=3) as s:
-        granted = refused = 0
-        for _ in range(6):
-            node = await s.stranger()
-            for _ in range(2):
-                try:
-                    reply = await s.ask(node, LeaseRequest(run=s.run))
-                except RemoteRejected as exc:
-                    assert exc.code == RejectCode.RATE_LIMITED, exc
-                    refused += 1
-                    continue
-                granted += isinstance(reply, LeaseGrant)
+        granted, refused = await ask_twice_each(s, [await s.stranger() for _ in range(6)])
         status = s.server.book.status(0.0)
         figures = {"chunks": len(s.manifest.chunks), "granted": granted, "refused": refused,
                    "active_leases": status["active_leases"]}
@@ -170,19 +176,9 @@ async def test_a_newcomer_from_another_network_leases_past_a_hoarding_network(
     tmp_path: Path,
 ) -> None:
     async with hostile_setup(tmp_path, per_network=3) as s:
-        granted = refused = 0
-        hoarder_networks: set[str] = set()
-        for i in range(6):
-            node = await s.dialled_stranger(f"/ip4/127.0.9.{i + 1}/tcp/0")
-            hoarder_networks.add(s.server._network_of(node.peer_id))
-            for _ in range(2):
-                try:
-                    reply = await s.ask(node, LeaseRequest(run=s.run))
-                except RemoteRejected as exc:
-                    assert exc.code == RejectCode.RATE_LIMITED, exc
-                    refused += 1
-                    continue
-                granted += isinstance(reply, LeaseGrant)
+        hoarders = [await s.dialled_stranger(f"/ip4/127.0.9.{i + 1}/tcp/0") for i in range(6)]
+        hoarder_networks = {s.server._network_of(node.peer_id) for node in hoarders}
+        granted, refused = await ask_twice_each(s, hoarders)
         newcomer = await s.dialled_stranger("/ip4/127.0.1.5/tcp/0")
         newcomer_network = s.server._network_of(newcomer.peer_id)
         reply = await s.ask(newcomer, LeaseRequest(run=s.run))

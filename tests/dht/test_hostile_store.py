@@ -37,9 +37,10 @@ from dandelion_p2p.net.dht.messages import (
     PutRecord,
     Records,
 )
-from dandelion_p2p.net.dht.node import now_ms, remote_network
+from dandelion_p2p.net.dht.node import now_ms
 from dandelion_p2p.net.dht.records import StoreLimits, routing_key, sign_record
 from dandelion_p2p.net.node import SwarmNode
+from dandelion_p2p.net.origin import peer_network
 from dandelion_p2p.net.streams import request
 from dandelion_p2p.wire import RejectCode
 from tests.swarm import public_settings, running_node
@@ -229,6 +230,6 @@ async def test_junk_at_full_speed_for_a_minute_stays_within_the_store_cap() -> N
 
 async def test_the_attacker_is_seen_from_its_own_network() -> None:
     async with victim_and_attacker() as (victim, attacker):
-        seen = remote_network(victim.host, ID(attacker.identity.peer_id_bytes))
+        seen = peer_network(victim.host, ID(attacker.identity.peer_id_bytes), direct_only=False)
         print(f"victim sees the attacker's connection from {seen}")
         assert seen == "127.0.9.0/24"

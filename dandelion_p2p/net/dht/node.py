@@ -53,9 +53,9 @@ from dandelion_p2p.net.dht.records import (
 )
 from dandelion_p2p.net.dht.routing import RoutingTable
 from dandelion_p2p.net.dialer import Dialer
+from dandelion_p2p.net.origin import peer_network
 from dandelion_p2p.net.ports import Signer
 from dandelion_p2p.net.streams import NOT_A_FAULT, ViolationSink, request, serve_requests
-from dandelion_p2p.networks import network_of
 from dandelion_p2p.wire import Message, RejectCode, encode
 
 log = logging.getLogger(__name__)
@@ -77,17 +77,6 @@ REPLY_MARGIN = 64
 
 def encoded_size(record: SignedRecord) -> int:
     return len(encode(record))
-
-
-def remote_network(host: IHost, peer_id: ID) -> str:
-    """The network (IPv4 /24, IPv6 /48) of the connection a peer reached us over; for a
-    relayed connection that is the relay's, which bounds what all peers behind it store."""
-    with contextlib.suppress(Exception):
-        for conn in host.get_network().get_connections(peer_id):
-            remote = getattr(conn.muxed_conn, "get_remote_address", lambda: None)()
-            if remote:
-                return network_of(str(remote[0]))
-    return network_of(None)
 
 
 class DHTNode:
@@ -193,7 +182,8 @@ class DHTNode:
             self._learn_sender(peer_id, msg.sender)
             t = now_ms()
             self.validator.validate(msg.record, t)
-            source = Source(peer=peer_id.to_bytes(), network=remote_network(self.host, peer_id))
+            network = peer_network(self.host, peer_id, direct_only=False)
+            source = Source(peer=peer_id.to_bytes(), network=network)
             self.store.put(msg.record, t, source)
             return PutAck(stored=True)
         raise ProtocolViolation(RejectCode.UNKNOWN_TYPE, f"{type(msg).__name__} is not a request")
