@@ -4,7 +4,8 @@
 a group with the others through the DHT, opens one data-plane channel per pair of members
 (the peer with the smaller id opens it), leaves out of the round the members it cannot reach
 and those that failed it in the previous round (``GroupSpec.without``: the layout and group id
-change with them), and drives ``AllReducePeer`` with the frames that arrive, the peers that
+change with them), seats the rest at tables of at most ``max_group`` (``GroupSpec.seat``),
+and drives ``AllReducePeer`` with the frames that arrive, the peers that
 fail, and the clock. The buffer is averaged in place; the returned
 ``RoundReport`` says exactly what was averaged.
 
@@ -141,6 +142,12 @@ class _Round:
     @property
     def links_settled(self) -> bool:
         return self.connected | self.unreachable >= self.outboxes.keys()
+
+    def skip(self, peers: set[bytes]) -> None:
+        """Members not worth a channel (they said they finished the round): unreachable."""
+        for peer in peers & self.outboxes.keys():
+            self.unreachable.add(peer)
+            self.writing.discard(peer)
 
     def dispatch(self, sends: list[Send]) -> None:
         for send in sends:
@@ -327,8 +334,9 @@ class Averager:
             expires_at_ms=int((time.time() + s.matchmaking.announcement_ttl) * 1000),
             banned=tuple(self._banned_now()),
         )
+        track_recorded = self._track_recorded()
         spec, formation, finished = await self.matchmaker.match(
-            self.me, announcement, self._track_recorded()
+            self.me, announcement, track_recorded
         )
         for liar in formation.overclaimed:
             if liar != self.me and spec is not None and liar in spec:
@@ -339,8 +347,12 @@ class Averager:
                 f"{len(formation.groups)} groups formed"
             )
         gone = finished & set(spec.peer_ids)
-        if gone:
-            # Waiting for their chunks would only run into the chunk timeout.
+        others = set(spec.peer_ids) - {self.me}
+        if gone and (gone >= others or gone & track_recorded):
+            # Waiting for their chunks would only run into the chunk timeout. "Finished" is a
+            # claim: it says this peer is behind only when every other member makes it, or a
+            # member whose rounds verified with us does; a fresh key's claim alone just
+            # leaves it out of the spans below.
             raise NoGroup(
                 f"round {round_}: {len(gone)} of {len(spec.members) - 1} peers of this group "
                 "finished the round before this peer came",
@@ -348,7 +360,8 @@ class Averager:
             )
 
         def start_state(unreachable: set[bytes]) -> AllReducePeer:
-            kept = spec.without(unreachable | self._failed_recently(round_, spec))
+            left_out = unreachable | gone | self._failed_recently(round_, spec)
+            kept = spec.without(left_out).seat(self.me, s.matchmaking.max_group)
             if kept is not spec:
                 log.info("round %d: %d members left out of the spans: %s", round_,
                          len(kept.excluded), sorted(ID(p).to_base58() for p in kept.excluded))
@@ -371,6 +384,7 @@ class Averager:
             return state
 
         rnd = _Round(spec, self.me)
+        rnd.skip(gone)
         self._rounds[round_] = rnd
         self._round_ready.setdefault(round_, trio.Event()).set()
         try:
@@ -432,7 +446,7 @@ class Averager:
         start_state: Callable[[set[bytes]], AllReducePeer],
     ) -> None:
         async with trio.open_nursery() as nursery:
-            for peer in rnd.outboxes:
+            for peer in rnd.outboxes.keys() - rnd.unreachable:
                 nursery.start_soon(self._link, rnd, round_, peer)
             await self._settle_links(rnd)
             state = start_state(set(rnd.outboxes) - rnd.connected)

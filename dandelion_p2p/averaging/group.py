@@ -81,7 +81,8 @@ class GroupSpec:
     block_size: int = DEFAULT_BLOCK_SIZE
     min_bandwidth_fraction: float = DEFAULT_MIN_BANDWIDTH_FRACTION
     excluded: tuple[bytes, ...] = ()
-    """Members of the group as formed that this round leaves out (``without``), sorted."""
+    """Members of the group as formed that this round leaves out (``without``) or seats at
+    another table (``seat``), sorted."""
     formed_id: bytes = b""
     """The ``group_id`` of the group as formed, when ``excluded`` is not empty."""
     group_id: bytes = field(init=False)
@@ -157,6 +158,47 @@ class GroupSpec:
             self.min_bandwidth_fraction,
             excluded=dropped,
             formed_id=self.group_id,
+        )
+
+    def seat(self, me: bytes, max_size: int) -> GroupSpec:
+        """The table of at most ``max_size`` members that ``me`` averages with, when more
+        than that are left in this group.
+
+        Groups form from announcements, which cost a fresh identity nothing; only after the
+        channels settle is it known who actually answers. So the group as formed is larger
+        than one table, the unreachable are left out (``without``), and what is left is cut
+        into tables in the round's order (``order_key``), sizes as even as possible: a crowd
+        of announcers that never connect cannot spread the honest members over tables of
+        their own. Every member that left out the same peers seats everyone alike; the id
+        folds in everyone not at the table, so a member that seated differently is refused
+        as another group. ``me`` is seated even alone: that is its round.
+
+        Raises ``KeyError`` when ``me`` is not a member and ``ValueError`` when ``max_size`` < 1.
+        """
+        if max_size < 1:
+            raise ValueError(f"max_size must be >= 1, got {max_size}")
+        if me not in self._index:
+            raise KeyError(me)
+        if len(self.members) <= max_size:
+            return self
+        ordered = sorted(self.members, key=lambda m: order_key(self.run, self.round, m.peer_id))
+        at = 0
+        table: list[Member] = []
+        for size in group_sizes(len(ordered), 1, max_size):
+            table = ordered[at : at + size]
+            at += size
+            if any(m.peer_id == me for m in table):
+                break
+        seated = {m.peer_id for m in table}
+        elsewhere = set(self._index) - seated
+        return GroupSpec(
+            self.run,
+            self.round,
+            tuple(sorted(table, key=lambda m: m.peer_id)),
+            self.block_size,
+            self.min_bandwidth_fraction,
+            excluded=tuple(sorted(set(self.excluded) | elsewhere)),
+            formed_id=self.formed_id or self.group_id,
         )
 
     def partition(self, n_elements: int) -> Partition:

@@ -21,6 +21,7 @@ import trio
 
 from dandelion_p2p.averaging.group import Formation, GroupSpec, consensus_bans, form_groups
 from dandelion_p2p.averaging.messages import (
+    MAX_GROUP_SIZE,
     AveragingAnnouncement,
     decode_announcement,
     encode_announcement,
@@ -73,6 +74,12 @@ class MatchmakingSettings:
     """A second read this long after the first catches announcements still propagating."""
     min_group: int = 2
     max_group: int = 16
+    """Most members one table averages with (``GroupSpec.seat``)."""
+    candidate_group: int = 64
+    """Most announcers one group is formed with before the members that do not answer are
+    left out and the rest seated at tables of at most ``max_group``: up to this many
+    announcers that never connect cannot split the members that do. Each member opens a
+    channel to every other member of its group, so this bounds channels per round too."""
     announcement_ttl: float = 120.0
     dht_timeout: float = 2.0
     """Bound on each DHT read or write, so a stalled peer cannot hold up matchmaking."""
@@ -144,7 +151,7 @@ class Matchmaker:
             seen,
             announcement.round,
             s.min_group,
-            s.max_group,
+            min(MAX_GROUP_SIZE, max(s.max_group, s.candidate_group)),
             banned,
             run=announcement.run,
             now=time.time(),

@@ -108,6 +108,29 @@ def test_leaving_members_out_folds_them_into_the_id_and_the_spans() -> None:
         narrowed.without({pid(4)})
 
 
+def test_the_members_left_are_seated_at_even_tables_in_round_order() -> None:
+    formed = spec([Member(pid(i), 1.0, 100.0) for i in range(1, 41)])
+    # 40 announced, 5 never answered: 35 left, seated at tables of 12, 12 and 11.
+    kept = formed.without({pid(i) for i in range(1, 6)})
+    tables = {kept.seat(m, 16).group_id: kept.seat(m, 16) for m in kept.peer_ids}
+    assert sorted(len(t.members) for t in tables.values()) == [11, 12, 12]
+    seated = [p for t in tables.values() for p in t.peer_ids]
+    assert sorted(seated) == sorted(kept.peer_ids)
+    for table in tables.values():
+        # Every member at a table computes the same table, and its id names everyone else.
+        assert all(kept.seat(p, 16) == table for p in table.peer_ids)
+        assert set(table.excluded) == set(formed.peer_ids) - set(table.peer_ids)
+        assert table.formed_id == formed.group_id
+    # The round's order decides the tables: the next round seats other neighbours.
+    later = GroupSpec.of(RUN, 8, formed.members).without({pid(i) for i in range(1, 6)})
+    assert later.seat(pid(6), 16).peer_ids != kept.seat(pid(6), 16).peer_ids
+    # Few enough left: one table, the spec itself.
+    small = formed.without({pid(i) for i in range(1, 30)})
+    assert small.seat(pid(35), 16) is small
+    with pytest.raises(KeyError):
+        kept.seat(pid(1), 16)
+
+
 def test_spec_partition_uses_members_bandwidth_and_reachability() -> None:
     part = spec(BASE).partition(10_000)
     # Only the member accepting connections reduces.

@@ -17,7 +17,6 @@ from dandelion_p2p.averaging.averager import PURPOSE
 from dandelion_p2p.averaging.group import consensus_bans, form_groups
 from dandelion_p2p.averaging.matchmaking import AVERAGING_NAMESPACE, round_key
 from dandelion_p2p.averaging.messages import (
-    MAX_GROUP_SIZE,
     AveragingAnnouncement,
     ChannelHello,
     encode_announcement,
@@ -148,10 +147,11 @@ async def test_a_weight_liar_barely_moves_the_honest_result(mode: str) -> None:
 # ---------------------------------------------------------------- members that never deliver
 
 HONEST_WEIGHTS = (1.0, 2.0, 3.0)
+# The run defaults for table and group sizes: 50 fresh announcers are three times a table.
 SILENT_SETTINGS = dataclasses.replace(
     FAST,
     chunk_timeout=2.0,
-    matchmaking=dataclasses.replace(FAST.matchmaking, max_group=MAX_GROUP_SIZE),
+    matchmaking=dataclasses.replace(FAST.matchmaking, max_group=16, candidate_group=64),
 )
 
 
@@ -178,9 +178,12 @@ async def honest_round(
     return [r for r in reports if r is not None]
 
 
-@pytest.mark.parametrize("n_fresh", [4, 50])
-async def test_fresh_announcers_that_never_connect_take_no_span(n_fresh: int) -> None:
-    """Fresh keys announce for the round (banning every honest peer) and never connect.
+@pytest.mark.parametrize(("n_fresh", "finished"), [(4, False), (50, False), (50, True)])
+async def test_fresh_announcers_that_never_connect_take_no_span(
+    n_fresh: int, finished: bool
+) -> None:
+    """Fresh keys announce for the round (banning every honest peer, and in one case saying
+    they finished it) and never connect.
 
     Their signed announcements go straight into each honest node's own record store: an
     attacker with many networks gets that many past the DHT's per-network caps, and the
@@ -197,7 +200,7 @@ async def test_fresh_announcers_that_never_connect_take_no_span(n_fresh: int) ->
             value = encode_announcement(AveragingAnnouncement(
                 run=RUN_OF_SWARM, round=1, weight=2.0, bandwidth_mbps=1e9,
                 accepts_connections=True, endpoint=f"10.9.{i // 250}.{i % 250}:4001",
-                expires_at_ms=expires_ms, banned=tuple(honest),
+                expires_at_ms=expires_ms, banned=tuple(honest), finished=finished,
             ))
             record = sign_record(fresh, AVERAGING_NAMESPACE, key, value, 1, expires_ms)
             for m in members:
@@ -207,7 +210,8 @@ async def test_fresh_announcers_that_never_connect_take_no_span(n_fresh: int) ->
         reports = await honest_round(members, buffers, 1)
     errors = [relative_l2(b.astype(np.float64), want) for b in buffers]
     for i, rep in enumerate(reports):
-        print(f"{n_fresh} never-connecting fresh announcers: honest peer {i} averaged "
+        print(f"{n_fresh} never-connecting fresh announcers (finished={finished}): honest "
+              f"peer {i} averaged "
               f"{100 * rep.fraction_averaged:.1f} % of the vector with {len(rep.members)} "
               f"members, relative L2 to the honest mean {errors[i]:.2e}")
     assert len(reports) == 3
