@@ -35,11 +35,9 @@ def is_direct_connection(muxed_conn: object) -> bool:
         return False
 
 
-def peer_network(host: IHost, peer_id: ID, *, direct_only: bool) -> str:
-    """The network of the first of ``peer_id``'s connections with a remote IP;
-    ``direct_only``: skip relayed connections (whose IP is the relay's), so a peer reached only
-    through a relay is ``UNKNOWN_NETWORK``. A relayed connection otherwise counts for the
-    relay's network, which bounds what all peers behind that relay hold together."""
+def peer_ip(host: IHost, peer_id: ID, *, direct_only: bool) -> str | None:
+    """The remote IP of the first of ``peer_id``'s connections that has one; ``direct_only``:
+    skip relayed connections (whose IP is the relay's)."""
     with contextlib.suppress(Exception):
         for conn in host.get_network().get_connections(peer_id):
             muxed = conn.muxed_conn
@@ -47,5 +45,13 @@ def peer_network(host: IHost, peer_id: ID, *, direct_only: bool) -> str:
                 continue
             ip = remote_ip(muxed)
             if ip is not None:
-                return network_of(ip)
-    return UNKNOWN_NETWORK
+                return ip
+    return None
+
+
+def peer_network(host: IHost, peer_id: ID, *, direct_only: bool) -> str:
+    """The network of ``peer_ip``; a peer reached only through a relay is ``UNKNOWN_NETWORK``
+    with ``direct_only``. A relayed connection otherwise counts for the relay's network, which
+    bounds what all peers behind that relay hold together."""
+    ip = peer_ip(host, peer_id, direct_only=direct_only)
+    return UNKNOWN_NETWORK if ip is None else network_of(ip)

@@ -145,3 +145,46 @@ def test_nearest_equals_a_brute_force_xor_sort(
         excluded = held[0]
         expect = [pid for pid in brute if pid != excluded][:count]
         assert [c.peer_id for c in table.nearest(target, count, exclude=excluded)] == expect
+
+
+def test_one_network_holds_a_sliver_of_a_bucket_and_of_the_table() -> None:
+    """A Sybil farm mints ids for one bucket from one public /24: the bucket takes two of
+    them and keeps its places for other networks; the whole table takes at most 16."""
+    table = RoutingTable(LOCAL, k=20)
+    farm = in_bucket(KEY_BITS - 1, 40)
+    for t, pid in enumerate(farm):
+        table.update(pid, ("/ip4/203.0.113.7/tcp/4001",), now=float(t), network="203.0.113.0/24")
+    assert len(table) == 2
+    honest = in_bucket(KEY_BITS - 1, 60)[40:]
+    for t, pid in enumerate(honest[:10]):
+        assert table.update(pid, (), now=100.0 + t, network=f"198.51.{t}.0/24")
+    assert len(table) == 12
+    # Peers of no public network (loopback, LAN) are not counted.
+    lan = honest[10:18]
+    for pid in lan:
+        assert table.update(pid, ("/ip4/192.168.1.5/tcp/1",), now=200.0, network=None)
+    assert table.networks()["203.0.113.0/24"] == 2
+    # Across buckets, the table-wide bound holds.
+    wide = RoutingTable(LOCAL, k=20)
+    for index in range(KEY_BITS - 1, KEY_BITS - 13, -1):
+        for pid in in_bucket(index, 3):
+            wide.update(pid, (), now=0.0, network="203.0.113.0/24")
+    assert wide.networks() == {"203.0.113.0/24": 16}
+    assert len(wide) == 16
+
+
+def test_a_freed_place_goes_to_a_replacement_whose_network_has_room() -> None:
+    table = RoutingTable(LOCAL, k=3, replacements=4)
+    ids = in_bucket(KEY_BITS - 1, 6)
+    table.update(ids[0], (), now=0.0, network="203.0.113.0/24")
+    table.update(ids[1], (), now=1.0, network="203.0.113.0/24")
+    table.update(ids[2], (), now=2.0, network="198.51.100.0/24")
+    # Bucket full: both wait; the farm's one is newest.
+    table.update(ids[3], (), now=3.0, network="192.0.2.0/24")
+    table.update(ids[4], (), now=4.0, network="203.0.113.0/24")
+    table.remove(ids[2])
+    # The farm's newcomer would be its third in the bucket: the other network's goes in.
+    assert ids[3] in table and ids[4] not in table
+    table.remove(ids[0])
+    assert ids[4] in table
+    assert table.networks() == {"203.0.113.0/24": 2, "192.0.2.0/24": 1}

@@ -24,6 +24,7 @@ from dandelion_p2p.errors import (
     ProtocolViolation,
     RemoteRejected,
 )
+from dandelion_p2p.net.addrs import ip_of
 from dandelion_p2p.net.dht.lookup import Lookup
 from dandelion_p2p.net.dht.messages import (
     DHT,
@@ -53,9 +54,10 @@ from dandelion_p2p.net.dht.records import (
 )
 from dandelion_p2p.net.dht.routing import RoutingTable
 from dandelion_p2p.net.dialer import Dialer
-from dandelion_p2p.net.origin import peer_network
+from dandelion_p2p.net.origin import peer_ip, peer_network
 from dandelion_p2p.net.ports import Signer
 from dandelion_p2p.net.streams import NOT_A_FAULT, ViolationSink, request, serve_requests
+from dandelion_p2p.networks import public_network_of
 from dandelion_p2p.wire import Message, RejectCode, encode
 
 log = logging.getLogger(__name__)
@@ -158,7 +160,21 @@ class DHTNode:
             return
         if sender.peer_id != peer_id.to_bytes():
             raise ProtocolViolation(RejectCode.FORBIDDEN, "sender is not the connected peer")
-        self.table.update(sender.peer_id, sender.addrs, trio.current_time())
+        network = self._contact_network(peer_id, sender.addrs)
+        self.table.update(sender.peer_id, sender.addrs, trio.current_time(), network)
+
+    def _contact_network(self, peer_id: ID, addrs: tuple[str, ...]) -> str | None:
+        """The public network a contact counts for in the routing table: the one we see its
+        direct connection come from, else that of the first IP address it is known by (a
+        claim, but one we dial: an address that is not the contact's own never answers)."""
+        seen = peer_ip(self.host, peer_id, direct_only=True)
+        if seen is not None:
+            return public_network_of(seen)
+        for addr in addrs:
+            ip = ip_of(addr)
+            if ip is not None:
+                return public_network_of(ip)
+        return None
 
     async def _answer(self, peer_id: ID, msg: Message) -> Message:
         if isinstance(msg, FindNode):
@@ -219,14 +235,16 @@ class DHTNode:
             # A refusal an honest server gives (stale write, full store) says nothing bad
             # about it; anything else means it is not a useful contact.
             if exc.code in NOT_A_FAULT:
-                self.table.update(ref.peer_id, ref.addrs, trio.current_time())
+                self.table.update(ref.peer_id, ref.addrs, trio.current_time(),
+                                  self._contact_network(peer_id, ref.addrs))
             else:
                 self.table.remove(ref.peer_id)
             raise
         except DandelionError:
             self.table.remove(ref.peer_id)
             raise
-        self.table.update(ref.peer_id, ref.addrs, trio.current_time())
+        self.table.update(ref.peer_id, ref.addrs, trio.current_time(),
+                          self._contact_network(peer_id, ref.addrs))
         return reply
 
     def _wrong_reply(self, ref: PeerRef, expected: str) -> ProtocolViolation:
@@ -303,7 +321,10 @@ class DHTNode:
             answered += 1
             if isinstance(reply, Nodes):
                 for closer in reply.closer:
-                    self.table.update(closer.peer_id, closer.addrs, trio.current_time())
+                    self.table.update(
+                        closer.peer_id, closer.addrs, trio.current_time(),
+                        self._contact_network(ID(closer.peer_id), closer.addrs),
+                    )
 
         async with trio.open_nursery() as nursery:
             for ref in peers:

@@ -1,4 +1,11 @@
-"""Kademlia routing table without I/O: k-buckets by XOR distance, with replacement caches."""
+"""Kademlia routing table without I/O: k-buckets by XOR distance, with replacement caches, and
+a bound on the contacts one network may hold.
+
+Identities are free, so an attacker can mint peer ids that fall into any bucket and crowd the
+contacts near a key (an eclipse). Networks are not free: a bucket takes at most
+``max_per_network_in_bucket`` contacts of one public network and the whole table at most
+``max_per_network``. Contacts of no known public network (loopback, LAN, a peer whose address
+is not an IP) are not counted: peers on one host or one LAN are not strangers."""
 
 from __future__ import annotations
 
@@ -15,12 +22,20 @@ def distance(a: bytes, b: bytes) -> int:
     return int.from_bytes(a, "big") ^ int.from_bytes(b, "big")
 
 
+# Two per bucket and 16 per table, per /24 or /48: a few honest peers behind one NAT fit,
+# a Sybil farm on one network holds a sliver of any bucket.
+DEFAULT_MAX_PER_NETWORK_IN_BUCKET = 2
+DEFAULT_MAX_PER_NETWORK = 16
+
+
 @dataclass
 class Contact:
     peer_id: bytes
     addrs: tuple[str, ...]
     key: bytes
     last_seen: float
+    network: str | None = None
+    """The public network this contact counts for (``networks.public_network_of``)."""
 
     def ref(self) -> PeerRef:
         return PeerRef(peer_id=self.peer_id, addrs=self.addrs)
@@ -33,11 +48,22 @@ class RoutingTable:
     holds newcomers in a bounded replacement cache, promoted when a contact fails.
     """
 
-    def __init__(self, local_peer_id: bytes, *, k: int = 20, replacements: int = 8) -> None:
+    def __init__(
+        self,
+        local_peer_id: bytes,
+        *,
+        k: int = 20,
+        replacements: int = 8,
+        max_per_network_in_bucket: int = DEFAULT_MAX_PER_NETWORK_IN_BUCKET,
+        max_per_network: int = DEFAULT_MAX_PER_NETWORK,
+    ) -> None:
         self.local_peer_id = local_peer_id
         self.local_key = node_key(local_peer_id)
         self.k = k
         self.replacements = replacements
+        self.max_per_network_in_bucket = max_per_network_in_bucket
+        self.max_per_network = max_per_network
+        self._per_network: dict[str, int] = {}
         self._buckets: list[OrderedDict[bytes, Contact]] = [
             OrderedDict() for _ in range(KEY_BITS)
         ]
@@ -46,8 +72,12 @@ class RoutingTable:
     def _index(self, key: bytes) -> int:
         return max(distance(self.local_key, key).bit_length() - 1, 0)
 
-    def update(self, peer_id: bytes, addrs: tuple[str, ...], now: float) -> bool:
-        """Record that ``peer_id`` answered or asked us. Returns whether it is in the table."""
+    def update(
+        self, peer_id: bytes, addrs: tuple[str, ...], now: float, network: str | None = None
+    ) -> bool:
+        """Record that ``peer_id`` answered or asked us; ``network`` is the public network it
+        counts for (None: not counted). Returns whether it is in the table. A newcomer whose
+        network holds its share of the bucket or the table waits in the replacement cache."""
         if peer_id == self.local_peer_id:
             return False
         key = node_key(peer_id)
@@ -60,27 +90,60 @@ class RoutingTable:
                 contact.addrs = addrs
             bucket.move_to_end(peer_id)
             return True
-        if len(bucket) < self.k:
-            bucket[peer_id] = Contact(peer_id, addrs, key, now)
+        newcomer = Contact(peer_id, addrs, key, now, network)
+        if len(bucket) < self.k and self._has_room(bucket, network):
+            self._insert(bucket, newcomer)
             return True
         spare = self._spare[index]
-        spare[peer_id] = Contact(peer_id, addrs, key, now)
+        spare[peer_id] = newcomer
         spare.move_to_end(peer_id)
         while len(spare) > self.replacements:
             spare.popitem(last=False)
         return False
 
+    def _has_room(self, bucket: OrderedDict[bytes, Contact], network: str | None) -> bool:
+        if network is None:
+            return True
+        if self._per_network.get(network, 0) >= self.max_per_network:
+            return False
+        in_bucket = sum(1 for c in bucket.values() if c.network == network)
+        return in_bucket < self.max_per_network_in_bucket
+
+    def _insert(self, bucket: OrderedDict[bytes, Contact], contact: Contact) -> None:
+        bucket[contact.peer_id] = contact
+        if contact.network is not None:
+            self._per_network[contact.network] = self._per_network.get(contact.network, 0) + 1
+
+    def _forget(self, contact: Contact) -> None:
+        if contact.network is None:
+            return
+        left = self._per_network.get(contact.network, 0) - 1
+        if left > 0:
+            self._per_network[contact.network] = left
+        else:
+            self._per_network.pop(contact.network, None)
+
     def remove(self, peer_id: bytes) -> None:
-        """Forget a contact that failed; the newest replacement takes its place."""
+        """Forget a contact that failed; the newest replacement whose network has room takes
+        its place."""
         index = self._index(node_key(peer_id))
         bucket = self._buckets[index]
-        if bucket.pop(peer_id, None) is not None:
+        gone = bucket.pop(peer_id, None)
+        if gone is not None:
+            self._forget(gone)
             spare = self._spare[index]
-            if spare:
-                replacement_id, replacement = spare.popitem(last=True)
-                bucket[replacement_id] = replacement
+            for replacement_id in reversed(list(spare)):
+                replacement = spare[replacement_id]
+                if self._has_room(bucket, replacement.network):
+                    del spare[replacement_id]
+                    self._insert(bucket, replacement)
+                    break
         else:
             self._spare[index].pop(peer_id, None)
+
+    def networks(self) -> dict[str, int]:
+        """Contacts per counted public network."""
+        return dict(self._per_network)
 
     def get(self, peer_id: bytes) -> Contact | None:
         return self._buckets[self._index(node_key(peer_id))].get(peer_id)
