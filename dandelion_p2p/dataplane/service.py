@@ -16,6 +16,7 @@ from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
+from dandelion_p2p.dataplane.admission import ChannelLimits, ChannelSlots
 from dandelion_p2p.dataplane.channel import DEFAULT_LINGER, DEFAULT_TIMEOUT, Channel
 from dandelion_p2p.dataplane.messages import PROTOCOL_ID, format_endpoint, parse_endpoint
 from dandelion_p2p.dataplane.sealing import ABSOLUTE_MAX_FRAME, DEFAULT_MAX_FRAME, MIN_MAX_FRAME
@@ -32,6 +33,7 @@ from dandelion_p2p.dataplane.session import (
 )
 from dandelion_p2p.errors import PeerUnavailable, ProtocolViolation, RemoteRejected
 from dandelion_p2p.identity import Identity
+from dandelion_p2p.net.origin import peer_network
 from dandelion_p2p.net.streams import NOT_A_FAULT, ViolationSink, close_quietly
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,7 @@ class DataPlane:
         channel_timeout: float = DEFAULT_TIMEOUT,
         linger: float = DEFAULT_LINGER,
         on_violation: ViolationSink | None = None,
+        channel_limits: ChannelLimits | None = None,
     ) -> None:
         if not MIN_MAX_FRAME <= max_frame <= ABSOLUTE_MAX_FRAME:
             raise ValueError(f"max_frame must be in {MIN_MAX_FRAME}..{ABSOLUTE_MAX_FRAME}")
@@ -93,6 +96,7 @@ class DataPlane:
         self.tickets = TicketBook()
         self.bound_port: int | None = None
         self.refused_connections = 0
+        self.inbound = ChannelSlots(channel_limits)
         self._handlers: dict[str, ChannelHandler] = {}
         self._nursery: trio.Nursery | None = None
         # Scopes of connections still reading their ticket, oldest first.
@@ -248,6 +252,24 @@ class DataPlane:
         if nursery is None:
             await close_quietly(stream, reset=True)
             return
+        network = peer_network(self.host, peer_id, direct_only=False)
+        refusal = self.inbound.take(peer_id.to_bytes(), network)
+        if refusal is not None:
+            log.info("data channel from %s refused: over the %s bound", peer_id, refusal)
+            await close_quietly(stream, reset=True)
+            return
+        handed_over = False
+        try:
+            handed_over = await self._accept_channel(stream, peer_id, network, nursery)
+        finally:
+            if not handed_over:
+                self.inbound.give_back(peer_id.to_bytes(), network)
+
+    async def _accept_channel(
+        self, stream: INetStream, peer_id: ID, network: str, nursery: trio.Nursery
+    ) -> bool:
+        """Handshake and start serving; True when the channel runs (its slot is given back
+        when it ends)."""
         try:
             with trio.fail_after(self.handshake_timeout):
                 established = await accept_session(
@@ -263,31 +285,37 @@ class DataPlane:
             self._report(peer_id, exc)
             # Closed, not reset: a reset would discard the Reject still on its way.
             await close_quietly(stream)
-            return
+            return False
         except (PeerUnavailable, RemoteRejected, trio.TooSlowError) as exc:
             log.info("data plane handshake with %s failed: %r", peer_id, exc)
             await self._drop(stream)
-            return
+            return False
         except Exception:
             log.exception("data plane handshake with %s failed", peer_id)
             await self._drop(stream)
-            return
+            return False
         handler = self._handlers.get(established.purpose)
         if handler is None or self._nursery is not nursery:
             # Unregistered, or the service stopped, during the handshake.
             with trio.CancelScope(shield=True):
                 await established.transport.aclose()
-            return
+            return False
         channel = self._channel(established, peer_id, nursery)
-        nursery.start_soon(self._serve_channel, handler, channel)
+        nursery.start_soon(self._serve_channel, handler, channel, network)
+        return True
 
-    async def _serve_channel(self, handler: ChannelHandler, channel: Channel) -> None:
+    async def _serve_channel(
+        self, handler: ChannelHandler, channel: Channel, network: str
+    ) -> None:
         try:
             await handler(channel)
         except Exception:
             log.exception("handler for %r channel from %s failed", channel.purpose, channel.peer_id)
         finally:
-            await channel.aclose()
+            try:
+                await channel.aclose()
+            finally:
+                self.inbound.give_back(channel.peer_id.to_bytes(), network)
 
     async def _accept_loop(self, listener: trio.SocketListener) -> None:
         nursery = self._require_nursery()
