@@ -20,7 +20,7 @@ TORCH_PIN ?= torch==2.13.0
 PIP_TOOLS := pip-tools==7.6.2
 
 .PHONY: demo test test-slow test-all test-latest lint typecheck bench clean system-deps \
-	lock lock-check
+	lock lock-upgrade lock-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -50,12 +50,19 @@ $(STAMP_DEV): requirements-dev.lock pyproject.toml | $(PY)
 	$(PIP) install --no-deps -e .
 	touch $(STAMP_CORE) $(STAMP_TRAIN) $@
 
-# Re-resolve pyproject's ranges into the lock with pip-tools (in a venv of its own, so the
-# tool's own dependencies never reach the lock). Commit requirements-*.lock afterwards.
+# Resolve pyproject's ranges into the lock with pip-tools (in a venv of its own, so the
+# tool's own dependencies never reach the lock), keeping the versions already locked.
+# Commit requirements-*.lock afterwards.
 lock:
 	$(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/python -m pip --disable-pip-version-check -q install '$(PIP_TOOLS)'
 	.venv-lock/bin/python tools/lockfile.py compile
+
+# The same, moving every package to the newest release pyproject allows.
+lock-upgrade:
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip --disable-pip-version-check -q install '$(PIP_TOOLS)'
+	.venv-lock/bin/python tools/lockfile.py upgrade
 
 # The newest releases pyproject allows (not the lock), in a venv of their own: how the
 # next `make lock` would fare. Not part of CI. torch stays at the pin: CPU machines have no

@@ -2,6 +2,7 @@
 sets, compiled from pyproject's ranges by pip-tools.
 
     python tools/lockfile.py compile   # what `make lock` runs (needs pip-tools)
+    python tools/lockfile.py upgrade   # what `make lock-upgrade` runs
     python tools/lockfile.py check     # fails when pyproject's dependencies changed since
 
 Each lock file starts with a stamp: the SHA-256 of pyproject's dependency tables (the
@@ -55,9 +56,11 @@ def lock_path(name: str) -> Path:
     return ROOT / f"requirements-{name}.lock"
 
 
-def compile_locks() -> None:
+def compile_locks(*, upgrade: bool = False) -> None:
     """Resolve every set with pip-compile; the smaller sets are constrained by ``dev`` so
-    that a package has one version in all three."""
+    that a package has one version in all three. Versions already in a lock are kept
+    (pip-compile prefers the pins of its output file) unless ``upgrade``: adding a
+    dependency then moves nothing else."""
     digest = dependency_digest()
     with tempfile.TemporaryDirectory() as tmp:
         torch_constraint = Path(tmp) / "torch.txt"
@@ -68,16 +71,20 @@ def compile_locks() -> None:
                 dev_pins = Path(tmp) / "dev-pins.txt"
                 dev_pins.write_text(lock_path("dev").read_text())
                 constraints.append(str(dev_pins))
+            output = Path(tmp) / f"{name}.txt"
+            if not upgrade and lock_path(name).is_file():
+                output.write_text(lock_path(name).read_text())
             command = [
                 sys.executable, "-m", "piptools", "compile", "--quiet", "--strip-extras",
                 "--allow-unsafe", "--no-emit-index-url", "--no-emit-find-links",
                 "--no-header", "--no-annotate", "--rebuild",
                 *(f"--extra={extra}" for extra in extras),
                 *(f"--constraint={c}" for c in constraints),
-                "--output-file", str(Path(tmp) / f"{name}.txt"), str(ROOT / "pyproject.toml"),
+                *(["--upgrade"] if upgrade else []),
+                "--output-file", str(output), str(ROOT / "pyproject.toml"),
             ]
             subprocess.run(command, check=True, cwd=ROOT)
-            body = (Path(tmp) / f"{name}.txt").read_text()
+            body = output.read_text()
             # A CPU wheel's local label (+cpu) names no release on the package index: the pin
             # is the public version, which a GPU machine resolves to its CUDA build.
             body = LOCAL_LABEL.sub(r"\1", body)
@@ -108,8 +115,8 @@ def check_locks() -> list[str]:
 
 def main() -> None:
     command = sys.argv[1] if len(sys.argv) > 1 else "check"
-    if command == "compile":
-        compile_locks()
+    if command in ("compile", "upgrade"):
+        compile_locks(upgrade=command == "upgrade")
     elif command == "check":
         problems = check_locks()
         if problems:
@@ -117,7 +124,7 @@ def main() -> None:
                   + "\nrun `make lock` and commit the requirements-*.lock files", file=sys.stderr)
             raise SystemExit(1)
     else:
-        raise SystemExit(f"usage: {sys.argv[0]} compile|check")
+        raise SystemExit(f"usage: {sys.argv[0]} compile|upgrade|check")
 
 
 if __name__ == "__main__":
