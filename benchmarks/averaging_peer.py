@@ -23,7 +23,9 @@ import trio
 from dandelion_p2p.averaging import compression
 from dandelion_p2p.averaging.averager import Averager, AveragingSettings, NoGroup
 from dandelion_p2p.averaging.matchmaking import MatchmakingSettings
-from dandelion_p2p.daemon import configure_logging
+from dandelion_p2p.daemon import configure_logging, dataplane_addresses
+from dandelion_p2p.dataplane.forwarding import DataPortForwarding
+from dandelion_p2p.dataplane.messages import format_endpoint
 from dandelion_p2p.dataplane.service import DataPlane
 from dandelion_p2p.identity import Identity
 from dandelion_p2p.net.node import NodeSettings, SwarmNode
@@ -110,6 +112,7 @@ async def main(args: argparse.Namespace) -> None:
         bootstrap=bootstrap,
         reachability=args.reachability,
         data_dir=Path(args.data_dir) if args.data_dir else None,
+        upnp=args.upnp,
     )
     averaging = AveragingSettings(
         codec=args.codec,
@@ -128,15 +131,20 @@ async def main(args: argparse.Namespace) -> None:
         # Frames hold at most a 4 MiB chunk plus its header; a window of two such frames per
         # channel keeps the links busy without pooling tens of MiB per member.
         frame = args.chunk_elements * 4 + (1 << 20)
+        # Bound and advertised as the daemon does it (``--ip 0.0.0.0`` as its default listen).
+        bind_ip, advertise_ip = dataplane_addresses(node)
         dataplane = DataPlane(
             node.host,
             identity,
-            listen_ip=args.ip,
+            listen_ip=bind_ip,
             reachable=node.reachable,
             max_frame=frame,
             window_bytes=2 * frame,
         )
         await nursery.start(dataplane.run)
+        if advertise_ip is not None and dataplane.bound_port is not None:
+            dataplane.advertise = format_endpoint(advertise_ip, dataplane.bound_port)
+        await nursery.start(DataPortForwarding(node, dataplane).run)
         averager = Averager(
             signer=identity,
             records=node.records,
@@ -204,6 +212,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pause", type=float, default=0.0, help="seconds between rounds")
     p.add_argument("--byzantine", default="none", choices=["none", "scale", "noise", "nan"])
     p.add_argument("--save", action="store_true")
+    p.add_argument("--upnp", action="store_true", help="map our ports on the NAT's router")
     p.add_argument("--mark-mid-round", type=int, default=0, metavar="BYTES",
                    help="log 'mid-round N' once round N has received BYTES")
     p.add_argument("--out", required=True)

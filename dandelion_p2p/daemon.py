@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from libp2p.peer.id import ID
 from dandelion_p2p.config import DaemonConfig
 from dandelion_p2p.context import DaemonContext, Handler
 from dandelion_p2p.control.server import serve_control
+from dandelion_p2p.dataplane.forwarding import DataPortForwarding
 from dandelion_p2p.dataplane.messages import format_endpoint
 from dandelion_p2p.dataplane.service import DataPlane
 from dandelion_p2p.errors import ConfigError
@@ -21,6 +23,7 @@ from dandelion_p2p.identity import load_or_create_identity
 from dandelion_p2p.local_settings import load_local_settings, save_local_settings
 from dandelion_p2p.loghub import LogHub
 from dandelion_p2p.net.node import NodeSettings, SwarmNode
+from dandelion_p2p.net.recall import wait_for_swarm
 from dandelion_p2p.net.relay import RelayLimitsConfig
 from dandelion_p2p.services import DHT_NAMESPACES, create_services
 from dandelion_p2p.telemetry import Telemetry
@@ -124,9 +127,18 @@ def configure_logging(level: str, hub: LogHub | None = None) -> None:
     if hub is not None:
         hub.setLevel(getattr(logging, level.upper()))
         logging.getLogger().addHandler(hub)
+    # multiaddr logs every address it parses at debug level: thousands of lines a minute.
+    logging.getLogger("multiaddr").setLevel(logging.INFO)
+    if os.environ.get("LIBP2P_DEBUG"):
+        return  # py-libp2p's own per-module levels and log file, as its documentation says
     # py-libp2p reports every refused stream or closed connection at warning level or above;
-    # in the daemon those are routine, and our own modules log what matters.
-    logging.getLogger("libp2p").setLevel(logging.DEBUG if level == "debug" else logging.CRITICAL)
+    # in the daemon those are routine, and our own modules log what matters. Importing libp2p
+    # detaches its loggers from ours (without LIBP2P_DEBUG): debug attaches them again.
+    libp2p = logging.getLogger("libp2p")
+    libp2p.setLevel(logging.DEBUG if level == "debug" else logging.CRITICAL)
+    if level == "debug":
+        libp2p.handlers.clear()
+        libp2p.propagate = True
 
 
 def dataplane_addresses(node: SwarmNode) -> tuple[str, str | None]:
@@ -189,6 +201,7 @@ async def run_daemon(
                     node.host, identity, listen_ip=bind_ip, reachable=node.reachable
                 )
                 await outer.start(_serve_dataplane, dataplane, advertise_ip)
+                await outer.start(DataPortForwarding(node, dataplane).run)
                 ctx = DaemonContext(
                     config=config,
                     identity=identity,
@@ -202,9 +215,16 @@ async def run_daemon(
                     await outer.start(service.run)
                     log.info("%s service started", service.name)
                 await outer.start(serve_control, socket_path, ctx.handlers)
-                if on_ready is not None:
-                    on_ready(node)
                 async with trio.open_nursery() as waiters:
+
+                    async def when_joined(ready: Callable[[SwarmNode], None]) -> None:
+                        # "ready" means part of a swarm: a peer whose every bootstrap (and
+                        # remembered) peer is gone says so, and keeps trying, instead.
+                        await wait_for_swarm(node)
+                        ready(node)
+
+                    if on_ready is not None:
+                        waiters.start_soon(when_joined, on_ready)
 
                     async def on_signal() -> None:
                         async for signum in signals:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import multiaddr
 import trio
 from libp2p.abc import IHost
 from libp2p.peer.id import ID
@@ -67,10 +68,20 @@ class Dialer:
             del self._in_progress[peer_id]
             done.set()
 
+    def _relay_connected(self, circuit: multiaddr.Multiaddr) -> bool:
+        try:
+            relay = str(circuit).split("/p2p-circuit")[0].rsplit("/p2p/", 1)[1]
+            return self.is_connected(ID.from_base58(relay))
+        except Exception:  # not a circuit address we can parse: try it last
+            return False
+
     async def _dial(self, peer_id: ID, addrs: Sequence[str]) -> None:
         parsed = [(a, maddrs.parse(a)) for a in addrs]
         direct = [m for a, m in parsed if m is not None and not maddrs.is_relayed(a)]
         relayed = [m for a, m in parsed if m is not None and maddrs.is_relayed(a)]
+        # Through relays we are connected to first: a relay whose connection was closed as
+        # dead would hold each dial for the whole timeout before the next relay is tried.
+        relayed.sort(key=lambda m: not self._relay_connected(m))
         errors: list[str] = []
         if direct or not relayed:
             if direct:

@@ -39,6 +39,7 @@ from dandelion_p2p.net.announce import (
     encode_announcement,
     register_core_namespaces,
 )
+from dandelion_p2p.net.circuits import transport_addrs
 from dandelion_p2p.net.dht.messages import PeerRef
 from dandelion_p2p.net.dht.node import DHTNode
 from dandelion_p2p.net.dht.records import NamespaceRegistration, RecordValidator, StoreLimits
@@ -46,9 +47,12 @@ from dandelion_p2p.net.dialback.protocol import dial_back_request
 from dandelion_p2p.net.dialback.service import DialBackService, ask_dial_back
 from dandelion_p2p.net.dialer import Dialer
 from dandelion_p2p.net.host import build_host
+from dandelion_p2p.net.liveness import ConnectionLiveness
 from dandelion_p2p.net.notes.service import NoteService
 from dandelion_p2p.net.ports import RecordStore
+from dandelion_p2p.net.recall import SwarmRecall
 from dandelion_p2p.net.relay import RelayLimitsConfig, RelayReservations, relay_services
+from dandelion_p2p.net.upgrade import GracefulUpgrades
 from dandelion_p2p.reputation.book import SCORE_EVENT_OF, ScoreBook, ScoreEvent
 from dandelion_p2p.reputation.store import SCORES_FILENAME, load_book, save_book
 from dandelion_p2p.wire import RejectCode
@@ -136,6 +140,12 @@ class SwarmNode:
         # simultaneous dials from both sides; it works across NATs that drop unsolicited
         # packets, not across those that answer them with a reset.
         self.hole_punching = DCUtRProtocol(self.host)
+        # A connection that replaces another (a hole punch) lets the old one finish its
+        # streams; a connection that stops carrying anything (a hung relay) is closed.
+        self.liveness = ConnectionLiveness(self.host, on_dead=self._connection_died)
+        self.upgrades = GracefulUpgrades(
+            self.host, self.hole_punching, suspect=self.liveness.is_quiet
+        )
         self.dialer = Dialer(
             self.host, timeout=settings.dial_timeout, relay_transport=self.relay_transport
         )
@@ -167,8 +177,15 @@ class SwarmNode:
         self.dht: DHTNode | None = None
         self.reservations: RelayReservations | None = None
         self.port_forwarding: PortForwarding | None = None
+        self.recall = SwarmRecall(self, settings.data_dir)
         self.started_at = time.time()
         self._announce_lock = trio.Lock()
+
+    def _connection_died(self, peer_id: ID) -> None:
+        """A connection went silent and was closed: stop asking that peer DHT queries (each
+        would wait out the request timeout); it is learnt again when it answers others."""
+        if self.dht is not None:
+            self.dht.table.remove(peer_id.to_bytes())
 
     def _violation(self, peer_id: ID, code: RejectCode) -> None:
         key = peer_id.to_base58()
@@ -245,6 +262,7 @@ class SwarmNode:
     async def running(self) -> AsyncIterator[SwarmNode]:
         if self.scores_path is not None:
             self.scores = load_book(self.scores_path)
+        self.recall.load()
         if self.settings.frame_budget is not None:
             PROCESS_FRAME_BUDGET.configure(self.settings.frame_budget)
         listen = [multiaddr.Multiaddr(a) for a in self.settings.listen]
@@ -255,6 +273,8 @@ class SwarmNode:
             trio.open_nursery() as nursery,
         ):
             self.background = nursery
+            nursery.start_soon(self.upgrades.run)
+            nursery.start_soon(self.liveness.run)
             await self._start(nursery)
             try:
                 yield self
@@ -271,7 +291,7 @@ class SwarmNode:
             ).install()
         await self._connect_bootstrap()
         if self.settings.reachability == "auto" and not self.settings.relay:
-            if self.bootstrap_refs:
+            if self.join_refs:
                 self.reachable = await self.check_reachability(self.direct_addrs())
             else:
                 log.info("no bootstrap peers: this node seeds the network and must be reachable")
@@ -296,8 +316,7 @@ class SwarmNode:
             store_limits=StoreLimits(max_bytes=self.settings.dht_store_bytes),
         )
         self.dht.install()
-        if self.bootstrap_refs:
-            await self.dht.bootstrap(self.bootstrap_refs)
+        await self._bootstrap_dht()
         if not self.settings.relay:
             # Kept also by reachable peers, idle while they are reachable: a port mapping can
             # be lost, and then the peer needs relays again.
@@ -316,6 +335,7 @@ class SwarmNode:
         nursery.start_soon(self.dht.maintain)
         nursery.start_soon(self._rejoin_loop)
         nursery.start_soon(self._save_scores_loop)
+        nursery.start_soon(self.recall.run)
 
     async def _connect_bootstrap(self) -> None:
         async def one(ref: PeerRef) -> None:
@@ -327,13 +347,31 @@ class SwarmNode:
         async with trio.open_nursery() as nursery:
             for ref in self.bootstrap_refs:
                 nursery.start_soon(one, ref)
+        if not self.host.get_network().get_connections():
+            await self.recall.reach_remembered()
+
+    async def _bootstrap_dht(self) -> None:
+        """Fill the routing table through the join peers; when none of them answers (a
+        bootstrap peer can accept a connection and still be dying), through remembered ones."""
+        if self.dht is None or not self.recall.has_peers_to_join():
+            return
+        if self.join_refs and await self.dht.bootstrap(self.join_refs):
+            return
+        if await self.recall.reach_remembered():
+            await self.dht.bootstrap(self.join_refs)
+
+    @property
+    def join_refs(self) -> list[PeerRef]:
+        """The configured bootstrap peers, and remembered peers that answered when none of
+        those did (``net.recall``)."""
+        return self.bootstrap_refs + self.recall.fallback
 
     async def check_reachability(self, addrs: list[str]) -> bool:
         """Ask connected bootstrap peers to dial us back; reachable if any of them can."""
         ask = dial_back_request(addrs)
         if ask is None:
             return False
-        for ref in self.bootstrap_refs:
+        for ref in self.join_refs:
             helper = ID(ref.peer_id)
             if not self.dialer.is_connected(helper):
                 continue
@@ -366,7 +404,7 @@ class SwarmNode:
         through the bootstrap peers again."""
         while True:
             await trio.sleep(self.settings.rejoin_interval)
-            if not self.bootstrap_refs:
+            if not self.recall.has_peers_to_join():
                 continue
             isolated = not self.host.get_network().get_connections()
             lost_table = self.dht is not None and len(self.dht.table) == 0
@@ -376,8 +414,7 @@ class SwarmNode:
                     "no connections left" if isolated else "routing table is empty",
                 )
                 await self._connect_bootstrap()
-                if self.dht is not None:
-                    await self.dht.bootstrap(self.bootstrap_refs)
+                await self._bootstrap_dht()
                 await self.announce()
 
     # ---- announcements and lookups --------------------------------------------------------
@@ -413,7 +450,7 @@ class SwarmNode:
             )
 
     async def _relay_candidates(self) -> list[PeerRef]:
-        found: list[PeerRef] = list(self.bootstrap_refs)
+        found: list[PeerRef] = list(self.join_refs)
         if self.dht is not None:
             try:
                 records = await self.dht.get(RELAYS_NAMESPACE, self.settings.network.encode())
@@ -424,6 +461,7 @@ class SwarmNode:
                 direct = tuple(a for a in ann.addrs if not maddrs.is_relayed(a))
                 if direct:
                     found.append(PeerRef(peer_id=record.publisher, addrs=direct))
+        found.extend(self.recall.relay_refs())
         seen: set[bytes] = set()
         unique = []
         for ref in found:
@@ -491,7 +529,7 @@ class SwarmNode:
     def connected_peers(self) -> list[dict[str, Any]]:
         out = []
         for peer_id, conns in self.host.get_network().get_connections_map().items():
-            transports = [str(a) for c in conns for a in c.get_transport_addresses()]
+            transports = [a for c in conns for a in transport_addrs(c, self.peer_id)]
             relayed = bool(conns) and all(
                 any(maddrs.is_relayed(a) for a in (str(t) for t in c.get_transport_addresses()))
                 for c in conns
