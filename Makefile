@@ -97,8 +97,11 @@ $(STAMP_SYS): | $(PY)
 
 system-deps: $(STAMP_SYS)
 
+# Sample images and the exported model land in DEMO_OUTPUT (`make demo DEMO_OUTPUT=dir`).
+DEMO_OUTPUT ?= demo-output
+
 demo: $(STAMP_TRAIN)
-	$(PY) -m dandelion_p2p.demo
+	$(PY) -m dandelion_p2p.demo --output '$(DEMO_OUTPUT)'
 
 test: lock-check $(STAMP_DEV) $(STAMP_SYS)
 	$(VENV)/bin/ruff check dandelion_p2p tests benchmarks tools

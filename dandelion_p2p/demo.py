@@ -1,12 +1,18 @@
 """``make demo``: a local swarm on this machine trains a tiny Stable Diffusion model together.
 
 One public relay publishes the run (a tiny random SD 1.x model built here) and serves its
-dataset (16 captioned images packed into signed, content-addressed chunks). Two peers that
-believe they are behind NAT join it: they reach each other only through the relay, find the
-run in the DHT, and their workers train on chunks leased from the relay with local steps,
-averaging their progress through the swarm every few steps. The demo prints each round as it
-happens and checks at the end that both peers hold the same weights (exiting with code 1 when
-they do not) and that every chunk trained was receipted.
+dataset (16 captioned images packed into signed, content-addressed chunks). Two peers behind
+NAT join it: they first reach each other through the relay, find the run in the DHT, and
+their workers train on chunks leased from the relay with local steps, averaging their
+progress through the swarm every few steps. The demo prints each round as it happens and each
+peer's web UI login link, and at the end copies the peers' sample images and the exported
+model into an output folder (``./demo-output/`` unless ``--output`` says otherwise). It exits
+with code 1 when a check fails: both peers must end with bit-identical weights, write sample
+images, and export a model that loads back in diffusers.
+
+Where the processes run is ``demo_nat``'s: behind real NATs built from network namespaces
+when this machine allows it (root, ip, nft), else on 127.0.0.1 with the NAT simulated (the
+peers told they are unreachable, ``--reachability private``), which the demo then says.
 """
 
 from __future__ import annotations
@@ -23,13 +29,22 @@ from pathlib import Path
 from typing import Any
 
 from dandelion_p2p.control.client import call_sync
+from dandelion_p2p.demo_nat import DemoNetwork
+from dandelion_p2p.demo_output import (
+    OutputFolderError,
+    check_login,
+    keep_results,
+    login_link,
+    prepare_output,
+    write_summary,
+)
 
 LOCAL_STEPS = 4
 MAX_STEPS = 24
 
 
 class Proc:
-    def __init__(self, name: str, args: list[str], data_dir: Path) -> None:
+    def __init__(self, name: str, args: list[str], data_dir: Path, net: DemoNetwork) -> None:
         self.name = name
         self.data_dir = data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -37,7 +52,7 @@ class Proc:
         self.err = data_dir / "daemon.log"
         argv = [sys.executable, "-m", "dandelion_p2p.cli", *args, "--data-dir", str(data_dir)]
         with self.out.open("w") as out, self.err.open("w") as err:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=err)
+            self.proc = net.popen(name, argv, out, err)
         self.peer_id = ""
         self.addrs: list[str] = []
 
@@ -130,6 +145,9 @@ batch_size = 2
 max_steps = {MAX_STEPS}
 seed = 7
 min_snr_gamma = 5.0
+sample_every = {MAX_STEPS}
+sample_prompts = ["a red cat", "a green tree by the sea"]
+sample_steps = 4
 
 [optimizer]
 name = "adamw"
@@ -162,10 +180,27 @@ lease_seconds = 60.0
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--keep", action="store_true", help="keep the demo's folder")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the demo's working folder (logs, data dirs)")
+    parser.add_argument("--output", type=Path, default=Path("demo-output"),
+                        help="where the sample images and the exported model go "
+                             "(default: ./demo-output)")
+    parser.add_argument("--nat", choices=("auto", "real", "simulated"), default="auto",
+                        help="put the peers behind real NATs (network namespaces; needs root "
+                             "and ip/nft), or simulate them on 127.0.0.1 (auto: real when "
+                             "possible)")
     args = parser.parse_args()
+    # SIGTERM (a timeout, a supervisor) unwinds through the finally below like Ctrl-C does, so
+    # the daemons and the network namespaces go with the demo instead of living on.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        output = prepare_output(args.output)
+    except OutputFolderError as exc:
+        raise SystemExit(f"demo: {exc}") from None
+    started = time.monotonic()
     root = Path(tempfile.mkdtemp(prefix="dandelion-demo-"))
     procs: list[Proc] = []
+    net, why = DemoNetwork.open(args.nat)
     try:
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
@@ -196,10 +231,10 @@ def main() -> None:
               "dandelion-p2p daemon --relay --dataset packed --run-config run.toml --no-worker")
         relay = Proc("relay", ["daemon", "--relay", "--no-worker", "--no-webui",
                                "--dataset", str(root / "packed"), "--run-config", str(run_toml),
-                               "--listen", "/ip4/127.0.0.1/tcp/0"], root / "relay")
+                               "--listen", net.relay_listen()], root / "relay", net)
         procs.append(relay)
         relay.wait_ready()
-        print(f"  relay {short(relay.peer_id)} at {relay.addrs[0]}")
+        print(f"  relay {short(relay.peer_id)} at {relay.addrs[0]} ({net.describe('relay')})")
         run_id = ""
         deadline = time.monotonic() + 30
         while not run_id and time.monotonic() < deadline:
@@ -211,22 +246,44 @@ def main() -> None:
         print(f"  run {run_id} published in the DHT, signed by the relay's key")
 
         peers = []
+        problems: list[str] = []
+        # Both start at once: each needs only the relay, and neither trains before the other
+        # is there to average with.
         for name in ("alice", "bob"):
-            print(f"Starting {name}: dandelion-p2p join <relay> --run {run_id} (simulated NAT)")
-            p = Proc(name, ["join", relay.addrs[0], "--reachability", "private",
-                            "--run", run_id, "--webui-port", "0",
-                            "--listen", "/ip4/127.0.0.1/tcp/0"], root / name)
+            net.add_peer(name)
+            flags = " ".join(net.peer_args()[:2]) if not net.real else "(behind a real NAT)"
+            print(f"Starting {name}: dandelion-p2p join <relay> --run {run_id} {flags}")
+            p = Proc(name, ["join", relay.addrs[0], *net.peer_args(), "--run", run_id,
+                            "--webui-port", "0"], root / name, net)
             procs.append(p)
-            p.wait_ready()
             peers.append(p)
+        for p in peers:
+            name = p.name
+            p.wait_ready()
             status = p.call("status")
-            print(f"  {name} {short(p.peer_id)}: reachable through "
-                  f"{len(status['relay_reservations'])} relay reservation(s); web UI "
-                  f"{status.get('webui', {}).get('url', 'off')} "
-                  f"(token in {root / name / 'webui.token'})")
+            url = net.browser_url(name, status.get("webui", {}).get("url", "off"))
+            print(f"  {name} {short(p.peer_id)} at {net.describe(name)}: "
+                  f"{'reachable' if status['reachable'] else 'not reachable'} from outside, "
+                  f"{len(status['relay_reservations'])} relay reservation(s)")
+            link = login_link(root / name, url)
+            print(f"  {name}'s web UI while the demo runs: {link or url}")
+            if (trouble := check_login(link) if link else "no web UI") is not None:
+                problems.append(f"{name}'s web UI: {trouble}")
+            if status["reachable"] or not status["relay_reservations"]:
+                problems.append(f"{name} behind NAT is reachable or holds no relay reservation")
+        if net.real:
+            print(f"  Real NATs ({why}): the peers' routers masquerade their traffic and drop "
+                  "what nobody inside asked for; the peers learnt by dial-back from the relay "
+                  "that they cannot be reached, and first reach each other through it (hole "
+                  "punching may then connect them directly).")
+        else:
+            print(f"  The NAT is simulated ({why}): all three processes listen on 127.0.0.1 "
+                  "and the two peers are told they are unreachable, so they reserve a slot on "
+                  "the relay, advertise relayed addresses and first reach each other through "
+                  "it; the loopback interface itself blocks nothing.")
 
-        print(f"\nTraining: {LOCAL_STEPS} local steps, then one averaging round through the "
-              f"relay, until global step {MAX_STEPS}")
+        print(f"\nTraining: {LOCAL_STEPS} local steps, then one averaging round with the other "
+              f"peer, until global step {MAX_STEPS}")
         logs = {p.name: root / p.name / "worker" / "demo" for p in peers}
         printed: dict[str, int] = {p.name: 0 for p in peers}
         deadline = time.monotonic() + 900
@@ -247,8 +304,15 @@ def main() -> None:
             time.sleep(1.0)
         else:
             raise SystemExit("training did not finish within 15 minutes")
+        problems += [f"{p.name}'s worker ended as {st['state']}: {st.get('detail', '')}"
+                     for p in peers if (st := p.call("training.status"))["state"] != "stopped"]
 
         print("\nResult:")
+        links = {c["peer_id"]: c.get("connection", "?")
+                 for c in peers[0].call("status")["connected_peers"]}
+        print(f"  {peers[0].name} and {peers[1].name} are connected "
+              f"{links.get(peers[1].peer_id, 'not at all now')} (relayed: through the relay; "
+              "direct: hole punching got through)")
         for name, folder in logs.items():
             losses = [e["loss"] for e in read_jsonl(folder / "train_log.jsonl")]
             k = max(1, len(losses) // 4)
@@ -262,6 +326,8 @@ def main() -> None:
               "weights")
         mismatch = final_weights_mismatch(logs)
         print(f"  final weights: {mismatch or 'bit-identical on both peers'}")
+        if mismatch:
+            problems.append(f"the peers' final weights differ: {mismatch}")
         book = relay.call("dataset.status")
         print(f"  the relay's lease book: {book['chunks']} chunks, {book['leases_granted']} "
               f"leases granted, {book['receipts']} signed receipts; epoch {book['epoch']} has "
@@ -269,17 +335,41 @@ def main() -> None:
               f"{book['active_leases']} leased (peers that stop partway into a chunk leave "
               "its lease to expire)")
 
+        if book["receipts"] < 1:
+            problems.append("the relay's lease book holds no signed receipt")
+
         print("\nShutting down (SIGTERM):")
         for p in reversed(procs):
             print(f"  {p.name} stopped in {p.stop():.2f} s (exit code {p.proc.returncode})")
-        if mismatch:
+            if p.proc.returncode != 0:
+                problems.append(f"{p.name} exited with code {p.proc.returncode}")
+
+        kept, kept_problems = keep_results(output, logs)
+        problems += kept_problems
+        summary = write_summary(output, {
+            "run": run_id, "max_steps": MAX_STEPS, "local_steps": LOCAL_STEPS,
+            "rounds_identical": len(same), "rounds": len(shared), "final_weights": mismatch
+            or "bit-identical", "nat": f"{'real' if net.real else 'simulated'}: {why}",
+            "problems": problems, "seconds": round(time.monotonic() - started, 1), **kept,
+        })
+        print(f"\nKept in {output}:")
+        for name, images in kept["samples"].items():
+            print(f"  samples/{name}/: {len(images)} sample images from the final weights")
+        if kept["model"]:
+            print(f"  model/: {kept['model']['from']}'s export ({kept['model']['export']}): "
+                  "a diffusers folder (StableDiffusionPipeline.from_pretrained(\"" +
+                  str(output / "model" / "diffusers") + "\")) and a single .safetensors file")
+        print(f"  {summary.name}: what was checked")
+        if problems:
             args.keep = True
-            raise SystemExit(f"demo failed: the peers' final weights differ: {mismatch}")
+            raise SystemExit("demo failed:\n" + "\n".join(f"  - {x}" for x in problems))
+        print(f"\nAll checks passed in {time.monotonic() - started:.0f} s.")
     finally:
         for p in procs:
             if p.proc.poll() is None:
                 p.proc.kill()
                 p.proc.wait()
+        net.close()
         if args.keep:
             print(f"demo folder kept: {root}")
         else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 
 from dandelion_p2p.netlab import NetLab, netlab_unavailable_reason
 from dandelion_p2p.worker.tiny import build_tiny_pipeline, write_images
+from tests.daemon_proc import DaemonProcess
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +26,19 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("images")
     write_images(folder, 8)
     return folder
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[DaemonProcess]]:
+    """A list the test appends the daemons it starts to; those still running are killed
+    afterwards (woken first, should the test have stopped one)."""
+    started: list[DaemonProcess] = []
+    yield started
+    for d in started:
+        if d.proc.poll() is None:
+            d.proc.send_signal(signal.SIGCONT)
+            d.proc.kill()
+            d.proc.wait()
 
 
 @pytest.fixture

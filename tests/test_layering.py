@@ -42,6 +42,7 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
         "daemon",
         "cli_common",
         "cli",
+        "demo_output demo_nat",
         "demo",
     )
 )
@@ -77,6 +78,7 @@ CORE_MODULES: tuple[str, ...] = (
     "dandelion_p2p.net.dht.routing",
     "dandelion_p2p.net.dht.lookup",
     "dandelion_p2p.net.ports",
+    "dandelion_p2p.net.liveness_core",
     "dandelion_p2p.net.dialback.protocol",
     "dandelion_p2p.net.notes.protocol",
     "dandelion_p2p.dataplane.messages",

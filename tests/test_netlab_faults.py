@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,17 +23,6 @@ pytestmark = [pytest.mark.netlab, pytest.mark.slow]
 # most LivenessSettings().bound (16 s); a dial through a relay that answers and a note's
 # round trip take the rest.
 RECOVERY_BOUND = 30.0
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        if d.proc.poll() is None:
-            d.proc.send_signal(signal.SIGCONT)
-            d.proc.kill()
-            d.proc.wait()
 
 
 def block_between(router: NatRouter, other_wan_ip: str) -> None:

@@ -11,6 +11,7 @@ import difflib
 import math
 import re
 import tomllib
+import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -42,12 +43,16 @@ _HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
 Family = Literal["sd1", "sd2", "sdxl"]
 Prediction = Literal["auto", "epsilon", "v_prediction"]
 Method = Literal["full", "lora"]
-OptimizerName = Literal["adamw", "adamw8bit"]
-ScheduleName = Literal["constant", "constant_with_warmup", "linear", "cosine"]
+OptimizerName = Literal["adamw", "adamw8bit", "prodigy", "adafactor"]
+ScheduleName = Literal["constant", "constant_with_warmup", "linear", "cosine",
+                       "cosine_with_restarts", "polynomial"]
 SyncMode = Literal["local_steps", "gradient"]
 Codec = Literal["none", "fp16", "bf16", "int8"]
 Aggregation = Literal["mean", "centered_clip"]
 ExportWeights = Literal["auto", "ema", "raw"]
+LoraLayers = Literal["attention", "transformer", "locon"]
+LoraFormat = Literal["diffusers", "kohya"]
+SavePrecision = Literal["auto", "fp16", "bf16", "fp32"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +71,20 @@ class TrainingConfig:
     method: Method = "lora"
     lora_rank: int = 16
     lora_alpha: float = 16.0
+    lora_layers: LoraLayers = "attention"
+    """attention: the attention projections; transformer: every linear layer of the UNet's
+    transformer blocks (feed-forward, proj_in/out too) and of the text encoders (MLPs too), as
+    kohya's LoRA; locon: that and the UNet's ResNet, down- and upsampling convolutions, as
+    kohya's LoCon."""
+    lora_conv_rank: int = 0
+    """Rank of the 3x3 convolution adapters (locon); 0: lora_rank."""
+    lora_conv_alpha: float = 0.0
+    """Alpha of the 3x3 convolution adapters (locon); 0: lora_alpha."""
+    lora_init: str = ""
+    """A LoRA .safetensors file (kohya or diffusers layout) the adapters start from; every
+    peer needs the same file at this path."""
+    lora_init_sha256: str = ""
+    """SHA-256 (hex) of ``lora_init``; when set, a peer with another file refuses to start."""
     train_text_encoder: bool = False
     resolution: int = 512
     bucketing: bool = True
@@ -99,6 +118,12 @@ class OptimizerConfig:
     eps: float = 1e-8
     max_grad_norm: float = 1.0
     """0 turns gradient clipping off."""
+    unet_lr: float = 0.0
+    """Learning rate of the UNet's parameters; 0: ``lr``."""
+    text_encoder_lr: float = 0.0
+    """Learning rate of the text encoders' parameters (``train_text_encoder``); 0: ``lr``."""
+    d_coef: float = 1.0
+    """Prodigy only: scales the step size Prodigy estimates."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +131,11 @@ class ScheduleConfig:
     name: ScheduleName = "constant_with_warmup"
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
-    """Floor of linear and cosine decay, as a fraction of ``optimizer.lr``."""
+    """Floor of linear, cosine and polynomial decay, as a fraction of ``optimizer.lr``."""
+    num_cycles: int = 1
+    """cosine_with_restarts: how many cosine decays (each restarting at the full rate)."""
+    power: float = 1.0
+    """polynomial: the exponent of the decay (1: linear)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,10 +182,68 @@ class DatasetConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SubsetConfig:
+    """Settings of one subset: a folder directly under the training data folder. Unset
+    (None) caption and augmentation settings are the ``[data]`` ones."""
+
+    folder: str
+    repeats: int = 0
+    """Times each image trains per epoch; 0: the N of a kohya ``N_name`` folder, else 1."""
+    loss_weight: float = 1.0
+    """Multiplies the loss of this subset's images."""
+    shuffle_caption: bool | None = None
+    keep_tokens: int | None = None
+    tag_dropout: float | None = None
+    caption_dropout: float | None = None
+    flip: bool | None = None
+    random_crop: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DataConfig:
+    """How images and captions become training inputs (kohya sd-scripts' meanings)."""
+
+    shuffle_caption: bool = False
+    """Shuffle the comma-separated tags of a caption at every draw."""
+    keep_tokens: int = 0
+    """Leading tags that stay first and are never shuffled or dropped."""
+    tag_dropout: float = 0.0
+    """Chance that each tag (after ``keep_tokens``) is left out of a draw."""
+    flip: bool = False
+    """Mirror an image left-right at random (each draw)."""
+    random_crop: bool = False
+    """Crop a random window of the scaled image rather than its centre."""
+    clip_skip: int = 1
+    """Use the text encoder's n-th layer from the end (1: the last); SD 1.x/2.x only."""
+    max_token_length: int = 75
+    """Caption tokens the text encoder reads: 75, 150 or 225 (chunks of 75, A1111-style)."""
+    subsets: tuple[SubsetConfig, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class ExportConfig:
     weights: ExportWeights = "auto"
     """Which weights the export and the sample images use; auto: the EMA when training.ema is
     on, else the raw trained weights."""
+    lora_formats: tuple[LoraFormat, ...] = ("diffusers", "kohya")
+    """LoRA files written: diffusers' ``pytorch_lora_weights.safetensors`` and the kohya/A1111
+    layout (``<run>-step-N.safetensors``)."""
+    precision: SavePrecision = "auto"
+    """Of the single-file checkpoint and the LoRA files; auto: fp16 for the single file, fp32
+    for LoRA files. The diffusers folder keeps the fp32 master weights."""
+
+
+@dataclass(frozen=True, slots=True)
+class ValidationConfig:
+    """Validation loss on a held-out split of a local data folder (``worker/validation.py``)."""
+
+    every_steps: int = 0
+    """Global steps between validation losses; 0: none."""
+    split: float = 0.0
+    """Share of the images held out of training, chosen by content hash (the same on every
+    peer); 0: none."""
+    max_images: int = 64
+    """Held-out images validated at most (the rest of the split trains neither)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +258,8 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def __post_init__(self) -> None:
         problems = validate(self)
@@ -240,6 +329,11 @@ def validate(c: RunConfig) -> list[str]:
     t = c.training
     need(1 <= t.lora_rank <= 1024, "training.lora_rank", "must be 1-1024")
     need(t.lora_alpha > 0, "training.lora_alpha", "must be > 0")
+    need(0 <= t.lora_conv_rank <= 1024, "training.lora_conv_rank", "must be 0-1024 (0: lora_rank)")
+    need(t.lora_conv_alpha >= 0, "training.lora_conv_alpha", "must be >= 0 (0: lora_alpha)")
+    need(not t.lora_init or t.method == "lora", "training.lora_init", 'needs method = "lora"')
+    need(t.lora_init_sha256 == "" or bool(_HEX_DIGEST.fullmatch(t.lora_init_sha256)),
+         "training.lora_init_sha256", "must be 64 lowercase hex digits, or empty")
     for key, value in (("resolution", t.resolution), ("bucket_min", t.bucket_min),
                        ("bucket_max", t.bucket_max)):
         need(64 <= value <= 4096 and value % 8 == 0, f"training.{key}",
@@ -261,6 +355,12 @@ def validate(c: RunConfig) -> list[str]:
     need(len(t.sample_prompts) <= 16 and all(len(p) <= 1000 for p in t.sample_prompts),
          "training.sample_prompts", "at most 16 prompts of 1000 characters")
     need(1 <= t.sample_steps <= 200, "training.sample_steps", "must be 1-200")
+    va = c.validation
+    need(va.every_steps >= 0, "validation.every_steps", "must be >= 0 (0: off)")
+    need(0 <= va.split <= 0.5, "validation.split", "must be in [0, 0.5]")
+    need(not (va.every_steps and not va.split), "validation.split",
+         "needed when every_steps is set")
+    need(1 <= va.max_images <= 4096, "validation.max_images", "must be 1-4096")
     o = c.optimizer
     need(0 < o.lr <= 1, "optimizer.lr", f"must be in (0, 1], got {o.lr}")
     need(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
@@ -268,10 +368,22 @@ def validate(c: RunConfig) -> list[str]:
     need(0 <= o.beta2 < 1, "optimizer.beta2", "must be in [0, 1)")
     need(0 < o.eps < 1, "optimizer.eps", "must be in (0, 1)")
     need(o.max_grad_norm >= 0, "optimizer.max_grad_norm", "must be >= 0 (0: off)")
+    for name, rate in (("unet_lr", o.unet_lr), ("text_encoder_lr", o.text_encoder_lr)):
+        need(0 <= rate <= 1, f"optimizer.{name}",
+             f"must be in [0, 1] (0: optimizer.lr), got {rate}")
+    need(not (o.text_encoder_lr and not t.train_text_encoder), "optimizer.text_encoder_lr",
+         "set, but training.train_text_encoder is false: no text encoder trains")
+    need(0 < o.d_coef <= 100, "optimizer.d_coef", "must be in (0, 100]")
     s = c.schedule
     need(0 <= s.warmup_steps <= t.max_steps, "schedule.warmup_steps",
          "must be between 0 and training.max_steps")
     need(0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio", "must be 0-1")
+    need(1 <= s.num_cycles <= 10_000, "schedule.num_cycles", "must be 1-10000")
+    need(0 < s.power <= 10, "schedule.power", "must be in (0, 10]")
+    need(not (s.name == "polynomial" and s.min_lr_ratio >= 1), "schedule.min_lr_ratio",
+         "must be below 1 for the polynomial schedule (it decays towards this floor)")
+    need(not (s.name == "cosine_with_restarts" and s.min_lr_ratio), "schedule.min_lr_ratio",
+         "cosine_with_restarts decays to 0 each cycle; leave min_lr_ratio at 0")
     y = c.sync
     need(1 <= y.local_steps <= 100_000, "sync.local_steps", "must be 1-100000")
     need(0 < y.outer_lr <= 10, "sync.outer_lr", "must be in (0, 10]")
@@ -291,11 +403,48 @@ def validate(c: RunConfig) -> list[str]:
     need(1 <= d.max_leases_per_peer <= 64, "dataset.max_leases_per_peer", "must be 1-64")
     need(d.manifest == "" or bool(_HEX_DIGEST.fullmatch(d.manifest)), "dataset.manifest",
          "must be the 64 lowercase hex digits `dataset pack` printed, or empty")
+    _validate_data(c, need)
     # Refused rather than quietly exporting the raw weights: the owner asked for something
     # this run does not keep.
+    formats = c.export.lora_formats
+    need(set(formats) <= set(get_args(LoraFormat)) and len(set(formats)) == len(formats),
+         "export.lora_formats", 'a list of distinct formats from "diffusers", "kohya"')
     need(c.export.weights != "ema" or t.ema, "export.weights",
          '"ema" needs training.ema = true')
     return out
+
+
+MAX_SUBSETS = 64
+
+
+def _validate_data(c: RunConfig, need: typing.Callable[[bool, str, str], None]) -> None:
+    d = c.data
+    need(1 <= d.clip_skip <= 12, "data.clip_skip", "must be 1-12 (1: the last layer)")
+    need(d.clip_skip == 1 or c.model.family != "sdxl", "data.clip_skip",
+         "SDXL always reads the penultimate layer; leave clip_skip at 1")
+    need(d.max_token_length in (75, 150, 225), "data.max_token_length",
+         f"must be 75, 150 or 225, got {d.max_token_length}")
+    need(len(d.subsets) <= MAX_SUBSETS, "data.subsets", f"at most {MAX_SUBSETS}")
+    seen: set[str] = set()
+    for i, sub in enumerate((None, *d.subsets)):
+        key = "data" if sub is None else f"data.subsets[{i - 1}]"
+        if sub is not None:
+            need(bool(sub.folder) and len(sub.folder) <= 255 and "/" not in sub.folder
+                 and "\\" not in sub.folder and sub.folder not in (".", ".."),
+                 f"{key}.folder", "must name one folder directly under the data folder, got "
+                 f"{sub.folder!r}")
+            need(sub.folder not in seen, f"{key}.folder", f"{sub.folder!r} is listed twice")
+            seen.add(sub.folder)
+            need(0 <= sub.repeats <= 10_000, f"{key}.repeats",
+                 "must be 0-10000 (0: from the folder name)")
+            need(0 < sub.loss_weight <= 100, f"{key}.loss_weight", "must be in (0, 100]")
+        source = d if sub is None else sub
+        keep, tag, caption = source.keep_tokens, source.tag_dropout, getattr(
+            source, "caption_dropout", None)
+        need(keep is None or 0 <= keep <= 1000, f"{key}.keep_tokens", "must be 0-1000")
+        need(tag is None or 0 <= tag < 1, f"{key}.tag_dropout", "must be in [0, 1)")
+        need(caption is None or 0 <= caption < 1, f"{key}.caption_dropout",
+             "must be in [0, 1)")
 
 
 # ------------------------------------------------------------------------------ conversion
@@ -334,7 +483,19 @@ def _value(kind: Any, value: Any, key: str) -> Any:
                 f"run config: {key} must be one of {', '.join(map(str, allowed))}, got {value!r}"
             )
         return value
+    if origin is types.UnionType and type(None) in get_args(kind):
+        # Optional settings (unset: inherited) have no TOML spelling of None; a dict read
+        # back from ``to_dict`` holds it.
+        if value is None:
+            return None
+        inner = [a for a in get_args(kind) if a is not type(None)]
+        return _value(inner[0], value, key)
     if origin is tuple:
+        item = get_args(kind)[0]
+        if hasattr(item, "__dataclass_fields__"):
+            if not isinstance(value, list | tuple):
+                raise ConfigError(f"run config: {key} must be a list of tables")
+            return tuple(_value(item, v, f"{key}[{i}]") for i, v in enumerate(value))
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"run config: {key} must be a list of strings")
         return tuple(value)
@@ -374,15 +535,28 @@ def _plain(value: Any) -> Any:
 
 
 def dump_toml(data: dict[str, Any]) -> str:
-    """TOML for a two-level table of scalars and string lists (all a run config holds)."""
+    """TOML for a two-level table of scalars and string lists, and lists of tables of
+    scalars inside a table (all a run config holds); None values (unset) are left out."""
     top = [f"{k} = {_toml_scalar(v)}" for k, v in data.items() if not isinstance(v, dict)]
     lines = [*top]
     for k, v in data.items():
         if isinstance(v, dict):
             lines.append("")
             lines.append(f"[{k}]")
-            lines.extend(f"{kk} = {_toml_scalar(vv)}" for kk, vv in v.items())
+            lines.extend(f"{kk} = {_toml_scalar(vv)}" for kk, vv in v.items()
+                         if vv is not None and not _is_table_list(vv))
+            for kk, vv in v.items():
+                if vv is not None and _is_table_list(vv):
+                    for table in vv:
+                        lines.append("")
+                        lines.append(f"[[{k}.{kk}]]")
+                        lines.extend(f"{kkk} = {_toml_scalar(vvv)}"
+                                     for kkk, vvv in table.items() if vvv is not None)
     return "\n".join(lines) + "\n"
+
+
+def _is_table_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and isinstance(value[0], dict)
 
 
 def _toml_scalar(v: Any) -> str:

@@ -30,14 +30,16 @@ LIVE_KEYS = frozenset({
     "training.sample_prompts", "training.sample_steps",
     "optimizer.lr", "optimizer.weight_decay", "optimizer.beta1", "optimizer.beta2",
     "optimizer.eps", "optimizer.max_grad_norm",
-    "schedule.name", "schedule.warmup_steps", "schedule.min_lr_ratio",
+    "optimizer.unet_lr", "optimizer.text_encoder_lr", "optimizer.d_coef",
+    "schedule.name", "schedule.warmup_steps", "schedule.min_lr_ratio", "schedule.num_cycles",
+    "schedule.power",
     "sync.local_steps", "sync.outer_lr", "sync.outer_momentum", "sync.outer_step_alone",
     "sync.target_batch",
     "averaging.codec", "averaging.aggregation", "averaging.min_group", "averaging.max_group",
     "averaging.chunk_timeout", "averaging.gather_window",
     "checkpoint.every_steps", "checkpoint.keep_last",
     "dataset.lease_seconds", "dataset.max_leases_per_peer", "dataset.manifest",
-    "export.weights",
+    "export.weights", "export.lora_formats", "export.precision",
 })
 """Settings a running worker (or its daemon) applies at a round boundary. Everything else
 (the model, training method, LoRA shape, resolution and buckets, batch size, seed, EMA on or

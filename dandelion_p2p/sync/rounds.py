@@ -19,6 +19,7 @@ from dandelion_p2p.averaging.averager import Averager, AveragingSettings, NoGrou
 from dandelion_p2p.averaging.compression import BufferErrorFeedback
 from dandelion_p2p.averaging.matchmaking import MatchmakingSettings, group_run_key
 from dandelion_p2p.errors import ConfigError, DandelionError
+from dandelion_p2p.identity import PeerId
 from dandelion_p2p.sync.runsource import CurrentRun, RunDocument
 from dandelion_p2p.sync.state import TrainingState
 from dandelion_p2p.telemetry import Telemetry
@@ -97,7 +98,9 @@ class Rounds:
         result["behind"] = in_force.version > trained_under
         await versions.refresh(self.current.source)
         result["run_configs"] = protocol.encode_run_configs(versions.newer_than(known))
-        self.last_round = {**result, "finished_at": time.time()}
+        # The members' ids are for the status (the web UI lists them), not the worker.
+        peers = result.pop("peers", [])
+        self.last_round = {**result, "peers": peers, "finished_at": time.time()}
         self.telemetry.record("round_seconds", seconds)
         self.telemetry.record("fraction_averaged", result["fraction_averaged"])
         self.telemetry.record("round_peers", result["members"])
@@ -143,6 +146,7 @@ class Rounds:
                 "fraction_averaged": report.fraction_averaged,
                 "members": len(report.members),
                 "complete": report.complete,
+                "peers": sorted(PeerId(m).to_base58() for m in report.members),
             }
 
     def _averager_for(self, document: RunDocument) -> Averager:

@@ -34,6 +34,8 @@ SERIES_HELP = {
     "loss": "training loss of this peer's last step",
     "samples_per_second": "samples this peer trains per second",
     "global_step": "the swarm's global optimizer step",
+    "learning_rate": "learning rate of this peer's last step (the first parameter group)",
+    "validation_loss": "loss on the run's held-out images, fixed noise and timesteps",
 }
 
 
@@ -61,21 +63,39 @@ class WorkerProgress:
     global_step: int = 0
     loss: float | None = None
     samples_per_second: float | None = None
+    learning_rate: float | None = None
+    validation_loss: float | None = None
+    validation_step: int | None = None
 
     def update(self, params: dict[str, Any], telemetry: Telemetry) -> None:
         """Take the well-formed fields of a ``worker.progress`` report; others are ignored."""
         for key in ("step", "global_step"):
-            value = params.get(key)
-            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-                setattr(self, key, value)
+            count = _count(params.get(key))
+            if count is not None:
+                setattr(self, key, count)
         telemetry.record("global_step", self.global_step)
-        for key in ("loss", "samples_per_second"):
-            value = params.get(key)
-            if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(
-                value
-            ):
-                setattr(self, key, float(value))
-                telemetry.record(key, float(value))
+        for key, series in (("loss", "loss"), ("samples_per_second", "samples_per_second"),
+                            ("lr", "learning_rate")):
+            value = _finite(params.get(key))
+            if value is not None:
+                setattr(self, series, value)
+                telemetry.record(series, value)
+        # Reported with every progress report until the next one: charted once per step.
+        val_step, val_loss = _count(params.get("validation_step")), _finite(
+            params.get("validation_loss"))
+        if val_step is not None and val_loss is not None and val_step != self.validation_step:
+            self.validation_step, self.validation_loss = val_step, val_loss
+            telemetry.record("validation_loss", val_loss)
+
+
+def _count(value: Any) -> int | None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 2**53
+    return value if ok else None
+
+
+def _finite(value: Any) -> float | None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
 
 
 class UserMethods:

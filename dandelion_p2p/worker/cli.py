@@ -53,17 +53,21 @@ def _shard(value: str | None) -> tuple[int, int] | None:
 @click.option("--stop-at", type=int, default=0, help="Stop at this global step.")
 @click.option("--device", default=None, help="auto, cpu or cuda (default: local settings).")
 @click.option("--no-export", is_flag=True, help="Do not export the model at the end.")
+@click.option("--devices", type=click.IntRange(1, 64), default=1,
+              help="Train as one peer on this many devices (GPUs, or CPU processes): data "
+                   "parallel inside the peer; needs --data.")
 @click.option("--log-level", default="info")
 def worker_command(socket_path: Path | None, data_dir: Path | None, run_config: Path | None,
                    data: Path | None, work_dir: Path | None, shard: str | None,
-                   stop_at: int, device: str | None, no_export: bool, log_level: str) -> None:
+                   stop_at: int, device: str | None, no_export: bool, devices: int,
+                   log_level: str) -> None:
     """Train: with the swarm through the local daemon, or alone with --run-config."""
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
                         stream=sys.stderr)
     sys.exit(run_worker(socket_path=socket_path, data_dir=data_dir, run_config=run_config,
                         data=data, work_dir=work_dir, shard=_shard(shard), stop_at=stop_at,
-                        device=device, export=not no_export))
+                        device=device, export=not no_export, devices=devices))
 
 
 def run_worker(**kwargs: Any) -> int:
@@ -130,14 +134,16 @@ def _set_up(make: Callable[[], T]) -> T:
 
 def _run(*, socket_path: Path | None, data_dir: Path | None, run_config: Path | None,
          data: Path | None, work_dir: Path | None, shard: tuple[int, int] | None, stop_at: int,
-         device: str | None, export: bool) -> int:
+         device: str | None, export: bool, devices: int = 1) -> int:
     from dandelion_p2p.config import default_data_dir
     from dandelion_p2p.errors import ConfigError
     from dandelion_p2p.local_settings import LocalSettings, load_local_settings
     from dandelion_p2p.runconfig.schema import loads
     from dandelion_p2p.worker.link import DaemonLink, Link, SoloLink
+    from dandelion_p2p.worker.quiet import quiet_third_party
     from dandelion_p2p.worker.train import Trainer, WorkerOptions
 
+    quiet_third_party()
     if data_dir is None and socket_path is None and run_config is None:
         env = os.environ.get("DANDELION_DATA_DIR", "").strip()
         data_dir = Path(env) if env else default_data_dir()
@@ -174,6 +180,13 @@ def _run(*, socket_path: Path | None, data_dir: Path | None, run_config: Path | 
         stop_at=stop_at,
         export=export,
     )
+    if devices > 1:
+        from dandelion_p2p.worker.distributed import run_ranks
+
+        stopped = run_ranks(devices, link, options, peer).position.global_step
+        log.info("the worker stopped at global step %d", stopped)
+        return 0
+
     def set_up() -> Trainer:
         trainer = Trainer(config, options, link, peer=peer)
         trainer.resume()

@@ -63,6 +63,8 @@ class Sample:
     caption: str
     width: int
     height: int
+    subset: int = 0
+    """Index into the feed's subset table (``kohya_dataset.py``); 0: in no subset."""
 
     def read_bytes(self) -> bytes:
         with self.path.open("rb") as f:

@@ -19,8 +19,10 @@ import numpy as np
 
 from dandelion_p2p.control.protocol import CommandFailed
 from dandelion_p2p.errors import ConfigError, DandelionError, PeerUnavailable
+from dandelion_p2p.runconfig.schema import RunConfig
 from dandelion_p2p.worker.bucketing import BatchPlan, Bucket, nearest_bucket, plan_epoch
 from dandelion_p2p.worker.data import Sample, scan, scan_shard
+from dandelion_p2p.worker.kohya_dataset import assign_subsets, epoch_entries, subset_table
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +83,23 @@ class FolderFeed:
 
     ``scan_cache``: the file that keeps the folder scan's hashes for the next start
     (``scan_cache.py``); ``follow_symlinks``: also train on files that symlinks lead to
-    outside the folder.
+    outside the folder. With ``config``, the folders directly under ``root`` are subsets
+    (``kohya_dataset.py``): an epoch draws each image its subset's ``repeats`` times.
     """
 
     def __init__(self, root: Path, buckets: Sequence[Bucket], batch_size: int,
                  order_seed: Sequence[int], shard: tuple[int, int], *,
-                 scan_cache: Path | None = None, follow_symlinks: bool = False) -> None:
+                 scan_cache: Path | None = None, follow_symlinks: bool = False,
+                 config: RunConfig | None = None) -> None:
         self.samples = scan(root, follow_symlinks=follow_symlinks,
                             cache_file=scan_cache).samples
+        self.subset_folders = [""]
+        self.entries = list(range(len(self.samples)))
+        """Sample indices as an epoch draws them (repeats included)."""
+        if config is not None:
+            self.subset_folders, self.samples = assign_subsets(root, self.samples, config)
+            self.entries = epoch_entries(self.samples,
+                                         subset_table(self.subset_folders, config))
         self.buckets = buckets
         self.batch_size = batch_size
         self.seed = int(np.random.SeedSequence(list(order_seed)).generate_state(1)[0])
@@ -111,15 +122,19 @@ class FolderFeed:
 
     def _plans(self, epoch: int) -> list[BatchPlan]:
         if self._epoch is None or self._epoch[0] != epoch:
-            plans = _plans(self.samples, self.buckets, self.batch_size, self.seed, epoch,
-                           self.shard)
+            drawn = [self.samples[i] for i in self.entries]
+            plans = [BatchPlan(plan.bucket, tuple(self.entries[i] for i in plan.indices))
+                     for plan in _plans(drawn, self.buckets, self.batch_size, self.seed,
+                                        epoch, self.shard)]
             if not plans:
                 raise ConfigError(f"shard {self.shard[0]}/{self.shard[1]} holds no images")
             self._epoch = (epoch, plans)
         return self._epoch[1]
 
     def describe(self) -> str:
-        return f"{len(self.samples)} images"
+        if len(self.entries) == len(self.samples):
+            return f"{len(self.samples)} images"
+        return f"{len(self.samples)} images, {len(self.entries)} draws per epoch"
 
 
 class ChunkLeases(Protocol):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ PIPELINE_FAMILIES = {
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+TEXT_MLP_TARGETS = ["fc1", "fc2"]
 
 
 @dataclass
@@ -166,7 +168,31 @@ def load_components(model: ModelConfig) -> Components:
     )
 
 
-def add_lora(module: nn.Module, targets: list[str], rank: int, alpha: float) -> None:
+def lora_targets(name: str, module: nn.Module, training: TrainingConfig) -> tuple[list[str],
+                                                                                 list[str]]:
+    """(layers to adapt, the 3x3 convolutions among them) of ``module`` (``unet`` or a text
+    encoder) for ``training.lora_layers``."""
+    layers = training.lora_layers
+    if name != "unet":
+        return TEXT_LORA_TARGETS + (TEXT_MLP_TARGETS if layers != "attention" else []), []
+    if layers == "attention":
+        return UNET_LORA_TARGETS, []
+    targets, convs = [], []
+    for path, sub in module.named_modules():
+        if not isinstance(sub, nn.Linear | nn.Conv2d):
+            continue
+        if ".attentions." in path:
+            targets.append(path)
+        elif layers == "locon" and any(f".{block}." in path for block in
+                                       ("resnets", "downsamplers", "upsamplers")):
+            targets.append(path)
+            if isinstance(sub, nn.Conv2d) and sub.kernel_size != (1, 1):
+                convs.append(path)
+    return targets, convs
+
+
+def add_lora(module: nn.Module, targets: list[str], rank: int, alpha: float,
+             convs: tuple[list[str], int, float] | None = None) -> None:
     """LoRA adapters on ``targets`` of ``module``, injected by peft itself.
 
     diffusers' and transformers' ``add_adapter`` wrap the same injection but each demands a
@@ -180,11 +206,15 @@ def add_lora(module: nn.Module, targets: list[str], rank: int, alpha: float) -> 
     """
     from peft import LoraConfig, inject_adapter_in_model
 
+    # The 3x3 convolutions of a LoCon adapter take a rank and alpha of their own, as kohya's.
+    conv_names, conv_rank, conv_alpha = convs or ([], rank, alpha)
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,  # type: ignore[arg-type]  # peft takes floats
         init_lora_weights="gaussian",
         target_modules=targets,
+        rank_pattern={re.escape(n): conv_rank for n in conv_names},
+        alpha_pattern={re.escape(n): conv_alpha for n in conv_names},
     )
     try:
         inject_adapter_in_model(config, module)
@@ -201,8 +231,14 @@ def select_trainable(c: Components, training: TrainingConfig, seed: int) -> None
         modules += [(f"text_encoder_{i}", enc) for i, enc in enumerate(c.text_encoders)]
     if training.method == "lora":
         for name, module in modules:
-            targets = UNET_LORA_TARGETS if name == "unet" else TEXT_LORA_TARGETS
-            add_lora(module, targets, training.lora_rank, training.lora_alpha)
+            targets, convs = lora_targets(name, module, training)
+            add_lora(module, targets, training.lora_rank, training.lora_alpha,
+                     (convs, training.lora_conv_rank or training.lora_rank,
+                      training.lora_conv_alpha or training.lora_alpha))
+        if training.lora_init:
+            from dandelion_p2p.worker.kohya_lora import start_from
+
+            start_from(c, training.lora_init, training.lora_init_sha256)
     else:
         for _, module in modules:
             module.requires_grad_(True)

@@ -11,6 +11,7 @@ from PIL.PngImagePlugin import PngInfo
 from dandelion_p2p.runconfig.schema import RunConfig
 from dandelion_p2p.worker.ema import Ema, chosen_weights
 from dandelion_p2p.worker.model import Components
+from dandelion_p2p.worker.text_encoding import pipeline_prompt
 
 
 def build_pipeline(c: Components) -> object:
@@ -49,7 +50,8 @@ def sample_images(c: Components, config: RunConfig, folder: Path, step: int,
                 generator = torch.Generator().manual_seed(t.seed + i)
                 with torch.autocast(device.type, enabled=False):
                     image = pipe(  # type: ignore[operator]
-                        prompt, num_inference_steps=t.sample_steps, generator=generator,
+                        **pipeline_prompt(c, config.data, prompt, device),
+                        num_inference_steps=t.sample_steps, generator=generator,
                         height=t.resolution, width=t.resolution,
                     ).images[0]
                 info = PngInfo()

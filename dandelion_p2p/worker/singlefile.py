@@ -1,13 +1,18 @@
-"""Diffusers weights to the original Stable Diffusion single-file layout (SD 1.x), the one
-the common SD UIs load: ``model.diffusion_model.*`` (UNet), ``first_stage_model.*`` (VAE),
-``cond_stage_model.transformer.*`` (CLIP text encoder).
+"""Diffusers weights to the original Stable Diffusion single-file layout, the one the common
+SD UIs load: ``model.diffusion_model.*`` (UNet), ``first_stage_model.*`` (VAE) and the text
+encoders: ``cond_stage_model.transformer.*`` (SD 1.x, CLIP), ``cond_stage_model.model.*``
+(SD 2.x, OpenCLIP), ``conditioner.embedders.0.transformer.*`` and
+``conditioner.embedders.1.model.*`` (SDXL, CLIP and OpenCLIP with its projection).
 
-The key maps follow diffusers' ``convert_diffusers_to_original_stable_diffusion.py``,
-generalised to any number of blocks and layers per block.
+The key maps follow diffusers' ``convert_diffusers_to_original_stable_diffusion.py`` and
+``convert_diffusers_to_original_sdxl.py``, generalised to any number of blocks and layers per
+block, and are the inverse of what ``from_single_file`` reads
+(``diffusers.loaders.single_file_utils``).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +27,8 @@ UNET_TOP = [
     ("input_blocks.0.0.", "conv_in."),
     ("out.0.", "conv_norm_out."),
     ("out.2.", "conv_out."),
+    ("label_emb.0.0.", "add_embedding.linear_1."),
+    ("label_emb.0.2.", "add_embedding.linear_2."),
 ]
 UNET_RESNET = [
     ("in_layers.0", "norm1"),
@@ -127,24 +134,72 @@ def convert_vae(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.
     return out
 
 
-def convert_text_encoder(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # transformers 5 names the CLIP weights without the ``text_model.`` level the original
-    # layout (and transformers 4) has.
-    return {
-        "cond_stage_model.transformer."
-        + (k if k.startswith("text_model.") else "text_model." + k): v
-        for k, v in state.items()
-    }
+def _with_text_model(key: str) -> str:
+    # transformers 5 names the CLIPTextModel weights without the ``text_model.`` level the
+    # original layout (and transformers 4) has.
+    return key if key.startswith(("text_model.", "text_projection.")) else "text_model." + key
+
+
+def convert_text_encoder(state: dict[str, torch.Tensor],
+                         prefix: str = "cond_stage_model.transformer.") -> dict[str, torch.Tensor]:
+    return {prefix + _with_text_model(k): v for k, v in state.items()}
+
+
+OPEN_CLIP_LAYER = [
+    (".self_attn.out_proj.", ".attn.out_proj."),
+    (".layer_norm1.", ".ln_1."),
+    (".layer_norm2.", ".ln_2."),
+    (".mlp.fc1.", ".mlp.c_fc."),
+    (".mlp.fc2.", ".mlp.c_proj."),
+]
+QKV = re.compile(r"text_model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)")
+OPEN_CLIP_TOP = {
+    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+    "text_model.final_layer_norm.weight": "ln_final.weight",
+    "text_model.final_layer_norm.bias": "ln_final.bias",
+}
+
+
+def convert_open_clip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A transformers CLIP text encoder in OpenCLIP's layout: q, k and v in one ``in_proj``,
+    the projection as a transposed matrix."""
+    state = {_with_text_model(k): v for k, v in state.items()}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key in OPEN_CLIP_TOP:
+            out[prefix + OPEN_CLIP_TOP[key]] = value
+        elif key == "text_projection.weight":
+            out[prefix + "text_projection"] = value.T
+        elif key.startswith("text_model.encoder.layers."):
+            qkv = QKV.fullmatch(key)
+            if qkv:
+                layer, which, kind = qkv.groups()
+                if which == "q":
+                    out[f"{prefix}transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat(
+                        [state[key.replace(".q_proj.", f".{x}_proj.")] for x in "qkv"])
+                continue
+            new = "transformer.resblocks." + key.removeprefix("text_model.encoder.layers.")
+            for ours, theirs in OPEN_CLIP_LAYER:
+                new = new.replace(ours, theirs)
+            out[prefix + new] = value
+        # position_ids is a buffer the original layout does not hold.
+    return out
 
 
 def save_single_file(c: Components, path: Path, dtype: torch.dtype = torch.float16) -> Path:
-    """Write UNet, VAE and text encoder as one SD 1.x checkpoint (fp16 by default)."""
-    if c.family != "sd1":
-        raise ValueError("single-file export covers SD 1.x; use the diffusers folder")
+    """Write UNet, VAE and text encoders as one checkpoint of ``c.family`` (fp16 by default)."""
     state: dict[str, torch.Tensor] = {}
     state.update(convert_unet(c.unet.state_dict(), c.unet.config))
     state.update(convert_vae(c.vae.state_dict(), c.vae.config))
-    state.update(convert_text_encoder(c.text_encoders[0].state_dict()))
+    encoders = [e.state_dict() for e in c.text_encoders]
+    if c.family == "sd1":
+        state.update(convert_text_encoder(encoders[0]))
+    elif c.family == "sd2":
+        state.update(convert_open_clip(encoders[0], "cond_stage_model.model."))
+    else:
+        state.update(convert_text_encoder(encoders[0], "conditioner.embedders.0.transformer."))
+        state.update(convert_open_clip(encoders[1], "conditioner.embedders.1.model."))
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}, tmp)
     tmp.replace(path)

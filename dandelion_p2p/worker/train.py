@@ -7,8 +7,9 @@ noise and timesteps per sample, predict, weight the loss (min-SNR), backpropagat
 optimizer at the LR the schedule gives for the swarm's global step. In local-steps mode every
 H steps the pseudo-gradient goes to the swarm and the outer Nesterov step brings every peer
 to the same weights; in gradient mode every step's gradient is averaged first. Checkpoints,
-sample images and progress reports happen at their intervals; a stop request (SIGTERM, or the
-daemon) ends the loop after the current step with a checkpoint.
+sample images, validation losses and progress reports (``reporting``) happen at their
+intervals; a stop request (SIGTERM, or the daemon) ends the loop after the current step with a
+checkpoint.
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import blake3
@@ -36,6 +35,7 @@ from dandelion_p2p.worker.bucketing import make_buckets
 from dandelion_p2p.worker.checkpoint import Checkpoint, CheckpointStore
 from dandelion_p2p.worker.data import Sample
 from dandelion_p2p.worker.device import pick_device, pick_precision
+from dandelion_p2p.worker.draws import Draws
 from dandelion_p2p.worker.ema import Ema
 from dandelion_p2p.worker.feeds import (
     Batch,
@@ -46,39 +46,26 @@ from dandelion_p2p.worker.feeds import (
     StopWaiting,
 )
 from dandelion_p2p.worker.link import DaemonLink, Link, SyncOutcome
+from dandelion_p2p.worker.lockstep import carry_gradients, split_round
 from dandelion_p2p.worker.model import (
     assign_from,
     flatten_into,
     load_components,
-    make_optimizer,
     select_trainable,
     use_attention,
 )
+from dandelion_p2p.worker.optimizers import (
+    apply_live_settings,
+    build_optimizer,
+    load_optimizer_state,
+    set_learning_rates,
+)
+from dandelion_p2p.worker.options import WorkerOptions
 from dandelion_p2p.worker.outer import OuterNesterov
-from dandelion_p2p.worker.schedule import lr_at
+from dandelion_p2p.worker.peer_group import SOLO, PeerGroup
+from dandelion_p2p.worker.reporting import TrainingReports
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class WorkerOptions:
-    data: Path | None
-    """A local folder of images; None: chunks leased from the run's dataset servers."""
-    work_dir: Path
-    device: str = "auto"
-    mixed_precision: str = "auto"
-    """auto: bf16 on a GPU that has it, else fp16 on a GPU, none on the CPU."""
-    attention: str = "sdpa"
-    gradient_checkpointing: bool = True
-    eight_bit_adam: bool = True
-    micro_batch: int = 0
-    shard: tuple[int, int] | None = None
-    """(index, count): train only every count-th sample of each epoch's order."""
-    stop_at: int = 0
-    """Stop at this global step (0: the run's max_steps)."""
-    export: bool = True
-    follow_symlinks: bool = False
-    """Train also on files that symlinks in ``data`` lead to outside it."""
 
 
 class StepDropped(Exception):
@@ -95,6 +82,8 @@ def vector_digest(vector: torch.Tensor) -> str:
 
 
 class Trainer:
+    peer_group: PeerGroup = SOLO  # the ranks of a peer on several devices (``distributed``)
+
     def __init__(self, config: RunConfig, options: WorkerOptions, link: Link,
                  peer: str = "") -> None:
         self.config = config
@@ -122,13 +111,7 @@ class Trainer:
         self.params = [p for _, p in self.c.trainable]
         self.n_elements = sum(p.numel() for p in self.params)
 
-        optimizer_name = config.optimizer.name
-        if optimizer_name == "adamw8bit" and not options.eight_bit_adam:
-            log.info("8-bit AdamW turned off in this machine's settings")
-            optimizer_name = "adamw"
-        o = config.optimizer
-        self.optimizer = make_optimizer(self.params, optimizer_name, o.lr, (o.beta1, o.beta2),
-                                        o.weight_decay, o.eps)
+        self.optimizer = build_optimizer(self.c.trainable, config, options.eight_bit_adam)
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.autocast_dtype == torch.float16
         )
@@ -148,9 +131,12 @@ class Trainer:
                    if t.bucketing else [(t.resolution, t.resolution)])
         self.feed = self._make_feed(buckets, peer)
         leased = isinstance(self.feed, LeasedFeed)
+        self.draws = Draws(config, getattr(self.feed, "subset_folders", [""]))
         self.batches = BatchMaker(self.c, options.work_dir / "cache", self.device,
-                                  cache_text=not t.train_text_encoder and not leased,
-                                  cache_latents=not leased)
+                                  cache_text=(not t.train_text_encoder and not leased
+                                              and not self.draws.shapes_captions),
+                                  cache_latents=not leased, clip_skip=config.data.clip_skip,
+                                  chunks=config.data.max_token_length // 75)
         self.micro_batch = min(options.micro_batch or t.batch_size, t.batch_size)
 
         # The swarm: the shared buffer and, in local-steps mode, the outer optimizer.
@@ -163,12 +149,15 @@ class Trainer:
         self.position = Position(expected_peers=config.averaging.min_group if link.run else 1)
         self.checkpoints = CheckpointStore(options.work_dir / "checkpoints",
                                            config.checkpoint.keep_last)
-        self.train_log = (options.work_dir / "train_log.jsonl").open("a")
+        self.reports = TrainingReports(self)
         self.sync_log = (options.work_dir / "sync_log.jsonl").open("a")
         self.config_version = -1
         """The run config version in force here (-1: none applied yet)."""
         self.joined: bool | None = None
         """Whether ``resume`` took the swarm's state from peers (None: not resumed yet)."""
+        self.carried = 0
+        """Gradient mode: samples whose gradient sum a split round left in the parameters'
+        gradients for the next round (``lockstep``)."""
 
     def resume(self) -> None:
         """Call once before ``run``: take the swarm's newer state if peers are ahead
@@ -228,12 +217,10 @@ class Trainer:
                     self.catch_up_and_join()
             if boundary:
                 self.apply_run_config()
-            t = self.config.training
             if p.global_step % self.config.checkpoint.every_steps == 0:
                 self.save()
                 saved_at = p.global_step
-            if t.sample_every and p.global_step % t.sample_every == 0:
-                self.sample_images()
+            self.reports.after_step()  # sample images, validation loss
         # A save replaces a checkpoint of the same step: skip rewriting the one just written.
         if saved_at != self.position.global_step:
             self.save()
@@ -249,7 +236,7 @@ class Trainer:
         returns (mean loss, samples this peer trained)."""
         p = self.position
         target = self.local_target()
-        total, loss_sum = 0, 0.0
+        total, loss_sum, carried = 0, 0.0, self.carried
         while True:
             batch = self.feed.next_batch(p)
             # The batch is the run's; this machine may cut it into smaller forward passes
@@ -258,26 +245,45 @@ class Trainer:
                 loss_sum += self.forward_backward(part)
             self.feed.batch_trained(p)
             total += len(batch.samples)
-            if self.outer is not None or total >= target:
+            if self.outer is not None or carried + total >= target:
                 break
-        scale = 1.0 / total
+        total, loss_sum = self.peer_group.reduce_gradients(self.params, total, loss_sum)
+        self.carried = 0
+        scale = 1.0 / (carried + total)
         for param in self.params:
             if param.grad is not None:
                 param.grad.mul_(scale)
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
         if self.outer is None:
-            outcome = self.sync_gradients(total)
+            outcome = self.sync_gradients(carried + total)
             if outcome.stopping or outcome.behind:
                 # The swarm's step goes on without this gradient (or the daemon is stopping
                 # mid-round): applied alone it would set this peer's weights apart from the
                 # swarm's for good, since gradient mode never averages weights.
                 self.optimizer.zero_grad(set_to_none=True)
                 raise StepDropped(outcome)
+            split = split_round(outcome, p.expected_peers)
+            p.expected_peers = max(1, outcome.members)
+            if split:
+                # Nobody applies a split round's parts: the step moves on with the weights
+                # unchanged, and this peer's gradient waits for the next round.
+                if self.peer_group.world == 1:
+                    carry_gradients(self.params, carried + total, self.scaler)
+                    self.carried = carried + total
+                else:
+                    # Every rank holds the peer's summed gradient: carried, the next step's
+                    # reduction would count it once per rank. These samples are given up.
+                    if self.scaler.is_enabled():
+                        self.scaler.update()
+                    self.optimizer.zero_grad(set_to_none=True)
+                p.global_step += 1
+                p.samples_since_sync += total
+                return loss_sum / total, total
+            assign_from(self.params, self.shared, grads=True)
         if self.config.optimizer.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.optimizer.max_grad_norm)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(p.global_step, self.config)
+        set_learning_rates(self.optimizer, p.global_step, self.config)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -293,7 +299,9 @@ class Trainer:
         step = self.position.global_step
         hashes = [sample.content_hash for sample in batch.samples]
         captions = [self.caption(sample, step) for sample in batch.samples]
-        latents, size_cond = self.batches.latents(batch.samples, batch.bucket)
+        latents, size_cond = self.batches.latents(
+            batch.samples, batch.bucket,
+            [self.draws.augmentation(sample, step) for sample in batch.samples])
         scheduler = self.c.noise_scheduler
         noise, timesteps = diffusion.draw_noise(
             latents, t.seed, step, hashes, scheduler.config.num_train_timesteps, t.noise_offset
@@ -303,6 +311,7 @@ class Trainer:
                                       self.c.prediction)
         weights = diffusion.loss_weights(scheduler.alphas_cumprod, timesteps,
                                          t.min_snr_gamma, self.c.prediction)
+        weights = weights * self.draws.loss_weights(batch.samples, weights.device)
         with self.autocast():
             text = self.batches.text(captions)
             prediction = self.c.unet(noisy, timesteps,
@@ -313,12 +322,8 @@ class Trainer:
         return float(loss.detach())
 
     def caption(self, sample: Sample, step: int) -> str:
-        dropout = self.config.training.caption_dropout
-        if dropout and diffusion.sample_generator(
-            self.config.training.seed + 1, step, sample.content_hash
-        ).initial_seed() % 10_000 < dropout * 10_000:
-            return ""
-        return sample.caption
+        """The caption as this draw trains it (dropout, shuffled and dropped tags)."""
+        return self.draws.caption(sample, step)
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.autocast_dtype is None:
@@ -335,7 +340,7 @@ class Trainer:
                 order = [t.seed, int(blake3.blake3(peer.encode()).hexdigest()[:8], 16)]
             return FolderFeed(options.data, buckets, t.batch_size, order, shard,
                               scan_cache=options.work_dir / "cache" / "scan.sqlite",
-                              follow_symlinks=options.follow_symlinks)
+                              follow_symlinks=options.follow_symlinks, config=self.config)
         if options.shard is not None:
             raise ConfigError("a shard of the data needs a local folder (--data)")
         if not isinstance(self.link, DaemonLink):
@@ -418,13 +423,12 @@ class Trainer:
                 self.restore(latest)
 
     def sync_gradients(self, samples: int) -> SyncOutcome:
-        """Replace this peer's gradient with the swarm's average for this step."""
+        """Average this peer's gradient with the swarm's for this step, in the shared buffer
+        (``train_step`` takes the average, or keeps its own gradient when the round split)."""
         p = self.position
         flatten_into(self.params, self.shared, grads=True)
         self.report("syncing")
         outcome = self.link.sync(p.global_step + 1, samples, "gradient")
-        assign_from(self.params, self.shared, grads=True)
-        p.expected_peers = max(1, outcome.members)
         self.after_sync(outcome, None)
         return outcome
 
@@ -444,18 +448,15 @@ class Trainer:
         log.info("round %d: %s, %d members, %.0f%% averaged, %.2f s", outcome.round,
                  "averaged" if outcome.averaged else "alone", outcome.members,
                  100 * outcome.fraction_averaged, outcome.seconds)
+        self.reports.round(outcome)
 
     # ------------------------------------------------------------------ reporting
 
     def log_step(self, loss: float, samples_per_second: float) -> None:
-        p = self.position
-        lr = lr_at(p.global_step - 1, self.config)
-        self.train_log.write(json.dumps({"step": p.global_step, "loss": loss, "lr": lr,
-                                         "time": time.time()}) + "\n")
-        self.train_log.flush()
         self.last_loss, self.last_rate = loss, samples_per_second
+        self.reports.step(loss, samples_per_second)
         if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {p.global_step}")
+            raise FloatingPointError(f"loss is {loss} at step {self.position.global_step}")
         self.report("training")
 
     def report(self, state: str, force: bool = False) -> None:
@@ -467,20 +468,11 @@ class Trainer:
             "loss": getattr(self, "last_loss", None),
             "samples_per_second": getattr(self, "last_rate", None),
             "detail": f"{self.feed.describe()}, {self.n_elements} trained parameters",
+            **self.reports.fields(),
         }, force=force)
         if stop:
             log.info("the daemon asks this worker to stop")
             self.stop_requested = True
-
-    @torch.no_grad()
-    def sample_images(self) -> None:
-        from dandelion_p2p.worker.sampling import sample_images
-
-        step = self.position.global_step
-        paths = sample_images(self.c, self.config, self.options.work_dir / "samples", step,
-                              self.device, self.ema)
-        log.info("step %d: wrote %d sample images from the %s weights", step, len(paths),
-                 self.config.exported_weights())
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -527,7 +519,7 @@ class Trainer:
             self.ema.load_state_dict(checkpoint.tensors("ema"), checkpoint.meta["ema_updates"])
         if self.outer is not None:
             self.outer.load_state_dict(checkpoint.tensors("outer"))
-        self.optimizer.load_state_dict(checkpoint.blob("optimizer"))
+        load_optimizer_state(self.optimizer, checkpoint.blob("optimizer"))
         self.scaler.load_state_dict(checkpoint.blob("scaler"))
         rng = checkpoint.blob("rng")
         torch.set_rng_state(rng["torch"])
@@ -577,10 +569,8 @@ class Trainer:
         """Put the settings a version may change into what was built from the config (the
         rest is read from ``self.config`` where it is used)."""
         c = self.config
-        for group in self.optimizer.param_groups:
-            group["betas"] = (c.optimizer.beta1, c.optimizer.beta2)
-            group["eps"] = c.optimizer.eps
-            group["weight_decay"] = c.optimizer.weight_decay
+        apply_live_settings(self.optimizer, c)
+        self.draws.update(c)
         if self.outer is not None:
             self.outer.lr, self.outer.momentum = c.sync.outer_lr, c.sync.outer_momentum
         if self.ema is not None:
@@ -588,6 +578,6 @@ class Trainer:
         self.checkpoints.keep_last = c.checkpoint.keep_last
 
     def close(self) -> None:
-        self.train_log.close()
+        self.reports.close()
         self.sync_log.close()
         self.link.close()

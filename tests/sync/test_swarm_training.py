@@ -81,6 +81,9 @@ def test_local_steps_peers_stay_identical_and_a_killed_worker_rejoins(
     final = wait_for([a, b], lambda s: all(x["state"] == "stopped" for x in s), "the end")
     assert [s["global_step"] for s in final] == [12, 12]
     assert final[1]["crashes"] == 1 and final[0]["crashes"] == 0
+    # The last round averaged the two: each status names both (the web UI lists them).
+    for state in final:
+        assert sorted(state["last_round"]["peers"]) == sorted([a.peer_id, b.peer_id]), state
     assert "resumed from checkpoint" in b.logs()
 
     work_a, work_b = (d.data_dir / "worker" / "tiny" for d in (a, b))

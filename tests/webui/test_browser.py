@@ -106,6 +106,10 @@ def test_dashboard_shows_this_node(page: Any, web_swarm: WebSwarm) -> None:
     facts.get_by_text(web_swarm.peer.peer_id).wait_for()
     assert "behind NAT" in facts.inner_text()
     page.locator("#conn-state", has_text="connected").wait_for()
+    # The dataset card: labelled values, never a raw JSON text.
+    page.locator("#dataset-facts dt", has_text="Role").wait_for()
+    card = page.inner_text("#dataset-facts") + page.inner_text("#dataset-runs")
+    assert not any(c in card for c in '{}"'), card
     screenshot(page, "dashboard")
 
 

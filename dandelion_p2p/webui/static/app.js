@@ -6,8 +6,8 @@
   const REFRESH_MS = 2000;
   const MAX_LOG_LINES = 5000;
   const LEVELS = ["debug", "info", "warning", "error", "critical"];
-  const TRAINING_SERIES = ["loss", "samples_per_second", "global_step", "round_seconds",
-    "fraction_averaged", "round_peers"];
+  const TRAINING_SERIES = ["loss", "validation_loss", "learning_rate", "samples_per_second",
+    "global_step", "round_seconds", "fraction_averaged", "round_peers"];
   const STARTABLE_STATES = ["idle", "stopped", "crashed"];
   // A crashed worker waits to be restarted: stopping cancels that.
   const STOPPABLE_STATES = ["starting", "training", "syncing", "crashed"];
@@ -110,6 +110,60 @@
     return el("span", { class: "pill" + (kind ? " " + kind : ""), text: text });
   }
 
+  function muted(text) {
+    return el("span", { class: "muted", text: text });
+  }
+
+  function fmtBytes(n) {
+    if (typeof n !== "number") return String(n);
+    const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let i = 0;
+    while (Math.abs(n) >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+    return (i ? n.toFixed(1) : String(n)) + " " + units[i];
+  }
+
+  function fmtMaybe(v, digits) {
+    return v === null || v === undefined ? "—" : fmtNum(v, digits);
+  }
+
+  // Any JSON value as page elements: objects become nested lists of labelled values, lists
+  // become lines; never a raw JSON text.
+  function structured(value, labels, key) {
+    if (value === null || value === undefined) return muted("—");
+    if (Array.isArray(value)) {
+      if (!value.length) return muted("none");
+      const box = el("div");
+      for (const v of value) box.append(el("div", {}, structured(v, labels, "")));
+      return box;
+    }
+    if (typeof value === "object") {
+      const entries = Object.entries(value);
+      if (!entries.length) return muted("none");
+      const dl = el("dl", { class: "nested" });
+      for (const [k, v] of entries) {
+        dl.append(el("dt", { text: (labels && labels[k]) || k.replace(/_/g, " ") }),
+          el("dd", { "data-key": k }, structured(v, labels, k)));
+      }
+      return dl;
+    }
+    if (typeof value === "boolean") return document.createTextNode(value ? "yes" : "no");
+    if (key === "bytes") return document.createTextNode(fmtBytes(value));
+    if (typeof value === "string" && /^[0-9a-f]{40,}$/.test(value)) {
+      return el("span", { class: "mono", title: value, text: shortId(value) });
+    }
+    return document.createTextNode(String(value));
+  }
+
+  function peerList(peers) {
+    if (!Array.isArray(peers) || !peers.length) return muted("none");
+    const box = el("div", { class: "peer-list" });
+    for (const p of peers) {
+      box.append(el("div", { class: "mono", title: p, "data-peer": p }, shortId(p),
+        p === selfId ? el("span", { class: "muted", text: " (this node)" }) : null));
+    }
+    return box;
+  }
+
   function addrList(addrs) {
     const box = el("div");
     for (const a of addrs || []) box.append(el("div", { class: "mono", text: a }));
@@ -147,8 +201,11 @@
         ["Run", t.run || "—"],
         ["Local step", fmtNum(t.step)],
         ["Global step", fmtNum(t.global_step)],
-        ["Loss", t.loss === null || t.loss === undefined ? "—" : fmtNum(t.loss, 4)],
-        ["Samples/s", t.samples_per_second === null || t.samples_per_second === undefined ? "—" : fmtNum(t.samples_per_second, 2)],
+        ["Loss", fmtMaybe(t.loss, 4)],
+        ["Validation loss", t.validation_loss === null || t.validation_loss === undefined ? "—" :
+          fmtNum(t.validation_loss, 4) + " at step " + t.validation_step],
+        ["Learning rate", t.learning_rate === null || t.learning_rate === undefined ? "—" : t.learning_rate.toExponential(2)],
+        ["Samples/s", fmtMaybe(t.samples_per_second, 2)],
         ["Detail", t.detail || t.error || "—"],
       ]);
     } else {
@@ -189,10 +246,12 @@
       const lr = t.last_round || null;
       facts($("contribution-facts"), [
         ["Local steps", fmtNum(t.step)],
-        ["Samples/s", t.samples_per_second === null || t.samples_per_second === undefined ? "—" : fmtNum(t.samples_per_second, 2)],
-        ["Last round", lr ? "round " + fmtNum(lr.round) : "none yet"],
+        ["Samples/s", fmtMaybe(t.samples_per_second, 2)],
+        ["Last round", lr ? "round " + fmtNum(lr.round) + (lr.averaged ? ", averaged" : ", not averaged") +
+          (typeof lr.round_seconds === "number" ? " in " + lr.round_seconds.toFixed(1) + " s" : "") : "none yet"],
         ["Fraction averaged", lr && typeof lr.fraction_averaged === "number" ? (lr.fraction_averaged * 100).toFixed(1) + " %" : "—"],
-        ["Peers in round", lr && lr.peers !== undefined ? (Array.isArray(lr.peers) ? lr.peers.length : lr.peers) : "—"],
+        ["Members", lr ? fmtNum(lr.members) : "—"],
+        ["Peers in round", lr ? peerList(lr.peers) : muted("—")],
       ]);
     } else {
       facts($("contribution-facts"), [["Contribution", "not available on this node"]]);
@@ -204,19 +263,42 @@
     $("dataset-unavailable").classList.toggle("hidden", r.status !== 501);
     if (!r.ok) {
       facts($("dataset-facts"), r.status === 501 ? [] : [["Error", r.data.error]]);
+      $("dataset-runs").replaceChildren();
       return;
     }
+    const d = r.data;
     const pairs = [];
-    for (const [key, value] of Object.entries(r.data)) {
-      if (value !== null && typeof value === "object") {
-        for (const [k, v] of Object.entries(value)) {
-          pairs.push([key + " " + k, v !== null && typeof v === "object" ? JSON.stringify(v) : v]);
-        }
-      } else {
-        pairs.push([key.replace(/_/g, " "), value]);
-      }
+    for (const [key, value] of Object.entries(d)) {
+      if (key === "clients" || key === "watching") continue; // the table below
+      pairs.push([DATASET_LABELS[key] || key.replace(/_/g, " "),
+        key === "role" ? pill(value === "server" ? "serves a dataset" : "serves no dataset", value === "server" ? "ok" : "")
+          : structured(value, DATASET_LABELS, key)]);
     }
-    facts($("dataset-facts"), pairs.slice(0, 16));
+    facts($("dataset-facts"), pairs);
+    $("dataset-runs").replaceChildren(datasetRuns(d.clients || {}, d.watching || {}));
+  }
+
+  const DATASET_LABELS = {
+    role: "Role", run: "Run served", manifest: "Manifest", signed_manifest: "Signed manifest",
+    samples: "Samples", bytes: "Size", epoch: "Epoch", chunks: "Chunks",
+    completed: "Chunks done this epoch", active_leases: "Leases out now", receipts: "Receipts",
+    leases_granted: "Leases granted", open_leases: "Leases held for the worker",
+    cached_chunks: "Cached chunks", rejected_holders: "Rejected holders",
+  };
+
+  // The runs whose chunks this node fetches, one row each: what used to be a JSON blob.
+  function datasetRuns(clients, watching) {
+    const runs = Array.from(new Set(Object.keys(clients).concat(Object.keys(watching)))).sort();
+    if (!runs.length) return el("div", { class: "small", text: "This node fetches no run's chunks." });
+    const cell = (v) => el("td", {}, v === null || v === undefined ? muted("—") : structured(v, DATASET_LABELS, ""));
+    return el("table", { class: "compact" },
+      el("thead", {}, el("tr", {}, el("th", { text: "Run fetched" }), el("th", { text: "Cached chunks" }),
+        el("th", { text: "Rejected holders" }), el("th", { text: "Config version" }))),
+      el("tbody", {}, ...runs.map((run) => {
+        const c = clients[run] || {};
+        return el("tr", { "data-run": run }, el("td", { class: "mono", text: run }),
+          cell(c.cached_chunks), cell(c.rejected_holders), cell(watching[run]));
+      })));
   }
 
   async function trainingAction(which) {
@@ -552,7 +634,7 @@
     grid.replaceChildren(...sorted.map((s) => charts.get(s.name).card));
     const training = TRAINING_SERIES.filter((n) => names.includes(n));
     $("charts-note").textContent = training.length ? "" :
-      "Training series (loss, samples/s, global step, round time, fraction averaged) appear once this node trains. Below: the node's own numbers, sampled every few seconds.";
+      "Training series (loss, validation loss, learning rate, samples/s, global step, round time, fraction averaged, peers per round) appear once this node trains. Below: the node's own numbers, sampled every few seconds.";
     await Promise.all(sorted.map(async (s) => {
       const c = charts.get(s.name);
       const res = await api("/api/telemetry/" + s.name + "?since=" + c.since);
