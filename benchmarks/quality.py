@@ -87,7 +87,7 @@ def make_dataset(folder: Path, count: int, size: int = 64, seed: int = 0) -> Non
 def run_config(model: Path, *, steps: int, batch: int, every: int, mode: str = "gradient",
                target_batch: int = 0, local_steps: int = 10, codec: str = "none",
                aggregation: str = "mean", lr: float = 1e-3, gather_window: float = 5.0,
-               outer_lr: float = 0.7,
+               min_group: int = 2, outer_lr: float = 0.7,
                outer_momentum: float = 0.9) -> Any:
     from dandelion_p2p.runconfig.schema import from_dict
 
@@ -104,7 +104,7 @@ def run_config(model: Path, *, steps: int, batch: int, every: int, mode: str = "
         "optimizer": {"name": "adamw", "lr": lr, "weight_decay": 0.0},
         "sync": sync,
         "averaging": {"codec": codec, "aggregation": aggregation,
-                      "gather_window": gather_window},
+                      "gather_window": gather_window, "min_group": min_group},
         "checkpoint": {"every_steps": every, "keep_last": 1000},
     })
 
@@ -113,54 +113,33 @@ def run_config(model: Path, *, steps: int, batch: int, every: int, mode: str = "
 
 
 class Validator:
-    """Validation loss of any checkpoint of the run, with fixed noise and timesteps."""
+    """Validation loss of any checkpoint of the run, with fixed noise and timesteps: the
+    trainer's own measure (``dandelion_p2p.worker.validation``), here over every image of a
+    separate folder."""
 
     def __init__(self, config: Any, val: Path, work: Path) -> None:
         import torch
 
-        from dandelion_p2p.worker import diffusion
+        from dandelion_p2p.worker import validation
         from dandelion_p2p.worker.link import SoloLink
         from dandelion_p2p.worker.train import Trainer, WorkerOptions
 
-        self.torch, self.diffusion = torch, diffusion
+        self.torch, self.validation = torch, validation
         toml = work / "val.toml"
         work.mkdir(parents=True, exist_ok=True)
         toml.write_text(config.to_toml())
         self.trainer = Trainer(config, WorkerOptions(data=val, work_dir=work, shard=(0, 1),
                                                      export=False, eight_bit_adam=False),
                                SoloLink(toml))
-        from dandelion_p2p.worker.bucketing import nearest_bucket
-
         feed = self.trainer.feed
-        groups: dict[Any, list[Any]] = {}
-        for sample in feed.samples:  # type: ignore[attr-defined]
-            bucket = nearest_bucket(sample.width, sample.height, feed.buckets)  # type: ignore[attr-defined]
-            groups.setdefault(bucket, []).append(sample)
-        self.batches: list[Any] = [(group[i:i + 8], bucket) for bucket, group in groups.items()
-                                   for i in range(0, len(group), 8)]
+        self.batches = validation.batches_of(feed.samples, feed.buckets)  # type: ignore[attr-defined]
 
     def loss(self, weights: dict[str, Any]) -> float:
-        torch, diffusion, tr = self.torch, self.diffusion, self.trainer
-        with torch.no_grad():
+        tr = self.trainer
+        with self.torch.no_grad():
             for name, param in tr.c.trainable:
                 param.copy_(weights[name])
-            total, n = 0.0, 0
-            scheduler = tr.c.noise_scheduler
-            for samples, bucket in self.batches:
-                latents, size_cond = tr.batches.latents(samples, bucket)
-                noise, timesteps = diffusion.draw_noise(
-                    latents, 12345, 0, [s.content_hash for s in samples],
-                    scheduler.config.num_train_timesteps, 0.0)
-                noisy = scheduler.add_noise(latents, noise, timesteps)
-                target = diffusion.target_for(scheduler, latents, noise, timesteps,
-                                              tr.c.prediction)
-                text = tr.batches.text([s.caption for s in samples])
-                prediction = tr.c.unet(noisy, timesteps,
-                                       **tr.batches.unet_kwargs(text, size_cond)).sample
-                total += float((prediction.float() - target.float()).pow(2).mean(
-                    dim=(1, 2, 3)).sum())
-                n += len(samples)
-        return total / n
+        return float(self.validation.validation_loss(tr.c, tr.batches, self.batches))
 
     def curve(self, work: Path, start: dict[str, Any]) -> list[tuple[int, float]]:
         from safetensors.torch import load_file
@@ -224,11 +203,36 @@ def _find_bytes(status: Any) -> int | None:
     return sum(found) if found else None
 
 
+def round_stats(peers: list[list[dict[str, Any]]], n: int, work: Path) -> dict[str, Any]:
+    """Peer 0's rounds; the global steps at which any peer's round did not gather all n
+    (averaged with fewer, alone, or late); how far apart the peers' final weights are."""
+    from safetensors.torch import load_file
+
+    rounds = peers[0]
+    split = sorted({r["global_step"] for log in peers for r in log
+                    if r["members"] < n or not r["averaged"]
+                    or r["fraction_averaged"] < 1.0})
+    finals = []
+    for i in range(n):
+        folders = sorted((f for f in work.glob(f"peer{i}/worker/quality/checkpoints/step-*")
+                          if f.name.removeprefix("step-").isdigit()),
+                         key=lambda f: int(f.name.removeprefix("step-")))
+        if folders:
+            finals.append(load_file(folders[-1] / "trainable.safetensors"))
+    spread = max((float((a[k] - b[k]).abs().max()) for a in finals[:1] for b in finals[1:]
+                  for k in a), default=0.0)
+    return {"rounds": len(rounds), "averaged": sum(1 for r in rounds if r.get("averaged")),
+            "min_members": min((r["members"] for r in rounds), default=0),
+            "split_steps": split, "peer_weight_spread": spread,
+            "members_by_peer": [[r["members"] for r in log] for log in peers]}
+
+
 def run_swarm(config: Any, train: Path, work: Path, n: int, elements: int,
               byzantine: int | None = None,
-              timeout: float = 1800.0) -> tuple[float, float | None, list[dict[str, Any]]]:
+              timeout: float = 1800.0,
+              ) -> tuple[float, float | None, list[list[dict[str, Any]]]]:
     """n daemons (no worker of their own) and n worker processes, peer i on shard i/n.
-    Returns (seconds, mean bytes sent per peer or None, peer 0's sync log)."""
+    Returns (seconds, mean bytes sent per peer or None, every peer's sync log)."""
     work.mkdir(parents=True, exist_ok=True)
     toml = work / "run.toml"
     toml.write_text(config.to_toml())
@@ -260,13 +264,15 @@ def run_swarm(config: Any, train: Path, work: Path, n: int, elements: int,
         seconds = time.monotonic() - started
         sent = [_find_bytes(d.call("status")) for d in daemons]
         known = [s for s in sent if s is not None]
-        log = work / "peer0" / "worker" / "quality" / "sync_log.jsonl"
-        rounds = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+        logs = [work / f"peer{i}" / "worker" / "quality" / "sync_log.jsonl" for i in range(n)]
+        peers = [[json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+                 for log in logs]
+        rounds = peers[0]
         # The daemon's status does not report the averaging's bytes: without them, what a
         # butterfly all-reduce sends per peer and round, 2 (n-1)/n of the vector encoded.
         per_peer = (sum(known) / len(known) if known else
                     len(rounds) * 2 * (n - 1) / n * elements * CODEC_BYTES[config.averaging.codec])
-        return seconds, per_peer, rounds
+        return seconds, per_peer, peers
     finally:
         for w in workers:
             if w.poll() is None:
@@ -340,6 +346,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gather-window", type=float, default=5.0,
                    help="averaging.gather_window: on a loaded machine peers reach a round "
                    "seconds apart, and a peer left alone applies its own gradient")
+    p.add_argument("--min-group", type=int, default=0,
+                   help="averaging.min_group (0: the number of peers, so that a round never "
+                   "forms a smaller group than the whole swarm)")
+    p.add_argument("--outer-lr", type=float, default=0.7)
+    p.add_argument("--outer-momentum", type=float, default=0.9)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if args.quick:
@@ -369,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.move(png.with_suffix(".txt"), dest / png.with_suffix(".txt").name)
         n, b, steps = args.peers, args.batch, args.steps
         every = max(1, steps // 6)
-        common = dict(steps=steps, every=every, lr=args.lr, gather_window=args.gather_window)
+        common = dict(steps=steps, every=every, lr=args.lr, gather_window=args.gather_window,
+                      min_group=args.min_group or max(2, n))
         start = {"unet." + k: v for k, v in
                  load_file(model / "unet" / "diffusion_pytorch_model.safetensors").items()}
 
@@ -380,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         seconds = run_baseline(base_cfg, train, root / "baseline")
         results.append(Result("baseline", validator.curve(root / "baseline" / "worker", start),
                                seconds, None))
-        print(f"baseline: {results[0].final:.5f} in {seconds:.0f} s", flush=True)
+        print(f"baseline: {results[0].final:.5f} in {seconds:.0f} s; curve {results[0].curve}",
+              flush=True)
         for name in [x for x in args.runs.split(",") if x]:
             kind, _, arg = name.partition("-")
             byz = None
@@ -388,21 +401,22 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = run_config(model, batch=b, target_batch=n * b, codec=arg, **common)
             elif kind == "local":
                 cfg = run_config(model, batch=b, mode="local_steps",
-                                 local_steps=int(arg.removeprefix("H")), **common)
+                                 local_steps=int(arg.removeprefix("H")),
+                                 outer_lr=args.outer_lr, outer_momentum=args.outer_momentum,
+                                 **common)
             elif kind == "byzantine":
                 cfg = run_config(model, batch=b, target_batch=n * b, aggregation=arg, **common)
                 byz = n - 1
             else:
                 raise SystemExit(f"unknown run {name}")
-            seconds, sent, rounds = run_swarm(cfg, train, root / name, n, elements, byz)
+            seconds, sent, peers = run_swarm(cfg, train, root / name, n, elements, byz)
             work = root / name / "peer0" / "worker" / "quality"
             result = Result(name, validator.curve(work, start), seconds, sent,
-                            {"rounds": len(rounds),
-                             "averaged": sum(1 for r in rounds if r.get("averaged")),
-                             "min_members": min((r["members"] for r in rounds), default=0)})
+                            round_stats(peers, n, root / name))
             results.append(result)
             print(f"{name}: {result.final:.5f} ({result.final / results[0].final:.4f} x "
-                  f"baseline) in {seconds:.0f} s; {result.rounds}", flush=True)
+                  f"baseline) in {seconds:.0f} s; {result.rounds}; curve {result.curve}",
+                  flush=True)
         base = results[0].final
         honest = next((r.final for r in results if r.name == "gradient-none"), None)
         (out / "results.json").write_text(json.dumps({

@@ -25,4 +25,5 @@ def test_quick_gradient_mode_matches_the_baseline(tmp_path: Path) -> None:
     assert base["final"] < 0.9 * base["curve"][0][1], "the baseline did not learn"
     assert abs(swarm["ratio"] - 1.0) <= 0.03, swarm
     assert swarm["averaged"] == swarm["rounds"] > 0 and swarm["min_members"] == 2, swarm
+    assert swarm["split_steps"] == [] and swarm["peer_weight_spread"] == 0.0, swarm
     assert (tmp_path / "curves.png").stat().st_size > 0
