@@ -36,6 +36,9 @@ class LocalSettings:
     """Publish this peer's loss and throughput for the run's global charts."""
     follow_symlinks: bool = False
     """Train also on files that symlinks in the local data folder lead to outside it."""
+    devices: int = 1
+    """Devices this peer trains on together (data parallel inside the peer, 1-64); more
+    than one needs a local data folder."""
 
     def __post_init__(self) -> None:
         problems = _problems(self)
@@ -69,6 +72,8 @@ def _problems(s: LocalSettings) -> list[str]:
         0 <= s.micro_batch <= 4096
     ):
         out.append(f"micro_batch must be an integer 0-4096, got {s.micro_batch!r}")
+    if isinstance(s.devices, bool) or not isinstance(s.devices, int) or not 1 <= s.devices <= 64:
+        out.append(f"devices must be an integer 1-64, got {s.devices!r}")
     for name in ("gradient_checkpointing", "eight_bit_adam", "share_telemetry",
                  "follow_symlinks"):
         if not isinstance(getattr(s, name), bool):

@@ -53,13 +53,13 @@ def _shard(value: str | None) -> tuple[int, int] | None:
 @click.option("--stop-at", type=int, default=0, help="Stop at this global step.")
 @click.option("--device", default=None, help="auto, cpu or cuda (default: local settings).")
 @click.option("--no-export", is_flag=True, help="Do not export the model at the end.")
-@click.option("--devices", type=click.IntRange(1, 64), default=1,
+@click.option("--devices", type=click.IntRange(1, 64), default=None,
               help="Train as one peer on this many devices (GPUs, or CPU processes): data "
-                   "parallel inside the peer; needs --data.")
+                   "parallel inside the peer; needs --data (default: local settings).")
 @click.option("--log-level", default="info")
 def worker_command(socket_path: Path | None, data_dir: Path | None, run_config: Path | None,
                    data: Path | None, work_dir: Path | None, shard: str | None,
-                   stop_at: int, device: str | None, no_export: bool, devices: int,
+                   stop_at: int, device: str | None, no_export: bool, devices: int | None,
                    log_level: str) -> None:
     """Train: with the swarm through the local daemon, or alone with --run-config."""
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
@@ -134,7 +134,7 @@ def _set_up(make: Callable[[], T]) -> T:
 
 def _run(*, socket_path: Path | None, data_dir: Path | None, run_config: Path | None,
          data: Path | None, work_dir: Path | None, shard: tuple[int, int] | None, stop_at: int,
-         device: str | None, export: bool, devices: int = 1) -> int:
+         device: str | None, export: bool, devices: int | None = None) -> int:
     from dandelion_p2p.config import default_data_dir
     from dandelion_p2p.errors import ConfigError
     from dandelion_p2p.local_settings import LocalSettings, load_local_settings
@@ -180,6 +180,7 @@ def _run(*, socket_path: Path | None, data_dir: Path | None, run_config: Path | 
         stop_at=stop_at,
         export=export,
     )
+    devices = devices or settings.devices
     if devices > 1:
         from dandelion_p2p.worker.distributed import run_ranks
 

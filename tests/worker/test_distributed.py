@@ -149,3 +149,24 @@ def test_two_gpus_train_as_one_peer(tiny_sd1: Path, images: Path, tmp_path: Path
     for name, param in leader.c.trainable:
         assert torch.equal(param.detach().cpu(), rank1[name].cpu()), name
     assert link.weights == [4, 4]
+
+
+def test_the_local_setting_devices_is_what_a_started_worker_uses(
+        tiny_sd1: Path, images: Path, tmp_path: Path) -> None:
+    """A worker started without --devices (as the daemon starts it) trains on as many
+    devices as the machine's local settings say; a bad value is refused by name."""
+    from dandelion_p2p.errors import ConfigError
+    from dandelion_p2p.local_settings import LocalSettings, save_local_settings
+    from dandelion_p2p.worker.cli import run_worker
+
+    with pytest.raises(ConfigError, match="devices"):
+        LocalSettings(devices=0)
+    data_dir = tmp_path / "data"
+    save_local_settings(data_dir, LocalSettings(devices=2, device="cpu"))
+    run_config = tmp_path / "run.toml"
+    run_config.write_text(_config(tiny_sd1, steps=1).to_toml())
+    work = tmp_path / "work"
+    assert run_worker(socket_path=None, data_dir=data_dir, run_config=run_config, data=images,
+                      work_dir=work, shard=None, stop_at=0, device=None, export=False) == 0
+    assert (work / "ranks" / "rank-1").is_dir(), "the second rank never ran"
+    assert CheckpointStore(work / "checkpoints", keep_last=2).latest() is not None

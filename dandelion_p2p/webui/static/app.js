@@ -438,6 +438,7 @@
     eight_bit_adam: "8-bit optimizer states (bitsandbytes)",
     follow_symlinks: "also train on files that symlinks in the data folder lead to outside it",
     share_telemetry: "publish this peer's loss and throughput for the run's charts",
+    devices: "GPUs (or CPU processes) this peer trains on together; more than 1 needs a local data folder",
   };
 
   async function loadSettings() {
