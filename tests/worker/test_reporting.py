@@ -93,11 +93,17 @@ def test_the_torchvision_fallback_notice_alone_is_dropped() -> None:
     assert len(logger.filters) == 1
     kept = Kept()
     logger.addHandler(kept)  # transformers' loggers do not propagate to the root
+    # Other tests may have turned transformers' verbosity down: this one needs warnings on.
+    level, disabled = logger.level, logger.disabled
+    logger.setLevel(logging.WARNING)
+    logger.disabled = False
     try:
         logger.warning("`CLIPImageProcessor` %s; falling back", TORCHVISION_FALLBACK)
         logger.warning("something else that matters")
     finally:
         logger.removeHandler(kept)
+        logger.setLevel(level)
+        logger.disabled = disabled
     assert kept.messages == ["something else that matters"]
 
 
