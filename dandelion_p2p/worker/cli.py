@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -141,7 +140,7 @@ def _run(*, socket_path: Path | None, data_dir: Path | None, run_config: Path | 
     from dandelion_p2p.runconfig.schema import loads
     from dandelion_p2p.worker.link import DaemonLink, Link, SoloLink
     from dandelion_p2p.worker.quiet import quiet_third_party
-    from dandelion_p2p.worker.train import Trainer, WorkerOptions
+    from dandelion_p2p.worker.train import Trainer, WorkerOptions, run_until_stopped
 
     quiet_third_party()
     if data_dir is None and socket_path is None and run_config is None:
@@ -194,16 +193,6 @@ def _run(*, socket_path: Path | None, data_dir: Path | None, run_config: Path | 
         return trainer
 
     trainer = _set_up(set_up)
-
-    def request_stop(signum: int, frame: object) -> None:
-        log.info("stopping after this step (signal %d)", signum)
-        trainer.stop_requested = True
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    try:
-        trainer.run()
-    finally:
-        trainer.close()
+    run_until_stopped(trainer)
     log.info("the worker stopped at global step %d", trainer.position.global_step)
     return 0

@@ -39,7 +39,7 @@ from dandelion_p2p.worker.link import Link, SyncOutcome
 from dandelion_p2p.worker.peer_group import PeerGroup
 from dandelion_p2p.worker.progress import ConsoleProgress
 from dandelion_p2p.worker.protocol import ConfigVersion
-from dandelion_p2p.worker.train import Trainer, WorkerOptions
+from dandelion_p2p.worker.train import Trainer, WorkerOptions, run_until_stopped
 
 log = logging.getLogger(__name__)
 
@@ -231,18 +231,7 @@ def run_ranks(devices: int, link: Link, options: WorkerOptions, peer: str = "") 
         rank_link = RankLink(group, link, options.work_dir / "checkpoints")
         trainer = RankTrainer(loads(rank_link.run_config_toml), options, rank_link, peer, group)
         trainer.resume()
-
-        def request_stop(signum: int, frame: object) -> None:
-            log.info("stopping after this step (signal %d)", signum)
-            assert trainer is not None
-            trainer.stop_requested = True
-
-        signal.signal(signal.SIGTERM, request_stop)
-        signal.signal(signal.SIGINT, request_stop)
-        try:
-            trainer.run()
-        finally:
-            trainer.close()
+        run_until_stopped(trainer)
         finished = True
     finally:
         for process in followers:

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import random
+import signal
 import time
 from typing import Any
 
@@ -581,3 +582,19 @@ class Trainer:
         self.reports.close()
         self.sync_log.close()
         self.link.close()
+
+
+def run_until_stopped(trainer: Trainer) -> None:
+    """Run ``trainer`` with SIGTERM and SIGINT asking it to stop after the current step (with
+    a checkpoint), then close it."""
+
+    def request_stop(signum: int, frame: object) -> None:
+        log.info("stopping after this step (signal %d)", signum)
+        trainer.stop_requested = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
