@@ -129,3 +129,21 @@ def start_daemon(
     (daemon,) = start_daemons([launch_daemon(command, args, data_dir, launcher=launcher)],
                               ready_timeout)
     return daemon
+
+
+class LabHost(Launcher, Protocol):
+    """A netlab host: it launches processes and has an address (``netlab.Host``)."""
+
+    ip: str
+
+
+def start_lab_relay(
+    host: LabHost, data_dir: Path, daemons: list[DaemonProcess], bootstrap: str | None = None
+) -> tuple[DaemonProcess, str]:
+    """A relay daemon on ``host`` (port 4001), kept in ``daemons``; with its full address."""
+    args = ["--relay", "--listen", f"/ip4/{host.ip}/tcp/4001"]
+    if bootstrap is not None:
+        args += ["--bootstrap", bootstrap]
+    relay = start_daemon("daemon", args, data_dir, launcher=host)
+    daemons.append(relay)
+    return relay, f"/ip4/{host.ip}/tcp/4001/p2p/{relay.peer_id}"

@@ -15,7 +15,13 @@ from benchmarks.averaging_cluster import start_cluster
 from benchmarks.averaging_peer import peer_vector
 from dandelion_p2p.net.liveness_core import LivenessSettings
 from dandelion_p2p.netlab import Host, NatRouter, NetLab
-from tests.daemon_proc import DaemonProcess, launch_daemon, start_daemon, start_daemons
+from tests.daemon_proc import (
+    DaemonProcess,
+    launch_daemon,
+    start_daemon,
+    start_daemons,
+    start_lab_relay,
+)
 
 pytestmark = [pytest.mark.netlab, pytest.mark.slow]
 
@@ -109,14 +115,8 @@ def start_relayed_pair(netlab: NetLab, tmp_path: Path,
     nat_a, nat_b = netlab.add_nat("a"), netlab.add_nat("b")
     block_between(nat_a, nat_b.wan_ip)
     block_between(nat_b, nat_a.wan_ip)
-    r1 = start_daemon("daemon", ["--relay", "--listen", f"/ip4/{h1.ip}/tcp/4001"],
-                      tmp_path / "r1", launcher=h1)
-    daemons.append(r1)
-    r1_addr = f"/ip4/{h1.ip}/tcp/4001/p2p/{r1.peer_id}"
-    r2 = start_daemon("daemon", ["--relay", "--listen", f"/ip4/{h2.ip}/tcp/4001",
-                                 "--bootstrap", r1_addr], tmp_path / "r2", launcher=h2)
-    daemons.append(r2)
-    r2_addr = f"/ip4/{h2.ip}/tcp/4001/p2p/{r2.peer_id}"
+    r1, r1_addr = start_lab_relay(h1, tmp_path / "r1", daemons)
+    r2, r2_addr = start_lab_relay(h2, tmp_path / "r2", daemons, bootstrap=r1_addr)
     a, b = start_daemons([
         launch_daemon("join", [r1_addr, r2_addr], tmp_path / "a", launcher=nat_a.host),
         launch_daemon("join", [r1_addr, r2_addr], tmp_path / "b", launcher=nat_b.host),

@@ -12,7 +12,7 @@ import pytest
 
 from dandelion_p2p.net.swarm_memory import MEMORY_FILENAME
 from dandelion_p2p.netlab import NetLab
-from tests.daemon_proc import DaemonProcess, launch_daemon, start_daemon
+from tests.daemon_proc import DaemonProcess, launch_daemon, start_daemon, start_lab_relay
 
 pytestmark = pytest.mark.netlab
 
@@ -24,16 +24,8 @@ def test_restart_with_a_dead_bootstrap_finds_the_swarm_it_remembers(
     first_host, second_host = netlab.add_public_host("r1"), netlab.add_public_host("r2")
     nat = netlab.add_nat("a")
     lonely_nat = netlab.add_nat("c")
-    first = start_daemon("daemon", ["--relay", "--listen", f"/ip4/{first_host.ip}/tcp/4001"],
-                         tmp_path / "r1", launcher=first_host)
-    daemons.append(first)
-    first_addr = f"/ip4/{first_host.ip}/tcp/4001/p2p/{first.peer_id}"
-    second = start_daemon(
-        "daemon", ["--relay", "--listen", f"/ip4/{second_host.ip}/tcp/4001",
-                   "--bootstrap", first_addr],
-        tmp_path / "r2", launcher=second_host,
-    )
-    daemons.append(second)
+    first, first_addr = start_lab_relay(first_host, tmp_path / "r1", daemons)
+    second, _ = start_lab_relay(second_host, tmp_path / "r2", daemons, bootstrap=first_addr)
 
     # The peer knows only the first relay; it learns the second from the DHT.
     peer = start_daemon("join", [first_addr], tmp_path / "a", launcher=nat.host)

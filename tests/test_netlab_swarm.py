@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 from dandelion_p2p.netlab import Host, NatRouter, NetLab
-from tests.daemon_proc import DaemonProcess, launch_daemon, start_daemon, start_daemons
+from tests.daemon_proc import (
+    DaemonProcess,
+    launch_daemon,
+    start_daemon,
+    start_daemons,
+    start_lab_relay,
+)
 
 pytestmark = pytest.mark.netlab
 
@@ -40,12 +46,7 @@ def start_gateway(router: NatRouter, log: Path) -> subprocess.Popen[str]:
 
 
 def start_relay(host: Host, tmp_path: Path, daemons: list[DaemonProcess]) -> DaemonProcess:
-    relay = start_daemon(
-        "daemon", ["--relay", "--listen", f"/ip4/{host.ip}/tcp/4001"], tmp_path / "relay",
-        launcher=host,
-    )
-    daemons.append(relay)
-    return relay
+    return start_lab_relay(host, tmp_path / "relay", daemons)[0]
 
 
 def start_nat_peers(boot: str, tmp_path: Path, nats: dict[str, NatRouter],
@@ -193,17 +194,9 @@ def test_peer_behind_nat_moves_to_another_relay_when_its_relay_is_killed(
 ) -> None:
     first_host, second_host = netlab.add_public_host("r1"), netlab.add_public_host("r2")
     nat_a, nat_b = netlab.add_nat("a"), netlab.add_nat("b")
-    first = start_daemon("daemon", ["--relay", "--listen", f"/ip4/{first_host.ip}/tcp/4001"],
-                         tmp_path / "r1", launcher=first_host)
-    daemons.append(first)
-    first_addr = f"/ip4/{first_host.ip}/tcp/4001/p2p/{first.peer_id}"
-    second = start_daemon(
-        "daemon", ["--relay", "--listen", f"/ip4/{second_host.ip}/tcp/4001",
-                   "--bootstrap", first_addr],
-        tmp_path / "r2", launcher=second_host,
-    )
-    daemons.append(second)
-    second_addr = f"/ip4/{second_host.ip}/tcp/4001/p2p/{second.peer_id}"
+    first, first_addr = start_lab_relay(first_host, tmp_path / "r1", daemons)
+    second, second_addr = start_lab_relay(second_host, tmp_path / "r2", daemons,
+                                          bootstrap=first_addr)
     # One reservation only, and the first relay listed first: the peer starts on it.
     a, b = start_daemons([
         launch_daemon("join", [first_addr, second_addr, "--relays", "1"], tmp_path / "a",
