@@ -160,8 +160,12 @@ class DHTNode:
             return
         if sender.peer_id != peer_id.to_bytes():
             raise ProtocolViolation(RejectCode.FORBIDDEN, "sender is not the connected peer")
-        network = self._contact_network(peer_id, sender.addrs)
-        self.table.update(sender.peer_id, sender.addrs, trio.current_time(), network)
+        self._remember(sender)
+
+    def _remember(self, ref: PeerRef) -> None:
+        """Note in the routing table that ``ref`` answered or asked us."""
+        network = self._contact_network(ID(ref.peer_id), ref.addrs)
+        self.table.update(ref.peer_id, ref.addrs, trio.current_time(), network)
 
     def _contact_network(self, peer_id: ID, addrs: tuple[str, ...]) -> str | None:
         """The public network a contact counts for in the routing table: the one we see its
@@ -235,16 +239,14 @@ class DHTNode:
             # A refusal an honest server gives (stale write, full store) says nothing bad
             # about it; anything else means it is not a useful contact.
             if exc.code in NOT_A_FAULT:
-                self.table.update(ref.peer_id, ref.addrs, trio.current_time(),
-                                  self._contact_network(peer_id, ref.addrs))
+                self._remember(ref)
             else:
                 self.table.remove(ref.peer_id)
             raise
         except DandelionError:
             self.table.remove(ref.peer_id)
             raise
-        self.table.update(ref.peer_id, ref.addrs, trio.current_time(),
-                          self._contact_network(peer_id, ref.addrs))
+        self._remember(ref)
         return reply
 
     def _wrong_reply(self, ref: PeerRef, expected: str) -> ProtocolViolation:
@@ -321,10 +323,7 @@ class DHTNode:
             answered += 1
             if isinstance(reply, Nodes):
                 for closer in reply.closer:
-                    self.table.update(
-                        closer.peer_id, closer.addrs, trio.current_time(),
-                        self._contact_network(ID(closer.peer_id), closer.addrs),
-                    )
+                    self._remember(closer)
 
         async with trio.open_nursery() as nursery:
             for ref in peers:
