@@ -92,6 +92,17 @@ async def stall_frames(
             nursery.start_soon(one)
 
 
+async def settled(value: Any, quiet: float, limit: float) -> None:
+    """Until ``value()`` has stayed the same for ``quiet`` seconds (at most ``limit``)."""
+    with trio.move_on_after(limit):
+        last, since = value(), trio.current_time()
+        while trio.current_time() - since < quiet:
+            await trio.sleep(0.1)
+            now = value()
+            if now != last:
+                last, since = now, trio.current_time()
+
+
 async def run_frame_attack(
     sources: list[str], streams_each: int, limits: FrameBudgetLimits
 ) -> dict[str, Any]:
@@ -116,6 +127,9 @@ async def run_frame_attack(
             with trio.move_on_after(40.0):
                 while outcome["sent"] + outcome["reset"] < streams:
                     await trio.sleep(0.1)
+            # A write returns once yamux has the bytes, before the victim has read them: the
+            # resets come after the victim reads, so wait until its budget stops moving.
+            await settled(lambda: (budget.used, outcome["reset"]), quiet=1.0, limit=15.0)
             reset_by_victim = outcome["reset"]
             held_during = budget.used
             rss_during = rss_mib()
