@@ -345,7 +345,7 @@ def relative_l2(got: np.ndarray, expected: np.ndarray) -> float:
 
 # Documented end-to-end bounds (protocol/averaging.md section 10): a contribution and the
 # result are each encoded once, so the error is about twice the codec's own.
-CODEC_BOUNDS = {"fp16": 1e-3, "bf16": 8e-3, "int8": 1e-2}
+CODEC_BOUNDS = {"fp16": 1e-3, "bf16": 8e-3, "int8": 1e-2, "int4": 0.15}
 
 
 @pytest.mark.parametrize("codec", sorted(CODEC_BOUNDS))
@@ -501,8 +501,9 @@ def test_reducer_memory_is_bounded_by_chunks_in_flight() -> None:
     assert np.max(np.abs(got - expected)) <= 1e-6 * np.max(np.abs(expected))
 
 
-def test_error_feedback_keeps_the_running_sum_of_int8_rounds_unbiased() -> None:
-    """The same int8-compressed gradient averaged round after round: without error feedback
+@pytest.mark.parametrize("codec", ["int8", "int4"])
+def test_error_feedback_keeps_the_running_sum_of_compressed_rounds_unbiased(codec: str) -> None:
+    """The same compressed gradient averaged round after round: without error feedback
     every round drops the same part, so the running sum drifts by one round's error per
     round; with it, what was dropped is sent in later rounds."""
     idents = identities(3)
@@ -515,7 +516,7 @@ def test_error_feedback_keeps_the_running_sum_of_int8_rounds_unbiased() -> None:
     for with_feedback in (False, True):
         feedback = {
             i.peer_id_bytes: (
-                BufferErrorFeedback(get_codec("int8"), size) if with_feedback else None
+                BufferErrorFeedback(get_codec(codec), size) if with_feedback else None
             )
             for i in idents
         }
@@ -525,7 +526,7 @@ def test_error_feedback_keeps_the_running_sum_of_int8_rounds_unbiased() -> None:
             buffers = {i.peer_id_bytes: g.copy() for i, g in zip(idents, grads, strict=True)}
             peers = {
                 p: AllReducePeer(
-                    peer_id=p, sign=BY_ID[p].sign, spec=spec, buffer=buffers[p], codec="int8",
+                    peer_id=p, sign=BY_ID[p].sign, spec=spec, buffer=buffers[p], codec=codec,
                     max_chunk=1024, error_feedback=feedback[p],
                 )
                 for p in spec.peer_ids

@@ -28,8 +28,9 @@ def gaussian(n: int, seed: int = 0) -> np.ndarray:
 
 
 def test_registry_names():
-    assert set(CODECS) >= {"none", "fp16", "bf16", "int8"}
+    assert set(CODECS) >= {"none", "fp16", "bf16", "int8", "int4"}
     assert get_codec("int8").encoded_size(1000) == 4 * 4 + 1000
+    assert get_codec("int4").encoded_size(1001) == 4 * 16 + 501
     with pytest.raises(ProtocolViolation) as err:
         get_codec("zstd")
     assert err.value.code == RejectCode.INVALID_FIELD
@@ -166,7 +167,7 @@ def test_int8_refuses_invalid_scale(scale):
     assert err.value.code == RejectCode.INVALID_FIELD
 
 
-@pytest.mark.parametrize("name", ["none", "fp16", "bf16", "int8"])
+@pytest.mark.parametrize("name", ["none", "fp16", "bf16", "int8", "int4"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_encoders_refuse_non_finite_input(name, bad):
     x = gaussian(300)
