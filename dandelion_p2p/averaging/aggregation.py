@@ -19,6 +19,14 @@ plain weighted mean. Unless given, ``v`` starts at the coordinate-wise median an
 the median distance of the contributions to that start: about the spread of honest peers as
 long as they are the majority.
 
+Clipping bounds a far contribution but does not remove it: each iteration it still pulls ``v``
+by ``tau * w_i / sum w`` towards itself, and with small-batch gradients ``tau`` (the honest
+spread) is as large as the signal, so a peer sending its gradient x -1000 turns the result
+against the honest mean. A contribution that ends more than ``outlier_ratio * tau`` from
+``v`` is therefore left out and the clipping run again over the others, as long as such
+contributions are fewer than half of the valid ones (otherwise there is no majority to trust,
+and the clipped result stands).
+
 The guarantee is about weight, not heads: a contribution moves ``v`` in proportion to its
 share of the total weight, so a liar who announces most of the samples still wins. Announced
 weights must be bounded before they get here (a run can cap samples per round).
@@ -56,6 +64,7 @@ class Exclusion(enum.Enum):
 
     NON_FINITE = "values hold NaN or infinity"
     BAD_WEIGHT = "weight is not a finite positive number"
+    OUTLIER = "ended beyond outlier_ratio * tau from the others (centered clipping)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +74,9 @@ class ContributorReport:
     ``distance`` is the L2 distance of its values from the aggregate (NaN when excluded).
     ``tau_ratio`` is ``distance / tau`` under centered clipping (None for the plain mean):
     above 1 the contribution was pulled on with a clipped force. ``outlier`` is set when that
-    ratio exceeds the call's ``outlier_ratio``: a peer worth penalising.
+    ratio exceeds the call's ``outlier_ratio``: a peer worth penalising. An outlier left out of
+    the aggregate has ``excluded`` ``Exclusion.OUTLIER`` and ``outlier`` set, its distance and
+    ratio measured from the aggregate of the others.
     """
 
     sender: bytes
@@ -138,12 +149,21 @@ def centered_clip(
     center: NDArray[Any] | None = None,
     iterations: int = DEFAULT_ITERATIONS,
     outlier_ratio: float = DEFAULT_OUTLIER_RATIO,
+    exclude_outliers: bool = True,
 ) -> Aggregate:
     """Centered clipping of the valid contributions (see the module docstring).
 
     ``center`` is where to start (e.g. the previous round's result), else the coordinate-wise
     median; ``tau`` the clipping radius, else the median distance of the contributions to the
     start. With ``tau = 0`` the result stays at the start.
+
+    With ``exclude_outliers`` (the default), contributions that end more than
+    ``outlier_ratio * tau`` from the result are left out and the clipping runs once more over
+    the others (from their own median and radius, unless ``center``/``tau`` are given), as long
+    as they are fewer than half of the valid contributions. Clipping alone only bounds such a
+    contribution: it still pulls the result ``share * tau`` towards itself per iteration, which
+    for noisy small-batch gradients is as large as the honest signal. Their reports say
+    ``Exclusion.OUTLIER`` (still ``outlier``, so the caller scores them).
 
     Raises ``NothingToAggregate`` when no contribution is valid, and ``ValueError`` for
     duplicate senders, values of different lengths, or an invalid ``tau``/``center``/
@@ -154,6 +174,42 @@ def centered_clip(
     if iterations < 0:
         raise ValueError(f"iterations must be >= 0, got {iterations}")
     xs, weights, reports = _screen(contributions)
+    v, used_tau, squares = _clip(xs, weights, tau, center, iterations)
+    far: set[int] = set(np.flatnonzero(np.sqrt(squares) > outlier_ratio * used_tau).tolist())
+    if exclude_outliers and far and 2 * len(far) < len(xs):
+        keep = [i for i in range(len(xs)) if i not in far]
+        v, used_tau, _ = _clip([xs[i] for i in keep], weights[keep], tau, center, iterations)
+        squares = np.zeros(len(xs))
+        diff = np.empty(min(xs[0].size, _BLOCK))
+        for sl in _blocks(xs[0].size):
+            _add_squared_distances(xs, sl, v[sl], diff[: sl.stop - sl.start], squares)
+        weights = weights[keep]
+    else:
+        far = set()
+
+    finished = []
+    valid = iter(enumerate(np.sqrt(squares).tolist()))
+    for r in reports:
+        if r.excluded:
+            finished.append(r)
+            continue
+        i, dist = next(valid)
+        ratio = dist / used_tau if used_tau > 0 else (math.inf if dist > 0 else 0.0)
+        if i in far:
+            finished.append(ContributorReport(r.sender, Exclusion.OUTLIER, dist, ratio, True))
+        else:
+            finished.append(ContributorReport(r.sender, None, dist, ratio, ratio > outlier_ratio))
+    return Aggregate(v.astype(np.float32), math.fsum(weights), tuple(finished), used_tau)
+
+
+def _clip(
+    xs: Sequence[FloatArray],
+    weights: NDArray[np.float64],
+    tau: float | None,
+    center: NDArray[Any] | None,
+    iterations: int,
+) -> tuple[NDArray[np.float64], float, NDArray[np.float64]]:
+    """The clipping iterations: (result in float64, tau used, squared distances to it)."""
     n = xs[0].size
     if center is None:
         v = coordinate_median(xs).astype(np.float64)
@@ -187,17 +243,7 @@ def centered_clip(
                 s += d
             vb += s
             _add_squared_distances(xs, sl, vb, d, squares)
-
-    finished = []
-    distances_left = iter(np.sqrt(squares).tolist())
-    for r in reports:
-        if r.excluded:
-            finished.append(r)
-            continue
-        dist: float = next(distances_left)
-        ratio = dist / tau if tau > 0 else (math.inf if dist > 0 else 0.0)
-        finished.append(ContributorReport(r.sender, None, dist, ratio, ratio > outlier_ratio))
-    return Aggregate(v.astype(np.float32), math.fsum(weights), tuple(finished), tau)
+    return v, tau, squares
 
 
 def coordinate_median(xs: Sequence[FloatArray]) -> FloatArray:

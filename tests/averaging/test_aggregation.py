@@ -247,3 +247,52 @@ def test_sorting_network_sorts_every_zero_one_input(k):
             if a[i] > a[j]:
                 a[i], a[j] = a[j], a[i]
         assert a == sorted(a)
+
+
+def noisy_small_batch(seed: int, peers: int = 3):
+    """Gradients of small batches: per-peer noise as large as the shared signal."""
+    rng = np.random.default_rng(seed)
+    signal = rng.standard_normal(N)
+    honest = [(signal + rng.standard_normal(N)).astype(np.float32) for _ in range(peers)]
+    return [Contribution(f"honest{i}".encode(), x, 2.0) for i, x in enumerate(honest)]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_far_outlier_is_left_out_and_the_others_clipped_alone(seed):
+    honest = noisy_small_batch(seed)
+    evil = Contribution(b"evil", honest[0].values * -1000, 2.0)
+    contributions = [honest[0], evil, *honest[1:]]
+
+    agg = centered_clip(contributions)
+    bounded = centered_clip(contributions, exclude_outliers=False)
+
+    np.testing.assert_array_equal(agg.values, centered_clip(honest).values)
+    assert agg.included == tuple(c.sender for c in honest)
+    assert agg.total_weight == 6.0
+    report = agg.reports[1]
+    assert report.excluded is Exclusion.OUTLIER and report.outlier
+    assert report.tau_ratio is not None and report.tau_ratio > 100
+    honest_mean = weighted_mean(honest).values.astype(np.float64)
+    # Clipping alone keeps the x -1000 peer's pull of share * tau per iteration: with noise as
+    # large as the signal that turns much of the result against the honest mean.
+    assert rel_l2(bounded.values, honest_mean) > 0.25
+    assert rel_l2(agg.values, honest_mean) < 0.01
+
+
+def test_outliers_that_are_not_a_minority_stay_clipped():
+    honest = noisy_small_batch(3, peers=2)
+    far = [Contribution(b"far0", honest[0].values * 1000, 2.0),
+           Contribution(b"far1", honest[1].values * -1000, 2.0)]
+    for contributions in (honest[:1] + far[:1], honest + far):
+        agg = centered_clip(contributions)
+        np.testing.assert_array_equal(
+            agg.values, centered_clip(contributions, exclude_outliers=False).values)
+        assert all(r.excluded is None for r in agg.reports)
+
+
+def test_honest_contributions_are_not_left_out():
+    honest = noisy_small_batch(4, peers=8)
+    agg = centered_clip(honest)
+    assert all(r.excluded is None and not r.outlier for r in agg.reports)
+    np.testing.assert_array_equal(
+        agg.values, centered_clip(honest, exclude_outliers=False).values)
