@@ -236,11 +236,12 @@ class AllReducePeer:
                 return self._refuse(sender, outcome, now, header)
             self._maybe_done(now)
             return outcome
+        again = self._receiver.applied(sender, header)  # a copy resent over a new channel
         refused = self._receiver.on_result(sender, header, payload, now)
         if refused is not None:
             return self._refuse(sender, refused, now, header)
         sends: list[Send] = []
-        if self._receiver.applied(sender, header):
+        if not again and self._receiver.applied(sender, header):
             # Every member tells the others what the reducer sent it: a reducer that sent
             # members different results is caught by all of them within the round.
             others = [p for p in self._others if p != sender and p not in self._ledger.gone]
@@ -268,6 +269,32 @@ class AllReducePeer:
             self._ledger.score_timeout(peer)
         self._maybe_done(now)
         return sends
+
+    def wants_link(self, peer: bytes) -> bool:
+        """Whether the round still needs a channel to ``peer``: it is not over and the peer
+        is still part of it (a transport worth reopening when the channel is lost)."""
+        return not self.done and peer in self.spec and peer not in self._ledger.gone
+
+    def resend(self, peer: bytes, written: list[Send]) -> list[Send]:
+        """Of the frames ``written`` to ``peer`` on a channel that was lost, those it may
+        still need, to write again on a new channel (``Send.again``): chunks whose result we
+        do not hold yet, results while it has not said it holds every result (its final
+        echo), and echoes. Rejects are not repeated. The receiver drops what it already got
+        (protocol/averaging.md section 14.2)."""
+        if not self.wants_link(peer):
+            return []
+        settled_everything = peer not in self._echoes.awaited
+        out = []
+        for send in written:
+            if send.kind == "chunk":
+                if not self._receiver.settled(send.span_index, send.chunk_index):
+                    out.append(send)
+            elif send.kind == "result":
+                if not settled_everything:
+                    out.append(send)
+            elif send.kind == "echo":
+                out.append(send)
+        return out
 
     def exclude_banned(self, peer: bytes, now: float) -> list[Send]:
         """Leave out a member this peer has banned (the group kept it, since most members

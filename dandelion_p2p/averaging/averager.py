@@ -16,7 +16,6 @@ node itself; constructing it does no I/O.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -29,16 +28,15 @@ import numpy as np
 import trio
 from libp2p.peer.id import ID
 
-from dandelion_p2p.averaging.allreduce import AllReducePeer, Send
+from dandelion_p2p.averaging.allreduce import AllReducePeer
 from dandelion_p2p.averaging.compression import BufferErrorFeedback, get_codec
 from dandelion_p2p.averaging.group import GroupSpec
 from dandelion_p2p.averaging.matchmaking import Matchmaker, MatchmakingSettings
+from dandelion_p2p.averaging.member_links import PURPOSE, MemberLinks, Round
 from dandelion_p2p.averaging.messages import (
     MAX_LISTED_BANS,
     AveragingAnnouncement,
-    ChannelHello,
     decode_hello,
-    encode_hello,
 )
 from dandelion_p2p.averaging.ports import (
     ChannelOpener,
@@ -56,7 +54,6 @@ from dandelion_p2p.runconfig.schema import DEFAULT_CHUNK_TIMEOUT
 
 log = logging.getLogger(__name__)
 
-PURPOSE = "averaging/1"
 _NOT_A_FAILURE = frozenset({ExclusionReason.BANNED, ExclusionReason.GROUP_MISMATCH})
 TICK = 0.5
 CHUNKS_PER_SPAN = 8
@@ -97,75 +94,6 @@ class AveragingSettings:
     matchmaking: MatchmakingSettings = field(default_factory=MatchmakingSettings)
 
 
-class _Round:
-    """One round in progress: the channels to the group as formed, a queue of frames per
-    member, and (once the channels are settled) the state machine over the members kept."""
-
-    def __init__(self, spec: GroupSpec, me: bytes) -> None:
-        self._state: AllReducePeer | None = None
-        self.spec = spec
-        self.ready = trio.Event()
-        """Set when the state machine exists: frames are read from then on."""
-        self.outboxes: dict[bytes, trio.MemorySendChannel[Send]] = {}
-        self.inboxes: dict[bytes, trio.MemoryReceiveChannel[Send]] = {}
-        for peer in spec.peer_ids:
-            if peer != me:
-                send, recv = trio.open_memory_channel[Send](math.inf)
-                self.outboxes[peer] = send
-                self.inboxes[peer] = recv
-        # Channels opened by members with smaller ids, handed over by the inbound handler.
-        self.inbound: dict[bytes, trio.MemorySendChannel[Channel]] = {}
-        self.inbound_recv: dict[bytes, trio.MemoryReceiveChannel[Channel]] = {}
-        for peer in self.outboxes:
-            send_ch, recv_ch = trio.open_memory_channel[Channel](1)
-            self.inbound[peer] = send_ch
-            self.inbound_recv[peer] = recv_ch
-        # Set when the round no longer needs any channel (the inbound handlers wait on it,
-        # since the data plane closes an inbound channel when its handler returns).
-        self.finished = trio.Event()
-        self.writing: set[bytes] = set(self.outboxes)
-        self.connected: set[bytes] = set()
-        self.channels: dict[bytes, Channel] = {}
-        self.unreachable: set[bytes] = set()
-        self.changed = trio.Event()
-
-    @property
-    def state(self) -> AllReducePeer:
-        if self._state is None:
-            raise RuntimeError("the round's state machine is made once its channels settle")
-        return self._state
-
-    def begin(self, state: AllReducePeer) -> None:
-        self._state = state
-        self.ready.set()
-
-    @property
-    def links_settled(self) -> bool:
-        return self.connected | self.unreachable >= self.outboxes.keys()
-
-    def skip(self, peers: set[bytes]) -> None:
-        """Members not worth a channel (they said they finished the round): unreachable."""
-        for peer in peers & self.outboxes.keys():
-            self.unreachable.add(peer)
-            self.writing.discard(peer)
-
-    def dispatch(self, sends: list[Send]) -> None:
-        for send in sends:
-            box = self.outboxes.get(send.recipient)
-            if box is not None:
-                # A closed outbox belongs to a member whose link is gone; its frames are moot.
-                with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
-                    box.send_nowait(send)
-        self.changed.set()
-
-    def fail(self, peer: bytes, reason: str) -> None:
-        if self._state is None:
-            self.unreachable.add(peer)
-            self.changed.set()
-        elif not self.state.done:
-            self.dispatch(self.state.on_peer_failed(peer, trio.current_time(), reason))
-
-
 class Averager:
     """This peer's averaging rounds of run ``run``.
 
@@ -201,12 +129,21 @@ class Averager:
         self.proofs = ProofExchange(
             records, reputation, run, dht_timeout=self.settings.matchmaking.dht_timeout
         )
-        self._rounds: dict[int, _Round] = {}
+        self._rounds: dict[int, Round] = {}
         self._round_ready: dict[int, trio.Event] = {}
         self._failed_in_round: dict[bytes, int] = {}
         """Members that failed this peer, with the last round they did."""
         self._installed = False
         self.reports: list[RoundReport] = []
+        self.member_links = MemberLinks(
+            me=self.me, run=run, links=links, dataplane=dataplane, reputation=reputation,
+            settings=self.settings,
+        )
+
+    @property
+    def channels_reopened(self) -> int:
+        """Channels lost mid-round and replaced by new ones (for logs and tests)."""
+        return self.member_links.reopened
 
     def install(self) -> None:
         """Serve the channels other members open to this peer (``all_reduce`` calls it
@@ -287,7 +224,16 @@ class Averager:
             rnd.inbound[peer].send_nowait(channel)
         except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
             return
-        await rnd.finished.wait()
+        # Until the round ends, or the channel does (lost and replaced by another: the data
+        # plane then gives its slot back).
+        async with trio.open_nursery() as nursery:
+
+            async def until(event: trio.Event) -> None:
+                await event.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(until, rnd.finished)
+            nursery.start_soon(until, channel.finished)
 
     def error_feedback_for(self, size: int) -> BufferErrorFeedback:
         """Error feedback for a vector of ``size`` elements under this averager's codec."""
@@ -305,8 +251,12 @@ class Averager:
         round_: int,
         *,
         error_feedback: BufferErrorFeedback | None = None,
+        reduces: bool = True,
     ) -> RoundReport:
         """Average ``buffer`` (1-D float32, C-contiguous) in place with this round's group.
+
+        ``reduces=False`` announces no bandwidth, so that this peer reduces no span: a peer
+        with nothing to add (a joiner taking the swarm's result) only sends and receives.
 
         For a gradient-like vector averaged every round with a lossy codec, pass the same
         ``error_feedback`` (made with ``error_feedback_for``) each round: what compression
@@ -328,7 +278,7 @@ class Averager:
             run=self.run,
             round=round_,
             weight=float(weight),
-            bandwidth_mbps=s.bandwidth_mbps,
+            bandwidth_mbps=s.bandwidth_mbps if reduces else 0.0,
             accepts_connections=self.links.reachable,
             endpoint=self.dataplane.endpoint or "",
             expires_at_ms=int((time.time() + s.matchmaking.announcement_ttl) * 1000),
@@ -336,7 +286,7 @@ class Averager:
         )
         track_recorded = self._track_recorded()
         spec, formation, finished = await self.matchmaker.match(
-            self.me, announcement, track_recorded
+            self.me, announcement, track_recorded, expected=self._expected(round_)
         )
         for liar in formation.overclaimed:
             if liar != self.me and spec is not None and liar in spec:
@@ -383,7 +333,7 @@ class Averager:
                     state.exclude_banned(peer, trio.current_time())
             return state
 
-        rnd = _Round(spec, self.me)
+        rnd = Round(spec, self.me)
         rnd.skip(gone)
         self._rounds[round_] = rnd
         self._round_ready.setdefault(round_, trio.Event()).set()
@@ -411,6 +361,18 @@ class Averager:
         )
         return report
 
+    def _expected(self, round_: int) -> set[bytes]:
+        """Who matchmaking waits for: the peers whose announcements for the previous round
+        this peer read when it formed that round, but those that failed it or that it bans.
+        Every member read about the same announcements, so they wait for about the same
+        peers and form the same groups; a newcomer read before the stop is waited for from
+        the next round on. After a gap, nobody: the whole window is waited."""
+        now = time.time()
+        return {
+            p for p in self.matchmaker.announcers_of(round_ - 1)
+            if p not in self._failed_in_round and not self.reputation.scores.is_banned(p, now)
+        }
+
     def _failed_recently(self, round_: int, spec: GroupSpec) -> set[bytes]:
         """Members of ``spec`` that failed this peer in the last ``failure_memory_rounds``
         rounds: every member that averaged with them saw the same failure, so all leave them
@@ -430,7 +392,7 @@ class Averager:
             if round_ - last > self.settings.failure_memory_rounds:
                 del self._failed_in_round[peer]
 
-    async def _settle_links(self, rnd: _Round) -> None:
+    async def _settle_links(self, rnd: Round) -> None:
         """Wait until every member's channel is open or given up, at most the connect
         bound: members slower than that cannot keep the round's chunk timeout anyway."""
         s = self.settings
@@ -441,13 +403,13 @@ class Averager:
 
     async def _drive(
         self,
-        rnd: _Round,
+        rnd: Round,
         round_: int,
         start_state: Callable[[set[bytes]], AllReducePeer],
     ) -> None:
         async with trio.open_nursery() as nursery:
             for peer in rnd.outboxes.keys() - rnd.unreachable:
-                nursery.start_soon(self._link, rnd, round_, peer)
+                nursery.start_soon(self.member_links.link, rnd, round_, peer)
             await self._settle_links(rnd)
             state = start_state(set(rnd.outboxes) - rnd.connected)
             rnd.begin(state)
@@ -477,87 +439,3 @@ class Averager:
                 if channel is not None:
                     channel.abort()
             nursery.cancel_scope.cancel()
-
-    async def _link(self, rnd: _Round, round_: int, peer: bytes) -> None:
-        """Connect to one member, then pump frames both ways until the round ends."""
-        peer_id = ID(peer)
-        s = self.settings
-        try:
-            if self.me < peer:
-                await self.links.connect_peer(peer_id)
-                channel = await self.dataplane.open(peer_id, PURPOSE, timeout=s.open_timeout)
-                await channel.send(encode_hello(ChannelHello(self.run, round_, rnd.spec.group_id)))
-            else:
-                channel = await self._accepted(rnd, peer_id)
-        except (DandelionError, trio.TooSlowError) as exc:
-            rnd.writing.discard(peer)
-            rnd.fail(peer, f"no channel: {exc}")
-            return
-        rnd.connected.add(peer)
-        rnd.channels[peer] = channel
-        rnd.changed.set()
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._write, rnd, peer, channel)
-                await self._read(rnd, peer, channel)
-                nursery.cancel_scope.cancel()
-        finally:
-            with trio.move_on_after(2.0) as scope:
-                scope.shield = True
-                await channel.aclose()
-
-    async def _accepted(self, rnd: _Round, peer_id: ID) -> Channel:
-        """The channel ``peer_id`` opens to us. A peer whose libp2p connection drops while we
-        wait (its process died) is given up at once rather than at the timeouts.
-
-        Raises:
-            PeerUnavailable: the peer disconnected or did not open a channel in time.
-        """
-        s = self.settings
-        deadline = trio.current_time() + s.open_timeout + s.matchmaking.gather_window * 2
-        inbox = rnd.inbound_recv[peer_id.to_bytes()]
-        while trio.current_time() < deadline:
-            with trio.move_on_after(0.25):
-                return await inbox.receive()
-            if not self.links.is_connected(peer_id):
-                raise PeerUnavailable(f"{peer_id} disconnected before opening its channel")
-        raise PeerUnavailable(f"{peer_id} opened no channel in time")
-
-    async def _write(self, rnd: _Round, peer: bytes, channel: Channel) -> None:
-        try:
-            async for send in rnd.inboxes[peer]:
-                await channel.send(send.buffers())
-        except DandelionError as exc:
-            rnd.fail(peer, f"send failed: {exc}")
-        finally:
-            rnd.writing.discard(peer)
-            rnd.changed.set()
-
-    async def _read(self, rnd: _Round, peer: bytes, channel: Channel) -> None:
-        # One buffer per link, reused for every frame: the state machine keeps nothing that
-        # points into a frame, and a fresh multi-MiB allocation per frame costs page faults.
-        buffer = bytearray(channel.receive_max_frame)
-        view = memoryview(buffer)
-        # Receive rate of this link, for status: the clock starts at the first frame, so
-        # only the bytes after it count.
-        first = last = 0.0
-        received = -1
-        await rnd.ready.wait()
-        try:
-            while True:
-                try:
-                    n = await channel.receive_into(view)
-                except DandelionError as exc:
-                    rnd.fail(peer, f"receive failed: {exc}")
-                    return
-                last = trio.current_time()
-                if received < 0:
-                    first, received = last, 0
-                else:
-                    received += n
-                if rnd.state.done:
-                    continue
-                rnd.dispatch(rnd.state.on_frame(peer, view[:n], last))
-        finally:
-            if received > 0:
-                self.reputation.record_link_rate(peer, received, last - first)

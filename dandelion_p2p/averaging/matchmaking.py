@@ -72,6 +72,14 @@ class MatchmakingSettings:
     """Seconds between announcing and reading the others' announcements."""
     settle: float = 0.5
     """A second read this long after the first catches announcements still propagating."""
+    quiet: float = 0.1
+    """With peers expected (``match(expected=)``): gathering ends once all of them have
+    announced and no new announcer appeared for this long, the window being the bound."""
+    poll_interval: float = 0.05
+    """How often the announcements are read while expected peers are awaited."""
+    end_early: bool = True
+    """Off: every round waits the whole window, expected peers or not (the rule before
+    gathering could end early; ``benchmarks/averaging_throughput.py --wait-window``)."""
     min_group: int = 2
     max_group: int = 16
     """Most members one table averages with (``GroupSpec.seat``)."""
@@ -91,6 +99,14 @@ class Matchmaker:
     def __init__(self, records: RecordStore, *, settings: MatchmakingSettings) -> None:
         self.records = records
         self.settings = settings
+        self._announcers: tuple[int, frozenset[bytes]] = (-1, frozenset())
+        """The last round matched, and who had announced for it when this peer formed."""
+
+    def announcers_of(self, round_: int) -> frozenset[bytes]:
+        """The publishers this peer read for ``round_`` when it last matched it; empty when
+        its last match was another round."""
+        last, announcers = self._announcers
+        return announcers if last == round_ else frozenset()
 
     async def announce(self, announcement: AveragingAnnouncement) -> int:
         key = round_key(announcement.run, announcement.round)
@@ -128,8 +144,14 @@ class Matchmaker:
         me: bytes,
         announcement: AveragingAnnouncement,
         track_recorded: Collection[bytes] | None = None,
+        expected: Collection[bytes] = (),
     ) -> tuple[GroupSpec | None, Formation, set[bytes]]:
-        """Announce, wait out the gathering window, and form this round's groups.
+        """Announce, gather the others' announcements, and form this round's groups.
+
+        With ``expected`` peers (those that announced for the previous round), gathering
+        ends as soon as all of them have announced and no newcomer appeared for ``quiet``
+        seconds; a straggler among them costs at most the ``gather_window``. Without, the
+        whole window is waited (a first round: nobody knows who is coming).
 
         Returns my group (None if I ended up without one), the whole formation, and the other
         announcers that have already finished the round. Finished announcers still count in
@@ -138,12 +160,18 @@ class Matchmaker:
         evict ``me``.
         """
         s = self.settings
+        started = trio.current_time()
+        wanted = set(expected) - {me} if s.end_early else set()
         await self.announce(announcement)
-        await trio.sleep(s.gather_window)
-        seen = await self.read(announcement.run, announcement.round)
-        await trio.sleep(s.settle)
-        seen.update(await self.read(announcement.run, announcement.round))
+        if wanted:
+            seen = await self._gather_expected(announcement, wanted)
+        else:
+            await trio.sleep(s.gather_window)
+            seen = await self.read(announcement.run, announcement.round)
+            await trio.sleep(s.settle)
+            seen.update(await self.read(announcement.run, announcement.round))
         seen[me] = announcement
+        self._announcers = (announcement.round, frozenset(seen) - {me})
         # The groups follow the bans a majority agrees on, never this peer's alone: every
         # member must form the same groups. Peers only we banned are cut off later, by us.
         banned = consensus_bans(seen, track_recorded, me=me)
@@ -158,12 +186,43 @@ class Matchmaker:
             max_weight=s.max_weight,
         )
         group = formation.group_of(me)
+        if group is not None and sum(m.bandwidth > 0 for m in group.members) < s.min_group:
+            # Peers announcing no bandwidth (joiners with nothing to add) only take the
+            # result: with them, a group of too few contributors is none, for every member.
+            group = None
         log.info(
-            "round %d: %d announcements, %d groups, mine has %s members",
+            "round %d: %d announcements, %d groups, mine has %s members (matched in %.2f s, "
+            "%s)",
             announcement.round,
             len(seen),
             len(formation.groups),
             len(group.members) if group else 0,
+            trio.current_time() - started,
+            f"{len(wanted)} expected" if wanted else "the whole window",
         )
         finished = {peer for peer, ann in seen.items() if ann.finished and peer != me}
         return group, formation, finished
+
+    async def _gather_expected(
+        self, announcement: AveragingAnnouncement, wanted: set[bytes]
+    ) -> dict[bytes, AveragingAnnouncement]:
+        """Read until every ``wanted`` peer has announced and the set stayed the same for
+        ``quiet`` seconds, or until the gathering window is over."""
+        s = self.settings
+        deadline = trio.current_time() + s.gather_window
+        seen: dict[bytes, AveragingAnnouncement] = {}
+        changed_at = trio.current_time()
+        while True:
+            found = await self.read(announcement.run, announcement.round)
+            now = trio.current_time()
+            if found.keys() - seen.keys():
+                changed_at = now
+            seen.update(found)
+            if wanted <= seen.keys() and now - changed_at >= s.quiet:
+                break
+            if now >= deadline:
+                log.info("round %d: %d of %d expected peers announced within the window",
+                         announcement.round, len(wanted & seen.keys()), len(wanted))
+                break
+            await trio.sleep(min(s.poll_interval, max(0.0, deadline - now)))
+        return seen

@@ -28,6 +28,7 @@ from dandelion_p2p.averaging.report import (
     ExclusionReason,
     status_of,
 )
+from dandelion_p2p.averaging.sends import MAX_RESENDS
 from dandelion_p2p.errors import ProtocolViolation
 from dandelion_p2p.wire import RejectCode
 
@@ -60,6 +61,10 @@ class ResultReceiver:
         self._unsettled: dict[int, int] = {i: len(v) for i, v in self._results.items()}
         self._pending = sum(self._unsettled.values())
         self._progress: dict[bytes, float] = {}
+        # The digest of each result applied, and the copies of applied results ignored per
+        # reducer: the same signed result sent again over a new channel is not a violation.
+        self._digests: dict[tuple[int, int], bytes] = {}
+        self._duplicates: dict[bytes, int] = {}
         # Our own values of each chunk a result replaced, until the round ends: what a chunk
         # goes back to when its reducer turns out to have sent members different results.
         self._replaced: dict[tuple[int, int], NDArray[np.float32]] = {}
@@ -130,6 +135,13 @@ class ResultReceiver:
         if outcome is not None:
             if outcome.status is ChunkStatus.LOCAL:
                 return None  # given up on already; applying it now would break the report
+            seen = self._duplicates.get(sender, 0)
+            if (
+                self._digests.get((span_index, chunk_index)) == h.digest
+                and seen < MAX_RESENDS * len(self._span_chunks[span_index])
+            ):
+                self._duplicates[sender] = seen + 1
+                return None
             return Refusal(RejectCode.UNEXPECTED, "duplicate result")
         if h.codec != self._codec.name:
             return bad(RejectCode.INVALID_FIELD, f"codec {h.codec!r}, the run uses another")
@@ -147,6 +159,7 @@ class ResultReceiver:
         except ProtocolViolation as exc:
             return bad(exc.code, exc.detail)
         self._replaced[(span_index, chunk_index)] = self._buffer[chunk.start : chunk.end].copy()
+        self._digests[(span_index, chunk_index)] = h.digest
         self._buffer[chunk.start : chunk.end] = values
         self._results[span_index][chunk_index] = ChunkOutcome(
             chunk.index, chunk.start, chunk.end, status_of(h.contributors), h.contributors
@@ -210,6 +223,11 @@ class ResultReceiver:
     def release(self) -> None:
         """Drop the copies of replaced values once the round is over."""
         self._replaced.clear()
+
+    def settled(self, span_index: int, chunk_index: int) -> bool:
+        """Whether chunk ``chunk_index`` of span ``span_index`` is applied or left local."""
+        outcomes = self._results.get(span_index)
+        return outcomes is None or outcomes[chunk_index] is not None
 
     def applied(self, reducer: bytes, h: ResultHeader) -> bool:
         """Whether the chunk ``h`` names holds ``reducer``'s result now."""

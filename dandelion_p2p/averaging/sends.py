@@ -30,6 +30,10 @@ from dandelion_p2p.wire import Reject, RejectCode
 
 SendKind = Literal["chunk", "result", "reject", "echo"]
 MAX_REJECT_DETAIL = 512
+MAX_RESENDS = 2
+"""Times a member sends a peer again what a lost channel may not have delivered, per round
+(protocol/averaging.md section 14.2); a receiver ignores that many duplicates of each frame
+before it counts them as violations."""
 
 
 class Send:
@@ -42,7 +46,7 @@ class Send:
     their recipients.
     """
 
-    __slots__ = ("_render", "chunk_index", "kind", "recipient", "span_index")
+    __slots__ = ("_render", "_rerender", "chunk_index", "kind", "recipient", "span_index")
 
     def __init__(
         self,
@@ -51,16 +55,24 @@ class Send:
         span_index: int,
         chunk_index: int,
         render: Callable[[], list[Buffer]],
+        rerender: Callable[[], list[Buffer]] | None = None,
     ) -> None:
         self.recipient = recipient
         self.kind = kind
         self.span_index = span_index
         self.chunk_index = chunk_index
         self._render = render
+        self._rerender = rerender
 
     def buffers(self) -> list[Buffer]:
         """The frame as buffers for a vectored write (see ``messages.pack_frame``)."""
         return self._render()
+
+    def again(self) -> list[Buffer]:
+        """The frame rendered once more, for a new channel after the first was lost: the
+        same signed bytes, except a chunk under error feedback (encoded without it, so the
+        residual does not count the values twice)."""
+        return (self._rerender or self._render)()
 
     def frame(self) -> bytes:
         """The frame as one bytes object (a copy of the payload)."""
@@ -101,11 +113,11 @@ class Framer:
         buffer when the frame is rendered."""
         weight = self._spec.member(self._peer_id).weight
 
-        def render() -> list[Buffer]:
+        def render(feedback: bool = True) -> list[Buffer]:
             values = self._buffer[chunk.start : chunk.end]
             payload = (
                 self._codec.encode_view(values)
-                if self._error_feedback is None
+                if self._error_feedback is None or not feedback
                 else self._error_feedback.encode(values, chunk.start)
             )
             header = ChunkHeader(
@@ -127,7 +139,10 @@ class Framer:
             self._count_sent(frame_size(buffers))
             return buffers
 
-        return Send(recipient, "chunk", span_index, chunk.index, render)
+        def rerender() -> list[Buffer]:
+            return render(feedback=False)
+
+        return Send(recipient, "chunk", span_index, chunk.index, render, rerender)
 
     def results(
         self,

@@ -32,7 +32,7 @@ from dandelion_p2p.averaging.report import (
     ExclusionReason,
     status_of,
 )
-from dandelion_p2p.averaging.sends import Framer, Send
+from dandelion_p2p.averaging.sends import MAX_RESENDS, Framer, Send
 from dandelion_p2p.errors import ProtocolViolation
 from dandelion_p2p.reputation.book import ScoreEvent
 from dandelion_p2p.wire import RejectCode
@@ -99,6 +99,7 @@ class SpanReducer:
         self._open: set[int] = set(range(len(chunks)))
         self._live: set[bytes] = set(self._others) if chunks else set()
         self._delivered: dict[bytes, int] = dict.fromkeys(self._others, 0)
+        self._duplicates: dict[bytes, int] = dict.fromkeys(self._others, 0)
         self._progress: dict[bytes, float] = {}
         self._scratch: NDArray[np.float64] | None = None
         self._free_sums: list[NDArray[np.float64]] = []
@@ -182,6 +183,11 @@ class SpanReducer:
         if self._outcomes[chunk.index] is not None or (
             reduction is not None and sender in reduction.senders
         ):
+            # A sender whose channel broke sends again what it may have lost; the first
+            # copy counted, so the resent one is dropped (up to the resends it may make).
+            if self._duplicates[sender] < MAX_RESENDS * len(self._chunks):
+                self._duplicates[sender] += 1
+                return []
             return Refusal(RejectCode.UNEXPECTED, "duplicate chunk")
         if payload_digest(payload) != h.digest:
             return bad(RejectCode.INVALID_FIELD, "payload digest mismatch")

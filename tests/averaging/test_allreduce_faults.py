@@ -20,6 +20,7 @@ from dandelion_p2p.averaging.messages import (
     unpack_frame,
 )
 from dandelion_p2p.averaging.report import ChunkStatus, ExclusionReason
+from dandelion_p2p.averaging.sends import MAX_RESENDS
 from dandelion_p2p.identity import Identity
 from dandelion_p2p.reputation.book import ScoreEvent
 from dandelion_p2p.wire import Reject, RejectCode
@@ -444,10 +445,18 @@ def test_truncated_and_garbled_frames_never_crash(trio) -> None:
     assert excluded(rep, a) == {("sender", ExclusionReason.MALFORMED)}
 
 
-def test_duplicate_chunk_is_ignored_and_scored_but_not_excluding(trio) -> None:
+def test_duplicate_chunks_are_dropped_up_to_the_resends_then_scored_but_not_excluding(
+    trio,
+) -> None:
     swarm, a, b, _c, to_b = trio
     frame = to_b[0].frame()
     assert swarm.peers[b].on_frame(a, frame, 0.1) == []
+    # A sender that lost its channel sends again what it may have lost: dropped, unscored...
+    chunks = len(next(s for s in swarm.peers[b].report().spans if s.reducer == b).chunks)
+    for _ in range(MAX_RESENDS * chunks):
+        assert swarm.peers[b].on_frame(a, frame, 0.2) == []
+    assert events_for(swarm, b, a) == []
+    # ...but no more copies than its resends can make.
     assert_refused(swarm.peers[b].on_frame(a, frame, 0.2), RejectCode.UNEXPECTED)
     assert events_for(swarm, b, a) == [ScoreEvent.MALFORMED]
     assert swarm.peers[b].report().excluded == ()

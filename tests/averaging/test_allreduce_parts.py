@@ -26,7 +26,7 @@ from dandelion_p2p.averaging.messages import (
 from dandelion_p2p.averaging.partition import Chunk, split_chunks
 from dandelion_p2p.averaging.report import ChunkStatus, ExcludedPeer, ExclusionReason
 from dandelion_p2p.averaging.result_receiver import ResultReceiver
-from dandelion_p2p.averaging.sends import Framer, Send
+from dandelion_p2p.averaging.sends import MAX_RESENDS, Framer, Send
 from dandelion_p2p.averaging.span_reducer import SpanReducer
 from dandelion_p2p.identity import Identity
 from dandelion_p2p.reputation.book import ScoreEvent
@@ -244,11 +244,13 @@ def test_the_reducer_averages_a_chunk_once_every_counted_sender_delivered_it() -
     assert reducer.in_progress == 0 and ledger.events == []
 
 
-def test_the_reducer_refuses_a_duplicate_without_cutting_the_sender_off() -> None:
+def test_the_reducer_drops_resent_chunks_then_refuses_duplicates_without_cutting_off() -> None:
     reducer, _, _ = make_reducer()
     chunk = span_chunks()[0][0]
     header, payload = chunk_from(B, A, chunk, np.zeros(chunk.size))
     assert reducer.on_chunk(B.peer_id_bytes, header, payload, 1.0) == []
+    for _ in range(MAX_RESENDS * len(span_chunks()[0])):
+        assert reducer.on_chunk(B.peer_id_bytes, header, payload, 1.5) == []
     assert reducer.on_chunk(B.peer_id_bytes, header, payload, 1.5) == Refusal(
         RejectCode.UNEXPECTED, "duplicate chunk"
     )
@@ -287,7 +289,7 @@ def make_receiver(me: Identity = A) -> tuple[ResultReceiver, np.ndarray, RoundLe
     return receiver, buffer, ledger
 
 
-def test_the_receiver_applies_a_valid_result_and_refuses_a_second_one() -> None:
+def test_the_receiver_applies_a_valid_result_drops_resent_copies_and_refuses_others() -> None:
     receiver, buffer, _ = make_receiver()
     chunk = span_chunks()[SPEC.index_of(B.peer_id_bytes)][0]
     header, payload = result_from(B, chunk, np.full(chunk.size, 3.0))
@@ -295,6 +297,15 @@ def test_the_receiver_applies_a_valid_result_and_refuses_a_second_one() -> None:
     assert np.all(buffer[chunk.start : chunk.end] == 3.0)
     outcome = receiver.outcomes(SPEC.index_of(B.peer_id_bytes))[0]
     assert outcome is not None and outcome.status is ChunkStatus.AVERAGED
+    # The same signed result again (resent over a new channel) is dropped, as often as the
+    # reducer's resends can send it; another result for the chunk, or more copies, are not.
+    other, other_payload = result_from(B, chunk, np.full(chunk.size, 4.0))
+    assert receiver.on_result(B.peer_id_bytes, other, other_payload, 1.0) == Refusal(
+        RejectCode.UNEXPECTED, "duplicate result"
+    )
+    for _ in range(MAX_RESENDS * len(span_chunks()[SPEC.index_of(B.peer_id_bytes)])):
+        assert receiver.on_result(B.peer_id_bytes, header, payload, 1.0) is None
+    assert np.all(buffer[chunk.start : chunk.end] == 3.0)
     assert receiver.on_result(B.peer_id_bytes, header, payload, 1.0) == Refusal(
         RejectCode.UNEXPECTED, "duplicate result"
     )

@@ -1,0 +1,180 @@
+"""Matchmaking that ends when it can: once the peers of the last round are all back (and no
+newcomer is still arriving), a round starts without waiting out the gathering window; a
+straggler among them costs at most the window; a first round waits the window."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import trio
+
+from dandelion_p2p.averaging.averager import AveragingSettings
+from dandelion_p2p.averaging.matchmaking import (
+    AVERAGING_NAMESPACE,
+    Matchmaker,
+    MatchmakingSettings,
+    round_key,
+)
+from dandelion_p2p.averaging.messages import AveragingAnnouncement, encode_announcement
+from dandelion_p2p.averaging.report import RoundReport
+from dandelion_p2p.identity import Identity
+from dandelion_p2p.net.dht.records import sign_record
+from tests.averaging.test_averager import RUN, Member, averaging_swarm
+
+WINDOW = 4.0
+SETTINGS = AveragingSettings(
+    max_chunk=64 * 1024,
+    chunk_timeout=5.0,
+    matchmaking=MatchmakingSettings(gather_window=WINDOW, settle=0.3),
+)
+
+
+async def timed_round(
+    members: list[Member], round_: int, delays: dict[int, float] | None = None
+) -> tuple[list[RoundReport], list[float]]:
+    """One round of every member (member i starting ``delays[i]`` s late); the reports and
+    how long each member's ``all_reduce`` took from its own start."""
+    rng = np.random.default_rng(round_)
+    reports: list[RoundReport | None] = [None] * len(members)
+    took = [0.0] * len(members)
+
+    async def run(i: int) -> None:
+        await trio.sleep((delays or {}).get(i, 0.0))
+        buffer = rng.standard_normal(100_000).astype(np.float32)
+        started = trio.current_time()
+        reports[i] = await members[i].averager.all_reduce(buffer, 1.0, round_)
+        took[i] = trio.current_time() - started
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for i in range(len(members)):
+                nursery.start_soon(run, i)
+    return [r for r in reports if r is not None], took
+
+
+async def test_a_round_with_everyone_back_starts_without_waiting_the_window() -> None:
+    async with averaging_swarm(4, SETTINGS) as members:
+        first, first_took = await timed_round(members, 1)
+        second, second_took = await timed_round(members, 2)
+    print(f"4 peers, window {WINDOW} s: round 1 took {[round(t, 2) for t in first_took]} s "
+          f"(no history: the whole window), round 2 {[round(t, 2) for t in second_took]} s")
+    for reports in (first, second):
+        assert len(reports) == 4
+        assert all(r.complete and r.fraction_averaged == 1.0 for r in reports)
+        assert all(len(r.members) == 4 for r in reports)
+    assert min(first_took) >= WINDOW
+    # Everyone came back: matchmaking ended long before the window did (the all-reduce
+    # itself takes as long in both rounds).
+    assert max(second_took) < min(first_took) - WINDOW / 2
+
+
+async def test_a_straggler_of_the_last_round_is_waited_for_within_the_window() -> None:
+    async with averaging_swarm(3, SETTINGS) as members:
+        await timed_round(members, 1)
+        late = 1.5
+        reports, took = await timed_round(members, 2, delays={2: late})
+    print(f"3 peers, one {late} s late in round 2: rounds took {[round(t, 2) for t in took]} s")
+    # The others waited for it (it averaged with them) and not the whole window beyond it.
+    assert len(reports) == 3 and all(len(r.members) == 3 for r in reports)
+    assert all(r.fraction_averaged == 1.0 for r in reports)
+    assert max(took[:2]) < late + WINDOW / 2
+
+
+async def test_a_peer_gone_since_the_last_round_costs_at_most_the_window() -> None:
+    async with averaging_swarm(3, SETTINGS) as members:
+        await timed_round(members, 1)
+        gone = members[2]
+        await gone.node.host.close()
+        reports, took = await timed_round(members[:2], 2)
+    print(f"3 peers, one gone before round 2: the others took {[round(t, 2) for t in took]} s")
+    # It announced last round, so it was waited for: the window, once.
+    assert len(reports) == 2 and all(len(r.members) == 2 for r in reports)
+    assert min(took) >= WINDOW and max(took) < WINDOW + 5.0
+
+
+def announcement_of(round_: int, endpoint: str) -> AveragingAnnouncement:
+    return AveragingAnnouncement(
+        run=RUN, round=round_, weight=1.0, bandwidth_mbps=100.0, accepts_connections=True,
+        endpoint=endpoint, expires_at_ms=int((time.time() + 60) * 1000),
+    )
+
+
+def plant_fresh_announcer(members: list[Member], round_: int, i: int) -> bytes:
+    """A fresh key's signed announcement, put straight into every honest node's record store
+    (as if it came from as many networks as it likes)."""
+    fresh = Identity.generate()
+    ann = announcement_of(round_, f"10.9.{i // 250}.{i % 250}:4001")
+    record = sign_record(fresh, AVERAGING_NAMESPACE, round_key(RUN, round_),
+                         encode_announcement(ann), 1, ann.expires_at_ms)
+    for m in members:
+        assert m.node.dht is not None
+        m.node.dht.store.put(record, int(time.time() * 1000))
+    return fresh.peer_id_bytes
+
+
+async def gather(members: list[Member], settings: MatchmakingSettings, round_: int,
+                 delays: dict[int, float]) -> tuple[list[float], list[set[bytes]]]:
+    """Every member matches ``round_`` expecting the others (as after a round together),
+    member i ``delays[i]`` s late; how long each took from its own start, and who was in
+    the formation each formed."""
+    ids = [m.node.identity.peer_id_bytes for m in members]
+    took = [0.0] * len(members)
+    formed: list[set[bytes]] = [set() for _ in members]
+
+    async def run(i: int) -> None:
+        await trio.sleep(delays.get(i, 0.0))
+        matchmaker = Matchmaker(members[i].node.records, settings=settings)
+        started = trio.current_time()
+        _group, formation, _finished = await matchmaker.match(
+            ids[i], announcement_of(round_, f"127.0.0.1:{4000 + i}"), expected=set(ids))
+        took[i] = trio.current_time() - started
+        formed[i] = {p for g in formation.groups for p in g.peer_ids} | set(formation.ungrouped)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for i in range(len(members)):
+                nursery.start_soon(run, i)
+    return took, formed
+
+
+async def test_fresh_announcers_cannot_end_gathering_before_an_expected_peer_came() -> None:
+    """Twenty fresh keys have announced before anyone; an honest peer of the last round comes
+    1 s late. The others wait for it: the fresh keys cannot make them form without it."""
+    settings = MatchmakingSettings(gather_window=WINDOW, settle=0.3)
+    async with averaging_swarm(3, SETTINGS) as members:
+        honest = {m.node.identity.peer_id_bytes for m in members}
+        for i in range(20):
+            plant_fresh_announcer(members, 2, i)
+        took, formed = await gather(members, settings, 2, {2: 1.0})
+    print(f"20 fresh announcers, an expected peer 1 s late: gathering took "
+          f"{[round(t, 2) for t in took]} s")
+    assert all(honest <= f for f in formed), "the late expected peer was formed without"
+    assert min(took[:2]) >= 1.0
+    assert max(took[:2]) < 1.0 + WINDOW / 2
+
+
+async def test_fresh_announcers_cannot_hold_gathering_open_beyond_the_window() -> None:
+    """A new fresh key announces every 50 ms for longer than the window: "no new announcer
+    for 0.1 s" never holds, and the window (plus one bounded DHT read) still ends the wait."""
+    settings = MatchmakingSettings(gather_window=2.0, settle=0.3)
+    async with averaging_swarm(3, SETTINGS) as members:
+        honest = {m.node.identity.peer_id_bytes for m in members}
+        planted = 0
+
+        async def flood() -> None:
+            nonlocal planted
+            while True:
+                plant_fresh_announcer(members, 2, planted)
+                planted += 1
+                await trio.sleep(0.05)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flood)
+            took, formed = await gather(members, settings, 2, {})
+            nursery.cancel_scope.cancel()
+    print(f"a fresh announcer every 50 ms ({planted} in all), window 2 s: gathering took "
+          f"{[round(t, 2) for t in took]} s")
+    assert all(honest <= f for f in formed)
+    assert min(took) >= settings.gather_window
+    assert max(took) < settings.gather_window + settings.dht_timeout + 1.0
