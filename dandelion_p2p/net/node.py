@@ -50,6 +50,7 @@ from dandelion_p2p.net.host import build_host
 from dandelion_p2p.net.liveness import ConnectionLiveness
 from dandelion_p2p.net.notes.service import NoteService
 from dandelion_p2p.net.ports import RecordStore
+from dandelion_p2p.net.punch_retry import PunchRetries
 from dandelion_p2p.net.recall import SwarmRecall
 from dandelion_p2p.net.relay import RelayLimitsConfig, RelayReservations, relay_services
 from dandelion_p2p.net.upgrade import GracefulUpgrades
@@ -146,6 +147,8 @@ class SwarmNode:
         self.upgrades = GracefulUpgrades(
             self.host, self.hole_punching, suspect=self.liveness.is_quiet
         )
+        # DCUtR gives up after three punches; a path that opens later is tried again.
+        self.punch_retries = PunchRetries(self.host, self.hole_punching)
         self.dialer = Dialer(
             self.host, timeout=settings.dial_timeout, relay_transport=self.relay_transport
         )
@@ -274,6 +277,7 @@ class SwarmNode:
         ):
             self.background = nursery
             nursery.start_soon(self.upgrades.run)
+            nursery.start_soon(self.punch_retries.run)
             nursery.start_soon(self.liveness.run)
             await self._start(nursery)
             try:
