@@ -47,7 +47,7 @@ OptimizerName = Literal["adamw", "adamw8bit", "prodigy", "adafactor"]
 ScheduleName = Literal["constant", "constant_with_warmup", "linear", "cosine",
                        "cosine_with_restarts", "polynomial"]
 SyncMode = Literal["local_steps", "gradient"]
-Codec = Literal["none", "fp16", "bf16", "int8"]
+Codec = Literal["none", "fp16", "bf16", "int8", "int4"]
 Aggregation = Literal["mean", "centered_clip"]
 ExportWeights = Literal["auto", "ema", "raw"]
 LoraLayers = Literal["attention", "transformer", "locon"]
@@ -149,6 +149,9 @@ class SyncConfig:
     outer_step_alone: bool = False
     """Take the outer step in a round this peer had to itself. Off: a lone peer's weights are
     what its inner optimizer made of them (local_steps mode)."""
+    overlap: bool = False
+    """Average each round's pseudo-gradient while the next round's local steps train, and
+    apply it one round late (local_steps mode; ``worker/overlap.py``)."""
     target_batch: int = 256
     """Samples the swarm accumulates before one lockstep optimizer step (gradient mode)."""
 
@@ -389,6 +392,8 @@ def validate(c: RunConfig) -> list[str]:
     need(0 < y.outer_lr <= 10, "sync.outer_lr", "must be in (0, 10]")
     need(0 <= y.outer_momentum < 1, "sync.outer_momentum", "must be in [0, 1)")
     need(y.target_batch >= 1, "sync.target_batch", "must be >= 1")
+    need(not (y.overlap and y.mode != "local_steps"), "sync.overlap",
+         "applies to local_steps mode only")
     a = c.averaging
     need(2 <= a.min_group <= a.max_group <= 256, "averaging.min_group",
          "need 2 <= min_group <= max_group <= 256")

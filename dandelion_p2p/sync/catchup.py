@@ -17,7 +17,7 @@ from libp2p.peer.id import ID
 
 from dandelion_p2p.errors import DandelionError
 from dandelion_p2p.sync.ports import StatePeers
-from dandelion_p2p.sync.statesync import fetch_state
+from dandelion_p2p.sync.statesync import DownloadProgress, fetch_state
 from dandelion_p2p.sync.statesync_core import StateUnavailable
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,15 @@ class CatchUp:
         looks as many times."""
         self.peers = peers
         self.pause = wait_for_peers / (CATCH_UP_TRIES - 1)
+        self.progress: DownloadProgress | None = None
+        """The download under way (None: none), for ``worker.catch_up_status``."""
+
+    def status(self) -> dict[str, int]:
+        """The step being downloaded (-1: none chosen yet, or no download) and its bytes."""
+        p = self.progress
+        if p is None:
+            return {"step": -1, "done": 0, "total": 0}
+        return {"step": p.step, "done": p.done, "total": p.total}
 
     async def run(self, run: str, have: int, folder: Path, *, wait: bool) -> dict[str, Any]:
         """Download the newest state of ``run`` newer than step ``have`` into ``folder``.
@@ -40,6 +49,14 @@ class CatchUp:
 
         A local file error (a full disk) is raised as it is (``OSError``).
         """
+        self.progress = DownloadProgress()
+        try:
+            return await self._run(run, have, folder, wait=wait)
+        finally:
+            self.progress = None
+
+    async def _run(self, run: str, have: int, folder: Path, *, wait: bool) -> dict[str, Any]:
+        assert self.progress is not None
         for attempt in range(CATCH_UP_TRIES):
             peers = await self.training_peers()
             if not peers:
@@ -51,7 +68,7 @@ class CatchUp:
             try:
                 step, sources = await fetch_state(
                     self.peers.host, peers, run, have, folder,
-                    connect=self.peers.connect_peer,
+                    connect=self.peers.connect_peer, progress=self.progress,
                 )
                 break
             except StateUnavailable as exc:

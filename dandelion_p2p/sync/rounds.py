@@ -121,6 +121,8 @@ class Rounds:
                     max(weight, 1e-6),
                     round_,
                     error_feedback=self._error_feedback(averager, buffer),
+                    # Nothing to add (a joiner): take the result without reducing a span.
+                    reduces=weight > 0,
                 )
             except NoGroup as exc:
                 if exc.late:

@@ -176,6 +176,7 @@ class WorkerMethods:
             protocol.PROGRESS: self.h_progress,
             protocol.SYNC: self.h_sync,
             protocol.CATCH_UP: self.h_catch_up,
+            protocol.CATCH_UP_STATUS: self.h_catch_up_status,
         }
 
     def cancel_work(self) -> None:
@@ -252,6 +253,12 @@ class WorkerMethods:
         self.session.check(params)
         answer = await self._unless_stopping(lambda: self._catch_up(params))
         return answer if answer is not None else {"step": -1, "detail": "the daemon is stopping"}
+
+    async def h_catch_up_status(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The step the ``worker.catch_up`` under way downloads (-1: none chosen yet), so
+        that the worker can take part in the rounds that follow it meanwhile."""
+        self.session.check(params)
+        return self.catch_up.status()
 
     async def _catch_up(self, params: dict[str, Any]) -> dict[str, Any]:
         have = int(need_number(params, "step", -1, 2**53))

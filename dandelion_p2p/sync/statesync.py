@@ -17,6 +17,7 @@ import os
 import random
 import shutil
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
@@ -105,6 +106,16 @@ class StateServer:
             raise
 
 
+@dataclass
+class DownloadProgress:
+    """What a download under way has chosen and written, for ``worker.catch_up_status``."""
+
+    step: int = -1
+    """The step being downloaded (-1: offers not chosen yet)."""
+    total: int = 0
+    done: int = 0
+
+
 async def fetch_state(
     host: IHost,
     peers: list[ID],
@@ -114,9 +125,11 @@ async def fetch_state(
     *,
     timeout: float = 30.0,
     connect: Callable[[ID], Awaitable[None]] | None = None,
+    progress: DownloadProgress | None = None,
 ) -> tuple[int, list[str]]:
     """Download the newest checkpoint newer than ``have_step`` into ``destination/step-N``;
-    returns (N, peers it came from).
+    returns (N, peers it came from). ``progress`` learns the step chosen and the bytes
+    written as they are.
 
     Raises:
         StateUnavailable: no peer offers a newer state, or the offers disagree, or every
@@ -155,13 +168,17 @@ async def fetch_state(
                                f"{destination} has {free} free")
     partial = destination / f".download-step-{step:08d}"
     partial.mkdir(exist_ok=True)
+    progress = progress if progress is not None else DownloadProgress()
+    progress.step, progress.total, progress.done = step, needed, 0
     used: set[str] = set()
     for name, (size, digest) in chosen.files().items():
         target = partial / name
         if target.is_file() and target.stat().st_size == size and file_digest(target) == digest:
+            progress.done += size
             continue
         sources = chosen.sources_of(name)
-        await _download(host, FileFetch(run, step, name, size, sources), target, timeout)
+        await _download(host, FileFetch(run, step, name, size, sources), target, timeout,
+                        progress)
         if file_digest(target) != digest:
             target.unlink(missing_ok=True)
             raise StateUnavailable(f"{name} from step {step} does not match its hash",
@@ -177,12 +194,49 @@ async def fetch_state(
     return step, sorted(used)
 
 
-async def _download(host: IHost, fetch: FileFetch[ID], target: Path, timeout: float) -> None:
+JOURNAL_EVERY = 16
+"""Chunks written between two syncs of a ``.part`` file and its journal of durable chunks."""
+
+
+def _journaled(journal: Path) -> list[int]:
+    """The chunk offsets a ``.part.done`` journal lists (8-byte little-endian each; a torn
+    last entry is ignored)."""
+    try:
+        data = journal.read_bytes()
+    except OSError:
+        return []
+    return [int.from_bytes(data[i:i + 8], "little") for i in range(0, len(data) - 7, 8)]
+
+
+async def _download(host: IHost, fetch: FileFetch[ID], target: Path, timeout: float,
+                    progress: DownloadProgress) -> None:
     """Read ``fetch``'s file chunk by chunk as the core plans it, writing each chunk where it
-    belongs in ``target``.part, then renaming it to ``target``."""
+    belongs in ``target``.part, then renaming it to ``target``.
+
+    Every ``JOURNAL_EVERY`` chunks the part file is synced and the chunks written so far are
+    appended to ``target``.part.done: an interrupted download resumes from the chunks that
+    journal lists (the file's hash is checked at the end in any case)."""
     limit = trio.Semaphore(fetch.in_flight)
     tmp = target.with_name(target.name + ".part")
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    journal = target.with_name(target.name + ".part.done")
+    if tmp.is_file() and tmp.stat().st_size == fetch.size and journal.is_file():
+        fd = os.open(tmp, os.O_RDWR)
+        resumed = fetch.resume(_journaled(journal))
+        progress.done += resumed
+        if resumed:
+            log.info("resuming %s of step %d: %d of %d bytes already here", fetch.name,
+                     fetch.step, resumed, fetch.size)
+    else:
+        journal.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    written: list[int] = []
+
+    def make_durable() -> None:
+        os.fdatasync(fd)
+        with journal.open("ab") as f:
+            f.write(b"".join(o.to_bytes(8, "little") for o in written))
+        written.clear()
+
     try:
         os.ftruncate(fd, fetch.size)
 
@@ -199,11 +253,20 @@ async def _download(host: IHost, fetch: FileFetch[ID], target: Path, timeout: fl
             data = fetch.received(asked, reply)
             if data is not None:
                 os.pwrite(fd, data, asked.offset)
+                progress.done += len(data)
+                written.append(asked.offset)
+                if len(written) >= JOURNAL_EVERY:
+                    make_durable()
 
-        while reads := fetch.next_pass():
-            async with trio.open_nursery() as nursery:
-                for peer, asked in reads:
-                    nursery.start_soon(read, peer, asked)
+        try:
+            while reads := fetch.next_pass():
+                async with trio.open_nursery() as nursery:
+                    for peer, asked in reads:
+                        nursery.start_soon(read, peer, asked)
+        finally:
+            # Interrupted or not, what was written is kept for the next try.
+            if written:
+                make_durable()
         if not fetch.complete:
             raise StateUnavailable(f"could not download {fetch.name}: every source failed",
                                    retry=True)
@@ -211,3 +274,4 @@ async def _download(host: IHost, fetch: FileFetch[ID], target: Path, timeout: fl
     finally:
         os.close(fd)
     os.replace(tmp, target)
+    journal.unlink(missing_ok=True)

@@ -14,7 +14,7 @@ spread over all peers that hold the same bytes.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
@@ -302,6 +302,15 @@ class FileFetch(Generic[P]):
             self.done.add(read.offset)
             return reply.data
         return None
+
+    def resume(self, offsets: Iterable[int]) -> int:
+        """Chunks an interrupted download already wrote (and made durable): they are not
+        read again. Offsets that are not chunk starts of this file are ignored. Returns the
+        bytes they hold."""
+        starts = set(self.offsets)
+        kept = {o for o in offsets if o in starts} - self.done
+        self.done |= kept
+        return sum(min(CHUNK, self.size - o) for o in kept)
 
     def failed(self, peer: P) -> None:
         """A read from ``peer`` failed (no stream, a timeout, a ``Reject``)."""

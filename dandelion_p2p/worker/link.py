@@ -137,6 +137,7 @@ class DaemonLink:
         self.run_configs: ConfigTimeline[ConfigVersion] = ConfigTimeline()
         self._learn(hello.get("run_configs"))
         self._round_config = (0, 0)
+        self._unlearned: list[Any] = []
         self._shared: SharedVector | None = None
         self._last_progress = 0.0
 
@@ -167,9 +168,14 @@ class DaemonLink:
         self._shared = SharedVector(Path(answer["path"]), elements, create=False)
         return self._shared.array
 
-    def sync(self, round_: int, weight: float, kind: str) -> SyncOutcome:
+    def sync(self, round_: int, weight: float, kind: str, *,
+             config: tuple[int, int] | None = None, learn: bool = True) -> SyncOutcome:
+        """``config``: the (version, first step) the round trained under, when not the last
+        ``round_config`` (a round averaged while the next one trains, ``overlap``).
+        ``learn=False``: keep the answer's new versions for ``learn_pending``, so that a round
+        on another thread never changes ``run_configs`` while the trainer reads it."""
         started = time.monotonic()
-        version, first_step = self._round_config
+        version, first_step = config if config is not None else self._round_config
         newest = self.run_configs.newest()
         answer = call_sync(
             self.socket,
@@ -180,7 +186,10 @@ class DaemonLink:
             timeout=self.sync_timeout,
         )
         # A daemon that is stopping answers before looking at versions: nothing new then.
-        self._learn(answer.get("run_configs", []))
+        if learn:
+            self._learn(answer.get("run_configs", []))
+        else:
+            self._unlearned.append(answer.get("run_configs", []))
         return SyncOutcome(
             round=round_,
             averaged=bool(answer["averaged"]),
@@ -190,6 +199,15 @@ class DaemonLink:
             behind=answer.get("behind") is True,
             stopping=answer.get("stopping") is True,
         )
+
+    def round_config_now(self) -> tuple[int, int]:
+        """The (version, first step) the next ``sync`` would send."""
+        return self._round_config
+
+    def learn_pending(self) -> None:
+        """Take the versions that ``sync(learn=False)`` answers brought."""
+        while self._unlearned:
+            self._learn(self._unlearned.pop(0))
 
     def progress(self, fields: dict[str, Any], force: bool = False) -> bool:
         now = time.monotonic()
@@ -206,6 +224,11 @@ class DaemonLink:
              "checkpoints": str(Path(checkpoints).absolute())},
             timeout=self.sync_timeout,
         )
+        return int(answer["step"])
+
+    def catch_up_status(self) -> int:
+        """The step the ``catch_up`` under way downloads (-1: none chosen yet, or none)."""
+        answer = call_sync(self.socket, protocol.CATCH_UP_STATUS, {"session": self.session})
         return int(answer["step"])
 
     # ---- chunks of the run's dataset, leased through the daemon (protocol/worker.md)

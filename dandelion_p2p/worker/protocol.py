@@ -21,6 +21,7 @@ BUFFER = "worker.buffer"
 PROGRESS = "worker.progress"
 SYNC = "worker.sync"
 CATCH_UP = "worker.catch_up"
+CATCH_UP_STATUS = "worker.catch_up_status"
 
 WORKER_STATES = ("starting", "training", "syncing", "stopping", "stopped")
 MAX_DETAIL = 2000

@@ -40,6 +40,9 @@ class TrainingReports:
         self.learning_rate: float | None = None
         self.validation_loss: float | None = None
         self.validation_step: int | None = None
+        self.sync_wait_seconds = 0.0
+        """Seconds this worker waited for the swarm's rounds since it started (blocking: every
+        round's whole time; ``sync.overlap``: the waits at the boundaries)."""
 
     def _hold_out(self) -> list[validation.ValBatch]:
         v = self.t.config.validation
@@ -76,10 +79,12 @@ class TrainingReports:
                                       "samples_per_second": samples_per_second})
         self.console.step(step, loss, self.learning_rate)
 
-    def round(self, outcome: SyncOutcome) -> None:
+    def round(self, outcome: SyncOutcome, waited: float) -> None:
+        """``waited``: seconds the worker did not train for this round."""
+        self.sync_wait_seconds += waited
         self.board.scalars(self.t.position.global_step, {
             "round_seconds": outcome.seconds, "fraction_averaged": outcome.fraction_averaged,
-            "round_peers": float(outcome.members)})
+            "round_peers": float(outcome.members), "sync_wait_seconds": waited})
         self.console.note("round", round_text(outcome))
 
     def after_step(self) -> None:
@@ -117,7 +122,8 @@ class TrainingReports:
 
     def fields(self) -> dict[str, Any]:
         """Fields of the worker's progress report (``protocol/worker.md``)."""
-        out: dict[str, Any] = {"lr": self.learning_rate}
+        out: dict[str, Any] = {"lr": self.learning_rate,
+                               "sync_wait_seconds": round(self.sync_wait_seconds, 3)}
         if self.validation_step is not None:
             out["validation_loss"] = self.validation_loss
             out["validation_step"] = self.validation_step

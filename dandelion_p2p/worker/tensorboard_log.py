@@ -26,6 +26,7 @@ TAGS = {
     "round_seconds": "swarm/round_seconds",
     "fraction_averaged": "swarm/fraction_averaged",
     "round_peers": "swarm/round_peers",
+    "sync_wait_seconds": "swarm/sync_wait_seconds",
 }
 
 

@@ -30,7 +30,7 @@ import torch
 from dandelion_p2p.errors import ConfigError
 from dandelion_p2p.runconfig.schema import RunConfig
 from dandelion_p2p.runconfig.timeline import fixed_changes
-from dandelion_p2p.worker import diffusion
+from dandelion_p2p.worker import diffusion, joining
 from dandelion_p2p.worker.batches import BatchMaker
 from dandelion_p2p.worker.bucketing import make_buckets
 from dandelion_p2p.worker.checkpoint import Checkpoint, CheckpointStore
@@ -63,6 +63,7 @@ from dandelion_p2p.worker.optimizers import (
 )
 from dandelion_p2p.worker.options import WorkerOptions
 from dandelion_p2p.worker.outer import OuterNesterov
+from dandelion_p2p.worker.overlap import Overlap, needs_catch_up
 from dandelion_p2p.worker.peer_group import SOLO, PeerGroup
 from dandelion_p2p.worker.reporting import TrainingReports
 
@@ -146,6 +147,8 @@ class Trainer:
         flatten_into(self.params, self.flat)
         self.outer = (OuterNesterov(self.flat, config.sync.outer_lr, config.sync.outer_momentum)
                       if config.sync.mode == "local_steps" else None)
+        self.overlap = (Overlap(self) if self.outer is not None and config.sync.overlap
+                        else None)
 
         self.position = Position(expected_peers=config.averaging.min_group if link.run else 1)
         self.checkpoints = CheckpointStore(options.work_dir / "checkpoints",
@@ -169,7 +172,7 @@ class Trainer:
                 force changes what a running worker cannot; and whatever the link raises.
         """
         have = self.checkpoints.latest_step()
-        self.joined = self.link.catch_up(have, self.checkpoints.root, wait=True) > have
+        self.joined = joining.catch_up_taking_part(self, have, wait=True) > have
         latest = self.checkpoints.latest()
         if latest is not None:
             self.restore(latest)
@@ -211,8 +214,9 @@ class Trainer:
             self.log_step(loss, samples / max(1e-9, time.monotonic() - started))
             boundary = self.outer is None or p.global_step % self.config.sync.local_steps == 0
             if self.outer is not None and boundary:
-                outcome = self.sync_local_steps()
-                if not outcome.averaged and (outcome.members > 1 or outcome.behind):
+                outcome = (self.overlap.boundary() if self.overlap is not None
+                           else self.sync_local_steps())
+                if outcome is not None and needs_catch_up(outcome):
                     # Others were there but we could not average with them: we are behind
                     # (or went alone for a while). Take the swarm's state and join it.
                     self.catch_up_and_join()
@@ -382,46 +386,10 @@ class Trainer:
         return outcome
 
     def catch_up_and_join(self) -> None:
-        have = self.checkpoints.latest_step()
-        if self.link.catch_up(have, self.checkpoints.root) <= have:
-            return
-        latest = self.checkpoints.latest()
-        if latest is not None:
-            self.restore(latest)
-            if self.outer is not None:
-                self.join_round()
+        joining.catch_up_and_join(self)
 
     def join_round(self) -> None:
-        """Come into step with the swarm after downloading its state: arrive at the next round
-        with nothing to add (a zero pseudo-gradient, weight 0) and take the others' average.
-        If the swarm moved on meanwhile, fetch its newer state and try again."""
-        assert self.outer is not None
-        h = self.config.sync.local_steps
-        for _attempt in range(5):
-            p = self.position
-            if p.global_step >= self.config.training.max_steps:
-                return
-            p.global_step = p.global_step // h * h
-            assign_from(self.params, self.outer.start)
-            round_ = p.global_step // h + 1
-            self.shared.zero_()
-            self.report("syncing", force=True)
-            outcome = self.link.sync(round_, 0.0, "local_steps")
-            if outcome.averaged and outcome.fraction_averaged == 1.0:
-                p.global_step += h
-                new_start = self.outer.step(self.shared)
-                assign_from(self.params, new_start)
-                self.after_sync(outcome, new_start)
-                self.save()
-                log.info("joined the swarm at round %d", round_)
-                return
-            have = self.checkpoints.latest_step()
-            if self.link.catch_up(have, self.checkpoints.root) <= have:
-                log.info("no newer state among peers; training on from step %d", have)
-                return
-            latest = self.checkpoints.latest()
-            if latest is not None:
-                self.restore(latest)
+        joining.join_swarm(self)
 
     def sync_gradients(self, samples: int) -> SyncOutcome:
         """Average this peer's gradient with the swarm's for this step, in the shared buffer
@@ -433,7 +401,11 @@ class Trainer:
         self.after_sync(outcome, None)
         return outcome
 
-    def after_sync(self, outcome: SyncOutcome, weights: torch.Tensor | None) -> None:
+    def after_sync(self, outcome: SyncOutcome, weights: torch.Tensor | None,
+                   waited: float | None = None, extra: dict[str, Any] | None = None) -> None:
+        """``waited``: seconds the worker did not train for this round (None: all of it);
+        ``extra``: more fields for the sync log's line."""
+        waited = outcome.seconds if waited is None else waited
         p = self.position
         p.rounds += 1
         p.samples_since_sync = 0
@@ -441,7 +413,8 @@ class Trainer:
                  "config_version": self.config_version,
                  "averaged": outcome.averaged, "members": outcome.members,
                  "fraction_averaged": outcome.fraction_averaged,
-                 "seconds": round(outcome.seconds, 3)}
+                 "seconds": round(outcome.seconds, 3), "waited": round(waited, 3),
+                 **(extra or {})}
         if weights is not None:
             entry["digest"] = vector_digest(weights)
         self.sync_log.write(json.dumps(entry) + "\n")
@@ -449,7 +422,7 @@ class Trainer:
         log.info("round %d: %s, %d members, %.0f%% averaged, %.2f s", outcome.round,
                  "averaged" if outcome.averaged else "alone", outcome.members,
                  100 * outcome.fraction_averaged, outcome.seconds)
-        self.reports.round(outcome)
+        self.reports.round(outcome, waited)
 
     # ------------------------------------------------------------------ reporting
 
@@ -478,6 +451,8 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def save(self) -> None:
+        if self.overlap is not None:
+            self.overlap.drain()  # a checkpoint holds no round in flight (``overlap``)
         p = self.position
         tensors: dict[str, dict[str, torch.Tensor]] = {
             "trainable": {name: p.detach() for name, p in self.c.trainable}

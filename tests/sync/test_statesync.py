@@ -80,3 +80,53 @@ async def test_a_checkpoint_replaced_under_its_step_is_offered_anew(tmp_path: Pa
 
     assert again.files()["trainable.safetensors"][1] == file_digest(now)
     assert again.files()["trainable.safetensors"][1] != first.files()["trainable.safetensors"][1]
+
+
+async def test_a_checkpoint_read_stays_readable_after_the_worker_prunes_it(
+    tmp_path: Path,
+) -> None:
+    """A joiner's download outlasting ``keep_last`` rounds still finishes: the step it reads
+    is pinned (hard links) and served after the worker deleted its folder; pins are bounded
+    and released once idle."""
+    from dandelion_p2p.sync import checkpoints as catalog_module
+
+    root = tmp_path / "checkpoints"
+    store = CheckpointStore(root, keep_last=1)
+    store.save(3, {}, {"trainable": {"w": torch.full((1000,), 3.0)}}, {"optimizer": {}})
+    expected = (root / "step-00000003/trainable.safetensors").read_bytes()
+    now = [0.0]
+    server = StateServer(host=None, run=lambda: "run", checkpoints=lambda: root)  # type: ignore[arg-type]
+    server.catalog.clock = lambda: now[0]
+
+    async def read(step: int, offset: int, length: int) -> bytes:
+        got: Any = await server._answer(PEER, StateRead(run="run", step=step,
+                                                        name="trainable.safetensors",
+                                                        offset=offset, length=length))
+        return bytes(got.data)
+
+    first = await read(3, 0, 100)
+    for step in (6, 9):  # the worker moves on and prunes step 3 (keep_last 1)
+        store.save(step, {}, {"trainable": {"w": torch.full((1000,), float(step))}},
+                   {"optimizer": {}})
+    assert not (root / "step-00000003").exists()
+    assert store.latest_step() == 9, "the worker's own store does not see the pin"
+    rest = await read(3, 100, len(expected) - 100)
+    assert first + rest == expected
+
+    # At most MAX_PINS steps are pinned: reading two newer ones lets the oldest go.
+    assert catalog_module.MAX_PINS == 2
+    now[0] += 1.0
+    await read(9, 0, 10)
+    store.save(12, {}, {"trainable": {"w": torch.zeros(1000)}}, {"optimizer": {}})
+    await read(12, 0, 10)
+    assert not (root / ".pinned-step-00000003").exists()
+    with pytest.raises(ProtocolViolation) as info:
+        await read(3, 0, 10)
+    assert info.value.code == RejectCode.NOT_FOUND
+
+    # An idle pin goes at the next read after PIN_IDLE.
+    assert (root / ".pinned-step-00000009").exists()
+    now[0] += catalog_module.PIN_IDLE + 1
+    await read(12, 0, 10)
+    assert not (root / ".pinned-step-00000009").exists()
+    assert not (root / "step-00000009").exists()

@@ -1,0 +1,207 @@
+"""Joining the swarm mid-run, whatever the size of its state.
+
+A joiner downloads the swarm's newest checkpoint through its daemon (``Link.catch_up``). On a
+home link that can take several sync intervals, and the swarm does not wait: once the files
+are in, the step downloaded is rounds behind, and the round after it is long over. So while
+the download runs, the worker takes part in every round that follows the step being
+downloaded, with nothing to add (weight 0, a zero vector), and keeps each round's averaged
+pseudo-gradient on disk (``WORK/joining/``). Once the state is in, it loads it and applies
+the kept rounds' outer steps in order, as every peer applied them: it then holds the swarm's
+weights and momentum bit for bit, and trains the next round with the others.
+
+A round the swarm finished without this peer breaks the chain (the state cannot be brought
+past it): the worker then waits for the download and joins as before, fetching a newer state
+when the swarm has moved on. A peer on several devices (``--devices``) does not take part
+in rounds while it downloads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from dandelion_p2p.worker.link import DaemonLink, SyncOutcome
+from dandelion_p2p.worker.model import assign_from
+
+if TYPE_CHECKING:
+    from dandelion_p2p.worker.train import Trainer
+
+log = logging.getLogger(__name__)
+
+STATUS_POLL = 0.5
+"""Seconds between two looks at the download (which step, once the offers are chosen)."""
+JOIN_ATTEMPTS = 5
+_KEPT = re.compile(r"round-(\d{8})-(\d+)\.npy")
+
+
+class KeptRounds:
+    """The averaged pseudo-gradients of the rounds a joiner took part in, one file each
+    (``round-RRRRRRRR-M.npy``, M the round's members), written atomically."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def keep(self, round_: int, members: int, vector: np.ndarray) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f".round-{round_:08d}.npy"
+        np.save(tmp, vector)
+        os.replace(tmp, self.folder / f"round-{round_:08d}-{members}.npy")
+
+    def rounds(self) -> dict[int, Path]:
+        if not self.folder.is_dir():
+            return {}
+        found = {}
+        for path in self.folder.iterdir():
+            if m := _KEPT.fullmatch(path.name):
+                found[int(m.group(1))] = path
+        return dict(sorted(found.items()))
+
+
+def kept_rounds(trainer: Trainer) -> KeptRounds:
+    return KeptRounds(trainer.options.work_dir / "joining")
+
+
+def take_part(trainer: Trainer, round_: int) -> SyncOutcome:
+    """Round ``round_`` with nothing to add: a zero vector of weight 0, trained (for the
+    daemon's version check) under the config version in force at the round's first step."""
+    link = trainer.link
+    first_step = (round_ - 1) * trainer.config.sync.local_steps
+    in_force = link.run_configs.in_force(first_step)
+    link.round_config(in_force.version if in_force is not None else 0, first_step)
+    trainer.shared.zero_()
+    trainer.report("syncing", force=True)
+    return link.sync(round_, 0.0, "local_steps")
+
+
+def catch_up_taking_part(trainer: Trainer, have: int, *, wait: bool = False) -> int:
+    """``Link.catch_up(have)``, taking part in the swarm's rounds after the step being
+    downloaded meanwhile (kept in ``kept_rounds``); returns the step downloaded, or -1."""
+    link = trainer.link
+    folder = trainer.checkpoints.root
+    if trainer.outer is None or not isinstance(link, DaemonLink):
+        return link.catch_up(have, folder, wait=wait)
+    kept = kept_rounds(trainer)
+    kept.clear()
+    got: list[int] = []
+    failed: list[BaseException] = []
+
+    def download() -> None:
+        try:
+            got.append(link.catch_up(have, folder, wait=wait))
+        except BaseException as exc:  # raised again on the trainer's thread
+            failed.append(exc)
+
+    thread = threading.Thread(target=download, name="catch-up", daemon=True)
+    thread.start()
+    h = trainer.config.sync.local_steps
+    next_round: int | None = None
+    while thread.is_alive() and not trainer.stop_requested:
+        if next_round is None:
+            step = link.catch_up_status()
+            if step > have:
+                next_round = step // h + 1
+                log.info("downloading the state of step %d; taking part in the rounds from "
+                         "%d on meanwhile", step, next_round)
+        if next_round is None or next_round < 0:
+            thread.join(STATUS_POLL)
+            continue
+        outcome = take_part(trainer, next_round)
+        if outcome.stopping:
+            break
+        if outcome.averaged and outcome.fraction_averaged == 1.0:
+            kept.keep(next_round, outcome.members, trainer.shared.numpy())
+            next_round += 1
+        elif outcome.members > 1 or outcome.behind:
+            log.info("the swarm finished round %d without this peer: waiting for the "
+                     "download, then joining as it allows", next_round)
+            next_round = -1
+    thread.join()
+    if failed:
+        raise failed[0]
+    return got[0] if got else -1
+
+
+def apply_kept(trainer: Trainer) -> int:
+    """Apply the outer steps of the kept rounds that follow the loaded state, in order, as
+    the swarm applied them; returns how many (the kept rounds are deleted)."""
+    assert trainer.outer is not None
+    h = trainer.config.sync.local_steps
+    p = trainer.position
+    kept = kept_rounds(trainer)
+    applied = 0
+    for round_, path in kept.rounds().items():
+        if round_ <= p.global_step // h:
+            continue
+        if round_ != p.global_step // h + 1:
+            break
+        trainer.apply_run_config()
+        members = int(_KEPT.fullmatch(path.name).group(2))  # type: ignore[union-attr]
+        trainer.shared.copy_(torch.from_numpy(np.load(path)))
+        new_start = trainer.outer.step(trainer.shared)
+        assign_from(trainer.params, new_start)
+        p.global_step += h
+        trainer.after_sync(SyncOutcome(round_, True, 1.0, members, 0.0), new_start)
+        applied += 1
+    kept.clear()
+    if applied:
+        trainer.apply_run_config()
+        trainer.save()
+        log.info("joined the swarm at round %d (%d rounds taken part in while the state "
+                 "downloaded)", p.global_step // h, applied)
+    return applied
+
+
+def join_swarm(trainer: Trainer) -> None:
+    """Come into step with the swarm after downloading its state: apply the rounds taken
+    part in meanwhile, or arrive at the next round with nothing to add and take the others'
+    average. If the swarm moved on meanwhile, fetch its newer state and try again."""
+    assert trainer.outer is not None
+    h = trainer.config.sync.local_steps
+    for _attempt in range(JOIN_ATTEMPTS):
+        p = trainer.position
+        if p.global_step >= trainer.config.training.max_steps:
+            return
+        p.global_step = p.global_step // h * h
+        assign_from(trainer.params, trainer.outer.start)
+        if apply_kept(trainer):
+            return
+        round_ = p.global_step // h + 1
+        outcome = take_part(trainer, round_)
+        if outcome.averaged and outcome.fraction_averaged == 1.0:
+            p.global_step += h
+            new_start = trainer.outer.step(trainer.shared)
+            assign_from(trainer.params, new_start)
+            trainer.after_sync(outcome, new_start)
+            trainer.save()
+            log.info("joined the swarm at round %d", round_)
+            return
+        have = trainer.checkpoints.latest_step()
+        if catch_up_taking_part(trainer, have) <= have:
+            log.info("no newer state among peers; training on from step %d", have)
+            return
+        latest = trainer.checkpoints.latest()
+        if latest is not None:
+            trainer.restore(latest)
+
+
+def catch_up_and_join(trainer: Trainer) -> None:
+    """Behind the swarm: take its newer state and join it (``join_swarm``)."""
+    have = trainer.checkpoints.latest_step()
+    if catch_up_taking_part(trainer, have) <= have:
+        return
+    latest = trainer.checkpoints.latest()
+    if latest is not None:
+        trainer.restore(latest)
+        if trainer.outer is not None:
+            join_swarm(trainer)

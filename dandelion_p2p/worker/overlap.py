@@ -1,0 +1,212 @@
+"""Local steps that go on while the swarm averages (``sync.overlap``).
+
+In blocking local-steps mode the worker stops at every round boundary until its daemon has
+averaged the pseudo-gradient. Here round r's pseudo-gradient is averaged while round r+1's
+local steps train, and its outer step is applied at the next boundary, one round late:
+
+- ``outer.start`` holds G, the global weights. Every peer applies the same averaged
+  pseudo-gradients to the same G in the same order, so G is bit-identical on every peer after
+  every applied round (the sync log's digest is of G).
+- At the boundary of round r, with L the weights now and S where this round's local steps
+  started: delta_r = S - L. The worker waits for round r-1 (the only time it does not train),
+  applies it to G, writes delta_r into the shared buffer, starts round r on a thread and trains
+  on from L = S = G - delta_r: the global weights plus its own progress that the swarm has not
+  averaged yet. Only the round's thread touches the shared buffer until it is waited for.
+- A round alone follows the blocking mode's rule: without ``sync.outer_step_alone``, G takes
+  the peer's own pseudo-gradient as it is (a lone peer's weights are what its inner optimizer
+  made of them, one round later). A round that averaged only part of the vector (a member
+  died mid-round) is applied by no peer: the elements left at each peer's own values differ
+  between peers, and G must not; every surviving member of the group misses the dead
+  member's span. Nor is a round that found others but averaged nothing (the group finished
+  without this peer, or failed as a whole, as when its members saw different announcements):
+  peers that all saw it fail keep the same G, and a peer that others left behind catches up.
+  Nor is a round its daemon cut short because it is stopping: the peers of a swarm that stops
+  together keep the same G, so their last checkpoints agree.
+- Peers are held together only by that wait: a peer more than one round ahead waits for the
+  round the others have not joined yet. A round gathers for up to ``averaging.gather_window``
+  the peers of the last one; with overlap that gathering runs while the peers train, so a
+  window near the time of H local steps keeps a slower peer in every round at no cost, where
+  a short one lets its lag grow until it misses rounds and catches up.
+- ``drain``: wait for the round in flight, apply it, and put the worker back into the blocking
+  mode's form: the local start is G again and the weights are G minus the local progress since
+  the boundary. Every path the blocking mode has (checkpoint, stop, catch-up, joining, export)
+  runs drained, so a checkpoint holds a state of the swarm that a joiner or a restarted
+  worker uses exactly as in blocking mode; a boundary that is a checkpoint step therefore
+  waits for its own round. A worker restarted from a checkpoint misses the round that was in
+  flight when it died and, like any late peer, catches up from the swarm.
+
+The round runs on a thread only against a daemon (``DaemonLink``): a peer on several devices
+averages inside collective calls that must stay in step with its ranks' gradient reductions,
+so it averages at the boundary, as blocking mode does, and still applies the round one
+boundary late, so its G follows the same sequence as every other peer's.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+from dandelion_p2p.worker.link import DaemonLink, SyncOutcome
+from dandelion_p2p.worker.model import assign_from, flatten_into
+
+if TYPE_CHECKING:
+    from dandelion_p2p.worker.train import Trainer
+
+log = logging.getLogger(__name__)
+
+
+class RoundInFlight:
+    """One round being averaged, on a thread or (``threaded=False``) already done."""
+
+    def __init__(self, round_: int, run: Callable[[], SyncOutcome], threaded: bool) -> None:
+        self.round = round_
+        self.launched = time.time()
+        self.finished = 0.0
+        self.outcome: SyncOutcome | None = None
+        self.error: BaseException | None = None
+        self.blocked = 0.0
+        """Seconds the launch itself kept the worker from training (a round run inline)."""
+        self.thread: threading.Thread | None = None
+        if threaded:
+            self.thread = threading.Thread(target=self._run, args=(run,), daemon=True,
+                                           name=f"round-{round_}")
+            self.thread.start()
+        else:
+            started = time.monotonic()
+            self._run(run)
+            self.blocked = time.monotonic() - started
+
+    def _run(self, run: Callable[[], SyncOutcome]) -> None:
+        try:
+            self.outcome = run()
+        except BaseException as exc:  # raised again on the trainer's thread by ``wait``
+            self.error = exc
+        self.finished = time.time()
+
+    def wait(self) -> SyncOutcome:
+        if self.thread is not None:
+            self.thread.join()
+        if self.error is not None:
+            raise self.error
+        assert self.outcome is not None
+        return self.outcome
+
+
+def needs_catch_up(outcome: SyncOutcome) -> bool:
+    """Others were there but this peer could not average with them: it is behind (or went
+    alone for a while), and takes the swarm's state."""
+    return not outcome.averaged and (outcome.members > 1 or outcome.behind)
+
+
+class Overlap:
+    def __init__(self, trainer: Trainer) -> None:
+        self.t = trainer
+        self.in_flight: RoundInFlight | None = None
+        self.local_start: torch.Tensor | None = None
+        """S while a round is in flight; None: the local start is ``outer.start`` (G)."""
+
+    def boundary(self) -> SyncOutcome | None:
+        """At a round boundary: apply the round in flight, start this one (and, at a
+        checkpoint step, wait for it). Returns the outcome of the round applied (None when
+        none was). When that outcome says this peer is behind, no round is left in flight:
+        the worker is drained for the catch-up."""
+        t = self.t
+        assert t.outer is not None
+        p = t.position
+        round_ = p.global_step // t.config.sync.local_steps
+        flatten_into(t.params, t.flat)
+        outcome = self._apply_in_flight()
+        if outcome is not None and needs_catch_up(outcome):
+            self._rebase()
+            return outcome
+        start = self.local_start if self.local_start is not None else t.outer.start
+        torch.sub(start, t.flat, out=t.shared)
+        if not bool(torch.isfinite(t.shared).all()):
+            raise FloatingPointError("the local steps produced non-finite weights")
+        # Train on from G plus this peer's own progress of the round now being averaged.
+        torch.sub(t.outer.start, t.shared, out=t.flat)
+        if self.local_start is None:
+            self.local_start = t.flat.clone()
+        else:
+            self.local_start.copy_(t.flat)
+        assign_from(t.params, t.flat)
+        weight, p.samples_since_sync = p.samples_since_sync, 0
+        link = t.link
+        if isinstance(link, DaemonLink) and t.peer_group.world == 1:
+            # The version and first step the round trained under, taken now: the trainer
+            # may switch versions at this boundary while the round runs.
+            config = link.round_config_now()
+            self.in_flight = RoundInFlight(
+                round_, lambda: link.sync(round_, weight, "local_steps", config=config,
+                                          learn=False), threaded=True)
+        else:
+            self.in_flight = RoundInFlight(
+                round_, lambda: link.sync(round_, weight, "local_steps"), threaded=False)
+        if p.global_step % t.config.checkpoint.every_steps == 0:
+            # The checkpoint written next must hold this round: wait for it here, where a
+            # round this peer was left out of still sends it to catch up before the save.
+            drained = self.drain()
+            if drained is not None and needs_catch_up(drained):
+                return drained
+        return outcome
+
+    def drain(self) -> SyncOutcome | None:
+        """Wait for the round in flight, apply it, and go back to the blocking mode's form
+        (local start = G). Returns the outcome applied, if a round was in flight."""
+        if self.in_flight is None:
+            return None
+        flatten_into(self.t.params, self.t.flat)
+        outcome = self._apply_in_flight()
+        self._rebase()
+        return outcome
+
+    def _rebase(self) -> None:
+        """Weights = G minus the local progress since the local start; local start = G.
+        (``t.flat`` holds the current weights.)"""
+        t = self.t
+        assert t.outer is not None
+        if self.local_start is None:
+            return
+        torch.sub(self.local_start, t.flat, out=t.flat)
+        torch.sub(t.outer.start, t.flat, out=t.flat)
+        assign_from(t.params, t.flat)
+        self.local_start = None
+
+    def _apply_in_flight(self) -> SyncOutcome | None:
+        t = self.t
+        outer = t.outer
+        assert outer is not None
+        flight, self.in_flight = self.in_flight, None
+        if flight is None:
+            return None
+        started = time.monotonic()
+        if flight.thread is not None and flight.thread.is_alive():
+            t.report("syncing", force=True)
+        outcome = flight.wait()
+        waited = flight.blocked + time.monotonic() - started
+        if isinstance(t.link, DaemonLink):
+            t.link.learn_pending()
+        if outcome.averaged and outcome.fraction_averaged == 1.0:
+            outer.step(t.shared)
+        elif outcome.averaged or outcome.stopping or needs_catch_up(outcome):
+            log.info("round %d: %.0f%% of the vector averaged with %d members: applied by no "
+                     "peer", outcome.round, 100 * outcome.fraction_averaged, outcome.members)
+        elif t.config.sync.outer_step_alone:
+            outer.step(t.shared)
+        else:
+            # Alone: the buffer holds this peer's own pseudo-gradient, untouched.
+            outer.start.sub_(t.shared)
+        p = t.position
+        samples = p.samples_since_sync  # of the round training now, not the one applied
+        # When the round ran (wall clock, as ``train_log.jsonl``'s times): the steps trained
+        # meanwhile are the overlap.
+        t.after_sync(outcome, outer.start, waited=waited,
+                     extra={"launched": round(flight.launched, 3),
+                            "finished": round(flight.finished, 3)})
+        p.samples_since_sync = samples
+        return outcome

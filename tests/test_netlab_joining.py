@@ -1,0 +1,136 @@
+"""A joiner whose state download outlasts several sync intervals still joins.
+
+Three daemons with their workers on public hosts of a network lab; the joiner's downlink is
+capped (tc) so that the swarm's state takes several rounds to arrive. It takes part in the
+rounds meanwhile (weight 0) and, once the state is in, applies them: from its first round
+with the others on, it holds their weights bit for bit.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dandelion_p2p.netlab import NetLab
+from tests.daemon_proc import DaemonProcess, start_daemon
+from tests.worker.runconfigs import tiny_run
+
+pytestmark = [pytest.mark.netlab, pytest.mark.slow]
+
+TIMEOUT = 400.0
+STAMP = re.compile(r"(\d\d):(\d\d):(\d\d,\d+)")
+JOINER_DOWN_MBIT = 3.0
+
+
+def sync_log(daemon: DaemonProcess) -> list[dict[str, Any]]:
+    path = daemon.data_dir / "worker" / "tiny" / "sync_log.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def logged_at(log: str, pattern: str) -> float | None:
+    """When the first log line holding ``pattern`` was written (seconds of the day)."""
+    for line in log.splitlines():
+        if pattern in line and (m := STAMP.search(line.split("dandelion_p2p.worker.process")[-1])):
+            h, mi, sec = m.groups()
+            return int(h) * 3600 + int(mi) * 60 + float(sec.replace(",", "."))
+    return None
+
+
+def sync_interval(daemon: DaemonProcess) -> float | None:
+    """Median seconds between two of ``daemon``'s rounds, from its log's round lines."""
+    stamps = [m.groups() for line in daemon.logs().splitlines()
+              if "worker.train: round " in line
+              and (m := STAMP.search(line.split("dandelion_p2p.worker.process")[-1]))]
+    times = [int(h) * 3600 + int(mi) * 60 + float(sec.replace(",", ".")) for h, mi, sec in stamps]
+    gaps = sorted(b - a for a, b in itertools.pairwise(times))
+    return round(gaps[len(gaps) // 2], 1) if gaps else None
+
+
+def wait_until(what: str, done: Any, daemons: list[DaemonProcess]) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        if done():
+            return
+        time.sleep(0.5)
+    logs = "\n\n".join(d.logs()[-5000:] for d in daemons)
+    raise AssertionError(f"timed out waiting for {what}\n{logs}")
+
+
+@pytest.mark.timeout(900)
+def test_a_joiner_whose_download_outlasts_several_rounds_joins(
+    tiny_sd1: Path, images: Path, netlab: NetLab, tmp_path: Path,
+    daemons: list[DaemonProcess],
+) -> None:
+    config = tiny_run(tiny_sd1, training={"max_steps": 100_000, "batch_size": 2},
+                      sync={"local_steps": 8},
+                      checkpoint={"every_steps": 8, "keep_last": 2},
+                      averaging={"codec": "int8", "gather_window": 5.0})
+    run_config = tmp_path / "run.toml"
+    run_config.write_text(config.to_toml())
+
+    def start(name: str, host: Any, bootstrap: str | None) -> DaemonProcess:
+        data_dir = tmp_path / name
+        data_dir.mkdir()
+        shutil.copytree(images, data_dir / "training-data")
+        args = ["--no-webui", "--listen", f"/ip4/{host.ip}/tcp/4001", "--reachability",
+                "public", "--run-config", str(run_config)]
+        if bootstrap:
+            args += ["--bootstrap", bootstrap]
+        daemon = start_daemon("daemon", args, data_dir, launcher=host)
+        daemons.append(daemon)
+        return daemon
+
+    host_a, host_b = netlab.add_public_host("a"), netlab.add_public_host("b")
+    host_c = netlab.add_public_host("c", down_mbit=JOINER_DOWN_MBIT)
+    a = start("a", host_a, None)
+    boot = f"/ip4/{host_a.ip}/tcp/4001/p2p/{a.peer_id}"
+    b = start("b", host_b, boot)
+    wait_until("the pair to average two rounds",
+               lambda: sum(e["members"] == 2 for e in sync_log(a)) >= 2, [a, b])
+    started = time.monotonic()
+    c = start("c", host_c, boot)
+
+    def joined_rounds() -> list[dict[str, Any]]:
+        return [e for e in sync_log(c) if e["averaged"] and e["members"] == 3
+                and e["seconds"] > 0]
+
+    wait_until("two rounds of the joiner trained with the pair",
+               lambda: len(joined_rounds()) >= 2, [a, b, c])
+    took = time.monotonic() - started
+
+    log = c.logs()
+    downloaded = re.search(r"downloaded the state at step (\d+)", log)
+    began, arrived, joined = (logged_at(log, pattern) for pattern in (
+        "downloading the state of step", "downloaded the state at step",
+        "joined the swarm at round"))
+    intervals = [e["global_step"] for e in sync_log(a)]
+    applied = re.search(r"joined the swarm at round (\d+) \((\d+) rounds taken part in", log)
+    pair = [{e["round"]: e for e in sync_log(d)} for d in (a, b)]
+    mine = {e["round"]: e for e in sync_log(c)}
+    figures = {"joiner_down_mbit": JOINER_DOWN_MBIT, "seconds_to_two_rounds": round(took, 1),
+               "downloaded_step": downloaded and int(downloaded.group(1)),
+               "joined_at_round": applied and int(applied.group(1)),
+               "rounds_taken_part_in_while_downloading": applied and int(applied.group(2)),
+               "download_seconds": round(arrived - began, 1) if began and arrived else None,
+               "download_start_to_joined_seconds": (round(joined - began, 1) if began and joined
+                                                    else None),
+               "pair_sync_interval_seconds": sync_interval(a),
+               "pair_rounds": len(intervals)}
+    print("joiner figures:", figures)
+    assert downloaded is not None and applied is not None, log[-6000:]
+    # How many rounds the download outlasts depends on how fast the pair trains here; one is
+    # what a joiner could never survive before.
+    assert int(applied.group(2)) >= 1, f"the download outlasted no round: {figures}"
+    shared = [r for r in mine if r in pair[0] and r in pair[1] and "digest" in mine[r]]
+    assert len(shared) >= 3, figures
+    for r in shared:
+        assert pair[0][r]["digest"] == pair[1][r]["digest"] == mine[r]["digest"], r

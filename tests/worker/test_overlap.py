@@ -1,0 +1,86 @@
+"""Overlapped local steps (``sync.overlap``) of one worker with no swarm: rounds are applied
+one boundary late, a lone peer's path is still its inner optimizer's, a checkpoint holds no
+round in flight, and a worker stopped with a round in flight resumes on the uninterrupted
+path (to float rounding: the stop applied the round early)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dandelion_p2p.errors import ConfigError
+from dandelion_p2p.runconfig.schema import loads
+from dandelion_p2p.worker.train import vector_digest
+from tests.worker.runconfigs import tiny_run
+from tests.worker.test_alone import train, weights
+
+# The boundary moves the weights by float rounding (G - (S - L) for L). Adam with a tiny eps
+# turns a rounding difference in a gradient element near zero into a full +-lr step; a large
+# eps keeps every update proportional to its gradient, so the comparisons measure the rule.
+OPTIMIZER = {"name": "adamw", "lr": 2e-2, "eps": 0.1, "weight_decay": 0.0}
+
+
+def test_overlap_is_a_local_steps_setting() -> None:
+    base = 'name = "o"\n[model]\nbase = "m"\n'
+    assert loads(base).sync.overlap is False
+    assert loads(base + "[sync]\noverlap = true\n").sync.overlap is True
+    with pytest.raises(ConfigError, match=r"sync\.overlap: applies to local_steps mode only"):
+        loads(base + '[sync]\nmode = "gradient"\noverlap = true\n')
+
+
+def test_a_lone_overlapping_peer_follows_its_inner_optimizer(tiny_sd1: Path, images: Path,
+                                                             tmp_path: Path) -> None:
+    trained: dict[str, torch.Tensor] = {}
+
+    def run(work: str, **sync: object) -> list[torch.Tensor]:
+        config = tiny_run(tiny_sd1, training={"max_steps": 6}, sync=sync,
+                          optimizer=OPTIMIZER, checkpoint={"every_steps": 6})
+        trainer = train(config, images, tmp_path / work)
+        assert trainer.outer is not None
+        if trainer.overlap is not None:
+            assert trainer.overlap.in_flight is None, "the last checkpoint drained the round"
+            flat = torch.cat([w.reshape(-1) for w in weights(trainer)])
+            assert torch.equal(trainer.outer.start, flat), "a checkpoint holds G"
+            trained.update((name, p.detach().clone()) for name, p in trainer.c.trainable)
+        return weights(trainer)
+
+    never_synced = run("never", local_steps=100)
+    overlapped = run("overlap", local_steps=2, overlap=True)
+    # Alone, each applied round sets G to where the round's local steps ended, and the
+    # weights go on from G - (S - L) = L: the inner optimizer's path, to float rounding.
+    gap = max(float((a - b).abs().max()) for a, b in zip(never_synced, overlapped, strict=True))
+    assert gap <= 1e-6
+    start = load_file(tiny_sd1 / "unet" / "diffusion_pytorch_model.safetensors")
+    moved = max(float((trained["unet." + k] - v).abs().max()) for k, v in start.items())
+    assert moved > 100 * gap, "the weights moved far more than the two paths differ"
+
+    rounds = [json.loads(line) for line in (tmp_path / "overlap/sync_log.jsonl").open()]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    # Rounds 1 and 2 are applied at the next boundary; round 3 by the checkpoint at step 6.
+    assert [r["global_step"] for r in rounds] == [4, 6, 6]
+    assert all(r["waited"] >= 0 and r["launched"] <= r["finished"] for r in rounds)
+    flat = torch.cat([w.reshape(-1) for w in overlapped])
+    assert rounds[-1]["digest"] == vector_digest(flat)
+
+
+def test_a_resumed_overlapping_peer_follows_an_uninterrupted_one(tiny_sd1: Path, images: Path,
+                                                                tmp_path: Path) -> None:
+    config = tiny_run(tiny_sd1, training={"max_steps": 6}, optimizer=OPTIMIZER,
+                      sync={"local_steps": 2, "overlap": True},
+                      checkpoint={"every_steps": 4})
+    straight = train(config, images, tmp_path / "straight")
+    # Stopped at step 3, with round 1 (launched at step 2) in flight: the stop drains it.
+    train(config, images, tmp_path / "resumed", stop_at=3)
+    resumed = train(config, images, tmp_path / "resumed")
+    assert straight.outer is not None and resumed.outer is not None
+    # The stop applied round 1 two steps early: the paths differ by float rounding only.
+    assert torch.allclose(straight.outer.start, resumed.outer.start, rtol=0, atol=1e-6)
+    for a, b in zip(weights(straight), weights(resumed), strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6)
+    steps = [[json.loads(line)["global_step"] for line in (tmp_path / w / "sync_log.jsonl").open()]
+             for w in ("straight", "resumed")]
+    assert steps == [[4, 4, 6], [3, 4, 6]], "round 1 drained by the stop at step 3"
