@@ -120,7 +120,8 @@ async def main(args: argparse.Namespace) -> None:
         max_chunk=args.chunk_elements,
         chunk_timeout=args.chunk_timeout,
         matchmaking=MatchmakingSettings(
-            gather_window=args.gather, settle=args.settle, min_group=2, max_group=args.max_group
+            gather_window=args.gather, settle=args.settle, min_group=2, max_group=args.max_group,
+            end_early=not args.wait_window,
         ),
     )
     if args.byzantine == "nan":
@@ -208,6 +209,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunk-timeout", type=float, default=5.0)
     p.add_argument("--gather", type=float, default=1.0)
     p.add_argument("--settle", type=float, default=0.3)
+    p.add_argument("--wait-window", action="store_true",
+                   help="wait the whole gather window every round (no early end)")
     p.add_argument("--max-group", type=int, default=16)
     p.add_argument("--pause", type=float, default=0.0, help="seconds between rounds")
     p.add_argument("--byzantine", default="none", choices=["none", "scale", "noise", "nan"])

@@ -97,7 +97,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         cluster = start_cluster(
             n, workdir, size=elements, rounds=args.rounds, launchers=launchers, ips=ips,
             extra=["--codec", args.compression, "--chunk-elements", str(args.chunk_elements),
-                   "--gather", str(args.gather), "--chunk-timeout", str(args.chunk_timeout)],
+                   "--gather", str(args.gather), "--chunk-timeout", str(args.chunk_timeout),
+                   *(["--wait-window"] if args.wait_window else [])],
         )
         try:
             cluster.go()
@@ -111,10 +112,13 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             report = entry.get("report")
             if report is None:
                 continue
+            allreduce_s = report["finished_at"] - report["started_at"]
             rows.append(
                 {
-                    "allreduce_s": report["finished_at"] - report["started_at"],
+                    "allreduce_s": allreduce_s,
                     "round_s": entry["seconds"],
+                    # What the round spent outside the all-reduce: matchmaking, mostly.
+                    "matchmaking_s": entry["seconds"] - allreduce_s,
                     "cpu_s": entry["cpu_seconds"],
                     "rss_mb": entry["peak_rss_mb"],
                     "fraction": report["fraction_averaged"],
@@ -125,9 +129,11 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "peers": n,
         "size_mb": args.size_mb,
         "compression": args.compression,
+        "gathering": "whole window" if args.wait_window else "ends early",
         "rounds_measured": len(rows) // max(n, 1),
         "allreduce_s_median": allreduce,
         "round_s_median": median([r["round_s"] for r in rows]),
+        "matchmaking_s_median": median([r["matchmaking_s"] for r in rows]),
         "mb_per_s_per_peer": args.size_mb / allreduce if allreduce else None,
         "cpu_s_per_round": median([r["cpu_s"] for r in rows]),
         "peak_rss_mb": max((r["rss_mb"] for r in rows), default=None),
@@ -147,11 +153,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--peers", type=int, default=4)
     p.add_argument("--size-mb", type=float, default=100.0)
-    p.add_argument("--compression", default="none", choices=["none", "fp16", "bf16", "int8"])
+    p.add_argument("--compression", default="none",
+                   choices=["none", "fp16", "bf16", "int8", "int4"])
     p.add_argument("--rounds", type=int, default=6, help="the first is not counted")
     p.add_argument("--chunk-elements", type=int, default=1 << 20)
     p.add_argument("--chunk-timeout", type=float, default=30.0)
     p.add_argument("--gather", type=float, default=1.0)
+    p.add_argument("--wait-window", action="store_true",
+                   help="every round waits the whole gather window (matchmaking before it "
+                        "could end early), for comparison")
     p.add_argument("--netlab", default="", help="cap every link, e.g. 100mbit (needs root)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -160,10 +170,12 @@ def main() -> None:
         summary = run(args, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    headers = ["peers", "MB", "codec", "s/round (all-reduce)", "s/round (with matchmaking)",
-               "MB/s/peer", "CPU s/round", "peak RSS MB", "raw TCP s", "ratio to raw"]
-    row = [summary["peers"], summary["size_mb"], summary["compression"],
+    headers = ["peers", "MB", "codec", "gathering", "s/round (all-reduce)",
+               "s/round (with matchmaking)", "round - all-reduce", "MB/s/peer", "CPU s/round",
+               "peak RSS MB", "raw TCP s", "ratio to raw"]
+    row = [summary["peers"], summary["size_mb"], summary["compression"], summary["gathering"],
            summary["allreduce_s_median"], summary["round_s_median"],
+           summary["matchmaking_s_median"],
            summary["mb_per_s_per_peer"], summary["cpu_s_per_round"], summary["peak_rss_mb"],
            summary["raw_tcp_s"], summary["ratio_to_raw_tcp"]]
     if "bound_s" in summary:

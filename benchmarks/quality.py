@@ -41,7 +41,7 @@ if str(ROOT) not in sys.path:
 
 from tests.daemon_proc import DaemonProcess, launch_daemon, start_daemons  # noqa: E402
 
-CODEC_BYTES = {"none": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0}
+CODEC_BYTES = {"none": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}
 BYZANTINE = Path(__file__).with_name("quality_byzantine.py")
 SHAPES = ("circle", "square", "triangle", "stripes")
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220),
@@ -244,7 +244,8 @@ def run_swarm(config: Any, train: Path, work: Path, n: int, elements: int,
                     "public", "--run-config", str(toml), "--no-worker"]
             if daemons:
                 args += ["--bootstrap", daemons[0].addrs[0]]
-            daemons += start_daemons([launch_daemon("daemon", args, work / f"peer{i}")], 60.0)
+            # A loaded machine can take more than a minute to start one.
+            daemons += start_daemons([launch_daemon("daemon", args, work / f"peer{i}")], 240.0)
         started = time.monotonic()
         for i, daemon in enumerate(daemons):
             head = ([sys.executable, str(BYZANTINE)] if i == byzantine
@@ -257,6 +258,10 @@ def run_swarm(config: Any, train: Path, work: Path, n: int, elements: int,
             ))
         deadline = started + timeout
         for i, w in enumerate(workers):
+            if i == byzantine:
+                # Banned, it trains alone, each round after the daemon's patience: what it
+                # does after the honest peers finished measures nothing.
+                continue
             code = w.wait(timeout=max(1.0, deadline - time.monotonic()))
             if code != 0:
                 raise RuntimeError(f"worker {i} exited with {code}:\n"
@@ -332,6 +337,23 @@ def table(results: list[Result], base: float, honest: float | None) -> str:
     return "\n".join(lines)
 
 
+SAME_BASELINE = ("peers", "batch", "steps", "every", "images", "lr")
+
+
+def earlier_baseline(args: argparse.Namespace, path: Path) -> Result:
+    """The baseline of an earlier run's results.json, if it trained the same computation."""
+    earlier = json.loads(path.read_text())
+    for key in SAME_BASELINE:
+        if key == "every" and earlier["args"].get(key) is None:
+            continue
+        if earlier["args"].get(key) != str(getattr(args, key)):
+            raise SystemExit(f"{path}: its --{key} is {earlier['args'].get(key)}, not "
+                             f"{getattr(args, key)}")
+    base = next(r for r in earlier["results"] if r["name"] == "baseline")
+    return Result("baseline", [(int(s), float(v)) for s, v in base["curve"]], base["seconds"],
+                  None)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="CI-sized: 2 peers, a few steps")
@@ -351,7 +373,14 @@ def main(argv: list[str] | None = None) -> int:
                    "forms a smaller group than the whole swarm)")
     p.add_argument("--outer-lr", type=float, default=0.7)
     p.add_argument("--outer-momentum", type=float, default=0.9)
+    p.add_argument("--every", type=int, default=0,
+                   help="checkpoint (and validate) every this many steps (0: steps // 6); a "
+                   "multiple of H validates local-steps runs right after their syncs")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--baseline-from", type=Path, default=None,
+                   help="a results.json of an earlier run with the same --peers, --batch, "
+                   "--steps, --every, --images and --lr: its baseline (a deterministic "
+                   "computation) is taken instead of trained again")
     args = p.parse_args(argv)
     if args.quick:
         args.peers, args.steps, args.images, args.runs = 2, 6, 40, "gradient-none"
@@ -379,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.move(png, dest / png.name)
             shutil.move(png.with_suffix(".txt"), dest / png.with_suffix(".txt").name)
         n, b, steps = args.peers, args.batch, args.steps
-        every = max(1, steps // 6)
+        every = args.every or max(1, steps // 6)
         common = dict(steps=steps, every=every, lr=args.lr, gather_window=args.gather_window,
                       min_group=args.min_group or max(2, n))
         start = {"unet." + k: v for k, v in
@@ -389,9 +418,14 @@ def main(argv: list[str] | None = None) -> int:
         base_cfg = run_config(model, batch=n * b, target_batch=n * b, **common)
         validator = Validator(base_cfg, val, root / "val-work")
         results: list[Result] = []
-        seconds = run_baseline(base_cfg, train, root / "baseline")
-        results.append(Result("baseline", validator.curve(root / "baseline" / "worker", start),
-                               seconds, None))
+        if args.baseline_from:
+            results.append(earlier_baseline(args, args.baseline_from))
+            seconds = results[0].seconds
+        else:
+            seconds = run_baseline(base_cfg, train, root / "baseline")
+            results.append(Result("baseline",
+                                  validator.curve(root / "baseline" / "worker", start),
+                                  seconds, None))
         print(f"baseline: {results[0].final:.5f} in {seconds:.0f} s; curve {results[0].curve}",
               flush=True)
         for name in [x for x in args.runs.split(",") if x]:
