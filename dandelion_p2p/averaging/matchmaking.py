@@ -186,10 +186,6 @@ class Matchmaker:
             max_weight=s.max_weight,
         )
         group = formation.group_of(me)
-        if group is not None and sum(m.bandwidth > 0 for m in group.members) < s.min_group:
-            # Peers announcing no bandwidth (joiners with nothing to add) only take the
-            # result: with them, a group of too few contributors is none, for every member.
-            group = None
         log.info(
             "round %d: %d announcements, %d groups, mine has %s members (matched in %.2f s, "
             "%s)",
