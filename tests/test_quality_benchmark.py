@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import quality
 
 
+@pytest.mark.slow  # about a minute of two idle cores; the default suite is at its 15-minute limit
 def test_quick_gradient_mode_matches_the_baseline(tmp_path: Path) -> None:
     assert quality.main(["--quick", "--out", str(tmp_path)]) == 0
     results = {r["name"]: r for r in json.loads((tmp_path / "results.json").read_text())
