@@ -82,7 +82,7 @@ class CheckpointCatalog:
             return None
         folder = root / f"step-{step:08d}"
         if step in self._pins and not (folder / MANIFEST).exists():
-            folder = root / f".pinned-step-{step:08d}"
+            folder = self._pin_folder(step)
         cached = self._served.get(step)
         try:
             identity = _identity(folder / MANIFEST)

@@ -58,13 +58,14 @@ class KeptRounds:
         np.save(tmp, vector)
         os.replace(tmp, self.folder / f"round-{round_:08d}-{members}.npy")
 
-    def rounds(self) -> dict[int, Path]:
+    def rounds(self) -> dict[int, tuple[Path, int]]:
+        """Round -> (its file, its members), in round order."""
         if not self.folder.is_dir():
             return {}
         found = {}
         for path in self.folder.iterdir():
             if m := _KEPT.fullmatch(path.name):
-                found[int(m.group(1))] = path
+                found[int(m.group(1))] = (path, int(m.group(2)))
         return dict(sorted(found.items()))
 
 
@@ -132,6 +133,17 @@ def catch_up_taking_part(trainer: Trainer, have: int, *, wait: bool = False) -> 
     return got[0] if got else -1
 
 
+def apply_round(trainer: Trainer, outcome: SyncOutcome) -> None:
+    """The outer step of the round whose average the shared buffer holds, as every member
+    of it takes it: the weights move to the new start and the global step to the round's
+    end."""
+    assert trainer.outer is not None
+    new_start = trainer.outer.step(trainer.shared)
+    assign_from(trainer.params, new_start)
+    trainer.position.global_step += trainer.config.sync.local_steps
+    trainer.after_sync(outcome, new_start)
+
+
 def apply_kept(trainer: Trainer) -> int:
     """Apply the outer steps of the kept rounds that follow the loaded state, in order, as
     the swarm applied them; returns how many (the kept rounds are deleted)."""
@@ -140,18 +152,14 @@ def apply_kept(trainer: Trainer) -> int:
     p = trainer.position
     kept = kept_rounds(trainer)
     applied = 0
-    for round_, path in kept.rounds().items():
+    for round_, (path, members) in kept.rounds().items():
         if round_ <= p.global_step // h:
             continue
         if round_ != p.global_step // h + 1:
             break
         trainer.apply_run_config()
-        members = int(_KEPT.fullmatch(path.name).group(2))  # type: ignore[union-attr]
         trainer.shared.copy_(torch.from_numpy(np.load(path)))
-        new_start = trainer.outer.step(trainer.shared)
-        assign_from(trainer.params, new_start)
-        p.global_step += h
-        trainer.after_sync(SyncOutcome(round_, True, 1.0, members, 0.0), new_start)
+        apply_round(trainer, SyncOutcome(round_, True, 1.0, members, 0.0))
         applied += 1
     kept.clear()
     if applied:
@@ -179,10 +187,7 @@ def join_swarm(trainer: Trainer) -> None:
         round_ = p.global_step // h + 1
         outcome = take_part(trainer, round_)
         if outcome.averaged and outcome.fraction_averaged == 1.0:
-            p.global_step += h
-            new_start = trainer.outer.step(trainer.shared)
-            assign_from(trainer.params, new_start)
-            trainer.after_sync(outcome, new_start)
+            apply_round(trainer, outcome)
             trainer.save()
             log.info("joined the swarm at round %d", round_)
             return
