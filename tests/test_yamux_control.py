@@ -67,3 +67,33 @@ def test_install_is_idempotent() -> None:
     patched = yamux.Yamux._write_frame
     yamux_control.install()
     assert yamux.Yamux._write_frame is patched
+
+
+
+async def test_writes_cancelled_mid_frame_leave_the_connection_and_other_streams_whole() -> None:
+    # Each write is cancelled at once, before or inside its socket send: noise has already
+    # advanced its nonce by then, so a cut write used to make the other end close the
+    # connection, and the next stream failed ("fail to read from multiselect communicator").
+    sink = TProtocol("/dandelion-test/sink/1.0.0")
+
+    async def sink_handler(stream: object) -> None:
+        try:
+            while await stream.read(MiB):  # type: ignore[attr-defined]
+                pass
+        except Exception:  # the reset the writer sends; our own handlers catch it likewise
+            pass
+
+    async with swarm(2) as (a, b):
+        b.host.set_stream_handler(sink, sink_handler)  # type: ignore[arg-type]
+        connection = a.host.get_network().get_connections(b.peer_id)[0]
+        payload = os.urandom(4 * MiB)
+        with trio.fail_after(60):
+            for round_ in range(30):
+                stream = await a.host.new_stream(b.peer_id, [sink])
+                # Cancelled a little later each time: in the window wait, in the lock, or in
+                # the middle of a frame's socket send.
+                with trio.move_on_after(0.0002 * round_):
+                    await stream.write(payload)
+                await stream.reset()
+                assert await a.send_note(b.peer_id, f"round {round_}") == f"received: round {round_}"
+        assert a.host.get_network().get_connections(b.peer_id) == [connection]

@@ -10,6 +10,13 @@ writer; here the reader hands them to a task of the connection and reads on.
 
 The number of control frames waiting per connection is bounded: past the bound the reader
 writes inline as before, so a peer flooding us with pings costs it throughput, not our memory.
+
+A frame, once begun, is written whole. Noise advances its nonce when it encrypts, before the
+socket write; a write cancelled there (a caller's timeout, a download stopped mid-way) leaves
+the peer a nonce behind or a frame cut short, and the peer then closes the whole connection
+with every other stream on it. So the lock is waited for as the caller allows, but the write
+itself is shielded from the caller's cancellation; a write that takes longer than
+``FRAME_WRITE_LIMIT`` closes the connection, which could carry nothing more anyway.
 """
 
 from __future__ import annotations
@@ -19,11 +26,16 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import trio
+from libp2p.network.connection.exceptions import RawConnError
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
 logger = logging.getLogger(__name__)
 
 MAX_QUEUED_CONTROL_FRAMES = 64
+FRAME_WRITE_LIMIT = 30.0
+"""Seconds a frame's write may take (a window of 256 KiB at 70 kbit/s) before the connection
+is given up."""
 
 _in_reader: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "dandelion_yamux_reader", default=False
@@ -37,7 +49,7 @@ def install() -> None:
     if _installed:
         return
     read_loop: Callable[[Yamux], Awaitable[None]] = Yamux.handle_incoming
-    write_frame: Callable[[Yamux, bytes], Awaitable[None]] = Yamux._write_frame
+    write_frame = _whole_frame_write
 
     async def handle_incoming(self: Yamux) -> None:
         # A context variable, not a flag on the connection: only writes made by this task
@@ -67,3 +79,17 @@ def install() -> None:
     Yamux.handle_incoming = handle_incoming  # type: ignore[method-assign]
     Yamux._write_frame = _write_frame  # type: ignore[method-assign]
     _installed = True
+
+
+async def _whole_frame_write(self: Yamux, data: bytes) -> None:
+    """Write one frame under the connection's write lock, never cut short by the caller."""
+    async with self._write_lock:
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(FRAME_WRITE_LIMIT) as limit:
+                await self.secured_conn.write(data)
+            if limit.cancelled_caught:
+                logger.info("a yamux frame to %s took over %g s: closing the connection",
+                            self.peer_id, FRAME_WRITE_LIMIT)
+                await self.secured_conn.close()
+                raise RawConnError(f"frame write over {FRAME_WRITE_LIMIT} s")
+    await trio.lowlevel.checkpoint()

@@ -25,7 +25,7 @@ from libp2p.abc import IHost
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
-from dandelion_p2p.errors import DandelionError, ProtocolViolation, RejectCode
+from dandelion_p2p.errors import DandelionError, ProtocolViolation, RejectCode, RemoteRejected
 from dandelion_p2p.hashing import file_digest
 from dandelion_p2p.net.streams import ViolationSink, request, serve_requests
 from dandelion_p2p.sync.checkpoints import CheckpointCatalog
@@ -53,6 +53,11 @@ MAX_READS_PER_PEER = 4
 from each source (``READS_PER_SOURCE``)."""
 MAX_READS = 32
 """Requests answered at once for all peers together: eight joiners at full speed."""
+
+
+OFFER_ATTEMPTS = 4
+OFFER_RETRY_DELAY = 0.25
+"""An offer refused as ``RATE_LIMITED`` is asked again after 0.25, 0.5 and 1 s."""
 
 
 class StateServer:
@@ -144,13 +149,23 @@ async def fetch_state(
                 await connect(peer)
             except DandelionError:
                 return
-        try:
-            reply: Message | None = await request(
-                host, peer, PROTOCOL_ID, offers.request(), STATE, max_reply=MAX_REPLY,
-                timeout=timeout)
-        except DandelionError as exc:
-            log.debug("state offer from %s: %s", peer, exc)
-            reply = None
+        reply: Message | None = None
+        for attempt in range(OFFER_ATTEMPTS):
+            try:
+                reply = await request(
+                    host, peer, PROTOCOL_ID, offers.request(), STATE, max_reply=MAX_REPLY,
+                    timeout=timeout)
+                break
+            except RemoteRejected as exc:
+                # A server still finishing reads of an interrupted download of ours refuses
+                # for a moment; anything but that busy answer is final.
+                log.debug("state offer from %s: %s", peer, exc)
+                if exc.code != RejectCode.RATE_LIMITED:
+                    break
+                await trio.sleep(OFFER_RETRY_DELAY * 2**attempt)
+            except DandelionError as exc:
+                log.debug("state offer from %s: %s", peer, exc)
+                break
         offers.received(peer, reply)
 
     # A random sample, so that which peers are asked is not up to the order of a list that

@@ -39,7 +39,10 @@ def wait_log(daemon: DaemonProcess, pattern: str) -> re.Match[str]:
     raise AssertionError(f"no {pattern!r} in the log:\n{daemon.logs()[-6000:]}")
 
 
-@pytest.mark.parametrize("mode", ["local_steps", "gradient"])
+# Both modes write their stop checkpoint by the same path; the gradient one runs with the
+# slow suite.
+@pytest.mark.parametrize("mode", [
+    "local_steps", pytest.param("gradient", marks=pytest.mark.slow)])
 def test_sigterm_lets_the_worker_write_its_stop_checkpoint(
     mode: str, tiny_sd1: Path, images: Path, tmp_path: Path, daemons: list[DaemonProcess]
 ) -> None:
