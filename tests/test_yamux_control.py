@@ -95,5 +95,6 @@ async def test_writes_cancelled_mid_frame_leave_the_connection_and_other_streams
                 with trio.move_on_after(0.0002 * round_):
                     await stream.write(payload)
                 await stream.reset()
-                assert await a.send_note(b.peer_id, f"round {round_}") == f"received: round {round_}"
+                answer = await a.send_note(b.peer_id, f"round {round_}")
+                assert answer == f"received: round {round_}"
         assert a.host.get_network().get_connections(b.peer_id) == [connection]
