@@ -135,7 +135,11 @@ def test_sigstop_of_one_peer_is_cut_off_by_the_timeout(
     stopped.signal(signal.SIGCONT)
 
 
-@pytest.mark.parametrize("attack", ["scale", "nan", "noise"])
+# Each attack takes about 10 s of real processes; the scaled one (the attack the clipping is
+# for) runs by default, the others with the slow suite.
+@pytest.mark.parametrize("attack", [
+    "scale", pytest.param("nan", marks=pytest.mark.slow),
+    pytest.param("noise", marks=pytest.mark.slow)])
 def test_byzantine_peer_is_clipped_scored_and_excluded(
     workdir: Path, clusters: list[Cluster], attack: str
 ) -> None:

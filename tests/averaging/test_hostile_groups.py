@@ -178,7 +178,8 @@ async def honest_round(
     return [r for r in reports if r is not None]
 
 
-@pytest.mark.parametrize(("n_fresh", "finished"), [(4, False), (50, False), (50, True)])
+@pytest.mark.parametrize(("n_fresh", "finished"), [
+    pytest.param(4, False, marks=pytest.mark.slow), (50, False), (50, True)])
 async def test_fresh_announcers_that_never_connect_take_no_span(
     n_fresh: int, finished: bool
 ) -> None:

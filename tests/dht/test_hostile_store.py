@@ -135,7 +135,7 @@ async def what_a_querier_sees(
     [
         (MEMBERS_NAMESPACE, 80),
         (RELAYS_NAMESPACE, 70),
-        (MEMBERS_NAMESPACE, 1000),
+        pytest.param(MEMBERS_NAMESPACE, 1000, marks=pytest.mark.slow),
         pytest.param(RELAYS_NAMESPACE, 1000, marks=pytest.mark.slow),
     ],
 )

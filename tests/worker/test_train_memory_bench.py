@@ -36,6 +36,7 @@ def run_script(*args: str) -> subprocess.CompletedProcess[str]:
                           timeout=240, cwd=SCRIPT.parents[1])
 
 
+@pytest.mark.slow  # ten seconds of a benchmark's own run; its argument checks run by default
 def test_tiny_model_on_cpu_reports_rss_and_settings(tmp_path: Path) -> None:
     out = tmp_path / "result.json"
     done = run_script("--device", "cpu", "--steps", "4", "--warmup", "1",
