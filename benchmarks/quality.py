@@ -227,21 +227,39 @@ def round_stats(peers: list[list[dict[str, Any]]], n: int, work: Path) -> dict[s
             "members_by_peer": [[r["members"] for r in log] for log in peers]}
 
 
+def wait_for_workers(daemons: list[DaemonProcess], deadline: float) -> None:
+    while any(d.call("training.status").get("state") not in ("training", "syncing")
+              for d in daemons):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the workers did not start")
+        time.sleep(0.2)
+
+
 def run_swarm(config: Any, train: Path, work: Path, n: int, elements: int,
               byzantine: int | None = None,
               timeout: float = 1800.0,
+              then: tuple[int, Any] | None = None,
               ) -> tuple[float, float | None, list[list[dict[str, Any]]]]:
     """n daemons (no worker of their own) and n worker processes, peer i on shard i/n.
+    ``then`` = (step, config): the run changes to that config from that global step on, as a
+    run owner's second config version does (an owner daemon publishes both).
     Returns (seconds, mean bytes sent per peer or None, every peer's sync log)."""
     work.mkdir(parents=True, exist_ok=True)
     toml = work / "run.toml"
     toml.write_text(config.to_toml())
     daemons: list[DaemonProcess] = []
     workers: list[subprocess.Popen[bytes]] = []
+    owner: DaemonProcess | None = None
     try:
+        common = ["--no-webui", "--listen", "/ip4/127.0.0.1/tcp/0", "--reachability", "public",
+                  "--no-worker"]
+        run_args = ["--run-config", str(toml)]
+        if then is not None:
+            owner = start_daemons([launch_daemon("daemon", common, work / "owner")], 240.0)[0]
+            run = owner.call("runconfig.publish", {"toml": config.to_toml()})["run"]
+            run_args = ["--run", run, "--bootstrap", owner.addrs[0]]
         for i in range(n):
-            args = ["--no-webui", "--listen", "/ip4/127.0.0.1/tcp/0", "--reachability",
-                    "public", "--run-config", str(toml), "--no-worker"]
+            args = common + run_args
             if daemons:
                 args += ["--bootstrap", daemons[0].addrs[0]]
             # A loaded machine can take more than a minute to start one.
@@ -257,6 +275,15 @@ def run_swarm(config: Any, train: Path, work: Path, n: int, elements: int,
                 stderr=(daemon.data_dir / "worker.log").open("w"),
             ))
         deadline = started + timeout
+        if owner is not None and then is not None:
+            # The DHT holds only a run's newest version, and a daemon takes the versions its
+            # worker trains under from the first one it reads at the worker's hello on
+            # (protocol/runconfig.md section 5): version 2 is published once every worker
+            # trains under version 1.
+            wait_for_workers(daemons, deadline)
+            published = owner.call("runconfig.publish", {"toml": then[1].to_toml(),
+                                                         "at_step": then[0]})
+            print(f"version 2 in force from step {published['effective_step']}", flush=True)
         for i, w in enumerate(workers):
             if i == byzantine:
                 # Banned, it trains alone, each round after the daemon's patience: what it
@@ -283,7 +310,7 @@ def run_swarm(config: Any, train: Path, work: Path, n: int, elements: int,
             if w.poll() is None:
                 w.kill()
                 w.wait()
-        for d in daemons:
+        for d in daemons + ([owner] if owner is not None else []):
             with contextlib.suppress(AssertionError):
                 d.stop(timeout=20.0)
 
@@ -373,10 +400,16 @@ def main(argv: list[str] | None = None) -> int:
                    "forms a smaller group than the whole swarm)")
     p.add_argument("--outer-lr", type=float, default=0.7)
     p.add_argument("--outer-momentum", type=float, default=0.9)
+    p.add_argument("--warm-start", default="",
+                   help="STEPS:H: local-steps runs sync every H steps with plain averaging "
+                   "(outer lr 1, no momentum) up to global step STEPS, then as --runs and "
+                   "--outer-* say (a second run config version from STEPS)")
     p.add_argument("--every", type=int, default=0,
                    help="checkpoint (and validate) every this many steps (0: steps // 6); a "
                    "multiple of H validates local-steps runs right after their syncs")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--keep", action="store_true",
+                   help="keep the working folder (daemons' and workers' logs)")
     p.add_argument("--baseline-from", type=Path, default=None,
                    help="a results.json of an earlier run with the same --peers, --batch, "
                    "--steps, --every, --images and --lr: its baseline (a deterministic "
@@ -431,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in [x for x in args.runs.split(",") if x]:
             kind, _, arg = name.partition("-")
             byz = None
+            then: tuple[int, Any] | None = None
             if kind == "gradient":
                 cfg = run_config(model, batch=b, target_batch=n * b, codec=arg, **common)
             elif kind == "local":
@@ -438,12 +472,19 @@ def main(argv: list[str] | None = None) -> int:
                                  local_steps=int(arg.removeprefix("H")),
                                  outer_lr=args.outer_lr, outer_momentum=args.outer_momentum,
                                  **common)
+                if args.warm_start:
+                    warm_steps, warm_h = (int(x) for x in args.warm_start.split(":"))
+                    then = (warm_steps, cfg)
+                    cfg = run_config(model, batch=b, mode="local_steps", local_steps=warm_h,
+                                     outer_lr=1.0, outer_momentum=0.0, **common)
+                    name = f"{name}-warm{warm_steps}x{warm_h}"
             elif kind == "byzantine":
                 cfg = run_config(model, batch=b, target_batch=n * b, aggregation=arg, **common)
                 byz = n - 1
             else:
                 raise SystemExit(f"unknown run {name}")
-            seconds, sent, peers = run_swarm(cfg, train, root / name, n, elements, byz)
+            seconds, sent, peers = run_swarm(cfg, train, root / name, n, elements, byz,
+                                             then=then)
             work = root / name / "peer0" / "worker" / "quality"
             result = Result(name, validator.curve(work, start), seconds, sent,
                             round_stats(peers, n, root / name))
@@ -465,7 +506,10 @@ def main(argv: list[str] | None = None) -> int:
         ok = all(math.isfinite(r.final) for r in results)
         return 0 if ok else 1
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        if args.keep:
+            print(f"kept: {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":
