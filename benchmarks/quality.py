@@ -400,6 +400,13 @@ def main(argv: list[str] | None = None) -> int:
                    "forms a smaller group than the whole swarm)")
     p.add_argument("--outer-lr", type=float, default=0.7)
     p.add_argument("--outer-momentum", type=float, default=0.9)
+    p.add_argument("--unet-widths", default="32,64",
+                   help="channels of the tiny UNet's two levels (64,128: about 4x the "
+                   "parameters)")
+    p.add_argument("--inner-lr", type=float, default=0.0,
+                   help="the peers' inner learning rate in local-steps runs (default --lr, "
+                   "the baseline's): e.g. --lr x sqrt(n), Adam's square-root rule for a "
+                   "batch n times smaller")
     p.add_argument("--warm-start", default="",
                    help="STEPS:H: local-steps runs sync every H steps with plain averaging "
                    "(outer lr 1, no momentum) up to global step STEPS, then as --runs and "
@@ -430,7 +437,10 @@ def main(argv: list[str] | None = None) -> int:
         for lib in (diffusers_logging, transformers_logging):
             lib.disable_progress_bar()
             lib.set_verbosity_error()
-        model = build_tiny_pipeline(root / "model")
+        widths = tuple(int(w) for w in args.unet_widths.split(","))
+        if len(widths) != 2 or any(w <= 0 or w % 32 for w in widths):
+            raise SystemExit("--unet-widths: two multiples of 32, e.g. 64,128")
+        model = build_tiny_pipeline(root / "model", unet_widths=(widths[0], widths[1]))
         make_dataset(root / "all", args.images)
         train, val = root / "train", root / "val"
         n_val = max(8, args.images // 10)
@@ -468,16 +478,19 @@ def main(argv: list[str] | None = None) -> int:
             if kind == "gradient":
                 cfg = run_config(model, batch=b, target_batch=n * b, codec=arg, **common)
             elif kind == "local":
+                inner = {**common, "lr": args.inner_lr or args.lr}
                 cfg = run_config(model, batch=b, mode="local_steps",
                                  local_steps=int(arg.removeprefix("H")),
                                  outer_lr=args.outer_lr, outer_momentum=args.outer_momentum,
-                                 **common)
+                                 **inner)
                 if args.warm_start:
                     warm_steps, warm_h = (int(x) for x in args.warm_start.split(":"))
                     then = (warm_steps, cfg)
                     cfg = run_config(model, batch=b, mode="local_steps", local_steps=warm_h,
-                                     outer_lr=1.0, outer_momentum=0.0, **common)
+                                     outer_lr=1.0, outer_momentum=0.0, **inner)
                     name = f"{name}-warm{warm_steps}x{warm_h}"
+                if args.inner_lr:
+                    name = f"{name}-lr{args.inner_lr:g}"
             elif kind == "byzantine":
                 cfg = run_config(model, batch=b, target_batch=n * b, aggregation=arg, **common)
                 byz = n - 1

@@ -55,8 +55,10 @@ def _text_encoder(projection: bool, vocab_size: int, max_length: int):  # type: 
     return cls(config)
 
 
-def build_tiny_pipeline(folder: Path, family: str = "sd1", seed: int = 0) -> Path:
-    """Write a tiny random diffusers pipeline of ``family`` (sd1, sd2 or sdxl) to ``folder``."""
+def build_tiny_pipeline(folder: Path, family: str = "sd1", seed: int = 0,
+                        unet_widths: tuple[int, int] = (32, 64)) -> Path:
+    """Write a tiny random diffusers pipeline of ``family`` (sd1, sd2 or sdxl) to ``folder``;
+    ``unet_widths``: the channels of the UNet's two levels (multiples of 32)."""
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -92,7 +94,7 @@ def build_tiny_pipeline(folder: Path, family: str = "sd1", seed: int = 0) -> Pat
         clip_sample=False,
     )
     unet_args: dict[str, object] = dict(
-        block_out_channels=(32, 64),
+        block_out_channels=unet_widths,
         layers_per_block=1,
         sample_size=8,
         in_channels=4,
