@@ -19,7 +19,14 @@ it did not train), swarm samples/s against the N solo workers', the ratio the ru
 (the swarm's steps can be slower or faster than the solo workers' on a shared machine), and
 bytes sent per peer per round (every byte on the peer's link: averaging, DHT, control).
 
+``--joiner R``: one more peer starts once the swarm is R rounds in, on a downlink on which
+the swarm's newest checkpoint takes ``JOINER_DOWNLOAD_INTERVALS`` of peer 0's sync intervals
+to download; reported: how long the download took and when the joiner held the swarm's
+weights, against 1.2 x the download + 2 sync intervals. ``--size-codec fp16`` with
+``--codec int4`` sizes the links for fp16 and sends int4.
+
     nice -n 10 python benchmarks/swarm_utilization.py --peers 3 --local-steps 4 --rounds 5
+    python benchmarks/swarm_utilization.py --modes overlap --ratios 1 --rounds 12 --joiner 2
 
 Needs root (network namespaces, tc).
 """
@@ -31,6 +38,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -48,7 +56,8 @@ from benchmarks._report import environment, format_table, median, write_json  # 
 from tests.daemon_proc import DaemonProcess, launch_daemon, start_daemons  # noqa: E402
 
 RUN_NAME = "utilization"
-CODEC_BITS = {"none": 32.0, "fp16": 16.0, "bf16": 16.0, "int8": 8.0, "int4": 4.0}
+CODEC_BITS = {"none": 32.0, "fp16": 16.0, "bf16": 16.0, "int8": 8.0, "int4": 4.5}
+"""Bits a value on the wire; int4 carries a 32-bit scale per block of 64 values."""
 SKIPPED_ROUNDS = 2
 """Rounds before the steady state: the first waits the whole gathering window (nobody is
 expected yet), and with overlap that wait is paid at the next boundary."""
@@ -70,6 +79,8 @@ class Args:
     images: int
     timeout: float
     threads: int
+    joiner: int = 0
+    """Rounds the swarm is in when one more peer joins on a slow downlink (0: none)."""
 
     @property
     def steps(self) -> int:
@@ -97,8 +108,10 @@ def write_run_config(path: Path, model: Path, a: Args, mode: str) -> None:
         "sync": {"mode": "local_steps", "local_steps": a.local_steps, **SYNC_MODES[mode]},
         "averaging": {"codec": a.codec, "gather_window": a.gather_window,
                       "chunk_timeout": 60.0},
-        # One checkpoint, at the end: saves would count as time not training.
-        "checkpoint": {"every_steps": a.steps, "keep_last": 1},
+        # One checkpoint, at the end: saves would count as time not training. A joiner needs
+        # a state to download: then one a round.
+        "checkpoint": ({"every_steps": a.local_steps, "keep_last": 2} if a.joiner
+                       else {"every_steps": a.steps, "keep_last": 1}),
     })
     path.write_text(config.to_toml())
 
@@ -233,9 +246,69 @@ def link_tx_bytes(host: Any) -> int:
     return int(json.loads(out)[0]["stats64"]["tx"]["bytes"])
 
 
+JOINER_DOWNLOAD_INTERVALS = 4
+"""The joiner's downlink is sized so that the state download takes this many sync
+intervals."""
+
+
+def state_bytes(work: Path) -> int:
+    """Bytes of the newest checkpoint in a worker's folder: what a joiner downloads."""
+    folders = sorted(f for f in (work / "checkpoints").glob("step-*")
+                     if f.name.removeprefix("step-").isdigit())
+    if not folders:
+        raise RuntimeError(f"no checkpoint in {work} for a joiner to download")
+    return sum(f.stat().st_size for f in folders[-1].iterdir() if f.is_file())
+
+
+def start_joiner(lab: Any, work: Path, images: Path, a: Args, plan: Plan, seed: str,
+                 config: Path, peer0: DaemonProcess) -> tuple[DaemonProcess, dict[str, Any]]:
+    """One more peer, on a downlink on which the swarm's state takes
+    ``JOINER_DOWNLOAD_INTERVALS`` of peer 0's sync intervals."""
+    from tests.daemon_proc import start_daemon
+    from tests.worker_logs import sync_interval
+
+    interval = sync_interval(peer0)
+    if not interval:
+        raise RuntimeError("peer 0 logged no two rounds before the joiner")
+    size = state_bytes(peer0.data_dir / "worker" / RUN_NAME)
+    down = round(size * 8 / (JOINER_DOWNLOAD_INTERVALS * interval) / 1e6, 3)
+    host = lab.add_public_host("joiner", up_mbit=plan.rate_mbit, down_mbit=down)
+    data_dir = work / "joiner"
+    data_dir.mkdir()
+    shutil.copytree(images, data_dir / "training-data")
+    daemon = start_daemon("daemon", [
+        "--listen", f"/ip4/{host.ip}/tcp/4001", "--reachability", "public",
+        "--bootstrap", seed, "--run-config", str(config), "--worker"], data_dir,
+        launcher=host)
+    return daemon, {"joiner_down_mbit": down, "state_mb": round(size / 1e6, 2),
+                    "sync_interval_s": interval}
+
+
+def joiner_figures(joiner: DaemonProcess, known: dict[str, Any]) -> dict[str, Any]:
+    """When the joiner's download began and ended, and when it held the swarm's weights,
+    from its log; the issue's bound 1.2 x download + 2 sync intervals beside it."""
+    from tests.worker_logs import logged_at
+
+    log = joiner.logs()
+    began, arrived, joined = (logged_at(log, pattern) for pattern in (
+        "downloading the state of step", "downloaded the state at step",
+        "joined the swarm at round"))
+    kept = re.search(r"joined the swarm at round (\d+) \((\d+) rounds taken part in", log)
+    download = arrived - began if began is not None and arrived is not None else None
+    out = {**known, "download_s": download and round(download, 1),
+           "download_start_to_joined_s": (round(joined - began, 1)
+                                          if began is not None and joined is not None
+                                          else None),
+           "rounds_taken_part_in_while_downloading": kept and int(kept.group(2))}
+    if download is not None:
+        out["bound_s"] = round(1.2 * download + 2 * known["sync_interval_s"], 1)
+    return out
+
+
 def run_swarm(root: Path, model: Path, images: Path, a: Args, plan: Plan
-              ) -> tuple[list[PeerFigures], float]:
-    """The swarm of ``plan``: each peer's figures and the run's wall seconds."""
+              ) -> tuple[list[PeerFigures], float, dict[str, Any] | None]:
+    """The swarm of ``plan``: each peer's figures, the run's wall seconds, and the joiner's
+    figures (None without ``--joiner``)."""
     from dandelion_p2p.netlab import NetLab
 
     work = root / f"{plan.mode}-x{plan.ratio:g}"
@@ -268,7 +341,14 @@ def run_swarm(root: Path, model: Path, images: Path, a: Args, plan: Plan
             sent_before = [link_tx_bytes(h) for h in hosts]
             started = time.monotonic()
             deadline = started + a.timeout
+            joiner: DaemonProcess | None = None
+            joining: dict[str, Any] | None = None
             while True:
+                if a.joiner and joiner is None and len(read_jsonl(
+                        work / "peer0" / "worker" / RUN_NAME / "sync_log.jsonl")) >= a.joiner:
+                    joiner, joining = start_joiner(lab, work, images, a, plan,
+                                                   daemons[-1].addrs[0], config, daemons[0])
+                    daemons.append(joiner)
                 states = [d.call("training.status") for d in daemons[:a.peers]]
                 if all(s.get("state") == "stopped" for s in states):
                     break
@@ -279,6 +359,8 @@ def run_swarm(root: Path, model: Path, images: Path, a: Args, plan: Plan
                 time.sleep(1.0)
             seconds = time.monotonic() - started
             sent = [link_tx_bytes(h) - b for h, b in zip(hosts, sent_before, strict=True)]
+            if joiner is not None and joining is not None:
+                joining = joiner_figures(joiner, joining)
         finally:
             for d in daemons:
                 with contextlib.suppress(AssertionError):
@@ -296,7 +378,7 @@ def run_swarm(root: Path, model: Path, images: Path, a: Args, plan: Plan
             f.waited_s = sum(float(r["waited"]) for r in inside)
         f.tx_bytes = sent[i]
         figures.append(f)
-    return figures, seconds
+    return figures, seconds, joining
 
 
 # ---------------------------------------------------------------------------- report
@@ -344,6 +426,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="the run config's; only a first round waits all of it")
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--ratios", default="1,5", help="round bound / H steps' compute time")
+    p.add_argument("--joiner", type=int, default=0,
+                   help="R: one more peer joins once the swarm is R rounds in, on a downlink "
+                   f"on which the state takes {JOINER_DOWNLOAD_INTERVALS} sync intervals")
+    p.add_argument("--size-codec", default="", choices=["", *sorted(CODEC_BITS)],
+                   help="the codec whose vector sizes the link (default: --codec): e.g. "
+                   "fp16 with --codec int4 is the fp16 regime's link sending int4")
     p.add_argument("--modes", default="", help="comma-separated (default: every mode the "
                    f"run config supports of {', '.join(SYNC_MODES)})")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
@@ -358,8 +446,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if reason := netlab_unavailable_reason():
         raise SystemExit(f"needs the network lab: {reason}")
+    if ns.joiner and ns.rounds < ns.joiner + JOINER_DOWNLOAD_INTERVALS + 4:
+        p.error(f"--joiner {ns.joiner} needs --rounds >= "
+                f"{ns.joiner + JOINER_DOWNLOAD_INTERVALS + 4}: the download takes "
+                f"{JOINER_DOWNLOAD_INTERVALS} rounds, and the joiner must then join and train")
     a = Args(ns.peers, ns.local_steps, ns.rounds, ns.batch, ns.codec, ns.gather_window,
-             ns.images, ns.timeout, ns.threads)
+             ns.images, ns.timeout, ns.threads, ns.joiner)
     # Daemons pass their environment on to the workers they start.
     os.environ.update(worker_env(a.threads))
     modes = [m for m in ns.modes.split(",") if m] or supported_modes()
@@ -378,20 +470,25 @@ def main(argv: list[str] | None = None) -> int:
         solo, elements = run_solo(root, model, images, a)
         step_s = median([f.busy_s / f.steps for f in solo])
         vector_bits = elements * CODEC_BITS[a.codec]
+        size_codec = ns.size_codec or a.codec
+        sizing_bits = elements * CODEC_BITS[size_codec]
         n = a.peers
-        # One round's bound 2(n-1)/n * S / B equals H steps' compute time at ratio 1.
-        rate_ratio1 = 2 * (n - 1) / n * vector_bits / (a.local_steps * step_s) / 1e6
+        # One round's bound 2(n-1)/n * S / B equals H steps' compute time at ratio 1, S as
+        # the sizing codec sends the vector.
+        rate_ratio1 = 2 * (n - 1) / n * sizing_bits / (a.local_steps * step_s) / 1e6
         print(f"solo: {n} workers alone at once, {step_s:.3f} s per inner step, "
               f"{sum(f.samples_per_s for f in solo):.2f} samples/s together; averaged vector "
-              f"{elements} elements, {vector_bits / 8e6:.2f} MB as {a.codec}; ratio 1 at "
-              f"{rate_ratio1:.2f} Mbit/s", flush=True)
+              f"{elements} elements, {vector_bits / 8e6:.2f} MB as {a.codec}; ratio 1 "
+              f"(sized for {size_codec}) at {rate_ratio1:.2f} Mbit/s", flush=True)
         results = []
         for ratio in ratios:
             for mode in modes:
                 plan = Plan(mode, ratio, round(rate_ratio1 / ratio, 3))
-                figures, seconds = run_swarm(root, model, images, a, plan)
+                figures, seconds, joining = run_swarm(root, model, images, a, plan)
                 bound_s = 2 * (n - 1) / n * vector_bits / (plan.rate_mbit * 1e6)
                 results.append(summarize(plan, figures, solo, seconds, bound_s, a.local_steps))
+                if joining is not None:
+                    results[-1]["joiner"] = joining
                 print(json.dumps(results[-1]), flush=True)
     finally:
         if ns.keep:
@@ -408,9 +505,14 @@ def main(argv: list[str] | None = None) -> int:
              f"{r['rounds']} ({r['rounds_averaged_min']})", r["round_s_median"],
              r["mb_per_peer_per_round"]] for r in results]
     print(format_table(headers, rows))
+    for r in results:
+        if "joiner" in r:
+            print(f"joiner ({r['mode']}, ratio {r['ratio']:g}): {json.dumps(r['joiner'])}")
     path = write_json("swarm_utilization", {
         "environment": environment(), "peers": a.peers, "local_steps": a.local_steps,
-        "rounds": a.rounds, "batch": a.batch, "codec": a.codec, "step_s": step_s,
+        "rounds": a.rounds, "batch": a.batch, "codec": a.codec, "size_codec": size_codec,
+        "joiner_after_rounds": a.joiner,
+        "step_s": step_s,
         "elements": elements, "rate_ratio1_mbit": rate_ratio1, "results": results}, ns.json)
     print(f"\nJSON: {path}")
     return 0

@@ -8,7 +8,6 @@ with the others on, it holds their weights bit for bit.
 
 from __future__ import annotations
 
-import itertools
 import json
 import re
 import shutil
@@ -21,11 +20,11 @@ import pytest
 from dandelion_p2p.netlab import NetLab
 from tests.daemon_proc import DaemonProcess, start_daemon
 from tests.worker.runconfigs import tiny_run
+from tests.worker_logs import logged_at, sync_interval
 
 pytestmark = [pytest.mark.netlab, pytest.mark.slow]
 
 TIMEOUT = 400.0
-STAMP = re.compile(r"(\d\d):(\d\d):(\d\d,\d+)")
 JOINER_DOWN_MBIT = 3.0
 
 
@@ -34,25 +33,6 @@ def sync_log(daemon: DaemonProcess) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def logged_at(log: str, pattern: str) -> float | None:
-    """When the first log line holding ``pattern`` was written (seconds of the day)."""
-    for line in log.splitlines():
-        if pattern in line and (m := STAMP.search(line.split("dandelion_p2p.worker.process")[-1])):
-            h, mi, sec = m.groups()
-            return int(h) * 3600 + int(mi) * 60 + float(sec.replace(",", "."))
-    return None
-
-
-def sync_interval(daemon: DaemonProcess) -> float | None:
-    """Median seconds between two of ``daemon``'s rounds, from its log's round lines."""
-    stamps = [m.groups() for line in daemon.logs().splitlines()
-              if "worker.train: round " in line
-              and (m := STAMP.search(line.split("dandelion_p2p.worker.process")[-1]))]
-    times = [int(h) * 3600 + int(mi) * 60 + float(sec.replace(",", ".")) for h, mi, sec in stamps]
-    gaps = sorted(b - a for a, b in itertools.pairwise(times))
-    return round(gaps[len(gaps) // 2], 1) if gaps else None
 
 
 def wait_until(what: str, done: Any, daemons: list[DaemonProcess]) -> None:

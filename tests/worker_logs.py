@@ -1,0 +1,35 @@
+"""Reading when things happened from a daemon's log (its worker's lines included)."""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+from tests.daemon_proc import DaemonProcess
+
+STAMP = re.compile(r"(\d\d):(\d\d):(\d\d,\d+)")
+
+
+def _seconds(line: str) -> float | None:
+    # The daemon prefixes its worker's lines with its own stamp: the worker's is the last.
+    m = STAMP.search(line.split("dandelion_p2p.worker.process")[-1])
+    if m is None:
+        return None
+    h, mi, sec = m.groups()
+    return int(h) * 3600 + int(mi) * 60 + float(sec.replace(",", "."))
+
+
+def logged_at(log: str, pattern: str) -> float | None:
+    """When the first log line holding ``pattern`` was written (seconds of the day)."""
+    for line in log.splitlines():
+        if pattern in line and (at := _seconds(line)) is not None:
+            return at
+    return None
+
+
+def sync_interval(daemon: DaemonProcess) -> float | None:
+    """Median seconds between two of ``daemon``'s rounds, from its log's round lines."""
+    times = [at for line in daemon.logs().splitlines()
+             if "worker.train: round " in line and (at := _seconds(line)) is not None]
+    gaps = sorted(b - a for a, b in itertools.pairwise(times))
+    return round(gaps[len(gaps) // 2], 1) if gaps else None
