@@ -156,16 +156,14 @@ async def fetch_state(
                     host, peer, PROTOCOL_ID, offers.request(), STATE, max_reply=MAX_REPLY,
                     timeout=timeout)
                 break
-            except RemoteRejected as exc:
-                # A server still finishing reads of an interrupted download of ours refuses
-                # for a moment; anything but that busy answer is final.
-                log.debug("state offer from %s: %s", peer, exc)
-                if exc.code != RejectCode.RATE_LIMITED:
-                    break
-                await trio.sleep(OFFER_RETRY_DELAY * 2**attempt)
             except DandelionError as exc:
                 log.debug("state offer from %s: %s", peer, exc)
-                break
+                # A server still finishing reads of an interrupted download of ours refuses
+                # for a moment; anything but that busy answer is final.
+                busy = isinstance(exc, RemoteRejected) and exc.code == RejectCode.RATE_LIMITED
+                if not busy or attempt == OFFER_ATTEMPTS - 1:
+                    break
+                await trio.sleep(OFFER_RETRY_DELAY * 2**attempt)
         offers.received(peer, reply)
 
     # A random sample, so that which peers are asked is not up to the order of a list that
