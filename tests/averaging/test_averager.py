@@ -33,13 +33,16 @@ class Member:
 
 @asynccontextmanager
 async def averaging_swarm(
-    n: int, settings: AveragingSettings
+    n: int, settings: AveragingSettings, *, reachable: bool = True
 ) -> AsyncIterator[list[Member]]:
+    """``n`` nodes, each with a data plane and an averager. ``reachable``: the data planes
+    open their own TCP connections; else their channels ride the libp2p connections."""
     async with swarm(n) as nodes, AsyncExitStack() as stack:
         nursery = await stack.enter_async_context(trio.open_nursery())
         members = []
         for node in nodes:
-            dp = DataPlane(node.host, node.identity, listen_ip="127.0.0.1", reachable=True)
+            dp = DataPlane(node.host, node.identity, listen_ip="127.0.0.1",
+                           reachable=reachable)
             await nursery.start(dp.run)
             averager = Averager(
                 signer=node.identity,

@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
 
 import numpy as np
 import pytest
 import trio
 from libp2p.peer.id import ID
 
-from dandelion_p2p.averaging.averager import Averager, AveragingSettings
+from dandelion_p2p.averaging.averager import AveragingSettings
 from dandelion_p2p.averaging.matchmaking import MatchmakingSettings
 from dandelion_p2p.averaging.report import RoundReport
-from dandelion_p2p.dataplane.service import DataPlane
-from dandelion_p2p.net.node import SwarmNode
-from tests.swarm import swarm
+from tests.averaging.test_averager import Member, averaging_swarm
 
-RUN = b"resend-run"
 SIZE = 4_000_000
 SETTINGS = AveragingSettings(
     max_chunk=64 * 1024,
@@ -27,31 +22,10 @@ SETTINGS = AveragingSettings(
 )
 
 
-@asynccontextmanager
-async def two_members(direct: bool) -> AsyncIterator[list[tuple[SwarmNode, Averager]]]:
-    """Two nodes, each with a data plane (``direct``: channels over their own TCP
-    connections, else over the libp2p connection) and an averager."""
-    async with swarm(2) as nodes, AsyncExitStack() as stack:
-        nursery = await stack.enter_async_context(trio.open_nursery())
-        members = []
-        for node in nodes:
-            dp = DataPlane(node.host, node.identity, listen_ip="127.0.0.1", reachable=direct)
-            await nursery.start(dp.run)
-            averager = Averager(
-                signer=node.identity, records=node.records, links=node, reputation=node,
-                dataplane=dp, background=node.background, run=RUN, settings=SETTINGS,
-            )
-            members.append((node, averager))
-        try:
-            yield members
-        finally:
-            nursery.cancel_scope.cancel()
-
-
-async def cut_mid_round(members: list[tuple[SwarmNode, Averager]], direct: bool) -> None:
+async def cut_mid_round(members: list[Member], direct: bool) -> None:
     """Once the first chunks of round 1 have arrived at the first member, cut what carries
     its channel: the data plane's own connection (``direct``) or the libp2p connection."""
-    (node, averager), (other, _) = members
+    node, averager, other = members[0].node, members[0].averager, members[1].node
     while (moved := averager.bytes_moved(1)) is None or moved[1] < 1_000_000:
         await trio.sleep(0.002)
     peer = other.peer_id
@@ -73,17 +47,18 @@ async def test_a_channel_lost_mid_round_is_replaced_and_the_round_completes(
     expected = (vectors[0].astype(np.float64) + vectors[1]) / 2
     buffers = [v.copy() for v in vectors]
     reports: list[RoundReport | None] = [None, None]
-    async with two_members(direct) as members:
+    # ``direct``: channels over the data planes' own TCP connections, else over libp2p.
+    async with averaging_swarm(2, SETTINGS, reachable=direct) as members:
 
         async def run(i: int) -> None:
-            reports[i] = await members[i][1].all_reduce(buffers[i], 1.0, 1)
+            reports[i] = await members[i].averager.all_reduce(buffers[i], 1.0, 1)
 
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
                 for i in range(2):
                     nursery.start_soon(run, i)
                 nursery.start_soon(cut_mid_round, members, direct)
-        reopened = [averager.channels_reopened for _, averager in members]
+        reopened = [m.averager.channels_reopened for m in members]
     # The cut landed mid-round: both ends replaced the channel (the opener dialed a new one,
     # the acceptor took it).
     assert reopened == [1, 1]

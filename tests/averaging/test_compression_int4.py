@@ -16,12 +16,9 @@ from dandelion_p2p.averaging.compression import (
     get_codec,
 )
 from dandelion_p2p.errors import ProtocolViolation, RejectCode
+from tests.averaging.test_compression import assert_error_within_half_a_level, gaussian
 
 F32_MAX = float(np.finfo(np.float32).max)
-
-
-def gaussian(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal(n).astype(np.float32)
 
 
 def refused(codec: Int4BlockCodec, payload: bytes, n: int) -> None:
@@ -97,13 +94,7 @@ def test_relative_l2_for_gaussian_data(block):
     st.sampled_from([1, 7, 64]),
 )
 def test_error_bounded_by_block_absmax(x, block):
-    codec = Int4BlockCodec(block)
-    y = codec.decode(codec.encode(x), x.size).astype(np.float64)
-    x64 = x.astype(np.float64)
-    for start in range(0, x.size, block):
-        xb, yb = x64[start : start + block], y[start : start + block]
-        absmax = np.abs(xb).max()
-        assert np.all(np.abs(yb - xb) <= absmax / 14 * (1 + 1e-5) + 1e-37)
+    assert_error_within_half_a_level(Int4BlockCodec(block), x, block, 7, 1e-37)
 
 
 def test_extremes_stay_finite():

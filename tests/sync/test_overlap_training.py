@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -17,31 +16,21 @@ from typing import Any
 
 import pytest
 
-from dandelion_p2p.runconfig.schema import RunConfig
-from tests.daemon_proc import DaemonProcess, start_daemon
-from tests.sync.test_swarm_training import TIMEOUT, by_round, read_jsonl, wait_for
+from tests.daemon_proc import DaemonProcess
+from tests.sync.test_swarm_training import (
+    TIMEOUT,
+    by_round,
+    read_jsonl,
+    start_peer,
+    start_peers,
+    wait_for,
+)
 from tests.worker.runconfigs import tiny_run
 
 H = 3
 CHECKPOINT_ROUNDS = 3
 READY = 120.0
 """Seconds a daemon may take to start on a loaded machine."""
-
-
-def start_peers(tmp_path: Path, config: RunConfig, images: Path, n: int,
-                out: list[DaemonProcess]) -> list[DaemonProcess]:
-    run_config = tmp_path / "run.toml"
-    run_config.write_text(config.to_toml())
-    for i in range(n):
-        data_dir = tmp_path / f"peer{i}"
-        data_dir.mkdir()
-        shutil.copytree(images, data_dir / "training-data")
-        args = ["--no-webui", "--listen", "/ip4/127.0.0.1/tcp/0", "--reachability", "public",
-                "--run-config", str(run_config), "--worker"]
-        if out:
-            args += ["--bootstrap", out[0].addrs[0]]
-        out.append(start_daemon("daemon", args, data_dir, ready_timeout=READY))
-    return out
 
 
 def steps_during(round_: dict[str, Any], train_log: list[dict[str, Any]]) -> int:
@@ -92,7 +81,7 @@ def test_overlapping_peers_stay_identical_and_survive_a_killed_peer(
                       sync={"local_steps": H, "overlap": True},
                       checkpoint={"every_steps": CHECKPOINT_ROUNDS * H, "keep_last": 2},
                       averaging={"gather_window": 10.0})
-    a, b, c = start_peers(tmp_path, config, images, 3, daemons)
+    a, b, c = start_peers(tmp_path, config, images, 3, daemons, ready_timeout=READY)
     wait_for([c], lambda s: len(three_member_rounds(c)) >= 2, "two rounds of all three")
 
     # Kill c's daemon as soon as it has formed a group of three for a round that no
@@ -154,18 +143,11 @@ def test_a_third_peer_joins_an_overlapping_swarm_mid_run(
                       sync={"local_steps": H, "overlap": True},
                       checkpoint={"every_steps": CHECKPOINT_ROUNDS * H, "keep_last": 2},
                       averaging={"gather_window": 0.5})
-    a, b = start_peers(tmp_path, config, images, 2, daemons)
+    a, b = start_peers(tmp_path, config, images, 2, daemons, ready_timeout=READY)
     wait_for([a], lambda s: s[0]["global_step"] >= 2 * CHECKPOINT_ROUNDS * H,
              "the pair to pass its second checkpoint")
 
-    c_dir = tmp_path / "peer2"
-    c_dir.mkdir()
-    shutil.copytree(images, c_dir / "training-data")
-    c = start_daemon("daemon", ["--no-webui", "--listen", "/ip4/127.0.0.1/tcp/0",
-                                "--reachability", "public", "--run-config",
-                                str(tmp_path / "run.toml"), "--bootstrap", a.addrs[0]], c_dir,
-                     ready_timeout=READY)
-    daemons.append(c)
+    c = start_peer(tmp_path, 2, images, daemons, ready_timeout=READY)
     wait_for([c], lambda s: len(averaged_rounds(c)) >= 3, "three rounds averaged by c")
     for daemon in (a, b, c):
         daemon.call("training.stop")

@@ -28,19 +28,28 @@ from tests.worker.runconfigs import tiny_run
 TIMEOUT = 300.0
 
 
-def start_pair(tmp_path: Path, config: RunConfig, images: Path, worker: bool,
-               out: list[DaemonProcess]) -> list[DaemonProcess]:
-    run_config = tmp_path / "run.toml"
-    run_config.write_text(config.to_toml())
-    for i in range(2):
-        data_dir = tmp_path / f"peer{i}"
-        data_dir.mkdir()
-        shutil.copytree(images, data_dir / "training-data")
-        args = ["--no-webui", "--listen", "/ip4/127.0.0.1/tcp/0", "--reachability", "public",
-                "--run-config", str(run_config), "--worker" if worker else "--no-worker"]
-        if out:
-            args += ["--bootstrap", out[0].addrs[0]]
-        out.append(start_daemon("daemon", args, data_dir))
+def start_peer(tmp_path: Path, index: int, images: Path, out: list[DaemonProcess], *,
+               worker: bool = True, ready_timeout: float = 30.0) -> DaemonProcess:
+    """Peer ``index`` of the run in ``tmp_path/run.toml``, with its own copy of ``images``,
+    bootstrapped from the first of ``out`` (if any); appended to ``out``."""
+    data_dir = tmp_path / f"peer{index}"
+    data_dir.mkdir()
+    shutil.copytree(images, data_dir / "training-data")
+    args = ["--no-webui", "--listen", "/ip4/127.0.0.1/tcp/0", "--reachability", "public",
+            "--run-config", str(tmp_path / "run.toml"), "--worker" if worker else "--no-worker"]
+    if out:
+        args += ["--bootstrap", out[0].addrs[0]]
+    daemon = start_daemon("daemon", args, data_dir, ready_timeout=ready_timeout)
+    out.append(daemon)
+    return daemon
+
+
+def start_peers(tmp_path: Path, config: RunConfig, images: Path, n: int,
+                out: list[DaemonProcess], *, worker: bool = True,
+                ready_timeout: float = 30.0) -> list[DaemonProcess]:
+    (tmp_path / "run.toml").write_text(config.to_toml())
+    for i in range(n):
+        start_peer(tmp_path, i, images, out, worker=worker, ready_timeout=ready_timeout)
     return out
 
 
@@ -69,7 +78,7 @@ def test_local_steps_peers_stay_identical_and_a_killed_worker_rejoins(
 ) -> None:
     config = tiny_run(tiny_sd1, training={"max_steps": 12, "batch_size": 2},
                       sync={"local_steps": 3}, checkpoint={"every_steps": 3, "keep_last": 2})
-    a, b = start_pair(tmp_path, config, images, True, daemons)
+    a, b = start_peers(tmp_path, config, images, 2, daemons)
 
     # Kill b's worker between two syncs, once it has a checkpoint to come back to.
     states = wait_for([b], lambda s: s[0]["global_step"] >= 4 and s[0]["state"] == "training"
@@ -122,7 +131,7 @@ def test_gradient_mode_two_peers_match_one_with_twice_the_batch(
                       sync={"mode": "gradient", "target_batch": 2 * b},
                       checkpoint={"every_steps": steps, "keep_last": 1})
     (tmp_path / "swarm").mkdir()
-    pair = start_pair(tmp_path / "swarm", config, images, False, daemons)
+    pair = start_peers(tmp_path / "swarm", config, images, 2, daemons, worker=False)
     workers = []
     for i, daemon in enumerate(pair):
         # `dandelion-p2p worker` against a running daemon, each peer with half the data.
@@ -181,16 +190,10 @@ def test_a_third_peer_joins_mid_run_with_the_swarms_state(
     config = tiny_run(tiny_sd1, training={"max_steps": 3000, "batch_size": 2},
                       sync={"local_steps": 3}, checkpoint={"every_steps": 3, "keep_last": 2},
                       averaging={"gather_window": 0.5})
-    a, b = start_pair(tmp_path, config, images, True, daemons)
+    a, b = start_peers(tmp_path, config, images, 2, daemons)
     wait_for([a], lambda s: s[0]["global_step"] >= 6, "the pair to pass round 2")
 
-    c_dir = tmp_path / "peer2"
-    c_dir.mkdir()
-    shutil.copytree(images, c_dir / "training-data")
-    c = start_daemon("daemon", ["--no-webui", "--listen", "/ip4/127.0.0.1/tcp/0",
-                                "--reachability", "public", "--run-config",
-                                str(tmp_path / "run.toml"), "--bootstrap", a.addrs[0]], c_dir)
-    daemons.append(c)
+    c = start_peer(tmp_path, 2, images, daemons)
     wait_for([c], lambda s: len(joined_rounds(c)) >= 3, "three rounds of all three peers")
     for daemon in (a, b, c):
         daemon.call("training.stop")
