@@ -12,16 +12,10 @@ local steps train, and its outer step is applied at the next boundary, one round
   applies it to G, writes delta_r into the shared buffer, starts round r on a thread and trains
   on from L = S = G - delta_r: the global weights plus its own progress that the swarm has not
   averaged yet. Only the round's thread touches the shared buffer until it is waited for.
-- A round alone follows the blocking mode's rule: without ``sync.outer_step_alone``, G takes
-  the peer's own pseudo-gradient as it is (a lone peer's weights are what its inner optimizer
-  made of them, one round later). A round that averaged only part of the vector (a member
-  died mid-round) is applied by no peer: the elements left at each peer's own values differ
-  between peers, and G must not; every surviving member of the group misses the dead
-  member's span. Nor is a round that found others but averaged nothing (the group finished
-  without this peer, or failed as a whole, as when its members saw different announcements):
-  peers that all saw it fail keep the same G, and a peer that others left behind catches up.
-  Nor is a round its daemon cut short because it is stopping: the peers of a swarm that stops
-  together keep the same G, so their last checkpoints agree.
+- Which rounds are applied is the blocking mode's rule (``round_rules``): only a round that
+  averaged the whole vector; a round alone lets G take the peer's own pseudo-gradient as it
+  is (without ``sync.outer_step_alone``: a lone peer's weights are what its inner optimizer
+  made of them, one round later). A round applied by no peer drops its local progress.
 - Peers are held together only by that wait: a peer more than one round ahead waits for the
   round the others have not joined yet. A round gathers for up to ``averaging.gather_window``
   the peers of the last one; with overlap that gathering runs while the peers train, so a
@@ -53,6 +47,7 @@ import torch
 
 from dandelion_p2p.worker.link import DaemonLink, SyncOutcome
 from dandelion_p2p.worker.model import assign_from, flatten_into
+from dandelion_p2p.worker.round_rules import OuterRule, log_not_applied, needs_catch_up, outer_rule
 
 if TYPE_CHECKING:
     from dandelion_p2p.worker.train import Trainer
@@ -95,12 +90,6 @@ class RoundInFlight:
             raise self.error
         assert self.outcome is not None
         return self.outcome
-
-
-def needs_catch_up(outcome: SyncOutcome) -> bool:
-    """Others were there but this peer could not average with them: it is behind (or went
-    alone for a while), and takes the swarm's state."""
-    return not outcome.averaged and (outcome.members > 1 or outcome.behind)
 
 
 class Overlap:
@@ -191,13 +180,11 @@ class Overlap:
         waited = flight.blocked + time.monotonic() - started
         if isinstance(t.link, DaemonLink):
             t.link.learn_pending()
-        if outcome.averaged and outcome.fraction_averaged == 1.0:
+        rule = outer_rule(outcome, t.config.sync.outer_step_alone)
+        if rule is OuterRule.STEP:
             outer.step(t.shared)
-        elif outcome.averaged or outcome.stopping or needs_catch_up(outcome):
-            log.info("round %d: %.0f%% of the vector averaged with %d members: applied by no "
-                     "peer", outcome.round, 100 * outcome.fraction_averaged, outcome.members)
-        elif t.config.sync.outer_step_alone:
-            outer.step(t.shared)
+        elif rule is OuterRule.NONE:
+            log_not_applied(outcome)
         else:
             # Alone: the buffer holds this peer's own pseudo-gradient, untouched.
             outer.start.sub_(t.shared)

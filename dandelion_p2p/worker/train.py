@@ -63,9 +63,10 @@ from dandelion_p2p.worker.optimizers import (
 )
 from dandelion_p2p.worker.options import WorkerOptions
 from dandelion_p2p.worker.outer import OuterNesterov
-from dandelion_p2p.worker.overlap import Overlap, needs_catch_up
+from dandelion_p2p.worker.overlap import Overlap
 from dandelion_p2p.worker.peer_group import SOLO, PeerGroup
 from dandelion_p2p.worker.reporting import TrainingReports
+from dandelion_p2p.worker.round_rules import OuterRule, log_not_applied, needs_catch_up, outer_rule
 
 log = logging.getLogger(__name__)
 
@@ -363,8 +364,8 @@ class Trainer:
     # ------------------------------------------------------------------ the swarm
 
     def sync_local_steps(self) -> SyncOutcome:
-        """Average the pseudo-gradient (start - now) with the swarm, take the outer step (in
-        a round this peer had to itself, only when ``sync.outer_step_alone`` says so)."""
+        """Average the pseudo-gradient (start - now) with the swarm and take the outer step,
+        when ``round_rules`` says this round is applied."""
         assert self.outer is not None
         p = self.position
         round_ = p.global_step // self.config.sync.local_steps
@@ -374,13 +375,17 @@ class Trainer:
             raise FloatingPointError("the local steps produced non-finite weights")
         self.report("syncing", force=True)
         outcome = self.link.sync(round_, p.samples_since_sync, "local_steps")
-        alone = not outcome.averaged and outcome.members <= 1
-        if alone and not self.config.sync.outer_step_alone:
+        rule = outer_rule(outcome, self.config.sync.outer_step_alone)
+        if rule is OuterRule.ALONE:
             # The outer step extrapolates the swarm's averaged progress; applied to this
             # peer's own progress alone it would only distort what the inner optimizer did.
             new_start = self.outer.restart_from(self.flat)
         else:
-            new_start = self.outer.step(self.shared)
+            if rule is OuterRule.STEP:
+                new_start = self.outer.step(self.shared)
+            else:
+                log_not_applied(outcome)
+                new_start = self.outer.start
             assign_from(self.params, new_start)
         self.after_sync(outcome, new_start)
         return outcome

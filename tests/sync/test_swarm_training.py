@@ -181,6 +181,21 @@ def joined_rounds(daemon: DaemonProcess) -> list[dict[str, Any]]:
     return [e for e in read_jsonl(path) if e["averaged"] and e["members"] == 3]
 
 
+def rounds_around(r: int, logs: list[dict[int, dict[str, Any]]], joiner: DaemonProcess) -> str:
+    """What each peer's sync log says of the rounds near ``r``, and the joiner's log lines of
+    its download and rounds: a divergence's story."""
+    keys = ("members", "averaged", "fraction_averaged", "global_step", "digest")
+    lines = [f"round {r} differs"]
+    for n, log in enumerate(logs):
+        for k in range(r - 3, r + 2):
+            if k in log:
+                lines.append(f"peer {n} round {k}: " + ", ".join(f"{key}={log[k].get(key)}"
+                                                                  for key in keys))
+    lines += [line for line in joiner.logs().splitlines()
+              if any(w in line for w in ("round", "download", "join", "state"))][-80:]
+    return "\n".join(lines)
+
+
 def test_a_third_peer_joins_mid_run_with_the_swarms_state(
     tiny_sd1: Path, images: Path, tmp_path: Path, daemons: list[DaemonProcess]
 ) -> None:
@@ -194,7 +209,8 @@ def test_a_third_peer_joins_mid_run_with_the_swarms_state(
     wait_for([a], lambda s: s[0]["global_step"] >= 6, "the pair to pass round 2")
 
     c = start_peer(tmp_path, 2, images, daemons)
-    wait_for([c], lambda s: len(joined_rounds(c)) >= 3, "three rounds of all three peers")
+    wait_for([c], lambda s: sum(e["fraction_averaged"] == 1.0 for e in joined_rounds(c)) >= 3,
+             "three rounds of all three peers")
     for daemon in (a, b, c):
         daemon.call("training.stop")
     wait_for([a, b, c], lambda s: all(x["state"] == "stopped" for x in s), "the stop")
@@ -206,7 +222,13 @@ def test_a_third_peer_joins_mid_run_with_the_swarms_state(
     first = min(newcomer)
     assert first > 2, "the newcomer joined after the pair had trained"
     shared = [r for r in newcomer if r in rounds[0] and r in rounds[1]]
-    assert len(shared) >= 3
+    # Every round the three took part in leaves them the same weights, whether it averaged
+    # in full or not (on a loaded machine a round of three can end partial on some members
+    # and failed on another: no peer applies it).
     for r in shared:
-        assert rounds[0][r]["digest"] == rounds[1][r]["digest"] == newcomer[r]["digest"], r
-        assert rounds[0][r]["members"] == rounds[1][r]["members"] == 3, r
+        same = rounds[0][r]["digest"] == rounds[1][r]["digest"] == newcomer[r]["digest"]
+        assert same, rounds_around(r, [*rounds, by_round(c.data_dir / "worker" / "tiny")], c)
+    in_full = [r for r in shared
+               if all(x[r]["members"] == 3 and x[r]["fraction_averaged"] == 1.0
+                      for x in (*rounds, newcomer))]
+    assert len(in_full) >= 3, shared
