@@ -33,6 +33,7 @@ class RejectCode(IntEnum):
     INTERNAL = 12
     FORBIDDEN = 13
     TIMEOUT = 14
+    OTHER_GROUP = 15
 
     @property
     def meaning(self) -> str:
@@ -54,6 +55,7 @@ MEANINGS: dict[RejectCode, str] = {
     RejectCode.INTERNAL: "the responder failed while handling a valid request",
     RejectCode.FORBIDDEN: "the sender may not do this (not the owner, or banned)",
     RejectCode.TIMEOUT: "the sender took too long",
+    RejectCode.OTHER_GROUP: "the frame is for another view of this round's group",
 }
 
 

@@ -67,7 +67,7 @@ class Admission:
             # round's frames, so the peer stays in.
             return Refusal(RejectCode.UNEXPECTED, f"{noun} of round {header.round}")
         if header.group_id != self._spec.group_id:
-            return Refusal(RejectCode.UNEXPECTED, GROUP_MISMATCH_DETAIL, other_group=True)
+            return Refusal(RejectCode.OTHER_GROUP, GROUP_MISMATCH_DETAIL, other_group=True)
         if sender not in self._spec:
             return Refusal(RejectCode.FORBIDDEN, f"{role} is not a member")
         return None

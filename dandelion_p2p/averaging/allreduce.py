@@ -223,6 +223,12 @@ class AllReducePeer:
             return self._refuse(sender, Refusal(exc.code, exc.detail, exclude=True), now)
         if isinstance(header, Reject):
             self._ledger.record_reject(sender, header.code, header.detail, now)
+            if (header.code == RejectCode.OTHER_GROUP and sender in self.spec
+                    and sender != self.peer_id and sender not in self._ledger.gone):
+                # The member laid the round out otherwise (it left someone out that we did
+                # not, or we it): it will send us nothing of this layout, so it is given up
+                # now rather than at the chunk timeout, and not remembered as failed.
+                return self._fail(sender, ExclusionReason.GROUP_MISMATCH, now, header.detail)
             return []
         if isinstance(header, ResultEcho):
             return self._on_echo(sender, header, payload, now)

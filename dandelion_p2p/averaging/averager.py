@@ -310,7 +310,14 @@ class Averager:
             )
 
         def start_state(unreachable: set[bytes]) -> AllReducePeer:
-            left_out = unreachable | gone | self._failed_recently(round_, spec)
+            left_out = unreachable | gone
+            remembered = self._failed_recently(round_, spec)
+            if set(spec.peer_ids) - left_out - remembered != {self.me}:
+                # Members that failed us lately are left out of a group that goes on
+                # without them. Left alone by it, this peer would gain nothing, and a member
+                # that does not know it failed us would wait the round out for us, fail us
+                # in turn, and the two would take turns leaving each other out for good.
+                left_out |= remembered
             kept = spec.without(left_out).seat(self.me, s.matchmaking.max_group)
             if kept is not spec:
                 log.info("round %d: %d members left out of the spans: %s", round_,

@@ -114,7 +114,8 @@ def catch_up_taking_part(trainer: Trainer, have: int, *, wait: bool = False) -> 
                 next_round = step // h + 1
                 log.info("downloading the state of step %d; taking part in the rounds from "
                          "%d on meanwhile", step, next_round)
-        if next_round is None or next_round < 0:
+        if next_round is None or next_round < 0 or next_round * h > trainer.last_step():
+            # (No round past the run's last step: the swarm ends there.)
             thread.join(STATUS_POLL)
             continue
         outcome = take_part(trainer, next_round)

@@ -486,7 +486,7 @@ def test_other_view_of_the_group_is_refused_unscored_and_not_awaited(trio) -> No
     header, payload = split(to_b[0].frame())
     other = sign_chunk(BY_ID[a], dataclasses.replace(header, group_id=bytes(32)))
     out = swarm.peers[b].on_frame(a, reframe(other, payload), 0.1)
-    assert_refused(out, RejectCode.UNEXPECTED)
+    assert_refused(out, RejectCode.OTHER_GROUP)
     assert events_for(swarm, b, a) == []
     assert excluded(swarm.peers[b].report(), a) == {
         ("sender", ExclusionReason.GROUP_MISMATCH),
@@ -620,6 +620,26 @@ def test_rejects_received_are_reported_not_answered(trio) -> None:
     rep = swarm.peers[b].report()
     assert [(v.code, v.detail) for v in rep.rejects_received] == [("TIMEOUT", "late")]
     assert rep.violations == () and swarm.events(b) == []
+
+
+def test_a_member_that_says_it_laid_the_round_out_otherwise_is_given_up_at_once(trio) -> None:
+    # A left someone out that B did not (it remembered a failure B never saw, say): B's
+    # frames get OTHER_GROUP back, and B stops waiting for A instead of timing out on it.
+    swarm, a, b, _c, _to_b = trio
+    frame = b"".join(pack_frame(Reject(code=int(RejectCode.OTHER_GROUP), detail="another view")))
+    out = swarm.peers[b].on_frame(a, frame, 0.1)
+    assert all(send.recipient != a for send in out), "nothing more goes to A, no reject"
+    rep = swarm.peers[b].report()
+    assert excluded(rep, a) == {
+        ("sender", ExclusionReason.GROUP_MISMATCH),
+        ("reducer", ExclusionReason.GROUP_MISMATCH),
+    }
+    assert rep.violations == () and swarm.events(b) == []
+    # From a peer outside the group the same reject changes nothing.
+    outsider = Identity.generate().peer_id_bytes
+    before = swarm.peers[b].report()
+    swarm.peers[b].on_frame(outsider, frame, 0.2)
+    assert swarm.peers[b].report().excluded_peers() == before.excluded_peers()
 
 
 def test_local_misuse_raises() -> None:

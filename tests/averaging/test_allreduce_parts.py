@@ -103,7 +103,7 @@ def test_admission_refuses_in_order_and_says_what_each_refusal_costs() -> None:
     )
     other_view, _ = chunk_from(A, B, chunk, np.zeros(chunk.size), group_id=b"\x01" * 32)
     assert admission.check(A.peer_id_bytes, other_view) == Refusal(
-        RejectCode.UNEXPECTED, GROUP_MISMATCH_DETAIL, other_group=True
+        RejectCode.OTHER_GROUP, GROUP_MISMATCH_DETAIL, other_group=True
     )
 
     stranger = Identity.from_seed(b"\x77" * 32)

@@ -6,6 +6,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pytest
@@ -215,3 +216,24 @@ async def test_a_peer_with_nothing_to_add_takes_the_result_and_reduces_nothing()
         assert np.array_equal(buffers[2], buffers[0]), "the joiner holds the others' result"
         mean = (vectors[0].astype(np.float64) + vectors[1]) / 2
         assert np.allclose(buffers[0], mean, atol=1e-5)
+
+
+async def test_a_failure_one_of_two_peers_remembers_does_not_keep_them_apart() -> None:
+    # Member 0 saw member 1 fail round 1 (its worker died mid-round); member 1 did not see
+    # that. Leaving member 1 out of round 2 would leave member 0 alone, while member 1 waited
+    # the round out for it and then left member 0 out of round 3 in turn, for good.
+    async with averaging_swarm(2, FAST) as members:
+        members[0].averager._failed_in_round[members[1].node.identity.peer_id_bytes] = 1
+        buffers = [np.full(100_000, i + 1.0, dtype=np.float32) for i in range(2)]
+        reports: list[Any] = [None, None]
+
+        async def run(i: int) -> None:
+            reports[i] = await members[i].averager.all_reduce(buffers[i], 1.0, 2)
+
+        with trio.fail_after(FAST.chunk_timeout):
+            async with trio.open_nursery() as nursery:
+                for i in range(2):
+                    nursery.start_soon(run, i)
+    for report in reports:
+        assert report.complete and report.fraction_averaged == 1.0
+    assert np.array_equal(buffers[0], np.full(100_000, 1.5, dtype=np.float32))
