@@ -114,6 +114,9 @@ def test_kill_9_of_one_peer_mid_round(workdir: Path, clusters: list[Cluster]) ->
     check_survivors(cluster, survivors)
 
 
+# 16 s; a member that holds its channels and sends nothing is cut off at the chunk timeout by
+# default in tests/averaging/test_hostile_groups.py.
+@pytest.mark.slow
 def test_sigstop_of_one_peer_is_cut_off_by_the_timeout(
     workdir: Path, clusters: list[Cluster]
 ) -> None:

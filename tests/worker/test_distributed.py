@@ -151,6 +151,8 @@ def test_two_gpus_train_as_one_peer(tiny_sd1: Path, images: Path, tmp_path: Path
     assert link.weights == [4, 4]
 
 
+# 17 s; training on two ranks as one peer is checked by default by the test above.
+@pytest.mark.slow
 def test_the_local_setting_devices_is_what_a_started_worker_uses(
         tiny_sd1: Path, images: Path, tmp_path: Path) -> None:
     """A worker started without --devices (as the daemon starts it) trains on as many
