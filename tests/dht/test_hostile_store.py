@@ -219,6 +219,9 @@ async def check_junk_flood(seconds: float) -> None:
         ), figures
 
 
+# 10 s; the store's byte caps are checked by default without sockets
+# (tests/dht/test_hostile_store_core.py).
+@pytest.mark.slow
 async def test_junk_at_full_speed_stays_within_the_store_cap() -> None:
     await check_junk_flood(10.0)
 
