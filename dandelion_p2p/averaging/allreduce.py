@@ -223,12 +223,9 @@ class AllReducePeer:
             return self._refuse(sender, Refusal(exc.code, exc.detail, exclude=True), now)
         if isinstance(header, Reject):
             self._ledger.record_reject(sender, header.code, header.detail, now)
-            if (header.code == RejectCode.OTHER_GROUP and sender in self.spec
-                    and sender != self.peer_id and sender not in self._ledger.gone):
-                # The member laid the round out otherwise (it left someone out that we did
-                # not, or we it): it will send us nothing of this layout, so it is given up
-                # now rather than at the chunk timeout, and not remembered as failed.
-                return self._fail(sender, ExclusionReason.GROUP_MISMATCH, now, header.detail)
+            if header.code == RejectCode.OTHER_GROUP:
+                # Said by the member itself: given up now rather than at the chunk timeout.
+                return self._give_up_another_view(sender, now, header.detail)
             return []
         if isinstance(header, ResultEcho):
             return self._on_echo(sender, header, payload, now)
@@ -441,14 +438,19 @@ class AllReducePeer:
         return sends
 
     def _group_mismatch(self, peer: bytes, refusal: Refusal, now: float) -> list[Send]:
-        # Not scored (see Refusal.other_group), but given up in every role.
+        # Not scored (see Refusal.other_group).
         self._ledger.record_violation(peer, refusal.code, refusal.detail, now)
-        sends: list[Send] = []
-        if peer in self.spec and peer != self.peer_id:
-            sends = self._fail(peer, ExclusionReason.GROUP_MISMATCH, now, refusal.detail)
-            self._maybe_done(now)
+        sends = self._give_up_another_view(peer, now, refusal.detail)
         sends.append(self._framer.reject(peer, refusal.code, refusal.detail))
         return sends
+
+    def _give_up_another_view(self, peer: bytes, now: float, detail: str) -> list[Send]:
+        """``peer`` laid the round out otherwise (it left out someone we did not, or we it):
+        it will send nothing of our layout, so it is given up in every role, and not
+        remembered as failed (reason ``group_mismatch``)."""
+        if peer not in self.spec or peer == self.peer_id:
+            return []
+        return self._fail(peer, ExclusionReason.GROUP_MISMATCH, now, detail)
 
     def _fail(self, peer: bytes, reason: ExclusionReason, now: float, detail: str) -> list[Send]:
         """Give ``peer`` up in both roles and send it nothing more this round."""
