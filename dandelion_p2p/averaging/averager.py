@@ -22,7 +22,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import trio
@@ -414,6 +414,22 @@ class Averager:
         round_: int,
         start_state: Callable[[set[bytes]], AllReducePeer],
     ) -> None:
+        try:
+            await self._drive_links(rnd, round_, start_state)
+        except ExceptionGroup as group:
+            # The round's own mistake (``all_reduce``'s documented ValueError: the buffer
+            # went away with its worker, say) raised inside the nursery: raised as itself.
+            mistakes, rest = group.split(ValueError)
+            if mistakes is not None and rest is None:
+                raise _first_leaf(mistakes) from None
+            raise
+
+    async def _drive_links(
+        self,
+        rnd: Round,
+        round_: int,
+        start_state: Callable[[set[bytes]], AllReducePeer],
+    ) -> None:
         async with trio.open_nursery() as nursery:
             for peer in rnd.outboxes.keys() - rnd.unreachable:
                 nursery.start_soon(self.member_links.link, rnd, round_, peer)
@@ -446,3 +462,8 @@ class Averager:
                 if channel is not None:
                     channel.abort()
             nursery.cancel_scope.cancel()
+
+
+def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first

@@ -127,9 +127,10 @@ class Rounds:
             except NoGroup as exc:
                 if exc.late:
                     # The others finished this round without us: we are behind. Reported as
-                    # a group we could not average with, which sends the worker to catch up.
+                    # a group we could not average with, which sends the worker to catch up,
+                    # and as left behind: the others hold a state this peer must wait for.
                     log.info("%s", exc)  # the message names the round
-                    return not_averaged(members=1 + exc.late)
+                    return {**not_averaged(members=1 + exc.late), "left_behind": True}
                 if trio.current_time() < deadline:
                     continue
                 log.info("round %d: no group (%s); this peer goes on alone", round_, exc)

@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,6 +39,11 @@ log = logging.getLogger(__name__)
 
 STATUS_POLL = 0.5
 """Seconds between two looks at the download (which step, once the offers are chosen)."""
+WAIT_POLL = 1.0
+"""Seconds between two asks for the state of a round this peer was left behind in."""
+WAIT_MARGIN = 3.0
+MIN_WAIT = 30.0
+"""Least seconds a peer left behind waits for the others' state (``state_wait``)."""
 JOIN_ATTEMPTS = 5
 _KEPT = re.compile(r"round-(\d{8})-(\d+)\.npy")
 
@@ -201,11 +207,54 @@ def join_swarm(trainer: Trainer) -> None:
             trainer.restore(latest)
 
 
-def catch_up_and_join(trainer: Trainer) -> None:
-    """Behind the swarm: take its newer state and join it (``join_swarm``)."""
+def state_wait(trainer: Trainer, step: int) -> float:
+    """Seconds a peer left behind at ``step`` waits for the others' state: they write it at
+    their next checkpoint step (at the latest their last step), that many rounds away at the
+    pace this peer saw, times ``WAIT_MARGIN``."""
+    h = trainer.config.sync.local_steps
+    every = trainer.config.checkpoint.every_steps
+    written_at = min(-(-step // every) * every, trainer.config.training.max_steps)
+    rounds = max(0, written_at - step) // h + 1
+    pace = trainer.reports.round_interval or 0.0
+    return max(MIN_WAIT, WAIT_MARGIN * rounds * pace)
+
+
+def catch_up_and_join(trainer: Trainer, outcome: SyncOutcome | None = None) -> None:
+    """Behind the swarm: take its newer state and join it (``join_swarm``).
+
+    When ``outcome`` says the others finished that round without this peer (``left_behind``),
+    they took an outer step it did not. Until it holds their state, every round it averaged
+    with them would be applied to other start weights than theirs, and it would stay apart
+    from them for good. So it waits for that state: it trains no further, saves no
+    checkpoint (one at that step would hide theirs), and asks again every ``WAIT_POLL``
+    seconds until one of them has written a checkpoint at or past the round's end, for up to
+    ``state_wait``. Only when none comes does it train on from its own state.
+    """
     have = trainer.checkpoints.latest_step()
-    if catch_up_taking_part(trainer, have) <= have:
-        return
+    wanted = -1
+    if outcome is not None and outcome.left_behind:
+        wanted = outcome.round * trainer.config.sync.local_steps
+        if have >= wanted:
+            log.warning("left behind in round %d, but this peer holds a checkpoint of step "
+                        "%d already: training on from it", outcome.round, have)
+            wanted = -1
+    deadline = time.monotonic() + state_wait(trainer, wanted) if wanted >= 0 else 0.0
+    if wanted >= 0:
+        trainer.left_behind_at = wanted
+        log.info("left behind in round %d: waiting up to %.0f s for the others' state of "
+                 "step %d or later", outcome.round if outcome else -1,
+                 deadline - time.monotonic(), wanted)
+    while catch_up_taking_part(trainer, have) <= have:
+        if wanted < 0 or trainer.stop_requested:
+            return
+        if time.monotonic() >= deadline:
+            log.warning("no peer offered a state of step %d or later in time: training on "
+                        "alone from this peer's state, apart from the others", wanted)
+            trainer.left_behind_at = None
+            return
+        trainer.report("syncing", force=True)
+        time.sleep(WAIT_POLL)
+    trainer.left_behind_at = None
     latest = trainer.checkpoints.latest()
     if latest is not None:
         trainer.restore(latest)

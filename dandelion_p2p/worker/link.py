@@ -48,6 +48,9 @@ class SyncOutcome:
     behind, and catches up."""
     stopping: bool = False
     """The daemon is stopping and cut the round short: nothing was averaged."""
+    left_behind: bool = False
+    """The others finished this round without this peer: they took a step it did not, and
+    it waits for their state (``joining.catch_up_and_join``)."""
 
 
 class Link(Protocol):
@@ -198,6 +201,7 @@ class DaemonLink:
             seconds=time.monotonic() - started,
             behind=answer.get("behind") is True,
             stopping=answer.get("stopping") is True,
+            left_behind=answer.get("left_behind") is True,
         )
 
     def round_config_now(self) -> tuple[int, int]:

@@ -43,6 +43,10 @@ class TrainingReports:
         self.sync_wait_seconds = 0.0
         """Seconds this worker waited for the swarm's rounds since it started (blocking: every
         round's whole time; ``sync.overlap``: the waits at the boundaries)."""
+        self.round_interval: float | None = None
+        """Seconds between the last two rounds (None: fewer than two yet): the swarm's pace
+        as this peer saw it."""
+        self._last_round_at: float | None = None
 
     def _hold_out(self) -> list[validation.ValBatch]:
         v = self.t.config.validation
@@ -82,6 +86,10 @@ class TrainingReports:
     def round(self, outcome: SyncOutcome, waited: float) -> None:
         """``waited``: seconds the worker did not train for this round."""
         self.sync_wait_seconds += waited
+        now = time.monotonic()
+        if self._last_round_at is not None:
+            self.round_interval = now - self._last_round_at
+        self._last_round_at = now
         self.board.scalars(self.t.position.global_step, {
             "round_seconds": outcome.seconds, "fraction_averaged": outcome.fraction_averaged,
             "round_peers": float(outcome.members), "sync_wait_seconds": waited})

@@ -158,6 +158,9 @@ class Trainer:
         self.sync_log = (options.work_dir / "sync_log.jsonl").open("a")
         self.config_version = -1
         """The run config version in force here (-1: none applied yet)."""
+        self.left_behind_at: int | None = None
+        """While set, the others hold a state of this step that this peer lacks: it saves
+        nothing (``joining.catch_up_and_join``)."""
         self.joined: bool | None = None
         """Whether ``resume`` took the swarm's state from peers (None: not resumed yet)."""
         self.carried = 0
@@ -220,7 +223,7 @@ class Trainer:
                 if outcome is not None and needs_catch_up(outcome):
                     # Others were there but we could not average with them: we are behind
                     # (or went alone for a while). Take the swarm's state and join it.
-                    self.catch_up_and_join()
+                    self.catch_up_and_join(outcome)
             if boundary:
                 self.apply_run_config()
             if p.global_step % self.config.checkpoint.every_steps == 0:
@@ -390,8 +393,8 @@ class Trainer:
         self.after_sync(outcome, new_start)
         return outcome
 
-    def catch_up_and_join(self) -> None:
-        joining.catch_up_and_join(self)
+    def catch_up_and_join(self, outcome: SyncOutcome | None = None) -> None:
+        joining.catch_up_and_join(self, outcome)
 
     def join_round(self) -> None:
         joining.join_swarm(self)
@@ -419,7 +422,7 @@ class Trainer:
                  "averaged": outcome.averaged, "members": outcome.members,
                  "fraction_averaged": outcome.fraction_averaged,
                  "seconds": round(outcome.seconds, 3), "waited": round(waited, 3),
-                 **(extra or {})}
+                 **({"left_behind": True} if outcome.left_behind else {}), **(extra or {})}
         if weights is not None:
             entry["digest"] = vector_digest(weights)
         self.sync_log.write(json.dumps(entry) + "\n")
@@ -456,6 +459,10 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def save(self) -> None:
+        if self.left_behind_at is not None:
+            log.info("not saving step %d: the others hold the state of step %d, which this "
+                     "peer lacks", self.position.global_step, self.left_behind_at)
+            return
         if self.overlap is not None:
             self.overlap.drain()  # a checkpoint holds no round in flight (``overlap``)
         p = self.position

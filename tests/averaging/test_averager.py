@@ -237,3 +237,22 @@ async def test_a_failure_one_of_two_peers_remembers_does_not_keep_them_apart() -
     for report in reports:
         assert report.complete and report.fraction_averaged == 1.0
     assert np.array_equal(buffers[0], np.full(100_000, 1.5, dtype=np.float32))
+
+
+async def test_a_buffer_the_round_cannot_use_is_a_plain_value_error() -> None:
+    """Found only once the group is formed (inside the round's nursery), the mistake is
+    raised as the ``ValueError`` that ``all_reduce`` documents, not wrapped in a group: the
+    daemon answers its worker with it instead of logging a crash."""
+    async with averaging_swarm(2, FAST) as (a, b):
+        broken = np.full(1000, np.nan, dtype=np.float32)
+        fine = np.ones(1000, dtype=np.float32)
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+
+                async def other() -> None:
+                    with trio.move_on_after(FAST.chunk_timeout + 5):
+                        await b.averager.all_reduce(fine, 1.0, 3)
+
+                nursery.start_soon(other)
+                with pytest.raises(ValueError, match="NaN or infinity"):
+                    await a.averager.all_reduce(broken, 1.0, 3)

@@ -6,6 +6,7 @@ failed as a whole or one cut short by a stopping daemon leaves G as it was on ev
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -50,9 +51,7 @@ class ReportedRounds(SoloLink):
         self.reported = reported
 
     def sync(self, round_: int, weight: float, kind: str) -> SyncOutcome:
-        o = self.reported.get(round_, FULL)
-        return SyncOutcome(round_, o.averaged, o.fraction_averaged, o.members, o.seconds,
-                           behind=o.behind, stopping=o.stopping)
+        return dataclasses.replace(self.reported.get(round_, FULL), round=round_)
 
 
 def digests(work: Path) -> dict[int, str]:
