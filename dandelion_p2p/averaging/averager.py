@@ -286,7 +286,7 @@ class Averager:
         )
         track_recorded = self._track_recorded()
         spec, formation, finished = await self.matchmaker.match(
-            self.me, announcement, track_recorded, expected=self._expected(round_)
+            self.me, announcement, track_recorded, expected=await self._expected(round_)
         )
         for liar in formation.overclaimed:
             if liar != self.me and spec is not None and liar in spec:
@@ -368,15 +368,24 @@ class Averager:
         )
         return report
 
-    def _expected(self, round_: int) -> set[bytes]:
+    async def _expected(self, round_: int) -> set[bytes]:
         """Who matchmaking waits for: the peers whose announcements for the previous round
         this peer read when it formed that round, but those that failed it or that it bans.
         Every member read about the same announcements, so they wait for about the same
         peers and form the same groups; a newcomer read before the stop is waited for from
-        the next round on. After a gap, nobody: the whole window is waited."""
+        the next round on.
+
+        After a gap (a joiner's first rounds, a restart, a round this peer missed) it read
+        nothing for the previous round: the previous round's announcements in the DHT stand
+        for what the others read. Waiting the whole window instead would have the others,
+        who end gathering once their expected peers are in, finish the round without it.
+        With no previous round anywhere (the swarm's first), the whole window is waited."""
+        announcers = self.matchmaker.announcers_of(round_ - 1)
+        if not announcers and round_ > 0:
+            announcers = frozenset(await self.matchmaker.read(self.run, round_ - 1))
         now = time.time()
         return {
-            p for p in self.matchmaker.announcers_of(round_ - 1)
+            p for p in announcers - {self.me}
             if p not in self._failed_in_round and not self.reputation.scores.is_banned(p, now)
         }
 

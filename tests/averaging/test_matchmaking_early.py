@@ -81,6 +81,20 @@ async def test_a_straggler_of_the_last_round_is_waited_for_within_the_window() -
     assert max(took[:2]) < late + WINDOW / 2
 
 
+async def test_a_peer_new_to_the_swarm_ends_gathering_with_the_others() -> None:
+    """A joiner read no previous round of its own: the previous round's announcements in
+    the DHT tell it whom the others wait for, so it forms when they do instead of waiting
+    the whole window while they average (and, with rounds shorter than the window, finish
+    every round without it)."""
+    async with averaging_swarm(3, SETTINGS) as members:
+        await timed_round(members[:2], 1)
+        reports, took = await timed_round(members, 2)
+    print(f"2 peers and a joiner in round 2: rounds took {[round(t, 2) for t in took]} s")
+    assert len(reports) == 3 and all(len(r.members) == 3 for r in reports)
+    assert all(r.fraction_averaged == 1.0 for r in reports)
+    assert max(took) < WINDOW / 2
+
+
 async def test_a_peer_gone_since_the_last_round_costs_at_most_the_window() -> None:
     async with averaging_swarm(3, SETTINGS) as members:
         await timed_round(members, 1)
