@@ -22,11 +22,16 @@ bytes sent per peer per round (every byte on the peer's link: averaging, DHT, co
 ``--joiner R``: one more peer starts once the swarm is R rounds in, on a downlink on which
 the swarm's newest checkpoint takes ``JOINER_DOWNLOAD_INTERVALS`` of peer 0's sync intervals
 to download; reported: how long the download took and when the joiner held the swarm's
-weights, against 1.2 x the download + 2 sync intervals. ``--size-codec fp16`` with
-``--codec int4`` sizes the links for fp16 and sends int4.
+weights, against 1.2 x the download + 2 sync intervals. ``--churn S``: every S seconds one
+peer (never peer 0) is stopped and a new one starts on a link of its own; the figures above
+are then those of the peers that trained from start to end, and reported beside them: when
+each arrival first held peer 0's global weights (digest of the same round) and how many of
+its later rounds did not, and whether the peers present at the end agree. ``--size-codec
+fp16`` with ``--codec int4`` sizes the links for fp16 and sends int4.
 
     nice -n 10 python benchmarks/swarm_utilization.py --peers 3 --local-steps 4 --rounds 5
     python benchmarks/swarm_utilization.py --modes overlap --ratios 1 --rounds 12 --joiner 2
+    python benchmarks/swarm_utilization.py --ratios 1 --rounds 40 --churn 30
 
 Needs root (network namespaces, tc).
 """
@@ -38,7 +43,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -53,6 +57,17 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks._report import environment, format_table, median, write_json  # noqa: E402
+from benchmarks._swarm_changes import (  # noqa: E402
+    JOINER_DOWNLOAD_INTERVALS,
+    Churn,
+    Peer,
+    arrival_figures,
+    final_agreement,
+    joiner_figures,
+    launch_peer,
+    read_jsonl,
+    start_joiner,
+)
 from tests.daemon_proc import DaemonProcess, launch_daemon, start_daemons  # noqa: E402
 
 RUN_NAME = "utilization"
@@ -81,6 +96,8 @@ class Args:
     threads: int
     joiner: int = 0
     """Rounds the swarm is in when one more peer joins on a slow downlink (0: none)."""
+    churn: float = 0.0
+    """Seconds between two swaps of a leaving peer for an arriving one (0: none)."""
 
     @property
     def steps(self) -> int:
@@ -108,22 +125,12 @@ def write_run_config(path: Path, model: Path, a: Args, mode: str) -> None:
         "sync": {"mode": "local_steps", "local_steps": a.local_steps, **SYNC_MODES[mode]},
         "averaging": {"codec": a.codec, "gather_window": a.gather_window,
                       "chunk_timeout": 60.0},
-        # One checkpoint, at the end: saves would count as time not training. A joiner needs
-        # a state to download: then one a round.
-        "checkpoint": ({"every_steps": a.local_steps, "keep_last": 2} if a.joiner
+        # One checkpoint, at the end: saves would count as time not training. An arriving
+        # peer needs a state to download: then one a round.
+        "checkpoint": ({"every_steps": a.local_steps, "keep_last": 2} if a.joiner or a.churn
                        else {"every_steps": a.steps, "keep_last": 1}),
     })
     path.write_text(config.to_toml())
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(ValueError):
-            out.append(json.loads(line))
-    return out
 
 
 # ---------------------------------------------------------------------------- timings
@@ -246,76 +253,20 @@ def link_tx_bytes(host: Any) -> int:
     return int(json.loads(out)[0]["stats64"]["tx"]["bytes"])
 
 
-JOINER_DOWNLOAD_INTERVALS = 4
-"""The joiner's downlink is sized so that the state download takes this many sync
-intervals."""
-
-
-def state_bytes(work: Path) -> int:
-    """Bytes of the newest checkpoint in a worker's folder: what a joiner downloads."""
-    folders = sorted(f for f in (work / "checkpoints").glob("step-*")
-                     if f.name.removeprefix("step-").isdigit())
-    if not folders:
-        raise RuntimeError(f"no checkpoint in {work} for a joiner to download")
-    return sum(f.stat().st_size for f in folders[-1].iterdir() if f.is_file())
-
-
-def start_joiner(lab: Any, work: Path, images: Path, a: Args, plan: Plan, seed: str,
-                 config: Path, peer0: DaemonProcess) -> tuple[DaemonProcess, dict[str, Any]]:
-    """One more peer, on a downlink on which the swarm's state takes
-    ``JOINER_DOWNLOAD_INTERVALS`` of peer 0's sync intervals."""
-    from tests.daemon_proc import start_daemon
-    from tests.worker_logs import sync_interval
-
-    interval = sync_interval(peer0)
-    if not interval:
-        raise RuntimeError("peer 0 logged no two rounds before the joiner")
-    size = state_bytes(peer0.data_dir / "worker" / RUN_NAME)
-    down = round(size * 8 / (JOINER_DOWNLOAD_INTERVALS * interval) / 1e6, 3)
-    host = lab.add_public_host("joiner", up_mbit=plan.rate_mbit, down_mbit=down)
-    data_dir = work / "joiner"
-    data_dir.mkdir()
-    shutil.copytree(images, data_dir / "training-data")
-    daemon = start_daemon("daemon", [
-        "--listen", f"/ip4/{host.ip}/tcp/4001", "--reachability", "public",
-        "--bootstrap", seed, "--run-config", str(config), "--worker"], data_dir,
-        launcher=host)
-    return daemon, {"joiner_down_mbit": down, "state_mb": round(size / 1e6, 2),
-                    "sync_interval_s": interval}
-
-
-def joiner_figures(joiner: DaemonProcess, known: dict[str, Any]) -> dict[str, Any]:
-    """When the joiner's download began and ended, and when it held the swarm's weights,
-    from its log; the issue's bound 1.2 x download + 2 sync intervals beside it."""
-    from tests.worker_logs import logged_at
-
-    log = joiner.logs()
-    began, arrived, joined = (logged_at(log, pattern) for pattern in (
-        "downloading the state of step", "downloaded the state at step",
-        "joined the swarm at round"))
-    kept = re.search(r"joined the swarm at round (\d+) \((\d+) rounds taken part in", log)
-    download = arrived - began if began is not None and arrived is not None else None
-    out = {**known, "download_s": download and round(download, 1),
-           "download_start_to_joined_s": (round(joined - began, 1)
-                                          if began is not None and joined is not None
-                                          else None),
-           "rounds_taken_part_in_while_downloading": kept and int(kept.group(2))}
-    if download is not None:
-        out["bound_s"] = round(1.2 * download + 2 * known["sync_interval_s"], 1)
-    return out
-
-
 def run_swarm(root: Path, model: Path, images: Path, a: Args, plan: Plan
-              ) -> tuple[list[PeerFigures], float, dict[str, Any] | None]:
-    """The swarm of ``plan``: each peer's figures, the run's wall seconds, and the joiner's
-    figures (None without ``--joiner``)."""
+              ) -> tuple[list[PeerFigures], float, dict[str, Any]]:
+    """The swarm of ``plan``: the figures of the peers that trained from start to end, the
+    run's wall seconds, and what arrivals did (``joiner``, ``churn``: absent without them)."""
     from dandelion_p2p.netlab import NetLab
 
     work = root / f"{plan.mode}-x{plan.ratio:g}"
     work.mkdir(parents=True)
     config = work / "run.toml"
     write_run_config(config, model, a, plan.mode)
-    daemons: list[DaemonProcess] = []
+    seed: list[DaemonProcess] = []
+    active: list[Peer] = []
+    gone: list[Peer] = []
+    extra: dict[str, Any] = {}
     with NetLab() as lab:
         hosts = [lab.add_public_host(f"p{i}", up_mbit=plan.rate_mbit, down_mbit=plan.rate_mbit)
                  for i in range(a.peers)]
@@ -323,53 +274,66 @@ def run_swarm(root: Path, model: Path, images: Path, a: Args, plan: Plan
         try:
             # A bootstrap node without a worker, so that the peers (and their workers) all
             # start at once: each needs only the seed.
-            seed = [launch_daemon("daemon", ["--listen", f"/ip4/{seed_host.ip}/tcp/4001",
-                                             "--reachability", "public", "--no-worker"],
-                                  work / "seed", launcher=seed_host)]
-            daemons += start_daemons(seed, 60.0)
-            launched = []
-            for i, host in enumerate(hosts):
-                data_dir = work / f"peer{i}"
-                data_dir.mkdir()
-                shutil.copytree(images, data_dir / "training-data")
-                launched.append(launch_daemon("daemon", [
-                    "--listen", f"/ip4/{host.ip}/tcp/4001", "--reachability", "public",
-                    "--bootstrap", daemons[0].addrs[0], "--run-config", str(config),
-                    "--worker"], data_dir, launcher=host))
-            daemons += start_daemons(launched, 60.0)
-            daemons = daemons[1:] + daemons[:1]  # the peers first, in host order
+            seed = start_daemons([launch_daemon(
+                "daemon", ["--listen", f"/ip4/{seed_host.ip}/tcp/4001",
+                           "--reachability", "public", "--no-worker"],
+                work / "seed", launcher=seed_host)], 60.0)
+            seed_addr = seed[0].addrs[0]
+            launched = [launch_peer(host, work / f"peer{i}", images, seed_addr, config)
+                        for i, host in enumerate(hosts)]
+            active = [Peer(f"peer{i}", d, work / f"peer{i}" / "worker" / RUN_NAME, time.time())
+                      for i, d in enumerate(start_daemons(launched, 60.0))]
+            original = list(active)
             sent_before = [link_tx_bytes(h) for h in hosts]
             started = time.monotonic()
             deadline = started + a.timeout
-            joiner: DaemonProcess | None = None
-            joining: dict[str, Any] | None = None
+            joiner: Peer | None = None
+            churn = (Churn(a.churn, lab, work, images, config, seed_addr, plan.rate_mbit,
+                           RUN_NAME) if a.churn else None)
+            arrivals: list[Peer] = []
             while True:
                 if a.joiner and joiner is None and len(read_jsonl(
-                        work / "peer0" / "worker" / RUN_NAME / "sync_log.jsonl")) >= a.joiner:
-                    joiner, joining = start_joiner(lab, work, images, a, plan,
-                                                   daemons[-1].addrs[0], config, daemons[0])
-                    daemons.append(joiner)
-                states = [d.call("training.status") for d in daemons[:a.peers]]
+                        active[0].run_folder / "sync_log.jsonl")) >= a.joiner:
+                    daemon, extra["joiner"] = start_joiner(
+                        lab, work, images, plan.rate_mbit, seed_addr, config,
+                        active[0].daemon, active[0].run_folder)
+                    joiner = Peer("joiner", daemon, work / "joiner" / "worker" / RUN_NAME,
+                                  time.time())
+                    active.append(joiner)
+                if (churn is not None and churn.due() and len(active) > 1
+                        and len(read_jsonl(active[0].run_folder / "sync_log.jsonl"))
+                        < a.rounds * 2 // 3):
+                    # (None in the last third: an arrival needs rounds to join and train.)
+                    gone.append(active[1])
+                    arrivals.append(churn.swap(active))
+                states = [status_of(p.daemon) for p in active]
                 if all(s.get("state") == "stopped" for s in states):
                     break
                 crashed = [i for i, s in enumerate(states) if s.get("state") == "crashed"]
                 if crashed or time.monotonic() > deadline:
                     raise RuntimeError(f"{plan}: states {states}\n"
-                                       + daemons[crashed[0] if crashed else 0].logs()[-4000:])
+                                       + active[crashed[0] if crashed else 0].daemon.logs()[-4000:])
                 time.sleep(1.0)
             seconds = time.monotonic() - started
             sent = [link_tx_bytes(h) - b for h, b in zip(hosts, sent_before, strict=True)]
-            if joiner is not None and joining is not None:
-                joining = joiner_figures(joiner, joining)
+            if joiner is not None:
+                extra["joiner"] = joiner_figures(joiner.daemon, extra["joiner"])
+            if churn is not None:
+                extra["churn"] = {
+                    "every_s": a.churn, "left": [p.name for p in gone],
+                    "arrivals": [arrival_figures(p, active[0].run_folder) for p in arrivals],
+                    "at_end": [p.name for p in active], **final_agreement(active)}
         finally:
-            for d in daemons:
+            for d in [p.daemon for p in active] + seed:
                 with contextlib.suppress(AssertionError):
                     d.stop(timeout=20.0)
     figures = []
-    for i in range(a.peers):
-        folder = work / f"peer{i}" / "worker" / RUN_NAME
-        f = step_figures(read_jsonl(folder / "train_log.jsonl"), a.local_steps, a.batch)
-        rounds = {r["round"]: r for r in read_jsonl(folder / "sync_log.jsonl")}
+    for i, peer in enumerate(original):
+        if peer in gone:
+            continue
+        f = step_figures(read_jsonl(peer.run_folder / "train_log.jsonl"), a.local_steps,
+                         a.batch)
+        rounds = {r["round"]: r for r in read_jsonl(peer.run_folder / "sync_log.jsonl")}
         f.rounds = len(rounds)
         f.averaged = sum(1 for r in rounds.values() if r.get("averaged"))
         f.round_s = [float(r["seconds"]) for r in rounds.values()]
@@ -378,7 +342,19 @@ def run_swarm(root: Path, model: Path, images: Path, a: Args, plan: Plan
             f.waited_s = sum(float(r["waited"]) for r in inside)
         f.tx_bytes = sent[i]
         figures.append(f)
-    return figures, seconds, joining
+    return figures, seconds, extra
+
+
+def status_of(daemon: DaemonProcess) -> dict[str, Any]:
+    """A peer's training status; ``starting`` while its control socket is not up yet."""
+    from dandelion_p2p.errors import PeerUnavailable
+
+    try:
+        return daemon.call("training.status")
+    except PeerUnavailable as exc:
+        if daemon.proc.poll() is not None:
+            return {"state": "crashed", "detail": str(exc)}
+        return {"state": "starting"}
 
 
 # ---------------------------------------------------------------------------- report
@@ -429,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--joiner", type=int, default=0,
                    help="R: one more peer joins once the swarm is R rounds in, on a downlink "
                    f"on which the state takes {JOINER_DOWNLOAD_INTERVALS} sync intervals")
+    p.add_argument("--churn", type=float, default=0.0, metavar="SECONDS",
+                   help="every SECONDS one peer (never peer 0) leaves and a new one arrives")
     p.add_argument("--size-codec", default="", choices=["", *sorted(CODEC_BITS)],
                    help="the codec whose vector sizes the link (default: --codec): e.g. "
                    "fp16 with --codec int4 is the fp16 regime's link sending int4")
@@ -451,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{ns.joiner + JOINER_DOWNLOAD_INTERVALS + 4}: the download takes "
                 f"{JOINER_DOWNLOAD_INTERVALS} rounds, and the joiner must then join and train")
     a = Args(ns.peers, ns.local_steps, ns.rounds, ns.batch, ns.codec, ns.gather_window,
-             ns.images, ns.timeout, ns.threads, ns.joiner)
+             ns.images, ns.timeout, ns.threads, ns.joiner, ns.churn)
     # Daemons pass their environment on to the workers they start.
     os.environ.update(worker_env(a.threads))
     modes = [m for m in ns.modes.split(",") if m] or supported_modes()
@@ -484,11 +462,10 @@ def main(argv: list[str] | None = None) -> int:
         for ratio in ratios:
             for mode in modes:
                 plan = Plan(mode, ratio, round(rate_ratio1 / ratio, 3))
-                figures, seconds, joining = run_swarm(root, model, images, a, plan)
+                figures, seconds, arrivals = run_swarm(root, model, images, a, plan)
                 bound_s = 2 * (n - 1) / n * vector_bits / (plan.rate_mbit * 1e6)
                 results.append(summarize(plan, figures, solo, seconds, bound_s, a.local_steps))
-                if joining is not None:
-                    results[-1]["joiner"] = joining
+                results[-1].update(arrivals)
                 print(json.dumps(results[-1]), flush=True)
     finally:
         if ns.keep:
@@ -506,12 +483,13 @@ def main(argv: list[str] | None = None) -> int:
              r["mb_per_peer_per_round"]] for r in results]
     print(format_table(headers, rows))
     for r in results:
-        if "joiner" in r:
-            print(f"joiner ({r['mode']}, ratio {r['ratio']:g}): {json.dumps(r['joiner'])}")
+        for what in ("joiner", "churn"):
+            if what in r:
+                print(f"{what} ({r['mode']}, ratio {r['ratio']:g}): {json.dumps(r[what])}")
     path = write_json("swarm_utilization", {
         "environment": environment(), "peers": a.peers, "local_steps": a.local_steps,
         "rounds": a.rounds, "batch": a.batch, "codec": a.codec, "size_codec": size_codec,
-        "joiner_after_rounds": a.joiner,
+        "joiner_after_rounds": a.joiner, "churn_every_s": a.churn,
         "step_s": step_s,
         "elements": elements, "rate_ratio1_mbit": rate_ratio1, "results": results}, ns.json)
     print(f"\nJSON: {path}")
