@@ -382,7 +382,8 @@ class Averager:
         With no previous round anywhere (the swarm's first), the whole window is waited."""
         announcers = self.matchmaker.announcers_of(round_ - 1)
         if not announcers and round_ > 0:
-            announcers = frozenset(await self.matchmaker.read(self.run, round_ - 1))
+            previous = await self.matchmaker.read(self.run, round_ - 1)
+            announcers = frozenset(p for p, ann in previous.items() if not ann.leaving)
         now = time.time()
         return {
             p for p in announcers - {self.me}

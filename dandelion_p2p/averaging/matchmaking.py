@@ -108,6 +108,20 @@ class Matchmaker:
         last, announcers = self._announcers
         return announcers if last == round_ else frozenset()
 
+    async def announce_leaving(self, run: bytes, rounds: Collection[int]) -> None:
+        """Tell the peers that expect this one in ``rounds`` that it will not come: its
+        announcement of each becomes a ``leaving`` one. Failures are logged, not raised (the
+        others then wait for it up to the gathering window, as for any peer that is gone)."""
+        expires = int((time.time() + self.settings.announcement_ttl) * 1000)
+        for round_ in rounds:
+            try:
+                await self.announce(AveragingAnnouncement(
+                    run=run, round=round_, weight=1.0, bandwidth_mbps=0.0,
+                    accepts_connections=False, endpoint="", expires_at_ms=expires,
+                    leaving=True))
+            except DandelionError as exc:
+                log.info("round %d: leaving not announced: %s", round_, exc)
+
     async def announce(self, announcement: AveragingAnnouncement) -> int:
         key = round_key(announcement.run, announcement.round)
         ttl = max(1.0, announcement.expires_at_ms / 1000 - time.time())
@@ -171,6 +185,9 @@ class Matchmaker:
             await trio.sleep(s.settle)
             seen.update(await self.read(announcement.run, announcement.round))
         seen[me] = announcement
+        # A leaving peer has arrived as far as waiting goes (it said it will not come), and
+        # is in no group, nor expected next round.
+        seen = {peer: ann for peer, ann in seen.items() if not ann.leaving}
         self._announcers = (announcement.round, frozenset(seen) - {me})
         # The groups follow the bans a majority agrees on, never this peer's alone: every
         # member must form the same groups. Peers only we banned are cut off later, by us.

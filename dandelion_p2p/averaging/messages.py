@@ -131,6 +131,10 @@ class AveragingAnnouncement(Message):
     finished: bool = False
     """Set when the announcer republishes the announcement after its group finished the round:
     a peer that forms a group with it now is late for the round."""
+    leaving: bool = False
+    """Set by a peer that stops (its daemon shuts down): it takes no part in the round, and
+    the peers that expected it stop waiting for it. Only the publisher signs its record, so
+    only a peer itself can say it is leaving."""
 
     def check(self) -> None:
         if len(self.banned) > MAX_LISTED_BANS:

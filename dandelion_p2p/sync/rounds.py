@@ -33,6 +33,9 @@ MIN_PATIENCE = 60.0
 whose worker restarts from its checkpoint comes back within this); a peer that found nobody
 last time tries once per round."""
 
+LEAVING_TIMEOUT = 3.0
+"""Seconds a stopping daemon spends telling the others it leaves."""
+
 SERIES_HELP = {
     "round_seconds": "seconds an averaging round took",
     "fraction_averaged": "fraction of the vector averaged with other peers in a round",
@@ -67,6 +70,8 @@ class Rounds:
         self.grouped_last = True
         """The last round found a group: wait for it (``MIN_PATIENCE``) in this one."""
         self.last_round: dict[str, Any] | None = None
+        self.latest_round = -1
+        """The newest round a sync was asked for (-1: none yet)."""
 
     async def sync(self, buffer: SharedVector, round_: int, weight: float,
                    trained_under: int, first_step: int, known: int) -> dict[str, Any]:
@@ -82,6 +87,7 @@ class Rounds:
         await versions.refresh(self.current.source)
         in_force = versions.in_force(first_step) or self.current.document
         self.state.round_started(round_)
+        self.latest_round = max(self.latest_round, round_)
         started = trio.current_time()
         if trained_under != in_force.version:
             # Averaging would mix versions. A worker that missed a version is behind the peers
@@ -151,6 +157,16 @@ class Rounds:
                 "complete": report.complete,
                 "peers": sorted(PeerId(m).to_base58() for m in report.members),
             }
+
+    async def leave(self) -> None:
+        """This daemon stops: tell the peers that expect it in the round under way and the
+        next that it will not come, so that they stop waiting for it at once."""
+        if self.averager is None or self.latest_round < 0:
+            return
+        rounds = (self.latest_round, self.latest_round + 1)
+        log.info("announcing that this peer leaves rounds %d and %d", *rounds)
+        with trio.move_on_after(LEAVING_TIMEOUT):
+            await self.averager.matchmaker.announce_leaving(self.averager.run, rounds)
 
     def _averager_for(self, document: RunDocument) -> Averager:
         """The averager of the run under config version ``document``: the version is part of

@@ -141,6 +141,7 @@ class SyncService:
         self.state.drain(worker_running=self.supervisor.worker is not None)
         self.worker_methods.cancel_work()
         await self.supervisor.stop_and_wait()
+        await self.rounds.leave()
 
     def _violation(self, peer: ID, code: RejectCode) -> None:
         log.info("state transfer: violation by %s: %s", peer, code.name)

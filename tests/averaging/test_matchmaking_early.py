@@ -107,6 +107,22 @@ async def test_a_peer_gone_since_the_last_round_costs_at_most_the_window() -> No
     assert min(took) >= WINDOW and max(took) < WINDOW + 5.0
 
 
+async def test_a_peer_that_announced_leaving_is_not_waited_for() -> None:
+    """A stopping daemon announces that it leaves the next round: the peers that expected it
+    form at once instead of waiting out the window for it."""
+    async with averaging_swarm(3, SETTINGS) as members:
+        await timed_round(members, 1)
+        await members[2].averager.matchmaker.announce_leaving(RUN, [2])
+        reports, took = await timed_round(members[:2], 2)
+        # Nor is it expected in the round after.
+        _, took_next = await timed_round(members[:2], 3)
+    print(f"3 peers, one leaving before round 2: the others took {[round(t, 2) for t in took]} "
+          f"s, then {[round(t, 2) for t in took_next]} s")
+    assert len(reports) == 2 and all(len(r.members) == 2 for r in reports)
+    assert all(r.fraction_averaged == 1.0 for r in reports)
+    assert max(took) < WINDOW / 2 and max(took_next) < WINDOW / 2
+
+
 def announcement_of(round_: int, endpoint: str) -> AveragingAnnouncement:
     return AveragingAnnouncement(
         run=RUN, round=round_, weight=1.0, bandwidth_mbps=100.0, accepts_connections=True,
