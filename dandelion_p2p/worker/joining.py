@@ -9,10 +9,12 @@ pseudo-gradient on disk (``WORK/joining/``). Once the state is in, it loads it a
 the kept rounds' outer steps in order, as every peer applied them: it then holds the swarm's
 weights and momentum bit for bit, and trains the next round with the others.
 
-A round the swarm finished without this peer breaks the chain (the state cannot be brought
-past it): the worker then waits for the download and joins as before, fetching a newer state
-when the swarm has moved on. A peer on several devices (``--devices``) does not take part
-in rounds while it downloads.
+A round the swarm finished without this peer (common when rounds are shorter than the
+worker's start) breaks the chain: the state being downloaded cannot be brought past it. The
+worker takes part on from the next round, loads the state, applies what follows on from it,
+and fetches a newer state (the swarm writes one at its checkpoint steps) that the rounds kept
+after the gap do follow on from, taking part on meanwhile. A peer on several devices
+(``--devices``) does not take part in rounds while it downloads.
 """
 
 from __future__ import annotations
@@ -45,6 +47,11 @@ WAIT_MARGIN = 3.0
 MIN_WAIT = 30.0
 """Least seconds a peer left behind waits for the others' state (``state_wait``)."""
 JOIN_ATTEMPTS = 5
+LOOK_AHEAD_EVERY = 60.0
+"""Seconds between two asks for a newer state while this peer averages alone."""
+ROUNDS_AFTER_DOWNLOAD = 3
+"""Rounds a joiner still takes part in once its state is in, to keep one after a round it
+missed (``catch_up_taking_part``)."""
 _KEPT = re.compile(r"round-(\d{8})-(\d+)\.npy")
 
 
@@ -91,15 +98,22 @@ def take_part(trainer: Trainer, round_: int) -> SyncOutcome:
     return link.sync(round_, 0.0, "local_steps")
 
 
-def catch_up_taking_part(trainer: Trainer, have: int, *, wait: bool = False) -> int:
+def catch_up_taking_part(trainer: Trainer, have: int, *, wait: bool = False,
+                         fresh: bool = True) -> int:
     """``Link.catch_up(have)``, taking part in the swarm's rounds after the step being
-    downloaded meanwhile (kept in ``kept_rounds``); returns the step downloaded, or -1."""
+    downloaded meanwhile (kept in ``kept_rounds``); returns the step downloaded, or -1.
+
+    ``fresh``: a new catch-up, whose kept rounds start empty. Otherwise (a newer state
+    fetched because the rounds kept during the last download do not follow on from it) the
+    rounds kept so far stay, and taking part goes on after the last of them, so that the
+    chain reaches the newer state."""
     link = trainer.link
     folder = trainer.checkpoints.root
     if trainer.outer is None or not isinstance(link, DaemonLink):
         return link.catch_up(have, folder, wait=wait)
     kept = kept_rounds(trainer)
-    kept.clear()
+    if fresh:
+        kept.clear()
     got: list[int] = []
     failed: list[BaseException] = []
 
@@ -112,16 +126,27 @@ def catch_up_taking_part(trainer: Trainer, have: int, *, wait: bool = False) -> 
     thread = threading.Thread(target=download, name="catch-up", daemon=True)
     thread.start()
     h = trainer.config.sync.local_steps
-    next_round: int | None = None
-    while thread.is_alive() and not trainer.stop_requested:
+    already = kept.rounds()
+    next_round = max(already) + 1 if already else None
+    missed = False  # since the last round kept: the chain must start again after it
+    extra = 0
+    while not trainer.stop_requested:
+        if not thread.is_alive():
+            # The state is in. After a missed round, one more kept round is worth a few
+            # rounds' wait: the newer state fetched next is then bridged to the swarm's.
+            if not missed or next_round is None or extra == ROUNDS_AFTER_DOWNLOAD:
+                break
+            extra += 1
         if next_round is None:
             step = link.catch_up_status()
             if step > have:
                 next_round = step // h + 1
                 log.info("downloading the state of step %d; taking part in the rounds from "
                          "%d on meanwhile", step, next_round)
-        if next_round is None or next_round < 0 or next_round * h > trainer.last_step():
+        if next_round is None or next_round * h > trainer.last_step():
             # (No round past the run's last step: the swarm ends there.)
+            if not thread.is_alive():
+                break
             thread.join(STATUS_POLL)
             continue
         outcome = take_part(trainer, next_round)
@@ -130,10 +155,14 @@ def catch_up_taking_part(trainer: Trainer, have: int, *, wait: bool = False) -> 
         if outcome.averaged and outcome.fraction_averaged == 1.0:
             kept.keep(next_round, outcome.members, trainer.shared.numpy())
             next_round += 1
+            missed = False
         elif outcome.members > 1 or outcome.behind:
-            log.info("the swarm finished round %d without this peer: waiting for the "
-                     "download, then joining as it allows", next_round)
-            next_round = -1
+            # The chain has a gap here: the state being downloaded cannot be brought past
+            # it, but a newer one can be brought along the rounds kept after it.
+            log.info("the swarm finished round %d without this peer: taking part in the "
+                     "next one", next_round)
+            next_round += 1
+            missed = True
     thread.join()
     if failed:
         raise failed[0]
@@ -151,9 +180,10 @@ def apply_round(trainer: Trainer, outcome: SyncOutcome) -> None:
     trainer.after_sync(outcome, new_start)
 
 
-def apply_kept(trainer: Trainer) -> int:
+def apply_kept(trainer: Trainer) -> tuple[int, bool]:
     """Apply the outer steps of the kept rounds that follow the loaded state, in order, as
-    the swarm applied them; returns how many (the kept rounds are deleted)."""
+    the swarm applied them. Returns how many, and whether kept rounds remain beyond a round
+    missing from the chain (a newer state must bridge it); the rest are deleted."""
     assert trainer.outer is not None
     h = trainer.config.sync.local_steps
     p = trainer.position
@@ -161,20 +191,23 @@ def apply_kept(trainer: Trainer) -> int:
     applied = 0
     for round_, (path, members) in kept.rounds().items():
         if round_ <= p.global_step // h:
+            path.unlink()
             continue
         if round_ != p.global_step // h + 1:
             break
         trainer.apply_run_config()
         trainer.shared.copy_(torch.from_numpy(np.load(path)))
         apply_round(trainer, SyncOutcome(round_, True, 1.0, members, 0.0))
+        path.unlink()
         applied += 1
-    kept.clear()
+    beyond_gap = bool(kept.rounds())
     if applied:
         trainer.apply_run_config()
         trainer.save()
+    if applied and not beyond_gap:
         log.info("joined the swarm at round %d (%d rounds taken part in while the state "
                  "downloaded)", p.global_step // h, applied)
-    return applied
+    return applied, beyond_gap
 
 
 def join_swarm(trainer: Trainer) -> None:
@@ -189,22 +222,48 @@ def join_swarm(trainer: Trainer) -> None:
             return
         p.global_step = p.global_step // h * h
         assign_from(trainer.params, trainer.outer.start)
-        if apply_kept(trainer):
+        applied, beyond_gap = apply_kept(trainer)
+        if applied and not beyond_gap:
             return
-        round_ = p.global_step // h + 1
-        outcome = take_part(trainer, round_)
-        if outcome.averaged and outcome.fraction_averaged == 1.0:
-            apply_round(trainer, outcome)
-            trainer.save()
-            log.info("joined the swarm at round %d", round_)
-            return
+        if not beyond_gap:
+            round_ = p.global_step // h + 1
+            outcome = take_part(trainer, round_)
+            if outcome.averaged and outcome.fraction_averaged == 1.0:
+                apply_round(trainer, outcome)
+                trainer.save()
+                log.info("joined the swarm at round %d", round_)
+                return
+        else:
+            log.info("the rounds taken part in do not follow on from step %d: fetching a "
+                     "newer state, taking part on meanwhile", p.global_step)
         have = trainer.checkpoints.latest_step()
-        if catch_up_taking_part(trainer, have) <= have:
+        if catch_up_taking_part(trainer, have, fresh=not beyond_gap) <= have:
             log.info("no newer state among peers; training on from step %d", have)
             return
         latest = trainer.checkpoints.latest()
         if latest is not None:
             trainer.restore(latest)
+
+
+class LookAhead:
+    """A peer that averages alone round after round may be alone because the others are
+    rounds ahead of it (their announcements of the rounds it is in have expired, so nothing
+    tells it it is late: a catch-up that failed on a network fault leaves it there). Once per
+    ``LOOK_AHEAD_EVERY`` seconds of such rounds it asks for a newer state, and joins when
+    there is one."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+    def after_alone_round(self, trainer: Trainer) -> None:
+        if trainer.outer is None:
+            return
+        if time.monotonic() - self.last < LOOK_AHEAD_EVERY:
+            return
+        self.last = time.monotonic()
+        if trainer.overlap is not None:
+            trainer.overlap.drain()  # a catch-up needs the shared buffer
+        catch_up_and_join(trainer)
 
 
 def state_wait(trainer: Trainer, step: int) -> float:

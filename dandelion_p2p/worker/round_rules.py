@@ -45,10 +45,15 @@ def needs_catch_up(outcome: SyncOutcome) -> bool:
     return not outcome.averaged and (outcome.members > 1 or outcome.behind)
 
 
+def alone(outcome: SyncOutcome) -> bool:
+    """Nobody else was there (or the daemon could not reach the swarm)."""
+    return not (outcome.averaged or outcome.stopping or needs_catch_up(outcome))
+
+
 def outer_rule(outcome: SyncOutcome, outer_step_alone: bool) -> OuterRule:
     if outcome.averaged and outcome.fraction_averaged == 1.0:
         return OuterRule.STEP
-    if outcome.averaged or outcome.stopping or needs_catch_up(outcome):
+    if not alone(outcome):
         return OuterRule.NONE
     return OuterRule.STEP if outer_step_alone else OuterRule.ALONE
 

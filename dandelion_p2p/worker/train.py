@@ -66,7 +66,13 @@ from dandelion_p2p.worker.outer import OuterNesterov
 from dandelion_p2p.worker.overlap import Overlap
 from dandelion_p2p.worker.peer_group import SOLO, PeerGroup
 from dandelion_p2p.worker.reporting import TrainingReports
-from dandelion_p2p.worker.round_rules import OuterRule, log_not_applied, needs_catch_up, outer_rule
+from dandelion_p2p.worker.round_rules import (
+    OuterRule,
+    alone,
+    log_not_applied,
+    needs_catch_up,
+    outer_rule,
+)
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +164,7 @@ class Trainer:
         self.sync_log = (options.work_dir / "sync_log.jsonl").open("a")
         self.config_version = -1
         """The run config version in force here (-1: none applied yet)."""
+        self.look_ahead = joining.LookAhead()
         self.left_behind_at: int | None = None
         """While set, the others hold a state of this step that this peer lacks: it saves
         nothing (``joining.catch_up_and_join``)."""
@@ -224,6 +231,8 @@ class Trainer:
                     # Others were there but we could not average with them: we are behind
                     # (or went alone for a while). Take the swarm's state and join it.
                     self.catch_up_and_join(outcome)
+                elif outcome is not None and alone(outcome):
+                    self.look_ahead.after_alone_round(self)
             if boundary:
                 self.apply_run_config()
             if p.global_step % self.config.checkpoint.every_steps == 0:

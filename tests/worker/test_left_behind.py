@@ -131,3 +131,24 @@ def test_a_peer_stopped_while_left_behind_saves_no_state_the_others_lack(
     # Step 2 of its own would hold the start weights the others left behind, and would hide
     # their step 2 from its catch-up after a restart.
     assert CheckpointStore(tmp_path / "late" / "checkpoints", keep_last=4).latest_step() < 2
+
+
+def test_a_peer_averaging_alone_looks_for_a_newer_state_and_joins_it(
+    tmp_path: Path, tiny_sd1: Path, images: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Alone in round 1 (the others' announcements of it expired long ago, say): it asks
+    whether the others are ahead, and takes their state of step 4."""
+    others = trainer_for(tmp_path, "others", tiny_sd1, images)
+    run(others)
+    monkeypatch.setattr(joining, "LOOK_AHEAD_EVERY", 0.0)
+    trainer = trainer_for(tmp_path, "alone", tiny_sd1, images, SwarmWritesLater,
+                          offered=tmp_path / "others" / "checkpoints" / "step-00000004",
+                          offer_from=2)
+    link = trainer.link
+    assert isinstance(link, SwarmWritesLater)
+    link.reported = {1: SyncOutcome(0, False, 0.0, 1, 0.1)}
+    run(trainer)
+    assert len(link.asked) == 2  # at start, and after the round alone
+    # Step 1, then the others' state of step 4 (the run's last): nothing left to train.
+    assert trained_steps(tmp_path / "alone") == [1]
+    assert trainer.position.global_step == 4
