@@ -286,15 +286,10 @@ class Trainer:
             if split:
                 # Nobody applies a split round's parts: the step moves on with the weights
                 # unchanged, and this peer's gradient waits for the next round.
-                if self.peer_group.world == 1:
-                    carry_gradients(self.params, carried + total, self.scaler)
-                    self.carried = carried + total
-                else:
-                    # Every rank holds the peer's summed gradient: carried, the next step's
-                    # reduction would count it once per rank. These samples are given up.
-                    if self.scaler.is_enabled():
-                        self.scaler.update()
-                    self.optimizer.zero_grad(set_to_none=True)
+                # (On several devices every rank holds the peer's summed gradient; the
+                # ranks but rank 0 drop theirs, ``distributed``, so it is counted once.)
+                carry_gradients(self.params, carried + total, self.scaler)
+                self.carried = carried + total
                 p.global_step += 1
                 p.samples_since_sync += total
                 return loss_sum / total, total
