@@ -380,10 +380,7 @@ class Averager:
         for what the others read. Waiting the whole window instead would have the others,
         who end gathering once their expected peers are in, finish the round without it.
         With no previous round anywhere (the swarm's first), the whole window is waited."""
-        announcers = self.matchmaker.announcers_of(round_ - 1)
-        if not announcers and round_ > 0:
-            previous = await self.matchmaker.read(self.run, round_ - 1)
-            announcers = frozenset(p for p, ann in previous.items() if not ann.leaving)
+        announcers = await self.matchmaker.expected_in(self.run, round_)
         now = time.time()
         return {
             p for p in announcers - {self.me}
@@ -417,6 +414,10 @@ class Averager:
             while not rnd.links_settled:
                 rnd.changed = trio.Event()
                 await rnd.changed.wait()
+
+    async def announce_leaving(self, rounds: tuple[int, ...]) -> None:
+        """This peer stops: it will not come to ``rounds`` (``Matchmaker.announce_leaving``)."""
+        await self.matchmaker.announce_leaving(self.run, rounds)
 
     async def _drive(
         self,

@@ -108,6 +108,17 @@ class Matchmaker:
         last, announcers = self._announcers
         return announcers if last == round_ else frozenset()
 
+    async def expected_in(self, run: bytes, round_: int) -> frozenset[bytes]:
+        """Who the others wait for in ``round_``: the announcers of the round before as this
+        peer read them when it matched it; when it did not (a joiner, a restart, a round
+        missed), that round's announcements in the DHT, which stand for what the others read.
+        Peers that said they leave are not among them."""
+        announcers = self.announcers_of(round_ - 1)
+        if announcers or round_ == 0:
+            return announcers
+        previous = await self.read(run, round_ - 1)
+        return frozenset(peer for peer, ann in previous.items() if not ann.leaving)
+
     async def announce_leaving(self, run: bytes, rounds: Collection[int]) -> None:
         """Tell the peers that expect this one in ``rounds`` that it will not come: its
         announcement of each becomes a ``leaving`` one. Failures are logged, not raised (the

@@ -166,7 +166,7 @@ class Rounds:
         rounds = (self.latest_round, self.latest_round + 1)
         log.info("announcing that this peer leaves rounds %d and %d", *rounds)
         with trio.move_on_after(LEAVING_TIMEOUT):
-            await self.averager.matchmaker.announce_leaving(self.averager.run, rounds)
+            await self.averager.announce_leaving(rounds)
 
     def _averager_for(self, document: RunDocument) -> Averager:
         """The averager of the run under config version ``document``: the version is part of

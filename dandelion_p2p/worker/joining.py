@@ -33,6 +33,7 @@ import torch
 
 from dandelion_p2p.worker.link import DaemonLink, SyncOutcome
 from dandelion_p2p.worker.model import assign_from
+from dandelion_p2p.worker.round_rules import averaged_in_full
 
 if TYPE_CHECKING:
     from dandelion_p2p.worker.train import Trainer
@@ -152,7 +153,7 @@ def catch_up_taking_part(trainer: Trainer, have: int, *, wait: bool = False,
         outcome = take_part(trainer, next_round)
         if outcome.stopping:
             break
-        if outcome.averaged and outcome.fraction_averaged == 1.0:
+        if averaged_in_full(outcome):
             kept.keep(next_round, outcome.members, trainer.shared.numpy())
             next_round += 1
             missed = False
@@ -183,7 +184,8 @@ def apply_round(trainer: Trainer, outcome: SyncOutcome) -> None:
 def apply_kept(trainer: Trainer) -> tuple[int, bool]:
     """Apply the outer steps of the kept rounds that follow the loaded state, in order, as
     the swarm applied them. Returns how many, and whether kept rounds remain beyond a round
-    missing from the chain (a newer state must bridge it); the rest are deleted."""
+    missing from the chain (they stay on disk for a newer state to bridge); the rounds
+    applied and those the state already holds are deleted."""
     assert trainer.outer is not None
     h = trainer.config.sync.local_steps
     p = trainer.position
@@ -228,7 +230,7 @@ def join_swarm(trainer: Trainer) -> None:
         if not beyond_gap:
             round_ = p.global_step // h + 1
             outcome = take_part(trainer, round_)
-            if outcome.averaged and outcome.fraction_averaged == 1.0:
+            if averaged_in_full(outcome):
                 apply_round(trainer, outcome)
                 trainer.save()
                 log.info("joined the swarm at round %d", round_)
@@ -256,8 +258,7 @@ class LookAhead:
         self.last = time.monotonic()
 
     def after_alone_round(self, trainer: Trainer) -> None:
-        if trainer.outer is None:
-            return
+        """Local-steps mode (the trainer's boundary calls it)."""
         if time.monotonic() - self.last < LOOK_AHEAD_EVERY:
             return
         self.last = time.monotonic()
@@ -290,19 +291,19 @@ def catch_up_and_join(trainer: Trainer, outcome: SyncOutcome | None = None) -> N
     ``state_wait``. Only when none comes does it train on from its own state.
     """
     have = trainer.checkpoints.latest_step()
-    wanted = -1
+    wanted, deadline = -1, 0.0
     if outcome is not None and outcome.left_behind:
         wanted = outcome.round * trainer.config.sync.local_steps
         if have >= wanted:
             log.warning("left behind in round %d, but this peer holds a checkpoint of step "
                         "%d already: training on from it", outcome.round, have)
             wanted = -1
-    deadline = time.monotonic() + state_wait(trainer, wanted) if wanted >= 0 else 0.0
-    if wanted >= 0:
-        trainer.left_behind_at = wanted
-        log.info("left behind in round %d: waiting up to %.0f s for the others' state of "
-                 "step %d or later", outcome.round if outcome else -1,
-                 deadline - time.monotonic(), wanted)
+        else:
+            trainer.left_behind_at = wanted
+            wait = state_wait(trainer, wanted)
+            deadline = time.monotonic() + wait
+            log.info("left behind in round %d: waiting up to %.0f s for the others' state "
+                     "of step %d or later", outcome.round, wait, wanted)
     while catch_up_taking_part(trainer, have) <= have:
         if wanted < 0 or trainer.stop_requested:
             return

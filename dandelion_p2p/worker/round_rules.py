@@ -45,13 +45,18 @@ def needs_catch_up(outcome: SyncOutcome) -> bool:
     return not outcome.averaged and (outcome.members > 1 or outcome.behind)
 
 
+def averaged_in_full(outcome: SyncOutcome) -> bool:
+    """This peer's whole vector was averaged with others: the round's outer step is taken."""
+    return outcome.averaged and outcome.fraction_averaged == 1.0
+
+
 def alone(outcome: SyncOutcome) -> bool:
     """Nobody else was there (or the daemon could not reach the swarm)."""
     return not (outcome.averaged or outcome.stopping or needs_catch_up(outcome))
 
 
 def outer_rule(outcome: SyncOutcome, outer_step_alone: bool) -> OuterRule:
-    if outcome.averaged and outcome.fraction_averaged == 1.0:
+    if averaged_in_full(outcome):
         return OuterRule.STEP
     if not alone(outcome):
         return OuterRule.NONE
