@@ -8,7 +8,6 @@ with the others on, it holds their weights bit for bit.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import time
@@ -20,19 +19,12 @@ import pytest
 from dandelion_p2p.netlab import NetLab
 from tests.daemon_proc import DaemonProcess, start_daemon
 from tests.worker.runconfigs import tiny_run
-from tests.worker_logs import logged_at, sync_interval
+from tests.worker_logs import logged_at, sync_interval, sync_log
 
 pytestmark = [pytest.mark.netlab, pytest.mark.slow]
 
 TIMEOUT = 400.0
 JOINER_DOWN_MBIT = 3.0
-
-
-def sync_log(daemon: DaemonProcess) -> list[dict[str, Any]]:
-    path = daemon.data_dir / "worker" / "tiny" / "sync_log.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def wait_until(what: str, done: Any, daemons: list[DaemonProcess]) -> None:

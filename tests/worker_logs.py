@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import itertools
+import json
 import re
+from typing import Any
 
 from tests.daemon_proc import DaemonProcess
+
+
+def sync_log(daemon: DaemonProcess, run: str = "tiny") -> list[dict[str, Any]]:
+    """The rounds of ``daemon``'s worker, as its ``sync_log.jsonl`` has them so far."""
+    path = daemon.data_dir / "worker" / run / "sync_log.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
 
 STAMP = re.compile(r"(\d\d):(\d\d):(\d\d,\d+)")
 

@@ -3,7 +3,6 @@ the gathering window for it (``Rounds.leave``, protocol/averaging.md 14.1)."""
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 from pathlib import Path
@@ -12,15 +11,9 @@ from typing import Any
 from tests.daemon_proc import DaemonProcess
 from tests.sync.test_swarm_training import start_peers
 from tests.worker.runconfigs import tiny_run
+from tests.worker_logs import sync_log
 
 WINDOW = 8.0
-
-
-def rounds_of(daemon: DaemonProcess) -> list[dict[str, Any]]:
-    path = daemon.data_dir / "worker" / "tiny" / "sync_log.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def wait_until(what: str, done: Any, daemons: list[DaemonProcess], timeout: float) -> None:
@@ -41,20 +34,20 @@ def test_the_others_do_not_wait_the_window_for_a_peer_that_stopped(
     a, b, leaving = start_peers(tmp_path, config, images, 3, daemons)
 
     def all_three_averaged() -> bool:
-        return all(any(r["members"] == 3 and r["averaged"] for r in rounds_of(d))
+        return all(any(r["members"] == 3 and r["averaged"] for r in sync_log(d))
                    for d in (a, b, leaving))
 
     wait_until("a round of all three", all_three_averaged, daemons, 180)
-    before = len(rounds_of(a))
+    before = len(sync_log(a))
     daemons.remove(leaving)
     leaving.stop(signal.SIGTERM, timeout=60)
     assert "announcing that this peer leaves rounds" in leaving.logs()
 
     def two_rounds_without_it() -> bool:
-        return sum(1 for r in rounds_of(a)[before:] if r["members"] == 2) >= 2
+        return sum(1 for r in sync_log(a)[before:] if r["members"] == 2) >= 2
 
     wait_until("two rounds of the two others", two_rounds_without_it, daemons, 120)
-    after = [r for r in rounds_of(a)[before:] if r["members"] == 2]
+    after = [r for r in sync_log(a)[before:] if r["members"] == 2]
     # Waiting for it would take the whole window (it was expected); the rounds of the two
     # take a fraction of it.
     assert all(r["seconds"] < WINDOW / 2 for r in after), after

@@ -26,6 +26,7 @@ from tests.sync.test_swarm_training import (
     wait_for,
 )
 from tests.worker.runconfigs import tiny_run
+from tests.worker_logs import sync_log
 
 H = 3
 CHECKPOINT_ROUNDS = 3
@@ -55,17 +56,11 @@ def kill_when_grouped(daemon: DaemonProcess) -> int:
 
 def averaged_rounds(daemon: DaemonProcess) -> list[dict[str, Any]]:
     """The rounds the daemon's worker averaged in full with at least one other peer."""
-    path = daemon.data_dir / "worker" / "tiny" / "sync_log.jsonl"
-    if not path.exists():
-        return []
-    return [e for e in read_jsonl(path) if e["averaged"] and e["fraction_averaged"] == 1.0]
+    return [e for e in sync_log(daemon) if e["averaged"] and e["fraction_averaged"] == 1.0]
 
 
 def three_member_rounds(daemon: DaemonProcess) -> list[dict[str, Any]]:
-    path = daemon.data_dir / "worker" / "tiny" / "sync_log.jsonl"
-    if not path.exists():
-        return []
-    return [e for e in read_jsonl(path) if e["averaged"] and e["members"] == 3]
+    return [e for e in sync_log(daemon) if e["averaged"] and e["members"] == 3]
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from dandelion_p2p.runconfig.schema import RunConfig
 from tests.daemon_proc import DaemonProcess, start_daemon
 from tests.worker.runconfigs import tiny_run
+from tests.worker_logs import sync_log
 
 TIMEOUT = 300.0
 
@@ -175,10 +176,7 @@ def test_gradient_mode_two_peers_match_one_with_twice_the_batch(
 
 
 def joined_rounds(daemon: DaemonProcess) -> list[dict[str, Any]]:
-    path = daemon.data_dir / "worker" / "tiny" / "sync_log.jsonl"
-    if not path.exists():
-        return []
-    return [e for e in read_jsonl(path) if e["averaged"] and e["members"] == 3]
+    return [e for e in sync_log(daemon) if e["averaged"] and e["members"] == 3]
 
 
 def rounds_around(r: int, logs: list[dict[int, dict[str, Any]]], joiner: DaemonProcess) -> str:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -48,17 +50,27 @@ class SwarmWritesLater(ReportedRounds):
 
 
 def trainer_for(tmp_path: Path, name: str, tiny_sd1: Path, images: Path,
-                link_of: type[ReportedRounds] | None = None, **link_args: object) -> Trainer:
+                link_for: Callable[[Path], ReportedRounds] | None = None) -> Trainer:
+    """A resumed trainer of 4 steps, H = 1, a checkpoint every 2 steps, whose link
+    ``link_for`` makes from the run config's path (default: every round averaged in full)."""
     config = tiny_run(tiny_sd1, training={"max_steps": 4}, sync={"local_steps": 1},
                       checkpoint={"every_steps": 2, "keep_last": 4})
     toml = tmp_path / f"{name}.toml"
     toml.write_text(config.to_toml())
-    link = (SwarmWritesLater(toml, **link_args) if link_of is not None  # type: ignore[arg-type]
-            else ReportedRounds(toml, {}))
+    link = link_for(toml) if link_for is not None else ReportedRounds(toml, {})
     trainer = Trainer(config, WorkerOptions(data=images, work_dir=tmp_path / name,
                                             export=False, device="cpu"), link)
     trainer.resume()
     return trainer
+
+
+def late_peer(tmp_path: Path, name: str, tiny_sd1: Path, images: Path,
+              **link_args: Any) -> tuple[Trainer, SwarmWritesLater]:
+    """``trainer_for`` with a ``SwarmWritesLater`` link of ``link_args``, and that link."""
+    trainer = trainer_for(tmp_path, name, tiny_sd1, images,
+                          lambda toml: SwarmWritesLater(toml, **link_args))
+    assert isinstance(trainer.link, SwarmWritesLater)
+    return trainer, trainer.link
 
 
 def trained_steps(work: Path) -> list[int]:
@@ -86,10 +98,8 @@ def test_a_peer_left_behind_waits_for_the_others_state_and_joins_with_it(
     monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(joining, "WAIT_POLL", 0.05)
-    trainer = trainer_for(tmp_path, "late", tiny_sd1, images, SwarmWritesLater,
-                          offered=swarm_state, offer_from=4)
-    link = trainer.link
-    assert isinstance(link, SwarmWritesLater)
+    trainer, link = late_peer(tmp_path, "late", tiny_sd1, images,
+                              offered=swarm_state, offer_from=4)
     run(trainer)
     # Asked at start (nothing yet), then again and again after round 2 until it came; never
     # with a checkpoint of its own at step 2, which would have hidden the others'.
@@ -109,10 +119,7 @@ def test_a_peer_left_behind_trains_on_alone_when_no_state_comes(
 ) -> None:
     monkeypatch.setattr(joining, "WAIT_POLL", 0.05)
     monkeypatch.setattr(joining, "MIN_WAIT", 0.3)
-    trainer = trainer_for(tmp_path, "late", tiny_sd1, images, SwarmWritesLater,
-                          offered=None, offer_from=0)
-    link = trainer.link
-    assert isinstance(link, SwarmWritesLater)
+    trainer, link = late_peer(tmp_path, "late", tiny_sd1, images, offered=None, offer_from=0)
     run(trainer)
     assert len(link.asked) > 2, "it did not wait for the others' state"
     assert trained_steps(tmp_path / "late") == [1, 2, 3, 4]
@@ -124,8 +131,8 @@ def test_a_peer_stopped_while_left_behind_saves_no_state_the_others_lack(
     monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(joining, "WAIT_POLL", 0.05)
-    trainer = trainer_for(tmp_path, "late", tiny_sd1, images, SwarmWritesLater,
-                          offered=swarm_state, offer_from=100, stop_after=3)
+    trainer, _ = late_peer(tmp_path, "late", tiny_sd1, images,
+                           offered=swarm_state, offer_from=100, stop_after=3)
     run(trainer)
     assert trained_steps(tmp_path / "late") == [1, 2]
     # Step 2 of its own would hold the start weights the others left behind, and would hide
@@ -141,11 +148,9 @@ def test_a_peer_averaging_alone_looks_for_a_newer_state_and_joins_it(
     others = trainer_for(tmp_path, "others", tiny_sd1, images)
     run(others)
     monkeypatch.setattr(joining, "LOOK_AHEAD_EVERY", 0.0)
-    trainer = trainer_for(tmp_path, "alone", tiny_sd1, images, SwarmWritesLater,
-                          offered=tmp_path / "others" / "checkpoints" / "step-00000004",
-                          offer_from=2)
-    link = trainer.link
-    assert isinstance(link, SwarmWritesLater)
+    trainer, link = late_peer(tmp_path, "alone", tiny_sd1, images,
+                              offered=tmp_path / "others" / "checkpoints" / "step-00000004",
+                              offer_from=2)
     link.reported = {1: SyncOutcome(0, False, 0.0, 1, 0.1)}
     run(trainer)
     assert len(link.asked) == 2  # at start, and after the round alone
