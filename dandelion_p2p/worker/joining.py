@@ -279,8 +279,9 @@ def state_wait(trainer: Trainer, step: int) -> float:
     return max(MIN_WAIT, WAIT_MARGIN * rounds * pace)
 
 
-def catch_up_and_join(trainer: Trainer, outcome: SyncOutcome | None = None) -> None:
-    """Behind the swarm: take its newer state and join it (``join_swarm``).
+def catch_up_and_join(trainer: Trainer, outcome: SyncOutcome | None = None) -> bool:
+    """Behind the swarm: take its newer state and join it (``join_swarm``). Returns whether
+    a newer state was loaded.
 
     When ``outcome`` says the others finished that round without this peer (``left_behind``),
     they took an outer step it did not. Until it holds their state, every round it averaged
@@ -306,17 +307,19 @@ def catch_up_and_join(trainer: Trainer, outcome: SyncOutcome | None = None) -> N
                      "of step %d or later", outcome.round, wait, wanted)
     while catch_up_taking_part(trainer, have) <= have:
         if wanted < 0 or trainer.stop_requested:
-            return
+            return False
         if time.monotonic() >= deadline:
             log.warning("no peer offered a state of step %d or later in time: training on "
                         "alone from this peer's state, apart from the others", wanted)
             trainer.left_behind_at = None
-            return
+            return False
         trainer.report("syncing", force=True)
         time.sleep(WAIT_POLL)
     trainer.left_behind_at = None
     latest = trainer.checkpoints.latest()
-    if latest is not None:
-        trainer.restore(latest)
-        if trainer.outer is not None:
-            join_swarm(trainer)
+    if latest is None:
+        return False
+    trainer.restore(latest)
+    if trainer.outer is not None:
+        join_swarm(trainer)
+    return True

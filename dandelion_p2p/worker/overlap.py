@@ -21,6 +21,11 @@ local steps train, and its outer step is applied at the next boundary, one round
   the peers of the last one; with overlap that gathering runs while the peers train, so a
   window near the time of H local steps keeps a slower peer in every round at no cost, where
   a short one lets its lag grow until it misses rounds and catches up.
+- A round applied that says this peer is behind sends it to catch up before this boundary's
+  round starts. When the catch-up loads no newer state, the round still starts
+  (``start_skipped_round``): the others average it, and a peer that sat it out would hold
+  other global weights than theirs from then on, every later round averaged with them
+  notwithstanding.
 - ``drain``: wait for the round in flight, apply it, and put the worker back into the blocking
   mode's form: the local start is G again and the weights are G minus the local progress since
   the boundary. Every path the blocking mode has (checkpoint, stop, catch-up, joining, export)
@@ -98,20 +103,25 @@ class Overlap:
         self.in_flight: RoundInFlight | None = None
         self.local_start: torch.Tensor | None = None
         """S while a round is in flight; None: the local start is ``outer.start`` (G)."""
+        self.skipped: int | None = None
+        """The round of the boundary that returned for a catch-up before starting it."""
 
     def boundary(self) -> SyncOutcome | None:
         """At a round boundary: apply the round in flight, start this one (and, at a
         checkpoint step, wait for it). Returns the outcome of the round applied (None when
         none was). When that outcome says this peer is behind, no round is left in flight:
-        the worker is drained for the catch-up."""
+        the worker is drained for the catch-up, and this boundary's round is started by
+        ``start_skipped_round`` when the catch-up finds no newer state."""
         t = self.t
         assert t.outer is not None
         p = t.position
         round_ = p.global_step // t.config.sync.local_steps
+        self.skipped = None
         flatten_into(t.params, t.flat)
         outcome = self._apply_in_flight()
         if outcome is not None and needs_catch_up(outcome):
             self._rebase()
+            self.skipped = round_
             return outcome
         start = self.local_start if self.local_start is not None else t.outer.start
         torch.sub(start, t.flat, out=t.shared)
@@ -143,6 +153,16 @@ class Overlap:
             if drained is not None and needs_catch_up(drained):
                 return drained
         return outcome
+
+    def start_skipped_round(self) -> SyncOutcome | None:
+        """After a catch-up that loaded nothing, the worker still stands at the boundary whose
+        round ``boundary`` left for it: start that round now. The others average it, and a
+        peer that sat it out would apply every later round to other start weights than
+        theirs. Returns what ``boundary`` returns."""
+        round_, self.skipped = self.skipped, None
+        if round_ is None or self.t.position.global_step != round_ * self.t.config.sync.local_steps:
+            return None
+        return self.boundary()
 
     def drain(self) -> SyncOutcome | None:
         """Wait for the round in flight, apply it, and go back to the blocking mode's form

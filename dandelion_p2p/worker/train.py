@@ -227,11 +227,13 @@ class Trainer:
             if self.outer is not None and boundary:
                 outcome = (self.overlap.boundary() if self.overlap is not None
                            else self.sync_local_steps())
-                if outcome is not None and needs_catch_up(outcome):
+                while outcome is not None and needs_catch_up(outcome):
                     # Others were there but we could not average with them: we are behind
                     # (or went alone for a while). Take the swarm's state and join it.
-                    self.catch_up_and_join(outcome)
-                elif outcome is not None and alone(outcome):
+                    loaded = self.catch_up_and_join(outcome)
+                    outcome = (self.overlap.start_skipped_round()
+                               if self.overlap is not None and not loaded else None)
+                if outcome is not None and alone(outcome):
                     self.look_ahead.after_alone_round(self)
             if boundary:
                 self.apply_run_config()
@@ -397,8 +399,8 @@ class Trainer:
         self.after_sync(outcome, new_start)
         return outcome
 
-    def catch_up_and_join(self, outcome: SyncOutcome | None = None) -> None:
-        joining.catch_up_and_join(self, outcome)
+    def catch_up_and_join(self, outcome: SyncOutcome | None = None) -> bool:
+        return joining.catch_up_and_join(self, outcome)
 
     def join_round(self) -> None:
         joining.join_swarm(self)
