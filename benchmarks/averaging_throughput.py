@@ -98,7 +98,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             n, workdir, size=elements, rounds=args.rounds, launchers=launchers, ips=ips,
             extra=["--codec", args.compression, "--chunk-elements", str(args.chunk_elements),
                    "--gather", str(args.gather), "--chunk-timeout", str(args.chunk_timeout),
-                   *(["--wait-window"] if args.wait_window else [])],
+                   *(["--wait-window"] if args.wait_window else []), "--pause", str(args.pause)],
         )
         try:
             cluster.go()
@@ -159,6 +159,8 @@ def main() -> None:
     p.add_argument("--chunk-elements", type=int, default=1 << 20)
     p.add_argument("--chunk-timeout", type=float, default=30.0)
     p.add_argument("--gather", type=float, default=1.0)
+    p.add_argument("--pause", type=float, default=0.0,
+                   help="seconds each peer waits between its rounds (the local steps)")
     p.add_argument("--wait-window", action="store_true",
                    help="every round waits the whole gather window (matchmaking before it "
                         "could end early), for comparison")

@@ -11,6 +11,7 @@ compute different group ids, so they never form a group together.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -133,6 +134,16 @@ class Matchmaker:
             except DandelionError as exc:
                 log.info("round %d: leaving not announced: %s", round_, exc)
 
+    async def prepare(self, run: bytes, round_: int) -> None:
+        """Find the DHT servers of ``round_``'s key ahead of its announcement, which then
+        stores there at once (``RecordStore.prepare_put``). A failure is logged: the
+        announcement then looks them up itself."""
+        try:
+            await self.records.prepare_put(AVERAGING_NAMESPACE, round_key(run, round_),
+                                           timeout=self.settings.dht_timeout)
+        except DandelionError as exc:
+            log.debug("round %d: its DHT servers not found ahead: %s", round_, exc)
+
     async def announce(self, announcement: AveragingAnnouncement) -> int:
         key = round_key(announcement.run, announcement.round)
         ttl = max(1.0, announcement.expires_at_ms / 1000 - time.time())
@@ -189,7 +200,7 @@ class Matchmaker:
         wanted = set(expected) - {me} if s.end_early else set()
         await self.announce(announcement)
         if wanted:
-            seen = await self._gather_expected(announcement, wanted)
+            seen = await self._gather_expected(announcement, wanted, me)
         else:
             await trio.sleep(s.gather_window)
             seen = await self.read(announcement.run, announcement.round)
@@ -228,18 +239,18 @@ class Matchmaker:
         return group, formation, finished
 
     async def _gather_expected(
-        self, announcement: AveragingAnnouncement, wanted: set[bytes]
+        self, announcement: AveragingAnnouncement, wanted: set[bytes], me: bytes
     ) -> dict[bytes, AveragingAnnouncement]:
         """Read until every ``wanted`` peer has announced and the set stayed the same for
         ``quiet`` seconds, or until the gathering window is over."""
         s = self.settings
         deadline = trio.current_time() + s.gather_window
         seen: dict[bytes, AveragingAnnouncement] = {}
-        changed_at = trio.current_time()
+        changed_at = -math.inf
         while True:
             found = await self.read(announcement.run, announcement.round)
             now = trio.current_time()
-            if found.keys() - seen.keys():
+            if found.keys() - seen.keys() - wanted - {me}:
                 changed_at = now
             seen.update(found)
             if wanted <= seen.keys() and now - changed_at >= s.quiet:

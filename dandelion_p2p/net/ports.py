@@ -29,7 +29,8 @@ class RecordStore(Protocol):
     ) -> int:
         """Sign ``value`` and store it on the servers closest to the key; returns how many
         stored it (0 is not an error). With ``keep`` the record is republished before it
-        expires until ``unpublish``. ``timeout`` bounds the lookup and, again, the stores.
+        expires until ``unpublish``. ``timeout`` bounds the lookup and, again, the stores
+        (servers found by ``prepare_put`` take the lookup's place).
 
         Raises:
             ProtocolViolation: the value is too large for a record.
@@ -43,6 +44,17 @@ class RecordStore(Protocol):
 
         Raises:
             DandelionError: the DHT could not be read.
+        """
+        ...
+
+    async def prepare_put(
+        self, namespace: str, key: bytes, *, timeout: float | None = None
+    ) -> None:
+        """Find the servers closest to the key now, so that a put under it soon after (within
+        a minute) stores there at once instead of looking them up first.
+
+        Raises:
+            DandelionError: the DHT could not be asked.
         """
         ...
 

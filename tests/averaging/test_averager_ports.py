@@ -25,6 +25,7 @@ ME = Identity.from_seed(b"\x31" * 32)
 class FakeRecords:
     def __init__(self) -> None:
         self.puts: list[tuple[str, bytes, bytes]] = []
+        self.prepared: list[tuple[str, bytes]] = []
 
     async def put(self, namespace: str, key: bytes, value: bytes, ttl: float, *,
                   keep: bool = True, timeout: float | None = None) -> int:
@@ -34,6 +35,10 @@ class FakeRecords:
     async def get(self, namespace: str, key: bytes, *,
                   timeout: float | None = None) -> list[SignedRecord]:
         return []
+
+    async def prepare_put(self, namespace: str, key: bytes, *,
+                          timeout: float | None = None) -> None:
+        self.prepared.append((namespace, key))
 
     def unpublish(self, namespace: str, key: bytes) -> None:
         pass

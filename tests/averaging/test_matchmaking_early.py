@@ -19,7 +19,7 @@ from dandelion_p2p.averaging.matchmaking import (
 from dandelion_p2p.averaging.messages import AveragingAnnouncement, encode_announcement
 from dandelion_p2p.averaging.report import RoundReport
 from dandelion_p2p.identity import Identity
-from dandelion_p2p.net.dht.records import sign_record
+from dandelion_p2p.net.dht.records import routing_key, sign_record
 from tests.averaging.test_averager import RUN, Member, averaging_swarm
 
 WINDOW = 4.0
@@ -208,3 +208,74 @@ async def test_fresh_announcers_cannot_hold_gathering_open_beyond_the_window() -
     assert all(honest <= f for f in formed)
     assert min(took) >= settings.gather_window
     assert max(took) < settings.gather_window + settings.dht_timeout + 1.0
+
+
+class CountingReads(Matchmaker):
+    reads = 0
+
+    async def read(self, run: bytes, round_: int) -> dict[bytes, AveragingAnnouncement]:
+        self.reads += 1
+        return await super().read(run, round_)
+
+
+async def reads_to_gather(fresh_announcers: int) -> tuple[list[int], list[float]]:
+    """Three members of the last round match round 2 expecting each other, every one's
+    announcement already in the DHT (and ``fresh_announcers`` fresh keys' too): the DHT reads
+    each gathering made, and how long it took."""
+    settings = MatchmakingSettings(gather_window=WINDOW, settle=0.3)
+    async with averaging_swarm(3, SETTINGS) as members:
+        ids = [m.node.identity.peer_id_bytes for m in members]
+        for i, m in enumerate(members):
+            ann = announcement_of(2, f"127.0.0.1:{4000 + i}")
+            record = sign_record(m.node.identity, AVERAGING_NAMESPACE, round_key(RUN, 2),
+                                 encode_announcement(ann), 1, ann.expires_at_ms)
+            for holder in members:
+                assert holder.node.dht is not None
+                holder.node.dht.store.put(record, int(time.time() * 1000))
+        for i in range(fresh_announcers):
+            plant_fresh_announcer(members, 2, i)
+        matchmakers = [CountingReads(m.node.records, settings=settings) for m in members]
+        took = [0.0] * 3
+
+        async def run(i: int) -> None:
+            started = trio.current_time()
+            await matchmakers[i].match(ids[i], announcement_of(2, f"127.0.0.1:{4000 + i}"),
+                                       expected=set(ids))
+            took[i] = trio.current_time() - started
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for i in range(3):
+                    nursery.start_soon(run, i)
+    return [m.reads for m in matchmakers], took
+
+
+async def test_gathering_ends_at_the_first_read_that_finds_every_expected_peer() -> None:
+    """Nobody but the expected peers announced: nothing is left to wait for once all of them
+    are read, so the quiet period (which lets a newcomer still arriving in) is not waited."""
+    reads, took = await reads_to_gather(fresh_announcers=0)
+    print(f"every expected peer in the first read: {reads} reads, {[round(t, 2) for t in took]} s")
+    assert reads == [1, 1, 1]
+
+
+async def test_a_newcomer_in_the_read_holds_gathering_for_the_quiet_period() -> None:
+    reads, took = await reads_to_gather(fresh_announcers=1)
+    print(f"a newcomer among them: {reads} reads, {[round(t, 2) for t in took]} s")
+    quiet = MatchmakingSettings().quiet
+    assert all(r >= 2 for r in reads)
+    assert all(t >= quiet for t in took)
+
+
+async def test_after_a_round_the_next_rounds_dht_servers_are_found_ahead() -> None:
+    """While the worker computes the next round's contribution, each averager finds the DHT
+    servers of that round's key, so its announcement stores without a lookup first."""
+    next_key = routing_key(AVERAGING_NAMESPACE, round_key(RUN, 2))
+    async with averaging_swarm(3, SETTINGS) as members:
+        await timed_round(members, 1)
+        with trio.fail_after(10):
+            for m in members:
+                assert m.node.dht is not None
+                while next_key not in m.node.dht._prepared:
+                    await trio.sleep(0.02)
+        reports, _ = await timed_round(members, 2)
+    assert len(reports) == 3 and all(r.fraction_averaged == 1.0 for r in reports)

@@ -82,6 +82,10 @@ async def test_a_failing_poll_does_not_end_the_watcher() -> None:
                       keep: bool = True, timeout: float | None = None) -> int:
             raise AssertionError("a watcher only reads")
 
+        async def prepare_put(self, namespace: str, key: bytes, *,
+                              timeout: float | None = None) -> None:
+            raise AssertionError("a watcher only reads")
+
         def unpublish(self, namespace: str, key: bytes) -> None:
             raise AssertionError("a watcher only reads")
 

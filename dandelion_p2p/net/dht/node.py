@@ -64,6 +64,10 @@ log = logging.getLogger(__name__)
 
 
 MAX_PENDING_REPAIRS = 64
+PREPARED_KEYS = 16
+"""Keys whose closest servers ``prepare_put`` keeps at once (the oldest goes first)."""
+PREPARED_FRESH = 60.0
+"""Seconds a prepared set of closest servers is used for a put; older, the put looks again."""
 
 
 def now_ms() -> int:
@@ -125,6 +129,10 @@ class DHTNode:
         self._published: dict[tuple[str, bytes], tuple[bytes, float, float]] = {}
         self._seq = now_ms()
         self._published_at_size = 0
+        # Routing key -> (when found, the closest servers) from ``prepare_put``; in key order
+        # of preparing, so the oldest is the first.
+        self._prepared: dict[bytes, tuple[float, list[PeerRef]]] = {}
+        self._preparing: dict[bytes, trio.Event] = {}
         # Replicas seen holding an older version of a record than a get found elsewhere;
         # ``maintain`` stores the newer one there. Bounded: repairs are a courtesy.
         self._repairs_send, self._repairs = trio.open_memory_channel[tuple[PeerRef, SignedRecord]](
@@ -450,9 +458,33 @@ class DHTNode:
     def unpublish(self, namespace: str, key: bytes) -> None:
         self._published.pop((namespace, key), None)
 
+    async def prepare_put(
+        self, namespace: str, key: bytes, *, timeout: float | None = None
+    ) -> None:
+        """Find the servers closest to (namespace, key) now, so that a put under it within
+        ``PREPARED_FRESH`` seconds stores there at once instead of looking them up first (a
+        round's announcement, whose key is known a round ahead)."""
+        target = routing_key(namespace, key)
+        if target in self._preparing:
+            return
+        self._preparing[target] = found = trio.Event()
+        try:
+            closest = await self.find_closest(target, timeout=timeout)
+            if closest:
+                self._prepared.pop(target, None)
+                while len(self._prepared) >= PREPARED_KEYS:
+                    del self._prepared[next(iter(self._prepared))]
+                self._prepared[target] = (trio.current_time(), closest)
+        finally:
+            del self._preparing[target]
+            found.set()
+
+    def _prepared_for(self, target: bytes) -> list[PeerRef]:
+        found_at, closest = self._prepared.get(target, (-math.inf, []))
+        return closest if trio.current_time() - found_at <= PREPARED_FRESH else []
+
     async def put_record(self, record: SignedRecord, *, timeout: float | None = None) -> int:
         target = routing_key(record.namespace, record.key)
-        closest = await self.find_closest(target, timeout=timeout)
         stored = 0
         if self.server:
             try:
@@ -460,6 +492,34 @@ class DHTNode:
                 stored += 1
             except ProtocolViolation as exc:
                 log.debug("local store refused own record: %s", exc)
+        # A lookup and the stores, each within ``timeout``: twice that in all, whichever
+        # way the servers are found.
+        deadline = trio.current_time() + 2 * timeout if timeout is not None else math.inf
+
+        def bound() -> float | None:
+            if timeout is None:
+                return None
+            return max(0.0, min(timeout, deadline - trio.current_time()))
+
+        if (preparing := self._preparing.get(target)) is not None:
+            # Its closest servers are being found already: looking again would only double
+            # the work.
+            with trio.move_on_after(timeout if timeout is not None else math.inf):
+                await preparing.wait()
+        prepared = self._prepared_for(target)
+        if prepared:
+            stored_there = await self._store_at(record, prepared, bound())
+            if stored_there:
+                return stored + stored_there
+            # Every server found then failed: they may be gone, look again.
+        closest = await self.find_closest(target, timeout=bound())
+        return stored + await self._store_at(record, closest, bound())
+
+    async def _store_at(
+        self, record: SignedRecord, servers: list[PeerRef], timeout: float | None
+    ) -> int:
+        """Store ``record`` on the first ``replicas`` of ``servers``; returns how many did."""
+        stored = 0
 
         async def store_at(ref: PeerRef) -> None:
             nonlocal stored
@@ -473,7 +533,7 @@ class DHTNode:
 
         with trio.move_on_after(timeout if timeout is not None else math.inf):
             async with trio.open_nursery() as nursery:
-                for ref in closest[: self.replicas]:
+                for ref in servers[: self.replicas]:
                     nursery.start_soon(store_at, ref)
         return stored
 
