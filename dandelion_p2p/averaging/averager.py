@@ -375,10 +375,14 @@ class Averager:
 
     async def _expected(self, round_: int) -> set[bytes]:
         """Who matchmaking waits for: the peers whose announcements for the previous round
-        this peer read when it formed that round, but those that failed it or that it bans.
-        Every member read about the same announcements, so they wait for about the same
-        peers and form the same groups; a newcomer read before the stop is waited for from
-        the next round on.
+        this peer read when it formed that round, but those it bans, and those that failed
+        it lately and are no longer connected (a peer that died mid-round). Every member
+        read about the same announcements, so they wait for about the same peers and form
+        the same groups; a newcomer read before the stop is waited for from the next round
+        on. A peer that failed it but is still connected is waited for: a round that failed
+        as a whole (a member died in it) leaves its survivors remembering each other's
+        failures, often on one side only, and the side that expected nobody would wait the
+        whole window while the other formed at once, failing every round after.
 
         After a gap (a joiner's first rounds, a restart, a round this peer missed) it read
         nothing for the previous round: the previous round's announcements in the DHT stand
@@ -389,7 +393,8 @@ class Averager:
         now = time.time()
         return {
             p for p in announcers - {self.me}
-            if p not in self._failed_in_round and not self.reputation.scores.is_banned(p, now)
+            if not self.reputation.scores.is_banned(p, now)
+            and (p not in self._failed_in_round or self.links.is_connected(ID(p)))
         }
 
     def _failed_recently(self, round_: int, spec: GroupSpec) -> set[bytes]:
