@@ -8,6 +8,8 @@ validation split) and the same seed, trained at equal samples seen:
 - ``gradient-<codec>``: n real daemons on loopback and n ``dandelion-p2p worker`` processes
   with batch b each, every step's gradient averaged;
 - ``local-H<H>``: the same in local-steps mode, a sync every H steps;
+- ``overlap-H<H>``: local steps with ``sync.overlap``: each round averaged while the next
+  round's steps train, and applied one round late;
 - ``byzantine-<rule>``: gradient mode with one peer (``quality_byzantine.py``) that hands its
   daemon its gradient scaled by -1000, under ``averaging.aggregation``.
 
@@ -88,14 +90,15 @@ def run_config(model: Path, *, steps: int, batch: int, every: int, mode: str = "
                target_batch: int = 0, local_steps: int = 10, codec: str = "none",
                aggregation: str = "mean", lr: float = 1e-3, gather_window: float = 5.0,
                min_group: int = 2, outer_lr: float = 0.7,
-               outer_momentum: float = 0.9) -> Any:
+               outer_momentum: float = 0.9, overlap: bool = False) -> Any:
     from dandelion_p2p.runconfig.schema import from_dict
 
     sync: dict[str, Any] = {"mode": mode}
     if mode == "gradient":
         sync["target_batch"] = target_batch or batch
     else:
-        sync.update(local_steps=local_steps, outer_lr=outer_lr, outer_momentum=outer_momentum)
+        sync.update(local_steps=local_steps, outer_lr=outer_lr, outer_momentum=outer_momentum,
+                    overlap=overlap)
     return from_dict({
         "name": "quality",
         "model": {"base": str(model)},
@@ -477,12 +480,12 @@ def main(argv: list[str] | None = None) -> int:
             then: tuple[int, Any] | None = None
             if kind == "gradient":
                 cfg = run_config(model, batch=b, target_batch=n * b, codec=arg, **common)
-            elif kind == "local":
+            elif kind in ("local", "overlap"):
                 inner = {**common, "lr": args.inner_lr or args.lr}
                 cfg = run_config(model, batch=b, mode="local_steps",
                                  local_steps=int(arg.removeprefix("H")),
                                  outer_lr=args.outer_lr, outer_momentum=args.outer_momentum,
-                                 **inner)
+                                 overlap=kind == "overlap", **inner)
                 if args.warm_start:
                     warm_steps, warm_h = (int(x) for x in args.warm_start.split(":"))
                     then = (warm_steps, cfg)
