@@ -394,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--runs", default="gradient-none,gradient-fp16,gradient-int8,local-H10,"
                    "local-H50,byzantine-centered_clip",
-                   help="comma list: gradient-<codec>, local-H<H>, byzantine-<aggregation>")
+                   help="comma list: gradient-<codec>, local-H<H>, overlap-H<H>, "
+                   "byzantine-<aggregation>")
     p.add_argument("--gather-window", type=float, default=5.0,
                    help="averaging.gather_window: on a loaded machine peers reach a round "
                    "seconds apart, and a peer left alone applies its own gradient")

@@ -3,7 +3,8 @@ global step, and peers on different versions never average together.
 
 Real daemons over loopback: the run's owner publishes version 1 at start; two peers join the
 run by id and train the tiny model. Mid-run the owner publishes version 2 (another learning
-rate, shorter rounds) to apply from global step 21.
+rate, shorter rounds) to apply from global step 60, far enough ahead for the daemons to
+read it first.
 """
 
 from __future__ import annotations
@@ -25,8 +26,12 @@ from tests.daemon_proc import DaemonProcess, launch_daemon, start_daemon, start_
 from tests.sync.test_swarm_training import read_jsonl, wait_for
 from tests.worker.runconfigs import tiny_run
 
-SWITCH_AT = 21
-LAST_STEP = 29
+SWITCH_AT = 60
+LAST_STEP = 68
+LEAD = 45
+"""Steps at least between publishing version 2 and the step it is in force from: more than a
+daemon's watch interval (5 s, ``dataset.service.WATCH_INTERVAL``) of training, at the pace
+of a quiet machine's rounds."""
 
 
 def start_owner(tmp_path: Path, config: RunConfig) -> tuple[DaemonProcess, str]:
@@ -78,7 +83,7 @@ def test_a_new_version_applies_on_every_running_worker_at_the_same_global_step(
     daemons.extend(peers)
 
     states = wait_for(peers, lambda s: all(x["global_step"] >= 3 for x in s), "step 3")
-    assert max(s["global_step"] for s in states) < SWITCH_AT - 9, "published too late"
+    assert max(s["global_step"] for s in states) < SWITCH_AT - LEAD, "published too late"
     published = owner.call("runconfig.publish", {"toml": second.to_toml(),
                                                  "at_step": SWITCH_AT})
     assert (published["run"], published["version"]) == (run, 2)
@@ -90,7 +95,7 @@ def test_a_new_version_applies_on_every_running_worker_at_the_same_global_step(
         logs = peer.logs()
         assert f"applying run config version 2 at global step {SWITCH_AT}" in logs, logs[-6000:]
         # The entry of step s is the optimizer step from s - 1 to s, at the rate of the
-        # version in force at s - 1: the old one up to step 21, the new one from then on.
+        # version in force at s - 1: the old one up to SWITCH_AT, the new one from then on.
         rates = {e["step"]: e["lr"] for e in read_jsonl(work / "train_log.jsonl")}
         assert all(rates[s] == pytest.approx(1e-3) for s in rates if s <= SWITCH_AT), rates
         assert all(rates[s] == pytest.approx(4e-4) for s in rates if s > SWITCH_AT), rates
@@ -99,7 +104,7 @@ def test_a_new_version_applies_on_every_running_worker_at_the_same_global_step(
                for e in read_jsonl(work / "sync_log.jsonl")} for work in works]
     assert set(rounds[0]) == set(rounds[1])
     for (version, round_), entry in rounds[0].items():
-        # Version 1 ends rounds every 3 steps up to step 21, version 2 every 2 steps after.
+        # Version 1 ends rounds every 3 steps up to SWITCH_AT, version 2 every 2 steps after.
         step = entry["global_step"]
         assert (version, step % (3 if version == 1 else 2)) == (
             1 if step <= SWITCH_AT else 2, 0), entry
