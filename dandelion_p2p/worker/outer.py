@@ -29,6 +29,14 @@ class OuterNesterov:
         self.start.sub_(update, alpha=self.lr)
         return self.start
 
+    def look_ahead(self, pseudo_gradient: torch.Tensor, out: torch.Tensor) -> None:
+        """``out`` = the start weights after a step with ``pseudo_gradient``, leaving the start
+        and the momentum as they are: where the swarm's step will about land while its
+        average is still being made (``overlap``)."""
+        torch.mul(self.momentum_buffer, self.momentum * self.momentum, out=out)
+        out.add_(pseudo_gradient, alpha=1.0 + self.momentum)
+        out.mul_(-self.lr).add_(self.start)
+
     def restart_from(self, current: torch.Tensor) -> torch.Tensor:
         """A round this peer had to itself: the next local steps start from ``current``, and
         the momentum stays what the swarm's rounds made it (a lone peer's own progress is not

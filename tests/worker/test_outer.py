@@ -1,0 +1,30 @@
+"""The outer optimizer's look-ahead (``OuterNesterov.look_ahead``): where the start weights
+land after a step with a given pseudo-gradient, computed without taking that step. An
+overlapping worker trains on from there while the swarm averages the round."""
+
+from __future__ import annotations
+
+import torch
+
+from dandelion_p2p.worker.outer import OuterNesterov
+
+
+def optimizer_after_two_steps() -> OuterNesterov:
+    gen = torch.Generator().manual_seed(3)
+    outer = OuterNesterov(torch.randn(1000, generator=gen), lr=0.7, momentum=0.9)
+    for _ in range(2):
+        outer.step(torch.randn(1000, generator=gen) * 0.01)
+    return outer
+
+
+def test_the_look_ahead_lands_where_the_step_does_and_takes_no_step() -> None:
+    outer = optimizer_after_two_steps()
+    start, momentum = outer.start.clone(), outer.momentum_buffer.clone()
+    pseudo_gradient = torch.randn(1000, generator=torch.Generator().manual_seed(4)) * 0.01
+    ahead = torch.empty(1000)
+    outer.look_ahead(pseudo_gradient, ahead)
+    assert torch.equal(outer.start, start) and torch.equal(outer.momentum_buffer, momentum)
+    stepped = outer.step(pseudo_gradient).clone()
+    torch.testing.assert_close(ahead, stepped, rtol=0, atol=1e-6)
+    # With momentum behind it, the step goes further than the pseudo-gradient alone.
+    assert torch.linalg.norm(start - ahead) > torch.linalg.norm(pseudo_gradient)
