@@ -14,12 +14,13 @@ local steps train, and its outer step is applied at the next boundary, one round
   its own delta_r in place of the swarm's average, the momentum left as it is
   (``OuterNesterov.look_ahead``). G itself only ever takes the swarm's averages. Training on
   from G - delta_r instead left each round's local steps one outer step of momentum behind
-  blocking mode's: 25 % worse validation loss in ``benchmarks/quality.py``, against 2-4 %
-  with the look-ahead. When the last round applied took no outer step (a peer alone), the
-  worker trains on from G - delta_r; a peer with a daemon that turns out to be alone in its
-  first round has started its second from the look-ahead point, and its G, which takes its
-  own pseudo-gradients as they are, keeps that one step of extrapolation. Only the round's
-  thread touches the shared buffer until it is waited for.
+  blocking mode's: 25 % (H = 5) and 37 % (H = 10) worse validation loss in
+  ``benchmarks/quality.py``, against 2 % and 8 % with the look-ahead. When the last round
+  applied took no outer step (a peer alone), the worker trains on from G - delta_r; a peer
+  with a daemon that turns out to be alone in its first round has started its second from
+  the look-ahead point, and its G, which takes its own pseudo-gradients as they are, keeps
+  that one step of extrapolation. Only the round's thread touches the shared buffer until it
+  is waited for.
 - Which rounds are applied is the blocking mode's rule (``round_rules``): only a round that
   averaged the whole vector; a round alone lets G take the peer's own pseudo-gradient as it
   is (without ``sync.outer_step_alone``: a lone peer's weights are what its inner optimizer

@@ -88,6 +88,7 @@ async def test_a_put_looks_again_when_every_prepared_server_is_gone(
         stored = await writer.put(NAMESPACE, KEY, b"v2", 60, keep=False, timeout=5.0)
         assert lookups.calls == 1
         assert stored == 5 and holders(nodes, b"v2") == 5
+        assert target not in writer._prepared, "the gone servers would be tried again"
 
 
 async def test_servers_found_too_long_ago_are_not_used(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -511,7 +511,8 @@ class DHTNode:
             stored_there = await self._store_at(record, prepared, bound())
             if stored_there:
                 return stored + stored_there
-            # Every server found then failed: they may be gone, look again.
+            # Every server found then failed: they may be gone, look again (and forget them).
+            self._prepared.pop(target, None)
         closest = await self.find_closest(target, timeout=bound())
         return stored + await self._store_at(record, closest, bound())
 
