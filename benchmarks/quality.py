@@ -10,6 +10,8 @@ validation split) and the same seed, trained at equal samples seen:
 - ``local-H<H>``: the same in local-steps mode, a sync every H steps;
 - ``overlap-H<H>``: local steps with ``sync.overlap``: each round averaged while the next
   round's steps train, and applied one round late;
+- ``stream-H<H>-F<F>``: overlap with ``sync.fragments = F``: the vector cut into F fragments,
+  one synced every H/F steps, each over the H steps since its own last sync;
 - ``byzantine-<rule>``: gradient mode with one peer (``quality_byzantine.py``) that hands its
   daemon its gradient scaled by -1000, under ``averaging.aggregation``.
 
@@ -90,7 +92,7 @@ def run_config(model: Path, *, steps: int, batch: int, every: int, mode: str = "
                target_batch: int = 0, local_steps: int = 10, codec: str = "none",
                aggregation: str = "mean", lr: float = 1e-3, gather_window: float = 5.0,
                min_group: int = 2, outer_lr: float = 0.7,
-               outer_momentum: float = 0.9, overlap: bool = False) -> Any:
+               outer_momentum: float = 0.9, overlap: bool = False, fragments: int = 1) -> Any:
     from dandelion_p2p.runconfig.schema import from_dict
 
     sync: dict[str, Any] = {"mode": mode}
@@ -99,6 +101,8 @@ def run_config(model: Path, *, steps: int, batch: int, every: int, mode: str = "
     else:
         sync.update(local_steps=local_steps, outer_lr=outer_lr, outer_momentum=outer_momentum,
                     overlap=overlap)
+        if fragments > 1:
+            sync["fragments"] = fragments
     return from_dict({
         "name": "quality",
         "model": {"base": str(model)},
@@ -304,9 +308,11 @@ def run_swarm(config: Any, train: Path, work: Path, n: int, elements: int,
                  for log in logs]
         rounds = peers[0]
         # The daemon's status does not report the averaging's bytes: without them, what a
-        # butterfly all-reduce sends per peer and round, 2 (n-1)/n of the vector encoded.
+        # butterfly all-reduce sends per peer and round, 2 (n-1)/n of the vector (of one
+        # fragment, streaming) encoded.
+        per_round = elements / config.sync.fragments * CODEC_BYTES[config.averaging.codec]
         per_peer = (sum(known) / len(known) if known else
-                    len(rounds) * 2 * (n - 1) / n * elements * CODEC_BYTES[config.averaging.codec])
+                    len(rounds) * 2 * (n - 1) / n * per_round)
         return seconds, per_peer, peers
     finally:
         for w in workers:
@@ -395,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", default="gradient-none,gradient-fp16,gradient-int8,local-H10,"
                    "local-H50,byzantine-centered_clip",
                    help="comma list: gradient-<codec>, local-H<H>, overlap-H<H>, "
-                   "byzantine-<aggregation>")
+                   "stream-H<H>-F<F>, byzantine-<aggregation>")
     p.add_argument("--gather-window", type=float, default=5.0,
                    help="averaging.gather_window: on a loaded machine peers reach a round "
                    "seconds apart, and a peer left alone applies its own gradient")
@@ -481,12 +487,14 @@ def main(argv: list[str] | None = None) -> int:
             then: tuple[int, Any] | None = None
             if kind == "gradient":
                 cfg = run_config(model, batch=b, target_batch=n * b, codec=arg, **common)
-            elif kind in ("local", "overlap"):
+            elif kind in ("local", "overlap", "stream"):
                 inner = {**common, "lr": args.inner_lr or args.lr}
+                h, _, f = arg.partition("-")
                 cfg = run_config(model, batch=b, mode="local_steps",
-                                 local_steps=int(arg.removeprefix("H")),
+                                 local_steps=int(h.removeprefix("H")),
                                  outer_lr=args.outer_lr, outer_momentum=args.outer_momentum,
-                                 overlap=kind == "overlap", **inner)
+                                 overlap=kind != "local",
+                                 fragments=int(f.removeprefix("F") or 1), **inner)
                 if args.warm_start:
                     warm_steps, warm_h = (int(x) for x in args.warm_start.split(":"))
                     then = (warm_steps, cfg)

@@ -17,7 +17,13 @@ round 1 waits the whole gathering window, and with overlap its wait lands at rou
 compute utilization (time in train steps / wall; beside it the worker's own count of seconds
 it did not train), swarm samples/s against the N solo workers', the ratio the run actually had
 (the swarm's steps can be slower or faster than the solo workers' on a shared machine), and
-bytes sent per peer per round (every byte on the peer's link: averaging, DHT, control).
+bytes sent per peer per round of the whole vector, i.e. per H steps (every byte on the peer's
+link: averaging, DHT, control). Modes: ``blocking``, ``overlap`` and ``streaming``
+(``sync.fragments = --fragments``: a round of one fragment every H / fragments steps). And
+the quality figure of ``benchmarks/quality.py``'s method: the validation loss of peer 0's
+final global weights on held-out images, with noise and timesteps fixed per image, beside
+blocking mode's at the same ratio (and a solo worker's, which saw 1/N of the samples).
+The images are the quality benchmark's captioned shapes.
 
 ``--joiner R``: one more peer starts once the swarm is R rounds in, on a downlink on which
 the swarm's newest checkpoint takes ``JOINER_DOWNLOAD_INTERVALS`` of peer 0's sync intervals
@@ -71,13 +77,18 @@ from benchmarks._swarm_changes import (  # noqa: E402
 from tests.daemon_proc import DaemonProcess, launch_daemon, start_daemons  # noqa: E402
 
 RUN_NAME = "utilization"
+VALIDATION_IMAGES = 32
+"""Held-out images (made with another seed than the training set's) for the quality figure."""
 CODEC_BITS = {"none": 32.0, "fp16": 16.0, "bf16": 16.0, "int8": 8.0, "int4": 4.5}
 """Bits a value on the wire; int4 carries a 32-bit scale per block of 64 values."""
 SKIPPED_ROUNDS = 2
 """Rounds before the steady state: the first waits the whole gathering window (nobody is
 expected yet), and with overlap that wait is paid at the next boundary."""
-SYNC_MODES = {"blocking": {}, "overlap": {"overlap": True}}
-"""Sync mode -> what it sets in the run config's ``[sync]``."""
+SYNC_MODES: dict[str, dict[str, Any]] = {
+    "blocking": {}, "overlap": {"overlap": True},
+    "streaming": {"overlap": True, "fragments": 2}}
+"""Sync mode -> what it sets in the run config's ``[sync]`` (``--fragments`` sets
+streaming's)."""
 
 
 # ---------------------------------------------------------------------------- the run
@@ -102,6 +113,11 @@ class Args:
     @property
     def steps(self) -> int:
         return self.local_steps * self.rounds
+
+
+def sync_interval(a: Args, mode: str) -> int:
+    """Steps between two of the mode's rounds: H, or H / fragments when streaming."""
+    return a.local_steps // int(SYNC_MODES[mode].get("fragments", 1))
 
 
 def supported_modes() -> list[str]:
@@ -147,6 +163,8 @@ class PeerFigures:
     step_s: float
     """The median step without a round in it."""
     rounds: int = 0
+    vector_rounds: float = 0.0
+    """Rounds in units of the whole vector: a streaming round carries one fragment."""
     averaged: int = 0
     round_s: list[float] = field(default_factory=list)
     waited_s: float | None = None
@@ -161,19 +179,23 @@ class PeerFigures:
         return self.busy_s / self.wall_s if self.wall_s else 0.0
 
 
-def step_figures(train_log: list[dict[str, Any]], h: int, batch: int) -> PeerFigures:
+def step_figures(train_log: list[dict[str, Any]], h: int, batch: int,
+                 interval: int = 0) -> PeerFigures:
     """The log holds each step's end time. An interval between two steps holds one step,
-    and after a multiple of H also the sync: those count as the median plain step, the rest
-    as measured. A restarted worker repeats steps: the last record of each counts."""
+    and after a sync boundary (every ``interval`` steps: H, or H / fragments) also the
+    sync: those count as the median plain step, the rest as measured. A restarted worker
+    repeats steps: the last record of each counts."""
+    interval = interval or h
     ends = {int(e["step"]): float(e["time"]) for e in train_log if "time" in e}
     steps = sorted(s for s in ends if s > SKIPPED_ROUNDS * h)
     if len(steps) < 3:
         raise RuntimeError(f"too few steps after round {SKIPPED_ROUNDS} in the log "
                            f"({len(steps)})")
     intervals = {s: ends[s] - ends[s - 1] for s in steps[1:] if s - 1 in ends}
-    plain = [d for s, d in intervals.items() if (s - 1) % h != 0]
+    plain = [d for s, d in intervals.items() if (s - 1) % interval != 0]
     typical = median(plain) if plain else median(list(intervals.values()))
-    busy = sum(d if (s - 1) % h != 0 else min(d, typical) for s, d in intervals.items())
+    busy = sum(d if (s - 1) % interval != 0 else min(d, typical)
+               for s, d in intervals.items())
     wall = ends[steps[-1]] - ends[steps[0]]
     return PeerFigures(steps=len(intervals), wall_s=wall, busy_s=busy,
                        samples_per_s=len(intervals) * batch / wall if wall else 0.0,
@@ -332,9 +354,10 @@ def run_swarm(root: Path, model: Path, images: Path, a: Args, plan: Plan
         if peer in gone:
             continue
         f = step_figures(read_jsonl(peer.run_folder / "train_log.jsonl"), a.local_steps,
-                         a.batch)
+                         a.batch, sync_interval(a, plan.mode))
         rounds = {r["round"]: r for r in read_jsonl(peer.run_folder / "sync_log.jsonl")}
         f.rounds = len(rounds)
+        f.vector_rounds = len(rounds) * sync_interval(a, plan.mode) / a.local_steps
         f.averaged = sum(1 for r in rounds.values() if r.get("averaged"))
         f.round_s = [float(r["seconds"]) for r in rounds.values()]
         inside = [r for r in rounds.values() if f.first_step <= r["global_step"] < f.last_step]
@@ -358,6 +381,25 @@ def status_of(daemon: DaemonProcess) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- report
+
+
+def final_loss(validator: Any, work: Path) -> float:
+    """The quality benchmark's validation loss (fixed noise and timesteps per held-out image)
+    of the weights in ``work``'s last checkpoint: the swarm's G, which every peer shares."""
+    from safetensors.torch import load_file
+
+    folders = sorted(work.glob("checkpoints/step-*"))
+    if not folders:
+        raise RuntimeError(f"no checkpoint in {work}")
+    return float(validator.loss(load_file(folders[-1] / "trainable.safetensors")))
+
+
+def blocking_loss(results: list[dict[str, Any]], r: dict[str, Any]) -> float:
+    """The validation loss of blocking mode at ``r``'s ratio (``r``'s own without one)."""
+    for other in results:
+        if other["mode"] == "blocking" and other["ratio"] == r["ratio"]:
+            return float(other["val_loss"])
+    return float(r["val_loss"])
 
 
 def summarize(plan: Plan, figures: list[PeerFigures], solo: list[PeerFigures],
@@ -384,8 +426,9 @@ def summarize(plan: Plan, figures: list[PeerFigures], solo: list[PeerFigures],
         "rounds": rounds,
         "rounds_averaged_min": min(f.averaged for f in figures),
         "round_s_median": median([s for f in figures for s in f.round_s]),
-        "mb_per_peer_per_round": median([f.tx_bytes / rounds / 1e6 for f in figures
-                                         if f.tx_bytes is not None and rounds]),
+        # Per H steps (one whole vector's round; a streaming round sends one fragment).
+        "mb_per_peer_per_round": median([f.tx_bytes / f.vector_rounds / 1e6 for f in figures
+                                         if f.tx_bytes is not None and f.vector_rounds]),
     }
 
 
@@ -412,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
                    "fp16 with --codec int4 is the fp16 regime's link sending int4")
     p.add_argument("--modes", default="", help="comma-separated (default: every mode the "
                    f"run config supports of {', '.join(SYNC_MODES)})")
+    p.add_argument("--fragments", type=int, default=2,
+                   help="streaming mode's sync.fragments (must divide --local-steps)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     p.add_argument("--threads", type=int, default=1,
                    help="compute threads per worker (0: the libraries' default)")
@@ -428,6 +473,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--joiner {ns.joiner} needs --rounds >= "
                 f"{ns.joiner + JOINER_DOWNLOAD_INTERVALS + 4}: the download takes "
                 f"{JOINER_DOWNLOAD_INTERVALS} rounds, and the joiner must then join and train")
+    if ns.local_steps % ns.fragments:
+        p.error("--fragments must divide --local-steps")
+    SYNC_MODES["streaming"]["fragments"] = ns.fragments
     a = Args(ns.peers, ns.local_steps, ns.rounds, ns.batch, ns.codec, ns.gather_window,
              ns.images, ns.timeout, ns.threads, ns.joiner, ns.churn)
     # Daemons pass their environment on to the workers they start.
@@ -438,14 +486,22 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"this checkout's run config has no mode {sorted(unknown)}")
     ratios = [float(r) for r in ns.ratios.split(",")]
 
-    from dandelion_p2p.worker.tiny import build_tiny_pipeline, write_images
+    from benchmarks.quality import Validator, make_dataset
+    from dandelion_p2p.worker.tiny import build_tiny_pipeline
 
     root = Path(tempfile.mkdtemp(prefix="swarm-util-"))
     try:
         model = build_tiny_pipeline(root / "model")
-        images = root / "images"
-        write_images(images, ns.images)
+        images, val = root / "images", root / "val"
+        make_dataset(images, ns.images)
+        make_dataset(val, VALIDATION_IMAGES, seed=1)
         solo, elements = run_solo(root, model, images, a)
+        write_run_config(root / "val.toml", model, a, "blocking")
+        from dandelion_p2p.runconfig.schema import loads
+
+        validator = Validator(loads((root / "val.toml").read_text()), val, root / "val-work")
+        solo_loss = final_loss(validator, root / "solo0")
+        print(f"validation loss of a solo worker's final weights: {solo_loss:.5f}", flush=True)
         step_s = median([f.busy_s / f.steps for f in solo])
         vector_bits = elements * CODEC_BITS[a.codec]
         size_codec = ns.size_codec or a.codec
@@ -466,6 +522,8 @@ def main(argv: list[str] | None = None) -> int:
                 bound_s = 2 * (n - 1) / n * vector_bits / (plan.rate_mbit * 1e6)
                 results.append(summarize(plan, figures, solo, seconds, bound_s, a.local_steps))
                 results[-1].update(arrivals)
+                results[-1]["val_loss"] = final_loss(
+                    validator, root / f"{mode}-x{ratio:g}" / "peer0" / "worker" / RUN_NAME)
                 print(json.dumps(results[-1]), flush=True)
     finally:
         if ns.keep:
@@ -474,13 +532,15 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(root, ignore_errors=True)
     headers = ["mode", "ratio (run's)", "link Mbit/s", "utilization (min / median)",
                "waited/wall", "samples/s", "of N x solo", "rounds (averaged)", "s/round",
-               "MB/peer/round"]
+               "MB/peer/H steps", "val loss (x blocking)"]
     rows = [[r["mode"], f"{r['ratio']:g} ({r['ratio_realized']:.2f})", r["link_mbit"],
              f"{r['utilization_min']:.2f} / {r['utilization_median']:.2f}",
              r["waited_of_wall_median"],
              r["swarm_samples_per_s"], r["of_solo"],
              f"{r['rounds']} ({r['rounds_averaged_min']})", r["round_s_median"],
-             r["mb_per_peer_per_round"]] for r in results]
+             r["mb_per_peer_per_round"],
+             f"{r['val_loss']:.5f} ({r['val_loss'] / blocking_loss(results, r):.3f})"]
+            for r in results]
     print(format_table(headers, rows))
     for r in results:
         for what in ("joiner", "churn"):
@@ -491,7 +551,8 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": a.rounds, "batch": a.batch, "codec": a.codec, "size_codec": size_codec,
         "joiner_after_rounds": a.joiner, "churn_every_s": a.churn,
         "step_s": step_s,
-        "elements": elements, "rate_ratio1_mbit": rate_ratio1, "results": results}, ns.json)
+        "elements": elements, "rate_ratio1_mbit": rate_ratio1, "solo_val_loss": solo_loss,
+        "results": results}, ns.json)
     print(f"\nJSON: {path}")
     return 0
 

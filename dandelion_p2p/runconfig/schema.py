@@ -36,6 +36,8 @@ and scored as a violation (protocol/averaging.md section 3). The one default of 
 config's ``averaging.max_weight`` and ``MatchmakingSettings``."""
 
 MAX_INTEGER = 2**63
+MAX_FRAGMENTS = 64
+"""The most fragments a streaming run cuts its vector into (``sync.fragments``)."""
 """Integers are bounded like a signed 64-bit value: the trainer hands them to C code."""
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
@@ -152,6 +154,10 @@ class SyncConfig:
     overlap: bool = False
     """Average each round's pseudo-gradient while the next round's local steps train, and
     apply it one round late (local_steps mode; ``worker/overlap.py``)."""
+    fragments: int = 1
+    """Streaming (with ``overlap``): the vector is cut into this many fragments, synced one at
+    a time every local_steps / fragments steps, each over the local_steps steps since its own
+    last sync (``worker/fragments.py``). 1: the whole vector every local_steps steps."""
     target_batch: int = 256
     """Samples the swarm accumulates before one lockstep optimizer step (gradient mode)."""
 
@@ -394,6 +400,12 @@ def validate(c: RunConfig) -> list[str]:
     need(y.target_batch >= 1, "sync.target_batch", "must be >= 1")
     need(not (y.overlap and y.mode != "local_steps"), "sync.overlap",
          "applies to local_steps mode only")
+    need(1 <= y.fragments <= MAX_FRAGMENTS, "sync.fragments", f"must be 1-{MAX_FRAGMENTS}")
+    need(y.fragments == 1 or y.overlap, "sync.fragments",
+         "streaming fragments need sync.overlap = true")
+    need(y.fragments < 1 or y.local_steps % y.fragments == 0, "sync.fragments",
+         "must divide sync.local_steps (each fragment syncs every local_steps / fragments "
+         "steps)")
     a = c.averaging
     need(2 <= a.min_group <= a.max_group <= 256, "averaging.min_group",
          "need 2 <= min_group <= max_group <= 256")

@@ -13,6 +13,7 @@ import logging
 import time
 from typing import Any, Protocol
 
+import numpy as np
 import trio
 
 from dandelion_p2p.averaging.averager import Averager, AveragingSettings, NoGroup
@@ -20,6 +21,7 @@ from dandelion_p2p.averaging.compression import BufferErrorFeedback
 from dandelion_p2p.averaging.matchmaking import MatchmakingSettings, group_run_key
 from dandelion_p2p.errors import ConfigError, DandelionError
 from dandelion_p2p.identity import PeerId
+from dandelion_p2p.runconfig.schema import MAX_FRAGMENTS
 from dandelion_p2p.sync.runsource import CurrentRun, RunDocument
 from dandelion_p2p.sync.state import TrainingState
 from dandelion_p2p.telemetry import Telemetry
@@ -66,7 +68,8 @@ class Rounds:
         self.telemetry = telemetry
         self.averager: Averager | None = None
         self.averager_key = b""
-        self._feedback: BufferErrorFeedback | None = None
+        self._feedback: dict[int, BufferErrorFeedback] = {}
+        """Error feedback per fragment (keyed by where it starts in the buffer)."""
         self.grouped_last = True
         """The last round found a group: wait for it (``MIN_PATIENCE``) in this one."""
         self.last_round: dict[str, Any] | None = None
@@ -74,10 +77,12 @@ class Rounds:
         """The newest round a sync was asked for (-1: none yet)."""
 
     async def sync(self, buffer: SharedVector, round_: int, weight: float,
-                   trained_under: int, first_step: int, known: int) -> dict[str, Any]:
-        """Average ``buffer`` for round ``round_`` (weight: the samples behind it), trained
-        under config version ``trained_under`` from global step ``first_step``; the answer
-        carries the versions newer than ``known``.
+                   trained_under: int, first_step: int, known: int,
+                   span: tuple[int, int] | None = None) -> dict[str, Any]:
+        """Average ``buffer`` (``span``: only its elements [start, stop), a streaming
+        fragment) for round ``round_`` (weight: the samples behind it), trained under config
+        version ``trained_under`` from global step ``first_step``; the answer carries the
+        versions newer than ``known``.
 
         Raises:
             ConfigError: the round failed on bad input (a vector the group cannot use).
@@ -97,7 +102,9 @@ class Rounds:
                      in_force.version, in_force.effective_step)
             result = not_averaged()
         else:
-            result = await self._average(buffer, in_force, round_, weight, started)
+            start, stop = span if span is not None else (0, buffer.array.size)
+            result = await self._average(buffer.array[start:stop], start, in_force, round_,
+                                         weight, started)
         seconds = trio.current_time() - started
         result["round"] = round_
         result["round_seconds"] = seconds
@@ -113,9 +120,10 @@ class Rounds:
         self.state.round_ended()
         return result
 
-    async def _average(self, buffer: SharedVector, document: RunDocument, round_: int,
-                       weight: float, started: float) -> dict[str, Any]:
-        """Average the shared buffer with the round's group under config ``document``,
+    async def _average(self, vector: np.ndarray, offset: int, document: RunDocument,
+                       round_: int, weight: float, started: float) -> dict[str, Any]:
+        """Average ``vector`` (the shared buffer, or its fragment that starts at ``offset``: a
+        view, averaged in place) with the round's group under config ``document``,
         waiting for a group as long as the last round had one (see ``MIN_PATIENCE``)."""
         averager = self._averager_for(document)
         patience = max(MIN_PATIENCE, 10 * document.config.averaging.gather_window)
@@ -123,10 +131,10 @@ class Rounds:
         while True:
             try:
                 report = await averager.all_reduce(
-                    buffer.array,
+                    vector,
                     max(weight, 1e-6),
                     round_,
-                    error_feedback=self._error_feedback(averager, buffer),
+                    error_feedback=self._error_feedback(averager, vector, offset),
                     # Nothing to add (a joiner): take the result without reducing a span.
                     reduces=weight > 0,
                 )
@@ -190,17 +198,21 @@ class Rounds:
             )
             self.averager = self.averagers.create(key, settings)
             self.averager_key = key
-            self._feedback = None
+            self._feedback = {}
         return self.averager
 
-    def _error_feedback(self, averager: Averager,
-                        buffer: SharedVector) -> BufferErrorFeedback | None:
-        """One error feedback per run and vector, kept across rounds: with a lossy codec,
-        what compression drops from a round's pseudo-gradient is sent in later rounds."""
+    def _error_feedback(self, averager: Averager, vector: np.ndarray,
+                        offset: int) -> BufferErrorFeedback | None:
+        """One error feedback per run and vector (per fragment with streaming), kept across
+        rounds: with a lossy codec, what compression drops from a round's pseudo-gradient is
+        sent in that vector's later rounds. At most ``MAX_FRAGMENTS`` are kept: the fragments
+        of a run's buffer never overlap."""
         if averager.settings.codec == "none":
             return None
-        size = buffer.array.size
-        fb = self._feedback
+        size = vector.size
+        fb = self._feedback.get(offset)
         if fb is None or fb.size != size or fb.codec.name != averager.settings.codec:
-            fb = self._feedback = averager.error_feedback_for(size)
+            if fb is None and len(self._feedback) >= MAX_FRAGMENTS:
+                self._feedback.clear()  # another buffer: the old fragments are gone
+            fb = self._feedback[offset] = averager.error_feedback_for(size)
         return fb

@@ -244,7 +244,9 @@ class WorkerMethods:
         round_ = int(need_number(params, "round", 0, 2**53))
         weight = need_number(params, "weight", 0, 1e12)
         trained_under, first_step, known = protocol.round_config(params)
-        return await self.rounds.sync(buffer, round_, weight, trained_under, first_step, known)
+        span = protocol.sync_span(params, buffer.array.size)
+        return await self.rounds.sync(buffer, round_, weight, trained_under, first_step, known,
+                                      span=span)
 
     async def h_catch_up(self, params: dict[str, Any]) -> dict[str, Any]:
         """Download the swarm's state into the worker's checkpoint folder when peers are

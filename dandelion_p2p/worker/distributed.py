@@ -78,11 +78,14 @@ class RankLink:
                         else np.zeros(elements, dtype=np.float32))
         return self._buffer
 
-    def sync(self, round_: int, weight: float, kind: str) -> SyncOutcome:
+    def sync(self, round_: int, weight: float, kind: str, *,
+             span: tuple[int, int] | None = None) -> SyncOutcome:
         # ``weight`` is already the whole peer's: the ranks summed their samples each step.
-        outcome = self.inner.sync(round_, weight, kind) if self.inner is not None else None
+        outcome = (self.inner.sync(round_, weight, kind, span=span) if self.inner is not None
+                   else None)
         assert self._buffer is not None
-        self.group.broadcast_(torch.from_numpy(self._buffer))
+        start, stop = span if span is not None else (0, self._buffer.size)
+        self.group.broadcast_(torch.from_numpy(self._buffer[start:stop]))
         outcome = self.group.share(outcome)
         self._share_configs()
         return outcome  # type: ignore[no-any-return]

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from dandelion_p2p.worker import fragments
 from dandelion_p2p.worker.link import DaemonLink, SyncOutcome
 from dandelion_p2p.worker.model import assign_from
 from dandelion_p2p.worker.round_rules import averaged_in_full
@@ -91,12 +92,14 @@ def take_part(trainer: Trainer, round_: int) -> SyncOutcome:
     """Round ``round_`` with nothing to add: a zero vector of weight 0, trained (for the
     daemon's version check) under the config version in force at the round's first step."""
     link = trainer.link
-    first_step = (round_ - 1) * trainer.config.sync.local_steps
+    first_step = (round_ - 1) * fragments.interval(trainer.config)
     in_force = link.run_configs.in_force(first_step)
     link.round_config(in_force.version if in_force is not None else 0, first_step)
     trainer.shared.zero_()
     trainer.report("syncing", force=True)
-    return link.sync(round_, 0.0, "local_steps")
+    span = fragments.round_span(trainer.config, round_, trainer.n_elements)
+    return link.sync(round_, 0.0, "local_steps",
+                     span=span if trainer.config.sync.fragments > 1 else None)
 
 
 def catch_up_taking_part(trainer: Trainer, have: int, *, wait: bool = False,
@@ -126,7 +129,7 @@ def catch_up_taking_part(trainer: Trainer, have: int, *, wait: bool = False,
 
     thread = threading.Thread(target=download, name="catch-up", daemon=True)
     thread.start()
-    h = trainer.config.sync.local_steps
+    h = fragments.interval(trainer.config)
     already = kept.rounds()
     next_round = max(already) + 1 if already else None
     missed = False  # since the last round kept: the chain must start again after it
@@ -154,7 +157,8 @@ def catch_up_taking_part(trainer: Trainer, have: int, *, wait: bool = False,
         if outcome.stopping:
             break
         if averaged_in_full(outcome):
-            kept.keep(next_round, outcome.members, trainer.shared.numpy())
+            a, b = fragments.round_span(trainer.config, next_round, trainer.n_elements)
+            kept.keep(next_round, outcome.members, trainer.shared[a:b].numpy())
             next_round += 1
             missed = False
         elif outcome.members > 1 or outcome.behind:
@@ -175,9 +179,10 @@ def apply_round(trainer: Trainer, outcome: SyncOutcome) -> None:
     of it takes it: the weights move to the new start and the global step to the round's
     end."""
     assert trainer.outer is not None
-    new_start = trainer.outer.step(trainer.shared)
+    span = fragments.round_span(trainer.config, outcome.round, trainer.n_elements)
+    new_start = trainer.outer.step(trainer.shared, span)
     assign_from(trainer.params, new_start)
-    trainer.position.global_step += trainer.config.sync.local_steps
+    trainer.position.global_step += fragments.interval(trainer.config)
     trainer.after_sync(outcome, new_start)
 
 
@@ -187,7 +192,7 @@ def apply_kept(trainer: Trainer) -> tuple[int, bool]:
     missing from the chain (they stay on disk for a newer state to bridge); the rounds
     applied and those the state already holds are deleted."""
     assert trainer.outer is not None
-    h = trainer.config.sync.local_steps
+    h = fragments.interval(trainer.config)
     p = trainer.position
     kept = kept_rounds(trainer)
     applied = 0
@@ -198,7 +203,8 @@ def apply_kept(trainer: Trainer) -> tuple[int, bool]:
         if round_ != p.global_step // h + 1:
             break
         trainer.apply_run_config()
-        trainer.shared.copy_(torch.from_numpy(np.load(path)))
+        a, b = fragments.round_span(trainer.config, round_, trainer.n_elements)
+        trainer.shared[a:b] = torch.from_numpy(np.load(path))
         apply_round(trainer, SyncOutcome(round_, True, 1.0, members, 0.0))
         path.unlink()
         applied += 1
@@ -217,7 +223,7 @@ def join_swarm(trainer: Trainer) -> None:
     part in meanwhile, or arrive at the next round with nothing to add and take the others'
     average. If the swarm moved on meanwhile, fetch its newer state and try again."""
     assert trainer.outer is not None
-    h = trainer.config.sync.local_steps
+    h = fragments.interval(trainer.config)
     for _attempt in range(JOIN_ATTEMPTS):
         p = trainer.position
         if p.global_step >= trainer.config.training.max_steps:
@@ -271,7 +277,7 @@ def state_wait(trainer: Trainer, step: int) -> float:
     """Seconds a peer left behind at ``step`` waits for the others' state: they write it at
     their next checkpoint step (at the latest their last step), that many rounds away at the
     pace this peer saw, times ``WAIT_MARGIN``."""
-    h = trainer.config.sync.local_steps
+    h = fragments.interval(trainer.config)
     every = trainer.config.checkpoint.every_steps
     written_at = min(-(-step // every) * every, trainer.config.training.max_steps)
     rounds = max(0, written_at - step) // h + 1
@@ -294,7 +300,7 @@ def catch_up_and_join(trainer: Trainer, outcome: SyncOutcome | None = None) -> b
     have = trainer.checkpoints.latest_step()
     wanted, deadline = -1, 0.0
     if outcome is not None and outcome.left_behind:
-        wanted = outcome.round * trainer.config.sync.local_steps
+        wanted = outcome.round * fragments.interval(trainer.config)
         if have >= wanted:
             log.warning("left behind in round %d, but this peer holds a checkpoint of step "
                         "%d already: training on from it", outcome.round, have)

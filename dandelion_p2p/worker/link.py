@@ -66,7 +66,11 @@ class Link(Protocol):
 
     def buffer(self, elements: int) -> np.ndarray: ...
 
-    def sync(self, round_: int, weight: float, kind: str) -> SyncOutcome: ...
+    def sync(self, round_: int, weight: float, kind: str, *,
+             span: tuple[int, int] | None = None) -> SyncOutcome:
+        """Average the shared buffer (``span``: only its elements [start, stop), a streaming
+        fragment) with the swarm's round ``round_``."""
+        ...
 
     def progress(self, fields: dict[str, Any], force: bool = False) -> bool:
         """Report progress; True when the daemon asks the worker to stop."""
@@ -102,7 +106,8 @@ class SoloLink:
         self._buffer = np.zeros(elements, dtype=np.float32)
         return self._buffer
 
-    def sync(self, round_: int, weight: float, kind: str) -> SyncOutcome:
+    def sync(self, round_: int, weight: float, kind: str, *,
+             span: tuple[int, int] | None = None) -> SyncOutcome:
         return SyncOutcome(round_, False, 0.0, 1, 0.0)
 
     def progress(self, fields: dict[str, Any], force: bool = False) -> bool:
@@ -172,7 +177,8 @@ class DaemonLink:
         return self._shared.array
 
     def sync(self, round_: int, weight: float, kind: str, *,
-             config: tuple[int, int] | None = None, learn: bool = True) -> SyncOutcome:
+             config: tuple[int, int] | None = None, learn: bool = True,
+             span: tuple[int, int] | None = None) -> SyncOutcome:
         """``config``: the (version, first step) the round trained under, when not the last
         ``round_config`` (a round averaged while the next one trains, ``overlap``).
         ``learn=False``: keep the answer's new versions for ``learn_pending``, so that a round
@@ -185,7 +191,8 @@ class DaemonLink:
             protocol.SYNC,
             {"session": self.session, "round": round_, "weight": float(weight), "kind": kind,
              "config_version": version, "step": first_step,
-             "known_version": newest.version if newest is not None else 0},
+             "known_version": newest.version if newest is not None else 0,
+             **({"span": list(span)} if span is not None else {})},
             timeout=self.sync_timeout,
         )
         # A daemon that is stopping answers before looking at versions: nothing new then.

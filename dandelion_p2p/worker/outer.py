@@ -22,20 +22,29 @@ class OuterNesterov:
         """``out = start - current``: how far the local steps moved."""
         torch.sub(self.start, current, out=out)
 
-    def step(self, averaged: torch.Tensor) -> torch.Tensor:
-        """Apply the averaged pseudo-gradient; returns (and remembers) the new start weights."""
-        self.momentum_buffer.mul_(self.momentum).add_(averaged)
-        update = averaged + self.momentum * self.momentum_buffer
-        self.start.sub_(update, alpha=self.lr)
+    def step(self, averaged: torch.Tensor, span: tuple[int, int] | None = None) -> torch.Tensor:
+        """Apply the averaged pseudo-gradient; returns (and remembers) the new start weights.
+        ``span``: [start, stop) of the elements the round averaged (a streaming fragment,
+        ``fragments``); the others, their momentum included, stay as they are."""
+        a, b = span if span is not None else (0, self.start.numel())
+        g = averaged[a:b]
+        momentum = self.momentum_buffer[a:b]
+        momentum.mul_(self.momentum).add_(g)
+        update = g + self.momentum * momentum
+        self.start[a:b].sub_(update, alpha=self.lr)
         return self.start
 
-    def look_ahead(self, pseudo_gradient: torch.Tensor, out: torch.Tensor) -> None:
+    def look_ahead(self, pseudo_gradient: torch.Tensor, out: torch.Tensor,
+                   span: tuple[int, int] | None = None) -> None:
         """``out`` = the start weights after a step with ``pseudo_gradient``, leaving the start
         and the momentum as they are: where the swarm's step will about land while its
-        average is still being made (``overlap``)."""
-        torch.mul(self.momentum_buffer, self.momentum * self.momentum, out=out)
-        out.add_(pseudo_gradient, alpha=1.0 + self.momentum)
-        out.mul_(-self.lr).add_(self.start)
+        average is still being made (``overlap``). With ``span`` only those elements of
+        ``out`` are written."""
+        a, b = span if span is not None else (0, self.start.numel())
+        target = out[a:b]
+        torch.mul(self.momentum_buffer[a:b], self.momentum * self.momentum, out=target)
+        target.add_(pseudo_gradient[a:b], alpha=1.0 + self.momentum)
+        target.mul_(-self.lr).add_(self.start[a:b])
 
     def restart_from(self, current: torch.Tensor) -> torch.Tensor:
         """A round this peer had to itself: the next local steps start from ``current``, and

@@ -21,6 +21,11 @@ local steps train, and its outer step is applied at the next boundary, one round
   the look-ahead point, and its G, which takes its own pseudo-gradients as they are, keeps
   that one step of extrapolation. Only the round's thread touches the shared buffer until it
   is waited for.
+- A round that comes back averaged in full before the next boundary is applied then, at the
+  first step after it is back (``poll``), and the local weights move by G_r minus the
+  look-ahead point they started from: the rest of the round's local steps train on from G_r
+  plus their own progress, as blocking mode's do, and the next pseudo-gradient is taken from
+  G_r. On a fast network that is nearly all of the round.
 - Which rounds are applied is the blocking mode's rule (``round_rules``): only a round that
   averaged the whole vector; a round alone lets G take the peer's own pseudo-gradient as it
   is (without ``sync.outer_step_alone``: a lone peer's weights are what its inner optimizer
@@ -43,6 +48,14 @@ local steps train, and its outer step is applied at the next boundary, one round
   waits for its own round. A worker restarted from a checkpoint misses the round that was in
   flight when it died and, like any late peer, catches up from the swarm.
 
+With streaming (``sync.fragments`` > 1, ``fragments``) a boundary comes every H / F steps and
+its round carries one fragment: delta, look-ahead, local start and the applied step are all
+of that fragment's elements, and the other fragments train on untouched. ``drain`` and
+``_rebase`` work element by element, so they hold as they are. A checkpoint stores G as the
+weights and this peer's progress apart (``checkpoint_tensors``): peers' drained weights
+differ where fragments have progress not yet synced, and a joiner checks that the peers
+offering a state agree on its weights.
+
 The round runs on a thread only against a daemon (``DaemonLink``): a peer on several devices
 averages inside collective calls that must stay in step with its ranks' gradient reductions,
 so it averages at the boundary, as blocking mode does, and still applies the round one
@@ -59,11 +72,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from dandelion_p2p.errors import ConfigError
+from dandelion_p2p.worker import fragments
 from dandelion_p2p.worker.link import DaemonLink, SyncOutcome
 from dandelion_p2p.worker.model import assign_from, flatten_into
 from dandelion_p2p.worker.round_rules import OuterRule, log_not_applied, needs_catch_up, outer_rule
 
 if TYPE_CHECKING:
+    from dandelion_p2p.worker.checkpoint import Checkpoint
     from dandelion_p2p.worker.train import Trainer
 
 log = logging.getLogger(__name__)
@@ -72,8 +88,11 @@ log = logging.getLogger(__name__)
 class RoundInFlight:
     """One round being averaged, on a thread or (``threaded=False``) already done."""
 
-    def __init__(self, round_: int, run: Callable[[], SyncOutcome], threaded: bool) -> None:
+    def __init__(self, round_: int, span: tuple[int, int], run: Callable[[], SyncOutcome],
+                 threaded: bool) -> None:
         self.round = round_
+        self.span = span
+        """[start, stop) of the elements the round averages (``fragments``)."""
         self.launched = time.time()
         self.finished = 0.0
         self.outcome: SyncOutcome | None = None
@@ -128,7 +147,8 @@ class Overlap:
         t = self.t
         assert t.outer is not None
         p = t.position
-        round_ = p.global_step // t.config.sync.local_steps
+        round_ = p.global_step // fragments.interval(t.config)
+        a, b = span = fragments.round_span(t.config, round_, t.n_elements)
         self.skipped = None
         flatten_into(t.params, t.flat)
         outcome = self._apply_in_flight()
@@ -137,33 +157,36 @@ class Overlap:
             self.skipped = round_
             return outcome
         start = self.local_start if self.local_start is not None else t.outer.start
-        torch.sub(start, t.flat, out=t.shared)
-        if not bool(torch.isfinite(t.shared).all()):
+        # Only this round's span (its fragment; all of the vector without streaming) is
+        # synced now: the other fragments train on towards their own boundaries.
+        torch.sub(start[a:b], t.flat[a:b], out=t.shared[a:b])
+        if not bool(torch.isfinite(t.shared[a:b]).all()):
             raise FloatingPointError("the local steps produced non-finite weights")
         # Train on from where G will about land once this round is applied: the outer step
         # taken with this peer's own pseudo-gradient in place of the swarm's average (when
         # the last round applied took one), else G plus that pseudo-gradient as it is.
         if self.steps_outer:
-            t.outer.look_ahead(t.shared, t.flat)
+            t.outer.look_ahead(t.shared, t.flat, span)
         else:
-            torch.sub(t.outer.start, t.shared, out=t.flat)
+            torch.sub(t.outer.start[a:b], t.shared[a:b], out=t.flat[a:b])
         if self.local_start is None:
-            self.local_start = t.flat.clone()
-        else:
-            self.local_start.copy_(t.flat)
+            self.local_start = t.outer.start.clone()
+        self.local_start[a:b] = t.flat[a:b]
         assign_from(t.params, t.flat)
         weight, p.samples_since_sync = p.samples_since_sync, 0
+        sync_span = span if t.config.sync.fragments > 1 else None
         link = t.link
         if isinstance(link, DaemonLink) and t.peer_group.world == 1:
             # The version and first step the round trained under, taken now: the trainer
             # may switch versions at this boundary while the round runs.
             config = link.round_config_now()
             self.in_flight = RoundInFlight(
-                round_, lambda: link.sync(round_, weight, "local_steps", config=config,
-                                          learn=False), threaded=True)
+                round_, span, lambda: link.sync(round_, weight, "local_steps", config=config,
+                                                learn=False, span=sync_span), threaded=True)
         else:
             self.in_flight = RoundInFlight(
-                round_, lambda: link.sync(round_, weight, "local_steps"), threaded=False)
+                round_, span, lambda: link.sync(round_, weight, "local_steps", span=sync_span),
+                threaded=False)
         if p.global_step % t.config.checkpoint.every_steps == 0:
             # The checkpoint written next must hold this round: wait for it here, where a
             # round this peer was left out of still sends it to catch up before the save.
@@ -172,15 +195,79 @@ class Overlap:
                 return drained
         return outcome
 
+    def poll(self) -> None:
+        """Between boundaries: when the round in flight has come back averaged in full, apply
+        it now rather than at the next boundary, and move the local weights of its span by
+        what the swarm's average changed: ``G_r - A``, A the look-ahead point (the local
+        start) the steps since the boundary started from. From here the local steps train
+        on from G_r plus their own progress, as in blocking mode, instead of from the
+        look-ahead until the next boundary, and the round's pseudo-gradient is G_r minus
+        the weights at its end. G takes the same averages in the same order as before, so
+        it stays bit-identical across peers whatever step each applies a round at. A round
+        with any other outcome (alone, partial, left behind) waits for the boundary, whose
+        rules it needs."""
+        flight = self.in_flight
+        t = self.t
+        if (flight is None or flight.thread is None or flight.thread.is_alive()
+                or flight.outcome is None or self.local_start is None
+                or outer_rule(flight.outcome, t.config.sync.outer_step_alone)
+                is not OuterRule.STEP):
+            return
+        assert t.outer is not None
+        a, b = flight.span
+        flatten_into(t.params, t.flat)
+        self._apply_in_flight()
+        g = t.outer.start[a:b]
+        t.flat[a:b] += g - self.local_start[a:b]
+        self.local_start[a:b] = g
+        assign_from(t.params, t.flat)
+
     def start_skipped_round(self) -> SyncOutcome | None:
         """After a catch-up that loaded nothing, the worker still stands at the boundary whose
         round ``boundary`` left for it: start that round now. The others average it, and a
         peer that sat it out would apply every later round to other start weights than
         theirs. Returns what ``boundary`` returns."""
         round_, self.skipped = self.skipped, None
-        if round_ is None or self.t.position.global_step != round_ * self.t.config.sync.local_steps:
+        if (round_ is None
+                or self.t.position.global_step != round_ * fragments.interval(self.t.config)):
             return None
         return self.boundary()
+
+    def checkpoint_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        """With streaming, what a checkpoint writes in place of the weights. Drained, the
+        weights are G plus each fragment's progress since its own last sync, which differs
+        from peer to peer; but a checkpoint's ``trainable.safetensors`` is the swarm's state,
+        whose hash a joiner compares across the peers that offer it. So it holds G, and this
+        peer's progress goes to ``local.safetensors`` (``restore_local`` adds it back). Without
+        fragments a checkpoint step's drained weights are G already: nothing changes."""
+        t = self.t
+        assert t.outer is not None
+        if t.config.sync.fragments == 1:
+            return {}
+        flatten_into(t.params, t.flat)
+        g = t.outer.start
+        trainable: dict[str, torch.Tensor] = {}
+        offset = 0
+        for name, param in t.c.trainable:
+            n = param.numel()
+            trainable[name] = g[offset:offset + n].view_as(param).to(param.dtype)
+            offset += n
+        return {"trainable": trainable, "local": {"progress": t.flat - g}}
+
+    def restore_local(self, checkpoint: Checkpoint) -> None:
+        """After a checkpoint's weights (G, with streaming) are loaded: add back the progress
+        of the peer that wrote it (``checkpoint_tensors``). A joiner's join then sets its
+        weights to G."""
+        if not checkpoint.has("local.safetensors"):
+            return
+        t = self.t
+        progress = checkpoint.tensors("local")["progress"]
+        if progress.shape != t.flat.shape:
+            raise ConfigError(f"checkpoint {checkpoint.path}: local progress of "
+                              f"{progress.numel()} elements for {t.n_elements} parameters")
+        flatten_into(t.params, t.flat)
+        t.flat.add_(progress)
+        assign_from(t.params, t.flat)
 
     def drain(self) -> SyncOutcome | None:
         """Wait for the round in flight, apply it, and go back to the blocking mode's form
@@ -220,19 +307,22 @@ class Overlap:
             t.link.learn_pending()
         rule = outer_rule(outcome, t.config.sync.outer_step_alone)
         self.steps_outer = rule is OuterRule.STEP
+        a, b = flight.span
         if rule is OuterRule.STEP:
-            outer.step(t.shared)
+            outer.step(t.shared, flight.span)
         elif rule is OuterRule.NONE:
             log_not_applied(outcome)
         else:
             # Alone: the buffer holds this peer's own pseudo-gradient, untouched.
-            outer.start.sub_(t.shared)
+            outer.start[a:b].sub_(t.shared[a:b])
         p = t.position
         samples = p.samples_since_sync  # of the round training now, not the one applied
         # When the round ran (wall clock, as ``train_log.jsonl``'s times): the steps trained
         # meanwhile are the overlap.
         t.after_sync(outcome, outer.start, waited=waited,
                      extra={"launched": round(flight.launched, 3),
-                            "finished": round(flight.finished, 3)})
+                            "finished": round(flight.finished, 3),
+                            **({"span": list(flight.span)} if t.config.sync.fragments > 1
+                               else {})})
         p.samples_since_sync = samples
         return outcome

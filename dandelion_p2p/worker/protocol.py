@@ -14,7 +14,7 @@ from dandelion_p2p.errors import ConfigError
 from dandelion_p2p.runconfig.schema import RunConfig, loads
 from dandelion_p2p.runconfig.timeline import Versioned
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 HELLO = "worker.hello"
 BUFFER = "worker.buffer"
@@ -63,6 +63,23 @@ def round_config(params: dict[str, Any]) -> tuple[int, int, int]:
     return (_bounded_int(params.get("config_version"), "config_version", 0, 2**63),
             _bounded_int(params.get("step"), "step", 0, MAX_STEP),
             _bounded_int(params.get("known_version"), "known_version", 0, 2**63))
+
+
+def sync_span(params: dict[str, Any], elements: int) -> tuple[int, int] | None:
+    """From a ``worker.sync`` request: the [start, stop) of the buffer to average (a
+    streaming fragment), or None for the whole buffer.
+
+    Raises:
+        ConfigError: the span is malformed or does not lie inside the buffer.
+    """
+    value = params.get("span")
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != 2:
+        raise ConfigError("'span' must be [start, stop]")
+    start = _bounded_int(value[0], "span start", 0, elements)
+    stop = _bounded_int(value[1], "span stop", start + 1, elements + 1)
+    return start, stop
 
 
 def _bounded_int(value: Any, what: str, low: int, high: int) -> int:

@@ -30,7 +30,7 @@ import torch
 from dandelion_p2p.errors import ConfigError
 from dandelion_p2p.runconfig.schema import RunConfig
 from dandelion_p2p.runconfig.timeline import fixed_changes
-from dandelion_p2p.worker import diffusion, joining
+from dandelion_p2p.worker import diffusion, fragments, joining
 from dandelion_p2p.worker.batches import BatchMaker
 from dandelion_p2p.worker.bucketing import make_buckets
 from dandelion_p2p.worker.checkpoint import Checkpoint, CheckpointStore
@@ -223,7 +223,8 @@ class Trainer:
             samples += n
             p = self.position
             self.log_step(loss, samples / max(1e-9, time.monotonic() - started))
-            boundary = self.outer is None or p.global_step % self.config.sync.local_steps == 0
+            boundary = (self.outer is None
+                        or p.global_step % fragments.interval(self.config) == 0)
             if self.outer is not None and boundary:
                 outcome = (self.overlap.boundary() if self.overlap is not None
                            else self.sync_local_steps())
@@ -235,6 +236,8 @@ class Trainer:
                                if self.overlap is not None and not loaded else None)
                 if outcome is not None and alone(outcome):
                     self.look_ahead.after_alone_round(self)
+            elif self.overlap is not None:
+                self.overlap.poll()
             if boundary:
                 self.apply_run_config()
             if p.global_step % self.config.checkpoint.every_steps == 0:
@@ -479,6 +482,8 @@ class Trainer:
             tensors["ema"] = self.ema.state_dict()
         if self.outer is not None:
             tensors["outer"] = self.outer.state_dict()
+        if self.overlap is not None:
+            tensors.update(self.overlap.checkpoint_tensors())
         blobs = {
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -513,6 +518,8 @@ class Trainer:
             self.ema.load_state_dict(checkpoint.tensors("ema"), checkpoint.meta["ema_updates"])
         if self.outer is not None:
             self.outer.load_state_dict(checkpoint.tensors("outer"))
+        if self.overlap is not None:
+            self.overlap.restore_local(checkpoint)
         load_optimizer_state(self.optimizer, checkpoint.blob("optimizer"))
         self.scaler.load_state_dict(checkpoint.blob("scaler"))
         rng = checkpoint.blob("rng")

@@ -25,7 +25,8 @@ class RecordingLink(SoloLink):
         super().__init__(run_config)
         self.weights: list[float] = []
 
-    def sync(self, round_: int, weight: float, kind: str) -> SyncOutcome:
+    def sync(self, round_: int, weight: float, kind: str, *,
+             span: tuple[int, int] | None = None) -> SyncOutcome:
         self.weights.append(weight)
         return super().sync(round_, weight, kind)
 
@@ -34,7 +35,8 @@ class SplitFirstLink(RecordingLink):
     """Its first round split: two members, nothing averaged (gradient mode carries the
     step's gradient to the next)."""
 
-    def sync(self, round_: int, weight: float, kind: str) -> SyncOutcome:
+    def sync(self, round_: int, weight: float, kind: str, *,
+             span: tuple[int, int] | None = None) -> SyncOutcome:
         outcome = super().sync(round_, weight, kind)
         return SyncOutcome(round_, False, 0.0, 2, 0.0) if len(self.weights) == 1 else outcome
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from dandelion_p2p.worker import fragments
 from dandelion_p2p.worker.outer import OuterNesterov
 
 
@@ -28,3 +29,23 @@ def test_the_look_ahead_lands_where_the_step_does_and_takes_no_step() -> None:
     torch.testing.assert_close(ahead, stepped, rtol=0, atol=1e-6)
     # With momentum behind it, the step goes further than the pseudo-gradient alone.
     assert torch.linalg.norm(start - ahead) > torch.linalg.norm(pseudo_gradient)
+
+
+def test_steps_on_each_fragment_in_turn_match_one_step_on_the_whole_vector() -> None:
+    whole, parts = optimizer_after_two_steps(), optimizer_after_two_steps()
+    averaged = torch.randn(1000, generator=torch.Generator().manual_seed(5)) * 0.01
+    ahead_whole, ahead_parts = torch.empty(1000), torch.full((1000,), float("nan"))
+    whole.look_ahead(averaged, ahead_whole)
+    for fragment in range(3):
+        span = fragments.span(3, fragment, 1000)
+        parts.look_ahead(averaged, ahead_parts, span)
+        before = parts.start.clone()
+        parts.step(averaged, span)
+        a, b = span
+        # A fragment's step leaves every element outside it, and its momentum, untouched.
+        assert torch.equal(parts.start[:a], before[:a])
+        assert torch.equal(parts.start[b:], before[b:])
+    whole.step(averaged)
+    assert torch.equal(ahead_parts, ahead_whole)
+    assert torch.equal(parts.start, whole.start)
+    assert torch.equal(parts.momentum_buffer, whole.momentum_buffer)

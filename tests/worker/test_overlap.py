@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from dandelion_p2p.errors import ConfigError
 from dandelion_p2p.runconfig.schema import loads
+from dandelion_p2p.worker import fragments
 from dandelion_p2p.worker.train import vector_digest
 from tests.worker.runconfigs import tiny_run
 from tests.worker.test_alone import train, weights
@@ -32,8 +33,13 @@ def test_overlap_is_a_local_steps_setting() -> None:
         loads(base + '[sync]\nmode = "gradient"\noverlap = true\n')
 
 
-def test_a_lone_overlapping_peer_follows_its_inner_optimizer(tiny_sd1: Path, images: Path,
-                                                             tmp_path: Path) -> None:
+@pytest.mark.parametrize("streaming", [
+    {"local_steps": 2},
+    # Two fragments, a round every two steps: each applied round moves half of G.
+    {"local_steps": 4, "fragments": 2},
+], ids=["whole", "fragments"])
+def test_a_lone_overlapping_peer_follows_its_inner_optimizer(
+        tiny_sd1: Path, images: Path, tmp_path: Path, streaming: dict[str, int]) -> None:
     trained: dict[str, torch.Tensor] = {}
 
     def run(work: str, **sync: object) -> list[torch.Tensor]:
@@ -44,12 +50,16 @@ def test_a_lone_overlapping_peer_follows_its_inner_optimizer(tiny_sd1: Path, ima
         if trainer.overlap is not None:
             assert trainer.overlap.in_flight is None, "the last checkpoint drained the round"
             flat = torch.cat([w.reshape(-1) for w in weights(trainer)])
-            assert torch.equal(trainer.outer.start, flat), "a checkpoint holds G"
+            # A checkpoint holds G where the last round synced (the whole vector, or its
+            # fragment: the other fragments hold their progress since their own last sync).
+            a, b = fragments.round_span(config, 3, flat.numel())
+            assert torch.equal(trainer.outer.start[a:b], flat[a:b]), "a checkpoint holds G"
             trained.update((name, p.detach().clone()) for name, p in trainer.c.trainable)
+            trained["G"] = trainer.outer.start.clone()
         return weights(trainer)
 
     never_synced = run("never", local_steps=100)
-    overlapped = run("overlap", local_steps=2, overlap=True)
+    overlapped = run("overlap", overlap=True, **streaming)
     # Alone, each applied round sets G to where the round's local steps ended, and the
     # weights go on from G - (S - L) = L: the inner optimizer's path, to float rounding.
     gap = max(float((a - b).abs().max()) for a, b in zip(never_synced, overlapped, strict=True))
@@ -63,14 +73,18 @@ def test_a_lone_overlapping_peer_follows_its_inner_optimizer(tiny_sd1: Path, ima
     # Rounds 1 and 2 are applied at the next boundary; round 3 by the checkpoint at step 6.
     assert [r["global_step"] for r in rounds] == [4, 6, 6]
     assert all(r["waited"] >= 0 and r["launched"] <= r["finished"] for r in rounds)
-    flat = torch.cat([w.reshape(-1) for w in overlapped])
-    assert rounds[-1]["digest"] == vector_digest(flat)
+    assert rounds[-1]["digest"] == vector_digest(trained["G"])
 
 
-def test_a_resumed_overlapping_peer_follows_an_uninterrupted_one(tiny_sd1: Path, images: Path,
-                                                                tmp_path: Path) -> None:
+@pytest.mark.parametrize("streaming", [
+    {"local_steps": 2},
+    # The checkpoints hold G and, apart, the progress of the fragment not synced last.
+    {"local_steps": 4, "fragments": 2},
+], ids=["whole", "fragments"])
+def test_a_resumed_overlapping_peer_follows_an_uninterrupted_one(
+        tiny_sd1: Path, images: Path, tmp_path: Path, streaming: dict[str, int]) -> None:
     config = tiny_run(tiny_sd1, training={"max_steps": 6}, optimizer=OPTIMIZER,
-                      sync={"local_steps": 2, "overlap": True},
+                      sync={"overlap": True, **streaming},
                       checkpoint={"every_steps": 4})
     straight = train(config, images, tmp_path / "straight")
     # Stopped at step 3, with round 1 (launched at step 2) in flight: the stop drains it.
@@ -84,3 +98,10 @@ def test_a_resumed_overlapping_peer_follows_an_uninterrupted_one(tiny_sd1: Path,
     steps = [[json.loads(line)["global_step"] for line in (tmp_path / w / "sync_log.jsonl").open()]
              for w in ("straight", "resumed")]
     assert steps == [[4, 4, 6], [3, 4, 6]], "round 1 drained by the stop at step 3"
+    checkpoint = tmp_path / "straight/checkpoints/step-00000004"
+    saved = load_file(checkpoint / "trainable.safetensors")
+    g = load_file(checkpoint / "outer.safetensors")["start"]
+    flat = torch.cat([saved[name].reshape(-1) for name, _ in straight.c.trainable])
+    # The checkpoint's weights are the swarm's G (what a joiner compares across peers).
+    assert torch.equal(flat, g)
+    assert (checkpoint / "local.safetensors").exists() == ("fragments" in streaming)

@@ -50,7 +50,8 @@ class ReportedRounds(SoloLink):
         super().__init__(run_config)
         self.reported = reported
 
-    def sync(self, round_: int, weight: float, kind: str) -> SyncOutcome:
+    def sync(self, round_: int, weight: float, kind: str, *,
+             span: tuple[int, int] | None = None) -> SyncOutcome:
         return dataclasses.replace(self.reported.get(round_, FULL), round=round_)
 
 
