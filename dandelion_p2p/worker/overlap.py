@@ -50,7 +50,10 @@ local steps train, and its outer step is applied at the next boundary, one round
 
 With streaming (``sync.fragments`` > 1, ``fragments``) a boundary comes every H / F steps and
 its round carries one fragment: delta, look-ahead, local start and the applied step are all
-of that fragment's elements, and the other fragments train on untouched. ``drain`` and
+of that fragment's elements, and the other fragments train on untouched. Rounds queue up
+(``flights``, at most one per fragment) and reach the daemon one at a time, in order; a
+boundary waits only for the round that last synced its own fragment, H steps before, so a
+round has H steps to finish rather than H / F. ``drain`` and
 ``_rebase`` work element by element, so they hold as they are. A checkpoint stores G as the
 weights and this peer's progress apart (``checkpoint_tensors``): peers' drained weights
 differ where fragments have progress not yet synced, and a joiner checks that the peers
@@ -64,6 +67,7 @@ boundary late, so its G follows the same sequence as every other peer's.
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -86,10 +90,12 @@ log = logging.getLogger(__name__)
 
 
 class RoundInFlight:
-    """One round being averaged, on a thread or (``threaded=False``) already done."""
+    """One round being averaged, on a thread or (``threaded=False``) already done. A round's
+    thread first waits for the round launched before it (``after``): a peer's rounds reach
+    its daemon one at a time and in order, as every peer's do."""
 
     def __init__(self, round_: int, span: tuple[int, int], run: Callable[[], SyncOutcome],
-                 threaded: bool) -> None:
+                 threaded: bool, after: RoundInFlight | None = None) -> None:
         self.round = round_
         self.span = span
         """[start, stop) of the elements the round averages (``fragments``)."""
@@ -101,15 +107,22 @@ class RoundInFlight:
         """Seconds the launch itself kept the worker from training (a round run inline)."""
         self.thread: threading.Thread | None = None
         if threaded:
-            self.thread = threading.Thread(target=self._run, args=(run,), daemon=True,
+            self.thread = threading.Thread(target=self._run, args=(run, after), daemon=True,
                                            name=f"round-{round_}")
             self.thread.start()
         else:
             started = time.monotonic()
-            self._run(run)
+            self._run(run, None)
             self.blocked = time.monotonic() - started
 
-    def _run(self, run: Callable[[], SyncOutcome]) -> None:
+    @property
+    def done(self) -> bool:
+        return self.thread is None or not self.thread.is_alive()
+
+    def _run(self, run: Callable[[], SyncOutcome], after: RoundInFlight | None) -> None:
+        if after is not None and after.thread is not None:
+            after.thread.join()
+            self.launched = time.time()
         try:
             self.outcome = run()
         except BaseException as exc:  # raised again on the trainer's thread by ``wait``
@@ -128,7 +141,8 @@ class RoundInFlight:
 class Overlap:
     def __init__(self, trainer: Trainer) -> None:
         self.t = trainer
-        self.in_flight: RoundInFlight | None = None
+        self.flights: collections.deque[RoundInFlight] = collections.deque()
+        """The rounds launched and not applied yet, oldest first: at most one per fragment."""
         self.local_start: torch.Tensor | None = None
         """S while a round is in flight; None: the local start is ``outer.start`` (G)."""
         self.skipped: int | None = None
@@ -138,12 +152,18 @@ class Overlap:
         round applied did (``OuterRule.STEP``). Before the first, a peer with a daemon expects
         a swarm, a peer on its own does not."""
 
+    @property
+    def in_flight(self) -> RoundInFlight | None:
+        """The round launched last, if it is not applied yet."""
+        return self.flights[-1] if self.flights else None
+
     def boundary(self) -> SyncOutcome | None:
-        """At a round boundary: apply the round in flight, start this one (and, at a
-        checkpoint step, wait for it). Returns the outcome of the round applied (None when
-        none was). When that outcome says this peer is behind, no round is left in flight:
-        the worker is drained for the catch-up, and this boundary's round is started by
-        ``start_skipped_round`` when the catch-up finds no newer state."""
+        """At a round boundary: apply the rounds that are back, wait for the one that last
+        synced this boundary's fragment (the round before, without streaming), start this
+        one (and, at a checkpoint step, wait for it). Returns the outcome of the last round
+        applied (None when none was). When an outcome says this peer is behind, no round is
+        left in flight: the worker is drained for the catch-up, and this boundary's round is
+        started by ``start_skipped_round`` when the catch-up finds no newer state."""
         t = self.t
         assert t.outer is not None
         p = t.position
@@ -151,11 +171,16 @@ class Overlap:
         a, b = span = fragments.round_span(t.config, round_, t.n_elements)
         self.skipped = None
         flatten_into(t.params, t.flat)
-        outcome = self._apply_in_flight()
-        if outcome is not None and needs_catch_up(outcome):
-            self._rebase()
-            self.skipped = round_
-            return outcome
+        outcome: SyncOutcome | None = None
+        while self.flights and (self.flights[0].done
+                                or any(f.span == span for f in self.flights)):
+            outcome = self._apply_front()
+            if needs_catch_up(outcome):
+                while self.flights:
+                    self._apply_front()
+                self._rebase()
+                self.skipped = round_
+                return outcome
         start = self.local_start if self.local_start is not None else t.outer.start
         # Only this round's span (its fragment; all of the vector without streaming) is
         # synced now: the other fragments train on towards their own boundaries.
@@ -176,17 +201,19 @@ class Overlap:
         weight, p.samples_since_sync = p.samples_since_sync, 0
         sync_span = span if t.config.sync.fragments > 1 else None
         link = t.link
+        after = self.in_flight
         if isinstance(link, DaemonLink) and t.peer_group.world == 1:
             # The version and first step the round trained under, taken now: the trainer
             # may switch versions at this boundary while the round runs.
             config = link.round_config_now()
-            self.in_flight = RoundInFlight(
+            self.flights.append(RoundInFlight(
                 round_, span, lambda: link.sync(round_, weight, "local_steps", config=config,
-                                                learn=False, span=sync_span), threaded=True)
+                                                learn=False, span=sync_span),
+                threaded=True, after=after))
         else:
-            self.in_flight = RoundInFlight(
+            self.flights.append(RoundInFlight(
                 round_, span, lambda: link.sync(round_, weight, "local_steps", span=sync_span),
-                threaded=False)
+                threaded=False))
         if p.global_step % t.config.checkpoint.every_steps == 0:
             # The checkpoint written next must hold this round: wait for it here, where a
             # round this peer was left out of still sends it to catch up before the save.
@@ -196,31 +223,28 @@ class Overlap:
         return outcome
 
     def poll(self) -> None:
-        """Between boundaries: when the round in flight has come back averaged in full, apply
-        it now rather than at the next boundary, and move the local weights of its span by
-        what the swarm's average changed: ``G_r - A``, A the look-ahead point (the local
-        start) the steps since the boundary started from. From here the local steps train
-        on from G_r plus their own progress, as in blocking mode, instead of from the
-        look-ahead until the next boundary, and the round's pseudo-gradient is G_r minus
-        the weights at its end. G takes the same averages in the same order as before, so
-        it stays bit-identical across peers whatever step each applies a round at. A round
-        with any other outcome (alone, partial, left behind) waits for the boundary, whose
-        rules it needs."""
-        flight = self.in_flight
+        """Between boundaries: apply the rounds that have come back averaged in full now
+        rather than at a boundary. Applying a round moves the local weights of its span by
+        what the swarm's average changed (``_apply_front``): from here those steps train on
+        from G_r plus their own progress, as in blocking mode, instead of from the
+        look-ahead, and the span's next pseudo-gradient is taken from G_r. G takes the same
+        averages in the same order as before, so it stays bit-identical across peers
+        whatever step each applies a round at. A round with any other outcome (alone,
+        partial, left behind) waits for a boundary, whose rules it needs."""
         t = self.t
-        if (flight is None or flight.thread is None or flight.thread.is_alive()
-                or flight.outcome is None or self.local_start is None
-                or outer_rule(flight.outcome, t.config.sync.outer_step_alone)
-                is not OuterRule.STEP):
-            return
-        assert t.outer is not None
-        a, b = flight.span
-        flatten_into(t.params, t.flat)
-        self._apply_in_flight()
-        g = t.outer.start[a:b]
-        t.flat[a:b] += g - self.local_start[a:b]
-        self.local_start[a:b] = g
-        assign_from(t.params, t.flat)
+        applied = False
+        while self.flights:
+            flight = self.flights[0]
+            if (not flight.done or flight.outcome is None
+                    or outer_rule(flight.outcome, t.config.sync.outer_step_alone)
+                    is not OuterRule.STEP):
+                break
+            if not applied:
+                flatten_into(t.params, t.flat)
+                applied = True
+            self._apply_front()
+        if applied:
+            assign_from(t.params, t.flat)
 
     def start_skipped_round(self) -> SyncOutcome | None:
         """After a catch-up that loaded nothing, the worker still stands at the boundary whose
@@ -270,18 +294,25 @@ class Overlap:
         assign_from(t.params, t.flat)
 
     def drain(self) -> SyncOutcome | None:
-        """Wait for the round in flight, apply it, and go back to the blocking mode's form
-        (local start = G). Returns the outcome applied, if a round was in flight."""
-        if self.in_flight is None:
+        """Wait for the rounds in flight, apply them, and go back to the blocking mode's form
+        (local start = G). Returns the outcome of the last round applied (None: none was),
+        or the first that sends this peer to catch up."""
+        t = self.t
+        if self.local_start is None:
             return None
-        flatten_into(self.t.params, self.t.flat)
-        outcome = self._apply_in_flight()
+        flatten_into(t.params, t.flat)
+        outcome: SyncOutcome | None = None
+        while self.flights:
+            applied = self._apply_front()
+            if outcome is None or not needs_catch_up(outcome):
+                outcome = applied
         self._rebase()
         return outcome
 
     def _rebase(self) -> None:
         """Weights = G minus the local progress since the local start; local start = G.
-        (``t.flat`` holds the current weights.)"""
+        (``t.flat`` holds the current weights.) Once every round is applied the local start
+        is G already (``_apply_front``) and the weights stay as they are."""
         t = self.t
         assert t.outer is not None
         if self.local_start is None:
@@ -291,15 +322,19 @@ class Overlap:
         assign_from(t.params, t.flat)
         self.local_start = None
 
-    def _apply_in_flight(self) -> SyncOutcome | None:
+    def _apply_front(self) -> SyncOutcome:
+        """Wait for the oldest round in flight and apply it by the round rules to its span of
+        G; the local weights of that span (in ``t.flat``, which the caller assigns) move by
+        what G's span moved from the local start, and the local start there becomes G. At
+        the boundary of the same span that gives the pseudo-gradient and the look-ahead
+        the boundary would have computed without it; between boundaries it is the eager
+        correction (``poll``)."""
         t = self.t
         outer = t.outer
-        assert outer is not None
-        flight, self.in_flight = self.in_flight, None
-        if flight is None:
-            return None
+        assert outer is not None and self.local_start is not None
+        flight = self.flights.popleft()
         started = time.monotonic()
-        if flight.thread is not None and flight.thread.is_alive():
+        if not flight.done:
             t.report("syncing", force=True)
         outcome = flight.wait()
         waited = flight.blocked + time.monotonic() - started
@@ -315,6 +350,12 @@ class Overlap:
         else:
             # Alone: the buffer holds this peer's own pseudo-gradient, untouched.
             outer.start[a:b].sub_(t.shared[a:b])
+        # G minus the progress since the local start: exactly G where there is none (a
+        # checkpoint's weights, whose hash peers compare).
+        g = outer.start[a:b]
+        torch.sub(self.local_start[a:b], t.flat[a:b], out=t.flat[a:b])
+        torch.sub(g, t.flat[a:b], out=t.flat[a:b])
+        self.local_start[a:b] = g
         p = t.position
         samples = p.samples_since_sync  # of the round training now, not the one applied
         # When the round ran (wall clock, as ``train_log.jsonl``'s times): the steps trained
