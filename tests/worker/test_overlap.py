@@ -24,6 +24,12 @@ from tests.worker.test_alone import train, weights
 # eps keeps every update proportional to its gradient, so the comparisons measure the rule.
 OPTIMIZER = {"name": "adamw", "lr": 2e-2, "eps": 0.1, "weight_decay": 0.0}
 
+# A round every two steps: of the whole vector (H = 2), or of half of it (H = 4, two
+# fragments), whose checkpoints hold G and, apart, the progress of the fragment synced less
+# recently.
+WHOLE_OR_FRAGMENTS = pytest.mark.parametrize("streaming", [
+    {"local_steps": 2}, {"local_steps": 4, "fragments": 2}], ids=["whole", "fragments"])
+
 
 def test_overlap_is_a_local_steps_setting() -> None:
     base = 'name = "o"\n[model]\nbase = "m"\n'
@@ -33,11 +39,7 @@ def test_overlap_is_a_local_steps_setting() -> None:
         loads(base + '[sync]\nmode = "gradient"\noverlap = true\n')
 
 
-@pytest.mark.parametrize("streaming", [
-    {"local_steps": 2},
-    # Two fragments, a round every two steps: each applied round moves half of G.
-    {"local_steps": 4, "fragments": 2},
-], ids=["whole", "fragments"])
+@WHOLE_OR_FRAGMENTS
 def test_a_lone_overlapping_peer_follows_its_inner_optimizer(
         tiny_sd1: Path, images: Path, tmp_path: Path, streaming: dict[str, int]) -> None:
     trained: dict[str, torch.Tensor] = {}
@@ -76,11 +78,7 @@ def test_a_lone_overlapping_peer_follows_its_inner_optimizer(
     assert rounds[-1]["digest"] == vector_digest(trained["G"])
 
 
-@pytest.mark.parametrize("streaming", [
-    {"local_steps": 2},
-    # The checkpoints hold G and, apart, the progress of the fragment not synced last.
-    {"local_steps": 4, "fragments": 2},
-], ids=["whole", "fragments"])
+@WHOLE_OR_FRAGMENTS
 def test_a_resumed_overlapping_peer_follows_an_uninterrupted_one(
         tiny_sd1: Path, images: Path, tmp_path: Path, streaming: dict[str, int]) -> None:
     config = tiny_run(tiny_sd1, training={"max_steps": 6}, optimizer=OPTIMIZER,
