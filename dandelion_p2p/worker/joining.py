@@ -230,6 +230,8 @@ def join_swarm(trainer: Trainer) -> None:
             return
         p.global_step = p.global_step // h * h
         assign_from(trainer.params, trainer.outer.start)
+        if trainer.overlap is not None:
+            trainer.overlap.window.clear()  # the weights hold no local progress now
         applied, beyond_gap = apply_kept(trainer)
         if applied and not beyond_gap:
             return

@@ -147,6 +147,11 @@ class Overlap:
         """S while a round is in flight; None: the local start is ``outer.start`` (G)."""
         self.skipped: int | None = None
         """The round of the boundary that returned for a catch-up before starting it."""
+        self.window: collections.deque[int] = collections.deque(
+            maxlen=trainer.config.sync.fragments)
+        """Samples trained in each of the last F intervals: a round's weight is their sum,
+        the samples behind its fragment's delta (all H steps since the fragment's last
+        sync; without streaming, the one interval since the last boundary)."""
         self.steps_outer = isinstance(trainer.link, DaemonLink)
         """Whether the round now being averaged is expected to take the outer step: the last
         round applied did (``OuterRule.STEP``). Before the first, a peer with a daemon expects
@@ -198,7 +203,8 @@ class Overlap:
             self.local_start = t.outer.start.clone()
         self.local_start[a:b] = t.flat[a:b]
         assign_from(t.params, t.flat)
-        weight, p.samples_since_sync = p.samples_since_sync, 0
+        self.window.append(p.samples_since_sync)
+        weight, p.samples_since_sync = sum(self.window), 0
         sync_span = span if t.config.sync.fragments > 1 else None
         link = t.link
         after = self.in_flight
@@ -276,7 +282,8 @@ class Overlap:
             n = param.numel()
             trainable[name] = g[offset:offset + n].view_as(param).to(param.dtype)
             offset += n
-        return {"trainable": trainable, "local": {"progress": t.flat - g}}
+        window = torch.tensor(list(self.window), dtype=torch.int64)
+        return {"trainable": trainable, "local": {"progress": t.flat - g, "window": window}}
 
     def restore_local(self, checkpoint: Checkpoint) -> None:
         """After a checkpoint's weights (G, with streaming) are loaded: add back the progress
@@ -292,6 +299,9 @@ class Overlap:
         flatten_into(t.params, t.flat)
         t.flat.add_(progress)
         assign_from(t.params, t.flat)
+        self.window.clear()
+        self.window.extend(int(x) for x in checkpoint.tensors("local").get(
+            "window", torch.zeros(0, dtype=torch.int64)).tolist())
 
     def drain(self) -> SyncOutcome | None:
         """Wait for the rounds in flight, apply them, and go back to the blocking mode's form

@@ -15,9 +15,10 @@ from safetensors.torch import load_file
 from dandelion_p2p.errors import ConfigError
 from dandelion_p2p.runconfig.schema import loads
 from dandelion_p2p.worker import fragments
-from dandelion_p2p.worker.train import vector_digest
+from dandelion_p2p.worker.train import Trainer, WorkerOptions, vector_digest
 from tests.worker.runconfigs import tiny_run
 from tests.worker.test_alone import train, weights
+from tests.worker.test_distributed import RecordingLink
 
 # The boundary moves the weights by float rounding (G - (S - L) for L). Adam with a tiny eps
 # turns a rounding difference in a gradient element near zero into a full +-lr step; a large
@@ -103,3 +104,24 @@ def test_a_resumed_overlapping_peer_follows_an_uninterrupted_one(
     # The checkpoint's weights are the swarm's G (what a joiner compares across peers).
     assert torch.equal(flat, g)
     assert (checkpoint / "local.safetensors").exists() == ("fragments" in streaming)
+
+
+def test_a_streaming_round_weighs_the_samples_behind_its_fragments_delta(
+        tiny_sd1: Path, images: Path, tmp_path: Path) -> None:
+    # H = 4 with two fragments: a round every 2 steps, each fragment's delta covering the 4
+    # steps since its own last sync (only 2 for the very first round).
+    config = tiny_run(tiny_sd1, training={"max_steps": 8, "batch_size": 2},
+                      optimizer=OPTIMIZER, sync={"local_steps": 4, "overlap": True,
+                                                 "fragments": 2},
+                      checkpoint={"every_steps": 8})
+    toml = tmp_path / "run.toml"
+    toml.write_text(config.to_toml())
+    link = RecordingLink(toml)
+    trainer = Trainer(config, WorkerOptions(data=images, work_dir=tmp_path / "w", export=False,
+                                            device="cpu"), link)
+    trainer.resume()
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+    assert link.weights == [4, 8, 8, 8]
