@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -293,25 +294,31 @@ def make_optimizer(params: list[nn.Parameter], name: str, lr: float, betas: tupl
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
 
 
-def flatten_into(params: list[nn.Parameter], out: torch.Tensor, grads: bool = False) -> None:
-    """Copy parameters (or their gradients) into the flat float32 ``out``, in order."""
+def flat_views(params: Iterable[torch.Tensor], flat: torch.Tensor
+               ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Each parameter beside its part of ``flat``, shaped like it: the layout every flat
+    vector of a run shares (``flatten_into``, ``assign_from``, a checkpoint of G)."""
     offset = 0
     for p in params:
-        source = p.grad if grads else p.data
         n = p.numel()
-        if source is None:
-            out[offset : offset + n].zero_()
-        else:
-            out[offset : offset + n].copy_(source.detach().reshape(-1))
+        yield p, flat[offset : offset + n].view_as(p)
         offset += n
+
+
+def flatten_into(params: list[nn.Parameter], out: torch.Tensor, grads: bool = False) -> None:
+    """Copy parameters (or their gradients) into the flat float32 ``out``, in order."""
+    for p, part in flat_views(params, out):
+        source = p.grad if grads else p.data
+        if source is None:
+            part.zero_()
+        else:
+            part.copy_(source.detach())
 
 
 def assign_from(params: list[nn.Parameter], flat: torch.Tensor, grads: bool = False) -> None:
     """The inverse of ``flatten_into``."""
-    offset = 0
-    for p in params:
-        n = p.numel()
-        values = flat[offset : offset + n].view_as(p).to(p.device, p.dtype)
+    for p, part in flat_views(params, flat):
+        values = part.to(p.device, p.dtype)
         if grads:
             if p.grad is None:
                 p.grad = values.clone()
@@ -319,4 +326,3 @@ def assign_from(params: list[nn.Parameter], flat: torch.Tensor, grads: bool = Fa
                 p.grad.copy_(values)
         else:
             p.data.copy_(values)
-        offset += n

@@ -79,7 +79,7 @@ import torch
 from dandelion_p2p.errors import ConfigError
 from dandelion_p2p.worker import fragments
 from dandelion_p2p.worker.link import DaemonLink, SyncOutcome
-from dandelion_p2p.worker.model import assign_from, flatten_into
+from dandelion_p2p.worker.model import assign_from, flat_views, flatten_into
 from dandelion_p2p.worker.round_rules import OuterRule, log_not_applied, needs_catch_up, outer_rule
 
 if TYPE_CHECKING:
@@ -276,12 +276,8 @@ class Overlap:
             return {}
         flatten_into(t.params, t.flat)
         g = t.outer.start
-        trainable: dict[str, torch.Tensor] = {}
-        offset = 0
-        for name, param in t.c.trainable:
-            n = param.numel()
-            trainable[name] = g[offset:offset + n].view_as(param).to(param.dtype)
-            offset += n
+        trainable = {name: part.to(param.dtype) for (name, param), (_, part)
+                     in zip(t.c.trainable, flat_views(t.params, g), strict=True)}
         window = torch.tensor(list(self.window), dtype=torch.int64)
         return {"trainable": trainable, "local": {"progress": t.flat - g, "window": window}}
 
