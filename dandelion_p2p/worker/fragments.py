@@ -41,3 +41,9 @@ def span(fragments: int, fragment: int, elements: int) -> tuple[int, int]:
 def round_span(config: RunConfig, round_: int, elements: int) -> tuple[int, int]:
     """[start, stop) of the elements round ``round_`` averages."""
     return span(config.sync.fragments, fragment_of(config, round_), elements)
+
+
+def named_span(config: RunConfig, span: tuple[int, int]) -> tuple[int, int] | None:
+    """The span a round names on the wire and in the sync log: none without streaming, where
+    a round is the whole vector, as before fragments existed."""
+    return span if config.sync.fragments > 1 else None

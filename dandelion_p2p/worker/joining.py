@@ -99,7 +99,7 @@ def take_part(trainer: Trainer, round_: int) -> SyncOutcome:
     trainer.report("syncing", force=True)
     span = fragments.round_span(trainer.config, round_, trainer.n_elements)
     return link.sync(round_, 0.0, "local_steps",
-                     span=span if trainer.config.sync.fragments > 1 else None)
+                     span=fragments.named_span(trainer.config, span))
 
 
 def catch_up_taking_part(trainer: Trainer, have: int, *, wait: bool = False,

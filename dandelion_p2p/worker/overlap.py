@@ -205,7 +205,7 @@ class Overlap:
         assign_from(t.params, t.flat)
         self.window.append(p.samples_since_sync)
         weight, p.samples_since_sync = sum(self.window), 0
-        sync_span = span if t.config.sync.fragments > 1 else None
+        sync_span = fragments.named_span(t.config, span)
         link = t.link
         after = self.in_flight
         if isinstance(link, DaemonLink) and t.peer_group.world == 1:
@@ -366,10 +366,10 @@ class Overlap:
         samples = p.samples_since_sync  # of the round training now, not the one applied
         # When the round ran (wall clock, as ``train_log.jsonl``'s times): the steps trained
         # meanwhile are the overlap.
+        named = fragments.named_span(t.config, flight.span)
         t.after_sync(outcome, outer.start, waited=waited,
                      extra={"launched": round(flight.launched, 3),
                             "finished": round(flight.finished, 3),
-                            **({"span": list(flight.span)} if t.config.sync.fragments > 1
-                               else {})})
+                            **({"span": list(named)} if named is not None else {})})
         p.samples_since_sync = samples
         return outcome

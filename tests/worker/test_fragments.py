@@ -37,6 +37,13 @@ def test_rounds_come_every_h_over_f_steps_and_take_the_fragments_in_turn() -> No
     assert fragments.round_span(plain, 5, 9) == (0, 9)
 
 
+def test_only_a_streaming_round_names_its_span() -> None:
+    streaming = loads(BASE + "[sync]\nlocal_steps = 12\noverlap = true\nfragments = 3\n")
+    assert fragments.named_span(streaming, (6, 9)) == (6, 9)
+    plain = loads(BASE + "[sync]\nlocal_steps = 12\noverlap = true\n")
+    assert fragments.named_span(plain, (0, 9)) is None
+
+
 @pytest.mark.parametrize(("sync", "message"), [
     ("local_steps = 10\nfragments = 2\n", "need sync.overlap = true"),
     ("local_steps = 10\noverlap = true\nfragments = 3\n", "must divide sync.local_steps"),
