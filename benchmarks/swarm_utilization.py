@@ -85,7 +85,7 @@ SKIPPED_ROUNDS = 2
 """Rounds before the steady state: the first waits the whole gathering window (nobody is
 expected yet), and with overlap that wait is paid at the next boundary."""
 SYNC_MODES: dict[str, dict[str, Any]] = {
-    "blocking": {}, "overlap": {"overlap": True},
+    "blocking": {"overlap": False}, "overlap": {"overlap": True},
     "streaming": {"overlap": True, "fragments": 2}}
 """Sync mode -> what it sets in the run config's ``[sync]`` (``--fragments`` sets
 streaming's)."""

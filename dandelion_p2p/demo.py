@@ -40,6 +40,9 @@ from dandelion_p2p.demo_output import (
 )
 
 LOCAL_STEPS = 4
+CHECKPOINT_EVERY = 3 * LOCAL_STEPS
+"""A boundary that is also a checkpoint step waits for its round; the others train on while
+their round is averaged (overlapped rounds, the default)."""
 MAX_STEPS = 24
 
 
@@ -169,7 +172,7 @@ gather_window = 1.0
 chunk_timeout = 10.0
 
 [checkpoint]
-every_steps = {LOCAL_STEPS}
+every_steps = {CHECKPOINT_EVERY}
 keep_last = 2
 
 [dataset]
@@ -282,8 +285,8 @@ def main() -> None:
                   "the relay, advertise relayed addresses and first reach each other through "
                   "it; the loopback interface itself blocks nothing.")
 
-        print(f"\nTraining: {LOCAL_STEPS} local steps, then one averaging round with the other "
-              f"peer, until global step {MAX_STEPS}")
+        print(f"\nTraining: every {LOCAL_STEPS} local steps an averaging round with the other "
+              f"peer, averaged while the next steps train, until global step {MAX_STEPS}")
         logs = {p.name: root / p.name / "worker" / "demo" for p in peers}
         printed: dict[str, int] = {p.name: 0 for p in peers}
         deadline = time.monotonic() + 900
@@ -292,7 +295,10 @@ def main() -> None:
             for name in printed:
                 rounds = read_jsonl(logs[name] / "sync_log.jsonl")
                 for entry in rounds[printed[name]:]:
-                    print(f"  {name}: round {entry['round']} at step {entry['global_step']}: "
+                    step = entry.get("boundary", entry["global_step"])
+                    applied = ("" if step == entry["global_step"]
+                               else f", applied at step {entry['global_step']}")
+                    print(f"  {name}: round {entry['round']} of step {step}{applied}: "
                           f"{entry['members']} peers, "
                           f"{100 * entry['fraction_averaged']:.0f}% averaged in "
                           f"{entry['seconds']:.1f} s, weights {entry.get('digest', '?')[:12]}")

@@ -151,15 +151,22 @@ class SyncConfig:
     outer_step_alone: bool = False
     """Take the outer step in a round this peer had to itself. Off: a lone peer's weights are
     what its inner optimizer made of them (local_steps mode)."""
-    overlap: bool = False
+    overlap: bool | None = None
     """Average each round's pseudo-gradient while the next round's local steps train, and
-    apply it one round late (local_steps mode; ``worker/overlap.py``)."""
+    apply it one round late (local_steps mode; ``worker/overlap.py``). Unset: on in
+    local_steps mode, which never waits for the network, off in gradient mode, which
+    cannot overlap; ``overlapped`` is the answer."""
     fragments: int = 1
     """Streaming (with ``overlap``): the vector is cut into this many fragments, synced one at
     a time every local_steps / fragments steps, each over the local_steps steps since its own
     last sync (``worker/fragments.py``). 1: the whole vector every local_steps steps."""
     target_batch: int = 256
     """Samples the swarm accumulates before one lockstep optimizer step (gradient mode)."""
+
+    @property
+    def overlapped(self) -> bool:
+        """Whether rounds are averaged while the next local steps train (``overlap``)."""
+        return self.overlap if self.overlap is not None else self.mode == "local_steps"
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,10 +406,11 @@ def validate(c: RunConfig) -> list[str]:
     need(0 <= y.outer_momentum < 1, "sync.outer_momentum", "must be in [0, 1)")
     need(y.target_batch >= 1, "sync.target_batch", "must be >= 1")
     need(not (y.overlap and y.mode != "local_steps"), "sync.overlap",
-         "applies to local_steps mode only")
+         "applies to local_steps mode only (gradient mode never overlaps)")
     need(1 <= y.fragments <= MAX_FRAGMENTS, "sync.fragments", f"must be 1-{MAX_FRAGMENTS}")
-    need(y.fragments == 1 or y.overlap, "sync.fragments",
-         "streaming fragments need sync.overlap = true")
+    need(y.fragments == 1 or y.overlapped, "sync.fragments",
+         "streaming fragments need overlapped rounds (local_steps mode, sync.overlap not "
+         "false)")
     need(y.fragments < 1 or y.local_steps % y.fragments == 0, "sync.fragments",
          "must divide sync.local_steps (each fragment syncs every local_steps / fragments "
          "steps)")

@@ -95,10 +95,15 @@ class RoundInFlight:
     its daemon one at a time and in order, as every peer's do."""
 
     def __init__(self, round_: int, span: tuple[int, int], run: Callable[[], SyncOutcome],
-                 threaded: bool, after: RoundInFlight | None = None) -> None:
+                 threaded: bool, after: RoundInFlight | None = None, *, boundary: int = 0,
+                 config_version: int = 0) -> None:
         self.round = round_
         self.span = span
         """[start, stop) of the elements the round averages (``fragments``)."""
+        self.boundary = boundary
+        """The global step whose boundary launched the round."""
+        self.config_version = config_version
+        """The run config version the round's local steps trained under."""
         self.launched = time.time()
         self.finished = 0.0
         self.outcome: SyncOutcome | None = None
@@ -208,6 +213,7 @@ class Overlap:
         sync_span = fragments.named_span(t.config, span)
         link = t.link
         after = self.in_flight
+        boundary, version = p.global_step, t.config_version
         if isinstance(link, DaemonLink) and t.peer_group.world == 1:
             # The version and first step the round trained under, taken now: the trainer
             # may switch versions at this boundary while the round runs.
@@ -215,11 +221,11 @@ class Overlap:
             self.flights.append(RoundInFlight(
                 round_, span, lambda: link.sync(round_, weight, "local_steps", config=config,
                                                 learn=False, span=sync_span),
-                threaded=True, after=after))
+                threaded=True, after=after, boundary=boundary, config_version=version))
         else:
             self.flights.append(RoundInFlight(
                 round_, span, lambda: link.sync(round_, weight, "local_steps", span=sync_span),
-                threaded=False))
+                threaded=False, boundary=boundary, config_version=version))
         if p.global_step % t.config.checkpoint.every_steps == 0:
             # The checkpoint written next must hold this round: wait for it here, where a
             # round this peer was left out of still sends it to catch up before the save.
@@ -368,7 +374,9 @@ class Overlap:
         # meanwhile are the overlap.
         named = fragments.named_span(t.config, flight.span)
         t.after_sync(outcome, outer.start, waited=waited,
-                     extra={"launched": round(flight.launched, 3),
+                     extra={"boundary": flight.boundary,
+                            "config_version": flight.config_version,
+                            "launched": round(flight.launched, 3),
                             "finished": round(flight.finished, 3),
                             **({"span": list(named)} if named is not None else {})})
         p.samples_since_sync = samples

@@ -154,7 +154,7 @@ class Trainer:
         flatten_into(self.params, self.flat)
         self.outer = (OuterNesterov(self.flat, config.sync.outer_lr, config.sync.outer_momentum)
                       if config.sync.mode == "local_steps" else None)
-        self.overlap = (Overlap(self) if self.outer is not None and config.sync.overlap
+        self.overlap = (Overlap(self) if self.outer is not None and config.sync.overlapped
                         else None)
 
         self.position = Position(expected_peers=config.averaging.min_group if link.run else 1)

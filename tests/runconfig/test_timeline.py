@@ -98,6 +98,10 @@ def test_a_version_changing_what_a_running_run_cannot_change_is_refused() -> Non
     old = loads(run_toml())
     assert fixed_changes(old, loads(run_toml(lr=0.5))) == []
     assert fixed_changes(old, loads(run_toml().replace("tiny-sd", "other"))) == ["model.base"]
+    # Unset and the mode's own value are one setting; the other value is a change.
+    assert fixed_changes(old, loads(run_toml() + "[sync]\noverlap = true\n")) == []
+    assert fixed_changes(old, loads(run_toml() + "[sync]\noverlap = false\n")) == [
+        "sync.overlap"]
 
 
 def test_a_timeline_keeps_the_newest_versions_and_the_first_text_of_each() -> None:

@@ -67,14 +67,17 @@ def wait_for_version(daemon: DaemonProcess, run: str, version: int) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["blocking", "overlap"])
 def test_a_new_version_applies_on_every_running_worker_at_the_same_global_step(
-    tiny_sd1: Path, images: Path, tmp_path: Path, daemons: list[DaemonProcess]
+    tiny_sd1: Path, images: Path, tmp_path: Path, daemons: list[DaemonProcess], overlap: bool
 ) -> None:
     first = tiny_run(tiny_sd1, training={"max_steps": LAST_STEP, "batch_size": 2},
-                     optimizer={"name": "adamw", "lr": 1e-3}, sync={"local_steps": 3},
+                     optimizer={"name": "adamw", "lr": 1e-3},
+                     sync={"local_steps": 3, "overlap": overlap},
                      checkpoint={"every_steps": 3, "keep_last": 2})
     second = tiny_run(tiny_sd1, training={"max_steps": LAST_STEP, "batch_size": 2},
-                      optimizer={"name": "adamw", "lr": 4e-4}, sync={"local_steps": 2},
+                      optimizer={"name": "adamw", "lr": 4e-4},
+                      sync={"local_steps": 2, "overlap": overlap},
                       checkpoint={"every_steps": 3, "keep_last": 2})
     owner, run = start_owner(tmp_path, first)
     daemons.append(owner)
@@ -105,7 +108,9 @@ def test_a_new_version_applies_on_every_running_worker_at_the_same_global_step(
     assert set(rounds[0]) == set(rounds[1])
     for (version, round_), entry in rounds[0].items():
         # Version 1 ends rounds every 3 steps up to SWITCH_AT, version 2 every 2 steps after.
-        step = entry["global_step"]
+        # An overlapped round is applied after its boundary, which its entry names.
+        step = entry["boundary"] if overlap else entry["global_step"]
+        assert step <= entry["global_step"], entry
         assert (version, step % (3 if version == 1 else 2)) == (
             1 if step <= SWITCH_AT else 2, 0), entry
         other = rounds[1][(version, round_)]

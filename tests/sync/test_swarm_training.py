@@ -1,7 +1,8 @@
 """Two daemons and their workers train one run together over loopback.
 
-Local-steps mode: the loss falls, after every sync both peers hold the same weights, and a
-worker killed mid-run is restarted by its daemon, resumes from its checkpoint and rejoins.
+Local-steps mode with blocking rounds (overlapped ones: test_overlap_training.py): the loss
+falls, after every sync both peers hold the same weights, and a worker killed mid-run is
+restarted by its daemon, resumes from its checkpoint and rejoins.
 Gradient mode: two peers with batch b follow exactly the path of one process with batch 2b.
 """
 
@@ -78,7 +79,8 @@ def test_local_steps_peers_stay_identical_and_a_killed_worker_rejoins(
     tiny_sd1: Path, images: Path, tmp_path: Path, daemons: list[DaemonProcess]
 ) -> None:
     config = tiny_run(tiny_sd1, training={"max_steps": 12, "batch_size": 2},
-                      sync={"local_steps": 3}, checkpoint={"every_steps": 3, "keep_last": 2})
+                      sync={"local_steps": 3, "overlap": False},
+                      checkpoint={"every_steps": 3, "keep_last": 2})
     a, b = start_peers(tmp_path, config, images, 2, daemons)
 
     # Kill b's worker between two syncs, once it has a checkpoint to come back to.
@@ -201,7 +203,8 @@ def test_a_third_peer_joins_mid_run_with_the_swarms_state(
     # The newcomer, just done downloading, must reach a round before the pair's gathering
     # window closes: this test keeps the window of half a second it was written with.
     config = tiny_run(tiny_sd1, training={"max_steps": 3000, "batch_size": 2},
-                      sync={"local_steps": 3}, checkpoint={"every_steps": 3, "keep_last": 2},
+                      sync={"local_steps": 3, "overlap": False},
+                      checkpoint={"every_steps": 3, "keep_last": 2},
                       averaging={"gather_window": 0.5})
     a, b = start_peers(tmp_path, config, images, 2, daemons)
     wait_for([a], lambda s: s[0]["global_step"] >= 6, "the pair to pass round 2")

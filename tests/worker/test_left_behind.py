@@ -50,10 +50,15 @@ class SwarmWritesLater(ReportedRounds):
 
 
 def trainer_for(tmp_path: Path, name: str, tiny_sd1: Path, images: Path,
-                link_for: Callable[[Path], ReportedRounds] | None = None) -> Trainer:
+                link_for: Callable[[Path], ReportedRounds] | None = None,
+                overlap: bool | None = None) -> Trainer:
     """A resumed trainer of 4 steps, H = 1, a checkpoint every 2 steps, whose link
-    ``link_for`` makes from the run config's path (default: every round averaged in full)."""
-    config = tiny_run(tiny_sd1, training={"max_steps": 4}, sync={"local_steps": 1},
+    ``link_for`` makes from the run config's path (default: every round averaged in full);
+    ``overlap``: ``sync.overlap`` (None: the default, overlapped rounds)."""
+    sync: dict[str, Any] = {"local_steps": 1}
+    if overlap is not None:
+        sync["overlap"] = overlap
+    config = tiny_run(tiny_sd1, training={"max_steps": 4}, sync=sync,
                       checkpoint={"every_steps": 2, "keep_last": 4})
     toml = tmp_path / f"{name}.toml"
     toml.write_text(config.to_toml())
@@ -65,10 +70,11 @@ def trainer_for(tmp_path: Path, name: str, tiny_sd1: Path, images: Path,
 
 
 def late_peer(tmp_path: Path, name: str, tiny_sd1: Path, images: Path,
-              **link_args: Any) -> tuple[Trainer, SwarmWritesLater]:
+              overlap: bool | None = None, **link_args: Any
+              ) -> tuple[Trainer, SwarmWritesLater]:
     """``trainer_for`` with a ``SwarmWritesLater`` link of ``link_args``, and that link."""
     trainer = trainer_for(tmp_path, name, tiny_sd1, images,
-                          lambda toml: SwarmWritesLater(toml, **link_args))
+                          lambda toml: SwarmWritesLater(toml, **link_args), overlap)
     assert isinstance(trainer.link, SwarmWritesLater)
     return trainer, trainer.link
 
@@ -140,20 +146,25 @@ def test_a_peer_stopped_while_left_behind_saves_no_state_the_others_lack(
     assert CheckpointStore(tmp_path / "late" / "checkpoints", keep_last=4).latest_step() < 2
 
 
+@pytest.mark.parametrize(("overlap", "trained"), [(False, [1]), (True, [1, 2])],
+                         ids=["blocking", "overlap"])
 def test_a_peer_averaging_alone_looks_for_a_newer_state_and_joins_it(
-    tmp_path: Path, tiny_sd1: Path, images: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tiny_sd1: Path, images: Path, monkeypatch: pytest.MonkeyPatch,
+    overlap: bool, trained: list[int],
 ) -> None:
     """Alone in round 1 (the others' announcements of it expired long ago, say): it asks
-    whether the others are ahead, and takes their state of step 4."""
+    whether the others are ahead, and takes their state of step 4. Overlapped, round 1 is
+    applied (and found alone) at step 2's boundary, one step later."""
     others = trainer_for(tmp_path, "others", tiny_sd1, images)
     run(others)
     monkeypatch.setattr(joining, "LOOK_AHEAD_EVERY", 0.0)
     trainer, link = late_peer(tmp_path, "alone", tiny_sd1, images,
                               offered=tmp_path / "others" / "checkpoints" / "step-00000004",
-                              offer_from=2)
+                              offer_from=2, overlap=overlap)
     link.reported = {1: SyncOutcome(0, False, 0.0, 1, 0.1)}
     run(trainer)
     assert len(link.asked) == 2  # at start, and after the round alone
-    # Step 1, then the others' state of step 4 (the run's last): nothing left to train.
-    assert trained_steps(tmp_path / "alone") == [1]
+    # Up to the round alone, then the others' state of step 4 (the run's last): nothing
+    # left to train.
+    assert trained_steps(tmp_path / "alone") == trained
     assert trainer.position.global_step == 4

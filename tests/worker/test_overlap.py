@@ -34,8 +34,9 @@ WHOLE_OR_FRAGMENTS = pytest.mark.parametrize("streaming", [
 
 def test_overlap_is_a_local_steps_setting() -> None:
     base = 'name = "o"\n[model]\nbase = "m"\n'
-    assert loads(base).sync.overlap is False
-    assert loads(base + "[sync]\noverlap = true\n").sync.overlap is True
+    assert loads(base).sync.overlapped
+    assert loads(base + "[sync]\noverlap = true\n").sync.overlapped
+    assert not loads(base + "[sync]\noverlap = false\n").sync.overlapped
     with pytest.raises(ConfigError, match=r"sync\.overlap: applies to local_steps mode only"):
         loads(base + '[sync]\nmode = "gradient"\noverlap = true\n')
 
@@ -61,7 +62,7 @@ def test_a_lone_overlapping_peer_follows_its_inner_optimizer(
             trained["G"] = trainer.outer.start.clone()
         return weights(trainer)
 
-    never_synced = run("never", local_steps=100)
+    never_synced = run("never", local_steps=100, overlap=False)
     overlapped = run("overlap", overlap=True, **streaming)
     # Alone, each applied round sets G to where the round's local steps ended, and the
     # weights go on from G - (S - L) = L: the inner optimizer's path, to float rounding.
