@@ -473,17 +473,17 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--joiner {ns.joiner} needs --rounds >= "
                 f"{ns.joiner + JOINER_DOWNLOAD_INTERVALS + 4}: the download takes "
                 f"{JOINER_DOWNLOAD_INTERVALS} rounds, and the joiner must then join and train")
-    if ns.local_steps % ns.fragments:
-        p.error("--fragments must divide --local-steps")
+    modes = [m for m in ns.modes.split(",") if m] or supported_modes()
+    unknown = set(modes) - set(supported_modes())
+    if unknown:
+        p.error(f"this checkout's run config has no mode {sorted(unknown)}")
+    if "streaming" in modes and ns.local_steps % ns.fragments:
+        p.error("--fragments must divide --local-steps (streaming mode)")
     SYNC_MODES["streaming"]["fragments"] = ns.fragments
     a = Args(ns.peers, ns.local_steps, ns.rounds, ns.batch, ns.codec, ns.gather_window,
              ns.images, ns.timeout, ns.threads, ns.joiner, ns.churn)
     # Daemons pass their environment on to the workers they start.
     os.environ.update(worker_env(a.threads))
-    modes = [m for m in ns.modes.split(",") if m] or supported_modes()
-    unknown = set(modes) - set(supported_modes())
-    if unknown:
-        p.error(f"this checkout's run config has no mode {sorted(unknown)}")
     ratios = [float(r) for r in ns.ratios.split(",")]
 
     from benchmarks.quality import Validator, make_dataset
