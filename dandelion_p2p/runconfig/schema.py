@@ -153,9 +153,9 @@ class SyncConfig:
     what its inner optimizer made of them (local_steps mode)."""
     overlap: bool | None = None
     """Average each round's pseudo-gradient while the next round's local steps train, and
-    apply it one round late (local_steps mode; ``worker/overlap.py``). Unset: on in
+    apply it one round late (local_steps mode; ``worker/overlap.py``). Unset (None): on in
     local_steps mode, which never waits for the network, off in gradient mode, which
-    cannot overlap; ``overlapped`` is the answer."""
+    cannot overlap; the config holds that value from construction on (``overlapped``)."""
     fragments: int = 1
     """Streaming (with ``overlap``): the vector is cut into this many fragments, synced one at
     a time every local_steps / fragments steps, each over the local_steps steps since its own
@@ -163,10 +163,16 @@ class SyncConfig:
     target_batch: int = 256
     """Samples the swarm accumulates before one lockstep optimizer step (gradient mode)."""
 
+    def __post_init__(self) -> None:
+        if self.overlap is None:
+            # Unset is the mode's own value, and the same setting as that value written out
+            # (to_dict, a config version's fixed keys, equality).
+            object.__setattr__(self, "overlap", self.mode == "local_steps")
+
     @property
     def overlapped(self) -> bool:
         """Whether rounds are averaged while the next local steps train (``overlap``)."""
-        return self.overlap if self.overlap is not None else self.mode == "local_steps"
+        return bool(self.overlap)
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,8 +60,6 @@ def fixed_changes(old: RunConfig, new: RunConfig) -> list[str]:
     after: dict[str, Any] = {}
     _flatten(old.to_dict(), "", before)
     _flatten(new.to_dict(), "", after)
-    # Unset, sync.overlap is its mode's value: the same setting as that value written out.
-    before["sync.overlap"], after["sync.overlap"] = old.sync.overlapped, new.sync.overlapped
     return sorted(key for key in before.keys() | after.keys()
                   if key not in LIVE_KEYS and before.get(key) != after.get(key))
 
