@@ -95,8 +95,8 @@ class RoundInFlight:
     its daemon one at a time and in order, as every peer's do."""
 
     def __init__(self, round_: int, span: tuple[int, int], run: Callable[[], SyncOutcome],
-                 threaded: bool, after: RoundInFlight | None = None, *, boundary: int = 0,
-                 config_version: int = 0) -> None:
+                 threaded: bool, after: RoundInFlight | None = None, *, boundary: int,
+                 config_version: int) -> None:
         self.round = round_
         self.span = span
         """[start, stop) of the elements the round averages (``fragments``)."""
