@@ -44,15 +44,6 @@ def test_only_a_streaming_round_names_its_span() -> None:
     assert fragments.named_span(plain, (0, 9)) is None
 
 
-def test_local_steps_rounds_overlap_unless_the_config_says_otherwise() -> None:
-    assert loads(BASE).sync.overlapped
-    assert loads(BASE + "[sync]\nlocal_steps = 12\nfragments = 3\n").sync.overlapped
-    assert not loads(BASE + "[sync]\noverlap = false\n").sync.overlapped
-    assert not loads(BASE + '[sync]\nmode = "gradient"\n').sync.overlapped
-    with pytest.raises(ConfigError, match="gradient mode never overlaps"):
-        loads(BASE + '[sync]\nmode = "gradient"\noverlap = true\n')
-
-
 @pytest.mark.parametrize(("sync", "message"), [
     ("local_steps = 10\noverlap = false\nfragments = 2\n", "need overlapped rounds"),
     ('mode = "gradient"\nfragments = 2\n', "need overlapped rounds"),

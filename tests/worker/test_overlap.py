@@ -37,7 +37,10 @@ def test_overlap_is_a_local_steps_setting() -> None:
     assert loads(base).sync.overlapped
     assert loads(base + "[sync]\noverlap = true\n").sync.overlapped
     assert not loads(base + "[sync]\noverlap = false\n").sync.overlapped
-    with pytest.raises(ConfigError, match=r"sync\.overlap: applies to local_steps mode only"):
+    assert loads(base + "[sync]\nlocal_steps = 12\nfragments = 3\n").sync.overlapped
+    assert not loads(base + '[sync]\nmode = "gradient"\n').sync.overlapped
+    with pytest.raises(ConfigError, match=r"sync\.overlap: applies to local_steps mode only "
+                                          r"\(gradient mode never overlaps\)"):
         loads(base + '[sync]\nmode = "gradient"\noverlap = true\n')
 
 
