@@ -153,9 +153,8 @@ class SyncConfig:
     what its inner optimizer made of them (local_steps mode)."""
     overlap: bool | None = None
     """Average each round's pseudo-gradient while the next round's local steps train, and
-    apply it one round late (local_steps mode; ``worker/overlap.py``). Unset (None): on in
-    local_steps mode, which never waits for the network, off in gradient mode, which
-    cannot overlap; the config holds that value from construction on (``overlapped``)."""
+    apply it one round late (local_steps mode; ``worker/overlap.py``). Unset: the mode's own
+    value from construction on, true in local_steps mode and false in gradient mode."""
     fragments: int = 1
     """Streaming (with ``overlap``): the vector is cut into this many fragments, synced one at
     a time every local_steps / fragments steps, each over the local_steps steps since its own
@@ -164,9 +163,7 @@ class SyncConfig:
     """Samples the swarm accumulates before one lockstep optimizer step (gradient mode)."""
 
     def __post_init__(self) -> None:
-        if self.overlap is None:
-            # Unset is the mode's own value, and the same setting as that value written out
-            # (to_dict, a config version's fixed keys, equality).
+        if self.overlap is None:  # one setting with that value written out, wherever compared
             object.__setattr__(self, "overlap", self.mode == "local_steps")
 
     @property
@@ -415,8 +412,7 @@ def validate(c: RunConfig) -> list[str]:
          "applies to local_steps mode only (gradient mode never overlaps)")
     need(1 <= y.fragments <= MAX_FRAGMENTS, "sync.fragments", f"must be 1-{MAX_FRAGMENTS}")
     need(y.fragments == 1 or y.overlapped, "sync.fragments",
-         "streaming fragments need overlapped rounds (local_steps mode, sync.overlap not "
-         "false)")
+         "streaming fragments need overlapped rounds (local_steps mode, overlap not false)")
     need(y.fragments < 1 or y.local_steps % y.fragments == 0, "sync.fragments",
          "must divide sync.local_steps (each fragment syncs every local_steps / fragments "
          "steps)")
