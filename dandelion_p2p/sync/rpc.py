@@ -101,12 +101,16 @@ def _finite(value: Any) -> float | None:
 class UserMethods:
     def __init__(self, state: TrainingState, current: CurrentRun,
                  supervisor: WorkerSupervisor, peers: StatePeers,
-                 status: Callable[[], dict[str, Any]]) -> None:
+                 status: Callable[[], dict[str, Any]],
+                 cut_worker_calls: Callable[[], None]) -> None:
+        """``cut_worker_calls``: ends the worker's round or catch-up under way, so that a
+        worker told to stop is not held up waiting for a group that may never form."""
         self.state = state
         self.current = current
         self.supervisor = supervisor
         self.peers = peers
         self.status = status
+        self.cut_worker_calls = cut_worker_calls
 
     def handlers(self) -> dict[str, Handler]:
         return {
@@ -129,6 +133,7 @@ class UserMethods:
         running = self.supervisor.worker is not None
         self.state.stop(worker_running=running)
         if running:
+            self.cut_worker_calls()
             self.supervisor.stop_worker()
         self.supervisor.poke()
         return self.status()
@@ -142,6 +147,7 @@ class UserMethods:
         running = self.supervisor.worker is not None
         if running:
             # The worker saves its checkpoint and exits; the supervisor starts one for `run`.
+            self.cut_worker_calls()
             self.supervisor.stop_worker()
         self.state.join(replacing_worker=running)
         self.supervisor.poke()
@@ -180,7 +186,7 @@ class WorkerMethods:
         }
 
     def cancel_work(self) -> None:
-        """Cut short the rounds and catch-ups under way (the daemon is stopping)."""
+        """Cut short the rounds and catch-ups under way (the worker is being stopped)."""
         for scope in list(self._work):
             scope.cancel()
 
@@ -228,7 +234,7 @@ class WorkerMethods:
         return {"stop": self.state.stop_asked}
 
     async def h_sync(self, params: dict[str, Any]) -> dict[str, Any]:
-        """A round, cut short (averaged with nobody) when the daemon stops: the worker then
+        """A round, cut short (averaged with nobody) when the worker is stopped: it then
         ends its step and writes its stop checkpoint instead of waiting out the round."""
         self.session.check(params)
         answer = await self._unless_stopping(lambda: self._sync(params))
@@ -251,7 +257,7 @@ class WorkerMethods:
     async def h_catch_up(self, params: dict[str, Any]) -> dict[str, Any]:
         """Download the swarm's state into the worker's checkpoint folder when peers are
         ahead of ``step``; answers the step now there (-1: nothing newer found). Cut short,
-        like a round, when the daemon stops."""
+        like a round, when the worker is stopped."""
         self.session.check(params)
         answer = await self._unless_stopping(lambda: self._catch_up(params))
         return answer if answer is not None else {"step": -1, "detail": "the daemon is stopping"}
@@ -275,9 +281,9 @@ class WorkerMethods:
     async def _unless_stopping(
         self, work: Callable[[], Awaitable[dict[str, Any]]]
     ) -> dict[str, Any] | None:
-        """``work()``'s answer, or None when the daemon is stopping, before or while it runs
-        (``cancel_work`` cuts it short)."""
-        if self.state.draining:
+        """``work()``'s answer, or None when the worker is being stopped (``training.stop``,
+        the daemon stopping), before or while it runs (``cancel_work`` cuts it short)."""
+        if self.state.draining or self.state.stop_asked:
             return None
         scope = trio.CancelScope()
         self._work.add(scope)

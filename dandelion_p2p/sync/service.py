@@ -86,13 +86,14 @@ class SyncService:
         self.rounds = Rounds(self.state, self.current, SwarmAveragers(ctx.node, ctx.dataplane),
                              ctx.telemetry)
         self.progress = rpc.WorkerProgress()
-        self.user_methods = rpc.UserMethods(self.state, self.current, self.supervisor,
-                                            ctx.node, self.status)
         self.worker_methods = rpc.WorkerMethods(
             self.state, self.current, self.session, self.supervisor, self.rounds,
             CatchUp(ctx.node, wait_for_peers=config.catch_up_wait), self.progress,
             ctx.telemetry, ctx.identity.peer_id.to_base58(),
         )
+        self.user_methods = rpc.UserMethods(self.state, self.current, self.supervisor,
+                                            ctx.node, self.status,
+                                            self.worker_methods.cancel_work)
         self.scores: PeerScores = ctx.node
         self.state_server = StateServer(
             ctx.node.host, lambda: self.current.id, self.current.checkpoints,

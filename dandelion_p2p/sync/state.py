@@ -226,6 +226,10 @@ class TrainingState:
         """
         if self.draining:
             raise ConfigError("the daemon is stopping")
+        if self.launched and self.stop_asked:
+            # The stopped worker has not exited yet: its exit must not read as the end of
+            # the run, which would leave this start unanswered.
+            self.replacing = True
         self.wanted, self.stop_asked = True, False
 
     def stop(self, *, worker_running: bool) -> None:

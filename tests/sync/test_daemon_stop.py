@@ -82,3 +82,40 @@ def test_sigterm_lets_the_worker_write_its_stop_checkpoint(
     daemons.append(again)
     resumed = wait_log(again, r"resumed from checkpoint .* at global step (\d+)")
     assert int(resumed.group(1)) == step
+
+
+def test_training_stop_cuts_short_the_round_the_worker_waits_in(
+    tiny_sd1: Path, images: Path, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    # Alone, with a two-minute gathering window: the worker's round would wait for a group
+    # far past the 30 s of grace the daemon gives a stopped worker before it kills it.
+    config = tiny_run(tiny_sd1, training={"max_steps": 100_000, "batch_size": 2},
+                      sync={"local_steps": 2, "overlap": False},
+                      averaging={"gather_window": 120.0},
+                      checkpoint={"every_steps": 100_000, "keep_last": 2})
+    (tmp_path / "run.toml").write_text(config.to_toml())
+    daemon = start(tmp_path, images)
+    daemons.append(daemon)
+    deadline = time.monotonic() + TIMEOUT
+    while (status := daemon.call("training.status"))["state"] != "syncing":
+        assert time.monotonic() < deadline, status
+        time.sleep(0.1)
+
+    asked = time.monotonic()
+    daemon.call("training.stop")
+    while (status := daemon.call("training.status"))["state"] != "stopped":
+        assert time.monotonic() < deadline, status
+        time.sleep(0.1)
+    seconds = time.monotonic() - asked
+    logs = daemon.logs()
+    assert "ignored SIGTERM" not in logs, logs[-6000:]
+    assert seconds < 30, "a waiting round is cut short, not waited out"
+    stopped = re.search(r"worker\.process: .*the worker stopped at global step (\d+)", logs)
+    assert stopped, logs[-6000:]
+    step = int(stopped.group(1))
+    checkpoints = daemon.data_dir / "worker" / "tiny" / "checkpoints"
+    assert (checkpoints / f"step-{step:08d}").is_dir(), sorted(checkpoints.iterdir())
+
+    # Started again, it trains on from its stop checkpoint.
+    daemon.call("training.start")
+    wait_log(daemon, rf"resumed from checkpoint .* at global step {step}\b")

@@ -97,6 +97,16 @@ def test_a_stop_without_a_worker_and_a_start_again() -> None:
     assert state.phase is Phase.STARTING
 
 
+def test_a_start_while_the_stopped_worker_exits_starts_a_new_one() -> None:
+    state = launched()
+    state.stop(worker_running=True)
+    state.reported("stopped", "saved")
+    state.start()
+    assert state.worker_exited(0, "the worker finished", restart=False) is AfterExit.REPLACE
+    assert state.wanted and not state.stop_asked
+    state.launch()
+
+
 def test_joining_another_run_replaces_the_worker_without_a_crash() -> None:
     state = launched()
     state.join(replacing_worker=True)
