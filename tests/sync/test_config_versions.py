@@ -67,7 +67,9 @@ def wait_for_version(daemon: DaemonProcess, run: str, version: int) -> None:
         time.sleep(0.2)
 
 
-@pytest.mark.parametrize("overlap", [False, True], ids=["blocking", "overlap"])
+# The blocking mode's twin of the default (overlapped) one runs with the slow suite.
+@pytest.mark.parametrize("overlap", [pytest.param(False, marks=pytest.mark.slow), True],
+                         ids=["blocking", "overlap"])
 def test_a_new_version_applies_on_every_running_worker_at_the_same_global_step(
     tiny_sd1: Path, images: Path, tmp_path: Path, daemons: list[DaemonProcess], overlap: bool
 ) -> None:

@@ -130,7 +130,9 @@ def test_overlapping_peers_stay_identical_and_survive_a_killed_peer(
 
 
 @pytest.mark.timeout(600)  # about a minute on two idle cores, several on a loaded machine
-@pytest.mark.parametrize("fragments", [1, 2], ids=["whole", "streaming"])
+# Streaming fragments are opt-in: their joiner runs with the slow suite.
+@pytest.mark.parametrize("fragments", [1, pytest.param(2, marks=pytest.mark.slow)],
+                         ids=["whole", "streaming"])
 def test_a_third_peer_joins_an_overlapping_swarm_mid_run(
     tiny_sd1: Path, images: Path, tmp_path: Path, daemons: list[DaemonProcess],
     fragments: int

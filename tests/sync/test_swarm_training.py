@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -196,6 +197,9 @@ def rounds_around(r: int, logs: list[dict[int, dict[str, Any]]], joiner: DaemonP
     return "\n".join(lines)
 
 
+# Blocking rounds' joiner: the default (overlapped) mode's joiner runs in the default suite
+# (test_overlap_training); both go through the same joining code.
+@pytest.mark.slow
 def test_a_third_peer_joins_mid_run_with_the_swarms_state(
     tiny_sd1: Path, images: Path, tmp_path: Path, daemons: list[DaemonProcess]
 ) -> None:
