@@ -299,19 +299,18 @@ class AllReducePeer:
                 out.append(send)
         return out
 
-    def exclude_banned(self, peer: bytes, now: float) -> list[Send]:
-        """Leave out a member this peer has banned (the group kept it, since most members
-        have not): none of its chunks count here and none of ours go to it. Not scored
-        again: the ban is the score's doing."""
-        return self._exclude_banned(peer, now) + self._drain()
-
-    def _exclude_banned(self, peer: bytes, now: float) -> list[Send]:
+    def leave_out(self, peer: bytes, now: float, reason: ExclusionReason,
+                  detail: str) -> list[Send]:
+        """Leave out a member the group kept: one this peer has banned (most members have
+        not), or one that reduces no span and has no channel to this peer (the others may
+        have one). None of its chunks count here and none of ours go to it. Not scored: a
+        ban is the score's doing, and a missing channel need not be the member's."""
         self._touch(now)
-        if peer not in self.spec or peer == self.peer_id:
-            return []
-        sends = self._fail(peer, ExclusionReason.BANNED, now, "banned by this peer")
-        self._maybe_done(now)
-        return sends
+        sends: list[Send] = []
+        if peer in self.spec and peer != self.peer_id:
+            sends = self._fail(peer, reason, now, detail)
+            self._maybe_done(now)
+        return sends + self._drain()
 
     def tick(self, now: float) -> list[Send]:
         """Apply the timeouts due at ``now``; call it at ``next_deadline`` (or periodically)."""

@@ -316,17 +316,33 @@ class Averager:
 
         def start_state(unreachable: set[bytes]) -> AllReducePeer:
             left_out = unreachable | gone
-            remembered = self._failed_recently(round_, spec)
+            # Members that reduce no span (a joiner with nothing to add) leave every layout
+            # as it is: narrowing the group for one this peer cannot reach would change the
+            # group's id and split this peer from the members that reach it. They are cut
+            # off here alone, and only while unreachable (a failure remembered does not
+            # change the spans).
+            listeners = {p for p in spec.peer_ids if p != self.me
+                         and spec.member(p).bandwidth == 0.0}
+            remembered = self._failed_recently(round_, spec) - listeners
             if set(spec.peer_ids) - left_out - remembered != {self.me}:
                 # Members that failed us lately are left out of a group that goes on
                 # without them. Left alone by it, this peer would gain nothing, and a member
                 # that does not know it failed us would wait the round out for us, fail us
                 # in turn, and the two would take turns leaving each other out for good.
                 left_out |= remembered
-            kept = spec.without(left_out).seat(self.me, s.matchmaking.max_group)
+            cut_off = left_out & listeners
+            kept = spec.without(left_out - cut_off).seat(self.me, s.matchmaking.max_group)
+            if cut_off & set(kept.partition(buffer.size).reducers):
+                # Without the others they would reduce after all (no member left announced
+                # a bandwidth): a layout of their own, then.
+                cut_off = set()
+                kept = spec.without(left_out).seat(self.me, s.matchmaking.max_group)
             if kept is not spec:
                 log.info("round %d: %d members left out of the spans: %s", round_,
                          len(kept.excluded), sorted(ID(p).to_base58() for p in kept.excluded))
+            if cut_off:
+                log.info("round %d: no channel to %d members that reduce nothing: %s",
+                         round_, len(cut_off), sorted(ID(p).to_base58() for p in cut_off))
             state = AllReducePeer(
                 peer_id=self.me,
                 sign=self.signer.sign,
@@ -340,9 +356,13 @@ class Averager:
                 chunk_timeout=s.chunk_timeout,
                 error_feedback=error_feedback,
             )
+            for peer in cut_off & set(kept.peer_ids):
+                state.leave_out(peer, trio.current_time(), ExclusionReason.FAILED,
+                                "no channel when the round began")
             for peer in kept.peer_ids:
                 if peer != self.me and self.reputation.scores.is_banned(peer, time.time()):
-                    state.exclude_banned(peer, trio.current_time())
+                    state.leave_out(peer, trio.current_time(), ExclusionReason.BANNED,
+                                    "banned by this peer")
             return state
 
         rnd = Round(spec, self.me)

@@ -294,7 +294,7 @@ def consensus_bans(
     than the accused, so a crowd of fresh keys neither votes nor dilutes the vote. ``me`` is
     never banned by others' votes: a peer does not evict itself from its own round. A peer
     banned only by a minority stays grouped, and each of its accusers leaves it out of its
-    own sums and sends it nothing (``AllReducePeer.exclude_banned``).
+    own sums and sends it nothing (``AllReducePeer.leave_out``).
     """
     voters = frozenset(p for p in announcements if track_recorded is None or p in track_recorded)
     accusations: dict[bytes, int] = {}

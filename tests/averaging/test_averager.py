@@ -218,6 +218,47 @@ async def test_a_peer_with_nothing_to_add_takes_the_result_and_reduces_nothing()
         assert np.allclose(buffers[0], mean, atol=1e-5)
 
 
+async def test_a_joiner_one_member_cannot_reach_leaves_the_others_one_group(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Member 0 gets no channel to the joiner (member 2), which reduces nothing; member 1
+    # does. Narrowing the group for it would give member 0 a group id of its own, and the
+    # two members would refuse each other's spans: member 0 cuts it off alone instead.
+    size = 200_000
+    async with averaging_swarm(3, FAST) as members:
+        joiner = members[2].node.identity.peer_id
+        links = members[0].averager.member_links
+        real_link = links.link
+
+        async def no_channel_to_the_joiner(rnd: Any, round_: int, peer: bytes) -> None:
+            if peer == joiner.to_bytes():
+                rnd.writing.discard(peer)
+                rnd.fail(peer, "no channel: cut off by the test")
+                return
+            await real_link(rnd, round_, peer)
+
+        monkeypatch.setattr(links, "link", no_channel_to_the_joiner)
+        buffers = [np.full(size, 1.0, np.float32), np.full(size, 2.0, np.float32),
+                   np.zeros(size, np.float32)]
+        reports: list[RoundReport | None] = [None] * 3
+
+        async def run(i: int) -> None:
+            reports[i] = await members[i].averager.all_reduce(
+                buffers[i], 1e-6 if i == 2 else 1.0, 1, reduces=i != 2)
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for i in range(3):
+                    nursery.start_soon(run, i)
+    first, second = reports[0], reports[1]
+    assert first is not None and second is not None
+    for report in (first, second):
+        assert report.fraction_averaged == 1.0 and len(report.members) == 3
+    assert np.array_equal(buffers[0], buffers[1])
+    np.testing.assert_allclose(buffers[0], 1.5, rtol=1e-5)
+    assert (joiner.to_bytes(), "failed") in {(e.peer, e.reason.value) for e in first.excluded}
+
+
 async def test_a_failure_one_of_two_peers_remembers_does_not_keep_them_apart() -> None:
     # Member 0 saw member 1 fail round 1 (its worker died mid-round); member 1 did not see
     # that. Leaving member 1 out of round 2 would leave member 0 alone, while member 1 waited
