@@ -167,8 +167,9 @@ class Rounds:
             }
 
     async def leave(self) -> None:
-        """This daemon stops: tell the peers that expect it in the round under way and the
-        next that it will not come, so that they stop waiting for it at once."""
+        """This peer stops training (``training.stop``, or the daemon stops): tell the peers
+        that expect it in the round under way and the next that it will not come, so that
+        they stop waiting for it at once."""
         if self.averager is None or self.latest_round < 0:
             return
         rounds = (self.latest_round, self.latest_round + 1)

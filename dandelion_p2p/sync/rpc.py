@@ -102,15 +102,19 @@ class UserMethods:
     def __init__(self, state: TrainingState, current: CurrentRun,
                  supervisor: WorkerSupervisor, peers: StatePeers,
                  status: Callable[[], dict[str, Any]],
-                 cut_worker_calls: Callable[[], None]) -> None:
+                 cut_worker_calls: Callable[[], None],
+                 leave_rounds: Callable[[], Awaitable[None]]) -> None:
         """``cut_worker_calls``: ends the worker's round or catch-up under way, so that a
-        worker told to stop is not held up waiting for a group that may never form."""
+        worker told to stop is not held up waiting for a group that may never form;
+        ``leave_rounds``: tells the peers that this one will not come to the rounds they
+        expect it in (``Rounds.leave``)."""
         self.state = state
         self.current = current
         self.supervisor = supervisor
         self.peers = peers
         self.status = status
         self.cut_worker_calls = cut_worker_calls
+        self.leave_rounds = leave_rounds
 
     def handlers(self) -> dict[str, Handler]:
         return {
@@ -136,6 +140,8 @@ class UserMethods:
             self.cut_worker_calls()
             self.supervisor.stop_worker()
         self.supervisor.poke()
+        if running:
+            await self.leave_rounds()
         return self.status()
 
     async def h_join(self, params: dict[str, Any]) -> dict[str, Any]:

@@ -93,7 +93,8 @@ class SyncService:
         )
         self.user_methods = rpc.UserMethods(self.state, self.current, self.supervisor,
                                             ctx.node, self.status,
-                                            self.worker_methods.cancel_work)
+                                            self.worker_methods.cancel_work,
+                                            self.rounds.leave)
         self.scores: PeerScores = ctx.node
         self.state_server = StateServer(
             ctx.node.host, lambda: self.current.id, self.current.checkpoints,

@@ -1,5 +1,6 @@
-"""A peer whose daemon stops says so: the others form their next round without waiting out
-the gathering window for it (``Rounds.leave``, protocol/averaging.md 14.1)."""
+"""A peer that stops training (its daemon stopped, or ``training.stop``) says so: the others
+form their next round without waiting out the gathering window for it (``Rounds.leave``,
+protocol/averaging.md 14.1)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import signal
 import time
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.daemon_proc import DaemonProcess
 from tests.sync.test_swarm_training import start_peers
@@ -25,8 +28,9 @@ def wait_until(what: str, done: Any, daemons: list[DaemonProcess], timeout: floa
         time.sleep(0.2)
 
 
+@pytest.mark.parametrize("stop", ["daemon", "training"])
 def test_the_others_do_not_wait_the_window_for_a_peer_that_stopped(
-    tiny_sd1: Path, images: Path, tmp_path: Path, daemons: list[DaemonProcess]
+    stop: str, tiny_sd1: Path, images: Path, tmp_path: Path, daemons: list[DaemonProcess]
 ) -> None:
     config = tiny_run(tiny_sd1, training={"max_steps": 600}, sync={"local_steps": 2},
                       averaging={"gather_window": WINDOW},
@@ -39,8 +43,11 @@ def test_the_others_do_not_wait_the_window_for_a_peer_that_stopped(
 
     wait_until("a round of all three", all_three_averaged, daemons, 180)
     before = len(sync_log(a))
-    daemons.remove(leaving)
-    leaving.stop(signal.SIGTERM, timeout=60)
+    if stop == "daemon":
+        daemons.remove(leaving)
+        leaving.stop(signal.SIGTERM, timeout=60)
+    else:
+        leaving.call("training.stop")
     assert "announcing that this peer leaves rounds" in leaving.logs()
 
     def two_rounds_without_it() -> bool:
