@@ -240,11 +240,6 @@ class Averager:
             nursery.start_soon(until, rnd.finished)
             nursery.start_soon(until, channel.finished)
 
-    def in_all_reduce(self) -> bool:
-        """Whether a round's group has formed and its all-reduce runs (its members count on
-        this peer's part in it)."""
-        return bool(self._rounds)
-
     def error_feedback_for(self, size: int) -> BufferErrorFeedback:
         """Error feedback for a vector of ``size`` elements under this averager's codec."""
         return BufferErrorFeedback(get_codec(self.settings.codec), size)

@@ -166,10 +166,6 @@ class Rounds:
                 "peers": sorted(PeerId(m).to_base58() for m in report.members),
             }
 
-    def in_all_reduce(self) -> bool:
-        """Whether a round's group has formed and its all-reduce runs."""
-        return self.averager is not None and self.averager.in_all_reduce()
-
     async def leave(self) -> None:
         """This peer stops training (``training.stop``, or the daemon stops): tell the peers
         that expect it in the round under way and the next that it will not come, so that

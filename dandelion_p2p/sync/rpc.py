@@ -179,8 +179,7 @@ class WorkerMethods:
         self.progress = progress
         self.telemetry = telemetry
         self.peer_id = peer_id
-        self._work: dict[trio.CancelScope, bool] = {}
-        """The worker's calls under way: their scopes, and whether each is a round."""
+        self._work: set[trio.CancelScope] = set()
 
     def handlers(self) -> dict[str, Handler]:
         return {
@@ -192,17 +191,10 @@ class WorkerMethods:
             protocol.CATCH_UP_STATUS: self.h_catch_up_status,
         }
 
-    def cancel_work(self, *, spare_all_reduce: bool = False) -> None:
-        """Cut short the rounds and catch-ups under way (the worker is being stopped).
-
-        ``spare_all_reduce``: a round whose group has formed is left to end, as its own
-        timeouts bound it: the members that formed it with this peer count on its span, and
-        a stop that only the user asked for need not cost them the round. A round still
-        gathering is cut at once."""
-        sparing = spare_all_reduce and self.rounds.in_all_reduce()
-        for scope, is_round in list(self._work.items()):
-            if not (is_round and sparing):
-                scope.cancel()
+    def cancel_work(self) -> None:
+        """Cut short the rounds and catch-ups under way (the worker is being stopped)."""
+        for scope in list(self._work):
+            scope.cancel()
 
     async def h_hello(self, params: dict[str, Any]) -> dict[str, Any]:
         if params.get("protocol") != protocol.PROTOCOL_VERSION:
@@ -251,7 +243,7 @@ class WorkerMethods:
         """A round, cut short (averaged with nobody) when the worker is stopped: it then
         ends its step and writes its stop checkpoint instead of waiting out the round."""
         self.session.check(params)
-        answer = await self._unless_stopping(lambda: self._sync(params), is_round=True)
+        answer = await self._unless_stopping(lambda: self._sync(params))
         if answer is not None:
             return answer
         return {**not_averaged(), "round": params.get("round"), "round_seconds": 0.0,
@@ -293,17 +285,17 @@ class WorkerMethods:
                                        wait=params.get("wait") is True)
 
     async def _unless_stopping(
-        self, work: Callable[[], Awaitable[dict[str, Any]]], *, is_round: bool = False
+        self, work: Callable[[], Awaitable[dict[str, Any]]]
     ) -> dict[str, Any] | None:
         """``work()``'s answer, or None when the worker is being stopped (``training.stop``,
         the daemon stopping), before or while it runs (``cancel_work`` cuts it short)."""
         if self.state.draining or self.state.stop_asked:
             return None
         scope = trio.CancelScope()
-        self._work[scope] = is_round
+        self._work.add(scope)
         try:
             with scope:
                 return await work()
         finally:
-            del self._work[scope]
+            self._work.discard(scope)
         return None

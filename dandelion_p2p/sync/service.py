@@ -93,7 +93,7 @@ class SyncService:
         )
         self.user_methods = rpc.UserMethods(self.state, self.current, self.supervisor,
                                             ctx.node, self.status,
-                                            self.worker_cut_short_for_user,
+                                            self.worker_methods.cancel_work,
                                             self.rounds.leave)
         self.scores: PeerScores = ctx.node
         self.state_server = StateServer(
@@ -106,9 +106,6 @@ class SyncService:
         ctx.add_handlers({**self.user_methods.handlers(), **self.worker_methods.handlers()})
         ctx.status_sections["training"] = self.status
         ctx.drains.append(self.drain)
-
-    def worker_cut_short_for_user(self) -> None:
-        self.worker_methods.cancel_work(spare_all_reduce=True)
 
     def status(self) -> dict[str, Any]:
         return {
