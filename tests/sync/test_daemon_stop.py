@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from dandelion_p2p.runconfig.schema import RunConfig
 from tests.daemon_proc import DaemonProcess, start_daemon
 from tests.worker.runconfigs import tiny_run
 
@@ -39,6 +40,20 @@ def wait_log(daemon: DaemonProcess, pattern: str) -> re.Match[str]:
     raise AssertionError(f"no {pattern!r} in the log:\n{daemon.logs()[-6000:]}")
 
 
+def start_waiting_in_a_round(tmp_path: Path, images: Path, config: RunConfig,
+                             daemons: list[DaemonProcess]) -> tuple[DaemonProcess, int]:
+    """A lone daemon training ``config``, once its worker waits in a round (no group forms:
+    it is alone); returns it and the global step it waits at."""
+    (tmp_path / "run.toml").write_text(config.to_toml())
+    daemon = start(tmp_path, images)
+    daemons.append(daemon)
+    deadline = time.monotonic() + TIMEOUT
+    while (status := daemon.call("training.status"))["state"] != "syncing":
+        assert time.monotonic() < deadline, status
+        time.sleep(0.1)
+    return daemon, status["global_step"]
+
+
 # Both modes write their stop checkpoint by the same path; the gradient one runs with the
 # slow suite.
 @pytest.mark.parametrize("mode", [
@@ -51,15 +66,8 @@ def test_sigterm_lets_the_worker_write_its_stop_checkpoint(
     config = tiny_run(tiny_sd1, training={"max_steps": 100_000, "batch_size": 2},
                       sync={"mode": mode, "local_steps": 2, "target_batch": 2},
                       checkpoint={"every_steps": 100_000, "keep_last": 2})
-    (tmp_path / "run.toml").write_text(config.to_toml())
-    daemon = start(tmp_path, images)
-    daemons.append(daemon)
-    deadline = time.monotonic() + TIMEOUT
-    # Stopped while it waits in its first round (no group forms: it is alone).
-    while (status := daemon.call("training.status"))["state"] != "syncing":
-        assert time.monotonic() < deadline, status
-        time.sleep(0.1)
-    waiting_at = status["global_step"]
+    # Stopped while it waits in its first round.
+    daemon, waiting_at = start_waiting_in_a_round(tmp_path, images, config, daemons)
 
     code, seconds = daemon.stop(signal.SIGTERM, timeout=90)
     assert code == 0
@@ -93,15 +101,10 @@ def test_training_stop_cuts_short_the_round_the_worker_waits_in(
                       sync={"local_steps": 2, "overlap": False},
                       averaging={"gather_window": 120.0},
                       checkpoint={"every_steps": 100_000, "keep_last": 2})
-    (tmp_path / "run.toml").write_text(config.to_toml())
-    daemon = start(tmp_path, images)
-    daemons.append(daemon)
-    deadline = time.monotonic() + TIMEOUT
-    while (status := daemon.call("training.status"))["state"] != "syncing":
-        assert time.monotonic() < deadline, status
-        time.sleep(0.1)
+    daemon, _ = start_waiting_in_a_round(tmp_path, images, config, daemons)
 
     asked = time.monotonic()
+    deadline = asked + TIMEOUT
     daemon.call("training.stop")
     while (status := daemon.call("training.status"))["state"] != "stopped":
         assert time.monotonic() < deadline, status
