@@ -136,11 +136,9 @@ class UserMethods:
     async def h_stop(self, params: dict[str, Any]) -> dict[str, Any]:
         running = self.supervisor.worker is not None
         self.state.stop(worker_running=running)
-        if running:
-            self.cut_worker_calls()
-            self.supervisor.stop_worker()
         self.supervisor.poke()
         if running:
+            self._stop_worker()
             await self.leave_rounds()
         return self.status()
 
@@ -153,11 +151,16 @@ class UserMethods:
         running = self.supervisor.worker is not None
         if running:
             # The worker saves its checkpoint and exits; the supervisor starts one for `run`.
-            self.cut_worker_calls()
-            self.supervisor.stop_worker()
+            self._stop_worker()
         self.state.join(replacing_worker=running)
         self.supervisor.poke()
         return self.status()
+
+    def _stop_worker(self) -> None:
+        """The running worker ends its step and exits, not held up by a round or catch-up
+        it waits in."""
+        self.cut_worker_calls()
+        self.supervisor.stop_worker()
 
     async def h_swarm_step(self, params: dict[str, Any]) -> dict[str, Any]:
         """The swarm's checkpoint step of ``run`` (-1: no peer answered), for the run
