@@ -131,6 +131,8 @@ class Averager:
         )
         self._rounds: dict[int, Round] = {}
         self._round_ready: dict[int, trio.Event] = {}
+        self._ended_through = -1
+        """The latest round that ran here and ended (rounds run one at a time, in order)."""
         self._failed_in_round: dict[bytes, int] = {}
         """Members that failed this peer, with the last round they did."""
         self._installed = False
@@ -218,6 +220,11 @@ class Averager:
         if hello.run != self.run:
             return
         round_ = hello.round
+        if round_ <= self._ended_through and round_ not in self._rounds:
+            # That round is over here. Closing at once tells the opener so (a member that
+            # lost its channel to us and opens a new one), where waiting for the round to
+            # start would hold it until its result timeout.
+            return
         ready = self._round_ready.setdefault(round_, trio.Event())
         with trio.move_on_after(self.settings.matchmaking.gather_window * 4 + 10):
             await ready.wait()
@@ -290,6 +297,8 @@ class Averager:
             banned=tuple(self._banned_now()),
         )
         track_recorded = self._track_recorded()
+        # A round run again (its worker resumed from an older checkpoint) takes channels.
+        self._ended_through = min(self._ended_through, round_ - 1)
         spec, formation, finished = await self.matchmaker.match(
             self.me, announcement, track_recorded, expected=await self._expected(round_)
         )
@@ -375,6 +384,7 @@ class Averager:
             rnd.finished.set()
             self._rounds.pop(round_, None)
             self._round_ready.pop(round_, None)
+            self._ended_through = max(self._ended_through, round_)
         self._announce_finished(announcement)
         state = rnd.state
         report = state.report()

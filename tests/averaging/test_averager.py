@@ -15,7 +15,10 @@ import trio
 from dandelion_p2p.averaging.averager import Averager, AveragingSettings, NoGroup
 from dandelion_p2p.averaging.group import bounded_weights
 from dandelion_p2p.averaging.matchmaking import Matchmaker, MatchmakingSettings
+from dandelion_p2p.averaging.member_links import PURPOSE
+from dandelion_p2p.averaging.messages import ChannelHello, encode_hello
 from dandelion_p2p.averaging.report import RoundReport
+from dandelion_p2p.dataplane.errors import ChannelClosed
 from dandelion_p2p.dataplane.service import DataPlane
 from dandelion_p2p.net.node import SwarmNode
 from dandelion_p2p.reputation.book import ScoreEvent
@@ -257,6 +260,23 @@ async def test_a_joiner_one_member_cannot_reach_leaves_the_others_one_group(
     assert np.array_equal(buffers[0], buffers[1])
     np.testing.assert_allclose(buffers[0], 1.5, rtol=1e-5)
     assert (joiner.to_bytes(), "failed") in {(e.peer, e.reason.value) for e in first.excluded}
+
+
+async def test_a_channel_for_a_round_that_ended_here_is_closed_at_once() -> None:
+    # A member that lost its channel and opens a new one to a peer whose round is over
+    # learns it at once (an orderly close), instead of waiting for that peer's results
+    # until its result timeout.
+    async with averaging_swarm(2, FAST) as members:
+        buffers = [np.full(50_000, i + 1.0, dtype=np.float32) for i in range(2)]
+        async with trio.open_nursery() as nursery:
+            for member, buf in zip(members, buffers, strict=True):
+                nursery.start_soon(member.averager.all_reduce, buf, 1.0, 1)
+        opener, acceptor = sorted(members, key=lambda m: m.node.identity.peer_id_bytes)
+        channel = await opener.dataplane.open(acceptor.node.identity.peer_id, PURPOSE)
+        await channel.send(encode_hello(ChannelHello(RUN, 1, b"\0" * 32)))
+        with trio.fail_after(5), pytest.raises(ChannelClosed):
+            await channel.receive()
+        await channel.aclose()
 
 
 async def test_a_failure_one_of_two_peers_remembers_does_not_keep_them_apart() -> None:
