@@ -44,3 +44,17 @@ def sync_interval(daemon: DaemonProcess) -> float | None:
              if "worker.train: round " in line and (at := _seconds(line)) is not None]
     gaps = sorted(b - a for a, b in itertools.pairwise(times))
     return round(gaps[len(gaps) // 2], 1) if gaps else None
+
+
+def replayed_rounds(log: str, interval: int) -> int:
+    """How many kept rounds the joiner whose ``log`` this is applied onto the last state it
+    downloaded before it joined, checked against the rounds between that state and the one
+    it joined at: they must be all of them, in order."""
+    joined = re.search(r"joined the swarm at round (\d+) \((\d+) rounds replayed", log)
+    assert joined is not None, log[-5000:]
+    before = log[:joined.start()]
+    steps = re.findall(r"downloaded the state at step (\d+)", before)
+    assert steps, before[-5000:]
+    round_, replayed = int(joined.group(1)), int(joined.group(2))
+    assert replayed == round_ - 1 - int(steps[-1]) // interval, (round_, replayed, steps)
+    return replayed

@@ -187,6 +187,7 @@ class AveragingConfig:
 class CheckpointConfig:
     every_steps: int = 500
     keep_last: int = 3
+    keep_rounds: int = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,11 +243,9 @@ class DataConfig:
 @dataclass(frozen=True, slots=True)
 class ExportConfig:
     weights: ExportWeights = "auto"
-    """Which weights the export and the sample images use; auto: the EMA when training.ema is
-    on, else the raw trained weights."""
+    """Weights exported and sampled; auto: the EMA when training.ema is on, else the raw."""
     lora_formats: tuple[LoraFormat, ...] = ("diffusers", "kohya")
-    """LoRA files written: diffusers' ``pytorch_lora_weights.safetensors`` and the kohya/A1111
-    layout (``<run>-step-N.safetensors``)."""
+    """LoRA files: diffusers' ``pytorch_lora_weights.safetensors``, kohya/A1111 layout."""
     precision: SavePrecision = "auto"
     """Of the single-file checkpoint and the LoRA files; auto: fp16 for the single file, fp32
     for LoRA files. The diffusers folder keeps the fp32 master weights."""
@@ -425,6 +424,7 @@ def validate(c: RunConfig) -> list[str]:
     k = c.checkpoint
     need(k.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
     need(1 <= k.keep_last <= 1000, "checkpoint.keep_last", "must be 1-1000")
+    need(0 <= k.keep_rounds <= 64, "checkpoint.keep_rounds", "must be 0-64")
     d = c.dataset
     need(1 <= d.lease_seconds <= 86_400, "dataset.lease_seconds", "must be 1-86400 seconds")
     need(1 <= d.max_leases_per_peer <= 64, "dataset.max_leases_per_peer", "must be 1-64")

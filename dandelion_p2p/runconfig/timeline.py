@@ -37,7 +37,7 @@ LIVE_KEYS = frozenset({
     "sync.target_batch",
     "averaging.codec", "averaging.aggregation", "averaging.min_group", "averaging.max_group",
     "averaging.chunk_timeout", "averaging.gather_window",
-    "checkpoint.every_steps", "checkpoint.keep_last",
+    "checkpoint.every_steps", "checkpoint.keep_last", "checkpoint.keep_rounds",
     "dataset.lease_seconds", "dataset.max_leases_per_peer", "dataset.manifest",
     "export.weights", "export.lora_formats", "export.precision",
 })

@@ -17,7 +17,7 @@ from libp2p.peer.id import ID
 
 from dandelion_p2p.errors import DandelionError
 from dandelion_p2p.sync.ports import StatePeers
-from dandelion_p2p.sync.statesync import DownloadProgress, fetch_state
+from dandelion_p2p.sync.statesync import DownloadProgress, fetch_rounds, fetch_state
 from dandelion_p2p.sync.statesync_core import StateUnavailable
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,27 @@ class CatchUp:
         else:
             return {"step": -1, "detail": "no peers to ask"}
         return {"step": step, "peers": sources}
+
+    async def rounds(self, run: str, after: int, folder: Path,
+                     max_size: int) -> dict[str, Any]:
+        """Download the averaged rounds peers keep after round ``after`` into ``folder``
+        (none larger than ``max_size`` bytes).
+        Answers ``rounds`` (those now there, in order), ``newest`` (the newest round a peer
+        keeps) and, when a download failed, ``detail``."""
+        peers = await self.training_peers()
+        if not peers:
+            return {"rounds": [], "newest": after, "detail": "no peers to ask"}
+        self.progress = DownloadProgress()
+        try:
+            got, newest = await fetch_rounds(self.peers.host, peers, run, after, folder,
+                                             connect=self.peers.connect_peer,
+                                             progress=self.progress, max_size=max_size)
+        except StateUnavailable as exc:
+            log.info("averaged rounds: %s", exc)
+            return {"rounds": [], "newest": after, "detail": str(exc)}
+        finally:
+            self.progress = None
+        return {"rounds": got, "newest": newest}
 
     async def training_peers(self) -> list[ID]:
         """Peers that may hold the run's state: the swarm's members and whoever we are

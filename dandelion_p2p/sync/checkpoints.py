@@ -10,6 +10,9 @@ A checkpoint being downloaded is **pinned**: its files are hard-linked into
 outlasts ``checkpoint.keep_last`` rounds still finishes after the worker has pruned the step.
 A pin costs disk only once the worker has deleted the folder; at most ``MAX_PINS`` are kept,
 each until ``PIN_IDLE`` seconds after its last read.
+
+The averaged rounds the worker keeps for joiners (``rounds/round-RRRRRRRR-M.bin``, written by
+``worker/served_rounds.py``) are served beside them (``RoundCatalog``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dandelion_p2p.hashing import file_digest
-from dandelion_p2p.sync.statesync_core import MANIFEST, STEP_DIR
+from dandelion_p2p.sync.statesync_core import MANIFEST, MAX_ROUNDS, STEP_DIR
+from dandelion_p2p.worker.protocol import ROUND_FILE, ROUNDS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -165,3 +169,72 @@ class CheckpointCatalog:
         for path in root.iterdir():
             if (m := PIN_DIR.fullmatch(path.name)) and int(m.group(1)) not in self._pins:
                 shutil.rmtree(path, ignore_errors=True)
+
+
+
+@dataclass(frozen=True)
+class ServedRound:
+    round: int
+    members: int
+    size: int
+    digest: str
+    path: Path
+
+
+class RoundCatalog:
+    """The averaged rounds under ``root()/rounds``; each file's hash is computed once and kept
+    while the file keeps its inode and modification time (the worker writes each round
+    once, atomically)."""
+
+    def __init__(self, root: Callable[[], Path | None]) -> None:
+        self.root = root
+        self._digests: dict[Path, tuple[tuple[int, int], str]] = {}
+        self._lock = threading.Lock()
+
+    def _folder(self) -> Path | None:
+        root = self.root()
+        return None if root is None else root / ROUNDS_DIR
+
+    def _files(self) -> dict[int, tuple[int, Path]]:
+        folder = self._folder()
+        if folder is None or not folder.is_dir():
+            return {}
+        found = {}
+        for path in folder.iterdir():
+            if (m := ROUND_FILE.fullmatch(path.name)) and int(m.group(2)) >= 2:
+                found[int(m.group(1))] = (int(m.group(2)), path)
+        return found
+
+    def _describe(self, round_: int, members: int, path: Path) -> ServedRound | None:
+        try:
+            stat = path.stat()
+            identity = (stat.st_ino, stat.st_mtime_ns)
+            with self._lock:
+                cached = self._digests.get(path)
+            if cached is not None and cached[0] == identity:
+                digest = cached[1]
+            else:
+                digest = file_digest(path)
+                with self._lock:
+                    self._digests = {p: v for p, v in self._digests.items() if p.exists()}
+                    self._digests[path] = (identity, digest)
+        except OSError:
+            return None
+        if stat.st_size == 0:
+            return None
+        return ServedRound(round_, members, stat.st_size, digest, path)
+
+    def after(self, round_: int) -> list[ServedRound]:
+        files = self._files()
+        wanted = sorted(r for r in files if r > round_)[:MAX_ROUNDS]
+        described = (self._describe(r, *files[r]) for r in wanted)
+        return [d for d in described if d is not None]
+
+    def at_round(self, round_: int) -> ServedRound | None:
+        found = self._files().get(round_)
+        return None if found is None else self._describe(round_, *found)
+
+    def read(self, kept: ServedRound, offset: int, length: int) -> bytes:
+        with kept.path.open("rb") as f:
+            f.seek(offset)
+            return f.read(length)

@@ -192,6 +192,7 @@ class WorkerMethods:
             protocol.SYNC: self.h_sync,
             protocol.CATCH_UP: self.h_catch_up,
             protocol.CATCH_UP_STATUS: self.h_catch_up_status,
+            protocol.FETCH_ROUNDS: self.h_fetch_rounds,
         }
 
     def cancel_work(self) -> None:
@@ -272,8 +273,8 @@ class WorkerMethods:
         return answer if answer is not None else {"step": -1, "detail": "the daemon is stopping"}
 
     async def h_catch_up_status(self, params: dict[str, Any]) -> dict[str, Any]:
-        """The step the ``worker.catch_up`` under way downloads (-1: none chosen yet), so
-        that the worker can take part in the rounds that follow it meanwhile."""
+        """How far the ``worker.catch_up`` under way is: the step it downloads (-1: none
+        chosen yet), its bytes done and in all."""
         self.session.check(params)
         return self.catch_up.status()
 
@@ -286,6 +287,21 @@ class WorkerMethods:
         self.state.catching_up()
         return await self.catch_up.run(self.current.id, have, folder,
                                        wait=params.get("wait") is True)
+
+    async def h_fetch_rounds(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Download the averaged rounds that peers keep after ``round`` into ``folder``, none
+        larger than ``max_size`` bytes (the worker replays them onto the state it loaded).
+        Cut short when the worker is stopped."""
+        self.session.check(params)
+        after = int(need_number(params, "round", -1, 2**53))
+        max_size = int(need_number(params, "max_size", 1, 2**40))
+        folder = Path(need_str(params, "folder", 4096))
+        if not folder.is_absolute():
+            raise ConfigError("'folder' must be an absolute path")
+        answer = await self._unless_stopping(
+            lambda: self.catch_up.rounds(self.current.id, after, folder, max_size))
+        return answer if answer is not None else {"rounds": [], "newest": after,
+                                                  "detail": "the daemon is stopping"}
 
     async def _unless_stopping(
         self, work: Callable[[], Awaitable[dict[str, Any]]]

@@ -6,6 +6,7 @@ state from peers already training it (``protocol/statesync.md``). ``StateServer`
 offers, downloads the chosen checkpoint's files chunk by chunk, verifies every file's blake3
 against the offer, and renames the folder into the worker's checkpoint folder. Files already
 downloaded and verified survive an interruption (``.download-step-N``), so a retry resumes.
+``fetch_rounds`` then downloads the averaged rounds peers kept since, the same way.
 The decisions (what to answer, which offer, which chunk from whom) are the core's; this
 module does the streams, the files and the concurrency.
 """
@@ -28,22 +29,28 @@ from libp2p.peer.id import ID
 from dandelion_p2p.errors import DandelionError, ProtocolViolation, RejectCode, RemoteRejected
 from dandelion_p2p.hashing import file_digest
 from dandelion_p2p.net.streams import ViolationSink, request, serve_requests
-from dandelion_p2p.sync.checkpoints import CheckpointCatalog
+from dandelion_p2p.sync.checkpoints import CheckpointCatalog, RoundCatalog
 from dandelion_p2p.sync.statesync_core import (
     MAX_ASKED,
+    MAX_FILE_SIZE,
     MAX_REPLY,
     MAX_REQUEST,
     PROTOCOL_ID,
     STATE,
     FileFetch,
     OfferRound,
+    Read,
+    RoundOffers,
+    RoundRead,
+    RoundsOffer,
     StateOffer,
     StateOffered,
-    StateRead,
     StateUnavailable,
     answer,
+    answer_rounds,
 )
 from dandelion_p2p.wire import Message
+from dandelion_p2p.worker.protocol import round_file_name
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +68,8 @@ OFFER_RETRY_DELAY = 0.25
 
 
 class StateServer:
-    """Serves the newest checkpoint under the folder ``checkpoints()`` names, for ``run()``.
+    """Serves the newest checkpoint under the folder ``checkpoints()`` names, for ``run()``,
+    and the averaged rounds the worker kept beside it.
 
     Each request costs a file open and a read of up to 1 MiB, done on a worker thread so that
     a slow disk does not hold the event loop; at most ``MAX_READS_PER_PEER`` per peer and
@@ -74,6 +82,7 @@ class StateServer:
         self.host = host
         self.run = run
         self.catalog = CheckpointCatalog(checkpoints)
+        self.rounds = RoundCatalog(checkpoints)
         self.timeout = timeout
         self.on_violation = on_violation
         self.is_banned = is_banned
@@ -100,6 +109,8 @@ class StateServer:
                 del self._in_flight[key]
 
     def _answer_now(self, msg: Message, run: str) -> Message:
+        if isinstance(msg, (RoundsOffer, RoundRead)):
+            return answer_rounds(msg, run, self.rounds)
         try:
             return answer(msg, run, self.catalog)
         except ProtocolViolation as exc:
@@ -142,35 +153,7 @@ async def fetch_state(
         OSError: a local file error (a full disk).
     """
     offers: OfferRound[ID] = OfferRound(run, have_step)
-
-    async def ask(peer: ID) -> None:
-        if connect is not None:
-            try:
-                await connect(peer)
-            except DandelionError:
-                return
-        reply: Message | None = None
-        for attempt in range(OFFER_ATTEMPTS):
-            try:
-                reply = await request(
-                    host, peer, PROTOCOL_ID, offers.request(), STATE, max_reply=MAX_REPLY,
-                    timeout=timeout)
-                break
-            except DandelionError as exc:
-                log.debug("state offer from %s: %s", peer, exc)
-                # A server still finishing reads of an interrupted download of ours refuses
-                # for a moment; anything but that busy answer is final.
-                busy = isinstance(exc, RemoteRejected) and exc.code == RejectCode.RATE_LIMITED
-                if not busy or attempt == OFFER_ATTEMPTS - 1:
-                    break
-                await trio.sleep(OFFER_RETRY_DELAY * 2**attempt)
-        offers.received(peer, reply)
-
-    # A random sample, so that which peers are asked is not up to the order of a list that
-    # others fill (member records, connections).
-    async with trio.open_nursery() as nursery:
-        for peer in random.sample(peers, min(len(peers), MAX_ASKED)):
-            nursery.start_soon(ask, peer)
+    await _ask_offers(host, peers, offers.request(), offers.received, timeout, connect)
     chosen = offers.choose(asked=len(peers))
     step = chosen.step
     destination.mkdir(parents=True, exist_ok=True)
@@ -181,6 +164,8 @@ async def fetch_state(
                                f"{destination} has {free} free")
     partial = destination / f".download-step-{step:08d}"
     partial.mkdir(exist_ok=True)
+    log.info("downloading the state of step %d (%d bytes) from %d peers", step, needed,
+             len(chosen.offers))
     progress = progress if progress is not None else DownloadProgress()
     progress.step, progress.total, progress.done = step, needed, 0
     used: set[str] = set()
@@ -205,6 +190,93 @@ async def fetch_state(
     log.info("downloaded the state at step %d from %s (first offer %s)", step,
              ", ".join(sorted(used)), chosen.reference)
     return step, sorted(used)
+
+
+async def _ask_offers(host: IHost, peers: list[ID], asked: Message,
+                      received: Callable[[ID, Message | None], None], timeout: float,
+                      connect: Callable[[ID], Awaitable[None]] | None) -> None:
+    """Send ``asked`` to ``MAX_ASKED`` of ``peers`` at once, handing each reply (None: none)
+    to ``received``."""
+
+    async def ask(peer: ID) -> None:
+        if connect is not None:
+            try:
+                await connect(peer)
+            except DandelionError:
+                return
+        reply: Message | None = None
+        for attempt in range(OFFER_ATTEMPTS):
+            try:
+                reply = await request(host, peer, PROTOCOL_ID, asked, STATE,
+                                      max_reply=MAX_REPLY, timeout=timeout)
+                break
+            except DandelionError as exc:
+                log.debug("state offer from %s: %s", peer, exc)
+                # A server still finishing reads of an interrupted download of ours refuses
+                # for a moment; anything but that busy answer is final.
+                busy = isinstance(exc, RemoteRejected) and exc.code == RejectCode.RATE_LIMITED
+                if not busy or attempt == OFFER_ATTEMPTS - 1:
+                    break
+                await trio.sleep(OFFER_RETRY_DELAY * 2**attempt)
+        received(peer, reply)
+
+    # A random sample, so that which peers are asked is not up to the order of a list that
+    # others fill (member records, connections).
+    async with trio.open_nursery() as nursery:
+        for peer in random.sample(peers, min(len(peers), MAX_ASKED)):
+            nursery.start_soon(ask, peer)
+
+
+async def fetch_rounds(
+    host: IHost,
+    peers: list[ID],
+    run: str,
+    after: int,
+    destination: Path,
+    *,
+    timeout: float = 30.0,
+    connect: Callable[[ID], Awaitable[None]] | None = None,
+    progress: DownloadProgress | None = None,
+    max_size: int = MAX_FILE_SIZE,
+) -> tuple[list[int], int]:
+    """Download the averaged rounds that peers keep after round ``after``, in order and
+    without a gap, into ``destination/round-RRRRRRRR-M.bin``. Returns the rounds downloaded
+    and the newest round any peer keeps (``after`` if none): newer than the last downloaded,
+    the chain broke there (a round no peer keeps after a gap, or that peers disagree on).
+    A round offered larger than ``max_size`` bytes is ignored.
+
+    Raises:
+        StateUnavailable: every source of a round failed or its bytes do not match the hash
+            offered (``retry``); the rounds downloaded before it are kept.
+        OSError: a local file error (a full disk).
+    """
+    offers: RoundOffers[ID] = RoundOffers(run, after, max_size)
+    await _ask_offers(host, peers, offers.request(), offers.received, timeout, connect)
+    chain = offers.chain()
+    destination.mkdir(parents=True, exist_ok=True)
+    needed, free = sum(c.size for c in chain), shutil.disk_usage(destination).free
+    if needed > free:
+        raise StateUnavailable(f"the rounds after round {after} need {needed} bytes; "
+                               f"{destination} has {free} free")
+    progress = progress if progress is not None else DownloadProgress()
+    progress.step, progress.total, progress.done = -1, sum(c.size for c in chain), 0
+    got: list[int] = []
+    for kept in chain:
+        name = round_file_name(kept.round, kept.members)
+        target = destination / name
+        if not (target.is_file() and file_digest(target) == kept.digest):
+            await _download(host, FileFetch(run, -1, name, kept.size, kept.sources,
+                                            round_=kept.round), target, timeout, progress)
+            if file_digest(target) != kept.digest:
+                target.unlink(missing_ok=True)
+                raise StateUnavailable(f"round {kept.round} does not match its hash",
+                                       retry=True)
+        else:
+            progress.done += kept.size
+        got.append(kept.round)
+    if got:
+        log.info("downloaded the averaged rounds %d-%d", got[0], got[-1])
+    return got, offers.newest
 
 
 JOURNAL_EVERY = 16
@@ -253,13 +325,13 @@ async def _download(host: IHost, fetch: FileFetch[ID], target: Path, timeout: fl
     try:
         os.ftruncate(fd, fetch.size)
 
-        async def read(peer: ID, asked: StateRead) -> None:
+        async def read(peer: ID, asked: Read) -> None:
             async with limit:
                 try:
                     reply = await request(host, peer, PROTOCOL_ID, asked, STATE,
                                           max_reply=MAX_REPLY, timeout=timeout)
                 except DandelionError as exc:
-                    log.info("state chunk %s@%d from %s failed: %s", fetch.name, asked.offset,
+                    log.info("chunk %s@%d from %s failed: %s", fetch.name, asked.offset,
                              peer, exc)
                     fetch.failed(peer)
                     return

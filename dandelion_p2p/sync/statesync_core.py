@@ -9,6 +9,10 @@ asks several peers for their newest checkpoint (``StateOffer``), takes the state
 the hashes of the files that must be identical across the swarm, ``SHARED_FILES``) that the
 most peers offer, the newest among equals, then reads each file in chunks (``StateRead``)
 spread over all peers that hold the same bytes.
+
+Peers also keep the averaged pseudo-gradients of their last rounds (``RoundsOffer``,
+``RoundRead``): a joiner whose download took several rounds brings the state it loaded up to
+the swarm's by applying those rounds' outer steps in order, as every peer applied them.
 """
 
 from __future__ import annotations
@@ -106,6 +110,67 @@ class StateChunk(Message):
     data: bytes
 
 
+MAX_ROUNDS = 64
+"""Rounds one ``RoundsOffered`` lists."""
+MAX_ROUND = 2**53 - 1
+
+
+@STATE.message(5)
+class RoundsOffer(Message):
+    """Which averaged rounds of ``run`` after round ``after`` do you keep?"""
+
+    run: str
+    after: int
+
+    def check(self) -> None:
+        if not 0 < len(self.run) <= 128:
+            raise invalid("RoundsOffer.run must be 1-128 characters")
+        if not -1 <= self.after <= MAX_ROUND:
+            raise invalid("RoundsOffer.after outside -1 .. 2^53 - 1")
+
+
+@STATE.message(6)
+class RoundsOffered(Message):
+    """The rounds kept after the one asked for, oldest first: per round the members that
+    averaged it, the size of its file and the file's blake3 hash."""
+
+    run: str
+    rounds: tuple[int, ...] = ()
+    members: tuple[int, ...] = ()
+    sizes: tuple[int, ...] = ()
+    hashes: tuple[str, ...] = ()
+
+    def check(self) -> None:
+        if not (len(self.rounds) == len(self.members) == len(self.sizes) == len(self.hashes)
+                <= MAX_ROUNDS):
+            raise invalid("RoundsOffered: rounds, members, sizes and hashes must pair up "
+                          f"(at most {MAX_ROUNDS})")
+        if any(not 0 <= r <= MAX_ROUND for r in self.rounds) or any(
+                a >= b for a, b in zip(self.rounds, self.rounds[1:], strict=False)):
+            raise invalid("RoundsOffered: rounds must increase, each 0 .. 2^53 - 1")
+        if not all(2 <= m <= 1 << 16 for m in self.members):
+            raise invalid("RoundsOffered: members must be 2 .. 65536")
+        if not all(0 < s <= MAX_FILE_SIZE for s in self.sizes):
+            raise invalid("RoundsOffered: a size outside 1 byte .. 1 TiB")
+
+    def listed(self) -> dict[int, tuple[int, int, str]]:
+        """Round -> (members, size, hash)."""
+        return {r: (m, s, h) for r, m, s, h in
+                zip(self.rounds, self.members, self.sizes, self.hashes, strict=True)}
+
+
+@STATE.message(7)
+class RoundRead(Message):
+    run: str
+    round: int
+    offset: int
+    length: int
+
+    def check(self) -> None:
+        if self.offset < 0 or not 0 < self.length <= CHUNK:
+            raise invalid(f"RoundRead: offset >= 0 and length 1-{CHUNK}")
+
+
 class StateUnavailable(DandelionError):
     """No peer offered a usable state newer than ours, or its download failed."""
 
@@ -144,6 +209,66 @@ class CheckpointSource(Protocol[L]):
         ...
 
 
+class KeptRound(Protocol):
+    """One averaged round as a server keeps it."""
+
+    @property
+    def round(self) -> int: ...
+
+    @property
+    def members(self) -> int: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def digest(self) -> str: ...
+
+
+R = TypeVar("R", bound=KeptRound)
+
+
+class RoundSource(Protocol[R]):
+    """The averaged rounds a server keeps (``sync.checkpoints`` reads them from the worker's
+    folder)."""
+
+    def after(self, round_: int) -> list[R]:
+        """The kept rounds after ``round_``, oldest first."""
+        ...
+
+    def at_round(self, round_: int) -> R | None: ...
+
+    def read(self, kept: R, offset: int, length: int) -> bytes: ...
+
+
+def rounds_offer_of(run: str, kept: list[KeptRound]) -> RoundsOffered:
+    kept = kept[:MAX_ROUNDS]
+    return RoundsOffered(run=run, rounds=tuple(k.round for k in kept),
+                         members=tuple(k.members for k in kept),
+                         sizes=tuple(k.size for k in kept),
+                         hashes=tuple(k.digest for k in kept))
+
+
+def answer_rounds(request: Message, run: str, rounds: RoundSource[R]) -> Message:
+    """The server's reply to ``RoundsOffer`` and ``RoundRead`` (as ``answer`` for the state).
+
+    Raises:
+        ProtocolViolation: ``NOT_FOUND`` (the round is not kept here), ``INVALID_FIELD`` (an
+            offset beyond the file), ``UNKNOWN_TYPE`` (not one of those requests).
+    """
+    if isinstance(request, RoundsOffer):
+        kept = rounds.after(request.after) if request.run == run else []
+        return rounds_offer_of(request.run, list(kept))
+    if isinstance(request, RoundRead):
+        found = rounds.at_round(request.round) if request.run == run else None
+        if found is None:
+            raise ProtocolViolation(RejectCode.NOT_FOUND, "round not kept here")
+        if request.offset >= found.size:
+            raise ProtocolViolation(RejectCode.INVALID_FIELD, "offset beyond the file")
+        return StateChunk(data=rounds.read(found, request.offset, request.length))
+    raise ProtocolViolation(RejectCode.UNKNOWN_TYPE, "expected a state or rounds request")
+
+
 def offer_of(run: str, listing: Listing | None) -> StateOffered:
     """The ``StateOffered`` of ``listing`` (None: no checkpoint of ``run`` here)."""
     if listing is None:
@@ -174,7 +299,7 @@ def answer(request: Message, run: str, checkpoints: CheckpointSource[L]) -> Mess
             raise ProtocolViolation(RejectCode.INVALID_FIELD, "offset beyond the file")
         return StateChunk(data=checkpoints.read(listing, request.name, request.offset,
                                                 request.length))
-    raise ProtocolViolation(RejectCode.UNKNOWN_TYPE, "expected StateOffer or StateRead")
+    raise ProtocolViolation(RejectCode.UNKNOWN_TYPE, "expected a state or rounds request")
 
 
 # ---------------------------------------------------------------------- the joiner
@@ -266,14 +391,22 @@ class OfferRound(Generic[P]):
         return Selection(best[1], next(iter(chosen)), chosen)
 
 
+Read = StateRead | RoundRead
+
+
 class FileFetch(Generic[P]):
     """The chunks of one file and who reads each: chunk ``i`` of those still missing from
-    source ``i mod (sources still in use)``, in up to ``PASSES`` passes."""
+    source ``i mod (sources still in use)``, in up to ``PASSES`` passes.
 
-    def __init__(self, run: str, step: int, name: str, size: int, sources: list[P]) -> None:
+    The file is a checkpoint's file ``name`` of ``step``, or with ``round_`` set the kept
+    round ``round_`` (``name`` then only names it in logs)."""
+
+    def __init__(self, run: str, step: int, name: str, size: int, sources: list[P], *,
+                 round_: int | None = None) -> None:
         self.run = run
         self.step = step
         self.name = name
+        self.round = round_
         self.size = size
         self.offsets = list(range(0, size, CHUNK))
         self.done: set[int] = set()
@@ -283,19 +416,24 @@ class FileFetch(Generic[P]):
         """Reads the adapter may have in flight at once."""
         self.passes = 0
 
-    def next_pass(self) -> list[tuple[P, StateRead]]:
+    def next_pass(self) -> list[tuple[P, Read]]:
         """The reads of the next pass over the missing chunks; none when the file is
         complete or every pass is spent."""
         missing = [o for o in self.offsets if o not in self.done]
         if not missing or self.passes == PASSES:
             return []
         self.passes += 1
-        return [(self.alive[i % len(self.alive)],
-                 StateRead(run=self.run, step=self.step, name=self.name, offset=offset,
-                           length=min(CHUNK, self.size - offset)))
+        return [(self.alive[i % len(self.alive)], self._read(offset))
                 for i, offset in enumerate(missing)]
 
-    def received(self, read: StateRead, reply: Message) -> bytes | None:
+    def _read(self, offset: int) -> Read:
+        length = min(CHUNK, self.size - offset)
+        if self.round is not None:
+            return RoundRead(run=self.run, round=self.round, offset=offset, length=length)
+        return StateRead(run=self.run, step=self.step, name=self.name, offset=offset,
+                         length=length)
+
+    def received(self, read: Read, reply: Message) -> bytes | None:
         """The bytes to write at ``read.offset``, or None: only a ``StateChunk`` of exactly
         the length asked is taken; anything else leaves the chunk missing."""
         if isinstance(reply, StateChunk) and len(reply.data) == read.length:
@@ -320,6 +458,79 @@ class FileFetch(Generic[P]):
     @property
     def complete(self) -> bool:
         return len(self.done) == len(self.offsets)
+
+
+@dataclass(frozen=True)
+class ChosenRound(Generic[P]):
+    """A kept round to download: its members, size and hash, and the peers offering it."""
+
+    round: int
+    members: int
+    size: int
+    digest: str
+    sources: list[P]
+
+
+class RoundOffers(Generic[P]):
+    """The offers of kept rounds after round ``after``: which to download, in order."""
+
+    def __init__(self, run: str, after: int, max_size: int = MAX_FILE_SIZE) -> None:
+        """``max_size``: the largest file a round of this run can take; a round offered
+        larger is ignored (as if not offered)."""
+        self.run = run
+        self.after = after
+        self.max_size = max_size
+        self.offers: dict[P, RoundsOffered] = {}
+
+    def request(self) -> RoundsOffer:
+        return RoundsOffer(run=self.run, after=self.after)
+
+    def received(self, peer: P, reply: Message | None) -> None:
+        """Anything but a ``RoundsOffered`` of this run is ignored; nothing is scored."""
+        if isinstance(reply, RoundsOffered) and reply.run == self.run:
+            self.offers[peer] = reply
+
+    def _listed(self) -> dict[P, dict[int, tuple[int, int, str]]]:
+        listed = {peer: {r: v for r, v in offer.listed().items() if v[1] <= self.max_size}
+                  for peer, offer in self.offers.items()}
+        return {peer: rounds for peer, rounds in listed.items() if rounds}
+
+    @property
+    def newest(self) -> int:
+        """The newest round that at least half of the peers keeping rounds keep, in any
+        version (``after`` if none): one peer claiming rounds the others have not run does
+        not move it."""
+        listed = self._listed()
+        found = self.after
+        for round_ in {r for rounds in listed.values() for r in rounds}:
+            keeping = sum(1 for rounds in listed.values() if round_ in rounds)
+            if round_ > found and 2 * keeping >= len(listed):
+                found = round_
+        return found
+
+    def chain(self) -> list[ChosenRound[P]]:
+        """The rounds that follow on from ``after`` without a gap, each in the version the
+        most peers offer. The chain ends at the first round whose most offered version fewer
+        than half of the peers keeping rounds offer (a round only a liar claims, whether
+        the others have not run it yet or pruned it already), or that another version ties
+        with: a joiner cannot tell which of them the swarm applied."""
+        listed = self._listed()
+        chosen: list[ChosenRound[P]] = []
+        round_ = self.after + 1
+        while True:
+            versions: dict[tuple[int, int, str], list[P]] = {}
+            for peer, rounds in listed.items():
+                if round_ in rounds:
+                    versions.setdefault(rounds[round_], []).append(peer)
+            if not versions:
+                return chosen
+            support = max(len(peers) for peers in versions.values())
+            best = [v for v, peers in versions.items() if len(peers) == support]
+            if len(best) > 1 or 2 * support < len(listed):
+                return chosen
+            members, size, digest = best[0]
+            chosen.append(ChosenRound(round_, members, size, digest, versions[best[0]]))
+            round_ += 1
 
 
 def robust_step(steps: list[int]) -> int:

@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dandelion_p2p.hashing import file_digest
+from dandelion_p2p.worker.served_rounds import RoundArchive
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +67,11 @@ def _fsync_path(path: Path) -> None:
 
 
 class CheckpointStore:
-    def __init__(self, root: Path, keep_last: int) -> None:
+    def __init__(self, root: Path, keep_last: int, keep_rounds: int = 0) -> None:
         self.root = Path(root)
         self.keep_last = keep_last
+        self.rounds = RoundArchive(self.root, keep_rounds)
+        """The averaged rounds kept beside the checkpoints for joiners."""
         self.root.mkdir(parents=True, exist_ok=True)
         self._finish_replacements()
         for stale in self.root.glob(".tmp-step-*"):

@@ -2,26 +2,23 @@
 
 A joiner downloads the swarm's newest checkpoint through its daemon (``Link.catch_up``). On a
 home link that can take several sync intervals, and the swarm does not wait: once the files
-are in, the step downloaded is rounds behind, and the round after it is long over. So while
-the download runs, the worker takes part in every round that follows the step being
-downloaded, with nothing to add (weight 0, a zero vector), and keeps each round's averaged
-pseudo-gradient on disk (``WORK/joining/``). Once the state is in, it loads it and applies
-the kept rounds' outer steps in order, as every peer applied them: it then holds the swarm's
-weights and momentum bit for bit, and trains the next round with the others.
+are in, the step downloaded is rounds behind. Every peer keeps the averaged pseudo-gradients
+of its last rounds (``served_rounds``, ``checkpoint.keep_rounds``), so the joiner then fetches
+those of the rounds since its state (``Link.fetch_rounds``, into ``WORK/joining/``) and
+applies their outer steps in order, as every peer applied them: it then holds the swarm's
+weights and momentum bit for bit. It takes part in the next round with nothing to add
+(weight 0) and takes the swarm's result; a round the swarm finished meanwhile is fetched and
+applied in turn. While it downloads it takes part in no round, so its slow link costs the
+others nothing.
 
-A round the swarm finished without this peer (common when rounds are shorter than the
-worker's start) breaks the chain: the state being downloaded cannot be brought past it. The
-worker takes part on from the next round, loads the state, applies what follows on from it,
-and fetches a newer state (the swarm writes one at its checkpoint steps) that the rounds kept
-after the gap do follow on from, taking part on meanwhile. A peer on several devices
-(``--devices``) does not take part in rounds while it downloads.
+When the peers keep no round that follows on from the state loaded (a download that outlasted
+``keep_rounds`` rounds), the joiner fetches a newer state and tries again.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import threading
 import time
@@ -31,35 +28,37 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from dandelion_p2p.errors import DandelionError
 from dandelion_p2p.worker import fragments
 from dandelion_p2p.worker.link import DaemonLink, SyncOutcome
 from dandelion_p2p.worker.model import assign_from
+from dandelion_p2p.worker.protocol import ROUND_FILE, round_file_name
 from dandelion_p2p.worker.round_rules import averaged_in_full
+from dandelion_p2p.worker.served_rounds import decode_round, encode_round, max_file_size
 
 if TYPE_CHECKING:
     from dandelion_p2p.worker.train import Trainer
 
 log = logging.getLogger(__name__)
 
-STATUS_POLL = 0.5
-"""Seconds between two looks at the download (which step, once the offers are chosen)."""
 WAIT_POLL = 1.0
 """Seconds between two asks for the state of a round this peer was left behind in."""
+REPLAY_FETCHES = 8
+"""Fetches of kept rounds in one replay while each brings more than one round: a swarm
+whose rounds are shorter than a fetch is then met by taking part a round ahead."""
+FETCH_POLL = 0.2
+"""Seconds between two asks for the round a joiner missed, while it takes part in the next."""
 WAIT_MARGIN = 3.0
 MIN_WAIT = 30.0
 """Least seconds a peer left behind waits for the others' state (``state_wait``)."""
 JOIN_ATTEMPTS = 5
 LOOK_AHEAD_EVERY = 60.0
 """Seconds between two asks for a newer state while this peer averages alone."""
-ROUNDS_AFTER_DOWNLOAD = 3
-"""Rounds a joiner still takes part in once its state is in, to keep one after a round it
-missed (``catch_up_taking_part``)."""
-_KEPT = re.compile(r"round-(\d{8})-(\d+)\.npy")
 
 
 class KeptRounds:
-    """The averaged pseudo-gradients of the rounds a joiner took part in, one file each
-    (``round-RRRRRRRR-M.npy``, M the round's members), written atomically."""
+    """The averaged pseudo-gradients of the rounds a joiner fetched to replay, one file each
+    (``round-RRRRRRRR-M.bin``, M the round's members, as ``served_rounds`` lays it out)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -67,11 +66,11 @@ class KeptRounds:
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
-    def keep(self, round_: int, members: int, vector: np.ndarray) -> None:
+    def keep(self, round_: int, members: int, vector: np.ndarray, codec: str = "none") -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / f".round-{round_:08d}.npy"
-        np.save(tmp, vector)
-        os.replace(tmp, self.folder / f"round-{round_:08d}-{members}.npy")
+        tmp = self.folder / f".round-{round_:08d}.tmp"
+        tmp.write_bytes(encode_round(vector, codec))
+        os.replace(tmp, self.folder / round_file_name(round_, members))
 
     def rounds(self) -> dict[int, tuple[Path, int]]:
         """Round -> (its file, its members), in round order."""
@@ -79,7 +78,7 @@ class KeptRounds:
             return {}
         found = {}
         for path in self.folder.iterdir():
-            if m := _KEPT.fullmatch(path.name):
+            if m := ROUND_FILE.fullmatch(path.name):
                 found[int(m.group(1))] = (path, int(m.group(2)))
         return dict(sorted(found.items()))
 
@@ -102,95 +101,112 @@ def take_part(trainer: Trainer, round_: int) -> SyncOutcome:
                      span=fragments.named_span(trainer.config, span))
 
 
-def catch_up_taking_part(trainer: Trainer, have: int, *, wait: bool = False,
-                         fresh: bool = True) -> int:
-    """``Link.catch_up(have)``, taking part in the swarm's rounds after the step being
-    downloaded meanwhile (kept in ``kept_rounds``); returns the step downloaded, or -1.
+def catch_up(trainer: Trainer, have: int, *, wait: bool = False) -> int:
+    """``Link.catch_up(have)``: the step downloaded, or -1. The rounds this peer kept for
+    joiners are forgotten once a newer state is in: they led to its old state, maybe not to
+    the swarm's."""
+    got = trainer.link.catch_up(have, trainer.checkpoints.root, wait=wait)
+    if got > have:
+        trainer.checkpoints.rounds.clear()
+    return got
 
-    ``fresh``: a new catch-up, whose kept rounds start empty. Otherwise (a newer state
-    fetched because the rounds kept during the last download do not follow on from it) the
-    rounds kept so far stay, and taking part goes on after the last of them, so that the
-    chain reaches the newer state."""
+
+def replay(trainer: Trainer) -> tuple[int, bool]:
+    """Fetch the averaged rounds that peers keep after this peer's round and apply them in
+    order, again while that brings new ones (the swarm ran rounds during the fetch).
+    Returns how many were applied, and whether peers keep newer rounds that do not follow on
+    (the state is older than the oldest round they keep)."""
     link = trainer.link
-    folder = trainer.checkpoints.root
-    if trainer.outer is None or not isinstance(link, DaemonLink):
-        return link.catch_up(have, folder, wait=wait)
-    kept = kept_rounds(trainer)
-    if fresh:
-        kept.clear()
-    got: list[int] = []
-    failed: list[BaseException] = []
-
-    def download() -> None:
-        try:
-            got.append(link.catch_up(have, folder, wait=wait))
-        except BaseException as exc:  # raised again on the trainer's thread
-            failed.append(exc)
-
-    thread = threading.Thread(target=download, name="catch-up", daemon=True)
-    thread.start()
+    if not isinstance(link, DaemonLink):
+        return 0, False
     h = fragments.interval(trainer.config)
-    already = kept.rounds()
-    next_round = max(already) + 1 if already else None
-    missed = False  # since the last round kept: the chain must start again after it
-    extra = 0
-    while not trainer.stop_requested:
-        if not thread.is_alive():
-            # The state is in. After a missed round, one more kept round is worth a few
-            # rounds' wait: the newer state fetched next is then bridged to the swarm's.
-            if not missed or next_round is None or extra == ROUNDS_AFTER_DOWNLOAD:
-                break
-            extra += 1
-        if next_round is None:
-            step = link.catch_up_status()
-            if step > have:
-                next_round = step // h + 1
-                log.info("downloading the state of step %d; taking part in the rounds from "
-                         "%d on meanwhile", step, next_round)
-        if next_round is None or next_round * h > trainer.last_step():
-            # (No round past the run's last step: the swarm ends there.)
-            if not thread.is_alive():
-                break
-            thread.join(STATUS_POLL)
-            continue
-        outcome = take_part(trainer, next_round)
-        if outcome.stopping:
-            break
-        if averaged_in_full(outcome):
-            a, b = fragments.round_span(trainer.config, next_round, trainer.n_elements)
-            kept.keep(next_round, outcome.members, trainer.shared[a:b].numpy())
-            next_round += 1
-            missed = False
-        elif outcome.members > 1 or outcome.behind:
-            # The chain has a gap here: the state being downloaded cannot be brought past
-            # it, but a newer one can be brought along the rounds kept after it.
-            log.info("the swarm finished round %d without this peer: taking part in the "
-                     "next one", next_round)
-            next_round += 1
-            missed = True
+    kept = kept_rounds(trainer)
+    total = 0
+    for _fetch in range(REPLAY_FETCHES):
+        _, newest = link.fetch_rounds(trainer.position.global_step // h, kept.folder,
+                                      max_file_size(trainer.n_elements))
+        applied = apply_kept(trainer)
+        total += applied
+        # One round or none came in: the swarm is at most a round ahead now.
+        if applied <= 1 or trainer.stop_requested:
+            return total, newest > trainer.position.global_step // h
+    return total, False
+
+
+def take_part_fetching(trainer: Trainer, round_: int) -> tuple[SyncOutcome, bool]:
+    """Take part in round ``round_`` while fetching round ``round_ - 1``, which the others
+    are finishing: a swarm whose rounds are shorter than this peer's fetch and apply is met
+    one round ahead. The round's average is kept beside the fetched rounds, for
+    ``apply_kept``. Returns the outcome, and whether round ``round_ - 1`` came in (asked
+    again every ``FETCH_POLL`` seconds for up to ``WAIT_MARGIN`` rounds at the pace seen, at
+    least ``MIN_WAIT``)."""
+    link = trainer.link
+    assert isinstance(link, DaemonLink)
+    h = fragments.interval(trainer.config)
+    kept = kept_rounds(trainer)
+    after = trainer.position.global_step // h
+    deadline = time.monotonic() + max(MIN_WAIT, WAIT_MARGIN * (trainer.reports.round_interval
+                                                               or 0.0))
+    fetched, took_part = threading.Event(), threading.Event()
+
+    def fetch() -> None:
+        # Once round ``round_`` is over, ``round_ - 1`` is too: one more ask then settles it.
+        try:
+            while not trainer.stop_requested and time.monotonic() < deadline:
+                last = took_part.is_set()
+                got, _ = link.fetch_rounds(after, kept.folder, max_file_size(trainer.n_elements))
+                if round_ - 1 in got:
+                    fetched.set()
+                    return
+                if last:
+                    return
+                time.sleep(FETCH_POLL)
+        except DandelionError as exc:
+            log.info("fetching round %d: %s", round_ - 1, exc)
+
+    thread = threading.Thread(target=fetch, name="fetch-round", daemon=True)
+    thread.start()
+    try:
+        outcome = take_part(trainer, round_)
+    finally:
+        took_part.set()
+    if averaged_in_full(outcome):
+        a, b = fragments.round_span(trainer.config, round_, trainer.n_elements)
+        kept.keep(round_, outcome.members, trainer.shared[a:b].numpy())
     thread.join()
-    if failed:
-        raise failed[0]
-    return got[0] if got else -1
+    return outcome, fetched.is_set()
 
 
 def apply_round(trainer: Trainer, outcome: SyncOutcome) -> None:
     """The outer step of the round whose average the shared buffer holds, as every member
     of it takes it: the weights move to the new start and the global step to the round's
-    end."""
+    end. The round is kept for later joiners, as every member keeps it."""
     assert trainer.outer is not None
     span = fragments.round_span(trainer.config, outcome.round, trainer.n_elements)
+    a, b = span
+    trainer.checkpoints.rounds.add(outcome.round, outcome.members, trainer.shared[a:b].numpy(),
+                                   trainer.config.averaging.codec)
     new_start = trainer.outer.step(trainer.shared, span)
     assign_from(trainer.params, new_start)
     trainer.position.global_step += fragments.interval(trainer.config)
     trainer.after_sync(outcome, new_start)
 
 
-def apply_kept(trainer: Trainer) -> tuple[int, bool]:
-    """Apply the outer steps of the kept rounds that follow the loaded state, in order, as
-    the swarm applied them. Returns how many, and whether kept rounds remain beyond a round
-    missing from the chain (they stay on disk for a newer state to bridge); the rounds
-    applied and those the state already holds are deleted."""
+def _load_round(path: Path, elements: int) -> np.ndarray | None:
+    """A kept round's ``elements`` values, or None (logged) when the file holds anything
+    else. Its hash matched what most peers offered, but those peers may have lied together:
+    such a round is not applied, and the chain ends before it."""
+    try:
+        return decode_round(path.read_bytes(), elements)
+    except (OSError, ValueError) as exc:
+        log.warning("kept round %s cannot be applied: %s", path.name, exc)
+        return None
+
+
+def apply_kept(trainer: Trainer) -> int:
+    """Apply the outer steps of the kept rounds that follow on from the loaded state, in
+    order, as the swarm applied them; returns how many. The rounds applied and those the
+    state already holds are deleted."""
     assert trainer.outer is not None
     h = fragments.interval(trainer.config)
     p = trainer.position
@@ -204,55 +220,91 @@ def apply_kept(trainer: Trainer) -> tuple[int, bool]:
             break
         trainer.apply_run_config()
         a, b = fragments.round_span(trainer.config, round_, trainer.n_elements)
-        trainer.shared[a:b] = torch.from_numpy(np.load(path))
+        vector = _load_round(path, b - a)
+        if vector is None:
+            path.unlink(missing_ok=True)
+            break
+        trainer.shared[a:b] = torch.from_numpy(vector)
         apply_round(trainer, SyncOutcome(round_, True, 1.0, members, 0.0))
         path.unlink()
         applied += 1
-    beyond_gap = bool(kept.rounds())
     if applied:
         trainer.apply_run_config()
-        trainer.save()
-    if applied and not beyond_gap:
-        log.info("joined the swarm at round %d (%d rounds taken part in while the state "
-                 "downloaded)", p.global_step // h, applied)
-    return applied, beyond_gap
+    return applied
 
 
 def join_swarm(trainer: Trainer) -> None:
-    """Come into step with the swarm after downloading its state: apply the rounds taken
-    part in meanwhile, or arrive at the next round with nothing to add and take the others'
-    average. If the swarm moved on meanwhile, fetch its newer state and try again."""
+    """Come into step with the swarm after downloading its state: apply the rounds it
+    averaged since (``replay``), then arrive at the next round with nothing to add and take
+    the others' average. Having come too late for that round, it takes part in the one after
+    while fetching the one it missed (``take_part_fetching``). When the peers keep no round
+    that follows on from the state, a newer state is fetched."""
     assert trainer.outer is not None
     h = fragments.interval(trainer.config)
-    for _attempt in range(JOIN_ATTEMPTS):
+    replayed = 0
+    missed = unfetched = False
+    # Arriving before the others (they still train the round) finds nobody within the
+    # gathering window: such tries cost no attempt for a while.
+    early_until = time.monotonic() + max(MIN_WAIT,
+                                         WAIT_MARGIN * (trainer.reports.round_interval or 0.0))
+    attempt = 0
+    while attempt < JOIN_ATTEMPTS:
         p = trainer.position
-        if p.global_step >= trainer.config.training.max_steps:
+        if p.global_step >= trainer.config.training.max_steps or trainer.stop_requested:
             return
         p.global_step = p.global_step // h * h
         assign_from(trainer.params, trainer.outer.start)
         if trainer.overlap is not None:
             trainer.overlap.window.clear()  # the weights hold no local progress now
-        applied, beyond_gap = apply_kept(trainer)
-        if applied and not beyond_gap:
-            return
-        if not beyond_gap:
-            round_ = p.global_step // h + 1
+        applied, gap = replay(trainer)
+        replayed += applied
+        if gap or (unfetched and not applied):
+            # Peers keep no round that follows on, or none of the round just missed.
+            log.info("the rounds peers keep do not follow on from step %d: fetching a newer "
+                     "state", p.global_step)
+            have = trainer.checkpoints.latest_step()
+            if catch_up(trainer, have) <= have:
+                log.info("no newer state among peers; training on from step %d", have)
+                return
+            latest = trainer.checkpoints.latest()
+            if latest is not None:
+                trainer.restore(latest)
+            missed = unfetched = False
+            replayed = 0
+            attempt += 1
+            continue
+        round_ = p.global_step // h + 1
+        if missed and isinstance(trainer.link, DaemonLink):
+            outcome, fetched = take_part_fetching(trainer, round_ + 1)
+            unfetched = not fetched
+            if averaged_in_full(outcome) and fetched:
+                replayed += apply_kept(trainer) - 1
+                if p.global_step // h == round_ + 1:
+                    trainer.save()
+                    kept_rounds(trainer).clear()
+                    log.info("joined the swarm at round %d (%d rounds replayed since the "
+                             "state loaded)", round_ + 1, replayed)
+                    return
+        else:
             outcome = take_part(trainer, round_)
             if averaged_in_full(outcome):
                 apply_round(trainer, outcome)
                 trainer.save()
-                log.info("joined the swarm at round %d", round_)
+                kept_rounds(trainer).clear()
+                log.info("joined the swarm at round %d (%d rounds replayed since the state "
+                         "loaded)", round_, replayed)
                 return
-        else:
-            log.info("the rounds taken part in do not follow on from step %d: fetching a "
-                     "newer state, taking part on meanwhile", p.global_step)
-        have = trainer.checkpoints.latest_step()
-        if catch_up_taking_part(trainer, have, fresh=not beyond_gap) <= have:
-            log.info("no newer state among peers; training on from step %d", have)
+        if outcome.stopping:
             return
-        latest = trainer.checkpoints.latest()
-        if latest is not None:
-            trainer.restore(latest)
+        # Others formed the round without this peer (it came late): the next try takes part
+        # in the round after, fetching this one meanwhile.
+        missed = outcome.members > 1 or outcome.behind
+        if missed or time.monotonic() >= early_until:
+            attempt += 1
+        elif outcome.seconds < WAIT_POLL:
+            time.sleep(WAIT_POLL)
+    log.warning("could not join the swarm's rounds in %d tries: training on from step %d",
+                JOIN_ATTEMPTS, trainer.position.global_step)
 
 
 class LookAhead:
@@ -313,7 +365,7 @@ def catch_up_and_join(trainer: Trainer, outcome: SyncOutcome | None = None) -> b
             deadline = time.monotonic() + wait
             log.info("left behind in round %d: waiting up to %.0f s for the others' state "
                      "of step %d or later", outcome.round, wait, wanted)
-    while catch_up_taking_part(trainer, have) <= have:
+    while catch_up(trainer, have) <= have:
         if wanted < 0 or trainer.stop_requested:
             return False
         if time.monotonic() >= deadline:

@@ -237,10 +237,19 @@ class DaemonLink:
         )
         return int(answer["step"])
 
-    def catch_up_status(self) -> int:
-        """The step the ``catch_up`` under way downloads (-1: none chosen yet, or none)."""
-        answer = call_sync(self.socket, protocol.CATCH_UP_STATUS, {"session": self.session})
-        return int(answer["step"])
+    def fetch_rounds(self, after: int, folder: Path, max_size: int) -> tuple[list[int], int]:
+        """Have the averaged rounds that peers keep after round ``after`` put into
+        ``folder`` (``round-RRRRRRRR-M.bin``, in order, without a gap; none larger than
+        ``max_size`` bytes). Returns the rounds now there and the newest round peers keep."""
+        answer = call_sync(
+            self.socket, protocol.FETCH_ROUNDS,
+            {"session": self.session, "round": after, "max_size": max_size,
+             "folder": str(Path(folder).absolute())},
+            timeout=self.sync_timeout,
+        )
+        if answer.get("detail"):
+            log.info("averaged rounds after round %d: %s", after, answer["detail"])
+        return [int(r) for r in answer.get("rounds", [])], int(answer.get("newest", after))
 
     # ---- chunks of the run's dataset, leased through the daemon (protocol/worker.md)
 

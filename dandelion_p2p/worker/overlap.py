@@ -356,6 +356,8 @@ class Overlap:
         self.steps_outer = rule is OuterRule.STEP
         a, b = flight.span
         if rule is OuterRule.STEP:
+            t.checkpoints.rounds.add(outcome.round, outcome.members, t.shared[a:b].numpy(),
+                                     t.config.averaging.codec)
             outer.step(t.shared, flight.span)
         elif rule is OuterRule.NONE:
             log_not_applied(outcome)

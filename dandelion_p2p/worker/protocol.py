@@ -6,6 +6,7 @@ The control messages themselves travel as methods on the daemon's control socket
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +15,7 @@ from dandelion_p2p.errors import ConfigError
 from dandelion_p2p.runconfig.schema import RunConfig, loads
 from dandelion_p2p.runconfig.timeline import Versioned
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 HELLO = "worker.hello"
 BUFFER = "worker.buffer"
@@ -22,6 +23,17 @@ PROGRESS = "worker.progress"
 SYNC = "worker.sync"
 CATCH_UP = "worker.catch_up"
 CATCH_UP_STATUS = "worker.catch_up_status"
+FETCH_ROUNDS = "worker.fetch_rounds"
+
+ROUNDS_DIR = "rounds"
+"""The folder, beside the worker's checkpoints, of the averaged rounds kept for joiners
+(``worker/served_rounds.py`` writes them, ``sync/checkpoints.py`` serves them)."""
+ROUND_FILE = re.compile(r"round-(\d{8,})-(\d+)\.bin")
+"""A kept round's file: the round, and the members that averaged it."""
+
+
+def round_file_name(round_: int, members: int) -> str:
+    return f"round-{round_:08d}-{members}.bin"
 
 WORKER_STATES = ("starting", "training", "syncing", "stopping", "stopped")
 MAX_DETAIL = 2000

@@ -159,7 +159,8 @@ class Trainer:
 
         self.position = Position(expected_peers=config.averaging.min_group if link.run else 1)
         self.checkpoints = CheckpointStore(options.work_dir / "checkpoints",
-                                           config.checkpoint.keep_last)
+                                           config.checkpoint.keep_last,
+                                           config.checkpoint.keep_rounds)
         self.reports = TrainingReports(self)
         self.sync_log = (options.work_dir / "sync_log.jsonl").open("a")
         self.config_version = -1
@@ -183,7 +184,7 @@ class Trainer:
                 force changes what a running worker cannot; and whatever the link raises.
         """
         have = self.checkpoints.latest_step()
-        self.joined = joining.catch_up_taking_part(self, have, wait=True) > have
+        self.joined = joining.catch_up(self, have, wait=True) > have
         latest = self.checkpoints.latest()
         if latest is not None:
             self.restore(latest)
@@ -200,7 +201,7 @@ class Trainer:
             raise RuntimeError("Trainer.resume() must be called before Trainer.run()")
         self.report("training", force=True)
         if self.joined and self.outer is not None:
-            self.join_round()
+            joining.join_swarm(self)
             self.apply_run_config()
         started, samples = time.monotonic(), 0
         saved_at = -1
@@ -217,7 +218,7 @@ class Trainer:
                 if dropped.outcome.stopping:
                     self.stop_requested = True
                     break
-                self.catch_up_and_join()
+                joining.catch_up_and_join(self)
                 self.apply_run_config()
                 continue
             samples += n
@@ -231,7 +232,7 @@ class Trainer:
                 while outcome is not None and needs_catch_up(outcome):
                     # Others were there but we could not average with them: we are behind
                     # (or went alone for a while). Take the swarm's state and join it.
-                    loaded = self.catch_up_and_join(outcome)
+                    loaded = joining.catch_up_and_join(self, outcome)
                     outcome = (self.overlap.start_skipped_round()
                                if self.overlap is not None and not loaded else None)
                 if outcome is not None and alone(outcome):
@@ -394,6 +395,8 @@ class Trainer:
             new_start = self.outer.restart_from(self.flat)
         else:
             if rule is OuterRule.STEP:
+                self.checkpoints.rounds.add(round_, outcome.members, self.shared.numpy(),
+                                            self.config.averaging.codec)
                 new_start = self.outer.step(self.shared)
             else:
                 log_not_applied(outcome)
@@ -401,12 +404,6 @@ class Trainer:
             assign_from(self.params, new_start)
         self.after_sync(outcome, new_start)
         return outcome
-
-    def catch_up_and_join(self, outcome: SyncOutcome | None = None) -> bool:
-        return joining.catch_up_and_join(self, outcome)
-
-    def join_round(self) -> None:
-        joining.join_swarm(self)
 
     def sync_gradients(self, samples: int) -> SyncOutcome:
         """Average this peer's gradient with the swarm's for this step, in the shared buffer
@@ -577,8 +574,10 @@ class Trainer:
         if self.ema is not None:
             self.ema.decay = c.training.ema_decay
         self.checkpoints.keep_last = c.checkpoint.keep_last
+        self.checkpoints.rounds.keep = c.checkpoint.keep_rounds
 
     def close(self) -> None:
+        self.checkpoints.rounds.wait()
         self.reports.close()
         self.sync_log.close()
         self.link.close()

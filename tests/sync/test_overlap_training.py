@@ -27,7 +27,7 @@ from tests.sync.test_swarm_training import (
     wait_for,
 )
 from tests.worker.runconfigs import tiny_run
-from tests.worker_logs import sync_log
+from tests.worker_logs import replayed_rounds, sync_log
 
 H = 3
 CHECKPOINT_ROUNDS = 3
@@ -140,8 +140,8 @@ def test_a_third_peer_joins_an_overlapping_swarm_mid_run(
     # A newcomer's first round has no peers to expect and gathers for the whole window, so
     # it meets the others' round only when that window is short: this test keeps the half
     # second the blocking mode's joining test has. Streaming: two fragments of H = 4 steps,
-    # a round (of one fragment) every 2 steps; the newcomer takes part in rounds of both
-    # fragments while it downloads, and applies each to its own fragment.
+    # a round (of one fragment) every 2 steps; the newcomer replays rounds of both
+    # fragments, and applies each to its own fragment.
     local_steps = H if fragments == 1 else 2 * fragments
     interval = local_steps // fragments
     config = tiny_run(tiny_sd1, training={"max_steps": 3000, "batch_size": 2},
@@ -154,15 +154,17 @@ def test_a_third_peer_joins_an_overlapping_swarm_mid_run(
              "the pair to pass its second checkpoint")
 
     c = start_peer(tmp_path, 2, images, daemons, ready_timeout=READY)
-    # The rounds c took part in while it downloaded are applied (and logged) when it joins,
-    # or before it fetches a newer state: only rounds it trained and launched show it in.
+    # The rounds c replays are logged as it applies them: only rounds it trained and
+    # launched show it in.
     wait_for([c], lambda s: len([e for e in averaged_rounds(c) if "launched" in e]) >= 2,
              "two rounds that c trained, averaged in full")
     for daemon in (a, b, c):
         daemon.call("training.stop")
     wait_for([a, b, c], lambda s: all(x["state"] == "stopped" for x in s), "the stop")
     assert "downloaded the state at step" in c.logs(), c.logs()[-5000:]
-    assert "joined the swarm at round" in c.logs()
+    # The state offered is the pair's last checkpoint, up to CHECKPOINT_ROUNDS - 1 rounds
+    # behind: the rounds since are fetched and replayed (how many depends on timing).
+    print("rounds replayed:", replayed_rounds(c.logs(), interval))
 
     # Every round two peers both averaged in full left them with the same global weights. (On
     # a loaded machine a round of three can end partial, which no peer applies, or leave one
