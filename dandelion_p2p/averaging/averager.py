@@ -383,7 +383,10 @@ class Averager:
         finally:
             rnd.finished.set()
             self._rounds.pop(round_, None)
-            self._round_ready.pop(round_, None)
+            # With it go the events of earlier rounds that hellos asked for and that never
+            # ran here: their waiters time out on their own.
+            for r in [r for r in self._round_ready if r <= round_ and r not in self._rounds]:
+                del self._round_ready[r]
             self._ended_through = max(self._ended_through, round_)
         self._announce_finished(announcement)
         state = rnd.state

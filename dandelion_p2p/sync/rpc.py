@@ -154,6 +154,9 @@ class UserMethods:
             self._stop_worker()
         self.state.join(replacing_worker=running)
         self.supervisor.poke()
+        if running:
+            # Still the old run's averager: the new worker's first round makes the new one.
+            await self.leave_rounds()
         return self.status()
 
     def _stop_worker(self) -> None:

@@ -279,6 +279,28 @@ async def test_a_channel_for_a_round_that_ended_here_is_closed_at_once() -> None
         await channel.aclose()
 
 
+async def test_a_hello_for_a_round_that_never_runs_here_is_forgotten_when_a_later_one_ends(
+) -> None:
+    async with averaging_swarm(2, FAST) as members:
+        buffers = [np.full(50_000, i + 1.0, dtype=np.float32) for i in range(2)]
+
+        async def both_run(round_: int) -> None:
+            async with trio.open_nursery() as nursery:
+                for member, buf in zip(members, buffers, strict=True):
+                    nursery.start_soon(member.averager.all_reduce, buf, 1.0, round_)
+
+        await both_run(1)
+        opener, acceptor = sorted(members, key=lambda m: m.node.identity.peer_id_bytes)
+        channel = await opener.dataplane.open(acceptor.node.identity.peer_id, PURPOSE)
+        await channel.send(encode_hello(ChannelHello(RUN, 3, b"\0" * 32)))
+        with trio.fail_after(5):
+            while 3 not in acceptor.averager._round_ready:
+                await trio.sleep(0.01)
+        await both_run(4)
+        assert acceptor.averager._round_ready == {}, "round 3 never ran there"
+        await channel.aclose()
+
+
 async def test_a_failure_one_of_two_peers_remembers_does_not_keep_them_apart() -> None:
     # Member 0 saw member 1 fail round 1 (its worker died mid-round); member 1 did not see
     # that. Leaving member 1 out of round 2 would leave member 0 alone, while member 1 waited
