@@ -79,13 +79,13 @@ def joiner_figures(joiner: DaemonProcess, known: dict[str, Any]) -> dict[str, An
     began, arrived, joined = (logged_at(log, pattern) for pattern in (
         "downloading the state of step", "downloaded the state at step",
         "joined the swarm at round"))
-    kept = re.search(r"joined the swarm at round (\d+) \((\d+) rounds taken part in", log)
+    kept = re.search(r"joined the swarm at round (\d+) \((\d+) rounds replayed", log)
     download = arrived - began if began is not None and arrived is not None else None
     out = {**known, "download_s": download and round(download, 1),
            "download_start_to_joined_s": (round(joined - began, 1)
                                           if began is not None and joined is not None
                                           else None),
-           "rounds_taken_part_in_while_downloading": kept and int(kept.group(2))}
+           "rounds_replayed": kept and int(kept.group(2))}
     if download is not None:
         out["bound_s"] = round(1.2 * download + 2 * known["sync_interval_s"], 1)
     return out
