@@ -68,7 +68,8 @@ def chunk_elements(n_elements: int, members: int, most: int) -> int:
 
 class NoGroup(DandelionError):
     """Too few peers were ready for the round to form a group with this one, or (``late``) the
-    group it forms has already finished the round without it."""
+    group it forms has already finished the round without it, or a peer with nothing to add
+    came after others had announced the round."""
 
     def __init__(self, message: str, *, late: int = 0) -> None:
         super().__init__(message)
@@ -268,7 +269,9 @@ class Averager:
         """Average ``buffer`` (1-D float32, C-contiguous) in place with this round's group.
 
         ``reduces=False`` announces no bandwidth, so that this peer reduces no span: a peer
-        with nothing to add (a joiner taking the swarm's result) only sends and receives.
+        with nothing to add (a joiner taking the swarm's result) only sends and receives. It
+        does not announce once two or more others have announced the round and do not expect
+        it (``NoGroup`` with ``late``): they might read its announcement differently.
 
         For a gradient-like vector averaged every round with a lossy codec, pass the same
         ``error_feedback`` (made with ``error_feedback_for``) each round: what compression
@@ -283,6 +286,19 @@ class Averager:
             raise ValueError("all_reduce needs a 1-D C-contiguous float32 buffer")
         self.install()
         s = self.settings
+        if not reduces:
+            # With nothing to add, coming once others have announced the round risks being
+            # read by some members and not by others, whose groups would then differ and
+            # lose the round: such a peer takes part in a later round instead. Not when one
+            # peer alone announced (there is nobody to split from), nor when the others
+            # expect it (it announced the round before): they wait for it.
+            present = await self.matchmaker.read(self.run, round_)
+            early = [p for p, a in present.items() if p != self.me and not a.leaving]
+            if len(early) > 1 and self.me not in await self.matchmaker.expected_in(
+                    self.run, round_):
+                raise NoGroup(f"round {round_}: {len(early)} peers announced it before this "
+                              "peer, which has nothing to add and is not expected: it waits "
+                              "for a later round", late=len(early))
         # Proofs other peers published ban their reducers before this round's announcement
         # lists our bans and before the group is formed.
         await self.proofs.fetch()

@@ -210,7 +210,10 @@ async def test_a_peer_with_nothing_to_add_takes_the_result_and_reduces_nothing()
                 buffers[i], 1e-6 if joiner else 1.0, round_, reduces=not joiner)
 
         async with trio.open_nursery() as nursery:
-            for i in range(3):
+            # A peer with nothing to add announces only before the others do.
+            nursery.start_soon(run, 2, 1)
+            await announced(members[0], members[2], 1)
+            for i in range(2):
                 nursery.start_soon(run, i, 1)
         joiner_report = reports[2]
         assert joiner_report is not None and joiner_report.complete
@@ -219,6 +222,43 @@ async def test_a_peer_with_nothing_to_add_takes_the_result_and_reduces_nothing()
         assert np.array_equal(buffers[2], buffers[0]), "the joiner holds the others' result"
         mean = (vectors[0].astype(np.float64) + vectors[1]) / 2
         assert np.allclose(buffers[0], mean, atol=1e-5)
+
+
+async def announced(reader: Member, peer: Member, round_: int) -> None:
+    """Until ``reader`` reads ``peer``'s announcement of ``round_``."""
+    me = peer.node.identity.peer_id.to_bytes()
+    with trio.fail_after(5):
+        while me not in await reader.averager.matchmaker.read(RUN, round_):
+            await trio.sleep(0.01)
+
+
+async def test_a_peer_with_nothing_to_add_that_comes_after_others_announced_waits() -> None:
+    # Some members might read its announcement and others not: their groups would differ and
+    # the round be lost for all. It takes no part; the others average as if it never came.
+    size = 50_000
+    async with averaging_swarm(3, FAST) as members:
+        buffers = [np.full(size, 1.0, np.float32), np.full(size, 3.0, np.float32)]
+        reports: list[RoundReport | None] = [None, None]
+
+        async def run(i: int) -> None:
+            reports[i] = await members[i].averager.all_reduce(buffers[i], 1.0, 1)
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for i in range(2):
+                    nursery.start_soon(run, i)
+                await announced(members[2], members[0], 1)
+                await announced(members[2], members[1], 1)
+                with pytest.raises(NoGroup) as info:
+                    await members[2].averager.all_reduce(
+                        np.zeros(size, np.float32), 1e-6, 1, reduces=False)
+                assert info.value.late == 2
+        joiner = members[2].node.identity.peer_id.to_bytes()
+        assert joiner not in await members[0].averager.matchmaker.read(RUN, 1)
+    for report in reports:
+        assert report is not None and report.fraction_averaged == 1.0
+        assert len(report.members) == 2
+    np.testing.assert_allclose(buffers[0], 2.0)
 
 
 async def test_a_joiner_one_member_cannot_reach_leaves_the_others_one_group(
@@ -251,7 +291,9 @@ async def test_a_joiner_one_member_cannot_reach_leaves_the_others_one_group(
 
         with trio.fail_after(30):
             async with trio.open_nursery() as nursery:
-                for i in range(3):
+                nursery.start_soon(run, 2)
+                await announced(members[0], members[2], 1)
+                for i in range(2):
                     nursery.start_soon(run, i)
     first, second = reports[0], reports[1]
     assert first is not None and second is not None
