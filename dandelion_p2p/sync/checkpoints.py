@@ -30,7 +30,7 @@ from pathlib import Path
 
 from dandelion_p2p.hashing import file_digest
 from dandelion_p2p.sync.statesync_core import MANIFEST, MAX_ROUNDS, STEP_DIR
-from dandelion_p2p.worker.protocol import ROUND_FILE, ROUNDS_DIR
+from dandelion_p2p.worker.protocol import ROUNDS_DIR, round_files
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,6 @@ class CheckpointCatalog:
                 shutil.rmtree(path, ignore_errors=True)
 
 
-
 @dataclass(frozen=True)
 class ServedRound:
     round: int
@@ -191,21 +190,14 @@ class RoundCatalog:
         self._digests: dict[Path, tuple[tuple[int, int], str]] = {}
         self._lock = threading.Lock()
 
-    def _folder(self) -> Path | None:
+    def _files(self) -> dict[int, tuple[Path, int]]:
         root = self.root()
-        return None if root is None else root / ROUNDS_DIR
-
-    def _files(self) -> dict[int, tuple[int, Path]]:
-        folder = self._folder()
-        if folder is None or not folder.is_dir():
+        if root is None:
             return {}
-        found = {}
-        for path in folder.iterdir():
-            if (m := ROUND_FILE.fullmatch(path.name)) and int(m.group(2)) >= 2:
-                found[int(m.group(1))] = (int(m.group(2)), path)
-        return found
+        found = round_files(root / ROUNDS_DIR)
+        return {r: (path, members) for r, (path, members) in found.items() if members >= 2}
 
-    def _describe(self, round_: int, members: int, path: Path) -> ServedRound | None:
+    def _describe(self, round_: int, path: Path, members: int) -> ServedRound | None:
         try:
             stat = path.stat()
             identity = (stat.st_ino, stat.st_mtime_ns)

@@ -170,18 +170,11 @@ async def fetch_state(
     progress.step, progress.total, progress.done = step, needed, 0
     used: set[str] = set()
     for name, (size, digest) in chosen.files().items():
-        target = partial / name
-        if target.is_file() and target.stat().st_size == size and file_digest(target) == digest:
-            progress.done += size
-            continue
         sources = chosen.sources_of(name)
-        await _download(host, FileFetch(run, step, name, size, sources), target, timeout,
-                        progress)
-        if file_digest(target) != digest:
-            target.unlink(missing_ok=True)
-            raise StateUnavailable(f"{name} from step {step} does not match its hash",
-                                   retry=True)
-        used.update(p.to_base58() for p in sources)
+        if await _fetch_verified(host, FileFetch(run, step, name, size, sources),
+                                 partial / name, digest, f"{name} from step {step}", timeout,
+                                 progress):
+            used.update(p.to_base58() for p in sources)
     final = destination / f"step-{step:08d}"
     if final.exists():
         shutil.rmtree(partial, ignore_errors=True)
@@ -259,24 +252,38 @@ async def fetch_rounds(
         raise StateUnavailable(f"the rounds after round {after} need {needed} bytes; "
                                f"{destination} has {free} free")
     progress = progress if progress is not None else DownloadProgress()
-    progress.step, progress.total, progress.done = -1, sum(c.size for c in chain), 0
+    progress.step, progress.total, progress.done = -1, needed, 0
     got: list[int] = []
     for kept in chain:
         name = round_file_name(kept.round, kept.members)
-        target = destination / name
-        if not (target.is_file() and file_digest(target) == kept.digest):
-            await _download(host, FileFetch(run, -1, name, kept.size, kept.sources,
-                                            round_=kept.round), target, timeout, progress)
-            if file_digest(target) != kept.digest:
-                target.unlink(missing_ok=True)
-                raise StateUnavailable(f"round {kept.round} does not match its hash",
-                                       retry=True)
-        else:
-            progress.done += kept.size
+        await _fetch_verified(host, FileFetch(run, -1, name, kept.size, kept.sources,
+                                              round_=kept.round),
+                              destination / name, kept.digest, f"round {kept.round}", timeout,
+                              progress)
         got.append(kept.round)
     if got:
         log.info("downloaded the averaged rounds %d-%d", got[0], got[-1])
     return got, offers.newest
+
+
+async def _fetch_verified(host: IHost, fetch: FileFetch[ID], target: Path, digest: str,
+                          label: str, timeout: float, progress: DownloadProgress) -> bool:
+    """``fetch``'s file at ``target`` with the BLAKE3 ``digest``: kept when it is there
+    already (an interrupted download resumes), else downloaded and checked. Returns whether
+    it was downloaded.
+
+    Raises:
+        StateUnavailable: the bytes downloaded do not match ``digest`` (``retry``; the file
+            is deleted), or every source failed.
+    """
+    if target.is_file() and target.stat().st_size == fetch.size and file_digest(target) == digest:
+        progress.done += fetch.size
+        return False
+    await _download(host, fetch, target, timeout, progress)
+    if file_digest(target) != digest:
+        target.unlink(missing_ok=True)
+        raise StateUnavailable(f"{label} does not match its hash", retry=True)
+    return True
 
 
 JOURNAL_EVERY = 16

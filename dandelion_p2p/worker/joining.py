@@ -18,7 +18,6 @@ When the peers keep no round that follows on from the state loaded (a download t
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import threading
 import time
@@ -32,9 +31,14 @@ from dandelion_p2p.errors import DandelionError
 from dandelion_p2p.worker import fragments
 from dandelion_p2p.worker.link import DaemonLink, SyncOutcome
 from dandelion_p2p.worker.model import assign_from
-from dandelion_p2p.worker.protocol import ROUND_FILE, round_file_name
+from dandelion_p2p.worker.protocol import round_files
 from dandelion_p2p.worker.round_rules import averaged_in_full
-from dandelion_p2p.worker.served_rounds import decode_round, encode_round, max_file_size
+from dandelion_p2p.worker.served_rounds import (
+    decode_round,
+    encode_round,
+    max_file_size,
+    write_round,
+)
 
 if TYPE_CHECKING:
     from dandelion_p2p.worker.train import Trainer
@@ -67,20 +71,11 @@ class KeptRounds:
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def keep(self, round_: int, members: int, vector: np.ndarray, codec: str = "none") -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / f".round-{round_:08d}.tmp"
-        tmp.write_bytes(encode_round(vector, codec))
-        os.replace(tmp, self.folder / round_file_name(round_, members))
+        write_round(self.folder, round_, members, encode_round(vector, codec))
 
     def rounds(self) -> dict[int, tuple[Path, int]]:
         """Round -> (its file, its members), in round order."""
-        if not self.folder.is_dir():
-            return {}
-        found = {}
-        for path in self.folder.iterdir():
-            if m := ROUND_FILE.fullmatch(path.name):
-                found[int(m.group(1))] = (path, int(m.group(2)))
-        return dict(sorted(found.items()))
+        return round_files(self.folder)
 
 
 def kept_rounds(trainer: Trainer) -> KeptRounds:
@@ -133,20 +128,24 @@ def replay(trainer: Trainer) -> tuple[int, bool]:
     return total, False
 
 
+def _patience(trainer: Trainer) -> float:
+    """Seconds a joiner waits on the swarm: ``WAIT_MARGIN`` rounds at the pace seen, at
+    least ``MIN_WAIT``."""
+    return max(MIN_WAIT, WAIT_MARGIN * (trainer.reports.round_interval or 0.0))
+
+
 def take_part_fetching(trainer: Trainer, round_: int) -> tuple[SyncOutcome, bool]:
     """Take part in round ``round_`` while fetching round ``round_ - 1``, which the others
     are finishing: a swarm whose rounds are shorter than this peer's fetch and apply is met
     one round ahead. The round's average is kept beside the fetched rounds, for
     ``apply_kept``. Returns the outcome, and whether round ``round_ - 1`` came in (asked
-    again every ``FETCH_POLL`` seconds for up to ``WAIT_MARGIN`` rounds at the pace seen, at
-    least ``MIN_WAIT``)."""
+    again every ``FETCH_POLL`` seconds for up to ``_patience``)."""
     link = trainer.link
     assert isinstance(link, DaemonLink)
     h = fragments.interval(trainer.config)
     kept = kept_rounds(trainer)
     after = trainer.position.global_step // h
-    deadline = time.monotonic() + max(MIN_WAIT, WAIT_MARGIN * (trainer.reports.round_interval
-                                                               or 0.0))
+    deadline = time.monotonic() + _patience(trainer)
     fetched, took_part = threading.Event(), threading.Event()
 
     def fetch() -> None:
@@ -245,8 +244,7 @@ def join_swarm(trainer: Trainer) -> None:
     missed = unfetched = False
     # Arriving before the others (they still train the round) finds nobody within the
     # gathering window: such tries cost no attempt for a while.
-    early_until = time.monotonic() + max(MIN_WAIT,
-                                         WAIT_MARGIN * (trainer.reports.round_interval or 0.0))
+    early_until = time.monotonic() + _patience(trainer)
     attempt = 0
     while attempt < JOIN_ATTEMPTS:
         p = trainer.position
@@ -280,19 +278,13 @@ def join_swarm(trainer: Trainer) -> None:
             if averaged_in_full(outcome) and fetched:
                 replayed += apply_kept(trainer) - 1
                 if p.global_step // h == round_ + 1:
-                    trainer.save()
-                    kept_rounds(trainer).clear()
-                    log.info("joined the swarm at round %d (%d rounds replayed since the "
-                             "state loaded)", round_ + 1, replayed)
+                    _joined(trainer, round_ + 1, replayed)
                     return
         else:
             outcome = take_part(trainer, round_)
             if averaged_in_full(outcome):
                 apply_round(trainer, outcome)
-                trainer.save()
-                kept_rounds(trainer).clear()
-                log.info("joined the swarm at round %d (%d rounds replayed since the state "
-                         "loaded)", round_, replayed)
+                _joined(trainer, round_, replayed)
                 return
         if outcome.stopping:
             return
@@ -305,6 +297,13 @@ def join_swarm(trainer: Trainer) -> None:
             time.sleep(WAIT_POLL)
     log.warning("could not join the swarm's rounds in %d tries: training on from step %d",
                 JOIN_ATTEMPTS, trainer.position.global_step)
+
+
+def _joined(trainer: Trainer, round_: int, replayed: int) -> None:
+    trainer.save()
+    kept_rounds(trainer).clear()
+    log.info("joined the swarm at round %d (%d rounds replayed since the state loaded)",
+             round_, replayed)
 
 
 class LookAhead:

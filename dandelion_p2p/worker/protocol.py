@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from dandelion_p2p.errors import ConfigError
@@ -34,6 +35,18 @@ ROUND_FILE = re.compile(r"round-(\d{8,})-(\d+)\.bin")
 
 def round_file_name(round_: int, members: int) -> str:
     return f"round-{round_:08d}-{members}.bin"
+
+
+def round_files(folder: Path) -> dict[int, tuple[Path, int]]:
+    """The kept rounds' files in ``folder``, round -> (file, members), in round order; none
+    when the folder does not exist."""
+    if not folder.is_dir():
+        return {}
+    found = {}
+    for path in folder.iterdir():
+        if m := ROUND_FILE.fullmatch(path.name):
+            found[int(m.group(1))] = (path, int(m.group(2)))
+    return dict(sorted(found.items()))
 
 WORKER_STATES = ("starting", "training", "syncing", "stopping", "stopped")
 MAX_DETAIL = 2000

@@ -34,7 +34,7 @@ from numpy.typing import NDArray
 
 from dandelion_p2p.averaging.compression import CODECS
 from dandelion_p2p.errors import ProtocolViolation
-from dandelion_p2p.worker.protocol import ROUND_FILE, ROUNDS_DIR, round_file_name
+from dandelion_p2p.worker.protocol import ROUNDS_DIR, round_file_name, round_files
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,14 @@ def decode_round(data: bytes, elements: int) -> NDArray[np.float32]:
     return vector
 
 
+def write_round(folder: Path, round_: int, members: int, data: bytes) -> None:
+    """Write a kept round's file into ``folder`` atomically (a hidden file renamed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".round-{round_:08d}.tmp"
+    tmp.write_bytes(data)
+    os.replace(tmp, folder / round_file_name(round_, members))
+
+
 class RoundArchive:
     def __init__(self, checkpoints: Path, keep: int) -> None:
         self.folder = checkpoints / ROUNDS_DIR
@@ -142,22 +150,12 @@ class RoundArchive:
                codec: str) -> None:
         try:
             data = encode_round(averaged, codec)
-            self.folder.mkdir(parents=True, exist_ok=True)
-            kept = self._kept()
+            kept = {r: path for r, (path, _) in round_files(self.folder).items()}
             # Rounds from this one on belong to another history (a state loaded since).
             for r in [r for r in kept if r >= round_]:
                 kept.pop(r).unlink(missing_ok=True)
-            tmp = self.folder / f".round-{round_:08d}.tmp"
-            tmp.write_bytes(data)
-            os.replace(tmp, self.folder / round_file_name(round_, members))
+            write_round(self.folder, round_, members, data)
             for r in sorted(kept)[: max(0, len(kept) + 1 - self.keep)]:
                 kept[r].unlink(missing_ok=True)
         except (OSError, ValueError) as exc:
             log.warning("cannot keep round %d for joiners: %s", round_, exc)
-
-    def _kept(self) -> dict[int, Path]:
-        found = {}
-        for path in self.folder.iterdir():
-            if m := ROUND_FILE.fullmatch(path.name):
-                found[int(m.group(1))] = path
-        return found
