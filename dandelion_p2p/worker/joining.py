@@ -30,7 +30,7 @@ import torch
 from dandelion_p2p.errors import DandelionError
 from dandelion_p2p.worker import fragments
 from dandelion_p2p.worker.link import DaemonLink, SyncOutcome
-from dandelion_p2p.worker.model import assign_from
+from dandelion_p2p.worker.model import assign_from, flatten_into
 from dandelion_p2p.worker.protocol import round_files
 from dandelion_p2p.worker.round_rules import averaged_in_full
 from dandelion_p2p.worker.served_rounds import (
@@ -338,6 +338,44 @@ def state_wait(trainer: Trainer, step: int) -> float:
     return max(MIN_WAIT, WAIT_MARGIN * rounds * pace)
 
 
+def rejoin_by_replay(trainer: Trainer, round_: int) -> bool:
+    """Left behind in round ``round_`` right after applying round ``round_ - 1`` with
+    others: this peer's global weights are those the others applied round ``round_`` to, so
+    fetching that round and the ones since from the peers that keep them, and applying
+    them, puts it where the others are: a few rounds' bytes instead of a whole state, and
+    no wait for their next checkpoint. Then it joins the next round as a joiner does. Returns
+    whether it did; when the peers keep no such round (or this peer's last round was
+    another, applied alone or by nobody), nothing changes and it waits for a state.
+    A peer on several devices does not: its ranks stay in step through collective calls
+    that a replay would skip."""
+    outer = trainer.outer
+    if (outer is None or not isinstance(trainer.link, DaemonLink)
+            or trainer.peer_group.world > 1
+            or trainer.config.checkpoint.keep_rounds == 0
+            or trainer.checkpoints.rounds.last_added != round_ - 1):
+        return False
+    p = trainer.position
+    flatten_into(trainer.params, trainer.flat)
+    step, weights = p.global_step, trainer.flat.clone()
+    window = list(trainer.overlap.window) if trainer.overlap is not None else []
+    kept_rounds(trainer).clear()
+    p.global_step = (round_ - 1) * fragments.interval(trainer.config)
+    assign_from(trainer.params, outer.start)
+    if trainer.overlap is not None:
+        trainer.overlap.window.clear()
+    applied, _ = replay(trainer)
+    if not applied:
+        p.global_step = step
+        assign_from(trainer.params, weights)
+        if trainer.overlap is not None:
+            trainer.overlap.window.extend(window)
+        return False
+    log.info("left behind in round %d: replayed %d rounds that peers keep, joining the next",
+             round_, applied)
+    join_swarm(trainer)
+    return True
+
+
 def catch_up_and_join(trainer: Trainer, outcome: SyncOutcome | None = None) -> bool:
     """Behind the swarm: take its newer state and join it (``join_swarm``). Returns whether
     a newer state was loaded.
@@ -358,6 +396,8 @@ def catch_up_and_join(trainer: Trainer, outcome: SyncOutcome | None = None) -> b
             log.warning("left behind in round %d, but this peer holds a checkpoint of step "
                         "%d already: training on from it", outcome.round, have)
             wanted = -1
+        elif rejoin_by_replay(trainer, outcome.round):
+            return True
         else:
             trainer.left_behind_at = wanted
             wait = state_wait(trainer, wanted)

@@ -121,13 +121,19 @@ class RoundArchive:
     def __init__(self, checkpoints: Path, keep: int) -> None:
         self.folder = checkpoints / ROUNDS_DIR
         self.keep = keep
+        self.last_added: int | None = None
+        """The newest round this process applied with others (None once cleared): the
+        global weights are that round's result until another round changes them."""
         self._writing: threading.Thread | None = None
 
     def add(self, round_: int, members: int, averaged: NDArray[np.float32],
             codec: str) -> None:
         """Keep round ``round_``'s averaged vector (a copy is taken before returning),
         stored in ``codec`` where that is exact."""
-        if self.keep <= 0 or members < 2:
+        if members < 2:
+            return
+        self.last_added = round_
+        if self.keep <= 0:
             return
         self.wait()
         copy = np.array(averaged, dtype=np.float32, copy=True)
@@ -144,6 +150,7 @@ class RoundArchive:
     def clear(self) -> None:
         """Forget every kept round (the state was replaced: they may not lead to it)."""
         self.wait()
+        self.last_added = None
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def _write(self, round_: int, members: int, averaged: NDArray[np.float32],
