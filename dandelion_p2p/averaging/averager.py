@@ -309,7 +309,7 @@ class Averager:
             bandwidth_mbps=s.bandwidth_mbps if reduces else 0.0,
             accepts_connections=self.links.reachable,
             endpoint=self.dataplane.endpoint or "",
-            expires_at_ms=int((time.time() + s.matchmaking.announcement_ttl) * 1000),
+            expires_at_ms=int((time.time() + self.matchmaker.next_ttl()) * 1000),
             banned=tuple(self._banned_now()),
         )
         track_recorded = self._track_recorded()

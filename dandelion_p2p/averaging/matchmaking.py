@@ -37,6 +37,11 @@ log = logging.getLogger(__name__)
 AVERAGING_NAMESPACE = "avg"
 MAX_ANNOUNCEMENT_TTL_MS = 600_000
 GROUP_RUN_DOMAIN = b"dandelion/avg-run/v1"
+LIVE_ANNOUNCEMENTS = 64
+"""Most of one peer's round announcements alive at once, whatever the pace of its rounds:
+a DHT server holds 256 records per storing peer (``StoreLimits``), and an announcement it
+refuses is unseen by the peers that read the key from it."""
+MIN_ANNOUNCEMENT_TTL = 30.0
 
 
 def round_key(run: bytes, round_: int) -> bytes:
@@ -102,6 +107,21 @@ class Matchmaker:
         self.settings = settings
         self._announcers: tuple[int, frozenset[bytes]] = (-1, frozenset())
         """The last round matched, and who had announced for it when this peer formed."""
+        self._announced_at: float | None = None
+
+    def next_ttl(self) -> float:
+        """Seconds the announcement of the round this peer starts now lives: the settings'
+        ``announcement_ttl``, cut for rounds faster than one per ``announcement_ttl /
+        LIVE_ANNOUNCEMENTS`` seconds to ``LIVE_ANNOUNCEMENTS`` times the time since its last
+        round began (at least ``MIN_ANNOUNCEMENT_TTL``). A peer later than that many rounds
+        finds no announcement saying the round is over, which costs it nothing more: the
+        peers keep at most 64 rounds for it to replay (``checkpoint.keep_rounds``)."""
+        now = time.monotonic()
+        last, self._announced_at = self._announced_at, now
+        ttl = self.settings.announcement_ttl
+        if last is None:
+            return ttl
+        return min(ttl, max(MIN_ANNOUNCEMENT_TTL, LIVE_ANNOUNCEMENTS * (now - last)))
 
     def announcers_of(self, round_: int) -> frozenset[bytes]:
         """The publishers this peer read for ``round_`` when it last matched it; empty when

@@ -7,8 +7,10 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pytest
 import trio
 
+from dandelion_p2p.averaging import matchmaking
 from dandelion_p2p.averaging.averager import AveragingSettings
 from dandelion_p2p.averaging.matchmaking import (
     AVERAGING_NAMESPACE,
@@ -311,3 +313,35 @@ async def test_a_peer_that_failed_this_one_and_is_gone_is_not_waited_for() -> No
     print(f"a failed peer gone before round 2: the others took {[round(t, 2) for t in took]} s")
     assert len(reports) == 2 and all(r.fraction_averaged == 1.0 for r in reports)
     assert max(took) < WINDOW / 2
+
+
+def test_fast_rounds_shorten_the_announcements_life(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At most 64 of a peer's announcements are alive at once, so that a DHT server's 256
+    records per storing peer never refuse them; rounds slower than 120 / 64 s keep the full
+    life, and none lives under 30 s."""
+    now = [1000.0]
+    monkeypatch.setattr(matchmaking.time, "monotonic", lambda: now[0])
+    mm = Matchmaker(records=None, settings=MatchmakingSettings())  # type: ignore[arg-type]
+    lives = []
+    for gap in (0.0, 0.25, 0.75, 1.0, 10.0):
+        now[0] += gap
+        lives.append(mm.next_ttl())
+    assert lives == [120.0, 30.0, 48.0, 64.0, 120.0]
+
+
+async def test_an_announcement_of_a_fast_round_lives_for_64_rounds() -> None:
+    # The first round waits the whole window; the next ones end early.
+    async with averaging_swarm(2, SETTINGS) as members:
+        started = []
+        for round_ in (1, 2, 3):
+            started.append(time.time())
+            await timed_round(members, round_)
+        lives = []
+        for round_, began in zip((1, 3), (started[0], started[2]), strict=True):
+            found = await members[0].averager.matchmaker.read(members[0].averager.run, round_)
+            lives.append(found[members[0].averager.me].expires_at_ms / 1000 - began)
+    gap = started[2] - started[1]
+    expected = min(120.0, max(30.0, 64 * gap))
+    assert abs(lives[0] - 120.0) < 1.0, lives
+    assert expected - 1.0 <= lives[1] <= expected + 1.0, (lives, gap)
+    print(f"round 3 began {gap:.2f} s after round 2: announced for {lives[1]:.1f} s")
