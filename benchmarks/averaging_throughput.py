@@ -3,18 +3,23 @@ the same byte pattern moved over plain TCP (``raw_butterfly.py``).
 
     python benchmarks/averaging_throughput.py --peers 4 --size-mb 100 --compression none
     python benchmarks/averaging_throughput.py --peers 4 --size-mb 100 --netlab 100mbit
+    python benchmarks/averaging_throughput.py --peers 4 --size-mb 10 \
+        --hivemind .venv-hivemind/bin/python
 
 Reported per configuration: seconds per round (median; the all-reduce itself, and the whole
 round including DHT matchmaking), MB/s per peer, CPU seconds per round, peak RSS per peer, the
 raw-TCP seconds and the ratio. With ``--netlab RATE`` every peer is a host in its own network
 namespace with its links capped at RATE, and the table adds the ratio to the lower bound
-2(n-1)/n * S / B. ``--netlab`` needs root.
+2(n-1)/n * S / B. ``--netlab`` needs root. ``--hivemind PYTHON`` also runs hivemind's rounds
+(``hivemind_rounds.py`` under that interpreter) with the same peers, size, rounds, window and
+pause on loopback, after ours, and adds their medians.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import shutil
 import subprocess
 import sys
@@ -28,6 +33,21 @@ from benchmarks._report import environment, format_table, median, write_json
 from benchmarks.averaging_cluster import Launcher, start_cluster
 
 RAW_SCRIPT = Path(__file__).with_name("raw_butterfly.py")
+HIVEMIND_SCRIPT = Path(__file__).with_name("hivemind_rounds.py")
+
+
+def hivemind_medians(python: str, args: argparse.Namespace) -> dict[str, Any]:
+    """hivemind's medians over peers and rounds (the first round not counted, as ours)."""
+    out = subprocess.run(
+        [python, str(HIVEMIND_SCRIPT), "--peers", str(args.peers), "--size-mb", str(args.size_mb),
+         "--rounds", str(args.rounds), "--gather", str(args.gather), "--pause", str(args.pause)],
+        capture_output=True, text=True, timeout=args.rounds * (120 + args.size_mb), check=True)
+    rounds = [r for peer in json.loads(out.stdout.splitlines()[-1])["rounds"] for r in peer[1:]]
+    return {
+        "hivemind_allreduce_s_median": median([r["allreduce_s"] for r in rounds]),
+        "hivemind_round_s_median": median([r["round_s"] for r in rounds]),
+        "hivemind_min_group": min((r["group"] for r in rounds), default=0),
+    }
 
 
 def parse_rate(text: str) -> float:
@@ -141,6 +161,10 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "raw_tcp_s": raw,
         "ratio_to_raw_tcp": allreduce / raw if raw else None,
     }
+    if args.hivemind:
+        if rate is not None:
+            raise SystemExit("--hivemind runs on loopback only")
+        summary.update(hivemind_medians(args.hivemind, args))
     if rate is not None:
         bound = 2 * (n - 1) / n * size_bytes * 8 / (rate * 1e6)
         summary["netlab_rate_mbit"] = rate
@@ -165,6 +189,8 @@ def main() -> None:
                    help="every round waits the whole gather window (matchmaking before it "
                         "could end early), for comparison")
     p.add_argument("--netlab", default="", help="cap every link, e.g. 100mbit (needs root)")
+    p.add_argument("--hivemind", default="",
+                   help="a Python with hivemind installed: run its rounds too, for comparison")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="avg-bench-"))
@@ -180,6 +206,9 @@ def main() -> None:
            summary["matchmaking_s_median"],
            summary["mb_per_s_per_peer"], summary["cpu_s_per_round"], summary["peak_rss_mb"],
            summary["raw_tcp_s"], summary["ratio_to_raw_tcp"]]
+    if "hivemind_round_s_median" in summary:
+        headers += ["hivemind all-reduce", "hivemind round"]
+        row += [summary["hivemind_allreduce_s_median"], summary["hivemind_round_s_median"]]
     if "bound_s" in summary:
         headers += ["bound s", "fraction of bound"]
         row += [summary["bound_s"], summary["fraction_of_bound"]]
