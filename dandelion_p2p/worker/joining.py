@@ -52,6 +52,9 @@ REPLAY_FETCHES = 8
 whose rounds are shorter than a fetch is then met by taking part a round ahead."""
 FETCH_POLL = 0.2
 """Seconds between two asks for the round a joiner missed, while it takes part in the next."""
+REJOIN_WAIT = 5.0
+"""Least seconds a peer left behind asks for the round it missed before it waits for a
+state instead (``rejoin_by_replay``)."""
 WAIT_MARGIN = 3.0
 MIN_WAIT = 30.0
 """Least seconds a peer left behind waits for the others' state (``state_wait``)."""
@@ -346,29 +349,45 @@ def rejoin_by_replay(trainer: Trainer, round_: int) -> bool:
     no wait for their next checkpoint. Then it joins the next round as a joiner does. Returns
     whether it did; when the peers keep no such round (or this peer's last round was
     another, applied alone or by nobody), nothing changes and it waits for a state.
-    A peer on several devices does not: its ranks stay in step through collective calls
-    that a replay would skip."""
+    Not done by a peer on several devices (its ranks stay in step through collective calls
+    that a replay would skip), nor across a config version that changed the round length
+    (the round's first step would be counted in the wrong one)."""
     outer = trainer.outer
     if (outer is None or not isinstance(trainer.link, DaemonLink)
             or trainer.peer_group.world > 1
             or trainer.config.checkpoint.keep_rounds == 0
             or trainer.checkpoints.rounds.last_added != round_ - 1):
         return False
+    h = fragments.interval(trainer.config)
     p = trainer.position
+    rejoin_at = (round_ - 1) * h
+    for at in (rejoin_at, p.global_step):
+        version = trainer.link.run_configs.in_force(at)
+        if version is not None and fragments.interval(version.config) != h:
+            return False
     flatten_into(trainer.params, trainer.flat)
     step, weights = p.global_step, trainer.flat.clone()
     window = list(trainer.overlap.window) if trainer.overlap is not None else []
     kept_rounds(trainer).clear()
-    p.global_step = (round_ - 1) * fragments.interval(trainer.config)
+    p.global_step = rejoin_at
     assign_from(trainer.params, outer.start)
     if trainer.overlap is not None:
         trainer.overlap.window.clear()
-    applied, _ = replay(trainer)
+    # The others write each round's file on a thread once it is applied: a fetch right
+    # after they finished may find none yet.
+    deadline = time.monotonic() + max(REJOIN_WAIT, 2 * (trainer.reports.round_interval or 0.0))
+    while True:
+        applied, gap = replay(trainer)
+        if (applied or gap or trainer.stop_requested or time.monotonic() >= deadline):
+            break
+        time.sleep(FETCH_POLL)
     if not applied:
         p.global_step = step
         assign_from(trainer.params, weights)
         if trainer.overlap is not None:
             trainer.overlap.window.extend(window)
+        kept_rounds(trainer).clear()
+        trainer.apply_run_config()
         return False
     log.info("left behind in round %d: replayed %d rounds that peers keep, joining the next",
              round_, applied)

@@ -364,6 +364,7 @@ class Overlap:
         else:
             # Alone: the buffer holds this peer's own pseudo-gradient, untouched.
             outer.start[a:b].sub_(t.shared[a:b])
+            t.checkpoints.rounds.applied_alone()
         # G minus the progress since the local start: exactly G where there is none (a
         # checkpoint's weights, whose hash peers compare).
         g = outer.start[a:b]

@@ -131,6 +131,7 @@ class RoundArchive:
         """Keep round ``round_``'s averaged vector (a copy is taken before returning),
         stored in ``codec`` where that is exact."""
         if members < 2:
+            self.applied_alone()
             return
         self.last_added = round_
         if self.keep <= 0:
@@ -141,6 +142,11 @@ class RoundArchive:
                                          args=(round_, members, copy, codec),
                                          name="kept-round", daemon=True)
         self._writing.start()
+
+    def applied_alone(self) -> None:
+        """The global weights took a round that was not averaged with others: they are no
+        longer the result of ``last_added``."""
+        self.last_added = None
 
     def wait(self) -> None:
         if self._writing is not None:

@@ -393,6 +393,7 @@ class Trainer:
             # The outer step extrapolates the swarm's averaged progress; applied to this
             # peer's own progress alone it would only distort what the inner optimizer did.
             new_start = self.outer.restart_from(self.flat)
+            self.checkpoints.rounds.applied_alone()
         else:
             if rule is OuterRule.STEP:
                 self.checkpoints.rounds.add(round_, outcome.members, self.shared.numpy(),

@@ -233,3 +233,26 @@ def test_a_damaged_kept_round_is_refused_with_a_reason(damage: str) -> None:
         data[20:24] = (99).to_bytes(4, "little")
     with pytest.raises(ValueError):
         decode_round(bytes(data), n)
+
+
+def test_the_archive_knows_which_round_the_global_weights_came_from(tmp_path: Path) -> None:
+    """``last_added``: the round whose result the global weights are, while no round applied
+    alone (or the loading of a state) has changed them since: what lets a peer left behind
+    replay the rounds it missed onto its own weights."""
+    archive = RoundArchive(tmp_path, keep=2)
+    vector = np.ones(300, dtype=np.float32)
+    assert archive.last_added is None
+    archive.add(4, 3, vector, "none")
+    archive.add(5, 3, vector, "none")
+    assert archive.last_added == 5
+    archive.add(6, 1, vector, "none")  # an outer step taken alone
+    assert archive.last_added is None
+    archive.add(7, 2, vector, "none")
+    archive.applied_alone()
+    assert archive.last_added is None
+    archive.add(8, 2, vector, "none")
+    archive.clear()
+    assert archive.last_added is None
+    nothing_kept = RoundArchive(tmp_path / "none", keep=0)
+    nothing_kept.add(3, 2, vector, "none")
+    assert nothing_kept.last_added == 3 and not (tmp_path / "none").exists()
