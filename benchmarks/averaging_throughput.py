@@ -178,7 +178,7 @@ def main() -> None:
     p.add_argument("--peers", type=int, default=4)
     p.add_argument("--size-mb", type=float, default=100.0)
     p.add_argument("--compression", default="none",
-                   choices=["none", "fp16", "bf16", "int8", "int4"])
+                   choices=["none", "fp16", "bf16", "int8", "int4", "int2"])
     p.add_argument("--rounds", type=int, default=6, help="the first is not counted")
     p.add_argument("--chunk-elements", type=int, default=1 << 20)
     p.add_argument("--chunk-timeout", type=float, default=30.0)

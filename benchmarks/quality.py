@@ -45,7 +45,7 @@ if str(ROOT) not in sys.path:
 
 from tests.daemon_proc import DaemonProcess, launch_daemon, start_daemons  # noqa: E402
 
-CODEC_BYTES = {"none": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}
+CODEC_BYTES = {"none": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5, "int2": 0.25}
 BYZANTINE = Path(__file__).with_name("quality_byzantine.py")
 SHAPES = ("circle", "square", "triangle", "stripes")
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220),
@@ -413,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unet-widths", default="32,64",
                    help="channels of the tiny UNet's two levels (64,128: about 4x the "
                    "parameters)")
+    p.add_argument("--local-codec", default="none", choices=sorted(CODEC_BYTES),
+                   help="averaging.codec of the local-steps runs (local, overlap, stream)")
     p.add_argument("--inner-lr", type=float, default=0.0,
                    help="the peers' inner learning rate in local-steps runs (default --lr, "
                    "the baseline's): e.g. --lr x sqrt(n), Adam's square-root rule for a "
@@ -494,7 +496,10 @@ def main(argv: list[str] | None = None) -> int:
                                  local_steps=int(h.removeprefix("H")),
                                  outer_lr=args.outer_lr, outer_momentum=args.outer_momentum,
                                  overlap=kind != "local",
-                                 fragments=int(f.removeprefix("F") or 1), **inner)
+                                 fragments=int(f.removeprefix("F") or 1),
+                                 codec=args.local_codec, **inner)
+                if args.local_codec != "none":
+                    name = f"{name}-{args.local_codec}"
                 if args.warm_start:
                     warm_steps, warm_h = (int(x) for x in args.warm_start.split(":"))
                     then = (warm_steps, cfg)

@@ -79,8 +79,9 @@ from tests.daemon_proc import DaemonProcess, launch_daemon, start_daemons  # noq
 RUN_NAME = "utilization"
 VALIDATION_IMAGES = 32
 """Held-out images (made with another seed than the training set's) for the quality figure."""
-CODEC_BITS = {"none": 32.0, "fp16": 16.0, "bf16": 16.0, "int8": 8.0, "int4": 4.5}
-"""Bits a value on the wire; int4 carries a 32-bit scale per block of 64 values."""
+CODEC_BITS = {"none": 32.0, "fp16": 16.0, "bf16": 16.0, "int8": 8.0, "int4": 4.5, "int2": 2.25}
+"""Bits a value on the wire; int4 carries a 32-bit scale per block of 64 values, int2 per
+block of 128."""
 SKIPPED_ROUNDS = 2
 """Rounds before the steady state: the first waits the whole gathering window (nobody is
 expected yet), and with overlap that wait is paid at the next boundary."""

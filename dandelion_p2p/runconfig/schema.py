@@ -49,7 +49,7 @@ OptimizerName = Literal["adamw", "adamw8bit", "prodigy", "adafactor"]
 ScheduleName = Literal["constant", "constant_with_warmup", "linear", "cosine",
                        "cosine_with_restarts", "polynomial"]
 SyncMode = Literal["local_steps", "gradient"]
-Codec = Literal["none", "fp16", "bf16", "int8", "int4"]
+Codec = Literal["none", "fp16", "bf16", "int8", "int4", "int2"]
 Aggregation = Literal["mean", "centered_clip"]
 ExportWeights = Literal["auto", "ema", "raw"]
 LoraLayers = Literal["attention", "transformer", "locon"]
