@@ -53,7 +53,9 @@ exactly, so a truncated or padded payload is refused rather than misread.
           ``(2 c[j] - 3) * scale[j // b]``: the levels -3s, -s, s, 3s. The encoder writes
           ``scale = 0.4979 * rms(block)`` (the mean-square-optimal uniform 4-level quantiser
           of gaussian data) and the nearest level, the thresholds at -2s, 0 and 2s, so values
-          beyond 3s are clipped; a block whose RMS is subnormal has scale 0. A scale that is
+          beyond 3s are clipped; a block whose RMS is subnormal has scale 0, and a block
+          whose magnitudes are only m and 3m (one it decoded) has scale m, so that it
+          encodes again exactly. A scale that is
           negative, not finite, or above ``float32_max / 4`` is refused.
 
 Error bounds (``x`` the input, ``y = decode(encode(x))``):
@@ -369,6 +371,14 @@ class Int2BlockCodec(_BlockCodec):
             rms = np.sqrt(np.mean(np.square(rows, dtype=np.float64), axis=1))
             scale = np.where(rms >= _INT2_MIN_RMS, rms * _INT2_STEP_OF_RMS, 0.0)
             scale = np.minimum(scale, _INT2_MAX_SCALE).astype(np.float32)
+            # A block of two magnitudes m and 3m is a decoded int2 block (an average kept for
+            # joiners is encoded again): m as its scale encodes it exactly.
+            magnitudes = np.abs(rows)
+            m_ = np.minimum(magnitudes.min(axis=1), _INT2_MAX_SCALE)
+            two_levels = ((magnitudes == m_[:, None])
+                          | (magnitudes == (np.float32(3.0) * m_)[:, None])).all(axis=1)
+            again = (m_ > 0) & two_levels
+            scale[again] = m_[again]
             scales[blocks] = scale
             # Thresholds at -2s, 0, 2s; a block of scale 0 decodes to 0 whatever its codes.
             inverse = np.zeros_like(scale)

@@ -183,7 +183,7 @@ async def test_a_joiner_downloads_the_rounds_the_honest_peers_keep_not_the_liars
         assert again == [7]
 
 
-@pytest.mark.parametrize("codec", ["none", "fp16", "bf16", "int8", "int4"])
+@pytest.mark.parametrize("codec", ["none", "fp16", "bf16", "int8", "int4", "int2"])
 def test_a_round_the_codec_decoded_is_kept_in_the_codecs_bytes_bit_for_bit(codec: str) -> None:
     rng = np.random.default_rng(1)
     c = get_codec(codec)
