@@ -345,7 +345,7 @@ def relative_l2(got: np.ndarray, expected: np.ndarray) -> float:
 
 # Documented end-to-end bounds (protocol/averaging.md section 10): a contribution and the
 # result are each encoded once, so the error is about twice the codec's own.
-CODEC_BOUNDS = {"fp16": 1e-3, "bf16": 8e-3, "int8": 1e-2, "int4": 0.15, "int2": 0.45}
+CODEC_BOUNDS = {"fp16": 1e-3, "bf16": 8e-3, "int8": 1e-2, "int4": 0.15, "int2": 0.55}
 
 
 @pytest.mark.parametrize("codec", sorted(CODEC_BOUNDS))
@@ -501,15 +501,11 @@ def test_reducer_memory_is_bounded_by_chunks_in_flight() -> None:
     assert np.max(np.abs(got - expected)) <= 1e-6 * np.max(np.abs(expected))
 
 
-@pytest.mark.parametrize(("codec", "gain"), [("int8", 8), ("int4", 8), ("int2", 4)])
-def test_error_feedback_keeps_the_running_sum_of_compressed_rounds_unbiased(
-    codec: str, gain: float
-) -> None:
+@pytest.mark.parametrize("codec", ["int8", "int4", "int2"])
+def test_error_feedback_keeps_the_running_sum_of_compressed_rounds_unbiased(codec: str) -> None:
     """The same compressed gradient averaged round after round: without error feedback
     every round drops the same part, so the running sum drifts by one round's error per
-    round; with it, what was dropped is sent in later rounds. (int2 clips values beyond
-    three scales, and the residual it carries takes more rounds to send: after 16 rounds
-    its sum is 9 % off, against 43 % without feedback.)"""
+    round; with it, what was dropped is sent in later rounds."""
     idents = identities(3)
     weights = [1.0, 2.0, 3.0]
     size, rounds = 4000, 16
@@ -541,4 +537,4 @@ def test_error_feedback_keeps_the_running_sum_of_compressed_rounds_unbiased(
             total += buffers[spec.peer_ids[0]]
         errors[with_feedback] = relative_l2(total / rounds, true_mean)
     # One round's error spread over the rounds: about 1/rounds of the drift without it.
-    assert errors[True] < errors[False] / gain
+    assert errors[True] < errors[False] / 8

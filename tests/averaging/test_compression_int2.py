@@ -43,15 +43,16 @@ def test_encoded_size_is_scales_plus_a_quarter_byte_a_value(n: int, block: int) 
 
 
 def test_layout_is_scales_then_the_lowest_bits_first() -> None:
-    codec = Int2BlockCodec(4)
-    # RMS 1: scale 0.4979; thresholds at -0.9958, 0, 0.9958.
-    x = np.array([-1.6, -0.4, 0.3, 1.5], dtype=np.float32) * np.float32(1 / 1.0932)
+    codec = Int2BlockCodec(8)
+    x = np.array([-5, -0.5, 0.5, 5, 0.1, -0.1, 0.2, -0.2], dtype=np.float32)
     data = codec.encode(x)
     scale = np.frombuffer(data[:4], "<f4")[0]
     rms = float(np.sqrt(np.mean(np.square(x.astype(np.float64)))))
-    assert scale == pytest.approx(0.4979 * rms, rel=1e-6)
-    assert data[4] == 0b11_10_01_00
-    np.testing.assert_allclose(codec.decode(data, 4), [-3 * scale, -scale, scale, 3 * scale])
+    assert scale == pytest.approx(0.75 * rms, rel=1e-6)
+    # Thresholds at -2s, 0, 2s; codes 0..3 for the levels -3s, -s, s, 3s.
+    assert data[4:] == bytes([0b11_10_01_00, 0b01_10_01_10])
+    np.testing.assert_allclose(codec.decode(data, 8),
+                               np.array([-3, -1, 1, 3, 1, -1, 1, -1]) * scale)
 
 
 def test_a_block_of_two_magnitudes_keeps_the_smaller_as_its_scale() -> None:
@@ -62,11 +63,11 @@ def test_a_block_of_two_magnitudes_keeps_the_smaller_as_its_scale() -> None:
     np.testing.assert_array_equal(codec.decode(data, 4), x)
 
 
-def test_relative_l2_for_gaussian_data_is_about_a_third() -> None:
+def test_relative_l2_for_gaussian_data() -> None:
     x = np.random.default_rng(0).standard_normal(1_000_000).astype(np.float32)
     codec = get_codec("int2")
     y = codec.decode(codec.encode(x), x.size)
-    assert 0.30 < np.linalg.norm(y - x) / np.linalg.norm(x) < 0.37
+    assert 0.40 < np.linalg.norm(y - x) / np.linalg.norm(x) < 0.47
 
 
 def test_a_zero_or_subnormal_block_decodes_to_zeros() -> None:
