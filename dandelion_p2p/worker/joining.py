@@ -235,12 +235,14 @@ def apply_kept(trainer: Trainer) -> int:
     return applied
 
 
-def join_swarm(trainer: Trainer) -> None:
+def join_swarm(trainer: Trainer, *, save: bool = True) -> None:
     """Come into step with the swarm after downloading its state: apply the rounds it
     averaged since (``replay``), then arrive at the next round with nothing to add and take
     the others' average. Having come too late for that round, it takes part in the one after
     while fetching the one it missed (``take_part_fetching``). When the peers keep no round
-    that follows on from the state, a newer state is fetched."""
+    that follows on from the state, a newer state is fetched. Once in step it saves a
+    checkpoint (``save``): a restart then starts from the swarm's state rather than the older
+    one downloaded."""
     assert trainer.outer is not None
     h = fragments.interval(trainer.config)
     replayed = 0
@@ -281,13 +283,13 @@ def join_swarm(trainer: Trainer) -> None:
             if averaged_in_full(outcome) and fetched:
                 replayed += apply_kept(trainer) - 1
                 if p.global_step // h == round_ + 1:
-                    _joined(trainer, round_ + 1, replayed)
+                    _joined(trainer, round_ + 1, replayed, save)
                     return
         else:
             outcome = take_part(trainer, round_)
             if averaged_in_full(outcome):
                 apply_round(trainer, outcome)
-                _joined(trainer, round_, replayed)
+                _joined(trainer, round_, replayed, save)
                 return
         if outcome.stopping:
             return
@@ -302,8 +304,9 @@ def join_swarm(trainer: Trainer) -> None:
                 JOIN_ATTEMPTS, trainer.position.global_step)
 
 
-def _joined(trainer: Trainer, round_: int, replayed: int) -> None:
-    trainer.save()
+def _joined(trainer: Trainer, round_: int, replayed: int, save: bool) -> None:
+    if save:
+        trainer.save()
     kept_rounds(trainer).clear()
     log.info("joined the swarm at round %d (%d rounds replayed since the state loaded)",
              round_, replayed)
@@ -391,7 +394,9 @@ def rejoin_by_replay(trainer: Trainer, round_: int) -> bool:
         return False
     log.info("left behind in round %d: replayed %d rounds that peers keep, joining the next",
              round_, applied)
-    join_swarm(trainer)
+    # No checkpoint of its own on joining: it has its own already, and a state of several
+    # GB written after every stall would keep it from training for as long again.
+    join_swarm(trainer, save=False)
     return True
 
 
