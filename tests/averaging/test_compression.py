@@ -11,6 +11,7 @@ from dandelion_p2p.averaging.compression import (
     FP16_MAX,
     Bf16Codec,
     BufferErrorFeedback,
+    Codec,
     Fp16Codec,
     Int8BlockCodec,
     RawCodec,
@@ -25,6 +26,13 @@ codec_names = st.sampled_from(sorted(CODECS))
 
 def gaussian(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(n).astype(np.float32)
+
+
+def refused(codec: Codec, payload: bytes, n: int) -> None:
+    """``codec`` refuses ``payload`` for ``n`` elements as an invalid field."""
+    with pytest.raises(ProtocolViolation) as err:
+        codec.decode(payload, n)
+    assert err.value.code == RejectCode.INVALID_FIELD
 
 
 def test_registry_names():

@@ -9,19 +9,12 @@ import pytest
 from dandelion_p2p.averaging.compression import (
     CODECS,
     BufferErrorFeedback,
-    Codec,
     Int2BlockCodec,
     get_codec,
 )
-from dandelion_p2p.errors import ProtocolViolation, RejectCode
+from tests.averaging.test_compression import refused
 
 F32_MAX = float(np.finfo(np.float32).max)
-
-
-def refused(codec: Codec, payload: bytes, n: int) -> None:
-    with pytest.raises(ProtocolViolation) as err:
-        codec.decode(payload, n)
-    assert err.value.code == RejectCode.INVALID_FIELD
 
 
 def test_registered_with_128_element_blocks() -> None:

@@ -15,16 +15,13 @@ from dandelion_p2p.averaging.compression import (
     Int4BlockCodec,
     get_codec,
 )
-from dandelion_p2p.errors import ProtocolViolation, RejectCode
-from tests.averaging.test_compression import assert_error_within_half_a_level, gaussian
+from tests.averaging.test_compression import (
+    assert_error_within_half_a_level,
+    gaussian,
+    refused,
+)
 
 F32_MAX = float(np.finfo(np.float32).max)
-
-
-def refused(codec: Int4BlockCodec, payload: bytes, n: int) -> None:
-    with pytest.raises(ProtocolViolation) as err:
-        codec.decode(payload, n)
-    assert err.value.code == RejectCode.INVALID_FIELD
 
 
 def test_registered_with_64_element_blocks():
