@@ -375,11 +375,11 @@ class Int2BlockCodec(_BlockCodec):
             # A block of two magnitudes m and 3m is a decoded int2 block (an average kept for
             # joiners is encoded again): m as its scale encodes it exactly.
             magnitudes = np.abs(rows)
-            m_ = np.minimum(magnitudes.min(axis=1), _INT2_MAX_SCALE)
-            two_levels = ((magnitudes == m_[:, None])
-                          | (magnitudes == (np.float32(3.0) * m_)[:, None])).all(axis=1)
-            again = (m_ > 0) & two_levels
-            scale[again] = m_[again]
+            smallest = np.minimum(magnitudes.min(axis=1), _INT2_MAX_SCALE)
+            two_levels = ((magnitudes == smallest[:, None])
+                          | (magnitudes == (np.float32(3.0) * smallest)[:, None])).all(axis=1)
+            again = (smallest > 0) & two_levels
+            scale[again] = smallest[again]
             scales[blocks] = scale
             # Thresholds at -2s, 0, 2s; a block of scale 0 decodes to 0 whatever its codes.
             inverse = np.zeros_like(scale)
