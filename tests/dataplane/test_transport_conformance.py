@@ -417,6 +417,9 @@ _YAMUX_CANCELLED_READ = pytest.mark.xfail(
     reason="py-libp2p 0.8.1 yamux: YamuxStream.read takes the bytes from its buffer, then awaits "
     "the window update; cancelled there, it drops the bytes and their window credit",
     strict=False,
+    # On a loaded machine it once took 138 s (under 1 s here, its 30 s deadline did not end
+    # it): while the locked py-libp2p has the bug, it is not run.
+    run=False,
 )
 
 

@@ -56,9 +56,11 @@ def test_the_others_do_not_wait_the_window_for_a_peer_that_stopped(
 
     def formed_with_it() -> set[int]:
         # A round the two had already formed with it when it stopped (with overlapped rounds
-        # one is always in flight) is lost, as a stop costs it.
-        return {int(r) for r in re.findall(
-            r"round (\d+): \d+ announcements, 1 groups, mine has 3 members", a.logs())}
+        # one is always in flight) is lost, as a stop costs it. One of the two may have read
+        # its announcement for the round and the other its leaving that replaced it: their
+        # groups differ and that round is lost between them (protocol/averaging.md 14.1).
+        return {int(r) for d in (a, b) for r in re.findall(
+            r"round (\d+): \d+ announcements, 1 groups, mine has 3 members", d.logs())}
 
     def without_it() -> list[dict[str, Any]]:
         return [r for r in sync_log(a)[before:]
@@ -66,7 +68,7 @@ def test_the_others_do_not_wait_the_window_for_a_peer_that_stopped(
 
     wait_until("two rounds of the two others", lambda: len(without_it()) >= 2, daemons, 120)
     lost = [r for r in sync_log(a)[before:] if r["round"] in formed_with_it()]
-    assert len(lost) <= 1, lost
+    assert len(lost) <= 1, (lost, a.logs()[-6000:], b.logs()[-6000:])
     after = without_it()
     # Waiting for it would take the whole window (it was expected); the two match at once.
     # (A round's own seconds may include waiting for the lost round before it, which an
@@ -75,4 +77,5 @@ def test_the_others_do_not_wait_the_window_for_a_peer_that_stopped(
         r"round (\d+): \d+ announcements, 1 groups, mine has 2 members \(matched in "
         r"([\d.]+) s", a.logs())}
     assert all(matched[r["round"]] < WINDOW / 2 for r in after), (after, matched)
-    assert all(r["averaged"] and r["fraction_averaged"] == 1.0 for r in after), after
+    assert all(r["averaged"] and r["fraction_averaged"] == 1.0 for r in after), (
+        after, a.logs()[-6000:], b.logs()[-6000:])
