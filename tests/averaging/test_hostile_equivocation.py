@@ -198,7 +198,10 @@ def test_an_equivocating_reducer_is_caught_by_every_member_in_the_round(n: int) 
     )
 
 
-def test_a_member_echoing_forged_headers_cannot_frame_an_honest_reducer() -> None:
+@pytest.mark.parametrize("digest", ["altered", "kept"])
+def test_a_member_echoing_forged_headers_cannot_frame_an_honest_reducer(digest: str) -> None:
+    """Re-signed by the liar, with an altered digest or with the true one (a header equal to
+    the applied one but for its signature is checked, not taken for a copy of it)."""
     n = 4
     swarm = build(n, size=6000, bandwidths=[100.0] * n, seed=11)
     liar = swarm.spec.peer_ids[1]
@@ -212,7 +215,9 @@ def test_a_member_echoing_forged_headers_cannot_frame_an_honest_reducer() -> Non
         header = decode(bytes(payload), m.AVERAGING)
         assert isinstance(header, ResultHeader)
         # The liar cannot sign as the reducer: it signs the altered header itself.
-        forged = dataclasses.replace(header, digest=bytes(32), signature=m.UNSIGNED)
+        forged = dataclasses.replace(
+            header, digest=bytes(32) if digest == "altered" else header.digest,
+            signature=m.UNSIGNED)
         return b"".join(pack_frame(echo, encode(forged.signed_with(BY_ID[liar].sign))))
 
     swarm.net.tamper = forge_echoes
@@ -227,3 +232,41 @@ def test_a_member_echoing_forged_headers_cannot_frame_an_honest_reducer() -> Non
         assert rep.complete and not rep.equivocation_proofs, rep.excluded
         assert refused and set(refused) == {"BAD_SIGNATURE"}, refused
         assert (liar, ScoreEvent.BAD_SIGNATURE) in swarm.events(peer)
+
+
+def test_an_echo_of_the_header_a_member_holds_is_not_checked_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each of the n - 1 other members echoes every result header: checked once per chunk, the
+    copies of a header already held cost a comparison, not a signature check."""
+    from dandelion_p2p.averaging import equivocation
+
+    checked: list[ResultHeader] = []
+
+    def counting(header: ResultHeader) -> bool:
+        checked.append(header)
+        return m.verify_result(header)
+
+    monkeypatch.setattr(equivocation, "verify_result", counting)
+    n = 6
+    swarm = build(n, size=6000, bandwidths=[100.0] * n, seed=5)
+    echoed: list[tuple[int, int]] = []
+
+    def count_echoes(src: bytes, send: Send, frame: bytes) -> bytes | None:
+        payload = unpack_frame(frame)[1]
+        if send.kind == "echo" and payload.nbytes:
+            header = decode(bytes(payload), m.AVERAGING)
+            assert isinstance(header, ResultHeader)
+            echoed.append((header.span_index, header.chunk_index))
+        return frame
+
+    swarm.net.tamper = count_echoes
+    swarm.net.start()
+    swarm.net.run()
+    check_consistent(swarm)
+    assert all(swarm.peers[p].report().complete for p in swarm.spec.peer_ids)
+    # Each echoed header was checked at most once per member (the first copy, when it came
+    # before the result itself): at most a member's share, not every copy.
+    once_per_member = len(set(echoed)) * n
+    assert len(checked) <= once_per_member < len(echoed), (len(checked), once_per_member,
+                                                             len(echoed))
