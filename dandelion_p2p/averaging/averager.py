@@ -179,10 +179,12 @@ class Averager:
         if self.background is not None:
             self.background.start_soon(republish)
             # While the worker computes the next round's contribution, the DHT servers of
-            # that round's key are found: its announcement then stores at once. (Found during
-            # this round's all-reduce instead, the lookup slows the all-reduce by about what
-            # it saves the announcement on a busy CPU.)
-            self.background.start_soon(self.matchmaker.prepare, self.run, announcement.round + 1)
+            # that round's key are found (and of the one after, when rounds come back to
+            # back): its announcement then stores at once. (Found during this round's
+            # all-reduce instead, the lookup slows the all-reduce by about what it saves the
+            # announcement on a busy CPU.)
+            self.background.start_soon(self.matchmaker.prepare_after, self.run,
+                                       announcement.round)
 
     async def _publish_proofs(self, report: RoundReport) -> None:
         """Put this peer's share of the round's equivocation proofs in the DHT, so that peers

@@ -42,6 +42,11 @@ LIVE_ANNOUNCEMENTS = 64
 a DHT server holds 256 records per storing peer (``StoreLimits``), and an announcement it
 refuses is unseen by the peers that read the key from it."""
 MIN_ANNOUNCEMENT_TTL = 30.0
+TWO_AHEAD_BELOW = 20.0
+"""Rounds closer together than this (seconds from one to the next) find the DHT servers of
+the round after next, too: the next announcement comes before a lookup started when a round
+ends would finish. A record store keeps what it found for a minute, which two such rounds
+leave time for."""
 
 
 def round_key(run: bytes, round_: int) -> bytes:
@@ -108,6 +113,9 @@ class Matchmaker:
         self._announcers: tuple[int, frozenset[bytes]] = (-1, frozenset())
         """The last round matched, and who had announced for it when this peer formed."""
         self._announced_at: float | None = None
+        self._interval: float | None = None
+        """Seconds between the starts of this peer's last two rounds."""
+        self._prepared_through = -1
 
     def next_ttl(self) -> float:
         """Seconds the announcement of the round this peer starts now lives: the settings'
@@ -121,7 +129,8 @@ class Matchmaker:
         ttl = self.settings.announcement_ttl
         if last is None:
             return ttl
-        return min(ttl, max(MIN_ANNOUNCEMENT_TTL, LIVE_ANNOUNCEMENTS * (now - last)))
+        self._interval = now - last
+        return min(ttl, max(MIN_ANNOUNCEMENT_TTL, LIVE_ANNOUNCEMENTS * self._interval))
 
     def announcers_of(self, round_: int) -> frozenset[bytes]:
         """The publishers this peer read for ``round_`` when it last matched it; empty when
@@ -153,6 +162,19 @@ class Matchmaker:
                     leaving=True))
             except DandelionError as exc:
                 log.info("round %d: leaving not announced: %s", round_, exc)
+
+    async def prepare_after(self, run: bytes, round_: int) -> None:
+        """Once ``round_`` is over here, find the DHT servers of the next round's key; with
+        rounds closer together than ``TWO_AHEAD_BELOW``, of the round after it too, so that
+        back-to-back rounds find each key a round ahead instead of waiting for the lookup.
+        Each key is looked up once."""
+        fast = self._interval is not None and self._interval < TWO_AHEAD_BELOW
+        if self._prepared_through > round_ + 2:  # a round run again (an older checkpoint)
+            self._prepared_through = round_
+        for ahead in range(round_ + 1, round_ + (3 if fast else 2)):
+            if ahead > self._prepared_through:
+                self._prepared_through = ahead
+                await self.prepare(run, ahead)
 
     async def prepare(self, run: bytes, round_: int) -> None:
         """Find the DHT servers of ``round_``'s key ahead of its announcement, which then

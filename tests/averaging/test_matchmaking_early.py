@@ -283,6 +283,48 @@ async def test_after_a_round_the_next_rounds_dht_servers_are_found_ahead() -> No
     assert len(reports) == 3 and all(r.fraction_averaged == 1.0 for r in reports)
 
 
+async def test_back_to_back_rounds_find_the_servers_of_the_round_after_next_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When rounds come back to back, the next announcement starts before a lookup begun at
+    the end of a round would end: the key of the round after next is looked up then too, so
+    each key is found a round ahead. Slow rounds look up the next key only, and no key is
+    looked up twice."""
+    from tests.averaging.test_averager_ports import FakeRecords
+
+    now = [1000.0]
+    monkeypatch.setattr(matchmaking.time, "monotonic", lambda: now[0])
+    records = FakeRecords()
+    mm = Matchmaker(records=records, settings=MatchmakingSettings())
+
+    def prepared() -> list[int]:
+        found = [int.from_bytes(key[-8:], "big") for _, key in records.prepared]
+        records.prepared.clear()
+        return found
+
+    mm.next_ttl()
+    await mm.prepare_after(RUN, 1)
+    assert prepared() == [2]  # no pace known yet
+    for number, expected in ((2, [3, 4]), (3, [5]), (4, [6])):
+        now[0] += 1.5
+        mm.next_ttl()
+        await mm.prepare_after(RUN, number)
+        assert prepared() == expected, number
+    now[0] += 60.0
+    mm.next_ttl()
+    await mm.prepare_after(RUN, 5)
+    assert prepared() == []  # 6 was found already
+    now[0] += 60.0
+    mm.next_ttl()
+    await mm.prepare_after(RUN, 6)
+    assert prepared() == [7]
+    # A worker resumed from an older checkpoint runs round 2 again.
+    now[0] += 1.0
+    mm.next_ttl()
+    await mm.prepare_after(RUN, 2)
+    assert prepared() == [3, 4]
+
+
 async def test_a_peer_that_failed_this_one_but_is_still_connected_is_waited_for() -> None:
     """A round that failed as a whole leaves its survivors remembering each other's failures,
     often on one side only. Member 0 remembers member 1 failing round 1; it still expects it
