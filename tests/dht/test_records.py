@@ -20,6 +20,7 @@ from dandelion_p2p.net.announce import (
     encode_announcement,
     register_core_namespaces,
 )
+from dandelion_p2p.net.dht import records as records_module
 from dandelion_p2p.net.dht.messages import (
     DHT,
     MAX_RECORD_KEY,
@@ -424,3 +425,29 @@ def test_merge_newest_matches_a_per_identity_maximum_in_any_order(
     merged = merge_newest(shuffled)
     assert {(r.namespace, r.key, r.publisher): r.seq for r in merged} == expected
     assert len(merged) == len(expected)
+
+
+def test_a_record_seen_again_is_not_verified_again_and_the_memory_is_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every replica a read asks returns the same records: each signature is checked once.
+    What the validator remembers is bounded, and expiry is still checked on every copy."""
+    checks: list[bytes] = []
+    real = records_module.verify_by_peer
+
+    def counting(publisher: bytes, data: bytes, signature: bytes) -> bool:
+        checks.append(signature)
+        return real(publisher, data, signature)
+
+    monkeypatch.setattr(records_module, "verify_by_peer", counting)
+    monkeypatch.setattr(records_module, "VERIFIED_KEPT", 3)
+    validator = make_validator()
+    first = record(value=b"1")
+    for _ in range(4):
+        validator.validate(first, NOW)
+    assert len(checks) == 1
+    assert rejected(validator, first, now_ms=first.expires_at_ms) is RejectCode.EXPIRED
+    for value in (b"2", b"3", b"4"):
+        validator.validate(record(value=value), NOW)
+    validator.validate(first, NOW)  # forgotten: the oldest of more than three
+    assert len(checks) == 5
