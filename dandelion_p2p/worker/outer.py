@@ -35,15 +35,21 @@ class OuterNesterov:
         return self.start
 
     def look_ahead(self, pseudo_gradient: torch.Tensor, out: torch.Tensor,
-                   span: tuple[int, int] | None = None) -> None:
-        """``out`` = the start weights after a step with ``pseudo_gradient``, leaving the start
-        and the momentum as they are: where the swarm's step will about land while its
-        average is still being made (``overlap``). With ``span`` only those elements of
-        ``out`` are written."""
+                   span: tuple[int, int] | None = None, *, reach: float = 1.0) -> None:
+        """``out`` = the start weights after a step with a guess of the swarm's average,
+        leaving the start and the momentum as they are: where the swarm's step will about
+        land while its average is still being made (``overlap``). The guess is this peer's
+        ``pseudo_gradient`` g at ``reach`` 1; beyond 1 it is pushed further from the
+        momentum's running mean of past averages, (1 - m) x momentum:
+        ``reach * g + (1 - reach) * (1 - m) * momentum``. With ``span`` only those elements
+        of ``out`` are written."""
         a, b = span if span is not None else (0, self.start.numel())
         target = out[a:b]
-        torch.mul(self.momentum_buffer[a:b], self.momentum * self.momentum, out=target)
-        target.add_(pseudo_gradient[a:b], alpha=1.0 + self.momentum)
+        m = self.momentum
+        # The step's update, (1 + m) * guess + m^2 * momentum, without a vector for the guess.
+        torch.mul(self.momentum_buffer[a:b], m * m + (1 + m) * (1 - reach) * (1 - m),
+                  out=target)
+        target.add_(pseudo_gradient[a:b], alpha=(1.0 + m) * reach)
         target.mul_(-self.lr).add_(self.start[a:b])
 
     def restart_from(self, current: torch.Tensor) -> torch.Tensor:

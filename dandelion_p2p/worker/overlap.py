@@ -11,7 +11,8 @@ local steps train, and its outer step is applied at the next boundary, one round
   started: delta_r = S - L. The worker waits for round r-1 (the only time it does not train),
   applies it to G, writes delta_r into the shared buffer, starts round r on a thread and trains
   on from L = S = where G will about land once round r is applied: the outer step taken with
-  its own delta_r in place of the swarm's average, the momentum left as it is
+  a guess made from its own delta_r (pushed half again as far from the momentum's mean:
+  ``LOOK_AHEAD_REACH``) in place of the swarm's average, the momentum left as it is
   (``OuterNesterov.look_ahead``). G itself only ever takes the swarm's averages. Training on
   from G - delta_r instead left each round's local steps one outer step of momentum behind
   blocking mode's: 25 % (H = 5) and 37 % (H = 10) worse validation loss in
@@ -87,6 +88,15 @@ if TYPE_CHECKING:
     from dandelion_p2p.worker.train import Trainer
 
 log = logging.getLogger(__name__)
+
+LOOK_AHEAD_REACH = 1.5
+"""How far past this peer's own pseudo-gradient the look-ahead guesses the swarm's average
+(``OuterNesterov.look_ahead``). Measured in ``benchmarks/quality.py`` (4 peers, the tiny
+model, final validation loss against blocking mode's): at H = 10 reach 1 was 4-5 % behind
+(three runs), 1.25 about 1 %, 1.5 0.4-1.9 % ahead (two each); at H = 16 runs spread too
+widely to tell (reach 1: 0.3 % ahead to 12 % behind, four runs; 1.5: 2 % ahead to 16 %
+behind, three), and at H = 50 1.5 was 1.6 % behind reach 1 (one run each):
+benchmarks/README.md."""
 
 
 class RoundInFlight:
@@ -198,10 +208,11 @@ class Overlap:
         if not bool(torch.isfinite(t.shared[a:b]).all()):
             raise FloatingPointError("the local steps produced non-finite weights")
         # Train on from where G will about land once this round is applied: the outer step
-        # taken with this peer's own pseudo-gradient in place of the swarm's average (when
-        # the last round applied took one), else G plus that pseudo-gradient as it is.
+        # taken with a guess from this peer's own pseudo-gradient in place of the swarm's
+        # average (when the last round applied took one), else G plus that pseudo-gradient
+        # as it is.
         if self.steps_outer:
-            t.outer.look_ahead(t.shared, t.flat, span)
+            t.outer.look_ahead(t.shared, t.flat, span, reach=LOOK_AHEAD_REACH)
         else:
             torch.sub(t.outer.start[a:b], t.shared[a:b], out=t.flat[a:b])
         if self.local_start is None:

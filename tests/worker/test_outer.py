@@ -31,6 +31,15 @@ def test_the_look_ahead_lands_where_the_step_does_and_takes_no_step() -> None:
     assert torch.linalg.norm(start - ahead) > torch.linalg.norm(pseudo_gradient)
 
 
+def test_a_longer_reach_lands_where_a_step_with_the_pushed_guess_does() -> None:
+    outer = optimizer_after_two_steps()
+    own = torch.randn(1000, generator=torch.Generator().manual_seed(6)) * 0.01
+    ahead = torch.empty(1000)
+    outer.look_ahead(own, ahead, reach=1.5)
+    guess = 1.5 * own - 0.5 * (1 - outer.momentum) * outer.momentum_buffer
+    torch.testing.assert_close(ahead, outer.step(guess), rtol=0, atol=1e-6)
+
+
 def test_steps_on_each_fragment_in_turn_match_one_step_on_the_whole_vector() -> None:
     whole, parts = optimizer_after_two_steps(), optimizer_after_two_steps()
     averaged = torch.randn(1000, generator=torch.Generator().manual_seed(5)) * 0.01
