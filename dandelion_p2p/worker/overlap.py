@@ -16,7 +16,7 @@ local steps train, and its outer step is applied at the next boundary, one round
   (``OuterNesterov.look_ahead``). G itself only ever takes the swarm's averages. Training on
   from G - delta_r instead left each round's local steps one outer step of momentum behind
   blocking mode's: 25 % (H = 5) and 37 % (H = 10) worse validation loss in
-  ``benchmarks/quality.py``, against 2 % and 8 % with the look-ahead. When the last round
+  ``benchmarks/quality.py``, against 2 % and 8 % with the look-ahead at reach 1. When the last round
   applied took no outer step (a peer alone), the worker trains on from G - delta_r; a peer
   with a daemon that turns out to be alone in its first round has started its second from
   the look-ahead point, and its G, which takes its own pseudo-gradients as they are, keeps
