@@ -197,8 +197,9 @@ class EchoExchange:
         ):
             return Refusal(RejectCode.INVALID_FIELD, "echoed result from a non-reducer")
         # Most echoes repeat the header this member applied, byte for byte: with n members
-        # that is n - 1 copies of every result, and checking each signature again was most
-        # of the verification a round cost.
+        # that is n - 2 copies of every result (every member but this one and the reducer
+        # echoes it), and checking each signature again was most of the verification a
+        # round cost.
         if self.witness.holds(header):
             return None
         if not verify_result(header):

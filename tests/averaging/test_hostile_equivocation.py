@@ -237,8 +237,9 @@ def test_a_member_echoing_forged_headers_cannot_frame_an_honest_reducer(digest: 
 def test_an_echo_of_the_header_a_member_holds_is_not_checked_again(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Each of the n - 1 other members echoes every result header: checked once per chunk, the
-    copies of a header already held cost a comparison, not a signature check."""
+    """Every member but the reducer echoes each result header to the others: checked once
+    per chunk, the copies of a header already held cost a comparison, not a signature
+    check."""
     from dandelion_p2p.averaging import equivocation
 
     checked: list[ResultHeader] = []

@@ -111,7 +111,7 @@ class RecordValidator:
         seen = hashlib.blake2b(len(sig).to_bytes(2, "big") + sig + signed, digest_size=32).digest()
         if seen in self._verified:
             return True
-        if not verify_by_peer(record.publisher, signed, record.signature):
+        if not verify_by_peer(record.publisher, signed, sig):
             return False
         if len(self._verified) >= VERIFIED_KEPT:
             del self._verified[next(iter(self._verified))]
