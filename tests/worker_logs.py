@@ -56,10 +56,14 @@ def replayed_rounds(log: str, interval: int) -> int:
     steps = re.findall(r"downloaded the state at step (\d+)", before)
     assert steps, before[-5000:]
     round_, replayed = int(joined.group(1)), int(joined.group(2))
-    # The joining story, for a mismatch: downloads, joins, tries that ended without a join,
-    # rounds left behind in.
-    story = [line for line in log[:joined.end()].splitlines() if re.search(
+    assert replayed == round_ - 1 - int(steps[-1]) // interval, (
+        round_, replayed, steps, joining_story(log[:joined.end()]))
+    return replayed
+
+
+def joining_story(log: str) -> list[str]:
+    """The lines of ``log`` that tell how a joiner came in: downloads, joins, tries that
+    ended without a join, rounds it was left behind in."""
+    return [line for line in log.splitlines() if re.search(
         r"downloaded the state|joined the swarm|could not join|left behind|do not follow on",
         line)]
-    assert replayed == round_ - 1 - int(steps[-1]) // interval, (round_, replayed, steps, story)
-    return replayed
