@@ -48,16 +48,27 @@ def sync_interval(daemon: DaemonProcess) -> float | None:
 
 def replayed_rounds(log: str, interval: int) -> int:
     """How many kept rounds the joiner whose ``log`` this is applied onto the last state it
-    downloaded before it joined, checked against the rounds between that state and the one
-    it joined at: they must be all of them, in order."""
-    joined = re.search(r"joined the swarm at round (\d+) \((\d+) rounds replayed", log)
+    downloaded before it joined. Every round between that state and the one it joined at
+    must have been applied in between; on a straight join (no try given up, never left
+    behind) all of them were replayed."""
+    joined = re.search(r"joined the swarm at round (\d+) \((\d+) rounds replayed since the "
+                       r"state of step (\d+) loaded", log)
     assert joined is not None, log[-5000:]
     before = log[:joined.start()]
-    steps = re.findall(r"downloaded the state at step (\d+)", before)
-    assert steps, before[-5000:]
-    round_, replayed = int(joined.group(1)), int(joined.group(2))
-    assert replayed == round_ - 1 - int(steps[-1]) // interval, (
-        round_, replayed, steps, joining_story(log[:joined.end()]))
+    downloads = list(re.finditer(r"downloaded the state at step (\d+)", before))
+    assert downloads, before[-5000:]
+    round_, replayed, loaded = (int(g) for g in joined.groups())
+    story = joining_story(log[:joined.end()])
+    assert loaded == int(downloads[-1].group(1)), story
+    since = range(loaded // interval + 1, round_)
+    between = before[downloads[-1].end():]
+    applied = {int(r) for r in re.findall(r"worker\.train: round (\d+): averaged", between)}
+    assert set(since) <= applied, (sorted(set(since) - applied), story)
+    straight = not re.search(r"could not join|left behind", between)
+    if straight:
+        assert replayed == len(since), (round_, replayed, loaded, story)
+    else:
+        assert 0 < replayed <= len(since) or not since, (round_, replayed, loaded, story)
     return replayed
 
 

@@ -21,6 +21,7 @@ import logging
 import shutil
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -79,6 +80,17 @@ class KeptRounds:
     def rounds(self) -> dict[int, tuple[Path, int]]:
         """Round -> (its file, its members), in round order."""
         return round_files(self.folder)
+
+
+@dataclass
+class ReplayTally:
+    """The rounds of others this peer applied from the rounds peers keep since its state
+    loaded: a join that gave up, the rounds it then trained, and a rejoin after being left
+    behind do not start it again; a state loaded does (a peer that loaded none started from
+    the weights of step 0)."""
+
+    loaded_step: int = 0
+    replayed: int = 0
 
 
 def kept_rounds(trainer: Trainer) -> KeptRounds:
@@ -245,7 +257,7 @@ def join_swarm(trainer: Trainer, *, save: bool = True) -> None:
     one downloaded."""
     assert trainer.outer is not None
     h = fragments.interval(trainer.config)
-    replayed = 0
+    tally = trainer.replays
     missed = unfetched = False
     # Arriving before the others (they still train the round) finds nobody within the
     # gathering window: such tries cost no attempt for a while.
@@ -260,7 +272,7 @@ def join_swarm(trainer: Trainer, *, save: bool = True) -> None:
         if trainer.overlap is not None:
             trainer.overlap.window.clear()  # the weights hold no local progress now
         applied, gap = replay(trainer)
-        replayed += applied
+        tally.replayed += applied
         if gap or (unfetched and not applied):
             # Peers keep no round that follows on, or none of the round just missed.
             log.info("the rounds peers keep do not follow on from step %d: fetching a newer "
@@ -272,8 +284,8 @@ def join_swarm(trainer: Trainer, *, save: bool = True) -> None:
             latest = trainer.checkpoints.latest()
             if latest is not None:
                 trainer.restore(latest)
+                tally = trainer.replays
             missed = unfetched = False
-            replayed = 0
             attempt += 1
             continue
         round_ = p.global_step // h + 1
@@ -281,15 +293,15 @@ def join_swarm(trainer: Trainer, *, save: bool = True) -> None:
             outcome, fetched = take_part_fetching(trainer, round_ + 1)
             unfetched = not fetched
             if averaged_in_full(outcome) and fetched:
-                replayed += apply_kept(trainer) - 1
+                tally.replayed += apply_kept(trainer) - 1
                 if p.global_step // h == round_ + 1:
-                    _joined(trainer, round_ + 1, replayed, save)
+                    _joined(trainer, round_ + 1, save)
                     return
         else:
             outcome = take_part(trainer, round_)
             if averaged_in_full(outcome):
                 apply_round(trainer, outcome)
-                _joined(trainer, round_, replayed, save)
+                _joined(trainer, round_, save)
                 return
         if outcome.stopping:
             return
@@ -304,12 +316,13 @@ def join_swarm(trainer: Trainer, *, save: bool = True) -> None:
                 JOIN_ATTEMPTS, trainer.position.global_step)
 
 
-def _joined(trainer: Trainer, round_: int, replayed: int, save: bool) -> None:
+def _joined(trainer: Trainer, round_: int, save: bool) -> None:
     if save:
         trainer.save()
     kept_rounds(trainer).clear()
-    log.info("joined the swarm at round %d (%d rounds replayed since the state loaded)",
-             round_, replayed)
+    tally = trainer.replays
+    log.info("joined the swarm at round %d (%d rounds replayed since the state of step %d "
+             "loaded)", round_, tally.replayed, tally.loaded_step)
 
 
 class LookAhead:
@@ -392,6 +405,7 @@ def rejoin_by_replay(trainer: Trainer, round_: int) -> bool:
         kept_rounds(trainer).clear()
         trainer.apply_run_config()
         return False
+    trainer.replays.replayed += applied
     log.info("left behind in round %d: replayed %d rounds that peers keep, joining the next",
              round_, applied)
     # No checkpoint of its own on joining: it has its own already, and a state of several

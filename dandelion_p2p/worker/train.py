@@ -121,9 +121,8 @@ class Trainer:
         self.n_elements = sum(p.numel() for p in self.params)
 
         self.optimizer = build_optimizer(self.c.trainable, config, options.eight_bit_adam)
-        self.scaler = torch.amp.GradScaler(
-            self.device.type, enabled=self.autocast_dtype == torch.float16
-        )
+        self.scaler = torch.amp.GradScaler(self.device.type,
+                                           enabled=self.autocast_dtype == torch.float16)
         log.info(
             "training %d parameters on %s, %s, %s attention, %s",
             self.n_elements,
@@ -154,8 +153,7 @@ class Trainer:
         flatten_into(self.params, self.flat)
         self.outer = (OuterNesterov(self.flat, config.sync.outer_lr, config.sync.outer_momentum)
                       if config.sync.mode == "local_steps" else None)
-        self.overlap = (Overlap(self) if self.outer is not None and config.sync.overlapped
-                        else None)
+        self.overlap = Overlap(self) if self.outer is not None and config.sync.overlapped else None
 
         self.position = Position(expected_peers=config.averaging.min_group if link.run else 1)
         self.checkpoints = CheckpointStore(options.work_dir / "checkpoints",
@@ -166,6 +164,7 @@ class Trainer:
         self.config_version = -1
         """The run config version in force here (-1: none applied yet)."""
         self.look_ahead = joining.LookAhead()
+        self.replays = joining.ReplayTally()
         self.left_behind_at: int | None = None
         """While set, the others hold a state of this step that this peer lacks: it saves
         nothing (``joining.catch_up_and_join``)."""
@@ -528,6 +527,7 @@ class Trainer:
         random.setstate(rng["python"])
         for key, value in checkpoint.meta["position"].items():
             setattr(self.position, key, value)
+        self.replays = joining.ReplayTally(self.position.global_step)
         log.info("resumed from checkpoint %s at global step %d", checkpoint.path,
                  self.position.global_step)
         # The optimizer state brought back the hyperparameters it was saved with.

@@ -7,6 +7,7 @@ waited for (the run writes none while the test watches)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -72,6 +73,12 @@ def test_a_peer_left_behind_replays_the_rounds_it_missed_and_rejoins(
     log = c.logs()
     left_in = min(e["round"] for e in sync_log(c) if e.get("left_behind"))
     assert f"left behind in round {left_in}: replayed" in log, log[-6000:]
+    # The join that followed counts those rounds among the ones replayed since step 0.
+    rejoined = re.search(rf"left behind in round {left_in}: replayed (\d+) rounds.*?"
+                         r"joined the swarm at round \d+ \((\d+) rounds replayed since the "
+                         r"state of step 0 loaded", log, re.DOTALL)
+    assert rejoined is not None, log[-6000:]
+    assert int(rejoined.group(2)) >= int(rejoined.group(1)) > 0, rejoined.group(0)
     assert "waiting up to" not in log and "training on alone" not in log, log[-6000:]
     # Its worker was frozen, not restarted; the state it came back with is the rounds'.
     assert c.call("training.status")["crashes"] == 0
