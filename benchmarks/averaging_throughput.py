@@ -192,12 +192,17 @@ def main() -> None:
     p.add_argument("--hivemind", default="",
                    help="a Python with hivemind installed: run its rounds too, for comparison")
     p.add_argument("--json", default=None)
+    p.add_argument("--keep", default="",
+                   help="keep every peer's log and results in this folder (it must not exist)")
     args = p.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="avg-bench-"))
+    if args.keep and Path(args.keep).exists():
+        raise SystemExit(f"{args.keep} exists")
+    workdir = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="avg-bench-"))
     try:
         summary = run(args, workdir)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
     headers = ["peers", "MB", "codec", "gathering", "s/round (all-reduce)",
                "s/round (with matchmaking)", "round - all-reduce", "MB/s/peer", "CPU s/round",
                "peak RSS MB", "raw TCP s", "ratio to raw"]

@@ -318,7 +318,8 @@ class Averager:
         # A round run again (its worker resumed from an older checkpoint) takes channels.
         self._ended_through = min(self._ended_through, round_ - 1)
         spec, formation, finished = await self.matchmaker.match(
-            self.me, announcement, track_recorded, expected=await self._expected(round_)
+            self.me, announcement, track_recorded,
+            expected=lambda: self._expected(round_),
         )
         for liar in formation.overclaimed:
             if liar != self.me and spec is not None and liar in spec:

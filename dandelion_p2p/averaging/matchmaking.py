@@ -11,9 +11,8 @@ compute different group ids, so they never form a group together.
 from __future__ import annotations
 
 import logging
-import math
 import time
-from collections.abc import Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 
 import blake3
@@ -28,6 +27,7 @@ from dandelion_p2p.averaging.messages import (
     encode_announcement,
 )
 from dandelion_p2p.errors import DandelionError, ProtocolViolation
+from dandelion_p2p.net.dht.messages import SignedRecord
 from dandelion_p2p.net.dht.records import NamespacePolicy, RecordValidator
 from dandelion_p2p.net.ports import RecordStore
 from dandelion_p2p.runconfig.schema import DEFAULT_GATHER_WINDOW, DEFAULT_MAX_WEIGHT
@@ -85,7 +85,9 @@ class MatchmakingSettings:
     """A second read this long after the first catches announcements still propagating."""
     quiet: float = 0.1
     """With peers expected (``match(expected=)``): gathering ends once all of them have
-    announced and no new announcer appeared for this long, the window being the bound."""
+    announced and no new announcer appeared for this long, the window being the bound; and
+    no sooner than this long after this peer began to announce, which lets a newcomer that
+    began with it in."""
     poll_interval: float = 0.05
     """How often the announcements are read while expected peers are awaited."""
     end_early: bool = True
@@ -207,29 +209,30 @@ class Matchmaker:
         except DandelionError as exc:
             log.warning("reading announcements for round %d failed: %s", round_, exc)
             return {}
-        found: dict[bytes, AveragingAnnouncement] = {}
-        for record in records:
-            try:
-                ann = decode_announcement(record.value)
-            except ProtocolViolation:
-                continue
-            if ann.run == run and ann.round == round_:
-                found[record.publisher] = ann
-        return found
+        return _announcements(records, run, round_)
+
+    def held(self, run: bytes, round_: int) -> dict[bytes, AveragingAnnouncement] | None:
+        """The announcements for (run, round) in this node's own store when it is one of the
+        round key's servers (``RecordStore.held``), else None."""
+        records = self.records.held(AVERAGING_NAMESPACE, round_key(run, round_))
+        return None if records is None else _announcements(records, run, round_)
 
     async def match(
         self,
         me: bytes,
         announcement: AveragingAnnouncement,
         track_recorded: Collection[bytes] | None = None,
-        expected: Collection[bytes] = (),
+        expected: Collection[bytes] | Callable[[], Awaitable[Collection[bytes]]] = (),
     ) -> tuple[GroupSpec | None, Formation, set[bytes]]:
         """Announce, gather the others' announcements, and form this round's groups.
 
         With ``expected`` peers (those that announced for the previous round), gathering
         ends as soon as all of them have announced and no newcomer appeared for ``quiet``
         seconds; a straggler among them costs at most the ``gather_window``. Without, the
-        whole window is waited (a first round: nobody knows who is coming).
+        whole window is waited (a first round: nobody knows who is coming). ``expected``
+        may be a coroutine function, awaited once the announcement is out: finding who is
+        expected can take a DHT read (a joiner's), which then does not delay the
+        announcement that the others wait for.
 
         Returns my group (None if I ended up without one), the whole formation, and the other
         announcers that have already finished the round. Finished announcers still count in
@@ -239,10 +242,12 @@ class Matchmaker:
         """
         s = self.settings
         started = trio.current_time()
-        wanted = set(expected) - {me} if s.end_early else set()
         await self.announce(announcement)
+        if callable(expected):
+            expected = await expected()
+        wanted = set(expected) - {me} if s.end_early else set()
         if wanted:
-            seen = await self._gather_expected(announcement, wanted, me)
+            seen = await self._gather_expected(announcement, wanted, me, started)
         else:
             await trio.sleep(s.gather_window)
             seen = await self.read(announcement.run, announcement.round)
@@ -281,16 +286,23 @@ class Matchmaker:
         return group, formation, finished
 
     async def _gather_expected(
-        self, announcement: AveragingAnnouncement, wanted: set[bytes], me: bytes
+        self, announcement: AveragingAnnouncement, wanted: set[bytes], me: bytes,
+        started: float
     ) -> dict[bytes, AveragingAnnouncement]:
         """Read until every ``wanted`` peer has announced and the set stayed the same for
-        ``quiet`` seconds, or until the gathering window is over."""
+        ``quiet`` seconds (and ``quiet`` has passed since ``started``, when this peer began
+        to announce), or until the gathering window is over."""
         s = self.settings
         deadline = trio.current_time() + s.gather_window
+        # A server of the round's key sees each put land in its own store: it polls that, and
+        # asks the other servers only in the window's second half, for a put that missed it.
+        ask_from = trio.current_time() + s.gather_window / 2
         seen: dict[bytes, AveragingAnnouncement] = {}
-        changed_at = -math.inf
+        changed_at = started
         while True:
-            found = await self.read(announcement.run, announcement.round)
+            found = self.held(announcement.run, announcement.round)
+            if found is None or trio.current_time() >= ask_from:
+                found = {**(found or {}), **await self.read(announcement.run, announcement.round)}
             now = trio.current_time()
             if found.keys() - seen.keys() - wanted - {me}:
                 changed_at = now
@@ -303,3 +315,17 @@ class Matchmaker:
                 break
             await trio.sleep(min(s.poll_interval, max(0.0, deadline - now)))
         return seen
+
+
+def _announcements(
+    records: list[SignedRecord], run: bytes, round_: int
+) -> dict[bytes, AveragingAnnouncement]:
+    found: dict[bytes, AveragingAnnouncement] = {}
+    for record in records:
+        try:
+            ann = decode_announcement(record.value)
+        except ProtocolViolation:
+            continue
+        if ann.run == run and ann.round == round_:
+            found[record.publisher] = ann
+    return found

@@ -47,6 +47,13 @@ class RecordStore(Protocol):
         """
         ...
 
+    def held(self, namespace: str, key: bytes) -> list[SignedRecord] | None:
+        """The records under (namespace, key) that this node stores as one of the key's
+        closest servers, read without asking anyone; None when it is not one of them (a
+        client, or a server with closer ones known).
+        """
+        ...
+
     async def prepare_put(
         self, namespace: str, key: bytes, *, timeout: float | None = None
     ) -> None:

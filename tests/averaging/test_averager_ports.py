@@ -36,6 +36,9 @@ class FakeRecords:
                   timeout: float | None = None) -> list[SignedRecord]:
         return []
 
+    def held(self, namespace: str, key: bytes) -> list[SignedRecord] | None:
+        return None
+
     async def prepare_put(self, namespace: str, key: bytes, *,
                           timeout: float | None = None) -> None:
         self.prepared.append((namespace, key))

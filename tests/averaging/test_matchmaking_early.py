@@ -213,17 +213,32 @@ async def test_fresh_announcers_cannot_hold_gathering_open_beyond_the_window() -
 
 
 class CountingReads(Matchmaker):
-    reads = 0
+    """Counts the looks at the round's announcements: in this node's own store (``held``)
+    and through the DHT (``read``)."""
+
+    looks = reads = 0
+    not_a_server = False
+    missing: bytes = b""
+    """A publisher whose put missed this node's store."""
+
+    def held(self, run: bytes, round_: int) -> dict[bytes, AveragingAnnouncement] | None:
+        self.looks += 1
+        found = None if self.not_a_server else super().held(run, round_)
+        return None if found is None else {p: a for p, a in found.items() if p != self.missing}
 
     async def read(self, run: bytes, round_: int) -> dict[bytes, AveragingAnnouncement]:
         self.reads += 1
         return await super().read(run, round_)
 
 
-async def reads_to_gather(fresh_announcers: int) -> tuple[list[int], list[float]]:
+async def reads_to_gather(
+    fresh_announcers: int, *, servers: bool = True, missed_by_first: bool = False
+) -> tuple[list[CountingReads], list[float], list[set[bytes]]]:
     """Three members of the last round match round 2 expecting each other, every one's
-    announcement already in the DHT (and ``fresh_announcers`` fresh keys' too): the DHT reads
-    each gathering made, and how long it took."""
+    announcement already in the DHT (and ``fresh_announcers`` fresh keys' too): each one's
+    matchmaker (its looks and reads), how long its gathering took, and who it formed with.
+    ``servers=False``: they are not servers of the round's key (they read the DHT);
+    ``missed_by_first``: the third member's announcement is not in the first one's store."""
     settings = MatchmakingSettings(gather_window=WINDOW, settle=0.3)
     async with averaging_swarm(3, SETTINGS) as members:
         ids = [m.node.identity.peer_id_bytes for m in members]
@@ -237,34 +252,66 @@ async def reads_to_gather(fresh_announcers: int) -> tuple[list[int], list[float]
         for i in range(fresh_announcers):
             plant_fresh_announcer(members, 2, i)
         matchmakers = [CountingReads(m.node.records, settings=settings) for m in members]
+        if missed_by_first:
+            matchmakers[0].missing = ids[2]
         took = [0.0] * 3
+        formed: list[set[bytes]] = [set() for _ in members]
 
         async def run(i: int) -> None:
+            matchmakers[i].not_a_server = not servers
             started = trio.current_time()
-            await matchmakers[i].match(ids[i], announcement_of(2, f"127.0.0.1:{4000 + i}"),
-                                       expected=set(ids))
+            _group, formation, _finished = await matchmakers[i].match(
+                ids[i], announcement_of(2, f"127.0.0.1:{4000 + i}"), expected=set(ids))
             took[i] = trio.current_time() - started
+            formed[i] = {p for g in formation.groups for p in g.peer_ids}
 
         with trio.fail_after(30):
             async with trio.open_nursery() as nursery:
                 for i in range(3):
                     nursery.start_soon(run, i)
-    return [m.reads for m in matchmakers], took
+    return matchmakers, took, formed
 
 
-async def test_gathering_ends_at_the_first_read_that_finds_every_expected_peer() -> None:
+async def test_gathering_ends_once_every_expected_peer_is_in_the_servers_own_store() -> None:
     """Nobody but the expected peers announced: nothing is left to wait for once all of them
-    are read, so the quiet period (which lets a newcomer still arriving in) is not waited."""
-    reads, took = await reads_to_gather(fresh_announcers=0)
-    print(f"every expected peer in the first read: {reads} reads, {[round(t, 2) for t in took]} s")
-    assert reads == [1, 1, 1]
+    are seen and the quiet period since this peer began to announce (which lets a newcomer
+    that began with it in) is over. Every member is a server of the round's key: it looks in
+    its own store and asks nobody."""
+    found, took, formed = await reads_to_gather(fresh_announcers=0)
+    print(f"every expected peer in the first look: {[m.looks for m in found]} looks, "
+          f"{[round(t, 2) for t in took]} s")
+    s = MatchmakingSettings()
+    assert all(m.looks <= 2 + s.quiet / s.poll_interval for m in found)
+    assert [m.reads for m in found] == [0, 0, 0]
+    assert all(s.quiet <= t < WINDOW / 4 for t in took)
+    assert all(len(f) == 3 for f in formed)
+
+
+async def test_a_peer_that_is_no_server_of_the_round_key_reads_the_dht() -> None:
+    found, _took, formed = await reads_to_gather(fresh_announcers=0, servers=False)
+    s = MatchmakingSettings()
+    assert all(1 <= m.reads <= 2 + s.quiet / s.poll_interval for m in found)
+    assert all(len(f) == 3 for f in formed)
+
+
+async def test_a_put_that_missed_this_server_is_read_from_the_others_in_the_second_half(
+) -> None:
+    """The third member's announcement did not reach the first one's store (its put timed
+    out there): the first one finds it through the other servers once half the gathering
+    window has passed, and forms the same group as the others."""
+    found, took, formed = await reads_to_gather(fresh_announcers=0, missed_by_first=True)
+    print(f"a put that missed a server: {[round(t, 2) for t in took]} s")
+    assert found[0].reads >= 1 and [m.reads for m in found[1:]] == [0, 0]
+    assert WINDOW / 2 <= took[0] < WINDOW
+    assert formed[0] == formed[1] == formed[2] and len(formed[0]) == 3
 
 
 async def test_a_newcomer_in_the_read_holds_gathering_for_the_quiet_period() -> None:
-    reads, took = await reads_to_gather(fresh_announcers=1)
-    print(f"a newcomer among them: {reads} reads, {[round(t, 2) for t in took]} s")
+    found, took, _formed = await reads_to_gather(fresh_announcers=1)
+    print(f"a newcomer among them: {[m.looks for m in found]} looks, "
+          f"{[round(t, 2) for t in took]} s")
     quiet = MatchmakingSettings().quiet
-    assert all(r >= 2 for r in reads)
+    assert all(m.looks >= 2 for m in found)
     assert all(t >= quiet for t in took)
 
 
@@ -347,10 +394,13 @@ async def test_a_peer_that_failed_this_one_and_is_gone_is_not_waited_for() -> No
             m.averager._failed_in_round[gone.node.identity.peer_id_bytes] = 1
         await gone.node.host.close()
         # (A host closed inside this process leaves its connections looking open to the
-        # others; a dead process's socket closes, and they drop it.)
+        # others, and still takes dials; a dead process's socket closes, they drop it, and
+        # their next dial to it fails, which takes it out of their routing tables.)
         for m in members[:2]:
             await m.node.host.disconnect(gone.node.host.get_id())
             assert not m.node.is_connected(gone.node.host.get_id())
+            assert m.node.dht is not None
+            m.node.dht.table.remove(gone.node.identity.peer_id_bytes)
         reports, took = await timed_round(members[:2], 2)
     print(f"a failed peer gone before round 2: the others took {[round(t, 2) for t in took]} s")
     assert len(reports) == 2 and all(r.fraction_averaged == 1.0 for r in reports)

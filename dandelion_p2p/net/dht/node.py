@@ -52,7 +52,7 @@ from dandelion_p2p.net.dht.records import (
     routing_key,
     sign_record,
 )
-from dandelion_p2p.net.dht.routing import RoutingTable
+from dandelion_p2p.net.dht.routing import RoutingTable, distance
 from dandelion_p2p.net.dialer import Dialer
 from dandelion_p2p.net.origin import peer_ip, peer_network
 from dandelion_p2p.net.ports import Signer
@@ -457,6 +457,19 @@ class DHTNode:
 
     def unpublish(self, namespace: str, key: bytes) -> None:
         self._published.pop((namespace, key), None)
+
+    def held(self, namespace: str, key: bytes) -> list[SignedRecord] | None:
+        """What this node's store holds under the key when it is among the ``replicas``
+        servers closest to it that it knows: the publishers' puts store here too, so a
+        reader that polls the key learns of each as it lands, for no RPC. None otherwise."""
+        if not self.server:
+            return None
+        target = routing_key(namespace, key)
+        nearest = self.table.nearest(target, self.replicas)
+        if (len(nearest) >= self.replicas
+                and distance(nearest[-1].key, target) < distance(self.table.local_key, target)):
+            return None
+        return self.store.get(target, now_ms())
 
     async def prepare_put(
         self, namespace: str, key: bytes, *, timeout: float | None = None
