@@ -19,8 +19,9 @@ expected value and (in phase 5) the newest sequence number; anything else is cou
 reason. Operations run one at a time by default, so latencies are those of an otherwise idle
 swarm (its own upkeep excepted).
 
-``--breakdown`` times the steps of every DHT RPC the requesters make (opening the stream,
-which negotiates the protocol, writing the request, waiting for the reply, closing);
+``--breakdown`` times the steps of every DHT RPC the requesters make (opening a stream, which
+negotiates the protocol, when no kept one is idle; writing the request; waiting for the reply;
+closing a stream that is not kept);
 ``--profile-worker K`` runs cProfile in worker K during the measured get passes.
 
 Run ``python benchmarks/dht_latency.py --help`` for options.
@@ -113,10 +114,9 @@ class StepTimer:
         return wrapper
 
     def install(self) -> None:
-        import dandelion_p2p.net.dht.node as dht_node
-        import dandelion_p2p.net.streams as streams
+        import dandelion_p2p.net.request_streams as request_streams
 
-        original_request = streams.request
+        original_request = request_streams.RequestStreams.request
 
         async def request(*args: Any, **kwargs: Any) -> Any:
             token = self.inside.set(True)
@@ -127,11 +127,14 @@ class StepTimer:
                 self.samples["rpc total"].append(time.perf_counter() - t0)
                 self.inside.reset(token)
 
-        # ``request`` looks these helpers up in its module at call time.
-        streams.write_message = self.timed("write request", streams.write_message, only_inside=True)
-        streams.read_message = self.timed("await reply", streams.read_message, only_inside=True)
-        streams.close_quietly = self.timed("close stream", streams.close_quietly, only_inside=True)
-        dht_node.request = request
+        # ``RequestStreams`` looks these helpers up in its module at call time.
+        request_streams.write_message = self.timed(  # type: ignore[assignment]
+            "write request", request_streams.write_message, only_inside=True)
+        request_streams.read_message = self.timed(  # type: ignore[assignment]
+            "await reply", request_streams.read_message, only_inside=True)
+        request_streams.close_quietly = self.timed(  # type: ignore[assignment]
+            "close stream", request_streams.close_quietly, only_inside=True)
+        request_streams.RequestStreams.request = request  # type: ignore[method-assign]
 
     def add_host(self, host: Any) -> None:
         host.new_stream = self.timed("open stream", host.new_stream, only_inside=True)

@@ -68,16 +68,19 @@ def stream_origin(stream: INetStream) -> tuple[bytes, str]:
 
 
 async def read_frame(
-    stream: INetStream, max_size: int, budget: FrameBudget | None = None
+    stream: INetStream, max_size: int, budget: FrameBudget | None = None,
+    header: bytes | None = None,
 ) -> bytes:
-    """Read one frame, charging its body to ``budget`` as the bytes arrive.
+    """Read one frame, charging its body to ``budget`` as the bytes arrive (its length
+    prefix, ``header``, when the caller read it already).
 
     Raises ``ProtocolViolation(RATE_LIMITED)`` when the peer, its network or the process would
     go over the budget for partly received frames; the caller resets the stream. The charge is
     released when this returns or raises, whatever the reason.
     """
     budget = budget if budget is not None else PROCESS_FRAME_BUDGET
-    header = await read_exact(stream, HEADER_SIZE)
+    if header is None:
+        header = await read_exact(stream, HEADER_SIZE)
     (length,) = HEADER.unpack(header)
     check_length(length, max_size)
     peer, network = stream_origin(stream)
@@ -107,8 +110,10 @@ async def read_frame(
         budget.release(peer, network, charged)
 
 
-async def read_message(stream: INetStream, registry: Registry, max_size: int) -> Message:
-    return decode(await read_frame(stream, max_size), registry)
+async def read_message(
+    stream: INetStream, registry: Registry, max_size: int, header: bytes | None = None
+) -> Message:
+    return decode(await read_frame(stream, max_size, header=header), registry)
 
 
 async def write_message(stream: INetStream, msg: Message) -> None:
@@ -128,6 +133,25 @@ async def close_quietly(stream: INetStream, *, reset: bool = False) -> None:
                 await stream.reset()
             else:
                 await stream.close()
+
+
+async def open_stream(host: IHost, peer_id: ID, protocols: list[TProtocol]) -> INetStream:
+    """A fresh stream to ``peer_id`` speaking the first of ``protocols`` it accepts.
+
+    Raises:
+        PeerUnavailable: no stream could be opened.
+    """
+    try:
+        return await host.new_stream(peer_id, protocols)
+    except Exception as exc:
+        raise PeerUnavailable(f"cannot open {protocols[0]} to {peer_id}: {exc}") from None
+
+
+def unless_rejected(reply: Message) -> Message:
+    """``reply``, or ``RemoteRejected`` when it is a ``Reject``."""
+    if isinstance(reply, Reject):
+        raise RemoteRejected(reply.code, reply.detail)
+    return reply
 
 
 async def request(
@@ -152,10 +176,7 @@ async def request(
     stream: INetStream | None = None
     try:
         with trio.fail_after(timeout):
-            try:
-                stream = await host.new_stream(peer_id, [TProtocol(protocol)])
-            except Exception as exc:
-                raise PeerUnavailable(f"cannot open {protocol} to {peer_id}: {exc}") from None
+            stream = await open_stream(host, peer_id, [TProtocol(protocol)])
             await write_message(stream, msg)
             reply = await read_message(stream, registry, max_reply)
     except trio.TooSlowError:
@@ -163,9 +184,7 @@ async def request(
     finally:
         if stream is not None:
             await close_quietly(stream)
-    if isinstance(reply, Reject):
-        raise RemoteRejected(reply.code, reply.detail)
-    return reply
+    return unless_rejected(reply)
 
 
 def serve_requests(
@@ -176,8 +195,12 @@ def serve_requests(
     timeout: float,
     on_violation: ViolationSink | None = None,
     refuse: Callable[[ID], bool] | None = None,
+    keep_alive: float = 0.0,
 ) -> Callable[[INetStream], Awaitable[None]]:
-    """A stream handler that answers one framed request per stream.
+    """A stream handler that answers framed requests: one per stream, or with ``keep_alive``
+    one after another (``net.request_streams``). Each request, from its length prefix on, is
+    read, handled and answered within ``timeout``; the next one's length prefix is awaited
+    ``keep_alive`` seconds, holding nothing of the budget for partly received frames.
 
     A protocol violation is answered with a ``Reject`` carrying its code, reported to
     ``on_violation``, and the stream is closed; an error in ``handle`` is answered with
@@ -185,18 +208,17 @@ def serve_requests(
     A peer for which ``refuse`` returns True (a banned peer) gets ``FORBIDDEN`` unread.
     """
 
-    async def handler(stream: INetStream) -> None:
-        peer_id = stream.muxed_conn.peer_id
-        reset = False
+    async def answer_one(stream: INetStream, peer_id: ID, header: bytes | None) -> bool | None:
+        """Read (after ``header``, when already read), handle and answer one request. True:
+        the stream may carry another; False: close it; None: reset it."""
         if refuse is not None and refuse(peer_id):
             with trio.move_on_after(1.0), contextlib.suppress(Exception):
                 await write_message(stream, Reject(code=int(RejectCode.FORBIDDEN), detail="banned"))
-            await close_quietly(stream)
-            return
+            return False
         try:
             with trio.fail_after(timeout):
                 try:
-                    msg = await read_message(stream, registry, max_request)
+                    msg = await read_message(stream, registry, max_request, header=header)
                     reply = await handle(peer_id, msg)
                 except FrameBudgetExceeded as exc:
                     # Reset, not answered: the memory goes back at once and the sender learns
@@ -204,22 +226,41 @@ def serve_requests(
                     log.info("resetting %s stream from %s: %s", registry.family, peer_id, exc)
                     if on_violation is not None and exc.peer_at_fault:
                         on_violation(peer_id, exc.code)
-                    reset = True
-                    return
+                    return None
                 except ProtocolViolation as exc:
                     log.info("rejecting %s from %s: %s", registry.family, peer_id, exc)
                     if on_violation is not None and exc.code not in NOT_A_FAULT:
                         on_violation(peer_id, exc.code)
                     reply = Reject(code=int(exc.code), detail=exc.detail[:512])
                 await write_message(stream, reply)
+                return not isinstance(reply, Reject)
         except (PeerUnavailable, trio.TooSlowError):
-            pass
+            return False
         except Exception:
             log.exception("%s handler failed for %s", registry.family, peer_id)
             with trio.move_on_after(1.0):
                 with contextlib.suppress(Exception):
                     await write_message(stream, Reject(code=int(RejectCode.INTERNAL)))
+            return False
+
+    async def next_header(stream: INetStream) -> bytes | None:
+        """The next request's length prefix; None when the requester closed its side or
+        sent none within ``keep_alive``."""
+        with trio.move_on_after(keep_alive), contextlib.suppress(PeerUnavailable):
+            return await read_exact(stream, HEADER_SIZE)
+        return None
+
+    async def handler(stream: INetStream) -> None:
+        peer_id = stream.muxed_conn.peer_id
+        outcome: bool | None = False
+        try:
+            outcome = await answer_one(stream, peer_id, None)
+            while outcome and keep_alive > 0:
+                header = await next_header(stream)
+                if header is None:
+                    break
+                outcome = await answer_one(stream, peer_id, header)
         finally:
-            await close_quietly(stream, reset=reset)
+            await close_quietly(stream, reset=outcome is None)
 
     return handler

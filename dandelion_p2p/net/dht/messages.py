@@ -8,7 +8,10 @@ from dandelion_p2p.wire.signed import SignedMessage
 
 DHT = Registry("dht")
 
-PROTOCOL_ID = "/dandelion/dht/1.0.0"
+PROTOCOL_ID = "/dandelion/dht/1.1.0"
+"""Requests in turn on one stream (``net.request_streams``)."""
+PROTOCOL_ID_ONE_PER_STREAM = "/dandelion/dht/1.0.0"
+"""One request per stream: still served, and offered after 1.1.0."""
 MAX_FRAME = 256 * 1024
 KEY_SIZE = 32
 MAX_ADDRS = 16

@@ -32,6 +32,7 @@ from dandelion_p2p.net.dht.messages import (
     MAX_PEERS_PER_REPLY,
     MAX_RECORDS_PER_REPLY,
     PROTOCOL_ID,
+    PROTOCOL_ID_ONE_PER_STREAM,
     FindNode,
     GetRecords,
     Nodes,
@@ -56,7 +57,8 @@ from dandelion_p2p.net.dht.routing import RoutingTable, distance
 from dandelion_p2p.net.dialer import Dialer
 from dandelion_p2p.net.origin import peer_ip, peer_network
 from dandelion_p2p.net.ports import Signer
-from dandelion_p2p.net.streams import NOT_A_FAULT, ViolationSink, request, serve_requests
+from dandelion_p2p.net.request_streams import KEEP_ALIVE, RequestStreams
+from dandelion_p2p.net.streams import NOT_A_FAULT, ViolationSink, serve_requests
 from dandelion_p2p.networks import public_network_of
 from dandelion_p2p.wire import Message, RejectCode, encode
 
@@ -123,6 +125,8 @@ class DHTNode:
         self.on_violation = on_violation
         self.is_banned = is_banned or (lambda peer_id: False)
         self.table = RoutingTable(self.local_id, k=k)
+        self.streams = RequestStreams(host, (PROTOCOL_ID, PROTOCOL_ID_ONE_PER_STREAM),
+                                      reusable=PROTOCOL_ID)
         self.store = LocalRecordStore(store_limits)
         self.rng = rng or random.Random()
         # (namespace, key) -> (value, ttl, when last published) for records we keep alive.
@@ -143,17 +147,12 @@ class DHTNode:
 
     def install(self) -> None:
         if self.server:
-            self.host.set_stream_handler(
-                TProtocol(PROTOCOL_ID),
-                serve_requests(
-                    DHT,
-                    self._answer,
-                    max_request=MAX_FRAME,
-                    timeout=self.rpc_timeout,
-                    on_violation=self._violation,
-                    refuse=self.is_banned,
-                ),
-            )
+            for protocol, keep_alive in ((PROTOCOL_ID, KEEP_ALIVE),
+                                         (PROTOCOL_ID_ONE_PER_STREAM, 0.0)):
+                self.host.set_stream_handler(TProtocol(protocol), serve_requests(
+                    DHT, self._answer, max_request=MAX_FRAME, timeout=self.rpc_timeout,
+                    on_violation=self._violation, refuse=self.is_banned,
+                    keep_alive=keep_alive))
 
     def _violation(self, peer_id: ID, code: RejectCode) -> None:
         if self.on_violation is not None:
@@ -230,15 +229,8 @@ class DHTNode:
             raise PeerUnavailable(f"{peer_id} is banned")
         try:
             await self.dialer.connect(peer_id, ref.addrs)
-            reply = await request(
-                self.host,
-                peer_id,
-                PROTOCOL_ID,
-                msg,
-                DHT,
-                max_reply=MAX_FRAME,
-                timeout=self.rpc_timeout,
-            )
+            reply = await self.streams.request(peer_id, msg, DHT, max_reply=MAX_FRAME,
+                                               timeout=self.rpc_timeout)
         except ProtocolViolation as exc:
             self._violation(peer_id, exc.code)
             self.table.remove(ref.peer_id)
@@ -573,9 +565,11 @@ class DHTNode:
 
     async def maintain(self, *, interval: float = 5.0, refresh_every: float = 60.0) -> None:
         """Runs forever: drops expired records, republishes ours when the network grew or
-        half their lifetime passed, refreshes the routing table, repairs stale replicas."""
+        half their lifetime passed, refreshes the routing table, repairs stale replicas,
+        closes request streams kept too long."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._repair_loop)
+            nursery.start_soon(self.streams.run)
             await self._upkeep(interval, refresh_every)
 
     async def _upkeep(self, interval: float, refresh_every: float) -> None:
