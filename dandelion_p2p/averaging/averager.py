@@ -22,6 +22,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import numpy as np
@@ -140,7 +141,7 @@ class Averager:
         self.reports: list[RoundReport] = []
         self.member_links = MemberLinks(
             me=self.me, run=run, links=links, dataplane=dataplane, reputation=reputation,
-            settings=self.settings,
+            settings=self.settings, left=self._left_round,
         )
 
     @property
@@ -302,8 +303,12 @@ class Averager:
                               "peer, which has nothing to add and is not expected: it waits "
                               "for a later round", late=len(early))
         # Proofs other peers published ban their reducers before this round's announcement
-        # lists our bans and before the group is formed.
-        await self.proofs.fetch()
+        # lists our bans and before the group is formed. Meanwhile the DHT servers of the
+        # round's key are found, unless a round before did it (a first round's announcement
+        # then comes as soon after the others' as it can).
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.matchmaker.prepare_unless_done, self.run, round_)
+            await self.proofs.fetch()
         announcement = AveragingAnnouncement(
             run=self.run,
             round=round_,
@@ -317,9 +322,12 @@ class Averager:
         track_recorded = self._track_recorded()
         # A round run again (its worker resumed from an older checkpoint) takes channels.
         self._ended_through = min(self._ended_through, round_ - 1)
+        # Without a round matched here just before, finding whom to expect takes a DHT read:
+        # done once the announcement is out, which the others wait for.
+        expected = (await self._expected(round_) if self.matchmaker.knows_expected(round_)
+                    else partial(self._expected, round_))
         spec, formation, finished = await self.matchmaker.match(
-            self.me, announcement, track_recorded,
-            expected=lambda: self._expected(round_),
+            self.me, announcement, track_recorded, expected=expected
         )
         for liar in formation.overclaimed:
             if liar != self.me and spec is not None and liar in spec:
@@ -424,6 +432,10 @@ class Averager:
             "" if report.complete else f", excluded {len(report.excluded)}",
         )
         return report
+
+    async def _left_round(self, round_: int, peer: bytes) -> bool:
+        announcement = (await self.matchmaker.read(self.run, round_)).get(peer)
+        return announcement is not None and announcement.leaving
 
     async def _expected(self, round_: int) -> set[bytes]:
         """Who matchmaking waits for: the peers whose announcements for the previous round

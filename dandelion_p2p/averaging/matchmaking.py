@@ -42,6 +42,10 @@ LIVE_ANNOUNCEMENTS = 64
 a DHT server holds 256 records per storing peer (``StoreLimits``), and an announcement it
 refuses is unseen by the peers that read the key from it."""
 MIN_ANNOUNCEMENT_TTL = 30.0
+ASK_OTHERS_EVERY = 0.5
+"""Seconds between two reads of the other DHT servers by a server of the round's key that
+polls its own store: a put that missed it, or a routing table that wrongly counts it among
+the key's closest, costs at most this."""
 TWO_AHEAD_BELOW = 20.0
 """Rounds closer together than this (seconds from one to the next) find the DHT servers of
 the round after next, too: the next announcement comes before a lookup started when a round
@@ -140,16 +144,25 @@ class Matchmaker:
         last, announcers = self._announcers
         return announcers if last == round_ else frozenset()
 
+    def knows_expected(self, round_: int) -> bool:
+        """Whether ``expected_in(round_)`` needs no DHT read: this peer matched the round
+        before with others (or ``round_`` is the first)."""
+        return round_ == 0 or bool(self.announcers_of(round_ - 1))
+
     async def expected_in(self, run: bytes, round_: int) -> frozenset[bytes]:
         """Who the others wait for in ``round_``: the announcers of the round before as this
         peer read them when it matched it; when it did not (a joiner, a restart, a round
-        missed), that round's announcements in the DHT, which stand for what the others read.
-        Peers that said they leave are not among them."""
-        announcers = self.announcers_of(round_ - 1)
-        if announcers or round_ == 0:
-            return announcers
-        previous = await self.read(run, round_ - 1)
-        return frozenset(peer for peer, ann in previous.items() if not ann.leaving)
+        missed), that round's announcements in the DHT, which stand for what the others read;
+        when nobody but leavers announced that round (every peer skipped it, as after a round
+        applied by none), those of the last round this peer matched, read again. Peers that
+        said they leave are not among them."""
+        if self.knows_expected(round_):
+            return self.announcers_of(round_ - 1)
+        coming = _coming(await self.read(run, round_ - 1))
+        last_matched = self._announcers[0]
+        if not coming and 0 <= last_matched < round_ - 1:
+            coming = _coming(await self.read(run, last_matched))
+        return coming
 
     async def announce_leaving(self, run: bytes, rounds: Collection[int]) -> None:
         """Tell the peers that expect this one in ``rounds`` that it will not come: its
@@ -174,9 +187,13 @@ class Matchmaker:
         if self._prepared_through > round_ + 2:  # a round run again (an older checkpoint)
             self._prepared_through = round_
         for ahead in range(round_ + 1, round_ + (3 if fast else 2)):
-            if ahead > self._prepared_through:
-                self._prepared_through = ahead
-                await self.prepare(run, ahead)
+            await self.prepare_unless_done(run, ahead)
+
+    async def prepare_unless_done(self, run: bytes, round_: int) -> None:
+        """``prepare(round_)`` unless a round before did (``prepare_after``)."""
+        if round_ > self._prepared_through:
+            self._prepared_through = round_
+            await self.prepare(run, round_)
 
     async def prepare(self, run: bytes, round_: int) -> None:
         """Find the DHT servers of ``round_``'s key ahead of its announcement, which then
@@ -295,14 +312,17 @@ class Matchmaker:
         s = self.settings
         deadline = trio.current_time() + s.gather_window
         # A server of the round's key sees each put land in its own store: it polls that, and
-        # asks the other servers only in the window's second half, for a put that missed it.
-        ask_from = trio.current_time() + s.gather_window / 2
+        # asks the other servers now and then, for a put that missed it.
+        ask_at = trio.current_time() + ASK_OTHERS_EVERY
         seen: dict[bytes, AveragingAnnouncement] = {}
         changed_at = started
         while True:
             found = self.held(announcement.run, announcement.round)
-            if found is None or trio.current_time() >= ask_from:
+            asked_others = False
+            if found is None or trio.current_time() >= ask_at:
                 found = {**(found or {}), **await self.read(announcement.run, announcement.round)}
+                ask_at = trio.current_time() + ASK_OTHERS_EVERY
+                asked_others = True
             now = trio.current_time()
             if found.keys() - seen.keys() - wanted - {me}:
                 changed_at = now
@@ -310,11 +330,23 @@ class Matchmaker:
             if wanted <= seen.keys() and now - changed_at >= s.quiet:
                 break
             if now >= deadline:
+                if not asked_others and not wanted <= seen.keys():
+                    # This peer's own store missed the puts of those still awaited (their
+                    # servers were found before it joined the key's closest): a last look
+                    # at the other servers before the round goes on without them.
+                    seen.update(await self.read(announcement.run, announcement.round))
+                    if wanted <= seen.keys():
+                        break
                 log.info("round %d: %d of %d expected peers announced within the window",
                          announcement.round, len(wanted & seen.keys()), len(wanted))
                 break
             await trio.sleep(min(s.poll_interval, max(0.0, deadline - now)))
         return seen
+
+
+def _coming(announcements: dict[bytes, AveragingAnnouncement]) -> frozenset[bytes]:
+    """The publishers that did not say they leave."""
+    return frozenset(peer for peer, ann in announcements.items() if not ann.leaving)
 
 
 def _announcements(

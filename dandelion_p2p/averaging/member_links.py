@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import trio
@@ -36,6 +37,13 @@ log = logging.getLogger(__name__)
 PURPOSE = "averaging/1"
 REOPEN_RETRY = 0.5
 """Seconds between tries to open a new channel to a member whose channel was lost."""
+ASK_IF_LEFT_EVERY = 1.0
+"""Seconds between two looks, while a member's channel is awaited, at whether the member
+announced that it leaves the round (``MemberLinks(left=)``)."""
+
+LeftRound = Callable[[int, bytes], Awaitable[bool]]
+"""Whether a peer announced that it leaves a round (its announcement for the round is now a
+``leaving`` one)."""
 
 
 class Round:
@@ -123,8 +131,10 @@ class MemberLinks:
         dataplane: ChannelOpener,
         reputation: PeerReputation,
         settings: AveragingSettings,
+        left: LeftRound | None = None,
     ) -> None:
         self.me = me
+        self.left = left
         self.run = run
         self.links = links
         self.dataplane = dataplane
@@ -143,7 +153,7 @@ class MemberLinks:
             if self.me < peer:
                 channel = await self._open_by(rnd, round_, peer_id, s.open_timeout)
             else:
-                channel = await self._accepted(rnd, peer_id)
+                channel = await self._accepted(rnd, round_, peer_id)
         except (DandelionError, trio.TooSlowError) as exc:
             log.info("round %d: no channel to %s: %s", round_, peer_id, exc)
             rnd.writing.discard(peer)
@@ -274,15 +284,19 @@ class MemberLinks:
             await _close(channel)
         return (lost[0] if lost else None), (newer[0] if newer else None)
 
-    async def _accepted(self, rnd: Round, peer_id: ID) -> Channel:
+    async def _accepted(self, rnd: Round, round_: int, peer_id: ID) -> Channel:
         """The channel ``peer_id`` opens to us. A peer whose libp2p connection drops while we
-        wait (its process died) is given up at once rather than at the timeouts.
+        wait (its process died), or that announced meanwhile that it leaves the round (it
+        stopped training after this peer had read its announcement), is given up at once
+        rather than at the timeouts.
 
         Raises:
-            PeerUnavailable: the peer disconnected or did not open a channel in time.
+            PeerUnavailable: the peer disconnected, left the round, or did not open a channel
+                in time.
         """
         s = self.settings
         deadline = trio.current_time() + s.open_timeout + s.matchmaking.gather_window * 2
+        ask_at = trio.current_time() + ASK_IF_LEFT_EVERY
         inbox = rnd.inbound_recv[peer_id.to_bytes()]
         # Behind NATs the peer's dial (through a relay) makes the first connection: only a
         # connection seen and then lost says the peer is gone.
@@ -294,6 +308,11 @@ class MemberLinks:
                 seen = True
             elif seen:
                 raise PeerUnavailable(f"{peer_id} disconnected before opening its channel")
+            if self.left is not None and trio.current_time() >= ask_at:
+                # A channel that came in meanwhile waits in the inbox for the next turn.
+                if await self.left(round_, peer_id.to_bytes()):
+                    raise PeerUnavailable(f"{peer_id} announced that it leaves round {round_}")
+                ask_at = trio.current_time() + ASK_IF_LEFT_EVERY
         raise PeerUnavailable(f"{peer_id} opened no channel in time")
 
     async def _write(

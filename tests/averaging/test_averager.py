@@ -16,7 +16,7 @@ from dandelion_p2p.averaging.averager import Averager, AveragingSettings, NoGrou
 from dandelion_p2p.averaging.group import bounded_weights
 from dandelion_p2p.averaging.matchmaking import Matchmaker, MatchmakingSettings
 from dandelion_p2p.averaging.member_links import PURPOSE
-from dandelion_p2p.averaging.messages import ChannelHello, encode_hello
+from dandelion_p2p.averaging.messages import AveragingAnnouncement, ChannelHello, encode_hello
 from dandelion_p2p.averaging.report import RoundReport
 from dandelion_p2p.dataplane.errors import ChannelClosed
 from dandelion_p2p.dataplane.service import DataPlane
@@ -381,3 +381,35 @@ async def test_a_buffer_the_round_cannot_use_is_a_plain_value_error() -> None:
                 nursery.start_soon(other)
                 with pytest.raises(ValueError, match="NaN or infinity"):
                     await a.averager.all_reduce(broken, 1.0, 3)
+
+
+async def test_a_member_that_leaves_the_round_after_it_was_read_is_given_up_at_once() -> None:
+    """A peer stops training once the others have read its announcement: the member that
+    awaits its channel sees the ``leaving`` announcement that replaced it and goes on without
+    it, instead of waiting out ``open_timeout`` (or the chunk timeout) for the channel."""
+    slow_open = AveragingSettings(max_chunk=64 * 1024, chunk_timeout=30.0, matchmaking=GATHER,
+                                  open_timeout=30.0)
+    async with averaging_swarm(2, slow_open) as members:
+        # The one that leaves has the smaller id: it would have opened the channel.
+        leaver, stayer = sorted(members, key=lambda m: m.node.identity.peer_id.to_bytes())
+        leaver_id = leaver.node.identity.peer_id.to_bytes()
+        await leaver.averager.matchmaker.announce(AveragingAnnouncement(
+            run=RUN, round=7, weight=1.0, bandwidth_mbps=100.0, accepts_connections=True,
+            endpoint=leaver.dataplane.endpoint or "",
+            expires_at_ms=int((time.time() + 60) * 1000)))
+        buffer = np.full(1000, 3.0, np.float32)
+        report: list[RoundReport] = []
+        started = time.monotonic()
+        async with trio.open_nursery() as nursery:
+
+            async def run() -> None:
+                report.append(await stayer.averager.all_reduce(buffer, 1.0, 7))
+
+            nursery.start_soon(run)
+            with trio.fail_after(10):
+                while leaver_id not in stayer.averager.matchmaker.announcers_of(7):
+                    await trio.sleep(0.01)
+            await leaver.averager.matchmaker.announce_leaving(RUN, [7])
+        assert time.monotonic() - started < 10.0  # not the 30 s open and chunk timeouts
+        assert report[0].members == (stayer.node.identity.peer_id.to_bytes(),)
+        assert np.array_equal(buffer, np.full(1000, 3.0, np.float32))
