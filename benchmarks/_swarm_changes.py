@@ -32,12 +32,16 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def state_bytes(work: Path) -> int:
-    """Bytes of the newest checkpoint in a worker's folder: what a joiner downloads."""
+    """Bytes of the newest checkpoint in a worker's folder that a joiner downloads: all but
+    the writer's own files, which a local-steps joiner leaves out."""
+    from dandelion_p2p.worker.restoring import OWN_FILES
+
     folders = sorted(f for f in (work / "checkpoints").glob("step-*")
                      if f.name.removeprefix("step-").isdigit())
     if not folders:
         raise RuntimeError(f"no checkpoint in {work} for a joiner to download")
-    return sum(f.stat().st_size for f in folders[-1].iterdir() if f.is_file())
+    return sum(f.stat().st_size for f in folders[-1].iterdir()
+               if f.is_file() and f.name not in OWN_FILES)
 
 
 def launch_peer(host: Any, data_dir: Path, images: Path, seed: str,
@@ -71,17 +75,21 @@ def start_joiner(lab: Any, work: Path, images: Path, rate_mbit: float, seed: str
 
 
 def joiner_figures(joiner: DaemonProcess, known: dict[str, Any]) -> dict[str, Any]:
-    """When the joiner's download began and ended, and when it held the swarm's weights,
-    from its log; the issue's bound 1.2 x download + 2 sync intervals beside it."""
-    from tests.worker_logs import logged_at
+    """When the joiner's download began and ended, when it held the swarm's weights for good
+    (``held_swarm_weights_at``) and when it took part in a round with the others, from its
+    log; the issue's bound 1.2 x download + 2 sync intervals beside them."""
+    from tests.worker_logs import held_swarm_weights_at, logged_at
 
     log = joiner.logs()
     began, arrived, joined = (logged_at(log, pattern) for pattern in (
         "downloading the state of step", "downloaded the state at step",
         "joined the swarm at round"))
+    held = held_swarm_weights_at(log)
     kept = re.search(r"joined the swarm at round (\d+) \((\d+) rounds replayed", log)
     download = arrived - began if began is not None and arrived is not None else None
     out = {**known, "download_s": download and round(download, 1),
+           "download_start_to_held_s": (round(held - began, 1)
+                                        if began is not None and held is not None else None),
            "download_start_to_joined_s": (round(joined - began, 1)
                                           if began is not None and joined is not None
                                           else None),

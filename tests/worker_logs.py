@@ -38,6 +38,40 @@ def logged_at(log: str, pattern: str) -> float | None:
     return None
 
 
+APPLIED = re.compile(r"worker\.train: round (\d+): averaged, \d+ members, 100% averaged")
+JOINED = re.compile(r"joined the swarm at round (\d+)")
+
+
+def applied_at(log: str) -> dict[int, float]:
+    """When each round the worker applied with others (averaged in full, or replayed from
+    the rounds peers keep) was applied, by round: the first time, seconds of the day."""
+    out: dict[int, float] = {}
+    for line in log.splitlines():
+        if (m := APPLIED.search(line)) and (at := _seconds(line)) is not None:
+            out.setdefault(int(m.group(1)), at)
+    return out
+
+
+def held_swarm_weights_at(log: str) -> float | None:
+    """When the joiner whose ``log`` this is came to hold the swarm's weights for good: it
+    joined at round J, and held the others' weights from the moment it applied round J - 1,
+    when that was before it formed round J with them (they apply round J only once it is
+    averaged, with the joiner among them); otherwise (it applied J - 1 together with J, having
+    fetched it while taking part) from the moment it applied round J. None before it joined."""
+    joined = JOINED.search(log)
+    if joined is None:
+        return None
+    round_ = int(joined.group(1))
+    applied = applied_at(log[:joined.end()])
+    formed = [at for line in log[:joined.start()].splitlines()
+              if re.search(rf"matchmaking: round {round_}: .* mine has ([2-9]|\d\d+) members",
+                           line) and (at := _seconds(line)) is not None]
+    before = applied.get(round_ - 1)
+    if before is not None and formed and before <= formed[-1]:
+        return before
+    return applied.get(round_)
+
+
 def sync_interval(daemon: DaemonProcess) -> float | None:
     """Median seconds between two of ``daemon``'s rounds, from its log's round lines."""
     times = [at for line in daemon.logs().splitlines()

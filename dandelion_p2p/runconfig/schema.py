@@ -187,7 +187,8 @@ class AveragingConfig:
 class CheckpointConfig:
     every_steps: int = 500
     keep_last: int = 3
-    keep_rounds: int = 8
+    keep_rounds: int | None = None
+    """Unset: what a joiner needs, by codec (``worker/served_rounds.py`` ``rounds_to_keep``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,8 +414,7 @@ def validate(c: RunConfig) -> list[str]:
     need(y.fragments == 1 or y.overlapped, "sync.fragments",
          "streaming fragments need overlapped rounds (local_steps mode, overlap not false)")
     need(y.fragments < 1 or y.local_steps % y.fragments == 0, "sync.fragments",
-         "must divide sync.local_steps (each fragment syncs every local_steps / fragments "
-         "steps)")
+         "must divide sync.local_steps (each fragment syncs every local_steps / fragments steps)")
     a = c.averaging
     need(2 <= a.min_group <= a.max_group <= 256, "averaging.min_group",
          "need 2 <= min_group <= max_group <= 256")
@@ -424,7 +424,7 @@ def validate(c: RunConfig) -> list[str]:
     k = c.checkpoint
     need(k.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
     need(1 <= k.keep_last <= 1000, "checkpoint.keep_last", "must be 1-1000")
-    need(0 <= k.keep_rounds <= 64, "checkpoint.keep_rounds", "must be 0-64")
+    need(k.keep_rounds in (None, *range(65)), "checkpoint.keep_rounds", "must be 0-64")
     d = c.dataset
     need(1 <= d.lease_seconds <= 86_400, "dataset.lease_seconds", "must be 1-86400 seconds")
     need(1 <= d.max_leases_per_peer <= 64, "dataset.max_leases_per_peer", "must be 1-64")

@@ -42,8 +42,10 @@ class CatchUp:
             return {"step": -1, "done": 0, "total": 0}
         return {"step": p.step, "done": p.done, "total": p.total}
 
-    async def run(self, run: str, have: int, folder: Path, *, wait: bool) -> dict[str, Any]:
-        """Download the newest state of ``run`` newer than step ``have`` into ``folder``.
+    async def run(self, run: str, have: int, folder: Path, *, wait: bool,
+                  leave_out: frozenset[str] = frozenset()) -> dict[str, Any]:
+        """Download the newest state of ``run`` newer than step ``have`` into ``folder``,
+        without the files ``leave_out`` names (``partial_state``).
         Answers ``step`` (the step now there, -1: nothing newer found) and ``peers`` it came
         from, or ``detail`` saying why not. ``wait``: ask again while no peer is known.
 
@@ -51,11 +53,12 @@ class CatchUp:
         """
         self.progress = DownloadProgress()
         try:
-            return await self._run(run, have, folder, wait=wait)
+            return await self._run(run, have, folder, wait=wait, leave_out=leave_out)
         finally:
             self.progress = None
 
-    async def _run(self, run: str, have: int, folder: Path, *, wait: bool) -> dict[str, Any]:
+    async def _run(self, run: str, have: int, folder: Path, *, wait: bool,
+                   leave_out: frozenset[str]) -> dict[str, Any]:
         assert self.progress is not None
         for attempt in range(CATCH_UP_TRIES):
             peers = await self.training_peers()
@@ -69,6 +72,7 @@ class CatchUp:
                 step, sources = await fetch_state(
                     self.peers.host, peers, run, have, folder,
                     connect=self.peers.connect_peer, progress=self.progress,
+                    leave_out=leave_out,
                 )
                 break
             except StateUnavailable as exc:

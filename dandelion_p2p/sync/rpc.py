@@ -20,6 +20,7 @@ import trio
 from dandelion_p2p.context import Handler
 from dandelion_p2p.errors import ConfigError
 from dandelion_p2p.sync.catchup import CatchUp
+from dandelion_p2p.sync.partial_state import leave_out_names
 from dandelion_p2p.sync.ports import StatePeers
 from dandelion_p2p.sync.progress import swarm_checkpoint_step
 from dandelion_p2p.sync.rounds import Rounds, not_averaged
@@ -286,10 +287,14 @@ class WorkerMethods:
         folder = Path(need_str(params, "checkpoints", 4096))
         if not folder.is_absolute():
             raise ConfigError("'checkpoints' must be an absolute path")
+        try:
+            leave_out = leave_out_names(params.get("leave_out"))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         self.current.checkpoint_dir = folder
         self.state.catching_up()
         return await self.catch_up.run(self.current.id, have, folder,
-                                       wait=params.get("wait") is True)
+                                       wait=params.get("wait") is True, leave_out=leave_out)
 
     async def h_fetch_rounds(self, params: dict[str, Any]) -> dict[str, Any]:
         """Download the averaged rounds that peers keep after ``round`` into ``folder``, none

@@ -30,7 +30,9 @@ from dandelion_p2p.errors import DandelionError, ProtocolViolation, RejectCode, 
 from dandelion_p2p.hashing import file_digest
 from dandelion_p2p.net.streams import ViolationSink, request, serve_requests
 from dandelion_p2p.sync.checkpoints import CheckpointCatalog, RoundCatalog
+from dandelion_p2p.sync.partial_state import MAX_MANIFEST, held_manifest
 from dandelion_p2p.sync.statesync_core import (
+    MANIFEST,
     MAX_ASKED,
     MAX_FILE_SIZE,
     MAX_REPLY,
@@ -142,39 +144,52 @@ async def fetch_state(
     timeout: float = 30.0,
     connect: Callable[[ID], Awaitable[None]] | None = None,
     progress: DownloadProgress | None = None,
+    leave_out: frozenset[str] = frozenset(),
 ) -> tuple[int, list[str]]:
     """Download the newest checkpoint newer than ``have_step`` into ``destination/step-N``;
     returns (N, peers it came from). ``progress`` learns the step chosen and the bytes
-    written as they are.
+    written as they are. ``leave_out``: files not to download (``partial_state``); the
+    folder's manifest then lists only the others.
 
     Raises:
         StateUnavailable: no peer offers a newer state, or the offers disagree, or every
             source failed; a partial download is kept for the next try.
         OSError: a local file error (a full disk).
     """
-    offers: OfferRound[ID] = OfferRound(run, have_step)
+    offers: OfferRound[ID] = OfferRound(run, have_step, leave_out)
     await _ask_offers(host, peers, offers.request(), offers.received, timeout, connect)
     chosen = offers.choose(asked=len(peers))
     step = chosen.step
+    listed = chosen.files()
+    files = {name: entry for name, entry in listed.items() if name not in leave_out}
+    if files.get(MANIFEST, (MAX_MANIFEST + 1, ""))[0] > MAX_MANIFEST:
+        raise StateUnavailable(f"the state at step {step} has no manifest of at most "
+                               f"{MAX_MANIFEST} bytes")
     destination.mkdir(parents=True, exist_ok=True)
-    needed = sum(size for size, _ in chosen.files().values())
+    needed = sum(size for size, _ in files.values())
     free = shutil.disk_usage(destination).free
     if needed > free:
         raise StateUnavailable(f"the state at step {step} needs {needed} bytes; "
                                f"{destination} has {free} free")
     partial = destination / f".download-step-{step:08d}"
     partial.mkdir(exist_ok=True)
-    log.info("downloading the state of step %d (%d bytes) from %d peers", step, needed,
-             len(chosen.offers))
+    skipped = sorted(set(listed) - set(files))
+    log.info("downloading the state of step %d (%d bytes%s) from %d peers", step, needed,
+             f"; leaving out {', '.join(skipped)}" if skipped else "", len(chosen.offers))
     progress = progress if progress is not None else DownloadProgress()
     progress.step, progress.total, progress.done = step, needed, 0
     used: set[str] = set()
-    for name, (size, digest) in chosen.files().items():
+    for name, (size, digest) in files.items():
         sources = chosen.sources_of(name)
         if await _fetch_verified(host, FileFetch(run, step, name, size, sources),
                                  partial / name, digest, f"{name} from step {step}", timeout,
                                  progress):
             used.update(p.to_base58() for p in sources)
+    offered = {name: digest for name, (_, digest) in listed.items() if name != MANIFEST}
+    _keep_manifest(partial / MANIFEST, offered, skipped)
+    for stale in set(os.listdir(partial)) - set(files):
+        # Left by an earlier try that fetched files this one leaves out.
+        (partial / stale).unlink(missing_ok=True)
     final = destination / f"step-{step:08d}"
     if final.exists():
         shutil.rmtree(partial, ignore_errors=True)
@@ -183,6 +198,21 @@ async def fetch_state(
     log.info("downloaded the state at step %d from %s (first offer %s)", step,
              ", ".join(sorted(used)), chosen.reference)
     return step, sorted(used)
+
+
+def _keep_manifest(manifest: Path, offered: dict[str, str], skipped: list[str]) -> None:
+    """Check the downloaded ``manifest`` against the offer, and rewrite it to list only the
+    files downloaded when some were ``skipped`` (atomically: a crash leaves it as it came,
+    and the next try checks it again)."""
+    try:
+        rewritten = held_manifest(manifest.read_bytes(), offered, skipped)
+    except ValueError as exc:
+        manifest.unlink(missing_ok=True)
+        raise StateUnavailable(f"the state's manifest cannot be used: {exc}") from None
+    if rewritten is not None:
+        tmp = manifest.with_name(".manifest.tmp")
+        tmp.write_bytes(rewritten)
+        os.replace(tmp, manifest)
 
 
 async def _ask_offers(host: IHost, peers: list[ID], asked: Message,

@@ -331,9 +331,13 @@ class OfferRound(Generic[P]):
     """The offers of one download: collects the replies to ``StateOffer`` and chooses the
     newest state, if the peers offering it agree on the shared files."""
 
-    def __init__(self, run: str, have_step: int) -> None:
+    def __init__(self, run: str, have_step: int,
+                 leave_out: frozenset[str] = frozenset()) -> None:
         self.run = run
         self.have_step = have_step
+        self.compared = tuple(name for name in SHARED_FILES if name not in leave_out)
+        """The shared files whose hashes tell states apart: those the joiner downloads (a
+        peer that joined without the others offers none of them)."""
         self.offers: dict[P, StateOffered] = {}
         """Offers newer than ``have_step``, in the order they arrived."""
         self.holders = 0
@@ -356,7 +360,8 @@ class OfferRound(Generic[P]):
         """The state offered by the most peers that agree on it, the newest among equals;
         ``asked``: how many peers there were to ask.
 
-        A state is a step and the hashes of its ``SHARED_FILES``. Support comes first so that
+        A state is a step and the hashes of its ``SHARED_FILES`` that the joiner downloads
+        (``compared``). Support comes first so that
         one peer claiming a far newer step, or different bytes for the step the others hold,
         is outvoted by the peers that agree; only between states of equal support does the
         newer step win.
@@ -373,13 +378,13 @@ class OfferRound(Generic[P]):
         states: dict[tuple[int, tuple[str, ...]], dict[P, StateOffered]] = {}
         for peer, offer in self.offers.items():
             files = offer.files()
-            shared = tuple(files.get(name, (0, ""))[1] for name in SHARED_FILES)
+            shared = tuple(files.get(name, (0, ""))[1] for name in self.compared)
             states.setdefault((offer.step, shared), {})[peer] = offer
         best = max((len(peers), step) for (step, _), peers in states.items())
         tied = [peers for (step, _), peers in states.items() if (len(peers), step) == best]
         if len(tied) > 1:
             step = best[1]
-            for name in SHARED_FILES:
+            for name in self.compared:
                 hashes = {o.files().get(name, (0, ""))[1]
                           for peers in tied for o in peers.values()}
                 if len(hashes) > 1:

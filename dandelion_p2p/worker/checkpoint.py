@@ -178,11 +178,15 @@ class CheckpointStore:
         """Read and check one checkpoint; raises ValueError saying what is wrong."""
         try:
             manifest = json.loads((path / MANIFEST).read_text())
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise ValueError(f"{path}: no readable manifest ({exc})") from None
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+            raise ValueError(f"{path}: the manifest lists no files")
         if manifest.get("format") != FORMAT:
             raise ValueError(f"{path}: checkpoint format {manifest.get('format')!r}")
-        for file_name, digest in manifest.get("files", {}).items():
+        if not isinstance(manifest.get("step"), int):
+            raise ValueError(f"{path}: the manifest names no step")
+        for file_name, digest in manifest["files"].items():
             file = path / file_name
             if not file.is_file() or file_digest(file) != digest:
                 raise ValueError(f"{path}: {file_name} is missing or does not match its hash")

@@ -21,6 +21,7 @@ import shutil
 import signal
 import socket
 import sys
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -95,8 +96,10 @@ class RankLink:
         self._share_configs()
         return stop
 
-    def catch_up(self, have_step: int, checkpoints: Path, wait: bool = False) -> int:
-        got = self.inner.catch_up(have_step, checkpoints, wait) if self.inner is not None else -1
+    def catch_up(self, have_step: int, checkpoints: Path, wait: bool = False,
+                 leave_out: Sequence[str] = ()) -> int:
+        got = (self.inner.catch_up(have_step, checkpoints, wait, leave_out)
+               if self.inner is not None else -1)
         got = int(self.group.share(got))
         if self.inner is None and got > have_step:
             name = f"step-{got:08d}"

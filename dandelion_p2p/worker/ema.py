@@ -23,6 +23,14 @@ class Ema:
         self.updates = 0
 
     @torch.no_grad()
+    def restart(self) -> None:
+        """Average from the current weights on, as from a fresh start (a joiner that
+        downloaded no EMA: the one it has is of the weights it started from)."""
+        for s, p in zip(self.shadow, self.params, strict=True):
+            s.copy_(p.detach())
+        self.updates = 0
+
+    @torch.no_grad()
     def update(self) -> None:
         self.updates += 1
         # A short warm-up (as diffusers' EMAModel): early averages would otherwise be

@@ -3,7 +3,7 @@
 A joiner downloads the swarm's newest checkpoint through its daemon (``Link.catch_up``). On a
 home link that can take several sync intervals, and the swarm does not wait: once the files
 are in, the step downloaded is rounds behind. Every peer keeps the averaged pseudo-gradients
-of its last rounds (``served_rounds``, ``checkpoint.keep_rounds``), so the joiner then fetches
+of its last rounds (``served_rounds``, ``rounds_to_keep``), so the joiner then fetches
 those of the rounds since its state (``Link.fetch_rounds``, into ``WORK/joining/``) and
 applies their outer steps in order, as every peer applied them: it then holds the swarm's
 weights and momentum bit for bit. It takes part in the next round with nothing to add
@@ -12,7 +12,7 @@ applied in turn. While it downloads it takes part in no round, so its slow link 
 others nothing.
 
 When the peers keep no round that follows on from the state loaded (a download that outlasted
-``keep_rounds`` rounds), the joiner fetches a newer state and tries again.
+the rounds they keep), the joiner fetches a newer state and tries again.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from dandelion_p2p.errors import DandelionError
-from dandelion_p2p.worker import fragments
+from dandelion_p2p.worker import fragments, restoring
 from dandelion_p2p.worker.link import DaemonLink, SyncOutcome
 from dandelion_p2p.worker.model import assign_from, flatten_into
 from dandelion_p2p.worker.protocol import round_files
@@ -38,6 +38,7 @@ from dandelion_p2p.worker.served_rounds import (
     decode_round,
     encode_round,
     max_file_size,
+    rounds_to_keep,
     write_round,
 )
 
@@ -112,10 +113,11 @@ def take_part(trainer: Trainer, round_: int) -> SyncOutcome:
 
 
 def catch_up(trainer: Trainer, have: int, *, wait: bool = False) -> int:
-    """``Link.catch_up(have)``: the step downloaded, or -1. The rounds this peer kept for
-    joiners are forgotten once a newer state is in: they led to its old state, maybe not to
-    the swarm's."""
-    got = trainer.link.catch_up(have, trainer.checkpoints.root, wait=wait)
+    """``Link.catch_up(have)``: the step downloaded (without the files this peer has no use
+    for, ``restoring.leave_out``), or -1. The rounds this peer kept for joiners are forgotten
+    once a newer state is in: they led to its old state, maybe not to the swarm's."""
+    got = trainer.link.catch_up(have, trainer.checkpoints.root, wait=wait,
+                                leave_out=restoring.leave_out(trainer))
     if got > have:
         trainer.checkpoints.rounds.clear()
     return got
@@ -251,14 +253,16 @@ def join_swarm(trainer: Trainer, *, save: bool = True) -> None:
     """Come into step with the swarm after downloading its state: apply the rounds it
     averaged since (``replay``), then arrive at the next round with nothing to add and take
     the others' average. Having come too late for that round, it takes part in the one after
-    while fetching the one it missed (``take_part_fetching``). When the peers keep no round
-    that follows on from the state, a newer state is fetched. Once in step it saves a
-    checkpoint (``save``): a restart then starts from the swarm's state rather than the older
-    one downloaded."""
+    while fetching the one it missed (``take_part_fetching``), unless fetching the rounds
+    peers keep brought in the one it missed first: the next may then not have begun. When
+    the peers keep no round that follows on from the state, a newer state is fetched. Once
+    in step it saves a checkpoint (``save``): a restart then starts from the swarm's state
+    rather than the older one downloaded."""
     assert trainer.outer is not None
     h = fragments.interval(trainer.config)
-    tally = trainer.replays
-    missed = unfetched = False
+    # The round the others formed without this peer (0: none), and whether fetching it while
+    # taking part in the next brought nothing.
+    missed, unfetched = 0, False
     # Arriving before the others (they still train the round) finds nobody within the
     # gathering window: such tries cost no attempt for a while.
     early_until = time.monotonic() + _patience(trainer)
@@ -272,7 +276,12 @@ def join_swarm(trainer: Trainer, *, save: bool = True) -> None:
         if trainer.overlap is not None:
             trainer.overlap.window.clear()  # the weights hold no local progress now
         applied, gap = replay(trainer)
-        tally.replayed += applied
+        trainer.replays.replayed += applied
+        if missed and p.global_step // h >= missed:
+            # The round missed is applied now: the next may not have begun, and taking part
+            # in it (or learning that the others began it without this peer) beats waiting
+            # for the one after.
+            missed = 0
         if gap or (unfetched and not applied):
             # Peers keep no round that follows on, or none of the round just missed.
             log.info("the rounds peers keep do not follow on from step %d: fetching a newer "
@@ -284,8 +293,7 @@ def join_swarm(trainer: Trainer, *, save: bool = True) -> None:
             latest = trainer.checkpoints.latest()
             if latest is not None:
                 trainer.restore(latest)
-                tally = trainer.replays
-            missed = unfetched = False
+            missed, unfetched = 0, False
             attempt += 1
             continue
         round_ = p.global_step // h + 1
@@ -293,7 +301,7 @@ def join_swarm(trainer: Trainer, *, save: bool = True) -> None:
             outcome, fetched = take_part_fetching(trainer, round_ + 1)
             unfetched = not fetched
             if averaged_in_full(outcome) and fetched:
-                tally.replayed += apply_kept(trainer) - 1
+                trainer.replays.replayed += apply_kept(trainer) - 1
                 if p.global_step // h == round_ + 1:
                     _joined(trainer, round_ + 1, save)
                     return
@@ -307,7 +315,7 @@ def join_swarm(trainer: Trainer, *, save: bool = True) -> None:
             return
         # Others formed the round without this peer (it came late): the next try takes part
         # in the round after, fetching this one meanwhile.
-        missed = outcome.members > 1 or outcome.behind
+        missed = outcome.round if outcome.members > 1 or outcome.behind else 0
         if missed or time.monotonic() >= early_until:
             attempt += 1
         elif outcome.seconds < WAIT_POLL:
@@ -371,7 +379,7 @@ def rejoin_by_replay(trainer: Trainer, round_: int) -> bool:
     outer = trainer.outer
     if (outer is None or not isinstance(trainer.link, DaemonLink)
             or trainer.peer_group.world > 1
-            or trainer.config.checkpoint.keep_rounds == 0
+            or rounds_to_keep(trainer.config) == 0
             or trainer.checkpoints.rounds.last_added != round_ - 1):
         return False
     h = fragments.interval(trainer.config)

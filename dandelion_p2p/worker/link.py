@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -76,10 +77,12 @@ class Link(Protocol):
         """Report progress; True when the daemon asks the worker to stop."""
         ...
 
-    def catch_up(self, have_step: int, checkpoints: Path, wait: bool = False) -> int:
+    def catch_up(self, have_step: int, checkpoints: Path, wait: bool = False,
+                 leave_out: Sequence[str] = ()) -> int:
         """Have the swarm's state put into ``checkpoints`` when peers are ahead of
         ``have_step``; returns the step downloaded, or -1. ``wait``: give a daemon that just
-        started a few seconds to find its peers."""
+        started a few seconds to find its peers. ``leave_out``: the checkpoint's files this
+        worker can do without (``sync/partial_state``)."""
         ...
 
     def close(self) -> None: ...
@@ -113,7 +116,8 @@ class SoloLink:
     def progress(self, fields: dict[str, Any], force: bool = False) -> bool:
         return False
 
-    def catch_up(self, have_step: int, checkpoints: Path, wait: bool = False) -> int:
+    def catch_up(self, have_step: int, checkpoints: Path, wait: bool = False,
+                 leave_out: Sequence[str] = ()) -> int:
         return -1
 
     def close(self) -> None:
@@ -228,11 +232,13 @@ class DaemonLink:
         answer = call_sync(self.socket, protocol.PROGRESS, {"session": self.session, **fields})
         return bool(answer.get("stop", False))
 
-    def catch_up(self, have_step: int, checkpoints: Path, wait: bool = False) -> int:
+    def catch_up(self, have_step: int, checkpoints: Path, wait: bool = False,
+                 leave_out: Sequence[str] = ()) -> int:
         answer = call_sync(
             self.socket, protocol.CATCH_UP,
             {"session": self.session, "step": have_step, "wait": wait,
-             "checkpoints": str(Path(checkpoints).absolute())},
+             "checkpoints": str(Path(checkpoints).absolute()),
+             "leave_out": sorted(leave_out)},
             timeout=self.sync_timeout,
         )
         return int(answer["step"])

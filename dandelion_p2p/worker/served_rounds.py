@@ -3,7 +3,7 @@
 A joiner whose download of the swarm's state takes several sync intervals loads a state that
 is rounds behind. Every peer keeps the averaged pseudo-gradient of each round it applied (its
 span of the vector, as ``round-RRRRRRRR-M.bin`` with M the round's members) in
-``CHECKPOINTS/rounds/``, the last ``checkpoint.keep_rounds`` of them; its daemon serves them
+``CHECKPOINTS/rounds/``, the last ``rounds_to_keep`` of them; its daemon serves them
 (``RoundsOffer``, ``RoundRead``: protocol/statesync.md), and the joiner applies them in order
 onto the state it loaded (``joining``). Written on a thread, so that a large vector's write
 does not hold training up; the next round's write first waits for it.
@@ -23,6 +23,7 @@ is stored as float32 besides. Little-endian layout::
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import struct
@@ -34,6 +35,7 @@ from numpy.typing import NDArray
 
 from dandelion_p2p.averaging.compression import CODECS
 from dandelion_p2p.errors import ProtocolViolation
+from dandelion_p2p.runconfig.schema import RunConfig
 from dandelion_p2p.worker.protocol import ROUNDS_DIR, round_file_name, round_files
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,32 @@ log = logging.getLogger(__name__)
 MAGIC = b"DKR1"
 HEADER = struct.Struct("<4s8sQI")
 PIECE = 256
+
+
+STATE_BYTES_PER_VALUE = 8
+"""What a joiner downloads per trained value: the global weights and the outer momentum, in
+float32."""
+EMA_BYTES_PER_VALUE = 4
+"""And the EMA, in float32, when the run keeps one."""
+MIN_KEPT = 8
+MAX_KEPT = 64
+
+
+def rounds_to_keep(config: RunConfig) -> int:
+    """``checkpoint.keep_rounds``, or when unset, the rounds a joiner needs whose link can
+    follow the swarm (fetch one round a sync interval): its state is that many rounds' bytes
+    (``STATE_BYTES_PER_VALUE`` over the codec's bytes a value; with F streaming fragments a
+    round carries 1/F of the vector, so F times as many), one more for the round that ends
+    while it asks for them; at least ``MIN_KEPT``, at most ``MAX_KEPT``. Without EMA or
+    fragments: int8 9, int4 16, int2 30."""
+    if config.checkpoint.keep_rounds is not None:
+        return config.checkpoint.keep_rounds
+    codec = CODECS.get(config.averaging.codec) or CODECS["none"]
+    values = 1 << 20
+    state = STATE_BYTES_PER_VALUE + (EMA_BYTES_PER_VALUE if config.training.ema else 0)
+    per_round = codec.encoded_size(values) / values
+    rounds = math.ceil(config.sync.fragments * state / per_round) + 1
+    return min(MAX_KEPT, max(MIN_KEPT, rounds))
 
 
 def max_file_size(elements: int) -> int:

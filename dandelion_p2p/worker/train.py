@@ -30,7 +30,7 @@ import torch
 from dandelion_p2p.errors import ConfigError
 from dandelion_p2p.runconfig.schema import RunConfig
 from dandelion_p2p.runconfig.timeline import fixed_changes
-from dandelion_p2p.worker import diffusion, fragments, joining
+from dandelion_p2p.worker import diffusion, fragments, joining, restoring
 from dandelion_p2p.worker.batches import BatchMaker
 from dandelion_p2p.worker.bucketing import make_buckets
 from dandelion_p2p.worker.checkpoint import Checkpoint, CheckpointStore
@@ -58,7 +58,6 @@ from dandelion_p2p.worker.model import (
 from dandelion_p2p.worker.optimizers import (
     apply_live_settings,
     build_optimizer,
-    load_optimizer_state,
     set_learning_rates,
 )
 from dandelion_p2p.worker.options import WorkerOptions
@@ -73,6 +72,7 @@ from dandelion_p2p.worker.round_rules import (
     needs_catch_up,
     outer_rule,
 )
+from dandelion_p2p.worker.served_rounds import rounds_to_keep
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class Trainer:
         self.position = Position(expected_peers=config.averaging.min_group if link.run else 1)
         self.checkpoints = CheckpointStore(options.work_dir / "checkpoints",
                                            config.checkpoint.keep_last,
-                                           config.checkpoint.keep_rounds)
+                                           rounds_to_keep(config))
         self.reports = TrainingReports(self)
         self.sync_log = (options.work_dir / "sync_log.jsonl").open("a")
         self.config_version = -1
@@ -501,32 +501,7 @@ class Trainer:
         log.info("checkpoint %s", path)
 
     def restore(self, checkpoint: Checkpoint) -> None:
-        names = [name for name, _ in self.c.trainable]
-        if checkpoint.meta.get("names") != names or checkpoint.meta.get("run") != self.config.name:
-            raise ConfigError(
-                f"checkpoint {checkpoint.path} belongs to another run or model; move it away "
-                "or give this run another work folder"
-            )
-        trained = checkpoint.tensors("trainable")
-        with torch.no_grad():
-            for name, param in self.c.trainable:
-                param.copy_(trained[name])
-        if self.ema is not None and checkpoint.has("ema.safetensors"):
-            self.ema.load_state_dict(checkpoint.tensors("ema"), checkpoint.meta["ema_updates"])
-        if self.outer is not None:
-            self.outer.load_state_dict(checkpoint.tensors("outer"))
-        if self.overlap is not None:
-            self.overlap.restore_local(checkpoint)
-        load_optimizer_state(self.optimizer, checkpoint.blob("optimizer"))
-        self.scaler.load_state_dict(checkpoint.blob("scaler"))
-        rng = checkpoint.blob("rng")
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        for key, value in checkpoint.meta["position"].items():
-            setattr(self.position, key, value)
+        restoring.restore(self, checkpoint)
         self.replays = joining.ReplayTally(self.position.global_step)
         log.info("resumed from checkpoint %s at global step %d", checkpoint.path,
                  self.position.global_step)
@@ -575,7 +550,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.decay = c.training.ema_decay
         self.checkpoints.keep_last = c.checkpoint.keep_last
-        self.checkpoints.rounds.keep = c.checkpoint.keep_rounds
+        self.checkpoints.rounds.keep = rounds_to_keep(c)
 
     def close(self) -> None:
         self.checkpoints.rounds.wait()

@@ -28,8 +28,14 @@ from dandelion_p2p.sync.statesync_core import (
     StateChunk,
 )
 from dandelion_p2p.wire import RejectCode, decode, encode
-from dandelion_p2p.worker.served_rounds import RoundArchive, decode_round, encode_round
+from dandelion_p2p.worker.served_rounds import (
+    RoundArchive,
+    decode_round,
+    encode_round,
+    rounds_to_keep,
+)
 from tests.swarm import swarm
+from tests.worker.runconfigs import tiny_run
 
 RUN = "tiny-00112233445566778899aabb"
 PEER = Identity.generate().peer_id
@@ -256,3 +262,29 @@ def test_the_archive_knows_which_round_the_global_weights_came_from(tmp_path: Pa
     nothing_kept = RoundArchive(tmp_path / "none", keep=0)
     nothing_kept.add(3, 2, vector, "none")
     assert nothing_kept.last_added == 3 and not (tmp_path / "none").exists()
+
+
+@pytest.mark.parametrize(("codec", "kept"), [("none", 8), ("fp16", 8), ("int8", 9),
+                                              ("int4", 16), ("int2", 30)])
+def test_peers_keep_the_rounds_a_joiner_that_can_follow_the_swarm_needs(
+    codec: str, kept: int, tmp_path: Path
+) -> None:
+    # Its state (weights and momentum, 8 bytes a value) is that many rounds in the codec: a
+    # link that fetches a round a sync interval downloads it in as many intervals.
+    config = tiny_run(tmp_path, averaging={"codec": codec})
+    assert config.checkpoint.keep_rounds is None
+    assert rounds_to_keep(config) == kept
+    for chosen in (0, 4, 64):
+        assert rounds_to_keep(tiny_run(tmp_path, averaging={"codec": codec},
+                                       checkpoint={"keep_rounds": chosen})) == chosen
+
+
+def test_an_ema_or_streaming_fragments_ask_for_more_kept_rounds(tmp_path: Path) -> None:
+    # An EMA is 4 bytes a value more to download; a fragment's round carries half the vector
+    # with 2 fragments, and comes twice as often.
+    assert rounds_to_keep(tiny_run(tmp_path, averaging={"codec": "int8"},
+                                   training={"ema": True})) == 13
+    assert rounds_to_keep(tiny_run(tmp_path, averaging={"codec": "int8"},
+                                   sync={"local_steps": 4, "fragments": 2})) == 17
+    assert rounds_to_keep(tiny_run(tmp_path, averaging={"codec": "int2"},
+                                   sync={"local_steps": 4, "fragments": 4})) == 64

@@ -162,6 +162,8 @@ def test_a_third_peer_joins_an_overlapping_swarm_mid_run(
         daemon.call("training.stop")
     wait_for([a, b, c], lambda s: all(x["state"] == "stopped" for x in s), "the stop")
     assert "downloaded the state at step" in c.logs(), c.logs()[-5000:]
+    # Only the swarm's state crossed the wire, not the writer's own optimizer and generators.
+    assert re.search(r"leaving out .*optimizer\.pt", c.logs()), c.logs()[-5000:]
     # The state offered is the pair's last checkpoint, up to CHECKPOINT_ROUNDS - 1 rounds
     # behind: the rounds since are fetched and replayed (how many depends on timing).
     print("rounds replayed:", replayed_rounds(c.logs(), interval))

@@ -176,3 +176,27 @@ def test_a_file_no_source_serves_fails_after_its_passes() -> None:
 def test_the_swarm_step_is_the_median_claim() -> None:
     assert robust_step([]) == -1
     assert robust_step([7, 2**52, 9]) == 9
+
+
+def test_a_peer_that_joined_without_the_writers_files_agrees_with_those_that_hold_them() -> None:
+    # It offers the outer optimizer's state alone: for a joiner that leaves the rest out too,
+    # it holds the same state as the full checkpoints and adds to their support; it serves
+    # the file they share.
+    thin = StateOffered(run=RUN, step=9, names=("outer.safetensors",), sizes=(10,),
+                        hashes=("outer.safetensors",))
+    leave_out = frozenset({"trainable.safetensors", "optimizer.pt"})
+    offers: OfferRound[str] = OfferRound(RUN, have_step=-1, leave_out=leave_out)
+    offers.received("full", offered(9))
+    offers.received("thin", thin)
+    offers.received("older-a", offered(6))
+    offers.received("older-b", offered(6))
+    chosen = offers.choose(asked=4)
+    assert chosen.step == 9 and set(chosen.offers) == {"full", "thin"}
+    assert chosen.sources_of("outer.safetensors") == ["full", "thin"]
+    # A joiner that downloads every file tells the two apart, and takes the older state
+    # more peers hold whole.
+    whole: OfferRound[str] = OfferRound(RUN, have_step=-1)
+    for peer, offer in (("full", offered(9)), ("thin", thin), ("older-a", offered(6)),
+                        ("older-b", offered(6))):
+        whole.received(peer, offer)
+    assert whole.choose(asked=4).step == 6

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,8 @@ class SwarmWritesLater(ReportedRounds):
         self.stop_after = stop_after
         self.asked: list[int] = []
 
-    def catch_up(self, have_step: int, checkpoints: Path, wait: bool = False) -> int:
+    def catch_up(self, have_step: int, checkpoints: Path, wait: bool = False,
+                 leave_out: Sequence[str] = ()) -> int:
         self.asked.append(have_step)
         if self.offered is None or len(self.asked) < self.offer_from:
             return -1
