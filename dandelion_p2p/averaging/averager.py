@@ -29,15 +29,16 @@ import numpy as np
 import trio
 from libp2p.peer.id import ID
 
+from dandelion_p2p.averaging.accepted_channels import AcceptedChannels
 from dandelion_p2p.averaging.allreduce import AllReducePeer
 from dandelion_p2p.averaging.compression import BufferErrorFeedback, get_codec
 from dandelion_p2p.averaging.group import GroupSpec
+from dandelion_p2p.averaging.kept_channels import PURPOSE_KEPT, PURPOSE_ONE_ROUND
 from dandelion_p2p.averaging.matchmaking import Matchmaker, MatchmakingSettings
-from dandelion_p2p.averaging.member_links import PURPOSE, MemberLinks, Round
+from dandelion_p2p.averaging.member_links import MemberLinks, Round
 from dandelion_p2p.averaging.messages import (
     MAX_LISTED_BANS,
     AveragingAnnouncement,
-    decode_hello,
 )
 from dandelion_p2p.averaging.ports import (
     ChannelOpener,
@@ -48,8 +49,7 @@ from dandelion_p2p.averaging.ports import (
 )
 from dandelion_p2p.averaging.proofs import ProofExchange
 from dandelion_p2p.averaging.report import ExclusionReason, RoundReport
-from dandelion_p2p.dataplane.channel import Channel
-from dandelion_p2p.errors import DandelionError, PeerUnavailable, ProtocolViolation
+from dandelion_p2p.errors import DandelionError
 from dandelion_p2p.reputation.book import ScoreEvent
 from dandelion_p2p.runconfig.schema import DEFAULT_CHUNK_TIMEOUT
 
@@ -102,7 +102,8 @@ class Averager:
     ``signer`` signs chunks and results as this peer; ``records`` holds the round
     announcements; ``links`` connects to the other members; ``reputation`` holds this node's
     bans and takes each round's score events; ``dataplane`` carries the frames; the
-    "finished" announcement of a round is republished in ``background`` when given. A
+    "finished" announcement of a round is republished in ``background`` when given, and
+    the channels this peer opens are kept there between rounds (``kept_channels``). A
     ``SwarmNode`` satisfies ``links`` and ``reputation``, its ``identity`` ``signer`` and its
     ``records`` ``records``.
     """
@@ -141,8 +142,11 @@ class Averager:
         self.reports: list[RoundReport] = []
         self.member_links = MemberLinks(
             me=self.me, run=run, links=links, dataplane=dataplane, reputation=reputation,
-            settings=self.settings, left=self._left_round,
+            settings=self.settings, left=self._left_round, background=background,
         )
+        self.accepted = AcceptedChannels(
+            run=run, open_timeout=self.settings.open_timeout, round_for=self._round_for_hello,
+            keeping=lambda: self.member_links.kept.keeping)
 
     @property
     def channels_reopened(self) -> int:
@@ -158,14 +162,19 @@ class Averager:
                 plane (an averager of another run not uninstalled).
         """
         if not self._installed:
-            self.dataplane.register(PURPOSE, self._inbound)
+            self.dataplane.register(PURPOSE_KEPT, self.accepted.handle)
+            self.dataplane.register(PURPOSE_ONE_ROUND, self.accepted.handle)
             self._installed = True
+            self.member_links.kept.keeping = True
 
     def uninstall(self) -> None:
         """Stop serving inbound averaging channels (rounds in progress keep theirs)."""
         if self._installed:
-            self.dataplane.unregister(PURPOSE)
+            self.dataplane.unregister(PURPOSE_KEPT)
+            self.dataplane.unregister(PURPOSE_ONE_ROUND)
             self._installed = False
+        self.member_links.kept.close_all()
+        self.accepted.close_all()
 
     def _announce_finished(self, announcement: AveragingAnnouncement) -> None:
         """Tell peers still to come that this round is over here (in the background: the
@@ -214,42 +223,17 @@ class Averager:
         now = time.time()
         return frozenset(s.peer_id for s in self.reputation.scores.snapshot(now) if s.score > 0)
 
-    async def _inbound(self, channel: Channel) -> None:
-        """A member with a smaller peer id opened a channel to us for some round."""
-        try:
-            hello = decode_hello(await channel.receive(timeout=self.settings.open_timeout))
-        except (ProtocolViolation, PeerUnavailable) as exc:
-            log.info("averaging channel from %s refused: %s", channel.peer_id, exc)
-            return
-        if hello.run != self.run:
-            return
-        round_ = hello.round
+    async def _round_for_hello(self, round_: int) -> Round | None:
+        """The round a channel's hello names, once matched here (``AcceptedChannels``)."""
         if round_ <= self._ended_through and round_ not in self._rounds:
-            # That round is over here. Closing at once tells the opener so (a member that
+            # That round is over here. Saying so at once tells the opener (a member that
             # lost its channel to us and opens a new one), where waiting for the round to
             # start would hold it until its result timeout.
-            return
+            return None
         ready = self._round_ready.setdefault(round_, trio.Event())
         with trio.move_on_after(self.settings.matchmaking.gather_window * 4 + 10):
             await ready.wait()
-        rnd = self._rounds.get(round_)
-        peer = channel.peer_id.to_bytes()
-        if rnd is None or peer not in rnd.inbound:
-            return
-        try:
-            rnd.inbound[peer].send_nowait(channel)
-        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
-            return
-        # Until the round ends, or the channel does (lost and replaced by another: the data
-        # plane then gives its slot back).
-        async with trio.open_nursery() as nursery:
-
-            async def until(event: trio.Event) -> None:
-                await event.wait()
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(until, rnd.finished)
-            nursery.start_soon(until, channel.finished)
+        return self._rounds.get(round_)
 
     def error_feedback_for(self, size: int) -> BufferErrorFeedback:
         """Error feedback for a vector of ``size`` elements under this averager's codec."""
@@ -403,6 +387,7 @@ class Averager:
 
         rnd = Round(spec, self.me)
         rnd.skip(gone)
+        self.member_links.kept.keep_only(set(spec.peer_ids))
         self._rounds[round_] = rnd
         self._round_ready.setdefault(round_, trio.Event()).set()
         try:

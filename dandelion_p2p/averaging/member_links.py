@@ -6,7 +6,8 @@ connected); ``MemberLinks.link`` runs one member's channel for a round: the memb
 smaller peer id opens it, the other takes it from the inbound handler; frames are written
 and read until the round ends. A channel that breaks while the round still needs the member
 is replaced, and what it may not have delivered is written again (protocol/averaging.md
-section 14.2).
+section 14.2). At the round's end a channel is kept for the member's next round
+(``kept_channels``) or closed.
 """
 
 from __future__ import annotations
@@ -22,21 +23,29 @@ from libp2p.peer.id import ID
 
 from dandelion_p2p.averaging.allreduce import AllReducePeer
 from dandelion_p2p.averaging.group import GroupSpec
-from dandelion_p2p.averaging.messages import ChannelHello, encode_hello
+from dandelion_p2p.averaging.kept_channels import (
+    PURPOSE_KEPT,
+    PURPOSE_ONE_ROUND,
+    KeptChannels,
+    close,
+)
+from dandelion_p2p.averaging.messages import ChannelHello, encode_hello, idle_in
 from dandelion_p2p.averaging.ports import ChannelOpener, PeerLinks, PeerReputation
 from dandelion_p2p.averaging.sends import MAX_RESENDS, Send
 from dandelion_p2p.dataplane.channel import Channel
 from dandelion_p2p.dataplane.errors import ChannelClosed
-from dandelion_p2p.errors import DandelionError, PeerUnavailable
+from dandelion_p2p.errors import DandelionError, PeerUnavailable, RemoteRejected
+from dandelion_p2p.wire import RejectCode
 
 if TYPE_CHECKING:
     from dandelion_p2p.averaging.averager import AveragingSettings
 
 log = logging.getLogger(__name__)
 
-PURPOSE = "averaging/1"
 REOPEN_RETRY = 0.5
 """Seconds between tries to open a new channel to a member whose channel was lost."""
+KEPT_HELLO_TIMEOUT = 1.0
+"""Seconds a hello on a kept channel may wait for credit before a new channel is opened."""
 ASK_IF_LEFT_EVERY = 1.0
 """Seconds between two looks, while a member's channel is awaited, at whether the member
 announced that it leaves the round (``MemberLinks(left=)``)."""
@@ -77,6 +86,10 @@ class Round:
         self.channels: dict[bytes, Channel] = {}
         self.unreachable: set[bytes] = set()
         self.changed = trio.Event()
+        # Accepted channels the round is done with, for their inbound handlers to keep
+        # (``hand_back``): the channel, and whether the member said it is done too.
+        self.returned: dict[bytes, tuple[Channel, bool]] = {}
+        self.returned_events = {peer: trio.Event() for peer in self.outboxes}
 
     @property
     def state(self) -> AllReducePeer:
@@ -107,6 +120,11 @@ class Round:
                     box.send_nowait(send)
         self.changed.set()
 
+    def hand_back(self, peer: bytes, channel: Channel, peer_rested: bool) -> None:
+        """An accepted channel this round is done with goes back to its inbound handler."""
+        self.returned[peer] = (channel, peer_rested)
+        self.returned_events[peer].set()
+
     def fail(self, peer: bytes, reason: str) -> None:
         if self._state is None:
             self.unreachable.add(peer)
@@ -132,9 +150,11 @@ class MemberLinks:
         reputation: PeerReputation,
         settings: AveragingSettings,
         left: LeftRound | None = None,
+        background: trio.Nursery | None = None,
     ) -> None:
         self.me = me
         self.left = left
+        self.kept = KeptChannels(background)
         self.run = run
         self.links = links
         self.dataplane = dataplane
@@ -149,9 +169,10 @@ class MemberLinks:
         times) and what it may not have delivered is written again on the new one."""
         peer_id = ID(peer)
         s = self.settings
+        reused = False
         try:
             if self.me < peer:
-                channel = await self._open_by(rnd, round_, peer_id, s.open_timeout)
+                channel, reused = await self._open_by(rnd, round_, peer_id, s.open_timeout)
             else:
                 channel = await self._accepted(rnd, round_, peer_id)
         except (DandelionError, trio.TooSlowError) as exc:
@@ -166,7 +187,8 @@ class MemberLinks:
         reopened = 0
         while True:
             rnd.channels[peer] = channel
-            lost, channel_next = await self._pump(rnd, peer, channel, written, resend)
+            lost, channel_next = await self._pump(rnd, round_, peer, channel, written, resend,
+                                                  reused)
             if lost is None:
                 rnd.writing.discard(peer)
                 rnd.changed.set()
@@ -175,20 +197,30 @@ class MemberLinks:
                 if reopened >= MAX_RESENDS or not rnd.ready.is_set() or not (
                     rnd.state.wants_link(peer)
                 ):
+                    # Closed in order: the member learns at once that this peer is done
+                    # with it, and waits for no new channel.
+                    await close(channel)
                     rnd.writing.discard(peer)
                     rnd.fail(peer, lost)
                     return
+                # Cut off, not closed: the member too takes it for lost and waits for the
+                # new one, where a CLOSE would tell it that this peer ended its round.
+                channel.abort()
                 try:
-                    channel_next = await self._reopen(rnd, round_, peer_id)
+                    channel_next, reused = await self._reopen(rnd, round_, peer_id)
                 except (DandelionError, trio.TooSlowError) as exc:
                     rnd.writing.discard(peer)
                     rnd.fail(peer, f"{lost}; no new channel: {exc}")
                     return
             elif reopened >= MAX_RESENDS:
-                await _close(channel_next)
+                channel.abort()
+                await close(channel_next)
                 rnd.writing.discard(peer)
                 rnd.fail(peer, lost)
                 return
+            else:
+                channel.abort()  # the member replaced it
+                reused = False
             reopened += 1
             self.reopened += 1
             channel = channel_next
@@ -196,19 +228,43 @@ class MemberLinks:
             log.info("round %d: channel to %s lost (%s); %d frames sent again on a new one",
                      round_, peer_id, lost, len(resend))
 
-    async def _open(self, rnd: Round, round_: int, peer_id: ID, timeout: float) -> Channel:
-        """Open the round's channel to a member with a larger peer id and say which round
-        it is for."""
+    async def _open(
+        self, rnd: Round, round_: int, peer_id: ID, timeout: float
+    ) -> tuple[Channel, bool]:
+        """The round's channel to a member with a larger peer id, the hello that says which
+        round it is for sent on it: one kept from an earlier round when there is one and
+        the member is still connected (True), else a new one (False)."""
         await self.links.connect_peer(peer_id)
-        channel = await self.dataplane.open(peer_id, PURPOSE, timeout=timeout)
+        peer = peer_id.to_bytes()
+        hello = encode_hello(ChannelHello(self.run, round_, rnd.spec.group_id))
+        kept = self.kept.take(peer) if self.links.is_connected(peer_id) else None
+        if kept is not None:
+            try:
+                # An idle channel has its whole credit: a hello that waits is not worth it.
+                await kept.send(hello, timeout=KEPT_HELLO_TIMEOUT)
+                return kept, True
+            except DandelionError as exc:
+                log.debug("kept channel to %s not usable: %s", peer_id, exc)
+                await close(kept)
+            except BaseException:
+                await close(kept)
+                raise
+        purpose = self.kept.purpose_for(peer)
         try:
-            await channel.send(encode_hello(ChannelHello(self.run, round_, rnd.spec.group_id)))
+            channel = await self.dataplane.open(peer_id, purpose, timeout=timeout)
+        except RemoteRejected as exc:
+            if purpose != PURPOSE_KEPT or exc.code != RejectCode.NOT_FOUND:
+                raise
+            channel = await self.dataplane.open(peer_id, PURPOSE_ONE_ROUND, timeout=timeout)
+            self.kept.serves_one_round_only(peer)
+        try:
+            await channel.send(hello)
         except BaseException:
-            await _close(channel)  # a channel given up on is not left to the round's end
+            await close(channel)  # a channel given up on is not left to the round's end
             raise
-        return channel
+        return channel, False
 
-    async def _reopen(self, rnd: Round, round_: int, peer_id: ID) -> Channel:
+    async def _reopen(self, rnd: Round, round_: int, peer_id: ID) -> tuple[Channel, bool]:
         """A new channel to a member whose channel was lost, within the time the round
         allows a silent member (``min(open_timeout, chunk_timeout)``): the opener dials
         again (another relay, or directly, whatever the links find), retrying until then;
@@ -221,13 +277,13 @@ class MemberLinks:
         timeout = min(s.open_timeout, s.chunk_timeout)
         if self.me > peer_id.to_bytes():
             with trio.move_on_after(timeout):
-                return await rnd.inbound_recv[peer_id.to_bytes()].receive()
+                return await rnd.inbound_recv[peer_id.to_bytes()].receive(), False
             raise PeerUnavailable(f"{peer_id} opened no new channel in time")
         return await self._open_by(rnd, round_, peer_id, timeout)
 
     async def _open_by(
         self, rnd: Round, round_: int, peer_id: ID, timeout: float
-    ) -> Channel:
+    ) -> tuple[Channel, bool]:
         """``_open``, tried again until ``timeout`` (a dial through a relay can fail while
         the peer's reservation or our own connection to the relay is being made anew).
 
@@ -250,18 +306,23 @@ class MemberLinks:
                 await trio.sleep(REOPEN_RETRY)
 
     async def _pump(
-        self, rnd: Round, peer: bytes, channel: Channel, written: list[Send],
-        resend: list[Send],
+        self, rnd: Round, round_: int, peer: bytes, channel: Channel, written: list[Send],
+        resend: list[Send], reused: bool,
     ) -> tuple[str | None, Channel | None]:
         """Frames both ways on ``channel`` until the round ends (None) or the channel is
-        lost (why, and the channel the peer opened to replace it, if it did)."""
+        lost (why, and the channel the peer opened to replace it, if it did). ``reused``:
+        the channel was kept from an earlier round, and its end before the member's first
+        frame is a loss (the member closed it idle as the hello went out), not the member's
+        end of the round."""
         lost: list[str] = []
         newer: list[Channel] = []
+        ended = _Ended(closed_is_lost=reused)
+        intact = False
         try:
             async with trio.open_nursery() as nursery:
 
                 async def write() -> None:
-                    failure = await self._write(rnd, peer, channel, written, resend)
+                    failure = await self._write(rnd, peer, channel, written, resend, ended)
                     if failure is not None:
                         lost.append(failure)
                         nursery.cancel_scope.cancel()
@@ -276,13 +337,31 @@ class MemberLinks:
                 nursery.start_soon(write)
                 if self.me > peer:
                     nursery.start_soon(superseded)
-                failure = await self._read(rnd, peer, channel)
+                failure = await self._read(rnd, round_, peer, channel, ended)
                 if failure is not None:
                     lost.append(failure)
                 nursery.cancel_scope.cancel()
+            intact = True
+        except BaseException as exc:
+            intact = _only_cancelled(exc)  # the round ended
+            raise
         finally:
-            await _close(channel)
+            if not lost:  # a lost channel is the caller's to dispose of
+                with trio.CancelScope(shield=True):
+                    await self._done_with(rnd, round_, peer, channel, intact, ended.rested)
         return (lost[0] if lost else None), (newer[0] if newer else None)
+
+    async def _done_with(self, rnd: Round, round_: int, peer: bytes, channel: Channel,
+                         intact: bool, peer_rested: bool) -> None:
+        """The round is done with ``channel``: one that may carry the next round is kept
+        (the opener's by ``kept``, an accepted one by its inbound handler); any other, or
+        one left by an error, closed."""
+        if not intact or channel.purpose != PURPOSE_KEPT or not channel.is_open:
+            await close(channel)
+        elif self.me < peer:
+            await self.kept.release(channel, peer, self.run, round_, peer_rested)
+        else:
+            rnd.hand_back(peer, channel, peer_rested)
 
     async def _accepted(self, rnd: Round, round_: int, peer_id: ID) -> Channel:
         """The channel ``peer_id`` opens to us. A peer whose libp2p connection drops while we
@@ -317,7 +396,7 @@ class MemberLinks:
 
     async def _write(
         self, rnd: Round, peer: bytes, channel: Channel, written: list[Send],
-        resend: list[Send],
+        resend: list[Send], ended: _Ended,
     ) -> str | None:
         """Write ``resend`` again, then the member's queue as it fills, noting each frame
         in ``written`` before it goes out (one cut off mid-write may be lost); why the
@@ -329,6 +408,8 @@ class MemberLinks:
                 written.append(send)
                 await channel.send(send.buffers())
         except ChannelClosed as exc:
+            if ended.closed_is_lost:
+                return f"kept channel closed: {exc}"
             # Closed in order (the peer ended its round): nothing was lost, nothing to reopen.
             rnd.fail(peer, f"send failed: {exc}")
         except DandelionError as exc:
@@ -337,7 +418,9 @@ class MemberLinks:
         rnd.changed.set()
         return None
 
-    async def _read(self, rnd: Round, peer: bytes, channel: Channel) -> str | None:
+    async def _read(
+        self, rnd: Round, round_: int, peer: bytes, channel: Channel, ended: _Ended
+    ) -> str | None:
         # One buffer per link, reused for every frame: the state machine keeps nothing that
         # points into a frame, and a fresh multi-MiB allocation per frame costs page faults.
         buffer = bytearray(channel.receive_max_frame)
@@ -346,17 +429,28 @@ class MemberLinks:
         # only the bytes after it count.
         first = last = 0.0
         received = -1
+        kept = channel.purpose == PURPOSE_KEPT
         await rnd.ready.wait()
         try:
             while True:
                 try:
                     n = await channel.receive_into(view)
                 except ChannelClosed as exc:
+                    if ended.closed_is_lost:
+                        return f"kept channel closed: {exc}"
                     # Closed in order (the peer ended its round): nothing to reopen.
                     rnd.fail(peer, f"receive failed: {exc}")
                     return None
                 except DandelionError as exc:
                     return f"receive failed: {exc}"
+                ended.closed_is_lost = False
+                if kept and (idle := idle_in(view[:n])) is not None:
+                    if idle.run != self.run or idle.round != round_:
+                        return f"idle for round {idle.round} in round {round_}"
+                    # The member ended its round, as a CLOSE says on a one-round channel.
+                    ended.rested = True
+                    rnd.fail(peer, "it ended its round")
+                    return None
                 last = trio.current_time()
                 if received < 0:
                     first, received = last, 0
@@ -370,7 +464,19 @@ class MemberLinks:
                 self.reputation.record_link_rate(peer, received, last - first)
 
 
-async def _close(channel: Channel) -> None:
-    with trio.move_on_after(2.0) as scope:
-        scope.shield = True
-        await channel.aclose()
+def _only_cancelled(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(trio.Cancelled)[1] is None
+    return isinstance(exc, trio.Cancelled)
+
+
+class _Ended:
+    """How a channel's round ended, as its reader and writer saw it."""
+
+    __slots__ = ("closed_is_lost", "rested")
+
+    def __init__(self, closed_is_lost: bool) -> None:
+        self.closed_is_lost = closed_is_lost
+        """A close now is a loss (a kept channel the member has not spoken on yet)."""
+        self.rested = False
+        """The member sent its ``ChannelIdle``: it is done with the round on this channel."""

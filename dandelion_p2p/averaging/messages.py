@@ -292,6 +292,20 @@ class ResultEcho(Message):
             raise invalid(f"ResultEcho.group_id must be {GROUP_ID_SIZE} bytes")
 
 
+@AVERAGING.message(7)
+class ChannelIdle(Message):
+    """On a channel kept from round to round (purpose ``averaging/2``): the sender sends
+    nothing more for ``round`` on it. Once both ends said so the channel is idle, and the
+    opener may begin a later round on it with a new ``ChannelHello`` (section 6.6)."""
+
+    run: bytes
+    round: int
+
+    def check(self) -> None:
+        check_run(self.run, "ChannelIdle.run")
+        check_round(self.round, "ChannelIdle.round")
+
+
 def payload_digest(payload: Buffer) -> bytes:
     """BLAKE3-256 of the payload bytes."""
     return blake3.blake3(payload).digest()
@@ -386,6 +400,32 @@ def decode_hello(frame: Buffer) -> ChannelHello:
     Its size is checked before anything is decoded. Raises ``ProtocolViolation``
     (``TOO_LARGE``, ``MALFORMED``, ``UNSUPPORTED_VERSION``, ``UNKNOWN_TYPE``, ``INVALID_FIELD``).
     """
+    hello = _decode_bare(frame)
+    if not isinstance(hello, ChannelHello):
+        raise ProtocolViolation(
+            RejectCode.UNKNOWN_TYPE, f"{type(hello).__name__} is not a ChannelHello"
+        )
+    return hello
+
+
+def encode_idle(idle: ChannelIdle) -> bytes:
+    return join_frame(pack_frame(idle))
+
+
+def idle_in(frame: Buffer) -> ChannelIdle | None:
+    """The ``ChannelIdle`` ``frame`` holds, or None for any other frame (a chunk, a result,
+    or a frame that is no frame at all: the state machine judges those)."""
+    if memoryview(frame).nbytes > MAX_HELLO:
+        return None
+    try:
+        idle = _decode_bare(frame)
+    except ProtocolViolation:
+        return None
+    return idle if isinstance(idle, ChannelIdle) else None
+
+
+def _decode_bare(frame: Buffer) -> Message:
+    """The header of a frame that carries no payload, its size checked before decoding."""
     view = memoryview(frame).cast("B")
     if view.nbytes > MAX_HELLO:
         raise ProtocolViolation(RejectCode.TOO_LARGE, f"hello of {view.nbytes} bytes")
@@ -396,12 +436,7 @@ def decode_hello(frame: Buffer) -> ChannelHello:
         raise ProtocolViolation(RejectCode.MALFORMED, "hello header longer than the frame")
     if FRAME_PREFIX.size + head_len < view.nbytes:
         raise ProtocolViolation(RejectCode.MALFORMED, "a ChannelHello carries no payload")
-    hello = decode(bytes(view[FRAME_PREFIX.size :]), AVERAGING)
-    if not isinstance(hello, ChannelHello):
-        raise ProtocolViolation(
-            RejectCode.UNKNOWN_TYPE, f"{type(hello).__name__} is not a ChannelHello"
-        )
-    return hello
+    return decode(bytes(view[FRAME_PREFIX.size :]), AVERAGING)
 
 
 def encode_announcement(announcement: AveragingAnnouncement) -> bytes:

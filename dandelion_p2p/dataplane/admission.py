@@ -13,9 +13,11 @@ from typing import TypeVar
 
 K = TypeVar("K")
 
-# An honest peer holds one channel per round with each member; the current round, the one
-# still closing and a retry fit in 8. A group is at most 64 members as formed (averaging's
-# candidate_group), and the round before may still be closing: 256 in total.
+# An honest peer holds one channel per round with each member, kept idle between rounds
+# (averaging/2): the current round's, one still closing or resting and a retry fit in 8. A
+# group is at most 64 members as formed (averaging's candidate_group); an averager keeps idle
+# only the channels of members of its last round, and the round before may still be closing:
+# 256 in total.
 DEFAULT_CHANNELS_PER_PEER = 8
 DEFAULT_CHANNELS_PER_NETWORK = 64
 DEFAULT_CHANNELS_TOTAL = 256

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Literal, Protocol, TypeVar, cast
@@ -182,6 +183,9 @@ class Channel:
         on_violation: ViolationSink | None = None,
     ) -> None:
         self.peer_id = peer_id
+        self.created = time.monotonic()
+        """When the channel was made (``time.monotonic``): a user that keeps it for reuse
+        bounds its age."""
         self.on_violation = on_violation
         self.purpose = purpose
         self.mode = mode
@@ -277,7 +281,7 @@ class Channel:
         if self._receive_error is None:
             self._receive_error = closed
         self._queue.clear()
-        self._release_buffers()
+        self.release_buffers()
         self._wake_receivers()
         self._grant_wanted.set()
         if self._started:
@@ -286,10 +290,10 @@ class Channel:
             await self._transport.aclose()
             self.finished.set()
 
-    def _release_buffers(self) -> None:
-        """Give back the MiBs this channel holds for frames: it sends nothing more and
-        delivers nothing more, though its transport may linger a few seconds (by when the
-        next averaging round has its own channels)."""
+    def release_buffers(self) -> None:
+        """Give back the MiBs this channel holds for frames: once it is closed (its transport
+        may linger a few seconds), or while it idles between uses. Later frames get fresh
+        buffers, not pooled ones."""
         self._send_buffer = bytearray()
         self._plain_buffer = bytearray()
         self._core.opener.release_pool()

@@ -14,9 +14,15 @@ import trio
 
 from dandelion_p2p.averaging.averager import Averager, AveragingSettings, NoGroup
 from dandelion_p2p.averaging.group import bounded_weights
+from dandelion_p2p.averaging.kept_channels import PURPOSE_KEPT, PURPOSE_ONE_ROUND
 from dandelion_p2p.averaging.matchmaking import Matchmaker, MatchmakingSettings
-from dandelion_p2p.averaging.member_links import PURPOSE
-from dandelion_p2p.averaging.messages import AveragingAnnouncement, ChannelHello, encode_hello
+from dandelion_p2p.averaging.messages import (
+    AveragingAnnouncement,
+    ChannelHello,
+    ChannelIdle,
+    encode_hello,
+    idle_in,
+)
 from dandelion_p2p.averaging.report import RoundReport
 from dandelion_p2p.dataplane.errors import ChannelClosed
 from dandelion_p2p.dataplane.service import DataPlane
@@ -304,20 +310,24 @@ async def test_a_joiner_one_member_cannot_reach_leaves_the_others_one_group(
     assert (joiner.to_bytes(), "failed") in {(e.peer, e.reason.value) for e in first.excluded}
 
 
-async def test_a_channel_for_a_round_that_ended_here_is_closed_at_once() -> None:
+@pytest.mark.parametrize("purpose", [PURPOSE_KEPT, PURPOSE_ONE_ROUND])
+async def test_a_channel_for_a_round_that_ended_here_is_closed_at_once(purpose: str) -> None:
     # A member that lost its channel and opens a new one to a peer whose round is over
-    # learns it at once (an orderly close), instead of waiting for that peer's results
-    # until its result timeout.
+    # learns it at once (an orderly close; on a kept channel, its ChannelIdle first),
+    # instead of waiting for that peer's results until its result timeout.
     async with averaging_swarm(2, FAST) as members:
         buffers = [np.full(50_000, i + 1.0, dtype=np.float32) for i in range(2)]
         async with trio.open_nursery() as nursery:
             for member, buf in zip(members, buffers, strict=True):
                 nursery.start_soon(member.averager.all_reduce, buf, 1.0, 1)
         opener, acceptor = sorted(members, key=lambda m: m.node.identity.peer_id_bytes)
-        channel = await opener.dataplane.open(acceptor.node.identity.peer_id, PURPOSE)
+        channel = await opener.dataplane.open(acceptor.node.identity.peer_id, purpose)
         await channel.send(encode_hello(ChannelHello(RUN, 1, b"\0" * 32)))
-        with trio.fail_after(5), pytest.raises(ChannelClosed):
-            await channel.receive()
+        with trio.fail_after(5):
+            if purpose == PURPOSE_KEPT:
+                assert idle_in(await channel.receive()) == ChannelIdle(run=RUN, round=1)
+            with pytest.raises(ChannelClosed):
+                await channel.receive()
         await channel.aclose()
 
 
@@ -333,7 +343,7 @@ async def test_a_hello_for_a_round_that_never_runs_here_is_forgotten_when_a_late
 
         await both_run(1)
         opener, acceptor = sorted(members, key=lambda m: m.node.identity.peer_id_bytes)
-        channel = await opener.dataplane.open(acceptor.node.identity.peer_id, PURPOSE)
+        channel = await opener.dataplane.open(acceptor.node.identity.peer_id, PURPOSE_KEPT)
         await channel.send(encode_hello(ChannelHello(RUN, 3, b"\0" * 32)))
         with trio.fail_after(5):
             while 3 not in acceptor.averager._round_ready:

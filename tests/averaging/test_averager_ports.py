@@ -12,7 +12,8 @@ import pytest
 import trio
 from libp2p.peer.id import ID
 
-from dandelion_p2p.averaging.averager import PURPOSE, Averager, AveragingSettings, NoGroup
+from dandelion_p2p.averaging.averager import Averager, AveragingSettings, NoGroup
+from dandelion_p2p.averaging.kept_channels import PURPOSE_KEPT, PURPOSE_ONE_ROUND
 from dandelion_p2p.averaging.matchmaking import AVERAGING_NAMESPACE, MatchmakingSettings
 from dandelion_p2p.averaging.messages import decode_announcement
 from dandelion_p2p.identity import Identity
@@ -106,7 +107,7 @@ def test_constructing_an_averager_registers_nothing() -> None:
     assert dataplane.handlers == {} and records.puts == []
     averager.install()
     averager.install()
-    assert list(dataplane.handlers) == [PURPOSE]
+    assert list(dataplane.handlers) == [PURPOSE_KEPT, PURPOSE_ONE_ROUND]
     averager.uninstall()
     assert dataplane.handlers == {}
 
@@ -120,7 +121,7 @@ def test_a_second_averager_on_one_data_plane_is_refused_until_the_first_gives_wa
         second.install()
     first.uninstall()
     second.install()
-    assert list(dataplane.handlers) == [PURPOSE]
+    assert list(dataplane.handlers) == [PURPOSE_KEPT, PURPOSE_ONE_ROUND]
 
 
 async def test_a_round_alone_announces_through_the_record_store_and_finds_no_group() -> None:
@@ -133,6 +134,7 @@ async def test_a_round_alone_announces_through_the_record_store_and_finds_no_gro
     assert namespace == AVERAGING_NAMESPACE
     assert (announcement.round, announcement.weight) == (4, 2.0)
     assert announcement.accepts_connections and announcement.endpoint == "127.0.0.1:9"
-    assert list(dataplane.handlers) == [PURPOSE]  # installed before announcing
+    # Installed before announcing.
+    assert list(dataplane.handlers) == [PURPOSE_KEPT, PURPOSE_ONE_ROUND]
     assert node.connected == [] and dataplane.opened == [] and node.recorded == []
     assert np.all(buffer == 1.0)

@@ -13,8 +13,8 @@ import pytest
 import trio
 from libp2p.peer.id import ID
 
-from dandelion_p2p.averaging.averager import PURPOSE
 from dandelion_p2p.averaging.group import consensus_bans, form_groups
+from dandelion_p2p.averaging.kept_channels import PURPOSE_KEPT, PURPOSE_ONE_ROUND
 from dandelion_p2p.averaging.matchmaking import AVERAGING_NAMESPACE, round_key
 from dandelion_p2p.averaging.messages import (
     AveragingAnnouncement,
@@ -238,7 +238,8 @@ async def test_a_member_that_never_answers_costs_one_round() -> None:
         async def hold_silently(channel: Channel) -> None:
             await trio.sleep_forever()
 
-        liar.dataplane.register(PURPOSE, hold_silently)
+        liar.dataplane.register(PURPOSE_KEPT, hold_silently)
+        liar.dataplane.register(PURPOSE_ONE_ROUND, hold_silently)
         opened: list[Channel] = []
 
         async def lie(round_: int) -> None:
@@ -252,7 +253,7 @@ async def test_a_member_that_never_answers_costs_one_round() -> None:
             for peer in spec.peer_ids:
                 if liar_id < peer:
                     await liar.node.connect_peer(ID(peer))
-                    channel = await liar.dataplane.open(ID(peer), PURPOSE, timeout=10.0)
+                    channel = await liar.dataplane.open(ID(peer), PURPOSE_KEPT, timeout=10.0)
                     await channel.send(encode_hello(ChannelHello(RUN_OF_SWARM, round_,
                                                                  spec.group_id)))
                     opened.append(channel)
