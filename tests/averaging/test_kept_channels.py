@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import numpy as np
 import pytest
 import trio
@@ -16,6 +18,7 @@ from dandelion_p2p.averaging.messages import (
     idle_in,
 )
 from dandelion_p2p.averaging.report import RoundReport
+from dandelion_p2p.dataplane.channel import Channel
 from tests.averaging.test_averager import FAST, RUN, Member, averaging_swarm
 
 
@@ -74,24 +77,41 @@ async def test_rounds_back_to_back_begin_on_the_channels_of_the_round_before() -
         assert all(r.complete and r.fraction_averaged == 1.0 for r in round_reports)
 
 
+async def pair_after_a_round(members: list[Member]) -> tuple[Member, Member]:
+    """The opener and the acceptor of a pair whose channel of round 1 rests."""
+    await rounds(members, 1, 1)
+    await rested(members, 1)
+    opener, acceptor = sorted(members, key=lambda m: m.node.identity.peer_id_bytes)
+    return opener, acceptor
+
+
+def before_serving(acceptor: Member,
+                   first: Callable[[Channel, ChannelHello], Awaitable[bool]]) -> None:
+    """Run ``first`` on each hello the acceptor reads before the round takes the channel;
+    False: the round does not (the channel is refused)."""
+    serve = acceptor.averager.accepted._serve
+
+    async def serve_after(channel: Channel, hello: ChannelHello) -> bool | None:
+        return await serve(channel, hello) if await first(channel, hello) else None
+
+    acceptor.averager.accepted._serve = serve_after  # type: ignore[method-assign]
+
+
 async def test_a_kept_channel_its_acceptor_closes_as_the_hello_comes_is_replaced() -> None:
     async with averaging_swarm(2, FAST) as members:
-        await rounds(members, 1, 1)
-        await rested(members, 1)
-        opener, acceptor = sorted(members, key=lambda m: m.node.identity.peer_id_bytes)
-        serve_round = acceptor.averager.accepted._serve
+        opener, acceptor = await pair_after_a_round(members)
         dropped: list[int] = []
 
-        async def drop_once(channel, hello):  # type: ignore[no-untyped-def]
-            if not dropped:
-                # As when the acceptor's wait for the next hello ran out just as the hello
-                # came: the channel is closed with nothing said on it.
-                dropped.append(hello.round)
-                await channel.aclose()
-                return None
-            return await serve_round(channel, hello)
+        async def drop_once(channel: Channel, hello: ChannelHello) -> bool:
+            if dropped:
+                return True
+            # As when the acceptor's wait for the next hello ran out just as the hello came:
+            # the channel is closed with nothing said on it.
+            dropped.append(hello.round)
+            await channel.aclose()
+            return False
 
-        acceptor.averager.accepted._serve = drop_once  # type: ignore[method-assign]
+        before_serving(acceptor, drop_once)
         (reports,) = await rounds(members, 2, 1)
         assert dropped == [2]
         assert opener.averager.member_links.kept.reused == 1
@@ -116,20 +136,17 @@ async def test_a_peer_that_serves_one_round_channels_only_still_averages() -> No
 
 async def test_a_member_idle_for_another_round_loses_its_channel_not_the_round() -> None:
     async with averaging_swarm(2, FAST) as members:
-        await rounds(members, 1, 1)
-        await rested(members, 1)
-        opener, acceptor = sorted(members, key=lambda m: m.node.identity.peer_id_bytes)
+        opener, acceptor = await pair_after_a_round(members)
         # The acceptor's channel of round 1 waits for the next hello; a frame saying it is
         # idle for round 7 in the middle of round 2 is no end of round 2.
         (kept,) = acceptor.averager.accepted._idle.values()
-        serve_round = acceptor.averager.accepted._serve
 
-        async def idle_for_another_round(channel, hello):  # type: ignore[no-untyped-def]
+        async def idle_for_another_round(channel: Channel, hello: ChannelHello) -> bool:
             if channel is kept:
                 await channel.send(encode_idle(ChannelIdle(run=RUN, round=7)))
-            return await serve_round(channel, hello)
+            return True
 
-        acceptor.averager.accepted._serve = idle_for_another_round  # type: ignore[method-assign]
+        before_serving(acceptor, idle_for_another_round)
         (reports,) = await rounds(members, 2, 1)
         assert opener.averager.member_links.reopened == 1
         assert all(r.fraction_averaged == 1.0 for r in reports)
@@ -137,9 +154,7 @@ async def test_a_member_idle_for_another_round_loses_its_channel_not_the_round()
 
 async def test_a_frame_on_an_idle_channel_closes_it_and_the_next_round_opens_anew() -> None:
     async with averaging_swarm(2, FAST) as members:
-        await rounds(members, 1, 1)
-        await rested(members, 1)
-        opener, acceptor = sorted(members, key=lambda m: m.node.identity.peer_id_bytes)
+        opener, acceptor = await pair_after_a_round(members)
         (idle,) = acceptor.averager.accepted._idle.values()
         await idle.send(b"nothing is due between rounds")
         with trio.fail_after(5):
