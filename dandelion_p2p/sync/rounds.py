@@ -59,6 +59,19 @@ def not_averaged(members: int = 1) -> dict[str, Any]:
             "complete": False}
 
 
+async def _went_on(averager: Averager, round_: int) -> bool:
+    """Whether a peer this one expects in ``round_`` announced the round after it: it went on
+    without this round (it skipped it, as a peer that took the swarm's state does), and
+    waiting for it here would last the whole patience while it waits in the next round."""
+    try:
+        expected = await averager.matchmaker.expected_in(averager.run, round_)
+        later = await averager.matchmaker.read(averager.run, round_ + 1)
+    except DandelionError:
+        return False
+    return any(peer in expected and peer != averager.me and not announcement.leaving
+               for peer, announcement in later.items())
+
+
 class Rounds:
     def __init__(self, state: TrainingState, current: CurrentRun, averagers: Averagers,
                  telemetry: Telemetry) -> None:
@@ -145,7 +158,7 @@ class Rounds:
                     # and as left behind: the others hold a state this peer must wait for.
                     log.info("%s", exc)  # the message names the round
                     return {**not_averaged(members=1 + exc.late), "left_behind": True}
-                if trio.current_time() < deadline:
+                if trio.current_time() < deadline and not await _went_on(averager, round_):
                     continue
                 log.info("round %d: no group (%s); this peer goes on alone", round_, exc)
                 self.grouped_last = False
