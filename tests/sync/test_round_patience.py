@@ -27,17 +27,23 @@ def document() -> Any:
         averaging=SimpleNamespace(gather_window=FAST.matchmaking.gather_window)))
 
 
+async def round_1(members: list[Member]) -> list[np.ndarray]:
+    """Round 1 of the pair (so each expects the other next), and their vectors."""
+    buffers = [np.full(10_000, float(i), dtype=np.float32) for i in range(len(members))]
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            for member, buffer in zip(members, buffers, strict=True):
+                nursery.start_soon(member.averager.all_reduce, buffer, 1.0, 1)
+    return buffers
+
+
 async def test_a_peer_stops_waiting_in_a_round_its_partner_went_on_from() -> None:
     """Its partner of round 1 skipped round 2 (it took the swarm's state and stands at round
     3): waiting for it in round 2 for the whole patience would keep the two a round apart,
     each waiting for the other, for as long."""
     async with averaging_swarm(2, FAST) as members:
         stays, went_on = members
-        buffers = [np.full(10_000, float(i), dtype=np.float32) for i in range(2)]
-        with trio.fail_after(30):
-            async with trio.open_nursery() as nursery:
-                for member, buffer in zip(members, buffers, strict=True):
-                    nursery.start_soon(member.averager.all_reduce, buffer, 1.0, 1)
+        buffers = await round_1(members)
         await went_on.averager.matchmaker.announce(AveragingAnnouncement(
             run=RUN, round=3, weight=1.0, bandwidth_mbps=100.0, accepts_connections=True,
             endpoint=went_on.dataplane.endpoint or "",
@@ -56,11 +62,7 @@ async def test_a_peer_waits_in_a_round_its_partner_has_not_reached_yet() -> None
     """Without a later announcement the partner is only late: the round waits for it."""
     async with averaging_swarm(2, FAST) as members:
         stays, late = members
-        buffers = [np.full(10_000, float(i), dtype=np.float32) for i in range(2)]
-        with trio.fail_after(30):
-            async with trio.open_nursery() as nursery:
-                for member, buffer in zip(members, buffers, strict=True):
-                    nursery.start_soon(member.averager.all_reduce, buffer, 1.0, 1)
+        buffers = await round_1(members)
         rounds = rounds_of(stays)
         result: dict[str, Any] = {}
 
