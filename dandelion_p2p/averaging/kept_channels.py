@@ -144,9 +144,7 @@ class KeptChannels:
         slots they hold on the members' side are better given back than kept for a round
         that may not pair them again."""
         for peer in [p for p in self._idle if p not in peers]:
-            idle = self._idle.pop(peer)
-            idle.watch.cancel()
-            self._drop(idle.channel)
+            self._discard(self._idle.pop(peer))
 
     async def release(self, channel: Channel, peer: bytes, run: bytes, round_: int,
                       peer_rested: bool) -> None:
@@ -178,21 +176,24 @@ class KeptChannels:
             return
         older = self._idle.pop(peer, None)
         if older is not None:
-            older.watch.cancel()
-            self._drop(older.channel)
+            self._discard(older)
         idle = self._idle[peer] = _Idle(channel)
         while len(self._idle) > MAX_IDLE:
-            oldest = self._idle.popitem(last=False)[1]
-            oldest.watch.cancel()
-            self._drop(oldest.channel)
-        # A member sends nothing on an idle channel: a frame, or its end, ends it.
-        with idle.watch, trio.move_on_after(REUSE_WITHIN), contextlib.suppress(DandelionError):
+            self._discard(self._idle.popitem(last=False)[1])
+        # A member sends nothing on an idle channel: a frame, its end, or REUSE_WITHIN
+        # seconds without a round end the wait.
+        with idle.watch, contextlib.suppress(DandelionError):
             await channel.receive(timeout=REUSE_WITHIN)
         if idle.watch.cancelled_caught:
             return  # taken for a round (or dropped by whoever cancelled the watch)
         if self._idle.get(peer) is idle:
             del self._idle[peer]
         self._drop(channel)
+
+    def _discard(self, idle: _Idle) -> None:
+        """Stop watching an idle channel taken out of ``_idle``, and close it."""
+        idle.watch.cancel()
+        self._drop(idle.channel)
 
     def _drop(self, channel: Channel) -> None:
         """Close an idle channel in order when there is a nursery to do it, else cut it off."""
