@@ -28,6 +28,7 @@ from dandelion_p2p.averaging.kept_channels import (
     PURPOSE_ONE_ROUND,
     KeptChannels,
     close,
+    say_idle,
 )
 from dandelion_p2p.averaging.messages import ChannelHello, encode_hello, idle_in
 from dandelion_p2p.averaging.ports import ChannelOpener, PeerLinks, PeerReputation
@@ -353,10 +354,11 @@ class MemberLinks:
 
     async def _done_with(self, rnd: Round, round_: int, peer: bytes, channel: Channel,
                          intact: bool, peer_rested: bool) -> None:
-        """The round is done with ``channel``: one that may carry the next round is kept
-        (the opener's by ``kept``, an accepted one by its inbound handler); any other, or
-        one left by an error, closed."""
-        if not intact or channel.purpose != PURPOSE_KEPT or not channel.is_open:
+        """The round is done with ``channel``: one that may carry the next round says so
+        (``say_idle``, before the round returns) and is kept (the opener's by ``kept``, an
+        accepted one by its inbound handler); any other, or one left by an error, closed."""
+        if (not intact or channel.purpose != PURPOSE_KEPT or not channel.is_open
+                or not await say_idle(channel, self.run, round_)):
             await close(channel)
         elif self.me < peer:
             await self.kept.release(channel, peer, self.run, round_, peer_rested)

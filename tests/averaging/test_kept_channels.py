@@ -10,6 +10,7 @@ import trio
 
 from dandelion_p2p.averaging import kept_channels
 from dandelion_p2p.averaging.kept_channels import PURPOSE_KEPT, PURPOSE_ONE_ROUND
+from dandelion_p2p.averaging.member_links import Round
 from dandelion_p2p.averaging.messages import (
     ChannelHello,
     ChannelIdle,
@@ -18,6 +19,7 @@ from dandelion_p2p.averaging.messages import (
     idle_in,
 )
 from dandelion_p2p.averaging.report import RoundReport
+from dandelion_p2p.averaging.sends import Send
 from dandelion_p2p.dataplane.channel import Channel
 from tests.averaging.test_averager import FAST, RUN, Member, averaging_swarm
 
@@ -200,3 +202,69 @@ def test_an_idle_frame_is_told_from_the_others_without_raising() -> None:
     assert idle_in(encode_hello(ChannelHello(RUN, 3, b"\0" * 32))) is None
     assert idle_in(b"\xff" * 40) is None  # garbage: the state machine judges it
     assert idle_in(encode_idle(idle) + b"x" * 300) is None  # too large to be one
+
+
+async def test_a_member_that_exits_as_its_round_returns_does_not_hold_up_the_others(
+) -> None:
+    async with averaging_swarm(4, FAST) as members:
+        # The smallest id: every other member is the acceptor of its channel, and waits for
+        # the new channel that a lost one would be replaced by.
+        leaver, slow, *stays = sorted(members, key=lambda m: m.node.identity.peer_id_bytes)
+        channels: list[Channel] = []
+        make_channel = leaver.dataplane._channel
+
+        def recorded(*args: object) -> Channel:
+            channel = make_channel(*args)  # type: ignore[arg-type]
+            channels.append(channel)
+            return channel
+
+        leaver.dataplane._channel = recorded  # type: ignore[method-assign]
+        await rounds(members, 1, 1)
+        await rested(members, 6)
+        # The others still wait for one member's echoes when the leaver has them all.
+        write = slow.averager.member_links._write
+        late = 1.0
+
+        class LateEchoes:
+            def __init__(self, channel: Channel, written: list[Send]) -> None:
+                self.channel = channel
+                self.written = written
+
+            async def send(self, frame: object, **kwargs: object) -> None:
+                if self.written and self.written[-1].kind == "echo":
+                    await trio.sleep(late)
+                    self.written = []
+                await self.channel.send(frame, **kwargs)  # type: ignore[arg-type]
+
+        async def write_late(rnd: Round, peer: bytes, channel: Channel, written: list[Send],
+                             *args: object) -> str | None:
+            if peer != leaver.node.identity.peer_id_bytes:
+                channel = LateEchoes(channel, written)  # type: ignore[assignment]
+            return await write(rnd, peer, channel, written, *args)  # type: ignore[arg-type]
+
+        slow.averager.member_links._write = write_late  # type: ignore[method-assign]
+        size = 400_000
+        buffers = [np.full(size, i, dtype=np.float32) for i in range(len(members))]
+        took: dict[int, float] = {}
+        got: dict[int, RoundReport] = {}
+        order = [leaver, slow, *stays]
+
+        async def run(i: int) -> None:
+            start = trio.current_time()
+            got[i] = await order[i].averager.all_reduce(buffers[i], 1.0, 2)
+            took[i] = trio.current_time() - start
+            if i == 0:
+                # As a process that exits once its last round returns: every channel is cut
+                # off before anything else here runs, so what its round said is all it said.
+                for channel in channels:
+                    channel.abort()
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for i in range(len(members)):
+                    nursery.start_soon(run, i)
+        assert took[0] < late, "the leaver was done before the others"
+        # Nobody waited for the leaver: its channels told the others that it was done.
+        assert max(took.values()) < late + FAST.chunk_timeout / 2, took
+        assert all(r.complete and r.fraction_averaged == 1.0 for r in got.values())
+        assert all(m.averager.member_links.reopened == 0 for m in stays)
