@@ -418,24 +418,25 @@ def idle_in(frame: Buffer) -> ChannelIdle | None:
     if memoryview(frame).nbytes > MAX_HELLO:
         return None
     try:
-        idle = _decode_bare(frame)
+        idle = _decode_bare(frame, "ChannelIdle")
     except ProtocolViolation:
         return None
     return idle if isinstance(idle, ChannelIdle) else None
 
 
-def _decode_bare(frame: Buffer) -> Message:
-    """The header of a frame that carries no payload, its size checked before decoding."""
+def _decode_bare(frame: Buffer, kind: str = "ChannelHello") -> Message:
+    """The header of a frame that carries no payload (a ``kind``: what the errors name), its
+    size checked before decoding."""
     view = memoryview(frame).cast("B")
     if view.nbytes > MAX_HELLO:
-        raise ProtocolViolation(RejectCode.TOO_LARGE, f"hello of {view.nbytes} bytes")
+        raise ProtocolViolation(RejectCode.TOO_LARGE, f"{kind} of {view.nbytes} bytes")
     if view.nbytes < FRAME_PREFIX.size:
-        raise ProtocolViolation(RejectCode.MALFORMED, "hello shorter than its length prefix")
+        raise ProtocolViolation(RejectCode.MALFORMED, f"{kind} shorter than its length prefix")
     (head_len,) = FRAME_PREFIX.unpack_from(view)
     if FRAME_PREFIX.size + head_len > view.nbytes:
-        raise ProtocolViolation(RejectCode.MALFORMED, "hello header longer than the frame")
+        raise ProtocolViolation(RejectCode.MALFORMED, f"{kind} header longer than the frame")
     if FRAME_PREFIX.size + head_len < view.nbytes:
-        raise ProtocolViolation(RejectCode.MALFORMED, "a ChannelHello carries no payload")
+        raise ProtocolViolation(RejectCode.MALFORMED, f"a {kind} carries no payload")
     return decode(bytes(view[FRAME_PREFIX.size :]), AVERAGING)
 
 
