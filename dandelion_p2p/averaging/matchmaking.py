@@ -44,8 +44,14 @@ refuses is unseen by the peers that read the key from it."""
 MIN_ANNOUNCEMENT_TTL = 30.0
 ASK_OTHERS_EVERY = 0.5
 """Seconds between two reads of the other DHT servers by a server of the round's key that
-polls its own store: a put that missed it, or a routing table that wrongly counts it among
+watches its own store: a put that missed it, or a routing table that wrongly counts it among
 the key's closest, costs at most this."""
+LOOK_GAP = 0.01
+"""Least seconds between two looks at this node's own store that puts landing there wake:
+puts sent as fast as the wire allows (anyone may put under a round's key) buy at most one
+look per gap, each decoding only the records it has not seen (``DECODED_KEPT``)."""
+DECODED_KEPT = 4096
+"""Announcements kept decoded (4 times the publishers one key holds)."""
 TWO_AHEAD_BELOW = 20.0
 """Rounds closer together than this (seconds from one to the next) find the DHT servers of
 the round after next, too: the next announcement comes before a lookup started when a round
@@ -93,7 +99,9 @@ class MatchmakingSettings:
     no sooner than this long after this peer began to announce, which lets a newcomer that
     began with it in."""
     poll_interval: float = 0.05
-    """How often the announcements are read while expected peers are awaited."""
+    """How often a peer that is no server of the round's key reads the announcements (through
+    the DHT) while expected peers are awaited; a server is woken by each put that lands in its
+    own store instead."""
     end_early: bool = True
     """Off: every round waits the whole window, expected peers or not (the rule before
     gathering could end early; ``benchmarks/averaging_throughput.py --wait-window``)."""
@@ -122,6 +130,7 @@ class Matchmaker:
         self._interval: float | None = None
         """Seconds between the starts of this peer's last two rounds."""
         self._prepared_through = -1
+        self._decoded = _Decoded()
 
     def next_ttl(self) -> float:
         """Seconds the announcement of the round this peer starts now lives: the settings'
@@ -226,13 +235,17 @@ class Matchmaker:
         except DandelionError as exc:
             log.warning("reading announcements for round %d failed: %s", round_, exc)
             return {}
-        return _announcements(records, run, round_)
+        return self._decoded.announcements(records, run, round_)
+
+    def landing(self, run: bytes, round_: int) -> trio.Event:
+        """Set when the next announcement for (run, round) lands in this node's own store."""
+        return self.records.landing(AVERAGING_NAMESPACE, round_key(run, round_))
 
     def held(self, run: bytes, round_: int) -> dict[bytes, AveragingAnnouncement] | None:
         """The announcements for (run, round) in this node's own store when it is one of the
         round key's servers (``RecordStore.held``), else None."""
         records = self.records.held(AVERAGING_NAMESPACE, round_key(run, round_))
-        return None if records is None else _announcements(records, run, round_)
+        return None if records is None else self._decoded.announcements(records, run, round_)
 
     async def match(
         self,
@@ -317,7 +330,10 @@ class Matchmaker:
         seen: dict[bytes, AveragingAnnouncement] = {}
         changed_at = started
         while True:
+            # Taken before the look, so that a put landing after it wakes the wait below.
+            landing = self.landing(announcement.run, announcement.round)
             found = self.held(announcement.run, announcement.round)
+            server = found is not None
             asked_others = False
             if found is None or trio.current_time() >= ask_at:
                 found = {**(found or {}), **await self.read(announcement.run, announcement.round)}
@@ -340,7 +356,17 @@ class Matchmaker:
                 log.info("round %d: %d of %d expected peers announced within the window",
                          announcement.round, len(wanted & seen.keys()), len(wanted))
                 break
-            await trio.sleep(min(s.poll_interval, max(0.0, deadline - now)))
+            if server:
+                # Our own store: woken by each put that lands, else when the quiet period,
+                # the next look at the other servers or the window is due.
+                wake = min(deadline, ask_at)
+                if wanted <= seen.keys():
+                    wake = min(wake, changed_at + s.quiet)
+                with trio.move_on_at(wake):
+                    await landing.wait()
+                    await trio.sleep_until(min(wake, now + LOOK_GAP))
+            else:
+                await trio.sleep(min(s.poll_interval, max(0.0, deadline - now)))
         return seen
 
 
@@ -349,15 +375,29 @@ def _coming(announcements: dict[bytes, AveragingAnnouncement]) -> frozenset[byte
     return frozenset(peer for peer, ann in announcements.items() if not ann.leaving)
 
 
-def _announcements(
-    records: list[SignedRecord], run: bytes, round_: int
-) -> dict[bytes, AveragingAnnouncement]:
-    found: dict[bytes, AveragingAnnouncement] = {}
-    for record in records:
-        try:
-            ann = decode_announcement(record.value)
-        except ProtocolViolation:
-            continue
-        if ann.run == run and ann.round == round_:
-            found[record.publisher] = ann
-    return found
+class _Decoded:
+    """Announcements already decoded, by the signature of their record (which covers its
+    value): a gathering looks at the same records again and again, and decodes each once.
+    Bounded by ``DECODED_KEPT``, forgotten whole when full."""
+
+    def __init__(self) -> None:
+        self._by_signature: dict[bytes, AveragingAnnouncement | None] = {}
+
+    def announcements(
+        self, records: list[SignedRecord], run: bytes, round_: int
+    ) -> dict[bytes, AveragingAnnouncement]:
+        found: dict[bytes, AveragingAnnouncement] = {}
+        for record in records:
+            if record.signature in self._by_signature:
+                ann = self._by_signature[record.signature]
+            else:
+                try:
+                    ann = decode_announcement(record.value)
+                except ProtocolViolation:
+                    ann = None
+                if len(self._by_signature) >= DECODED_KEPT:
+                    self._by_signature.clear()
+                self._by_signature[record.signature] = ann
+            if ann is not None and ann.run == run and ann.round == round_:
+                found[record.publisher] = ann
+        return found

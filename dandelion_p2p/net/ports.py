@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Protocol
 from dandelion_p2p.net.dht.messages import SignedRecord
 
 if TYPE_CHECKING:
+    import trio
     from libp2p.peer.id import ID
 
 
@@ -51,6 +52,14 @@ class RecordStore(Protocol):
         """The records under (namespace, key) that this node stores as one of the key's
         closest servers, read without asking anyone; None when it is not one of them (a
         client, or a server with closer ones known).
+        """
+        ...
+
+    def landing(self, namespace: str, key: bytes) -> trio.Event:
+        """Set when the next record under (namespace, key) is stored in this node's own store
+        (from anyone, this node included): a reader of ``held`` waits on it instead of
+        polling. Taken before reading ``held``, it is already set by a record stored in
+        between. It may also be set early (too many keys waited on at once): read again.
         """
         ...
 

@@ -40,6 +40,9 @@ class FakeRecords:
     def held(self, namespace: str, key: bytes) -> list[SignedRecord] | None:
         return None
 
+    def landing(self, namespace: str, key: bytes) -> trio.Event:
+        return trio.Event()
+
     async def prepare_put(self, namespace: str, key: bytes, *,
                           timeout: float | None = None) -> None:
         self.prepared.append((namespace, key))

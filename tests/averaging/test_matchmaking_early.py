@@ -461,3 +461,53 @@ async def test_an_announcement_of_a_fast_round_lives_for_64_rounds() -> None:
     assert abs(lives[0] - 120.0) < 1.0, lives
     assert expected - 1.0 <= lives[1] <= expected + 1.0, (lives, gap)
     print(f"round 3 began {gap:.2f} s after round 2: announced for {lives[1]:.1f} s")
+
+
+async def test_a_flood_of_puts_under_the_round_key_buys_a_bounded_number_of_looks(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server of the round's key looks at its own store as each put lands there; anyone may
+    put under that key, as fast as the wire allows. Puts sent without pause during a whole
+    gathering (an expected peer never comes) buy at most one look per ``LOOK_GAP``."""
+    gap = 0.05
+    monkeypatch.setattr(matchmaking, "LOOK_GAP", gap)
+    window = 1.5
+    settings = MatchmakingSettings(gather_window=window, settle=0.3)
+    async with averaging_swarm(4, SETTINGS) as members:
+        *gatherers, flooder = members
+        ids = [m.node.identity.peer_id_bytes for m in gatherers]
+        never_comes = Identity.generate().peer_id_bytes
+        matchmakers = [CountingReads(m.node.records, settings=settings) for m in gatherers]
+        key = round_key(RUN, 2)
+        value = encode_announcement(announcement_of(2, "127.0.0.1:4999"))
+        puts = 0
+        formed: list[set[bytes]] = [set() for _ in gatherers]
+
+        async def flood() -> None:
+            nonlocal puts
+            while True:
+                await flooder.node.records.put(AVERAGING_NAMESPACE, key, value, 60.0,
+                                               keep=False, timeout=1.0)
+                puts += 1
+
+        async def run(i: int) -> None:
+            _group, formation, _finished = await matchmakers[i].match(
+                ids[i], announcement_of(2, f"127.0.0.1:{4000 + i}"),
+                expected={*ids, never_comes})
+            formed[i] = {p for g in formation.groups for p in g.peer_ids}
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as flooding:
+                for _ in range(4):
+                    flooding.start_soon(flood)
+                await trio.sleep(0.2)
+                async with trio.open_nursery() as nursery:
+                    for i in range(len(gatherers)):
+                        nursery.start_soon(run, i)
+                flooding.cancel_scope.cancel()
+    looks = [m.looks for m in matchmakers]
+    print(f"{puts} puts while gathering for {window} s: {looks} looks")
+    assert puts > 2 * window / gap, "the flood was no flood"
+    # One look per gap, plus the first and the one the window's end makes.
+    assert all(n <= window / gap + 3 for n in looks)
+    assert all(f == formed[0] and set(ids) <= f for f in formed)

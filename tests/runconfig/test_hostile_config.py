@@ -85,6 +85,9 @@ async def test_a_failing_poll_does_not_end_the_watcher() -> None:
         def held(self, namespace: str, key: bytes) -> list[SignedRecord] | None:
             raise AssertionError("a watcher reads through get")
 
+        def landing(self, namespace: str, key: bytes) -> trio.Event:
+            raise AssertionError("a watcher reads through get")
+
         async def prepare_put(self, namespace: str, key: bytes, *,
                               timeout: float | None = None) -> None:
             raise AssertionError("a watcher only reads")

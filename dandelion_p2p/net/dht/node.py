@@ -25,6 +25,7 @@ from dandelion_p2p.errors import (
     RemoteRejected,
 )
 from dandelion_p2p.net.addrs import ip_of
+from dandelion_p2p.net.dht.landings import Landings
 from dandelion_p2p.net.dht.lookup import Lookup
 from dandelion_p2p.net.dht.messages import (
     DHT,
@@ -128,6 +129,7 @@ class DHTNode:
         self.streams = RequestStreams(host, (PROTOCOL_ID, PROTOCOL_ID_ONE_PER_STREAM),
                                       reusable=PROTOCOL_ID)
         self.store = LocalRecordStore(store_limits)
+        self.landings = Landings()
         self.rng = rng or random.Random()
         # (namespace, key) -> (value, ttl, when last published) for records we keep alive.
         self._published: dict[tuple[str, bytes], tuple[bytes, float, float]] = {}
@@ -212,6 +214,7 @@ class DHTNode:
             network = peer_network(self.host, peer_id, direct_only=False)
             source = Source(peer=peer_id.to_bytes(), network=network)
             self.store.put(msg.record, t, source)
+            self.landings.landed(routing_key(msg.record.namespace, msg.record.key))
             return PutAck(stored=True)
         raise ProtocolViolation(RejectCode.UNKNOWN_TYPE, f"{type(msg).__name__} is not a request")
 
@@ -407,6 +410,7 @@ class DHTNode:
                 with contextlib.suppress(ProtocolViolation):
                     # Refused when not newer or over the read-back share: fine.
                     self.store.put(record, now_ms(), read_back)
+                    self.landings.landed(routing_key(record.namespace, record.key))
         for ref, records in replies:
             for record in records:
                 current = latest.get(record.publisher)
@@ -463,6 +467,10 @@ class DHTNode:
             return None
         return self.store.get(target, now_ms())
 
+    def landing(self, namespace: str, key: bytes) -> trio.Event:
+        """Set when the next record under (namespace, key) is stored here (``held``)."""
+        return self.landings.event(routing_key(namespace, key))
+
     async def prepare_put(
         self, namespace: str, key: bytes, *, timeout: float | None = None
     ) -> None:
@@ -494,6 +502,7 @@ class DHTNode:
         if self.server:
             try:
                 self.store.put(record, now_ms())
+                self.landings.landed(target)
                 stored += 1
             except ProtocolViolation as exc:
                 log.debug("local store refused own record: %s", exc)
