@@ -22,7 +22,7 @@ from collections import OrderedDict
 
 import trio
 
-from dandelion_p2p.averaging.messages import ChannelIdle, encode_idle, idle_in
+from dandelion_p2p.averaging.messages import idle_in
 from dandelion_p2p.dataplane.channel import Channel
 from dandelion_p2p.errors import DandelionError
 
@@ -41,9 +41,6 @@ KEEP_IDLE = 120.0
 """Seconds the acceptor waits on an idle channel for the next round's hello."""
 REST_TIMEOUT = 5.0
 """Seconds an end waits, after its own ``ChannelIdle``, for the other's."""
-IDLE_SEND_TIMEOUT = 1.0
-"""Seconds a round's end waits to send its ``ChannelIdle`` (a small frame, sent where the
-member still reads) before closing the channel instead."""
 KEPT_FOR = 300.0
 """Seconds from a channel's opening after which it is closed at its next rest: a new one then
 takes whatever path the data plane now finds (a direct connection where a relayed one was
@@ -54,24 +51,10 @@ MAX_ONE_ROUND_PEERS = 1024
 """Peers remembered to serve ``averaging/1`` only."""
 
 
-async def say_idle(channel: Channel, run: bytes, round_: int) -> bool:
-    """Say on ``channel`` that this end is done with ``round_``: before the round returns, as
-    a CLOSE is on ``averaging/1``, so that a member still in the round learns it at once, even
-    when this peer's process ends right after. False: it could not be said within
-    ``IDLE_SEND_TIMEOUT`` (the caller closes the channel)."""
-    try:
-        with trio.fail_after(IDLE_SEND_TIMEOUT):
-            await channel.send(encode_idle(ChannelIdle(run=run, round=round_)))
-    except (DandelionError, trio.TooSlowError) as exc:
-        log.debug("channel to %s: no idle frame after round %d: %s", channel.peer_id, round_,
-                  exc)
-        return False
-    return True
-
-
 async def rest(channel: Channel, run: bytes, round_: int, peer_rested: bool) -> bool:
-    """After ``say_idle``, read ``channel`` until the other end says it is done with
-    ``round_`` too (``peer_rested``: it did already), dropping the round's late frames.
+    """After our ``ChannelIdle`` (the round's writer sent it), read ``channel`` until the
+    other end says it is done with ``round_`` too (``peer_rested``: it did already),
+    dropping the round's late frames.
 
     True: both ends are done and the channel is idle; False: it is not (the other end went
     quiet, closed, or named another round) and the caller closes it.

@@ -376,28 +376,28 @@ def _coming(announcements: dict[bytes, AveragingAnnouncement]) -> frozenset[byte
 
 
 class _Decoded:
-    """Announcements already decoded, by the signature of their record (which covers its
-    value): a gathering looks at the same records again and again, and decodes each once.
+    """Announcements already decoded, by their record's value (what decoding reads, and all
+    it reads): a gathering looks at the same records again and again, and decodes each once.
     Bounded by ``DECODED_KEPT``, forgotten whole when full."""
 
     def __init__(self) -> None:
-        self._by_signature: dict[bytes, AveragingAnnouncement | None] = {}
+        self._by_value: dict[bytes, AveragingAnnouncement | None] = {}
 
     def announcements(
         self, records: list[SignedRecord], run: bytes, round_: int
     ) -> dict[bytes, AveragingAnnouncement]:
         found: dict[bytes, AveragingAnnouncement] = {}
         for record in records:
-            if record.signature in self._by_signature:
-                ann = self._by_signature[record.signature]
+            if record.value in self._by_value:
+                ann = self._by_value[record.value]
             else:
                 try:
                     ann = decode_announcement(record.value)
                 except ProtocolViolation:
                     ann = None
-                if len(self._by_signature) >= DECODED_KEPT:
-                    self._by_signature.clear()
-                self._by_signature[record.signature] = ann
+                if len(self._by_value) >= DECODED_KEPT:
+                    self._by_value.clear()
+                self._by_value[record.value] = ann
             if ann is not None and ann.run == run and ann.round == round_:
                 found[record.publisher] = ann
         return found

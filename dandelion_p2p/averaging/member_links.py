@@ -28,9 +28,14 @@ from dandelion_p2p.averaging.kept_channels import (
     PURPOSE_ONE_ROUND,
     KeptChannels,
     close,
-    say_idle,
 )
-from dandelion_p2p.averaging.messages import ChannelHello, encode_hello, idle_in
+from dandelion_p2p.averaging.messages import (
+    ChannelHello,
+    ChannelIdle,
+    encode_hello,
+    encode_idle,
+    idle_in,
+)
 from dandelion_p2p.averaging.ports import ChannelOpener, PeerLinks, PeerReputation
 from dandelion_p2p.averaging.sends import MAX_RESENDS, Send
 from dandelion_p2p.dataplane.channel import Channel
@@ -319,13 +324,19 @@ class MemberLinks:
         newer: list[Channel] = []
         ended = _Ended(closed_is_lost=reused)
         intact = False
+        # Whichever of the reader and the writer ends last ends the link: a member that
+        # rested is still owed our ChannelIdle once our round is done here.
+        done: set[str] = set()
         try:
             async with trio.open_nursery() as nursery:
 
                 async def write() -> None:
-                    failure = await self._write(rnd, peer, channel, written, resend, ended)
+                    failure = await self._write(rnd, round_, peer, channel, written, resend,
+                                                ended)
+                    done.add("write")
                     if failure is not None:
                         lost.append(failure)
+                    if failure is not None or "read" in done:
                         nursery.cancel_scope.cancel()
 
                 async def superseded() -> None:
@@ -339,9 +350,11 @@ class MemberLinks:
                 if self.me > peer:
                     nursery.start_soon(superseded)
                 failure = await self._read(rnd, round_, peer, channel, ended)
+                done.add("read")
                 if failure is not None:
                     lost.append(failure)
-                nursery.cancel_scope.cancel()
+                if failure is not None or not ended.rested or "write" in done:
+                    nursery.cancel_scope.cancel()
             intact = True
         except BaseException as exc:
             intact = _only_cancelled(exc)  # the round ended
@@ -349,16 +362,16 @@ class MemberLinks:
         finally:
             if not lost:  # a lost channel is the caller's to dispose of
                 with trio.CancelScope(shield=True):
-                    await self._done_with(rnd, round_, peer, channel, intact, ended.rested)
+                    await self._done_with(rnd, round_, peer, channel,
+                                          intact and ended.said_idle, ended.rested)
         return (lost[0] if lost else None), (newer[0] if newer else None)
 
     async def _done_with(self, rnd: Round, round_: int, peer: bytes, channel: Channel,
-                         intact: bool, peer_rested: bool) -> None:
-        """The round is done with ``channel``: one that may carry the next round says so
-        (``say_idle``, before the round returns) and is kept (the opener's by ``kept``, an
-        accepted one by its inbound handler); any other, or one left by an error, closed."""
-        if (not intact or channel.purpose != PURPOSE_KEPT or not channel.is_open
-                or not await say_idle(channel, self.run, round_)):
+                         said_idle: bool, peer_rested: bool) -> None:
+        """The round is done with ``channel``: a kept one whose writer said so (its last
+        frame, ``_write``) may carry the next round (the opener's by ``kept``, an accepted
+        one by its inbound handler); any other, or one left by an error, is closed."""
+        if not said_idle or channel.purpose != PURPOSE_KEPT or not channel.is_open:
             await close(channel)
         elif self.me < peer:
             await self.kept.release(channel, peer, self.run, round_, peer_rested)
@@ -397,18 +410,27 @@ class MemberLinks:
         raise PeerUnavailable(f"{peer_id} opened no channel in time")
 
     async def _write(
-        self, rnd: Round, peer: bytes, channel: Channel, written: list[Send],
+        self, rnd: Round, round_: int, peer: bytes, channel: Channel, written: list[Send],
         resend: list[Send], ended: _Ended,
     ) -> str | None:
         """Write ``resend`` again, then the member's queue as it fills, noting each frame
-        in ``written`` before it goes out (one cut off mid-write may be lost); why the
-        channel failed, or None once the queue is closed and written."""
+        in ``written`` before it goes out (one cut off mid-write may be lost), then, on a
+        kept channel, our ``ChannelIdle``; why the channel failed, or None once the queue
+        is closed and written."""
         try:
             for send in resend:
                 await channel.send(send.again())
             async for send in rnd.inboxes[peer]:
+                if ended.rested:
+                    continue  # the member ended its round: what is still queued is moot
                 written.append(send)
                 await channel.send(send.buffers())
+            if channel.purpose == PURPOSE_KEPT:
+                # The queue closes once the round is done here: say so as its last frame,
+                # while the reader still drains the member (so credit keeps coming) and
+                # within the bound the round gives its writers (then they are cut off).
+                await channel.send(encode_idle(ChannelIdle(run=self.run, round=round_)))
+                ended.said_idle = True
         except ChannelClosed as exc:
             if ended.closed_is_lost:
                 return f"kept channel closed: {exc}"
@@ -475,10 +497,12 @@ def _only_cancelled(exc: BaseException) -> bool:
 class _Ended:
     """How a channel's round ended, as its reader and writer saw it."""
 
-    __slots__ = ("closed_is_lost", "rested")
+    __slots__ = ("closed_is_lost", "rested", "said_idle")
 
     def __init__(self, closed_is_lost: bool) -> None:
         self.closed_is_lost = closed_is_lost
         """A close now is a loss (a kept channel the member has not spoken on yet)."""
         self.rested = False
         """The member sent its ``ChannelIdle``: it is done with the round on this channel."""
+        self.said_idle = False
+        """We sent ours: everything we owe the member went out before it."""

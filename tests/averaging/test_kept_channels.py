@@ -230,17 +230,21 @@ async def test_a_member_that_exits_as_its_round_returns_does_not_hold_up_the_oth
                 self.channel = channel
                 self.written = written
 
+            def __getattr__(self, name: str) -> object:
+                return getattr(self.channel, name)
+
             async def send(self, frame: object, **kwargs: object) -> None:
                 if self.written and self.written[-1].kind == "echo":
                     await trio.sleep(late)
                     self.written = []
                 await self.channel.send(frame, **kwargs)  # type: ignore[arg-type]
 
-        async def write_late(rnd: Round, peer: bytes, channel: Channel, written: list[Send],
-                             *args: object) -> str | None:
+        async def write_late(rnd: Round, round_: int, peer: bytes, channel: Channel,
+                             written: list[Send], *args: object) -> str | None:
             if peer != leaver.node.identity.peer_id_bytes:
                 channel = LateEchoes(channel, written)  # type: ignore[assignment]
-            return await write(rnd, peer, channel, written, *args)  # type: ignore[arg-type]
+            return await write(rnd, round_, peer, channel, written,  # type: ignore[arg-type]
+                               *args)
 
         slow.averager.member_links._write = write_late  # type: ignore[method-assign]
         size = 400_000

@@ -213,8 +213,8 @@ class DHTNode:
             self.validator.validate(msg.record, t)
             network = peer_network(self.host, peer_id, direct_only=False)
             source = Source(peer=peer_id.to_bytes(), network=network)
-            self.store.put(msg.record, t, source)
-            self.landings.landed(routing_key(msg.record.namespace, msg.record.key))
+            if self.store.put(msg.record, t, source):
+                self.landings.landed(routing_key(msg.record.namespace, msg.record.key))
             return PutAck(stored=True)
         raise ProtocolViolation(RejectCode.UNKNOWN_TYPE, f"{type(msg).__name__} is not a request")
 
@@ -409,8 +409,8 @@ class DHTNode:
             for record in newest:
                 with contextlib.suppress(ProtocolViolation):
                     # Refused when not newer or over the read-back share: fine.
-                    self.store.put(record, now_ms(), read_back)
-                    self.landings.landed(routing_key(record.namespace, record.key))
+                    if self.store.put(record, now_ms(), read_back):
+                        self.landings.landed(routing_key(record.namespace, record.key))
         for ref, records in replies:
             for record in records:
                 current = latest.get(record.publisher)
@@ -501,8 +501,8 @@ class DHTNode:
         stored = 0
         if self.server:
             try:
-                self.store.put(record, now_ms())
-                self.landings.landed(target)
+                if self.store.put(record, now_ms()):
+                    self.landings.landed(target)
                 stored += 1
             except ProtocolViolation as exc:
                 log.debug("local store refused own record: %s", exc)
