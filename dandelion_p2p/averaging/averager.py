@@ -57,6 +57,9 @@ log = logging.getLogger(__name__)
 
 _NOT_A_FAILURE = frozenset({ExclusionReason.BANNED, ExclusionReason.GROUP_MISMATCH})
 TICK = 0.5
+END_GRACE = 0.5
+"""Seconds a round's end waits for its writers to the members it gave up on (their queues are
+closed, so what is left is our ChannelIdle) before it cuts off those still writing."""
 CHUNKS_PER_SPAN = 8
 MIN_CHUNK = 64 * 1024
 
@@ -521,8 +524,16 @@ class Averager:
             for box in rnd.outboxes.values():
                 box.close()
             excluded = state.report().excluded_peers()
+            # A member that ended its round is owed only our ChannelIdle, excluded or not.
+            waited = set(state.spec.peer_ids) - excluded.keys() | rnd.rested
             with trio.move_on_after(self.settings.chunk_timeout):
-                while rnd.writing & rnd.connected & set(state.spec.peer_ids) - excluded.keys():
+                while rnd.writing & rnd.connected & waited:
+                    rnd.changed = trio.Event()
+                    await rnd.changed.wait()
+            # The members given up on: a moment to end on their channels in order too (a
+            # ChannelIdle), where a cut-off would have them wait for a new channel.
+            with trio.move_on_after(END_GRACE):
+                while rnd.writing & rnd.connected:
                     rnd.changed = trio.Event()
                     await rnd.changed.wait()
             # A frame being written is shielded from cancellation (a half-written frame would

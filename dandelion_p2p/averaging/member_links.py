@@ -91,6 +91,8 @@ class Round:
         self.connected: set[bytes] = set()
         self.channels: dict[bytes, Channel] = {}
         self.unreachable: set[bytes] = set()
+        self.rested: set[bytes] = set()
+        """Members that sent their ``ChannelIdle`` (they ended the round): owed ours alone."""
         self.changed = trio.Event()
         # Accepted channels the round is done with, for their inbound handlers to keep
         # (``hand_back``): the channel, and whether the member said it is done too.
@@ -419,7 +421,8 @@ class MemberLinks:
         is closed and written."""
         try:
             for send in resend:
-                await channel.send(send.again())
+                if not ended.rested:
+                    await channel.send(send.again())
             async for send in rnd.inboxes[peer]:
                 if ended.rested:
                     continue  # the member ended its round: what is still queued is moot
@@ -473,6 +476,7 @@ class MemberLinks:
                         return f"idle for round {idle.round} in round {round_}"
                     # The member ended its round, as a CLOSE says on a one-round channel.
                     ended.rested = True
+                    rnd.rested.add(peer)
                     rnd.fail(peer, "it ended its round")
                     return None
                 last = trio.current_time()
@@ -505,4 +509,4 @@ class _Ended:
         self.rested = False
         """The member sent its ``ChannelIdle``: it is done with the round on this channel."""
         self.said_idle = False
-        """We sent ours: everything we owe the member went out before it."""
+        """We sent ours, after everything our round still had queued for the member."""
