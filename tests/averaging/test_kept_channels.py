@@ -272,3 +272,36 @@ async def test_a_member_that_exits_as_its_round_returns_does_not_hold_up_the_oth
         assert max(took.values()) < late + FAST.chunk_timeout / 2, took
         assert all(r.complete and r.fraction_averaged == 1.0 for r in got.values())
         assert all(m.averager.member_links.reopened == 0 for m in stays)
+
+
+async def test_a_member_given_up_on_is_told_the_round_ended_rather_than_cut_off() -> None:
+    async with averaging_swarm(2, FAST) as members:
+        opener, acceptor = await pair_after_a_round(members)
+        # The acceptor's frames come too late: the opener gives it up at its chunk timeout.
+        write = acceptor.averager.member_links._write
+        late = FAST.chunk_timeout + 1.0
+
+        async def write_late(*args: object) -> str | None:
+            await trio.sleep(late)
+            return await write(*args)  # type: ignore[arg-type]
+
+        acceptor.averager.member_links._write = write_late  # type: ignore[method-assign]
+        size = 200_000
+        buffers = [np.full(size, i, dtype=np.float32) for i in range(2)]
+        took: dict[int, float] = {}
+        got: dict[int, RoundReport] = {}
+
+        async def run(i: int, member: Member) -> None:
+            start = trio.current_time()
+            got[i] = await member.averager.all_reduce(buffers[i], 1.0, 2)
+            took[i] = trio.current_time() - start
+
+        with trio.fail_after(40):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run, 0, opener)
+                nursery.start_soon(run, 1, acceptor)
+        assert acceptor.node.identity.peer_id_bytes in got[0].excluded_peers()
+        # The opener ended the channel with its ChannelIdle: the acceptor ended its round
+        # when its own late writer did, not a wait for a new channel after a cut-off.
+        assert took[1] < late + 2.5, took  # a cut-off costs the acceptor chunk_timeout more
+        assert acceptor.averager.member_links.reopened == 0
