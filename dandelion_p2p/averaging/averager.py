@@ -527,15 +527,11 @@ class Averager:
             # A member that ended its round is owed only our ChannelIdle, excluded or not.
             waited = set(state.spec.peer_ids) - excluded.keys() | rnd.rested
             with trio.move_on_after(self.settings.chunk_timeout):
-                while rnd.writing & rnd.connected & waited:
-                    rnd.changed = trio.Event()
-                    await rnd.changed.wait()
+                await rnd.until_written(waited)
             # The members given up on: a moment to end on their channels in order too (a
             # ChannelIdle), where a cut-off would have them wait for a new channel.
             with trio.move_on_after(END_GRACE):
-                while rnd.writing & rnd.connected:
-                    rnd.changed = trio.Event()
-                    await rnd.changed.wait()
+                await rnd.until_written(set(rnd.outboxes))
             # A frame being written is shielded from cancellation (a half-written frame would
             # break the stream); to a stalled peer it would never finish: cut those off.
             for peer in rnd.writing:

@@ -6,7 +6,7 @@ every round. On a channel of purpose ``averaging/2`` a member done with a round 
 a ``ChannelIdle`` frame instead of closing; once both ends have said it the channel is idle,
 and the opener begins its next round with that member on it with a new ``ChannelHello``
 (protocol/averaging.md section 6.6). ``KeptChannels`` holds the opener's idle channels;
-the acceptor's wait in its inbound handler (``Averager``) for the next hello.
+the acceptor's wait in its inbound handler (``accepted_channels``) for the next hello.
 
 An idle channel is watched: a frame on it (a member sends nothing between rounds), its end,
 or ``REUSE_WITHIN`` seconds without a round closes it, so what it can hold is one frame, not

@@ -330,10 +330,11 @@ class Matchmaker:
         seen: dict[bytes, AveragingAnnouncement] = {}
         changed_at = started
         while True:
-            # Taken before the look, so that a put landing after it wakes the wait below.
-            landing = self.landing(announcement.run, announcement.round)
             found = self.held(announcement.run, announcement.round)
-            server = found is not None
+            # Taken with no checkpoint after the look: a put landing later wakes the wait
+            # below. Only a server of the key is put to; any other peer polls.
+            landing = None if found is None else self.landing(announcement.run,
+                                                              announcement.round)
             asked_others = False
             if found is None or trio.current_time() >= ask_at:
                 found = {**(found or {}), **await self.read(announcement.run, announcement.round)}
@@ -356,7 +357,7 @@ class Matchmaker:
                 log.info("round %d: %d of %d expected peers announced within the window",
                          announcement.round, len(wanted & seen.keys()), len(wanted))
                 break
-            if server:
+            if landing is not None:
                 # Our own store: woken by each put that lands, else when the quiet period,
                 # the next look at the other servers or the window is due.
                 wake = min(deadline, ask_at)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Set
 from typing import TYPE_CHECKING
 
 import trio
@@ -127,6 +127,12 @@ class Round:
                 with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
                     box.send_nowait(send)
         self.changed.set()
+
+    async def until_written(self, among: Set[bytes]) -> None:
+        """Until no writer to a connected member of ``among`` has anything left to write."""
+        while self.writing & self.connected & among:
+            self.changed = trio.Event()
+            await self.changed.wait()
 
     def hand_back(self, peer: bytes, channel: Channel, peer_rested: bool) -> None:
         """An accepted channel this round is done with goes back to its inbound handler."""

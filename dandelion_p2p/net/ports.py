@@ -58,8 +58,9 @@ class RecordStore(Protocol):
     def landing(self, namespace: str, key: bytes) -> trio.Event:
         """Set when the next record under (namespace, key) is stored in this node's own store
         (from anyone, this node included): a reader of ``held`` waits on it instead of
-        polling. Taken before reading ``held``, it is already set by a record stored in
-        between. It may also be set early (too many keys waited on at once): read again.
+        polling. Taken with no checkpoint between it and a read of ``held``, it is set by
+        any record stored after that read. It may also be set early (too many keys waited
+        on at once): read again.
         """
         ...
 

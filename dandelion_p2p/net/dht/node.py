@@ -44,6 +44,7 @@ from dandelion_p2p.net.dht.messages import (
     SignedRecord,
 )
 from dandelion_p2p.net.dht.records import (
+    LOCAL_SOURCE,
     READ_BACK_NETWORK,
     LocalRecordStore,
     RecordValidator,
@@ -213,8 +214,7 @@ class DHTNode:
             self.validator.validate(msg.record, t)
             network = peer_network(self.host, peer_id, direct_only=False)
             source = Source(peer=peer_id.to_bytes(), network=network)
-            if self.store.put(msg.record, t, source):
-                self.landings.landed(routing_key(msg.record.namespace, msg.record.key))
+            self._store_here(msg.record, t, source)
             return PutAck(stored=True)
         raise ProtocolViolation(RejectCode.UNKNOWN_TYPE, f"{type(msg).__name__} is not a request")
 
@@ -409,8 +409,7 @@ class DHTNode:
             for record in newest:
                 with contextlib.suppress(ProtocolViolation):
                     # Refused when not newer or over the read-back share: fine.
-                    if self.store.put(record, now_ms(), read_back):
-                        self.landings.landed(routing_key(record.namespace, record.key))
+                    self._store_here(record, now_ms(), read_back)
         for ref, records in replies:
             for record in records:
                 current = latest.get(record.publisher)
@@ -471,6 +470,12 @@ class DHTNode:
         """Set when the next record under (namespace, key) is stored here (``held``)."""
         return self.landings.event(routing_key(namespace, key))
 
+    def _store_here(self, record: SignedRecord, now: int, source: Source = LOCAL_SOURCE) -> None:
+        """Store ``record`` in our own store and wake whoever waits for one under its key
+        (an identical copy already held wakes nobody). Raises as ``LocalRecordStore.put``."""
+        if self.store.put(record, now, source):
+            self.landings.landed(routing_key(record.namespace, record.key))
+
     async def prepare_put(
         self, namespace: str, key: bytes, *, timeout: float | None = None
     ) -> None:
@@ -501,8 +506,7 @@ class DHTNode:
         stored = 0
         if self.server:
             try:
-                if self.store.put(record, now_ms()):
-                    self.landings.landed(target)
+                self._store_here(record, now_ms())
                 stored += 1
             except ProtocolViolation as exc:
                 log.debug("local store refused own record: %s", exc)
