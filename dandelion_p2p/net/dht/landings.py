@@ -2,9 +2,9 @@
 
 A reader that waits for records under a key this node serves (a round's announcements) reads
 the store, takes the key's event with no checkpoint in between, and awaits the event instead
-of polling: the next record stored under the key sets it. Events exist only for keys someone waits on; each is dropped
-once set, and at most ``MAX_WATCHED`` are held (the oldest is set early, a spurious wake-up
-its reader survives by reading again).
+of polling: the next record stored under the key sets it. Events exist only for keys someone
+waits on; each is dropped once set, and at most ``MAX_WATCHED`` are held (the oldest is set
+early, a spurious wake-up its reader survives by reading again).
 """
 
 from __future__ import annotations
