@@ -213,8 +213,7 @@ class DHTNode:
             t = now_ms()
             self.validator.validate(msg.record, t)
             network = peer_network(self.host, peer_id, direct_only=False)
-            source = Source(peer=peer_id.to_bytes(), network=network)
-            self._store_here(msg.record, t, source)
+            self._store_here(msg.record, t, Source(peer=peer_id.to_bytes(), network=network))
             return PutAck(stored=True)
         raise ProtocolViolation(RejectCode.UNKNOWN_TYPE, f"{type(msg).__name__} is not a request")
 
@@ -471,8 +470,7 @@ class DHTNode:
         return self.landings.event(routing_key(namespace, key))
 
     def _store_here(self, record: SignedRecord, now: int, source: Source = LOCAL_SOURCE) -> None:
-        """Store ``record`` in our own store and wake whoever waits for one under its key
-        (an identical copy already held wakes nobody). Raises as ``LocalRecordStore.put``."""
+        """``store.put``, waking the readers of the key unless the record was held already."""
         if self.store.put(record, now, source):
             self.landings.landed(routing_key(record.namespace, record.key))
 
