@@ -29,6 +29,8 @@ _ED25519_PEER_ID_PREFIX = bytes([0x00, 0x24, 0x08, 0x01, 0x12, 0x20])
 ED25519_PEER_ID_SIZE = len(_ED25519_PEER_ID_PREFIX) + PUBLIC_KEY_SIZE
 _BASE58_ALPHABET = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 _BASE58_INDEX = {c: i for i, c in enumerate(_BASE58_ALPHABET)}
+_FIELD_PRIME = 2**255 - 19
+_Y_MASK = (1 << 255) - 1
 MIN_PEER_ID_SIZE = 2
 MAX_PEER_ID_SIZE = 64
 """Peer ids accepted from the wire: ed25519 ids are 38 bytes, hashed (RSA) ids 34."""
@@ -133,8 +135,55 @@ class Identity:
         )
 
 
+def _square_root(value: int) -> int | None:
+    """A square root modulo the field prime (p = 5 mod 8), or None where there is none."""
+    p = _FIELD_PRIME
+    root = pow(value, (p + 3) // 8, p)
+    if root * root % p != value % p:
+        root = root * pow(2, (p - 1) // 4, p) % p
+    return root if root * root % p == value % p else None
+
+
+def _small_order_ys() -> frozenset[int]:
+    """The y-coordinates of the curve's eight points of order dividing 8.
+
+    Order 1 and 2: y = 1 and y = -1 (x = 0); order 4: y = 0. An order-8 point P has 2P of
+    order 4, so y(2P) = 0, which on -x^2 + y^2 = 1 + d x^2 y^2 gives x^2 = -y^2 and
+    d y^4 + 2 y^2 - 1 = 0: y^2 = (-1 +- sqrt(1 + d)) / d, of which one is a square.
+    """
+    p = _FIELD_PRIME
+    d = -121665 * pow(121666, -1, p) % p
+    ys = {0, 1, p - 1}
+    root_of_1_plus_d = _square_root(1 + d)
+    assert root_of_1_plus_d is not None
+    for sign in (1, -1):
+        y_squared = (-1 + sign * root_of_1_plus_d) * pow(d, -1, p) % p
+        y = _square_root(y_squared)
+        if y is not None:
+            ys.update({y, p - y})
+    assert len(ys) == 5
+    return frozenset(ys)
+
+
+_SMALL_ORDER_YS = _small_order_ys()
+
+
+def has_small_order(public_bytes: bytes) -> bool:
+    """Whether a 32-byte ed25519 public key encodes a point of order 1, 2, 4 or 8.
+
+    For such a key, a signature (R = the identity point, S = 0) verifies for every message, and
+    OpenSSL does not refuse the key, so anyone could sign as that peer id. Non-canonical
+    encodings (y >= p) are reduced first, and the sign bit of x is ignored, so each of the 14
+    encodings of these points is caught; libsodium refuses the same keys.
+    """
+    y = int.from_bytes(public_bytes, "little") & _Y_MASK
+    return y % _FIELD_PRIME in _SMALL_ORDER_YS
+
+
 def verify(public_bytes: bytes, data: bytes, signature: bytes) -> bool:
     if len(public_bytes) != PUBLIC_KEY_SIZE or len(signature) != SIGNATURE_SIZE:
+        return False
+    if has_small_order(public_bytes):
         return False
     try:
         Ed25519PublicKey.from_public_bytes(public_bytes).verify(signature, data)
