@@ -60,6 +60,8 @@ TICK = 0.5
 END_GRACE = 0.5
 """Seconds a round's end waits for its writers to the members it gave up on (their queues are
 closed, so what is left is our ChannelIdle) before it cuts off those still writing."""
+MIN_PROOF_READ_GAP = 1.0
+"""Seconds at least between two background reads of the run's proofs, whatever the interval."""
 CHUNKS_PER_SPAN = 8
 MIN_CHUNK = 64 * 1024
 
@@ -142,6 +144,8 @@ class Averager:
         self._failed_in_round: dict[bytes, int] = {}
         """Members that failed this peer, with the last round they did."""
         self._installed = False
+        self._proof_reading: trio.CancelScope | None = None
+        """The background reads of the run's proofs, while installed with a nursery."""
         self.reports: list[RoundReport] = []
         self.member_links = MemberLinks(
             me=self.me, run=run, links=links, dataplane=dataplane, reputation=reputation,
@@ -169,6 +173,9 @@ class Averager:
             self.dataplane.register(PURPOSE_ONE_ROUND, self.accepted.handle)
             self._installed = True
             self.member_links.kept.keeping = True
+            if self.background is not None:
+                self._proof_reading = trio.CancelScope()
+                self.background.start_soon(self._read_proofs, self._proof_reading)
 
     def uninstall(self) -> None:
         """Stop serving inbound averaging channels (rounds in progress keep theirs)."""
@@ -176,8 +183,19 @@ class Averager:
             self.dataplane.unregister(PURPOSE_KEPT)
             self.dataplane.unregister(PURPOSE_ONE_ROUND)
             self._installed = False
+        if self._proof_reading is not None:
+            self._proof_reading.cancel()
+            self._proof_reading = None
         self.member_links.kept.close_all()
         self.accepted.close_all()
+
+    async def _read_proofs(self, scope: trio.CancelScope) -> None:
+        """Read the run's proofs every ``fetch_interval`` after the first (which a round reads
+        itself), so that no later round waits for that read before it announces."""
+        with scope:
+            while True:
+                await trio.sleep(max(MIN_PROOF_READ_GAP, self.proofs.due_in()))
+                await self.proofs.fetch()
 
     def _announce_finished(self, announcement: AveragingAnnouncement) -> None:
         """Tell peers still to come that this round is over here (in the background: the
@@ -290,12 +308,14 @@ class Averager:
                               "peer, which has nothing to add and is not expected: it waits "
                               "for a later round", late=len(early))
         # Proofs other peers published ban their reducers before this round's announcement
-        # lists our bans and before the group is formed. Meanwhile the DHT servers of the
+        # lists our bans and before the group is formed: read here before the first round,
+        # later in the background (``_read_proofs``). Meanwhile the DHT servers of the
         # round's key are found, unless a round before did it (a first round's announcement
         # then comes as soon after the others' as it can).
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.matchmaker.prepare_unless_done, self.run, round_)
-            await self.proofs.fetch()
+            if self._proof_reading is None or not self.proofs.fetched:
+                await self.proofs.fetch()
         announcement = AveragingAnnouncement(
             run=self.run,
             round=round_,

@@ -189,10 +189,10 @@ class Matchmaker:
 
     async def prepare_after(self, run: bytes, round_: int) -> None:
         """Once ``round_`` is over here, find the DHT servers of the next round's key; with
-        rounds closer together than ``TWO_AHEAD_BELOW``, of the round after it too, so that
-        back-to-back rounds find each key a round ahead instead of waiting for the lookup.
-        Each key is looked up once."""
-        fast = self._interval is not None and self._interval < TWO_AHEAD_BELOW
+        rounds closer together than ``TWO_AHEAD_BELOW`` (or before their pace is known), of
+        the round after it too, so that back-to-back rounds find each key a round ahead
+        instead of waiting for the lookup. Each key is looked up once."""
+        fast = self._interval is None or self._interval < TWO_AHEAD_BELOW
         if self._prepared_through > round_ + 2:  # a round run again (an older checkpoint)
             self._prepared_through = round_
         for ahead in range(round_ + 1, round_ + (3 if fast else 2)):
@@ -279,7 +279,12 @@ class Matchmaker:
         if wanted:
             seen = await self._gather_expected(announcement, wanted, me, started)
         else:
-            await trio.sleep(s.gather_window)
+            window_ends = trio.current_time() + s.gather_window
+            # The window is waited whole: the next rounds' DHT servers are found meanwhile,
+            # before the back-to-back rounds after it would wait for those lookups.
+            with trio.move_on_at(window_ends):
+                await self.prepare_after(announcement.run, announcement.round)
+            await trio.sleep_until(window_ends)
             seen = await self.read(announcement.run, announcement.round)
             await trio.sleep(s.settle)
             seen.update(await self.read(announcement.run, announcement.round))

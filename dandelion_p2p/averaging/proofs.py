@@ -137,6 +137,17 @@ class ProofExchange:
             log.info("equivocation proof not published: %s", exc)
             return 0
 
+    @property
+    def fetched(self) -> bool:
+        """Whether a read was made (whatever it found)."""
+        return self._last_fetch > -float("inf")
+
+    def due_in(self) -> float:
+        """Seconds until the next read is due: a whole interval before the first."""
+        if not self.fetched:
+            return self.fetch_interval
+        return max(0.0, self._last_fetch + self.fetch_interval - time.monotonic())
+
     async def fetch(self, *, force: bool = False) -> list[bytes]:
         """Read the run's proofs and score the reducers of the new valid ones ``EQUIVOCATION``
         (a ban); returns those reducers. Skipped (empty) within ``fetch_interval`` of the

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import trio
 
+from dandelion_p2p.averaging import averager as averager_module
 from dandelion_p2p.averaging.averager import AveragingSettings, NoGroup
 from dandelion_p2p.averaging.equivocation import EquivocationProof, make_proof
 from dandelion_p2p.averaging.matchmaking import MatchmakingSettings
@@ -143,6 +144,36 @@ async def test_the_averager_applies_published_proofs_before_it_forms_a_group() -
             f"\naverager of a peer outside the round banned "
             f"{len(outsider.averager._banned_now())} reducer from the DHT before forming its group"
         )
+
+
+async def test_after_its_first_round_an_averager_reads_the_proofs_in_the_background(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A round after the first waits for no read of the proofs: the averager reads them every
+    ``fetch_interval`` while it is installed, and stops when it is uninstalled."""
+    monkeypatch.setattr(averager_module, "MIN_PROOF_READ_GAP", 0.05)
+    settings = AveragingSettings(
+        matchmaking=MatchmakingSettings(gather_window=0.3, settle=0.2, min_group=2)
+    )
+    async with averaging_swarm(3, settings) as members:
+        reporter, _, outsider = members
+        outsider.averager.proofs.fetch_interval = 0.3
+        with pytest.raises(NoGroup):
+            await outsider.averager.all_reduce(np.zeros(1024, np.float32), 1.0, round_=1)
+        reducer = REDUCER.peer_id_bytes
+        assert not outsider.node.scores.is_banned(reducer, _now())
+        me = reporter.node.identity.peer_id_bytes
+        assert await reporter.averager.proofs.publish([genuine_proof()], [me], me) >= 1
+        # No round and no call: the background read finds it.
+        with trio.fail_after(10):
+            while not outsider.node.scores.is_banned(reducer, _now()):
+                await trio.sleep(0.05)
+        outsider.averager.uninstall()
+        assert outsider.averager._proof_reading is None
+        reads_at_stop = outsider.averager.proofs._last_fetch
+        await trio.sleep(1.0)
+        assert outsider.averager.proofs._last_fetch == reads_at_stop
+        print("\nbanned by the proofs' background read; no read after uninstall")
 
 
 async def test_a_member_publishes_its_rounds_proofs_for_peers_outside_the_group() -> None:

@@ -357,13 +357,28 @@ async def test_after_a_round_the_next_rounds_dht_servers_are_found_ahead() -> No
     assert len(reports) == 3 and all(r.fraction_averaged == 1.0 for r in reports)
 
 
+async def test_a_round_that_waits_the_whole_window_finds_the_next_rounds_servers_meanwhile(
+) -> None:
+    """A first round waits its whole gathering window: the DHT servers of the two rounds
+    after it are found then, before back-to-back rounds would wait for those lookups."""
+    from tests.averaging.test_averager_ports import FakeRecords
+
+    records = FakeRecords()
+    mm = Matchmaker(records=records, settings=MatchmakingSettings(gather_window=0.2))
+    mm.next_ttl()
+    started = trio.current_time()
+    await mm.match(b"me", announcement_of(1, "127.0.0.1:4000"))
+    assert trio.current_time() - started >= 0.2
+    assert [int.from_bytes(key[-8:], "big") for _, key in records.prepared] == [2, 3]
+
+
 async def test_back_to_back_rounds_find_the_servers_of_the_round_after_next_too(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """When rounds come back to back, the next announcement starts before a lookup begun at
     the end of a round would end: the key of the round after next is looked up then too, so
-    each key is found a round ahead. Slow rounds look up the next key only, and no key is
-    looked up twice."""
+    each key is found a round ahead; so do rounds whose pace is not known yet (a first
+    round). Slow rounds look up the next key only, and no key is looked up twice."""
     from tests.averaging.test_averager_ports import FakeRecords
 
     now = [1000.0]
@@ -378,8 +393,8 @@ async def test_back_to_back_rounds_find_the_servers_of_the_round_after_next_too(
 
     mm.next_ttl()
     await mm.prepare_after(RUN, 1)
-    assert prepared() == [2]  # no pace known yet
-    for number, expected in ((2, [3, 4]), (3, [5]), (4, [6])):
+    assert prepared() == [2, 3]  # no pace known yet
+    for number, expected in ((2, [4]), (3, [5]), (4, [6])):
         now[0] += 1.5
         mm.next_ttl()
         await mm.prepare_after(RUN, number)
