@@ -62,6 +62,9 @@ END_GRACE = 0.5
 closed, so what is left is our ChannelIdle) before it cuts off those still writing."""
 MIN_PROOF_READ_GAP = 1.0
 """Seconds at least between two background reads of the run's proofs, whatever the interval."""
+PROOF_READ_AFTER_ROUND = 2.0
+"""Seconds after a round that the proofs are read again, when rounds come at least
+``fetch_interval`` apart: the members of other groups publish theirs as their round ends."""
 CHUNKS_PER_SPAN = 8
 MIN_CHUNK = 64 * 1024
 
@@ -146,6 +149,9 @@ class Averager:
         self._installed = False
         self._proof_reading: trio.CancelScope | None = None
         """The background reads of the run's proofs, while installed with a nursery."""
+        self._read_proofs_first = False
+        """The next round reads the proofs before it announces (the first since install)."""
+        self._round_ended = trio.Event()
         self.reports: list[RoundReport] = []
         self.member_links = MemberLinks(
             me=self.me, run=run, links=links, dataplane=dataplane, reputation=reputation,
@@ -173,9 +179,11 @@ class Averager:
             self.dataplane.register(PURPOSE_ONE_ROUND, self.accepted.handle)
             self._installed = True
             self.member_links.kept.keeping = True
+            self._read_proofs_first = True
             if self.background is not None:
-                self._proof_reading = trio.CancelScope()
-                self.background.start_soon(self._read_proofs, self._proof_reading)
+                scope = trio.CancelScope()
+                self.background.start_soon(self._read_proofs, scope)
+                self._proof_reading = scope
 
     def uninstall(self) -> None:
         """Stop serving inbound averaging channels (rounds in progress keep theirs)."""
@@ -190,12 +198,22 @@ class Averager:
         self.accepted.close_all()
 
     async def _read_proofs(self, scope: trio.CancelScope) -> None:
-        """Read the run's proofs every ``fetch_interval`` after the first (which a round reads
-        itself), so that no later round waits for that read before it announces."""
+        """Read the run's proofs every ``fetch_interval``, and ``PROOF_READ_AFTER_ROUND`` after
+        each round when rounds come at least that far apart, as long as this averager is
+        installed: a round after the first then waits for no read before it announces, and
+        a proof published as a round ends bans its reducer before the next round forms."""
         with scope:
             while True:
-                await trio.sleep(max(MIN_PROOF_READ_GAP, self.proofs.due_in()))
-                await self.proofs.fetch()
+                with trio.move_on_after(max(MIN_PROOF_READ_GAP, self.proofs.due_in())):
+                    await self._round_ended.wait()
+                    await trio.sleep(PROOF_READ_AFTER_ROUND)
+                self._round_ended = trio.Event()
+                if self.proofs.age() < MIN_PROOF_READ_GAP:
+                    continue
+                try:
+                    await self.proofs.fetch(force=True)
+                except Exception:  # a background read must never take the node down with it
+                    log.exception("reading the run's equivocation proofs failed")
 
     def _announce_finished(self, announcement: AveragingAnnouncement) -> None:
         """Tell peers still to come that this round is over here (in the background: the
@@ -207,6 +225,9 @@ class Averager:
             except DandelionError as exc:
                 log.debug("round %d: finished not announced: %s", announcement.round, exc)
 
+        pace = self.matchmaker.interval
+        if pace is None or pace >= self.proofs.fetch_interval:
+            self._round_ended.set()
         if self.background is not None:
             self.background.start_soon(republish)
             # While the worker computes the next round's contribution, the DHT servers of
@@ -308,14 +329,17 @@ class Averager:
                               "peer, which has nothing to add and is not expected: it waits "
                               "for a later round", late=len(early))
         # Proofs other peers published ban their reducers before this round's announcement
-        # lists our bans and before the group is formed: read here before the first round,
-        # later in the background (``_read_proofs``). Meanwhile the DHT servers of the
-        # round's key are found, unless a round before did it (a first round's announcement
-        # then comes as soon after the others' as it can).
+        # lists our bans and before the group is formed: read here before the first round
+        # since install, later in the background (``_read_proofs``). Meanwhile the DHT
+        # servers of the round's key are found, unless a round before did it (a first
+        # round's announcement then comes as soon after the others' as it can).
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.matchmaker.prepare_unless_done, self.run, round_)
-            if self._proof_reading is None or not self.proofs.fetched:
+            if self._proof_reading is None:
                 await self.proofs.fetch()
+            elif self._read_proofs_first:
+                await self.proofs.fetch(force=self.proofs.age() >= MIN_PROOF_READ_GAP)
+                self._read_proofs_first = False
         announcement = AveragingAnnouncement(
             run=self.run,
             round=round_,

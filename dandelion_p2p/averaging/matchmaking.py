@@ -57,6 +57,9 @@ TWO_AHEAD_BELOW = 20.0
 the round after next, too: the next announcement comes before a lookup started when a round
 ends would finish. A record store keeps what it found for a minute, which two such rounds
 leave time for."""
+PREPARED_FOR = 50.0
+"""Seconds a lookup made ahead stands for its round's key; older, it is made again (the record
+store uses the servers it found for 60 s)."""
 
 
 def round_key(run: bytes, round_: int) -> bytes:
@@ -129,8 +132,14 @@ class Matchmaker:
         self._announced_at: float | None = None
         self._interval: float | None = None
         """Seconds between the starts of this peer's last two rounds."""
-        self._prepared_through = -1
+        self._prepared: dict[int, float] = {}
+        """Rounds whose key's DHT servers were looked up ahead (or are being), with when."""
         self._decoded = _Decoded()
+
+    @property
+    def interval(self) -> float | None:
+        """Seconds between the starts of this peer's last two rounds (None before two)."""
+        return self._interval
 
     def next_ttl(self) -> float:
         """Seconds the announcement of the round this peer starts now lives: the settings'
@@ -193,16 +202,25 @@ class Matchmaker:
         the round after it too, so that back-to-back rounds find each key a round ahead
         instead of waiting for the lookup. Each key is looked up once."""
         fast = self._interval is None or self._interval < TWO_AHEAD_BELOW
-        if self._prepared_through > round_ + 2:  # a round run again (an older checkpoint)
-            self._prepared_through = round_
         for ahead in range(round_ + 1, round_ + (3 if fast else 2)):
             await self.prepare_unless_done(run, ahead)
 
     async def prepare_unless_done(self, run: bytes, round_: int) -> None:
-        """``prepare(round_)`` unless a round before did (``prepare_after``)."""
-        if round_ > self._prepared_through:
-            self._prepared_through = round_
+        """``prepare(round_)`` unless a lookup of its key began less than ``PREPARED_FOR``
+        ago (``prepare_after``); one cut short counts as not made."""
+        now = time.monotonic()
+        began = self._prepared.get(round_)
+        if began is not None and now - began < PREPARED_FOR:
+            return
+        for stale in [r for r, at in self._prepared.items() if now - at >= PREPARED_FOR]:
+            del self._prepared[stale]
+        self._prepared[round_] = now
+        try:
             await self.prepare(run, round_)
+        except BaseException:
+            if self._prepared.get(round_) == now:
+                del self._prepared[round_]
+            raise
 
     async def prepare(self, run: bytes, round_: int) -> None:
         """Find the DHT servers of ``round_``'s key ahead of its announcement, which then

@@ -142,6 +142,10 @@ class ProofExchange:
         """Whether a read was made (whatever it found)."""
         return self._last_fetch > -float("inf")
 
+    def age(self) -> float:
+        """Seconds since the last read began (infinite before the first)."""
+        return time.monotonic() - self._last_fetch
+
     def due_in(self) -> float:
         """Seconds until the next read is due: a whole interval before the first."""
         if not self.fetched:

@@ -189,6 +189,8 @@ class Rounds:
         log.info("announcing that this peer leaves rounds %d and %d", *rounds)
         with trio.move_on_after(LEAVING_TIMEOUT):
             await self.averager.announce_leaving(rounds)
+        # Stopped: no channels kept, no reads of the run's proofs, until it trains again.
+        self.averagers.retire(self.averager)
 
     def _averager_for(self, document: RunDocument) -> Averager:
         """The averager of the run under config version ``document``: the version is part of

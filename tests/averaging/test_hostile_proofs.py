@@ -15,6 +15,7 @@ from dandelion_p2p.averaging import averager as averager_module
 from dandelion_p2p.averaging.averager import AveragingSettings, NoGroup
 from dandelion_p2p.averaging.equivocation import EquivocationProof, make_proof
 from dandelion_p2p.averaging.matchmaking import MatchmakingSettings
+from dandelion_p2p.averaging.messages import AveragingAnnouncement
 from dandelion_p2p.averaging.proofs import (
     MAX_PROOFS_CHECKED_PER_FETCH,
     PROOF_NAMESPACE,
@@ -174,6 +175,62 @@ async def test_after_its_first_round_an_averager_reads_the_proofs_in_the_backgro
         await trio.sleep(1.0)
         assert outsider.averager.proofs._last_fetch == reads_at_stop
         print("\nbanned by the proofs' background read; no read after uninstall")
+
+
+async def test_only_a_first_round_since_install_reads_the_proofs_before_it_announces(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rounds after the first leave the reads to the background; with rounds of unknown or
+    slow pace the background reads again ``PROOF_READ_AFTER_ROUND`` after each, so that a
+    proof published as a round ends bans its reducer before the next; reinstalled, the
+    averager's next round reads first again."""
+    monkeypatch.setattr(averager_module, "PROOF_READ_AFTER_ROUND", 1.0)
+    settings = AveragingSettings(
+        matchmaking=MatchmakingSettings(gather_window=0.3, settle=0.1, min_group=2)
+    )
+    async with averaging_swarm(3, settings) as members:
+        pair, reporter = members[:2], members[2]
+        watched = pair[0].averager
+        watched.proofs.fetch_interval = 60.0  # no periodic read within the test
+        events: list[str] = []
+        real_fetch, real_announce = watched.proofs.fetch, watched.matchmaker.announce
+
+        async def fetch(*, force: bool = False) -> list[bytes]:
+            task = trio.lowlevel.current_task().name
+            events.append("background read" if "_read_proofs" in task else "read")
+            return await real_fetch(force=force)
+
+        async def announce(announcement: AveragingAnnouncement) -> int:
+            events.append(f"announce {announcement.round}")
+            return await real_announce(announcement)
+
+        monkeypatch.setattr(watched.proofs, "fetch", fetch)
+        monkeypatch.setattr(watched.matchmaker, "announce", announce)
+
+        async def round_of_pair(round_: int) -> None:
+            async with trio.open_nursery() as nursery:
+                for m in pair:
+                    nursery.start_soon(m.averager.all_reduce, np.ones(4096, np.float32), 1.0,
+                                       round_)
+
+        for round_ in (1, 2, 3):
+            await round_of_pair(round_)
+        assert events[:2] == ["read", "announce 1"], events
+        assert "read" not in events[2:], events
+        # A proof published just after a round: the read after it finds it.
+        me = reporter.node.identity.peer_id_bytes
+        assert await reporter.averager.proofs.publish([genuine_proof()], [me], me) >= 1
+        reducer = REDUCER.peer_id_bytes
+        with trio.fail_after(10):
+            while not pair[0].node.scores.is_banned(reducer, _now()):
+                await trio.sleep(0.05)
+        assert "background read" in events, events
+        watched.uninstall()
+        await trio.sleep(1.1)  # past MIN_PROOF_READ_GAP since the last read
+        events.clear()
+        await round_of_pair(4)
+        assert events[:2] == ["read", "announce 4"], events
+        print(f"\nreads and announcements of one member: {events}")
 
 
 async def test_a_member_publishes_its_rounds_proofs_for_peers_outside_the_group() -> None:

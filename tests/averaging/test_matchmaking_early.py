@@ -23,6 +23,7 @@ from dandelion_p2p.averaging.report import RoundReport
 from dandelion_p2p.identity import Identity
 from dandelion_p2p.net.dht.records import routing_key, sign_record
 from tests.averaging.test_averager import RUN, Member, averaging_swarm
+from tests.averaging.test_averager_ports import FakeRecords
 
 WINDOW = 4.0
 SETTINGS = AveragingSettings(
@@ -357,19 +358,54 @@ async def test_after_a_round_the_next_rounds_dht_servers_are_found_ahead() -> No
     assert len(reports) == 3 and all(r.fraction_averaged == 1.0 for r in reports)
 
 
+class SlowLookups(FakeRecords):
+    """Lookups of a key's servers that take ``delay`` seconds, with when each began."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+        self.began: list[float] = []
+
+    async def prepare_put(self, namespace: str, key: bytes, *,
+                          timeout: float | None = None) -> None:
+        self.began.append(trio.current_time())
+        await trio.sleep(self.delay)
+        await super().prepare_put(namespace, key, timeout=timeout)
+
+
+def _rounds_of(records: FakeRecords) -> list[int]:
+    found = [int.from_bytes(key[-8:], "big") for _, key in records.prepared]
+    records.prepared.clear()
+    return found
+
+
 async def test_a_round_that_waits_the_whole_window_finds_the_next_rounds_servers_meanwhile(
 ) -> None:
     """A first round waits its whole gathering window: the DHT servers of the two rounds
     after it are found then, before back-to-back rounds would wait for those lookups."""
-    from tests.averaging.test_averager_ports import FakeRecords
-
-    records = FakeRecords()
-    mm = Matchmaker(records=records, settings=MatchmakingSettings(gather_window=0.2))
+    records = SlowLookups(delay=0.05)
+    mm = Matchmaker(records=records, settings=MatchmakingSettings(gather_window=0.3))
     mm.next_ttl()
     started = trio.current_time()
     await mm.match(b"me", announcement_of(1, "127.0.0.1:4000"))
-    assert trio.current_time() - started >= 0.2
-    assert [int.from_bytes(key[-8:], "big") for _, key in records.prepared] == [2, 3]
+    assert trio.current_time() - started >= 0.3
+    assert _rounds_of(records) == [2, 3]
+    assert all(began < started + 0.3 for began in records.began)
+    await mm.prepare_after(RUN, 1)
+    assert _rounds_of(records) == []  # both found already
+
+
+async def test_a_lookup_cut_off_at_the_windows_end_is_made_again_after_the_round() -> None:
+    records = SlowLookups(delay=0.5)
+    mm = Matchmaker(records=records,
+                    settings=MatchmakingSettings(gather_window=0.2, settle=0.05))
+    mm.next_ttl()
+    started = trio.current_time()
+    await mm.match(b"me", announcement_of(1, "127.0.0.1:4000"))
+    assert trio.current_time() - started < 0.45  # the window did not wait for the lookup
+    assert _rounds_of(records) == [] and len(records.began) == 1
+    await mm.prepare_after(RUN, 1)
+    assert _rounds_of(records) == [2, 3]
 
 
 async def test_back_to_back_rounds_find_the_servers_of_the_round_after_next_too(
@@ -378,40 +414,37 @@ async def test_back_to_back_rounds_find_the_servers_of_the_round_after_next_too(
     """When rounds come back to back, the next announcement starts before a lookup begun at
     the end of a round would end: the key of the round after next is looked up then too, so
     each key is found a round ahead; so do rounds whose pace is not known yet (a first
-    round). Slow rounds look up the next key only, and no key is looked up twice."""
-    from tests.averaging.test_averager_ports import FakeRecords
-
+    round). Slow rounds look up the next key only. A key is looked up again only once the
+    servers found for it are too old to use (``PREPARED_FOR``)."""
     now = [1000.0]
     monkeypatch.setattr(matchmaking.time, "monotonic", lambda: now[0])
     records = FakeRecords()
     mm = Matchmaker(records=records, settings=MatchmakingSettings())
-
-    def prepared() -> list[int]:
-        found = [int.from_bytes(key[-8:], "big") for _, key in records.prepared]
-        records.prepared.clear()
-        return found
-
     mm.next_ttl()
     await mm.prepare_after(RUN, 1)
-    assert prepared() == [2, 3]  # no pace known yet
+    assert _rounds_of(records) == [2, 3]  # no pace known yet
     for number, expected in ((2, [4]), (3, [5]), (4, [6])):
         now[0] += 1.5
         mm.next_ttl()
         await mm.prepare_after(RUN, number)
-        assert prepared() == expected, number
-    now[0] += 60.0
+        assert _rounds_of(records) == expected, number
+    now[0] += 30.0
     mm.next_ttl()
     await mm.prepare_after(RUN, 5)
-    assert prepared() == []  # 6 was found already
-    now[0] += 60.0
+    assert _rounds_of(records) == []  # 6 was found 30 s ago: still used
+    now[0] += 30.0
     mm.next_ttl()
     await mm.prepare_after(RUN, 6)
-    assert prepared() == [7]
+    assert _rounds_of(records) == [7]
+    now[0] += 60.0
+    mm.next_ttl()
+    await mm.prepare_after(RUN, 6)  # run again, slowly: 7 was found 60 s ago
+    assert _rounds_of(records) == [7]
     # A worker resumed from an older checkpoint runs round 2 again.
     now[0] += 1.0
     mm.next_ttl()
     await mm.prepare_after(RUN, 2)
-    assert prepared() == [3, 4]
+    assert _rounds_of(records) == [3, 4]
 
 
 async def test_a_peer_that_failed_this_one_but_is_still_connected_is_waited_for() -> None:
