@@ -208,12 +208,15 @@ class Averager:
                     await self._round_ended.wait()
                     await trio.sleep(PROOF_READ_AFTER_ROUND)
                 self._round_ended = trio.Event()
-                if self.proofs.age() < MIN_PROOF_READ_GAP:
-                    continue
                 try:
-                    await self.proofs.fetch(force=True)
+                    await self._read_proofs_now()
                 except Exception:  # a background read must never take the node down with it
                     log.exception("reading the run's equivocation proofs failed")
+
+    async def _read_proofs_now(self) -> None:
+        """Read the run's proofs, unless a read began less than ``MIN_PROOF_READ_GAP`` ago."""
+        if self.proofs.age() >= MIN_PROOF_READ_GAP:
+            await self.proofs.fetch(force=True)
 
     def _announce_finished(self, announcement: AveragingAnnouncement) -> None:
         """Tell peers still to come that this round is over here (in the background: the
@@ -225,9 +228,6 @@ class Averager:
             except DandelionError as exc:
                 log.debug("round %d: finished not announced: %s", announcement.round, exc)
 
-        pace = self.matchmaker.interval
-        if pace is None or pace >= self.proofs.fetch_interval:
-            self._round_ended.set()
         if self.background is not None:
             self.background.start_soon(republish)
             # While the worker computes the next round's contribution, the DHT servers of
@@ -338,7 +338,7 @@ class Averager:
             if self._proof_reading is None:
                 await self.proofs.fetch()
             elif self._read_proofs_first:
-                await self.proofs.fetch(force=self.proofs.age() >= MIN_PROOF_READ_GAP)
+                await self._read_proofs_now()
                 self._read_proofs_first = False
         announcement = AveragingAnnouncement(
             run=self.run,
@@ -448,6 +448,9 @@ class Averager:
                 del self._round_ready[r]
             self._ended_through = max(self._ended_through, round_)
         self._announce_finished(announcement)
+        pace = self.matchmaker.interval
+        if pace is None or pace >= self.proofs.fetch_interval:
+            self._round_ended.set()  # the background reads the proofs again shortly
         state = rnd.state
         report = state.report()
         self._remember_failures(round_, report)

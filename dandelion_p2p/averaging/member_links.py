@@ -379,7 +379,7 @@ class MemberLinks:
         """The round is done with ``channel``: a kept one whose writer said so (its last
         frame, ``_write``) may carry the next round (the opener's by ``kept``, an accepted
         one by its inbound handler); any other, or one left by an error, is closed."""
-        if not said_idle or channel.purpose != PURPOSE_KEPT or not channel.is_open:
+        if not said_idle or not channel.is_open:
             await close(channel)
         elif self.me < peer:
             await self.kept.release(channel, peer, self.run, round_, peer_rested)
