@@ -179,7 +179,7 @@ async def honest_round(
 
 
 @pytest.mark.parametrize(("n_fresh", "finished"), [
-    pytest.param(4, False, marks=pytest.mark.slow), (50, False), (50, True)])
+    (4, False), (50, False), (50, True)])
 async def test_fresh_announcers_that_never_connect_take_no_span(
     n_fresh: int, finished: bool
 ) -> None:

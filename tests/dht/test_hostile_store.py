@@ -135,8 +135,8 @@ async def what_a_querier_sees(
     [
         (MEMBERS_NAMESPACE, 80),
         (RELAYS_NAMESPACE, 70),
-        pytest.param(MEMBERS_NAMESPACE, 1000, marks=pytest.mark.slow),
-        pytest.param(RELAYS_NAMESPACE, 1000, marks=pytest.mark.slow),
+        (MEMBERS_NAMESPACE, 1000),
+        (RELAYS_NAMESPACE, 1000),
     ],
 )
 async def test_a_flood_of_longest_expiry_records_hides_no_honest_publisher(

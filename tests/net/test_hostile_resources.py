@@ -237,9 +237,6 @@ async def hold_reservation(
         await stop.wait()
 
 
-# 20 s; the per-network share and the total are checked by default by the six- and
-# fifty-identity tests.
-@pytest.mark.slow
 async def test_two_hundred_identities_of_one_network_leave_a_nat_peer_served() -> None:
     async with running_node(public_settings(relay=True)) as relay:
         outcome = {"granted": 0, "refused": 0, "failed": 0}
