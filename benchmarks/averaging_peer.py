@@ -133,12 +133,12 @@ async def main(args: argparse.Namespace) -> None:
         # channel keeps the links busy without pooling tens of MiB per member.
         frame = args.chunk_elements * 4 + (1 << 20)
         # Bound and advertised as the daemon does it (``--ip 0.0.0.0`` as its default listen).
-        bind_ip, advertise_ip = dataplane_addresses(node)
+        bind_ip, advertise_ip, direct = dataplane_addresses(node)
         dataplane = DataPlane(
             node.host,
             identity,
             listen_ip=bind_ip,
-            reachable=node.reachable,
+            reachable=node.reachable and direct,
             max_frame=frame,
             window_bytes=2 * frame,
         )

@@ -24,6 +24,10 @@ NODE_OPTIONS: Options = [
     (("--listen",), {"multiple": True, "help": "Multiaddr to listen on (repeatable)."}),
     (("--announce",), {"multiple": True, "help": "Multiaddr to advertise (repeatable)."}),
     (("--bootstrap",), {"multiple": True, "help": "Bootstrap peer multiaddr (repeatable)."}),
+    (
+        ("--data-port",),
+        {"type": int, "help": "Data plane TCP port (0: any; with --announce, the one forwarded)."},
+    ),
     (("--network",), {"help": "Swarm name to join."}),
     (("--relays",), {"type": int, "help": "Relay reservations to keep when behind NAT."}),
     (

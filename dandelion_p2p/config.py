@@ -82,6 +82,7 @@ _KINDS: dict[str, str] = {
     "webui": "bool",
     "webui_host": "str",
     "webui_port": "int",
+    "data_port": "int",
     "dataset": "path",
     "run_config": "path",
     "train_data": "path",
@@ -171,6 +172,9 @@ class DaemonConfig:
     webui: bool = True
     webui_host: str = "127.0.0.1"
     webui_port: int = 4080
+    data_port: int = 0
+    """TCP port of the data plane (averaging traffic); 0: any free port. With an ``announce``
+    address that forwards to this machine, the port forwarded for the data plane."""
     dataset: Path | None = None
     run_config: Path | None = None
     train_data: Path | None = None
@@ -405,11 +409,12 @@ def _validate(values: Mapping[str, Any]) -> None:
     for key in ("relay", "upnp", "webui", "worker"):
         if not isinstance(values.get(key, False), bool):
             raise _Invalid((key,), f"expected a boolean, got {values[key]!r}")
-    port = values.get("webui_port", 4080)
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-        raise _Invalid(
-            ("webui_port",), f"must be a TCP port 0-65535 (0: any free port), got {port!r}"
-        )
+    for key, default in (("webui_port", 4080), ("data_port", 0)):
+        port = values.get(key, default)
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise _Invalid(
+                (key,), f"must be a TCP port 0-65535 (0: any free port), got {port!r}"
+            )
     host = values.get("webui_host", "127.0.0.1")
     if not isinstance(host, str) or not _WEB_HOST.fullmatch(host):
         raise _Invalid(("webui_host",), f"must be an IPv4/IPv6 address or host name, got {host!r}")

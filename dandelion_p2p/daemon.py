@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import trio
 from libp2p.peer.id import ID
@@ -141,11 +142,24 @@ def configure_logging(level: str, hub: LogHub | None = None) -> None:
         libp2p.propagate = True
 
 
-def dataplane_addresses(node: SwarmNode) -> tuple[str, str | None]:
-    """(IP to bind the data plane on, "ip:port" prefix to advertise or None).
+class DataplaneAddresses(NamedTuple):
+    bind_ip: str
+    """IP the data plane listens on."""
+    advertise_ip: str | None
+    """IP to tell peers with our data port, or None to offer the bound (or routed) one."""
+    direct: bool
+    """Whether peers are told to dial the data plane at all (else its channels ride libp2p)."""
+
+
+def dataplane_addresses(node: SwarmNode, data_port: int = 0) -> DataplaneAddresses:
+    """Where the data plane listens and what peers are told to dial.
 
     The data plane listens on the same interface as the host's first TCP listen address; when
-    that is a wildcard, peers are told the first dialable IP the node advertises.
+    that is a wildcard, peers are told the first dialable IP the node advertises. An
+    ``--announce`` address that is not this machine's own (a port forwarded on a NAT) forwards
+    the libp2p port only: the data plane's endpoint there is offered only when ``data_port``
+    names the port forwarded for it, else peers would wait ``connect_timeout`` on a port
+    nothing forwards before every channel fell back to the libp2p stream.
     """
     bind = "0.0.0.0"
     for addr in node.settings.listen:
@@ -153,13 +167,40 @@ def dataplane_addresses(node: SwarmNode) -> tuple[str, str | None]:
         if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
             bind = parts[2]
             break
+    forwarded = next((ip for ip in _ips(node.settings.announce) if not is_own_address(ip)), None)
+    if forwarded is not None:
+        if data_port == 0:
+            log.info(
+                "data plane: %s is announced but is not this machine's address; its channels "
+                "go over libp2p streams (--data-port names a port forwarded for it)", forwarded
+            )
+            return DataplaneAddresses(bind, None, False)
+        return DataplaneAddresses(bind, forwarded, True)
     if bind not in ("0.0.0.0", "::"):
-        return bind, None
-    for addr in node.public_addrs():
+        return DataplaneAddresses(bind, None, True)
+    return DataplaneAddresses(bind, next(iter(_ips(node.public_addrs())), None), True)
+
+
+def _ips(addrs: list[str] | tuple[str, ...]) -> list[str]:
+    """The IPs of the direct (not relayed) ``/ip4`` and ``/ip6`` addresses, in order."""
+    out = []
+    for addr in addrs:
         parts = addr.split("/")
         if len(parts) > 2 and parts[1] in ("ip4", "ip6") and "p2p-circuit" not in addr:
-            return bind, parts[2]
-    return bind, None
+            out.append(parts[2])
+    return out
+
+
+def is_own_address(ip: str) -> bool:
+    """Whether ``ip`` is an address of one of this machine's interfaces (binding to it works;
+    nothing is sent)."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((ip, 0))
+        except OSError:
+            return False
+    return True
 
 
 async def _serve_dataplane(
@@ -196,11 +237,15 @@ async def run_daemon(
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as outer:
             async with node.running():
-                bind_ip, advertise_ip = dataplane_addresses(node)
+                addresses = dataplane_addresses(node, config.data_port)
                 dataplane = DataPlane(
-                    node.host, identity, listen_ip=bind_ip, reachable=node.reachable
+                    node.host,
+                    identity,
+                    listen_ip=addresses.bind_ip,
+                    port=config.data_port,
+                    reachable=node.reachable and addresses.direct,
                 )
-                await outer.start(_serve_dataplane, dataplane, advertise_ip)
+                await outer.start(_serve_dataplane, dataplane, addresses.advertise_ip)
                 await outer.start(DataPortForwarding(node, dataplane).run)
                 ctx = DaemonContext(
                     config=config,

@@ -181,6 +181,8 @@ def test_hole_punching_upgrades_a_relayed_connection(
         if kind == "direct":
             break
         time.sleep(0.2)
+    print(f"\nNATs answering with {'RST' if answer_with_rst else 'nothing'}: {kind} after "
+          f"{25 - max(0.0, deadline - time.monotonic()):.1f} s")
     if answer_with_rst:
         # Such NATs mostly reset the other side's SYN before the simultaneous open completes;
         # when both SYNs cross first the punch succeeds (seen once in many runs). Either way

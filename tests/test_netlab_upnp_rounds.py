@@ -58,6 +58,6 @@ def test_upnp_peer_rounds_take_as_long_as_a_direct_peers(netlab: NetLab, tmp_pat
           f"ratio {upnp_median / direct_median:.2f}")
     # Both of the peer's ports were mapped: the libp2p one and the data plane's.
     assert f"data plane reachable at {nat.wan_ip}:" in log, log[-3000:]
-    # The target is 20 %; the bound here is generous for a shared machine, and
-    # still far below the 5 s stall a round took while the data port was advertised unmapped.
-    assert upnp_median <= 1.5 * direct_median + 1.0
+    # Within 20 % of the direct peer's rounds (plus 50 ms for a shared machine's noise on
+    # rounds of about 0.25 s); a round took 5 s more while the data port was advertised unmapped.
+    assert upnp_median <= 1.2 * direct_median + 0.05

@@ -14,7 +14,6 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import multiaddr
-import pytest
 import trio
 from libp2p.abc import IHost
 from libp2p.custom_types import TProtocol
