@@ -48,13 +48,14 @@ def shoot(link: str, out: Path, rounds_seen: threading.Event) -> list[Path]:
             page.set_default_timeout(30_000)
             page.goto(link)  # sets the login cookie and drops the token from the address
             page.locator("#conn-state", has_text="connected").wait_for()
-            rounds_seen.wait(timeout=120)
+            if not rounds_seen.wait(timeout=180):
+                raise RuntimeError("the demo printed no second round within 180 s")
             for name in PAGES:
                 page.goto(link.split("?", 1)[0] + "#" + name)
                 page.locator("#conn-state", has_text="connected").wait_for()
                 time.sleep(2.5)  # one refresh of every card and chart (every 2 s)
                 path = out / f"webui-{name}.png"
-                page.screenshot(path=str(path))
+                page.screenshot(path=str(path), full_page=True)
                 shrink(path)
                 saved.append(path)
         finally:
@@ -84,7 +85,7 @@ def main() -> None:
             worker = threading.Thread(target=lambda url: shots.extend(
                 shoot(url, args.out, rounds_seen)), args=(link,))
             worker.start()
-        if "round 2 at step" in line:
+        if ": round 2 of step " in line:  # as dandelion_p2p.demo prints each peer's round
             rounds_seen.set()
     rounds_seen.set()
     if worker is not None:

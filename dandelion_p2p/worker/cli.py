@@ -138,11 +138,12 @@ def _run(*, socket_path: Path | None, data_dir: Path | None, run_config: Path | 
     from dandelion_p2p.errors import ConfigError
     from dandelion_p2p.local_settings import LocalSettings, load_local_settings
     from dandelion_p2p.runconfig.schema import loads
-    from dandelion_p2p.worker.link import DaemonLink, Link, SoloLink
     from dandelion_p2p.worker.quiet import quiet_third_party
+
+    quiet_third_party()  # before anything that may import bitsandbytes
+    from dandelion_p2p.worker.link import DaemonLink, Link, SoloLink
     from dandelion_p2p.worker.train import Trainer, WorkerOptions, run_until_stopped
 
-    quiet_third_party()
     if data_dir is None and socket_path is None and run_config is None:
         env = os.environ.get("DANDELION_DATA_DIR", "").strip()
         data_dir = Path(env) if env else default_data_dir()

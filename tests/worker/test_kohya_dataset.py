@@ -285,3 +285,28 @@ def test_sdxl_long_captions_keep_the_first_chunks_pooled_embedding(tmp_path: Pat
     assert three["hidden"].shape == (2, 3 * window, one["hidden"].shape[-1])
     assert torch.allclose(three["hidden"][:, :window], one["hidden"], atol=1e-6)
     assert torch.allclose(three["pooled"], one["pooled"], atol=1e-6)
+
+
+def test_a_subsets_loss_weight_scales_its_samples_loss_and_gradient(
+        tiny_sd1: Path, tmp_path: Path) -> None:
+    data = kohya_folder(tmp_path / "data", {"dog": 2})
+    measured = {}
+    for weight in (1.0, 0.25):
+        config = tiny_run(tiny_sd1, data={"subsets": [{"folder": "dog", "loss_weight": weight}]})
+        work = tmp_path / f"work-{weight}"
+        toml = tmp_path / f"run-{weight}.toml"
+        toml.write_text(config.to_toml())
+        trainer = Trainer(config, WorkerOptions(data=data, work_dir=work, export=False,
+                                                gradient_checkpointing=False), SoloLink(toml))
+        try:
+            batch = trainer.feed.next_batch(Position())
+            assert {Path(s.key).parent.name for s in batch.samples} == {"dog"}
+            loss = trainer.forward_backward(batch)
+            grad = torch.cat([p.grad.flatten() for p in trainer.params if p.grad is not None])
+            measured[weight] = (loss, grad.clone())
+        finally:
+            trainer.close()
+    (loss_one, grad_one), (loss_quarter, grad_quarter) = measured[1.0], measured[0.25]
+    assert loss_one > 0
+    assert loss_quarter == pytest.approx(0.25 * loss_one, rel=1e-5)
+    torch.testing.assert_close(grad_quarter, 0.25 * grad_one, rtol=1e-4, atol=1e-9)

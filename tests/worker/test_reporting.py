@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,11 @@ from dandelion_p2p.worker import validation
 from dandelion_p2p.worker.data import Sample
 from dandelion_p2p.worker.link import SoloLink, SyncOutcome
 from dandelion_p2p.worker.progress import ConsoleProgress, round_text
-from dandelion_p2p.worker.quiet import TORCHVISION_FALLBACK, quiet_third_party
+from dandelion_p2p.worker.quiet import (
+    BITSANDBYTES_4BIT_KERNEL,
+    TORCHVISION_FALLBACK,
+    quiet_third_party,
+)
 from dandelion_p2p.worker.tensorboard_log import TAGS, TensorBoardLog
 from dandelion_p2p.worker.train import Trainer, WorkerOptions
 from tests.worker.runconfigs import tiny_run
@@ -105,6 +111,29 @@ def test_the_torchvision_fallback_notice_alone_is_dropped() -> None:
         logger.setLevel(level)
         logger.disabled = disabled
     assert kept.messages == ["something else that matters"]
+
+
+def test_bitsandbytes_on_a_cpu_without_kernels_starts_silently() -> None:
+    """The worker's 8-bit AdamW imports bitsandbytes, whose import warns that a 4-bit CPU
+    kernel is missing; imported after ``quiet_third_party`` it says nothing, and without it
+    the warning is still there (so this checks the filter, not a machine without it)."""
+    pytest.importorskip("bitsandbytes")
+    program = (
+        "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stderr)\n"
+        "{quiet}import bitsandbytes\n"
+    )
+    quiet = "from dandelion_p2p.worker.quiet import quiet_third_party; quiet_third_party()\n"
+    outputs = []
+    for prefix in ("", quiet):
+        done = subprocess.run(
+            [sys.executable, "-c", program.format(quiet=prefix)],
+            capture_output=True, text=True, timeout=120, check=True,
+        )
+        outputs.append(done.stderr)
+    noisy, quieted = outputs
+    if BITSANDBYTES_4BIT_KERNEL not in noisy:
+        pytest.skip("this bitsandbytes build loads its 4-bit CPU kernel: nothing to quiet")
+    assert BITSANDBYTES_4BIT_KERNEL not in quieted, quieted
 
 
 # ---------------------------------------------------------------------------- tensorboard

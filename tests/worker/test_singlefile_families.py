@@ -69,7 +69,7 @@ def test_an_sdxl_single_file_loads_back_with_diffusers(tmp_path: Path) -> None:
     assert_same_weights(c, loaded, torch.float32)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+@pytest.mark.parametrize("precision", ["fp16", "bf16", "fp32"])
 def test_a_full_export_writes_the_single_file_in_the_chosen_precision(
         tiny_sd1: Path, tmp_path: Path, precision: str) -> None:
     from diffusers import StableDiffusionPipeline
@@ -79,7 +79,7 @@ def test_a_full_export_writes_the_single_file_in_the_chosen_precision(
     c = load_components(config.model)
     select_trainable(c, config.training, 0)
     folder = export(c, config, tmp_path, 4, None)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
     path = folder / "tiny-step-00000004.safetensors"
     with safe_open(str(path), framework="pt") as f:  # type: ignore[no-untyped-call]
         assert {f.get_tensor(k).dtype for k in f.keys()} == {dtype}  # noqa: SIM118
