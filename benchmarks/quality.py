@@ -364,12 +364,16 @@ def draw_png(results: list[Result], path: Path) -> None:
 
 
 def table(results: list[Result], base: float, honest: float | None) -> str:
-    lines = ["| run | final val loss | ratio to baseline | wall s | bytes sent / peer |",
-             "|---|---:|---:|---:|---:|"]
+    """``honest``: the final loss of the honest swarm (gradient-none), which byzantine runs
+    are also compared with."""
+    lines = ["| run | final val loss | ratio to baseline | ratio to honest swarm | wall s "
+             "| bytes sent / peer |", "|---|---:|---:|---:|---:|---:|"]
     for r in results:
         sent = f"{r.bytes_sent_per_peer / 1e6:.1f} MB" if r.bytes_sent_per_peer else "-"
-        lines.append(f"| {r.name} | {r.final:.5f} | {r.final / base:.4f} | {r.seconds:.0f} "
-                     f"| {sent} |")
+        to_honest = (f"{r.final / honest:.4f}"
+                     if honest is not None and r.name.startswith("byzantine-") else "-")
+        lines.append(f"| {r.name} | {r.final:.5f} | {r.final / base:.4f} | {to_honest} "
+                     f"| {r.seconds:.0f} | {sent} |")
     return "\n".join(lines)
 
 

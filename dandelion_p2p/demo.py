@@ -205,13 +205,15 @@ def main() -> None:
     procs: list[Proc] = []
     net, why = DemoNetwork.open(args.nat)
     try:
+        from dandelion_p2p.worker.quiet import quiet_third_party
+
+        quiet_third_party()  # before diffusers imports bitsandbytes
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
 
         from dandelion_p2p.worker.tiny import build_tiny_pipeline, write_images
 
         for lib in (diffusers_logging, transformers_logging):
-            lib.disable_progress_bar()
             lib.set_verbosity_error()
 
         print("Building a tiny random Stable Diffusion 1.x model and 16 captioned images")

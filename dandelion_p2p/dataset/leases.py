@@ -257,7 +257,8 @@ class LeaseBook:
         network: str = UNKNOWN_NETWORK, max_per_network: int = MAX_LEASES_PER_NETWORK,
     ) -> Lease | NoChunkFree:
         """Lease the least-trained free chunk of the current epoch to ``peer``, whose
-        address lies in ``network`` (its prefix).
+        address lies in ``network`` (its prefix); while every chunk of the current epoch is
+        done or leased out, one of the next epoch.
 
         Raises ``ProtocolViolation(RATE_LIMITED)`` when the peer holds ``max_per_peer``, or
         the peers of its network hold ``max_per_network`` together.
@@ -281,13 +282,24 @@ class LeaseBook:
                 )
             epoch = self.epoch
             if self.completed(epoch) >= self.total:
-                epoch += 1
+                # The next epoch may be done already, its chunks leased ahead.
+                while self.completed(epoch) >= self.total:
+                    epoch += 1
                 self.db.execute("UPDATE meta SET value=? WHERE key='epoch'", (str(epoch),))
+            lease_epoch = epoch
             row = self.db.execute(NEXT_CHUNK_QUERY, (epoch, epoch, epoch)).fetchone()
             if row is None:
+                # The epoch's last chunks are out. Their holders may be waiting for this peer
+                # (in a blocking averaging round) before they train them: lease from the next
+                # epoch meanwhile, never further ahead.
+                lease_epoch = epoch + 1
+                row = self.db.execute(
+                    NEXT_CHUNK_QUERY, (lease_epoch, lease_epoch, lease_epoch)
+                ).fetchone()
+            if row is None:
                 soonest = self.db.execute(
-                    "SELECT MIN(expires_at) FROM leases WHERE state='active' AND epoch=?",
-                    (epoch,),
+                    "SELECT MIN(expires_at) FROM leases WHERE state='active' AND epoch IN (?, ?)",
+                    (epoch, epoch + 1),
                 ).fetchone()[0]
                 # A receipt can free the epoch at any moment, so peers ask again soon, not
                 # only when the first lease expires.
@@ -299,11 +311,11 @@ class LeaseBook:
             cursor = self.db.execute(
                 "INSERT INTO leases(epoch, chunk, peer, granted_at, expires_at, state, network, "
                 "nonce) VALUES (?, ?, ?, ?, ?, 'active', ?, ?)",
-                (epoch, chunk, peer, now, expires, network, nonce),
+                (lease_epoch, chunk, peer, now, expires, network, nonce),
             )
             lease_id = cursor.lastrowid
             assert lease_id is not None
-            return Lease(lease_id, epoch, chunk, peer, now, expires, samples, size, nonce)
+            return Lease(lease_id, lease_epoch, chunk, peer, now, expires, samples, size, nonce)
 
     def record_receipt(
         self, *, lease_id: int, epoch: int, chunk: str, peer: bytes, samples: int,

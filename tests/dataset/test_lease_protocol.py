@@ -93,12 +93,18 @@ def test_grants_follow_the_manifest_until_the_epoch_is_out(desk: LeaseDesk) -> N
                                                entries[lease.chunk].size)
     assert first.chunk != second.chunk and first.lease_id != second.lease_id
     grant(desk, ALICE)
-    # Alice holds two, the most one peer may: refused; Bob is told when to ask again.
+    # Alice holds two, the most one peer may: refused.
     assert refusal(desk, ALICE, LeaseRequest(run=RUN)) == RejectCode.RATE_LIMITED
-    none_free = ask(desk, BOB, LeaseRequest(run=RUN))
+    # Epoch 0 is out: Bob gets a chunk of epoch 1, and once he holds two, Carol is told when
+    # to ask again.
+    assert grant(desk, BOB).epoch == 1
+    carol = Identity.generate()
+    for _ in range(2):
+        assert grant(desk, carol).epoch == 1
+    none_free = ask(desk, Identity.generate(), LeaseRequest(run=RUN))
     assert isinstance(none_free, NoLease) and none_free.epoch == 0
     assert 500 <= none_free.retry_after_ms <= 2000
-    assert desk.served_requests == 5
+    assert desk.served_requests == 8
 
 
 def test_requests_for_another_run_or_of_another_kind_are_refused(desk: LeaseDesk) -> None:

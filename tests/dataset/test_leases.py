@@ -43,21 +43,34 @@ def _complete(book: LeaseBook, lease: Lease, now: float) -> None:
 def test_an_epoch_hands_out_every_chunk_once_then_the_next_starts(tmp_path: Path) -> None:
     book = _book(tmp_path)
     leases = [_grant(book, p, 0.0) for p in (A, B, C, A)]
-    assert len({lease.chunk for lease in leases}) == 4
-    assert isinstance(book.grant(B, 1.0, lease_seconds=10, max_per_peer=8), NoChunkFree)
+    assert len({lease.chunk for lease in leases}) == 4 and {lease.epoch for lease in leases} == {0}
+    # Every chunk of epoch 0 is out (its holders may be waiting for the others in a round):
+    # the next epoch's chunks, each once, and nothing further ahead.
+    ahead = [_grant(book, p, 1.0) for p in (B, C, B, C)]
+    assert {lease.epoch for lease in ahead} == {1} and len({lease.chunk for lease in ahead}) == 4
+    assert book.epoch == 0
+    none = book.grant(A, 1.0, lease_seconds=10, max_per_peer=8, max_per_network=64)
+    assert isinstance(none, NoChunkFree)
     for lease in leases:
         _complete(book, lease, 2.0)
     assert book.receipts_per_chunk(0) == {c.hash: 1 for c in _manifest().chunks}
-    nxt = _grant(book, B, 3.0)
-    assert nxt.epoch == 1 and book.epoch == 1
+    nxt = _grant(book, A, 3.0)  # epoch 1 begins, all of it out: epoch 2's
+    assert (nxt.epoch, book.epoch) == (2, 1)
+    for lease in ahead:
+        _complete(book, lease, 4.0)
+    assert book.receipts_per_chunk(1) == {c.hash: 1 for c in _manifest().chunks}
+    last = _grant(book, B, 5.0)  # epochs 1 done, 2 begun ahead: it is the current one
+    assert (last.epoch, book.epoch) == (2, 2) and last.chunk != nxt.chunk
 
 
 def test_expired_lease_is_granted_again_and_a_late_receipt_still_counts(tmp_path: Path) -> None:
     book = _book(tmp_path, n=1)
     first = _grant(book, A, 0.0, seconds=5)
+    ahead = _grant(book, C, 0.0, seconds=100)  # the next epoch's, while epoch 0's is out
+    assert (ahead.epoch, ahead.chunk) == (1, first.chunk)
     assert isinstance(book.grant(B, 4.0, lease_seconds=5, max_per_peer=8), NoChunkFree)
     second = _grant(book, B, 6.0, seconds=5)
-    assert second.chunk == first.chunk and second.id != first.id
+    assert second.chunk == first.chunk and second.id != first.id and second.epoch == 0
     _complete(book, first, 7.0)  # A finished after all: first receipt wins
     with pytest.raises(ProtocolViolation) as exc:
         _complete(book, second, 8.0)

@@ -110,10 +110,11 @@ async def test_a_no_lease_from_one_server_does_not_stop_the_client_asking_the_ne
             for i, node in enumerate((owner, second))
         ]
         try:
-            # Every chunk of the second server is out, so it answers NoLease.
+            # Every chunk of the second server is out, of this epoch and the next, so it
+            # answers NoLease.
             taker = dataset_client(greedy, run, tmp_path / "cache-g", servers=[_ref(second)],
                                    announce_holdings=False)
-            for _ in manifest.chunks:
+            for _ in range(2 * len(manifest.chunks)):
                 assert isinstance(await taker.try_lease(), LeaseGrant)
             client = dataset_client(peer, run, tmp_path / "cache", servers=[_ref(second)],
                                     announce_holdings=False)

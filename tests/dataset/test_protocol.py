@@ -302,11 +302,13 @@ async def test_leases_of_the_same_number_from_two_servers_each_get_their_receipt
         client = dataset_client(two.peer, two.run, tmp_path / "cache", servers=refs,
                                 announce_holdings=False)
         total = len(two.manifest.chunks)
-        # The first server's chunks run out, then the second grants its own, numbered alike.
-        grants = [await client.lease() for _ in range(2 * total)]
-        assert [b.status(time.time())["active_leases"] for b in two.books] == [total, total]
+        # The first server's chunks run out (this epoch's and the next's), then the second
+        # grants its own, numbered alike.
+        grants = [await client.lease() for _ in range(4 * total)]
+        assert [b.status(time.time())["active_leases"] for b in two.books] == [2 * total] * 2
         named_alike = {(g.lease_id, g.chunk, g.epoch) for g in grants}
         assert len(named_alike) < len(grants), "the servers should number leases alike here"
         for grant in grants:
             await client.complete(grant)
         assert [book.completed(0) for book in two.books] == [total, total]
+        assert [book.completed(1) for book in two.books] == [total, total]

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sqlite3
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -174,3 +175,38 @@ def test_a_restarted_worker_goes_on_with_the_chunk_its_daemon_still_holds(
     assert (fresh.lease_id, fresh.chunk, fresh.batch_in_chunk) == (
         stale.lease_id, stale.chunk, 1)
     link.close()
+
+
+def test_a_peer_waiting_in_a_round_holding_an_epochs_last_chunk_stalls_no_one(
+    tiny_sd1: Path, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    """Gradient mode: every step is a round both peers must reach. Three chunks (3, 3 and 2
+    batches) for two peers: one of them leases the epoch's last chunk while the other finishes
+    its own and needs more. Leases last 10 minutes, so a peer that waited for that chunk
+    (which its holder trains only after the round it waits in) would stall both for as long."""
+    server_dir, toml, run, chunks = owner_and_run(
+        tmp_path, tiny_sd1, 6, training={"max_steps": 10, "batch_size": 2},
+        sync={"mode": "gradient", "target_batch": 4}, checkpoint={"every_steps": 5})
+    assert sorted(chunks.values()) == [4, 6, 6]
+    config = toml.read_text().replace("lease_seconds = 120.0", "lease_seconds = 600.0")
+    assert config != toml.read_text()
+    toml.write_text(config)
+    server = start_server(server_dir, toml, tmp_path)
+    daemons.append(server)
+    peers = start_daemons([launch_daemon("daemon", [
+        "--listen", "/ip4/127.0.0.1/tcp/0", "--reachability", "public", "--worker",
+        "--run", run, "--bootstrap", server.addrs[0]], tmp_path / f"peer{i}") for i in range(2)])
+    daemons.extend(peers)
+    started = time.monotonic()
+    final = wait_for(peers, lambda s: all(x["state"] == "stopped" for x in s), "the end")
+    took = time.monotonic() - started
+    assert [s["global_step"] for s in final] == [10, 10]
+    got = receipts(server_dir / "dataset" / f"{run}.sqlite")
+    epochs = sorted({epoch for epoch, _, _, _ in got})
+    print(f"\n10 gradient steps of two peers on 3 leased chunks (leases of 600 s): {took:.0f} s, "
+          f"receipts of epochs {epochs}")
+    assert took < 300, took
+    assert len(epochs) >= 2, got
+    for peer in peers:
+        rounds = read_jsonl(peer.data_dir / "worker" / "tiny" / "sync_log.jsonl")
+        assert rounds and all(r["members"] == 2 for r in rounds), rounds
