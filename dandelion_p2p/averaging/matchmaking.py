@@ -121,6 +121,9 @@ class MatchmakingSettings:
     """Bound on each DHT read or write, so a stalled peer cannot hold up matchmaking."""
     max_weight: float = DEFAULT_MAX_WEIGHT
     """Samples one member may claim for one round; a larger announcement is clipped."""
+    admitted: frozenset[bytes] | None = None
+    """A closed run's admitted peer ids (run config ``admission.peers``): announcements of
+    anyone else are ignored, as if never published. None: an open run."""
 
 
 class Matchmaker:
@@ -253,7 +256,15 @@ class Matchmaker:
         except DandelionError as exc:
             log.warning("reading announcements for round %d failed: %s", round_, exc)
             return {}
-        return self._decoded.announcements(records, run, round_)
+        return self._admitted(self._decoded.announcements(records, run, round_))
+
+    def _admitted(
+        self, found: dict[bytes, AveragingAnnouncement]
+    ) -> dict[bytes, AveragingAnnouncement]:
+        admitted = self.settings.admitted
+        if admitted is None:
+            return found
+        return {peer: ann for peer, ann in found.items() if peer in admitted}
 
     def landing(self, run: bytes, round_: int) -> trio.Event:
         """Set when the next announcement for (run, round) lands in this node's own store."""
@@ -263,7 +274,9 @@ class Matchmaker:
         """The announcements for (run, round) in this node's own store when it is one of the
         round key's servers (``RecordStore.held``), else None."""
         records = self.records.held(AVERAGING_NAMESPACE, round_key(run, round_))
-        return None if records is None else self._decoded.announcements(records, run, round_)
+        if records is None:
+            return None
+        return self._admitted(self._decoded.announcements(records, run, round_))
 
     async def match(
         self,

@@ -35,7 +35,7 @@ from dandelion_p2p.errors import ConfigError, RejectCode
 from dandelion_p2p.net.origin import peer_network
 from dandelion_p2p.net.streams import serve_requests
 from dandelion_p2p.reputation.book import SCORE_EVENT_OF, ScoreEvent
-from dandelion_p2p.runconfig.schema import DatasetConfig
+from dandelion_p2p.runconfig.schema import NOT_ADMITTED, AdmissionConfig, DatasetConfig
 from dandelion_p2p.wire import Message
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,12 @@ class DatasetServer:
         records: RecordStore,
         scores: PeerScores,
         max_leases_per_network: int = MAX_LEASES_PER_NETWORK,
+        admission: AdmissionConfig | None = None,
     ) -> None:
+        """``admission``: a closed run's admitted peers, the only ones whose lease and chunk
+        requests are answered (others get FORBIDDEN unread); None or empty: anyone's."""
         self.host = host
+        self.admission = admission or AdmissionConfig()
         self.records = records
         self.scores = scores
         self.run = run
@@ -123,7 +127,7 @@ class DatasetServer:
                 max_request=MAX_REQUEST,
                 timeout=REQUEST_TIMEOUT,
                 on_violation=report,
-                refuse=self.scores.is_banned,
+                refuse=self._refused,
             ),
         )
         if chunks:
@@ -132,9 +136,14 @@ class DatasetServer:
                 serve_chunks(
                     self.source,
                     on_violation=report,
-                    refuse=self.scores.is_banned,
+                    refuse=self._refused,
                 ),
             )
+
+    def _refused(self, peer: ID) -> bool | str:
+        if self.scores.is_banned(peer):
+            return True
+        return not self.admission.admits(peer.to_bytes()) and NOT_ADMITTED
 
     def source(self, name: str) -> Path | bytes | None:
         if name in self._names and self.chunks.has(name):

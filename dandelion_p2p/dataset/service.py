@@ -124,6 +124,7 @@ class RunsService:
         self.server = DatasetServer(
             run, manifest, config.dataset, book, run_config.dataset,
             host=self.node.host, records=self.records, scores=self.node,
+            admission=run_config.admission,
         )
 
     @property

@@ -65,7 +65,7 @@ def serve_chunks(
     source: ChunkSource,
     *,
     on_violation: ViolationSink | None = None,
-    refuse: Callable[[ID], bool] | None = None,
+    refuse: Callable[[ID], bool | str] | None = None,
     max_concurrent: int = MAX_CONCURRENT_SERVES,
     max_per_peer: int = MAX_SERVES_PER_PEER,
     max_per_prefix: int = MAX_SERVES_PER_PREFIX,
@@ -86,8 +86,10 @@ def serve_chunks(
         peer_id = stream.muxed_conn.peer_id
         peer = peer_id.to_bytes()
         try:
-            if refuse is not None and refuse(peer_id):
-                await _reject(stream, RejectCode.FORBIDDEN, "banned")
+            refused = refuse(peer_id) if refuse is not None else False
+            if refused:
+                detail = refused if isinstance(refused, str) else "banned"
+                await _reject(stream, RejectCode.FORBIDDEN, detail)
                 return
             try:
                 with trio.fail_after(REQUEST_TIMEOUT):

@@ -194,7 +194,7 @@ def serve_requests(
     max_request: int,
     timeout: float,
     on_violation: ViolationSink | None = None,
-    refuse: Callable[[ID], bool] | None = None,
+    refuse: Callable[[ID], bool | str] | None = None,
     keep_alive: float = 0.0,
 ) -> Callable[[INetStream], Awaitable[None]]:
     """A stream handler that answers framed requests: one per stream, or with ``keep_alive``
@@ -205,15 +205,18 @@ def serve_requests(
     A protocol violation is answered with a ``Reject`` carrying its code, reported to
     ``on_violation``, and the stream is closed; an error in ``handle`` is answered with
     ``INTERNAL`` and logged. Neither reaches the host: one bad peer never stops the service.
-    A peer for which ``refuse`` returns True (a banned peer) gets ``FORBIDDEN`` unread.
+    A peer for which ``refuse`` returns True (a banned peer) or a reason gets ``FORBIDDEN``
+    unread, with "banned" or the reason as its detail.
     """
 
     async def answer_one(stream: INetStream, peer_id: ID, header: bytes | None) -> bool | None:
         """Read (after ``header``, when already read), handle and answer one request. True:
         the stream may carry another; False: close it; None: reset it."""
-        if refuse is not None and refuse(peer_id):
+        refused = refuse(peer_id) if refuse is not None else False
+        if refused:
+            detail = refused if isinstance(refused, str) else "banned"
             with trio.move_on_after(1.0), contextlib.suppress(Exception):
-                await write_message(stream, Reject(code=int(RejectCode.FORBIDDEN), detail="banned"))
+                await write_message(stream, Reject(code=int(RejectCode.FORBIDDEN), detail=detail))
             return False
         try:
             with trio.fail_after(timeout):

@@ -8,6 +8,7 @@ than the owner thinks. The layout is documented in ``docs/run-config.md``.
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import re
 import tomllib
@@ -17,6 +18,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from dandelion_p2p.errors import ConfigError
+from dandelion_p2p.identity import PeerId, public_key_of
+from dandelion_p2p.runconfig.toml_text import dump_toml, plain
 
 MAX_CONFIG_BYTES = 64 * 1024
 
@@ -265,6 +268,35 @@ class ValidationConfig:
     """Held-out images validated at most (the rest of the split trains neither)."""
 
 
+MAX_ADMITTED = 1024
+"""Peer ids a closed run lists (``admission.peers``)."""
+NOT_ADMITTED = "not admitted: this run is closed to peers its config does not list"
+"""The detail of the ``FORBIDDEN`` a closed run's servers answer outsiders with."""
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionConfig:
+    peers: tuple[str, ...] = ()
+    """A closed run: the base58 peer ids admitted to average, lease chunks and fetch state;
+    every other peer is ignored by matchmaking and refused by the run's servers. Empty: the
+    run is open to anyone who finds it."""
+
+    def admitted(self) -> frozenset[bytes] | None:
+        """The admitted peer ids as bytes, or None for an open run."""
+        return _admitted(self.peers) if self.peers else None
+
+    def admits(self, peer: bytes) -> bool:
+        """Whether ``peer`` (a binary peer id) may take part: always in an open run."""
+        admitted = self.admitted()
+        return admitted is None or peer in admitted
+
+
+@functools.lru_cache(maxsize=16)
+def _admitted(peers: tuple[str, ...]) -> frozenset[bytes]:
+    # Read on every request a run's servers answer: decoded once per list.
+    return frozenset(PeerId.from_base58(p).to_bytes() for p in peers)
+
+
 @dataclass(frozen=True, slots=True)
 class RunConfig:
     name: str
@@ -279,6 +311,7 @@ class RunConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     data: DataConfig = field(default_factory=DataConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
 
     def __post_init__(self) -> None:
         problems = validate(self)
@@ -293,7 +326,7 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (tuples as lists): what ``from_dict`` reads back."""
-        return _plain(asdict(self))
+        return plain(asdict(self))
 
     def to_toml(self) -> str:
         """A TOML text that ``loads`` reads back to an equal config."""
@@ -431,6 +464,12 @@ def validate(c: RunConfig) -> list[str]:
     need(d.manifest == "" or bool(_HEX_DIGEST.fullmatch(d.manifest)), "dataset.manifest",
          "must be the 64 lowercase hex digits `dataset pack` printed, or empty")
     _validate_data(c, need)
+    peers = c.admission.peers
+    need(len(peers) <= MAX_ADMITTED and len(set(peers)) == len(peers), "admission.peers",
+         f"at most {MAX_ADMITTED} distinct peer ids")
+    for i, text in enumerate(peers[:MAX_ADMITTED]):
+        need(_is_ed25519_peer_id(text), f"admission.peers[{i}]",
+             f"must be a peer id as `dandelion-p2p status` prints it, got {text[:80]!r}")
     # Refused rather than quietly exporting the raw weights: the owner asked for something
     # this run does not keep.
     formats = c.export.lora_formats
@@ -439,6 +478,13 @@ def validate(c: RunConfig) -> list[str]:
     need(c.export.weights != "ema" or t.ema, "export.weights",
          '"ema" needs training.ema = true')
     return out
+
+
+def _is_ed25519_peer_id(text: str) -> bool:
+    try:
+        return public_key_of(PeerId.from_base58(text)) is not None
+    except ValueError:
+        return False
 
 
 MAX_SUBSETS = 64
@@ -551,50 +597,3 @@ def _value(kind: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"run config: {key} must be a string, got {value!r}")
         return value
     raise TypeError(f"unsupported run config type {kind!r} for {key}")  # a schema bug
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, tuple | list):
-        return [_plain(v) for v in value]
-    return value
-
-
-def dump_toml(data: dict[str, Any]) -> str:
-    """TOML for a two-level table of scalars and string lists, and lists of tables of
-    scalars inside a table (all a run config holds); None values (unset) are left out."""
-    top = [f"{k} = {_toml_scalar(v)}" for k, v in data.items() if not isinstance(v, dict)]
-    lines = [*top]
-    for k, v in data.items():
-        if isinstance(v, dict):
-            lines.append("")
-            lines.append(f"[{k}]")
-            lines.extend(f"{kk} = {_toml_scalar(vv)}" for kk, vv in v.items()
-                         if vv is not None and not _is_table_list(vv))
-            for kk, vv in v.items():
-                if vv is not None and _is_table_list(vv):
-                    for table in vv:
-                        lines.append("")
-                        lines.append(f"[[{k}.{kk}]]")
-                        lines.extend(f"{kkk} = {_toml_scalar(vvv)}"
-                                     for kkk, vvv in table.items() if vvv is not None)
-    return "\n".join(lines) + "\n"
-
-
-def _is_table_list(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and isinstance(value[0], dict)
-
-
-def _toml_scalar(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_scalar(x) for x in v) + "]"
-    raise TypeError(f"cannot write {v!r} as TOML")
-
-

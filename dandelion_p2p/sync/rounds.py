@@ -210,6 +210,7 @@ class Rounds:
                     min_group=a.min_group,
                     max_group=a.max_group,
                     max_weight=a.max_weight,
+                    admitted=document.config.admission.admitted(),
                 ),
             )
             self.averager = self.averagers.create(key, settings)

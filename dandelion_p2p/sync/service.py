@@ -24,6 +24,7 @@ from dandelion_p2p.context import DaemonContext
 from dandelion_p2p.dataplane.service import DataPlane
 from dandelion_p2p.net.node import SwarmNode
 from dandelion_p2p.reputation.book import SCORE_EVENT_OF, ScoreEvent
+from dandelion_p2p.runconfig.schema import NOT_ADMITTED
 from dandelion_p2p.sync import rpc
 from dandelion_p2p.sync.catchup import CatchUp
 from dandelion_p2p.sync.ports import PeerScores
@@ -82,7 +83,8 @@ class SyncService:
             config.data_dir / "worker",
         )
         self.session = WorkerSession(buffer_dir(config.data_dir))
-        self.supervisor = WorkerSupervisor(self.state, self.current, self.session, config)
+        self.supervisor = WorkerSupervisor(self.state, self.current, self.session, config,
+                                           ctx.identity.peer_id_bytes)
         self.rounds = Rounds(self.state, self.current, SwarmAveragers(ctx.node, ctx.dataplane),
                              ctx.telemetry)
         self.progress = rpc.WorkerProgress()
@@ -98,7 +100,7 @@ class SyncService:
         self.scores: PeerScores = ctx.node
         self.state_server = StateServer(
             ctx.node.host, lambda: self.current.id, self.current.checkpoints,
-            on_violation=self._violation, is_banned=self.scores.is_banned,
+            on_violation=self._violation, is_banned=self._refused,
         )
         # Registrations with the daemon's context only; the host is touched in run().
         for name, text in {**rpc.SERIES_HELP, **ROUND_SERIES}.items():
@@ -144,6 +146,15 @@ class SyncService:
         self.worker_methods.cancel_work()
         await self.supervisor.stop_and_wait()
         await self.rounds.leave()
+
+    def _refused(self, peer: ID) -> bool | str:
+        """Peers the state server answers with FORBIDDEN unread: the banned, and in a closed
+        run, those its config does not admit."""
+        if self.scores.is_banned(peer):
+            return True
+        document = self.current.document
+        admitted = document is None or document.config.admission.admits(peer.to_bytes())
+        return not admitted and NOT_ADMITTED
 
     def _violation(self, peer: ID, code: RejectCode) -> None:
         log.info("state transfer: violation by %s: %s", peer, code.name)

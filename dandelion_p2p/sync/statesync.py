@@ -80,7 +80,7 @@ class StateServer:
     def __init__(self, host: IHost, run: Callable[[], str],
                  checkpoints: Callable[[], Path | None], *, timeout: float = 30.0,
                  on_violation: ViolationSink | None = None,
-                 is_banned: Callable[[ID], bool] | None = None) -> None:
+                 is_banned: Callable[[ID], bool | str] | None = None) -> None:
         self.host = host
         self.run = run
         self.catalog = CheckpointCatalog(checkpoints)

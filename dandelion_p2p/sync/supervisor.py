@@ -26,6 +26,7 @@ import trio
 
 from dandelion_p2p.config import DaemonConfig
 from dandelion_p2p.errors import ConfigError
+from dandelion_p2p.identity import PeerId
 from dandelion_p2p.sync.runsource import CurrentRun
 from dandelion_p2p.sync.session import WorkerSession
 from dandelion_p2p.sync.state import AfterExit, TrainingState
@@ -156,11 +157,13 @@ class WorkerSupervisor:
     run's worker, or restart after a growing delay)."""
 
     def __init__(self, state: TrainingState, current: CurrentRun, session: WorkerSession,
-                 config: DaemonConfig) -> None:
+                 config: DaemonConfig, me: bytes) -> None:
+        """``me``: this peer's id, which a closed run must admit."""
         self.state = state
         self.current = current
         self.session = session
         self.config = config
+        self.me = me
         self.worker: WorkerProcess | None = None
         """The process launched, from just before it starts until it has exited."""
         self._changed = trio.Event()
@@ -226,6 +229,9 @@ class WorkerSupervisor:
         if document is None:
             return ("no run to train: start the daemon with --run RUN (`dandelion-p2p runs` "
                     "lists them) or --run-config, or join one from the web UI"), False
+        if not document.config.admission.admits(self.me):
+            return (f"run {self.current.id} is closed and its config (admission.peers) does "
+                    f"not list this peer, {PeerId(self.me)}: ask its owner to add it"), False
         configured = self.config.train_data
         if configured is not None and not Path(configured).is_dir():
             return f"train_data {configured} is not a folder", False

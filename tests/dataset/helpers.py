@@ -16,7 +16,7 @@ from dandelion_p2p.dataset.pack import pack
 from dandelion_p2p.dataset.server import DatasetServer
 from dandelion_p2p.identity import Identity
 from dandelion_p2p.net.node import SwarmNode
-from dandelion_p2p.runconfig.schema import DatasetConfig
+from dandelion_p2p.runconfig.schema import AdmissionConfig, DatasetConfig
 
 RUN_TOML = """\
 name = "{name}"
@@ -69,12 +69,14 @@ async def serve_dataset(
     data_dir: Path,
     book_path: Path,
     config: DatasetConfig | None = None,
+    admission: AdmissionConfig | None = None,
 ) -> DatasetServer:
     """``node`` serves the packed dataset in ``data_dir`` for ``run``, announced in the DHT;
     its lease book (``server.book``) is the caller's to close."""
     book = LeaseBook(book_path, manifest, run)
     server = DatasetServer(run, manifest, data_dir, book, config or DatasetConfig(),
-                           host=node.host, records=node.records, scores=node)
+                           host=node.host, records=node.records, scores=node,
+                           admission=admission)
     server.install()
     assert await server.announce() >= 1
     return server
