@@ -72,6 +72,7 @@ from dandelion_p2p.errors import (
 from dandelion_p2p.net.dht.messages import PeerRef
 from dandelion_p2p.net.streams import request
 from dandelion_p2p.reputation.book import ScoreEvent
+from dandelion_p2p.runconfig.schema import NOT_ADMITTED
 from dandelion_p2p.wire import Message
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,11 @@ class DatasetClient:
         self._manifest_digest = ""
         self._entries: dict[str, ChunkEntry] = {}
         self._announced: dict[bytes, str] = {}
+        self.admitted: frozenset[bytes] | None = None
+        """A closed run's peers and its owner (None: an open run): the only dataset servers
+        and chunk holders taken, and the only peers the run's cached chunks are served to.
+        Holdings of a closed run are not announced (the DHT would show its chunk names to
+        anyone)."""
         self._warned_unverified = False
 
     # ---- serving what we hold ------------------------------------------------------------
@@ -152,8 +158,12 @@ class DatasetClient:
         report = violation_sink(self.scores)
         self.host.set_stream_handler(
             TProtocol(CHUNK_PROTOCOL),
-            serve_chunks(self.source, on_violation=report, refuse=self.scores.is_banned),
+            serve_chunks(self.source, on_violation=report, refuse=self.scores.is_banned,
+                         refuse_chunk=self._refuse_chunk),
         )
+
+    def _refuse_chunk(self, peer: ID, name: str) -> str | None:
+        return None if self.may_serve(peer.to_bytes()) else NOT_ADMITTED
 
     def source(self, name: str) -> Path | None:
         return self.cache.path_of(name) if name in self._cached and self.cache.has(name) else None
@@ -215,6 +225,8 @@ class DatasetClient:
                           len(skipped), self.run)
             discovered = [p for p in discovered if self._announced.get(p) == digest]
         servers = list(dict.fromkeys([*self.known_servers, *discovered]))
+        if self.admitted is not None:
+            servers = [p for p in servers if p in self.admitted]
         if self._preferred in servers:
             servers.remove(self._preferred)
             servers.insert(0, self._preferred)  # type: ignore[arg-type]
@@ -235,7 +247,9 @@ class DatasetClient:
                 holding = decode_holding(record.value)
             except ProtocolViolation:
                 continue
-            if holding.chunk == name and record.publisher != me:
+            if holding.chunk == name and record.publisher != me and self.may_serve(
+                record.publisher
+            ):
                 out.append(record.publisher)
         random.shuffle(out)
         return out
@@ -495,12 +509,16 @@ class DatasetClient:
         while len(self._cached) > self.max_cached:
             oldest, _ = self._cached.popitem(last=False)
             self._drop(oldest)
-        if self.announce_holdings:
+        if self.announce_holdings and self.admitted is None:
             value = encode_value(ChunkHolding(chunk=name, size=len(data)))
             try:
                 await self.records.put(CHUNK_NAMESPACE, chunk_key(name), value, HOLDING_TTL)
             except DandelionError as exc:
                 log.info("announcing chunk %s failed: %s", name[:12], exc)
+
+    def may_serve(self, peer: bytes) -> bool:
+        """Whether ``peer`` may have this run's chunks from us (and serve them to us)."""
+        return self.admitted is None or peer in self.admitted
 
     def _drop(self, name: str) -> None:
         self._cached.pop(name, None)

@@ -31,11 +31,12 @@ from dandelion_p2p.dataset.messages import CHUNK_PROTOCOL, LeaseGrant
 from dandelion_p2p.dataset.server import DatasetServer, violation_sink
 from dandelion_p2p.dataset.transfer import serve_chunks
 from dandelion_p2p.errors import ConfigError, DandelionError
+from dandelion_p2p.identity import PeerId
 from dandelion_p2p.net.ports import RecordStore
 from dandelion_p2p.runconfig.directory import list_runs
 from dandelion_p2p.runconfig.publication import derive_run_id, is_run_id
 from dandelion_p2p.runconfig.publisher import RunPublisher
-from dandelion_p2p.runconfig.schema import RunConfig, loads
+from dandelion_p2p.runconfig.schema import NOT_ADMITTED, RunConfig, loads
 from dandelion_p2p.runconfig.watcher import RunConfigVersion, RunConfigWatcher
 
 log = logging.getLogger(__name__)
@@ -215,6 +216,17 @@ class RunsService:
                 return path
         return None
 
+    def refuse_chunk(self, peer: ID, name: str) -> str | None:
+        """Why ``peer`` may not have chunk ``name`` (one of a closed run that does not admit
+        it), or None; the same order of places as ``chunk_source``."""
+        key = peer.to_bytes()
+        if self.server is not None and self.server.source(name) is not None:
+            return None if self.server.admission.admits(key) else NOT_ADMITTED
+        for client in self.clients.values():
+            if client.source(name) is not None:
+                return None if client.may_serve(key) else NOT_ADMITTED
+        return None
+
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED  # type: ignore[name-defined]
     ) -> None:
@@ -228,7 +240,7 @@ class RunsService:
                 self.node.host.set_stream_handler(
                     TProtocol(CHUNK_PROTOCOL),
                     serve_chunks(self.chunk_source, on_violation=violation_sink(self.node),
-                                 refuse=self.node.is_banned),
+                                 refuse=self.node.is_banned, refuse_chunk=self.refuse_chunk),
                 )
                 if self.start_toml is not None:
                     with trio.move_on_after(START_PUBLISH_TIMEOUT):
@@ -308,8 +320,14 @@ class RunsService:
         ask = self.ctx.handlers.get(SWARM_STEP_METHOD)
         if ask is None:
             return -1
+        params: dict[str, Any] = {"run": run}
+        watcher = self.watchers.get(run)
+        current = watcher.current() if watcher is not None else None
+        if current is not None and current.config.admission.peers:
+            # A closed run's step is what its own peers hold, never what outsiders say.
+            params["admitted"] = list(current.config.admission.peers)
         try:
-            answer = await ask({"run": run})
+            answer = await ask(params)
         except DandelionError as exc:
             log.debug("step of %s: %s", run, exc)
             return -1
@@ -371,6 +389,9 @@ class RunsService:
         # known, a config not read this time does not unset it.
         if current is not None:
             client.expected_manifest = current.config.dataset.manifest
+            admitted = current.config.admission.admitted()
+            client.admitted = (None if admitted is None
+                               else admitted | {PeerId.from_base58(current.owner).to_bytes()})
         grant = await client.lease(wait=math.inf if wait is None else float(wait))
         if grant is None:
             return {"run": run, "chunk": None}

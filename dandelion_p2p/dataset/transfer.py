@@ -66,6 +66,7 @@ def serve_chunks(
     *,
     on_violation: ViolationSink | None = None,
     refuse: Callable[[ID], bool | str] | None = None,
+    refuse_chunk: Callable[[ID, str], str | None] | None = None,
     max_concurrent: int = MAX_CONCURRENT_SERVES,
     max_per_peer: int = MAX_SERVES_PER_PEER,
     max_per_prefix: int = MAX_SERVES_PER_PREFIX,
@@ -78,7 +79,8 @@ def serve_chunks(
     requests are answered with a ``Reject`` and reported; none of them stops the handler.
     At most ``max_concurrent`` chunks are sent at once, ``max_per_peer`` to one peer and
     ``max_per_prefix`` to the peers of one network, each within ``transfer_deadline`` (a slow
-    reader is cut off and its slot freed).
+    reader is cut off and its slot freed). ``refuse_chunk(peer, name)``: a reason to answer
+    ``FORBIDDEN`` for that chunk (one of a closed run the peer is not admitted to), or None.
     """
     slots = ServeSlots(ServeLimits(max_concurrent, max_per_peer, max_per_prefix))
 
@@ -100,6 +102,10 @@ def serve_chunks(
                 if on_violation is not None and exc.code not in NOT_A_FAULT:
                     on_violation(peer_id, exc.code)
                 await _reject(stream, exc.code, exc.detail)
+                return
+            reason = refuse_chunk(peer_id, name) if refuse_chunk is not None else None
+            if reason is not None:
+                await _reject(stream, RejectCode.FORBIDDEN, reason)
                 return
             prefix = _network_of(stream)
             try:

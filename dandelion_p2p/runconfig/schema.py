@@ -268,8 +268,9 @@ class ValidationConfig:
     """Held-out images validated at most (the rest of the split trains neither)."""
 
 
-MAX_ADMITTED = 1024
-"""Peer ids a closed run lists (``admission.peers``)."""
+MAX_ADMITTED = 128
+"""Peer ids a closed run lists (``admission.peers``); a published config holds about 100 in
+its 7 KiB (``publication.MAX_TOML_BYTES``)."""
 NOT_ADMITTED = "not admitted: this run is closed to peers its config does not list"
 """The detail of the ``FORBIDDEN`` a closed run's servers answer outsiders with."""
 

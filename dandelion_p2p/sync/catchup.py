@@ -9,6 +9,7 @@ started) or while a download can be retried.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +27,14 @@ CATCH_UP_TRIES = 10
 
 
 class CatchUp:
-    def __init__(self, peers: StatePeers, *, wait_for_peers: float) -> None:
+    def __init__(self, peers: StatePeers, *, wait_for_peers: float,
+                 admitted: Callable[[], frozenset[bytes] | None] = lambda: None) -> None:
         """``wait_for_peers``: seconds a ``wait`` call keeps looking while no peer is known
         (the daemon's ``catch_up_wait``), spread over the tries so that a shorter wait still
-        looks as many times."""
+        looks as many times. ``admitted``: the peers a closed run admits, the only ones asked
+        (None: an open run)."""
         self.peers = peers
+        self.admitted = admitted
         self.pause = wait_for_peers / (CATCH_UP_TRIES - 1)
         self.progress: DownloadProgress | None = None
         """The download under way (None: none), for ``worker.catch_up_status``."""
@@ -113,4 +117,6 @@ class CatchUp:
             found.update(ID.from_base58(peer) for peer in await self.peers.members())
         except DandelionError as exc:
             log.info("cannot list the swarm's members: %s", exc)
-        return [peer for peer in found if peer != me]
+        admitted = self.admitted()
+        return [peer for peer in found
+                if peer != me and (admitted is None or peer.to_bytes() in admitted)]

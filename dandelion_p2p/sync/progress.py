@@ -32,10 +32,12 @@ ASK_TIMEOUT = 5.0
 
 
 async def swarm_checkpoint_step(node: StatePeers, run: str, *,
-                                timeout: float = ASK_TIMEOUT) -> int:
+                                timeout: float = ASK_TIMEOUT,
+                                admitted: frozenset[bytes] | None = None) -> int:
     """The swarm's checkpoint step of ``run``: the median of the newest steps its members and
     connected peers offer (``robust_step``), asking at most ``MAX_ASKED`` of them, all within
-    ``timeout`` seconds; -1 if none answered."""
+    ``timeout`` seconds; -1 if none answered. ``admitted``: a closed run's peers, the only
+    ones asked."""
     steps: list[int] = []
 
     async def ask(peer: ID) -> None:
@@ -56,6 +58,8 @@ async def swarm_checkpoint_step(node: StatePeers, run: str, *,
         except DandelionError as exc:
             log.info("cannot list the swarm's members: %s", exc)
         peers.discard(node.peer_id)
+        if admitted is not None:
+            peers = {peer for peer in peers if peer.to_bytes() in admitted}
         async with trio.open_nursery() as nursery:
             for peer in sorted(peers, key=lambda p: p.to_bytes())[:MAX_ASKED]:
                 nursery.start_soon(ask, peer)

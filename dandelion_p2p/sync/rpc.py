@@ -19,6 +19,8 @@ import trio
 
 from dandelion_p2p.context import Handler
 from dandelion_p2p.errors import ConfigError
+from dandelion_p2p.identity import PeerId
+from dandelion_p2p.runconfig.schema import MAX_ADMITTED, AdmissionConfig
 from dandelion_p2p.sync.catchup import CatchUp
 from dandelion_p2p.sync.partial_state import leave_out_names
 from dandelion_p2p.sync.ports import StatePeers
@@ -170,7 +172,17 @@ class UserMethods:
         """The swarm's checkpoint step of ``run`` (-1: no peer answered), for the run
         publisher choosing where a new config version applies."""
         run = need_str(params, "run", 128)
-        return {"step": await swarm_checkpoint_step(self.peers, run)}
+        admitted = params.get("admitted")
+        if admitted is not None and (
+            not isinstance(admitted, list) or len(admitted) > MAX_ADMITTED
+            or not all(isinstance(p, str) for p in admitted)
+        ):
+            raise ConfigError(f"'admitted' must be a list of at most {MAX_ADMITTED} peer ids")
+        try:
+            closed = AdmissionConfig(peers=tuple(admitted or ())).admitted()
+        except ValueError as exc:
+            raise ConfigError(f"'admitted': {exc}") from None
+        return {"step": await swarm_checkpoint_step(self.peers, run, admitted=closed)}
 
 
 class WorkerMethods:
@@ -212,6 +224,10 @@ class WorkerMethods:
             )
         if self.current.document is None and await self.current.load() is None:
             raise ConfigError("this daemon has no run to train: use run.join")
+        assert self.current.document is not None
+        if not self.current.document.config.admission.admits(PeerId.from_base58(self.peer_id)):
+            raise ConfigError(f"run {self.current.id} is closed and its config "
+                              f"(admission.peers) does not list this peer, {self.peer_id}")
         pid = params.get("pid")
         worker = self.supervisor.worker
         if worker is not None and pid != worker.pid:

@@ -180,6 +180,9 @@ class CurrentRun:
         """Train ``run`` from now on; its config is fetched when the next worker starts."""
         self.id = run
         self.document = None
+        # The last worker's folder belongs to the run left: nothing of it is served as
+        # ``run``'s until the next worker names its own.
+        self.checkpoint_dir = None
 
     def versions(self) -> RunVersions:
         """The versions known of the run, ``document`` among them (it must be loaded)."""

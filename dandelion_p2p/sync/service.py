@@ -90,8 +90,8 @@ class SyncService:
         self.progress = rpc.WorkerProgress()
         self.worker_methods = rpc.WorkerMethods(
             self.state, self.current, self.session, self.supervisor, self.rounds,
-            CatchUp(ctx.node, wait_for_peers=config.catch_up_wait), self.progress,
-            ctx.telemetry, ctx.identity.peer_id.to_base58(),
+            CatchUp(ctx.node, wait_for_peers=config.catch_up_wait, admitted=self._admitted),
+            self.progress, ctx.telemetry, ctx.identity.peer_id.to_base58(),
         )
         self.user_methods = rpc.UserMethods(self.state, self.current, self.supervisor,
                                             ctx.node, self.status,
@@ -153,8 +153,16 @@ class SyncService:
         if self.scores.is_banned(peer):
             return True
         document = self.current.document
-        admitted = document is None or document.config.admission.admits(peer.to_bytes())
-        return not admitted and NOT_ADMITTED
+        if document is None:
+            # No run loaded: there is no checkpoint folder either (``CurrentRun.switch`` drops
+            # the last run's), so nothing is served.
+            return False
+        return not document.config.admission.admits(peer.to_bytes()) and NOT_ADMITTED
+
+    def _admitted(self) -> frozenset[bytes] | None:
+        """The peers of the run trained here a catch-up may ask (None: anyone's)."""
+        document = self.current.document
+        return None if document is None else document.config.admission.admitted()
 
     def _violation(self, peer: ID, code: RejectCode) -> None:
         log.info("state transfer: violation by %s: %s", peer, code.name)

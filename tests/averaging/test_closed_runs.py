@@ -18,6 +18,7 @@ from libp2p.peer.id import ID
 
 from dandelion_p2p.averaging.averager import NoGroup
 from dandelion_p2p.averaging.report import RoundReport
+from dandelion_p2p.dataset.holders import CHUNK_NAMESPACE, chunk_key
 from dandelion_p2p.dataset.messages import (
     DATASET,
     LEASE_PROTOCOL,
@@ -25,6 +26,7 @@ from dandelion_p2p.dataset.messages import (
     LeaseGrant,
     LeaseRequest,
 )
+from dandelion_p2p.dataset.transfer import fetch_chunk
 from dandelion_p2p.errors import ConfigError, DandelionError, RemoteRejected
 from dandelion_p2p.identity import Identity
 from dandelion_p2p.net.node import SwarmNode
@@ -36,7 +38,10 @@ from dandelion_p2p.runconfig.schema import (
     AdmissionConfig,
     from_dict,
 )
+from dandelion_p2p.runconfig.schema import loads as load_config
 from dandelion_p2p.services import DHT_NAMESPACES
+from dandelion_p2p.sync.catchup import CatchUp
+from dandelion_p2p.sync.runsource import CurrentRun, LocalFileSource
 from dandelion_p2p.sync.statesync_core import MAX_REPLY as STATE_MAX_REPLY
 from dandelion_p2p.sync.statesync_core import PROTOCOL_ID as STATE_PROTOCOL
 from dandelion_p2p.sync.statesync_core import STATE, StateOffer, StateOffered
@@ -45,6 +50,7 @@ from tests.averaging.test_averager import FAST, averaging_swarm
 from tests.daemon_proc import start_daemon
 from tests.dataset.helpers import dataset_client, packed_dataset, serve_dataset
 from tests.swarm import public_settings, swarm
+from tests.sync.test_leased_training import owner_and_run, start_server
 from tests.worker.runconfigs import tiny_run
 
 
@@ -84,32 +90,37 @@ async def test_admitted_peers_ignore_an_outsiders_announcements() -> None:
         buffers = [v.copy() for v in vectors]
         reports: list[RoundReport | None] = [None] * (n + 1)
         outsider_error: list[Exception] = []
+        # Round 2 gathers with the peers expected from round 1 (another path of reading the
+        # announcements: the round key's own servers read their stores).
+        averaged: list[float] = []
+        for round_ in (1, 2):
+            starts = [b.copy() for b in buffers]
+            reports[:] = [None] * (n + 1)
 
-        async def average(i: int) -> None:
-            try:
-                reports[i] = await nodes[i].averager.all_reduce(buffers[i], 1.0, 1)
-            except (NoGroup, DandelionError) as exc:
-                if i < n:
-                    raise
-                outsider_error.append(exc)
+            async def average(i: int, round_: int = round_) -> None:
+                try:
+                    reports[i] = await nodes[i].averager.all_reduce(buffers[i], 1.0, round_)
+                except (NoGroup, DandelionError) as exc:
+                    if i < n:
+                        raise
+                    outsider_error.append(exc)
 
-        with trio.fail_after(60):
-            async with trio.open_nursery() as nursery:
-                for i in range(n + 1):
-                    nursery.start_soon(average, i)
-    want = np.mean(vectors[:n], axis=0)
-    for i in range(n):
-        report = reports[i]
-        assert report is not None and set(report.members) == ids, report
-        assert report.complete and report.fraction_averaged == 1.0, report.to_dict()
-        np.testing.assert_allclose(buffers[i], want, rtol=1e-5, atol=1e-6)
-    outsider = reports[n]
-    averaged = 0.0 if outsider is None else outsider.fraction_averaged
-    print(f"\nclosed run: {n} admitted peers averaged 100 % among themselves; the outsider "
-          f"that announced with them averaged {100 * averaged:.0f} % "
-          f"({type(outsider_error[0]).__name__ if outsider_error else 'a report'})")
-    assert averaged == 0.0
-    np.testing.assert_array_equal(buffers[n], vectors[n])
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    for i in range(n + 1):
+                        nursery.start_soon(average, i)
+            want = np.mean(starts[:n], axis=0)
+            for i in range(n):
+                report = reports[i]
+                assert report is not None and set(report.members) == ids, (round_, report)
+                assert report.complete and report.fraction_averaged == 1.0, report.to_dict()
+                np.testing.assert_allclose(buffers[i], want, rtol=1e-5, atol=1e-6)
+            outsider = reports[n]
+            averaged.append(0.0 if outsider is None else outsider.fraction_averaged)
+            np.testing.assert_array_equal(buffers[n], starts[n])
+    print(f"\nclosed run: {n} admitted peers averaged 100 % among themselves in rounds 1 and "
+          f"2; the outsider that announced with them averaged {averaged}")
+    assert averaged == [0.0, 0.0]
 
 
 async def test_the_dataset_server_of_a_closed_run_refuses_outsiders(tmp_path: Path) -> None:
@@ -120,10 +131,19 @@ async def test_the_dataset_server_of_a_closed_run_refuses_outsiders(tmp_path: Pa
         server = await serve_dataset(owner, run, manifest, data_dir, tmp_path / "l.sqlite",
                                      admission=admission)
         try:
-            client = dataset_client(member, run, tmp_path / "cache", announce_holdings=False)
+            client = dataset_client(member, run, tmp_path / "cache")
+            client.admitted = frozenset({member.identity.peer_id_bytes,
+                                         owner.identity.peer_id_bytes})
             grant = await client.lease()
             assert isinstance(grant, LeaseGrant)
             assert len(await client.fetch(grant.chunk, expected_size=grant.size)) == grant.size
+            # The member's cache serves the closed run's chunk to admitted peers only, and
+            # does not announce it in the DHT.
+            client.install()
+            with pytest.raises(RemoteRejected, match="not admitted"):
+                await fetch_chunk(outsider.host, ID(member.identity.peer_id_bytes), grant.chunk)
+            assert await client.holders(grant.chunk) == []
+            assert not await outsider.records.get(CHUNK_NAMESPACE, chunk_key(grant.chunk))
             codes = []
             for _ in range(3):
                 with pytest.raises(RemoteRejected) as exc:
@@ -193,3 +213,64 @@ def test_a_daemon_a_closed_run_does_not_list_trains_not_and_serves_state_to_the_
     finally:
         code, _ = daemon.stop(timeout=30)
     assert code == 0
+
+
+def test_a_closed_runs_owner_daemon_gives_its_manifest_and_chunks_to_admitted_peers_only(
+    tmp_path: Path,
+) -> None:
+    """The daemon path: the owner's one chunk handler serves its dataset's chunks, the signed
+    manifest among them, and those cached for training."""
+    listed, stranger = Identity.generate(), Identity.generate()
+    server_dir, toml, _, chunks = owner_and_run(
+        tmp_path, tmp_path / "model", 4, admission={"peers": [listed.peer_id.to_base58()]})
+    digest = load_config(toml.read_text()).dataset.manifest
+    owner = start_server(server_dir, toml, tmp_path)
+    try:
+        names = [digest, *chunks]
+
+        async def fetch_all(identity: Identity) -> list[str]:
+            node = SwarmNode(identity, public_settings(bootstrap=(owner.addrs[0],)),
+                             namespaces=DHT_NAMESPACES)
+            out = []
+            async with node.running():
+                for name in names:
+                    try:
+                        await fetch_chunk(node.host, ID.from_base58(owner.peer_id), name)
+                        out.append("served")
+                    except RemoteRejected as exc:
+                        assert NOT_ADMITTED in str(exc), exc
+                        out.append(RejectCode(exc.code).name)
+            return out
+
+        got = {who: trio.run(fetch_all, identity)
+               for who, identity in (("listed", listed), ("stranger", stranger))}
+    finally:
+        code, _ = owner.stop(timeout=30)
+    print(f"\nclosed run's owner daemon, manifest and {len(chunks)} chunks: listed peer "
+          f"{set(got['listed'])}, stranger {set(got['stranger'])}")
+    assert got["listed"] == ["served"] * len(names)
+    assert got["stranger"] == ["FORBIDDEN"] * len(names)
+    assert code == 0
+
+
+async def test_a_catch_up_of_a_closed_run_asks_admitted_peers_only() -> None:
+    async with swarm(4) as nodes:
+        me, admitted_peer = nodes[0], nodes[1]
+        for node in nodes[1:]:
+            await me.connect_peer(ID(node.identity.peer_id_bytes))
+        open_run = CatchUp(me, wait_for_peers=0.0)
+        closed_run = CatchUp(me, wait_for_peers=0.0,
+                             admitted=lambda: frozenset({admitted_peer.identity.peer_id_bytes}))
+        everyone = {p.to_bytes() for p in await open_run.training_peers()}
+        asked = [p.to_bytes() for p in await closed_run.training_peers()]
+    assert everyone >= {n.identity.peer_id_bytes for n in nodes[1:]}
+    assert asked == [admitted_peer.identity.peer_id_bytes]
+
+
+def test_switching_runs_stops_serving_the_last_runs_checkpoints(tmp_path: Path) -> None:
+    current = CurrentRun("closed-run", LocalFileSource(tmp_path / "missing.toml"),
+                         tmp_path / "worker")
+    current.checkpoint_dir = tmp_path / "worker" / "closed" / "checkpoints"
+    assert current.checkpoints() == current.checkpoint_dir
+    current.switch("another-run")
+    assert current.checkpoints() is None
