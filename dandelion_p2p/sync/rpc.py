@@ -101,6 +101,9 @@ def _finite(value: Any) -> float | None:
     return float(value) if ok else None
 
 
+MAX_SAMPLES_LISTED = 12
+
+
 class UserMethods:
     def __init__(self, state: TrainingState, current: CurrentRun,
                  supervisor: WorkerSupervisor, peers: StatePeers,
@@ -125,8 +128,20 @@ class UserMethods:
             "training.start": self.h_start,
             "training.stop": self.h_stop,
             "training.swarm_step": self.h_swarm_step,
+            "training.samples": self.h_samples,
             "run.join": self.h_join,
         }
+
+    async def h_samples(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The newest sample images the worker drew (at most ``MAX_SAMPLES_LISTED``) and the
+        folder they are in ("" before the run's worker folder is known)."""
+        checkpoints = self.current.checkpoints()
+        if checkpoints is None:
+            return {"folder": "", "samples": []}
+        folder = checkpoints.parent / protocol.SAMPLES_DIR
+        samples = await trio.to_thread.run_sync(
+            protocol.sample_files, folder, MAX_SAMPLES_LISTED)
+        return {"folder": str(folder), "samples": samples}
 
     async def h_status(self, params: dict[str, Any]) -> dict[str, Any]:
         return self.status()

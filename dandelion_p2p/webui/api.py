@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -136,6 +137,8 @@ class WebApi:
             get("/api/runconfig", self.runconfig_get),
             post("/api/runconfig", self.runconfig_publish),
             get("/api/dataset", self.dataset_status),
+            get("/api/samples", self.samples_list),
+            Route("/api/samples/{name}", self.sample_image, methods=["GET"]),
             Route("/metrics", self.metrics, methods=["GET"]),
         ]
 
@@ -394,6 +397,30 @@ class WebApi:
     async def training_status(self, request: Request) -> Any:
         return await self.call("training.status")
 
+    async def samples_list(self, request: Request) -> Any:
+        if not self.available("training.samples"):
+            return {"samples": []}
+        got = await self.call("training.samples")
+        return {"samples": got.get("samples", [])}
+
+    async def sample_image(self, request: Request) -> Response:
+        """One of the listed sample images, as PNG bytes: only a name the worker's folder
+        lists is read, so no path reaches the disk from the request."""
+        name = request.path_params.get("name", "")
+        try:
+            got = await self.call("training.samples")
+        except ApiError as exc:
+            return self.out(error_body(exc.message, exc.code), exc.status)
+        listed = {s.get("name") for s in got.get("samples", [])}
+        if name not in listed:
+            return self.out(error_body("no such sample image", "not_found"), 404)
+        try:
+            data = await trio.to_thread.run_sync(_read_sample, Path(got["folder"]) / name)
+        except OSError:
+            return self.out(error_body("no such sample image", "not_found"), 404)
+        return Response(data, media_type="image/png",
+                        headers={"Cache-Control": "no-store"})
+
     async def training_start(self, request: Request) -> Any:
         await self._empty_body(request)
         return await self.call("training.start")
@@ -431,3 +458,14 @@ class WebApi:
 
     async def dataset_status(self, request: Request) -> Any:
         return await self.call("dataset.status")
+
+
+MAX_SAMPLE_BYTES = 32 * 1024 * 1024
+
+
+def _read_sample(path: Path) -> bytes:
+    with path.open("rb") as f:
+        data = f.read(MAX_SAMPLE_BYTES + 1)
+    if len(data) > MAX_SAMPLE_BYTES:
+        raise OSError(f"{path} is over {MAX_SAMPLE_BYTES} bytes")
+    return data

@@ -48,6 +48,32 @@ def round_files(folder: Path) -> dict[int, tuple[Path, int]]:
             found[int(m.group(1))] = (path, int(m.group(2)))
     return dict(sorted(found.items()))
 
+SAMPLES_DIR = "samples"
+"""The folder, beside the worker's checkpoints, of its sample images (``worker/sampling.py``
+writes them, the web UI shows them through ``training.samples``)."""
+SAMPLE_FILE = re.compile(r"step-(\d{8,})-([a-z]+)-(\d{2})\.png")
+"""A sample image: the global step, the weights it was drawn with and the prompt's index."""
+
+
+def sample_file_name(step: int, weights: str, index: int) -> str:
+    return f"step-{step:08d}-{weights}-{index:02d}.png"
+
+
+def sample_files(folder: Path, limit: int) -> list[dict[str, Any]]:
+    """The newest ``limit`` sample images in ``folder`` (plain files only), newest step
+    first: name, step, weights, prompt index and size."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        m = SAMPLE_FILE.fullmatch(path.name)
+        if m and path.is_file() and not path.is_symlink():
+            found.append((int(m.group(1)), int(m.group(3)), m.group(2), path))
+    found.sort(key=lambda f: (-f[0], f[1]))
+    return [{"name": path.name, "step": step, "weights": weights, "prompt": index,
+             "bytes": path.stat().st_size} for step, index, weights, path in found[:limit]]
+
+
 WORKER_STATES = ("starting", "training", "syncing", "stopping", "stopped")
 MAX_DETAIL = 2000
 MAX_ELEMENTS = 8 * 1024**3 // 4

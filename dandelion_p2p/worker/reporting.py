@@ -18,6 +18,7 @@ from dandelion_p2p.worker import validation
 from dandelion_p2p.worker.feeds import FolderFeed
 from dandelion_p2p.worker.link import SyncOutcome
 from dandelion_p2p.worker.progress import ConsoleProgress, round_text
+from dandelion_p2p.worker.protocol import SAMPLES_DIR
 from dandelion_p2p.worker.tensorboard_log import TensorBoardLog
 
 if TYPE_CHECKING:
@@ -109,7 +110,7 @@ class TrainingReports:
         from dandelion_p2p.worker.sampling import sample_images
 
         t, step = self.t, self.t.position.global_step
-        paths = sample_images(t.c, t.config, t.options.work_dir / "samples", step, t.device,
+        paths = sample_images(t.c, t.config, t.options.work_dir / SAMPLES_DIR, step, t.device,
                               t.ema)
         self.board.images(step, paths)
         log.info("step %d: wrote %d sample images from the %s weights", step, len(paths),

@@ -11,6 +11,7 @@ from PIL.PngImagePlugin import PngInfo
 from dandelion_p2p.runconfig.schema import RunConfig
 from dandelion_p2p.worker.ema import Ema, chosen_weights
 from dandelion_p2p.worker.model import Components
+from dandelion_p2p.worker.protocol import sample_file_name
 from dandelion_p2p.worker.text_encoding import pipeline_prompt
 
 
@@ -58,7 +59,7 @@ def sample_images(c: Components, config: RunConfig, folder: Path, step: int,
                 for key, value in (("weights", weights), ("step", str(step)),
                                    ("prompt", prompt), ("run", config.name)):
                     info.add_text(key, value)
-                path = folder / f"step-{step:08d}-{weights}-{i:02d}.png"
+                path = folder / sample_file_name(step, weights, i)
                 image.save(path, pnginfo=info)
                 paths.append(path)
     finally:

@@ -110,6 +110,10 @@ def test_dashboard_shows_this_node(page: Any, web_swarm: WebSwarm) -> None:
     page.locator("#dataset-facts dt", has_text="Role").wait_for()
     card = page.inner_text("#dataset-facts") + page.inner_text("#dataset-runs")
     assert not any(c in card for c in '{}"'), card
+    # The sample images card: the worker's newest images, or what to do to get some.
+    wait_for_js(page, "document.querySelector('#samples').children.length > 0")
+    samples = page.inner_text("#samples")
+    assert page.locator("#samples img").count() > 0 or "sample_every" in samples, samples
     screenshot(page, "dashboard")
 
 

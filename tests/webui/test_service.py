@@ -199,3 +199,41 @@ async def test_node_metrics_and_prometheus(tmp_path: Path) -> None:
             name, value = line.rsplit(" ", 1)
             float(value)
             assert name.startswith("dandelion_")
+
+
+async def test_sample_images_are_listed_and_served_and_nothing_else(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from dandelion_p2p.sync.service import SyncService
+    from dandelion_p2p.worker.protocol import SAMPLES_DIR, sample_file_name
+
+    work = tmp_path / "work"
+    samples = work / SAMPLES_DIR
+    samples.mkdir(parents=True)
+    written = {}
+    for step, index in ((10, 0), (10, 1), (20, 0)):
+        path = samples / sample_file_name(step, "ema", index)
+        Image.new("RGB", (8, 8), (step, index * 100, 7)).save(path)
+        written[path.name] = path.read_bytes()
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the browser")
+    (samples / sample_file_name(30, "raw", 0)).symlink_to(secret)
+    (samples / "notes.txt").write_text("not a sample")
+    async with daemon_context(tmp_path / "data") as ctx:
+        sync = SyncService(ctx)
+        sync.current.checkpoint_dir = work / "checkpoints"
+        transport = httpx.ASGITransport(app=build_app(ctx, "k" * 43))
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1",
+                                     headers={"authorization": "Bearer " + "k" * 43}) as client:
+            listed = (await client.get("/api/samples")).json()["samples"]
+            images = {s["name"]: await client.get(f"/api/samples/{s['name']}") for s in listed}
+            refused = [
+                (await client.get(f"/api/samples/{name}")).status_code
+                for name in (sample_file_name(30, "raw", 0), "notes.txt",
+                             "..%2F..%2Fsecret.txt", sample_file_name(99, "ema", 0))
+            ]
+    assert [(s["step"], s["prompt"]) for s in listed] == [(20, 0), (10, 0), (10, 1)]
+    for name, reply in images.items():
+        assert reply.status_code == 200 and reply.headers["content-type"] == "image/png"
+        assert reply.content == written[name]
+    assert refused == [404, 404, 404, 404]

@@ -278,6 +278,26 @@
     $("dataset-runs").replaceChildren(datasetRuns(d.clients || {}, d.watching || {}));
   }
 
+  // The worker's newest sample images, newest step first (training.sample_every).
+  let samplesShown = null;
+  async function refreshSamples() {
+    const r = await api("/api/samples");
+    const list = r.ok ? (r.data.samples || []) : [];
+    const key = (r.ok ? "" : "error ") + list.map((s) => s.name + ":" + s.bytes).join(",");
+    if (key === samplesShown) return; // unchanged: keep the images already loaded
+    samplesShown = key;
+    if (!list.length) {
+      $("samples").replaceChildren(el("div", { class: "small",
+        text: r.ok ? "No sample images yet (the run config's training.sample_every sets how often they are drawn)."
+          : "Sample images are not available: " + (r.data.error || r.status) }));
+      return;
+    }
+    $("samples").replaceChildren(...list.map((s) => el("figure", { class: "sample" },
+      el("img", { src: "/api/samples/" + encodeURIComponent(s.name) + "?b=" + s.bytes,
+        alt: "sample " + s.prompt + " at step " + s.step, loading: "lazy" }),
+      el("figcaption", { class: "small", text: "step " + s.step + " · prompt " + s.prompt + " · " + s.weights + " weights" }))));
+  }
+
   const DATASET_LABELS = {
     role: "Role", run: "Run served", manifest: "Manifest", signed_manifest: "Signed manifest",
     samples: "Samples", bytes: "Size", epoch: "Epoch", chunks: "Chunks",
@@ -653,7 +673,7 @@
   // ---- navigation ---------------------------------------------------------------------------
 
   const PAGES = {
-    dashboard: async () => { await refreshDashboard(); await refreshDataset(); },
+    dashboard: async () => { await refreshDashboard(); await refreshDataset(); await refreshSamples(); },
     logs: null,
     config: null, // loaded on entry only, so a timer never overwrites what the user types
     peers: refreshPeers,
