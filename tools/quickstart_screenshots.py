@@ -44,7 +44,7 @@ def shoot(link: str, out: Path, rounds_seen: threading.Event) -> list[Path]:
             "--no-sandbox", "--disable-gpu", "--disable-background-networking",
             "--disable-component-update", "--disable-sync", "--no-first-run"])
         try:
-            page: Any = browser.new_context(viewport={"width": 1280, "height": 800}).new_page()
+            page: Any = browser.new_context(viewport={"width": 1280, "height": 1400}).new_page()
             page.set_default_timeout(30_000)
             page.goto(link)  # sets the login cookie and drops the token from the address
             page.locator("#conn-state", has_text="connected").wait_for()
@@ -55,7 +55,7 @@ def shoot(link: str, out: Path, rounds_seen: threading.Event) -> list[Path]:
                 page.locator("#conn-state", has_text="connected").wait_for()
                 time.sleep(2.5)  # one refresh of every card and chart (every 2 s)
                 path = out / f"webui-{name}.png"
-                page.screenshot(path=str(path), full_page=True)
+                page.screenshot(path=str(path))
                 shrink(path)
                 saved.append(path)
         finally:
