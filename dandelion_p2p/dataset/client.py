@@ -226,7 +226,12 @@ class DatasetClient:
             discovered = [p for p in discovered if self._announced.get(p) == digest]
         servers = list(dict.fromkeys([*self.known_servers, *discovered]))
         if self.admitted is not None:
-            servers = [p for p in servers if p in self.admitted]
+            listed = [p for p in servers if p in self.admitted]
+            if servers and not listed:
+                log.warning("run %s is closed and none of its %d dataset servers is its owner "
+                            "or an admitted peer: a server run for the owner must be listed",
+                            self.run, len(servers))
+            servers = listed
         if self._preferred in servers:
             servers.remove(self._preferred)
             servers.insert(0, self._preferred)  # type: ignore[arg-type]
@@ -515,6 +520,14 @@ class DatasetClient:
                 await self.records.put(CHUNK_NAMESPACE, chunk_key(name), value, HOLDING_TTL)
             except DandelionError as exc:
                 log.info("announcing chunk %s failed: %s", name[:12], exc)
+
+    def restrict_to(self, admitted: frozenset[bytes] | None) -> None:
+        """Take a closed run's peers (and owner) as ``admitted``: holdings announced while
+        the run was not known to be closed are withdrawn."""
+        if admitted is not None and self.admitted is None:
+            for name in self._cached:
+                self.records.unpublish(CHUNK_NAMESPACE, chunk_key(name))
+        self.admitted = admitted
 
     def may_serve(self, peer: bytes) -> bool:
         """Whether ``peer`` may have this run's chunks from us (and serve them to us)."""

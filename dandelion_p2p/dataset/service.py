@@ -218,14 +218,19 @@ class RunsService:
 
     def refuse_chunk(self, peer: ID, name: str) -> str | None:
         """Why ``peer`` may not have chunk ``name`` (one of a closed run that does not admit
-        it), or None; the same order of places as ``chunk_source``."""
+        it anywhere the chunk is held here), or None."""
         key = peer.to_bytes()
+        held = False
         if self.server is not None and self.server.source(name) is not None:
-            return None if self.server.admission.admits(key) else NOT_ADMITTED
+            if self.server.admission.admits(key):
+                return None
+            held = True
         for client in self.clients.values():
             if client.source(name) is not None:
-                return None if client.may_serve(key) else NOT_ADMITTED
-        return None
+                if client.may_serve(key):
+                    return None  # the same bytes, held for a run that admits the peer
+                held = True
+        return NOT_ADMITTED if held else None
 
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED  # type: ignore[name-defined]
@@ -314,18 +319,17 @@ class RunsService:
         return {"run": published.run, "version": published.version,
                 "stored_on": published.stored_on, "effective_step": published.effective_step}
 
-    async def _swarm_step(self, run: str) -> int:
+    async def _swarm_step(self, run: str, config: RunConfig) -> int:
         """The swarm's checkpoint step of ``run`` (-1: unknown), from the training service,
         which speaks the state protocol that answers it."""
         ask = self.ctx.handlers.get(SWARM_STEP_METHOD)
         if ask is None:
             return -1
         params: dict[str, Any] = {"run": run}
-        watcher = self.watchers.get(run)
-        current = watcher.current() if watcher is not None else None
-        if current is not None and current.config.admission.peers:
-            # A closed run's step is what its own peers hold, never what outsiders say.
-            params["admitted"] = list(current.config.admission.peers)
+        if config.admission.peers:
+            # A closed run's step is what its own peers hold, never what outsiders say (the
+            # list is fixed for the run: the version published has the run's own).
+            params["admitted"] = list(config.admission.peers)
         try:
             answer = await ask(params)
         except DandelionError as exc:
@@ -379,19 +383,7 @@ class RunsService:
         if len(self._leases) >= MAX_OPEN_LEASES:
             raise ConfigError(f"{MAX_OPEN_LEASES} leases are open; complete some first")
         run = _run_param(params, self.run_id)
-        client = self.client(run)
-        try:
-            current = await self.run_config_of(run)
-        except ConfigError as exc:  # the DHT is not up yet: the client says what it lacks
-            log.info("run %s: config not readable now (%s)", run, exc)
-            current = None
-        # The owner-signed config names the manifest every grant is checked against; once
-        # known, a config not read this time does not unset it.
-        if current is not None:
-            client.expected_manifest = current.config.dataset.manifest
-            admitted = current.config.admission.admitted()
-            client.admitted = (None if admitted is None
-                               else admitted | {PeerId.from_base58(current.owner).to_bytes()})
+        client = await self._configured_client(run)
         grant = await client.lease(wait=math.inf if wait is None else float(wait))
         if grant is None:
             return {"run": run, "chunk": None}
@@ -400,6 +392,23 @@ class RunsService:
             handle = secrets.randbelow(2**31 - 1) + 1
         self._leases[handle] = (client, grant, trio.current_time() + grant.expires_in_ms / 1000)
         return self._lease_answer(handle)
+
+    async def _configured_client(self, run: str) -> DatasetClient:
+        """The run's client, told what the owner-signed config says: the manifest every grant
+        is checked against, and a closed run's peers (once known, a config not read this
+        time unsets neither)."""
+        client = self.client(run)
+        try:
+            current = await self.run_config_of(run)
+        except ConfigError as exc:  # the DHT is not up yet: the client says what it lacks
+            log.info("run %s: config not readable now (%s)", run, exc)
+            current = None
+        if current is not None:
+            client.expected_manifest = current.config.dataset.manifest
+            admitted = current.config.admission.admitted()
+            client.restrict_to(None if admitted is None
+                               else admitted | {PeerId.from_base58(current.owner).to_bytes()})
+        return client
 
     def _forget_expired_leases(self) -> None:
         now = trio.current_time()
@@ -430,7 +439,7 @@ class RunsService:
 
     async def dataset_fetch(self, params: dict[str, Any]) -> dict[str, Any]:
         """``{"chunk", "run"?, "size"?}`` -> ``{"chunk", "path"}`` of the verified chunk file."""
-        client = self.client(_run_param(params, self.run_id))
+        client = await self._configured_client(_run_param(params, self.run_id))
         chunk = params.get("chunk")
         if not isinstance(chunk, str):
             raise ConfigError("missing 'chunk' (a chunk hash)")

@@ -43,8 +43,9 @@ from dandelion_p2p.runconfig.watcher import RunConfigVersion, select_newest
 
 log = logging.getLogger(__name__)
 
-SwarmStep = Callable[[str], Awaitable[int]]
-"""The newest global step the run's peers report (-1: none known)."""
+SwarmStep = Callable[[str, RunConfig], Awaitable[int]]
+"""The newest global step the run's peers report (-1: none known), given the run and the
+config being published (a closed run's peers are the only ones asked)."""
 
 ROUNDS_OF_NOTICE = 2
 """Rounds, beyond the checkpoint interval by which a reported step may lag, between the
@@ -238,7 +239,7 @@ class RunPublisher:
                 log.info("run %s: step %d is not a round boundary; the new version applies "
                          "from step %d", run, at_step, effective)
             return effective
-        current = await swarm_step(run) if swarm_step is not None else -1
+        current = await swarm_step(run, config) if swarm_step is not None else -1
         every = (before or config).checkpoint.every_steps
         return round_up_to(max(current, 0) + every + ROUNDS_OF_NOTICE * boundary, boundary)
 

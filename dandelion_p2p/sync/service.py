@@ -147,6 +147,8 @@ class SyncService:
         await self.supervisor.stop_and_wait()
         await self.rounds.leave()
 
+    NO_RUN = "no run loaded here yet"
+
     def _refused(self, peer: ID) -> bool | str:
         """Peers the state server answers with FORBIDDEN unread: the banned, and in a closed
         run, those its config does not admit."""
@@ -154,15 +156,17 @@ class SyncService:
             return True
         document = self.current.document
         if document is None:
-            # No run loaded: there is no checkpoint folder either (``CurrentRun.switch`` drops
-            # the last run's), so nothing is served.
-            return False
+            # No run loaded (none yet, or a join under way): whether it is closed is not
+            # known, and nothing of it is here to serve.
+            return self.NO_RUN
         return not document.config.admission.admits(peer.to_bytes()) and NOT_ADMITTED
 
     def _admitted(self) -> frozenset[bytes] | None:
         """The peers of the run trained here a catch-up may ask (None: anyone's)."""
         document = self.current.document
-        return None if document is None else document.config.admission.admitted()
+        if document is None:
+            return frozenset()  # a join under way: nobody is asked for a run not loaded
+        return document.config.admission.admitted()
 
     def _violation(self, peer: ID, code: RejectCode) -> None:
         log.info("state transfer: violation by %s: %s", peer, code.name)

@@ -19,6 +19,7 @@ from dandelion_p2p.runconfig.publication import (
     sign_config,
 )
 from dandelion_p2p.runconfig.publisher import RunPublisher
+from dandelion_p2p.runconfig.schema import RunConfig
 from dandelion_p2p.runconfig.watcher import RunConfigWatcher
 from dandelion_p2p.sync.progress import swarm_checkpoint_step
 from dandelion_p2p.sync.statesync import StateServer
@@ -53,7 +54,7 @@ async def test_a_new_version_reaches_every_peer_and_a_forgery_is_ignored(
             # Mid-run, the owner raises the learning rate. With no step asked for, and no
             # peer training yet, it applies a checkpoint interval (500) and two rounds (of 50)
             # after step 0.
-            async def swarm_step(asked: str) -> int:
+            async def swarm_step(asked: str, config: RunConfig) -> int:
                 return await swarm_checkpoint_step(owner, asked, timeout=2.0)
 
             second = await publisher.publish(run_toml(lr=3e-4), swarm_step=swarm_step)
@@ -140,7 +141,7 @@ async def test_by_default_a_version_applies_a_few_rounds_after_the_swarms_step(
         assert await swarm_checkpoint_step(owner, run) == 1234
         assert await swarm_checkpoint_step(owner, run + "x") == -1
 
-        async def swarm_step(asked: str) -> int:
+        async def swarm_step(asked: str, config: RunConfig) -> int:
             return await swarm_checkpoint_step(owner, asked)
 
         second = await publisher.publish(run_toml(lr=2e-4), swarm_step=swarm_step)
