@@ -42,6 +42,7 @@ def receipts(db: Path) -> list[tuple[int, str, bytes, int]]:
 
 
 def owner_and_run(tmp_path: Path, tiny_sd1: Path, images_per_chunk: int,
+                  lease_seconds: float = 120.0,
                   **sections: dict[str, Any]) -> tuple[Path, Path, str, dict[str, int]]:
     """The run owner's data dir, the run config, the run id and the chunks (hash: samples)."""
     owner = Identity.generate()
@@ -53,7 +54,7 @@ def owner_and_run(tmp_path: Path, tiny_sd1: Path, images_per_chunk: int,
     manifest, _ = pack(src, tmp_path / "packed", owner,
                        chunk_bytes=36 * 1024 * images_per_chunk)
     digest = signed_digest(signed_document(tmp_path / "packed"))
-    config = tiny_run(tiny_sd1, dataset={"manifest": digest, "lease_seconds": 120.0},
+    config = tiny_run(tiny_sd1, dataset={"manifest": digest, "lease_seconds": lease_seconds},
                       **sections)
     toml = tmp_path / "run.toml"
     toml.write_text(config.to_toml())
@@ -67,6 +68,14 @@ def start_server(server_dir: Path, toml: Path, tmp_path: Path) -> DaemonProcess:
         "--dataset", str(tmp_path / "packed"), "--run-config", str(toml)], server_dir)
 
 
+def start_trainers(server: DaemonProcess, run: str, tmp_path: Path) -> list[DaemonProcess]:
+    """Two daemons that train ``run`` on chunks leased from ``server``, started together
+    (they only need the server)."""
+    return start_daemons([launch_daemon("daemon", [
+        "--listen", "/ip4/127.0.0.1/tcp/0", "--reachability", "public", "--worker",
+        "--run", run, "--bootstrap", server.addrs[0]], tmp_path / f"peer{i}") for i in range(2)])
+
+
 def test_workers_train_on_leased_chunks_and_hand_in_receipts(
     tiny_sd1: Path, tmp_path: Path, daemons: list[DaemonProcess]
 ) -> None:
@@ -76,10 +85,7 @@ def test_workers_train_on_leased_chunks_and_hand_in_receipts(
     assert len(chunks) == 8
     server = start_server(server_dir, toml, tmp_path)
     daemons.append(server)
-    # Both peers only need the server: they start together.
-    peers = start_daemons([launch_daemon("daemon", [
-        "--listen", "/ip4/127.0.0.1/tcp/0", "--reachability", "public", "--worker",
-        "--run", run, "--bootstrap", server.addrs[0]], tmp_path / f"peer{i}") for i in range(2)])
+    peers = start_trainers(server, run, tmp_path)
     daemons.extend(peers)
     b = peers[1]
 
@@ -185,17 +191,13 @@ def test_a_peer_waiting_in_a_round_holding_an_epochs_last_chunk_stalls_no_one(
     its own and needs more. Leases last 10 minutes, so a peer that waited for that chunk
     (which its holder trains only after the round it waits in) would stall both for as long."""
     server_dir, toml, run, chunks = owner_and_run(
-        tmp_path, tiny_sd1, 6, training={"max_steps": 10, "batch_size": 2},
+        tmp_path, tiny_sd1, 6, lease_seconds=600.0,
+        training={"max_steps": 10, "batch_size": 2},
         sync={"mode": "gradient", "target_batch": 4}, checkpoint={"every_steps": 5})
     assert sorted(chunks.values()) == [4, 6, 6]
-    config = toml.read_text().replace("lease_seconds = 120.0", "lease_seconds = 600.0")
-    assert config != toml.read_text()
-    toml.write_text(config)
     server = start_server(server_dir, toml, tmp_path)
     daemons.append(server)
-    peers = start_daemons([launch_daemon("daemon", [
-        "--listen", "/ip4/127.0.0.1/tcp/0", "--reachability", "public", "--worker",
-        "--run", run, "--bootstrap", server.addrs[0]], tmp_path / f"peer{i}") for i in range(2)])
+    peers = start_trainers(server, run, tmp_path)
     daemons.extend(peers)
     started = time.monotonic()
     final = wait_for(peers, lambda s: all(x["state"] == "stopped" for x in s), "the end")
