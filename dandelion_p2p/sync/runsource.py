@@ -17,6 +17,7 @@ from typing import Any, Protocol, TypeGuard
 from dandelion_p2p.errors import ConfigError, DandelionError
 from dandelion_p2p.runconfig.schema import RunConfig, loads
 from dandelion_p2p.runconfig.timeline import ConfigTimeline
+from dandelion_p2p.worker.protocol import work_dir_for
 
 log = logging.getLogger(__name__)
 
@@ -198,4 +199,5 @@ class CurrentRun:
             return self.checkpoint_dir
         if self.document is None:
             return None
-        return self.worker_dir / self.document.config.name / "checkpoints"
+        folder = work_dir_for(self.worker_dir, self.document.config.name, self.id)
+        return folder / "checkpoints"

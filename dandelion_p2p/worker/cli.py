@@ -138,6 +138,7 @@ def _run(*, socket_path: Path | None, data_dir: Path | None, run_config: Path | 
     from dandelion_p2p.errors import ConfigError
     from dandelion_p2p.local_settings import LocalSettings, load_local_settings
     from dandelion_p2p.runconfig.schema import loads
+    from dandelion_p2p.worker import protocol
     from dandelion_p2p.worker.quiet import quiet_third_party
 
     quiet_third_party()  # before anything that may import bitsandbytes
@@ -165,7 +166,12 @@ def _run(*, socket_path: Path | None, data_dir: Path | None, run_config: Path | 
     if work_dir is None:
         if data_dir is None:
             raise ConfigError("give --work-dir (or --data-dir)")
-        work_dir = data_dir / "worker" / config.name
+        run = getattr(link, "run", "") or config.name
+        work_dir = protocol.work_dir_for(data_dir / "worker", config.name, run)
+        if work_dir.name != config.name:
+            log.warning("%s holds another run of the name %s; this run (%s) trains in %s",
+                        data_dir / "worker" / config.name, config.name, run, work_dir)
+        protocol.claim_work_dir(work_dir, run)
     options = WorkerOptions(
         data=data,
         work_dir=work_dir,

@@ -48,6 +48,30 @@ def round_files(folder: Path) -> dict[int, tuple[Path, int]]:
             found[int(m.group(1))] = (path, int(m.group(2)))
     return dict(sorted(found.items()))
 
+RUN_MARKER = "run-id"
+"""A file in a worker folder naming the run (its id) whose state the folder holds."""
+
+
+def work_dir_for(root: Path, name: str, run: str) -> Path:
+    """The worker folder of run ``run`` (id), whose config is named ``name``: ``root/name``,
+    unless that folder is marked as another run's (another owner's run of the same name),
+    then ``root/run``. A folder with no mark is taken as it is (``claim_work_dir`` marks it)."""
+    usual = root / name
+    try:
+        holder = (usual / RUN_MARKER).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return usual
+    return usual if not run or holder in ("", run) else root / run
+
+
+def claim_work_dir(folder: Path, run: str) -> None:
+    """Mark ``folder`` as run ``run``'s, unless it is marked already."""
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / RUN_MARKER
+    if run and not marker.exists():
+        marker.write_text(run + "\n", encoding="utf-8")
+
+
 SAMPLES_DIR = "samples"
 """The folder, beside the worker's checkpoints, of its sample images (``worker/sampling.py``
 writes them, the web UI shows them through ``training.samples``)."""

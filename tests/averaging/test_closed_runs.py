@@ -41,11 +41,12 @@ from dandelion_p2p.runconfig.schema import (
 from dandelion_p2p.runconfig.schema import loads as load_config
 from dandelion_p2p.services import DHT_NAMESPACES
 from dandelion_p2p.sync.catchup import CatchUp
-from dandelion_p2p.sync.runsource import CurrentRun, LocalFileSource
+from dandelion_p2p.sync.runsource import CurrentRun, LocalFileSource, RunDocument
 from dandelion_p2p.sync.statesync_core import MAX_REPLY as STATE_MAX_REPLY
 from dandelion_p2p.sync.statesync_core import PROTOCOL_ID as STATE_PROTOCOL
 from dandelion_p2p.sync.statesync_core import STATE, StateOffer, StateOffered
 from dandelion_p2p.wire import Message, RejectCode
+from dandelion_p2p.worker.protocol import claim_work_dir, work_dir_for
 from tests.averaging.test_averager import FAST, averaging_swarm
 from tests.daemon_proc import start_daemon
 from tests.dataset.helpers import dataset_client, packed_dataset, serve_dataset
@@ -274,3 +275,24 @@ def test_switching_runs_stops_serving_the_last_runs_checkpoints(tmp_path: Path) 
     assert current.checkpoints() == current.checkpoint_dir
     current.switch("another-run")
     assert current.checkpoints() is None
+
+
+def test_another_owners_run_of_the_same_name_gets_a_worker_folder_of_its_own(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "worker"
+    first = work_dir_for(root, "tiny", "tiny-aaaa")
+    assert first == root / "tiny"
+    claim_work_dir(first, "tiny-aaaa")
+    claim_work_dir(first, "tiny-bbbb")  # marked already: the mark stays the first run's
+    assert work_dir_for(root, "tiny", "tiny-aaaa") == root / "tiny"
+    assert work_dir_for(root, "tiny", "tiny-bbbb") == root / "tiny-bbbb"
+    # A folder from before the marks is taken by whichever run comes first.
+    assert work_dir_for(root, "legacy", "legacy-cccc") == root / "legacy"
+    # The daemon serves checkpoints from the folder the worker of its run uses.
+    current = CurrentRun("tiny-bbbb", LocalFileSource(None), root)
+    tiny = from_dict({"name": "tiny", "model": {"base": "m"}})
+    current.document = RunDocument("tiny-bbbb", "", tiny, "test")
+    assert current.checkpoints() == root / "tiny-bbbb" / "checkpoints"
+    current.id = "tiny-aaaa"
+    assert current.checkpoints() == root / "tiny" / "checkpoints"
