@@ -23,6 +23,7 @@ from dandelion_p2p.errors import ConfigError
 from dandelion_p2p.identity import load_or_create_identity
 from dandelion_p2p.local_settings import load_local_settings, save_local_settings
 from dandelion_p2p.loghub import LogHub
+from dandelion_p2p.net import addrs as maddrs
 from dandelion_p2p.net.node import NodeSettings, SwarmNode
 from dandelion_p2p.net.recall import wait_for_swarm
 from dandelion_p2p.net.relay import RelayLimitsConfig
@@ -161,12 +162,7 @@ def dataplane_addresses(node: SwarmNode, data_port: int = 0) -> DataplaneAddress
     names the port forwarded for it, else peers would wait ``connect_timeout`` on a port
     nothing forwards before every channel fell back to the libp2p stream.
     """
-    bind = "0.0.0.0"
-    for addr in node.settings.listen:
-        parts = addr.split("/")
-        if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
-            bind = parts[2]
-            break
+    bind = next(iter(_ips(node.settings.listen)), "0.0.0.0")
     forwarded = next((ip for ip in _ips(node.settings.announce) if not is_own_address(ip)), None)
     if forwarded is not None:
         if data_port == 0:
@@ -182,13 +178,9 @@ def dataplane_addresses(node: SwarmNode, data_port: int = 0) -> DataplaneAddress
 
 
 def _ips(addrs: list[str] | tuple[str, ...]) -> list[str]:
-    """The IPs of the direct (not relayed) ``/ip4`` and ``/ip6`` addresses, in order."""
-    out = []
-    for addr in addrs:
-        parts = addr.split("/")
-        if len(parts) > 2 and parts[1] in ("ip4", "ip6") and "p2p-circuit" not in addr:
-            out.append(parts[2])
-    return out
+    """The IPs of the direct (not relayed) addresses, in order."""
+    return [ip for addr in addrs
+            if not maddrs.is_relayed(addr) and (ip := maddrs.ip_of(addr)) is not None]
 
 
 def is_own_address(ip: str) -> bool:

@@ -280,11 +280,11 @@ class LeaseBook:
                     RejectCode.RATE_LIMITED,
                     f"peers of your network hold {held_by_network} leases; try again later",
                 )
-            epoch = self.epoch
-            if self.completed(epoch) >= self.total:
-                # The next epoch may be done already, its chunks leased ahead.
-                while self.completed(epoch) >= self.total:
-                    epoch += 1
+            current = epoch = self.epoch
+            # The next epoch may be done already, its chunks leased ahead.
+            while self.completed(epoch) >= self.total:
+                epoch += 1
+            if epoch != current:
                 self.db.execute("UPDATE meta SET value=? WHERE key='epoch'", (str(epoch),))
             lease_epoch = epoch
             row = self.db.execute(NEXT_CHUNK_QUERY, (epoch, epoch, epoch)).fetchone()

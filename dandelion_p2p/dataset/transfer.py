@@ -46,9 +46,11 @@ from dandelion_p2p.errors import PeerUnavailable, ProtocolViolation
 from dandelion_p2p.net.origin import is_direct_connection, remote_ip
 from dandelion_p2p.net.streams import (
     NOT_A_FAULT,
+    Refuse,
     ViolationSink,
     close_quietly,
     read_message,
+    refusal,
     write_message,
 )
 from dandelion_p2p.networks import public_network_of
@@ -65,7 +67,7 @@ def serve_chunks(
     source: ChunkSource,
     *,
     on_violation: ViolationSink | None = None,
-    refuse: Callable[[ID], bool | str] | None = None,
+    refuse: Refuse | None = None,
     refuse_chunk: Callable[[ID, str], str | None] | None = None,
     max_concurrent: int = MAX_CONCURRENT_SERVES,
     max_per_peer: int = MAX_SERVES_PER_PEER,
@@ -88,9 +90,8 @@ def serve_chunks(
         peer_id = stream.muxed_conn.peer_id
         peer = peer_id.to_bytes()
         try:
-            refused = refuse(peer_id) if refuse is not None else False
-            if refused:
-                detail = refused if isinstance(refused, str) else "banned"
+            detail = refusal(refuse, peer_id)
+            if detail is not None:
                 await _reject(stream, RejectCode.FORBIDDEN, detail)
                 return
             try:

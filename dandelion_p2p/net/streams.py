@@ -187,6 +187,20 @@ async def request(
     return unless_rejected(reply)
 
 
+Refuse = Callable[[ID], bool | str]
+"""Whether a peer is answered ``FORBIDDEN`` before its request is read: True (a banned peer)
+or a reason; False to serve it."""
+
+
+def refusal(refuse: Refuse | None, peer_id: ID) -> str | None:
+    """The detail of the ``FORBIDDEN`` that ``refuse`` gives ``peer_id`` ("banned" or its
+    reason), or None when it is served."""
+    refused = refuse(peer_id) if refuse is not None else False
+    if not refused:
+        return None
+    return refused if isinstance(refused, str) else "banned"
+
+
 def serve_requests(
     registry: Registry,
     handle: Callable[[ID, Message], Awaitable[Message]],
@@ -194,7 +208,7 @@ def serve_requests(
     max_request: int,
     timeout: float,
     on_violation: ViolationSink | None = None,
-    refuse: Callable[[ID], bool | str] | None = None,
+    refuse: Refuse | None = None,
     keep_alive: float = 0.0,
 ) -> Callable[[INetStream], Awaitable[None]]:
     """A stream handler that answers framed requests: one per stream, or with ``keep_alive``
@@ -212,9 +226,8 @@ def serve_requests(
     async def answer_one(stream: INetStream, peer_id: ID, header: bytes | None) -> bool | None:
         """Read (after ``header``, when already read), handle and answer one request. True:
         the stream may carry another; False: close it; None: reset it."""
-        refused = refuse(peer_id) if refuse is not None else False
-        if refused:
-            detail = refused if isinstance(refused, str) else "banned"
+        detail = refusal(refuse, peer_id)
+        if detail is not None:
             with trio.move_on_after(1.0), contextlib.suppress(Exception):
                 await write_message(stream, Reject(code=int(RejectCode.FORBIDDEN), detail=detail))
             return False

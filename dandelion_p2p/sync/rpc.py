@@ -240,10 +240,9 @@ class WorkerMethods:
             )
         if self.current.document is None and await self.current.load() is None:
             raise ConfigError("this daemon has no run to train: use run.join")
-        assert self.current.document is not None
-        if not self.current.document.config.admission.admits(PeerId.from_base58(self.peer_id)):
-            raise ConfigError(f"run {self.current.id} is closed and its config "
-                              f"(admission.peers) does not list this peer, {self.peer_id}")
+        refused = self.current.not_admitting(PeerId.from_base58(self.peer_id))
+        if refused is not None:
+            raise ConfigError(refused)
         pid = params.get("pid")
         worker = self.supervisor.worker
         if worker is not None and pid != worker.pid:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeGuard
 
 from dandelion_p2p.errors import ConfigError, DandelionError
+from dandelion_p2p.identity import PeerId
 from dandelion_p2p.runconfig.schema import RunConfig, loads
 from dandelion_p2p.runconfig.timeline import ConfigTimeline
 from dandelion_p2p.worker.protocol import work_dir_for
@@ -184,6 +185,14 @@ class CurrentRun:
         # The last worker's folder belongs to the run left: nothing of it is served as
         # ``run``'s until the next worker names its own.
         self.checkpoint_dir = None
+
+    def not_admitting(self, me: bytes) -> str | None:
+        """Why this peer (``me``) may not train the loaded run (a closed run that does not
+        list it), or None."""
+        if self.document is None or self.document.config.admission.admits(me):
+            return None
+        return (f"run {self.id} is closed and its config (admission.peers) does not list this "
+                f"peer, {PeerId(me)}: ask its owner to add it")
 
     def versions(self) -> RunVersions:
         """The versions known of the run, ``document`` among them (it must be loaded)."""

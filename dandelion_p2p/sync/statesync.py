@@ -28,7 +28,7 @@ from libp2p.peer.id import ID
 
 from dandelion_p2p.errors import DandelionError, ProtocolViolation, RejectCode, RemoteRejected
 from dandelion_p2p.hashing import file_digest
-from dandelion_p2p.net.streams import ViolationSink, request, serve_requests
+from dandelion_p2p.net.streams import Refuse, ViolationSink, request, serve_requests
 from dandelion_p2p.sync.checkpoints import CheckpointCatalog, RoundCatalog
 from dandelion_p2p.sync.partial_state import MAX_MANIFEST, held_manifest
 from dandelion_p2p.sync.statesync_core import (
@@ -80,7 +80,7 @@ class StateServer:
     def __init__(self, host: IHost, run: Callable[[], str],
                  checkpoints: Callable[[], Path | None], *, timeout: float = 30.0,
                  on_violation: ViolationSink | None = None,
-                 is_banned: Callable[[ID], bool | str] | None = None) -> None:
+                 is_banned: Refuse | None = None) -> None:
         self.host = host
         self.run = run
         self.catalog = CheckpointCatalog(checkpoints)

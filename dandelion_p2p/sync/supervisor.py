@@ -26,7 +26,6 @@ import trio
 
 from dandelion_p2p.config import DaemonConfig
 from dandelion_p2p.errors import ConfigError
-from dandelion_p2p.identity import PeerId
 from dandelion_p2p.sync.runsource import CurrentRun
 from dandelion_p2p.sync.session import WorkerSession
 from dandelion_p2p.sync.state import AfterExit, TrainingState
@@ -229,9 +228,9 @@ class WorkerSupervisor:
         if document is None:
             return ("no run to train: start the daemon with --run RUN (`dandelion-p2p runs` "
                     "lists them) or --run-config, or join one from the web UI"), False
-        if not document.config.admission.admits(self.me):
-            return (f"run {self.current.id} is closed and its config (admission.peers) does "
-                    f"not list this peer, {PeerId(self.me)}: ask its owner to add it"), False
+        refused = self.current.not_admitting(self.me)
+        if refused is not None:
+            return refused, False
         configured = self.config.train_data
         if configured is not None and not Path(configured).is_dir():
             return f"train_data {configured} is not a folder", False

@@ -166,7 +166,7 @@ def _run(*, socket_path: Path | None, data_dir: Path | None, run_config: Path | 
     if work_dir is None:
         if data_dir is None:
             raise ConfigError("give --work-dir (or --data-dir)")
-        run = getattr(link, "run", "") or config.name
+        run = link.run or config.name
         work_dir = protocol.work_dir_for(data_dir / "worker", config.name, run)
         if work_dir.name != config.name:
             log.warning("%s holds another run of the name %s; this run (%s) trains in %s",
