@@ -71,6 +71,25 @@ async def averaging_swarm(
             nursery.cancel_scope.cancel()
 
 
+async def round_of(
+    members: list[Member], buffers: list[np.ndarray], round_: int,
+    weights: list[float] | None = None,
+) -> list[RoundReport | None]:
+    """Round ``round_`` of every member at once (weight 1 each unless ``weights``), within
+    60 s: each member's report, in order."""
+    reports: list[RoundReport | None] = [None] * len(members)
+
+    async def run(i: int) -> None:
+        weight = 1.0 if weights is None else weights[i]
+        reports[i] = await members[i].averager.all_reduce(buffers[i], weight, round_)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for i in range(len(members)):
+                nursery.start_soon(run, i)
+    return reports
+
+
 # The members of one test share its trio loop and start their rounds together: half a second
 # gathers every announcement.
 GATHER = MatchmakingSettings(gather_window=0.5, settle=0.3)
@@ -120,15 +139,7 @@ async def test_a_ban_held_by_one_peer_only_keeps_one_group_and_cuts_the_peer_off
         judge.node.scores.record(accused_id, ScoreEvent.BAD_SIGNATURE, time.time(), count=10)
         assert judge.node.scores.is_banned(accused_id, time.time())
         buffers = [v.copy() for v in vectors]
-        reports: list[RoundReport | None] = [None] * n
-
-        async def run(i: int) -> None:
-            reports[i] = await members[i].averager.all_reduce(buffers[i], 1.0, 1)
-
-        with trio.fail_after(60):
-            async with trio.open_nursery() as nursery:
-                for i in range(n):
-                    nursery.start_soon(run, i)
+        reports = await round_of(members, buffers, 1)
     done = [r for r in reports if r is not None]
     assert len(done) == n
     # One group for all three: the lone ban did not split it.

@@ -20,9 +20,9 @@ from dandelion_p2p.averaging.averager import AveragingSettings
 from dandelion_p2p.averaging.matchmaking import MatchmakingSettings
 from dandelion_p2p.averaging.messages import Buffer
 from dandelion_p2p.averaging.partition import Chunk
-from dandelion_p2p.averaging.report import ChunkStatus, ExclusionReason, RoundReport
+from dandelion_p2p.averaging.report import ChunkStatus, ExclusionReason
 from dandelion_p2p.reputation.book import ScoreEvent
-from tests.averaging.test_averager import averaging_swarm
+from tests.averaging.test_averager import averaging_swarm, round_of
 
 SIZE = 120_000
 SHIFT = 3.0
@@ -74,15 +74,7 @@ async def test_live_equivocating_reducer_is_caught_in_the_round_and_banned_beyon
         tampered: list[int] = []
         monkeypatch.setattr(sends.Framer, "results", equivocating_results(cheat, victim, tampered))
         buffers = [v.copy() for v in vectors]
-        reports: list[RoundReport | None] = [None] * n
-
-        async def average(i: int) -> None:
-            reports[i] = await members[i].averager.all_reduce(buffers[i], 1.0, 1)
-
-        with trio.fail_after(60):
-            async with trio.open_nursery() as nursery:
-                for i in range(n):
-                    nursery.start_soon(average, i)
+        reports = await round_of(members, buffers, 1)
         assert tampered, "the cheating reducer sent no result to its victim"
 
         honest = list(range(1, n))
@@ -126,19 +118,11 @@ async def test_live_equivocating_reducer_is_caught_in_the_round_and_banned_beyon
 
         # The next round: the honest members average without it, all of their vectors.
         monkeypatch.undo()
-        second: list[RoundReport | None] = [None] * n
         start = [b.copy() for b in buffers]
-
-        async def again(i: int) -> None:
-            second[i] = await members[i].averager.all_reduce(buffers[i], 1.0, 2)
-
-        with trio.fail_after(60):
-            async with trio.open_nursery() as nursery:
-                for i in honest:
-                    nursery.start_soon(again, i)
+        second = await round_of(members[1:], buffers[1:], 2)  # the cheat, members[0], is gone
         want = np.mean([start[i] for i in honest], axis=0)
         for i in honest:
-            report = second[i]
+            report = second[i - 1]
             assert report is not None and cheat not in report.members, report
             assert report.complete and report.fraction_averaged == 1.0, report.to_dict()
             np.testing.assert_allclose(buffers[i], want, rtol=1e-5, atol=1e-6)
