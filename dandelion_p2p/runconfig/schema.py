@@ -284,7 +284,7 @@ class AdmissionConfig:
 
     def admitted(self) -> frozenset[bytes] | None:
         """The admitted peer ids as bytes, or None for an open run."""
-        return _admitted(self.peers) if self.peers else None
+        return admitted_ids(self.peers) if self.peers else None
 
     def admits(self, peer: bytes) -> bool:
         """Whether ``peer`` (a binary peer id) may take part: always in an open run."""
@@ -293,8 +293,9 @@ class AdmissionConfig:
 
 
 @functools.lru_cache(maxsize=16)
-def _admitted(peers: tuple[str, ...]) -> frozenset[bytes]:
-    # Read on every request a run's servers answer: decoded once per list.
+def admitted_ids(peers: tuple[str, ...]) -> frozenset[bytes]:
+    """Base58 peer ids as binary ones (``ValueError`` for one that is not). Read on every
+    request a run's servers answer: decoded once per list."""
     return frozenset(PeerId.from_base58(p).to_bytes() for p in peers)
 
 

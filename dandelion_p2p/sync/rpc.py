@@ -20,7 +20,7 @@ import trio
 from dandelion_p2p.context import Handler
 from dandelion_p2p.errors import ConfigError
 from dandelion_p2p.identity import PeerId
-from dandelion_p2p.runconfig.schema import MAX_ADMITTED
+from dandelion_p2p.runconfig.schema import MAX_ADMITTED, admitted_ids
 from dandelion_p2p.sync.catchup import CatchUp
 from dandelion_p2p.sync.partial_state import leave_out_names
 from dandelion_p2p.sync.ports import StatePeers
@@ -194,8 +194,7 @@ class UserMethods:
         ):
             raise ConfigError(f"'admitted' must be a list of at most {MAX_ADMITTED} peer ids")
         try:
-            closed = (None if admitted is None
-                      else frozenset(PeerId.from_base58(p).to_bytes() for p in admitted))
+            closed = None if admitted is None else admitted_ids(tuple(admitted))
         except ValueError as exc:
             raise ConfigError(f"'admitted': {exc}") from None
         return {"step": await swarm_checkpoint_step(self.peers, run, admitted=closed)}
