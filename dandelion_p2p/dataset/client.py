@@ -72,7 +72,7 @@ from dandelion_p2p.errors import (
 from dandelion_p2p.net.dht.messages import PeerRef
 from dandelion_p2p.net.streams import request
 from dandelion_p2p.reputation.book import ScoreEvent
-from dandelion_p2p.runconfig.schema import NOT_ADMITTED
+from dandelion_p2p.runconfig.admission import NOT_ADMITTED
 from dandelion_p2p.wire import Message
 
 log = logging.getLogger(__name__)

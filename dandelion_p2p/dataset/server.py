@@ -35,7 +35,8 @@ from dandelion_p2p.errors import ConfigError, RejectCode
 from dandelion_p2p.net.origin import peer_network
 from dandelion_p2p.net.streams import serve_requests
 from dandelion_p2p.reputation.book import SCORE_EVENT_OF, ScoreEvent
-from dandelion_p2p.runconfig.schema import NOT_ADMITTED, AdmissionConfig, DatasetConfig
+from dandelion_p2p.runconfig.admission import NOT_ADMITTED, AdmissionConfig
+from dandelion_p2p.runconfig.schema import DatasetConfig
 from dandelion_p2p.wire import Message
 
 log = logging.getLogger(__name__)

@@ -33,10 +33,11 @@ from dandelion_p2p.dataset.transfer import serve_chunks
 from dandelion_p2p.errors import ConfigError, DandelionError
 from dandelion_p2p.identity import PeerId
 from dandelion_p2p.net.ports import RecordStore
+from dandelion_p2p.runconfig.admission import NOT_ADMITTED
 from dandelion_p2p.runconfig.directory import list_runs
 from dandelion_p2p.runconfig.publication import derive_run_id, is_run_id
 from dandelion_p2p.runconfig.publisher import RunPublisher
-from dandelion_p2p.runconfig.schema import NOT_ADMITTED, RunConfig, loads
+from dandelion_p2p.runconfig.schema import RunConfig, loads
 from dandelion_p2p.runconfig.watcher import RunConfigVersion, RunConfigWatcher
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,6 @@ than the owner thinks. The layout is documented in ``docs/run-config.md``.
 from __future__ import annotations
 
 import difflib
-import functools
 import math
 import re
 import tomllib
@@ -18,7 +17,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from dandelion_p2p.errors import ConfigError
-from dandelion_p2p.identity import PeerId, public_key_of
+from dandelion_p2p.runconfig.admission import MAX_ADMITTED, AdmissionConfig, is_ed25519_peer_id
 from dandelion_p2p.runconfig.toml_text import dump_toml, plain
 
 MAX_CONFIG_BYTES = 64 * 1024
@@ -268,37 +267,6 @@ class ValidationConfig:
     """Held-out images validated at most (the rest of the split trains neither)."""
 
 
-MAX_ADMITTED = 128
-"""Peer ids a closed run lists (``admission.peers``); a published config holds about 100 in
-its 7 KiB (``publication.MAX_TOML_BYTES``)."""
-NOT_ADMITTED = "not admitted: this run is closed to peers its config does not list"
-"""The detail of the ``FORBIDDEN`` a closed run's servers answer outsiders with."""
-
-
-@dataclass(frozen=True, slots=True)
-class AdmissionConfig:
-    peers: tuple[str, ...] = ()
-    """A closed run: the base58 peer ids admitted to average, lease chunks and fetch state;
-    every other peer is ignored by matchmaking and refused by the run's servers. Empty: the
-    run is open to anyone who finds it."""
-
-    def admitted(self) -> frozenset[bytes] | None:
-        """The admitted peer ids as bytes, or None for an open run."""
-        return admitted_ids(self.peers) if self.peers else None
-
-    def admits(self, peer: bytes) -> bool:
-        """Whether ``peer`` (a binary peer id) may take part: always in an open run."""
-        admitted = self.admitted()
-        return admitted is None or peer in admitted
-
-
-@functools.lru_cache(maxsize=16)
-def admitted_ids(peers: tuple[str, ...]) -> frozenset[bytes]:
-    """Base58 peer ids as binary ones (``ValueError`` for one that is not). Read on every
-    request a run's servers answer: decoded once per list."""
-    return frozenset(PeerId.from_base58(p).to_bytes() for p in peers)
-
-
 @dataclass(frozen=True, slots=True)
 class RunConfig:
     name: str
@@ -470,7 +438,7 @@ def validate(c: RunConfig) -> list[str]:
     need(len(peers) <= MAX_ADMITTED and len(set(peers)) == len(peers), "admission.peers",
          f"at most {MAX_ADMITTED} distinct peer ids")
     for i, text in enumerate(peers[:MAX_ADMITTED]):
-        need(_is_ed25519_peer_id(text), f"admission.peers[{i}]",
+        need(is_ed25519_peer_id(text), f"admission.peers[{i}]",
              f"must be a peer id as `dandelion-p2p status` prints it, got {text[:80]!r}")
     # Refused rather than quietly exporting the raw weights: the owner asked for something
     # this run does not keep.
@@ -480,13 +448,6 @@ def validate(c: RunConfig) -> list[str]:
     need(c.export.weights != "ema" or t.ema, "export.weights",
          '"ema" needs training.ema = true')
     return out
-
-
-def _is_ed25519_peer_id(text: str) -> bool:
-    try:
-        return public_key_of(PeerId.from_base58(text)) is not None
-    except ValueError:
-        return False
 
 
 MAX_SUBSETS = 64

@@ -20,7 +20,7 @@ import trio
 from dandelion_p2p.context import Handler
 from dandelion_p2p.errors import ConfigError
 from dandelion_p2p.identity import PeerId
-from dandelion_p2p.runconfig.schema import MAX_ADMITTED, admitted_ids
+from dandelion_p2p.runconfig.admission import MAX_ADMITTED, admitted_ids
 from dandelion_p2p.sync.catchup import CatchUp
 from dandelion_p2p.sync.partial_state import leave_out_names
 from dandelion_p2p.sync.ports import StatePeers

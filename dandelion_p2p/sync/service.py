@@ -24,7 +24,7 @@ from dandelion_p2p.context import DaemonContext
 from dandelion_p2p.dataplane.service import DataPlane
 from dandelion_p2p.net.node import SwarmNode
 from dandelion_p2p.reputation.book import SCORE_EVENT_OF, ScoreEvent
-from dandelion_p2p.runconfig.schema import NOT_ADMITTED
+from dandelion_p2p.runconfig.admission import NOT_ADMITTED
 from dandelion_p2p.sync import rpc
 from dandelion_p2p.sync.catchup import CatchUp
 from dandelion_p2p.sync.ports import PeerScores

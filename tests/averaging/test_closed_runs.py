@@ -31,13 +31,9 @@ from dandelion_p2p.errors import ConfigError, DandelionError, RemoteRejected
 from dandelion_p2p.identity import Identity
 from dandelion_p2p.net.node import SwarmNode
 from dandelion_p2p.net.streams import request
+from dandelion_p2p.runconfig.admission import MAX_ADMITTED, NOT_ADMITTED, AdmissionConfig
 from dandelion_p2p.runconfig.publication import derive_run_id
-from dandelion_p2p.runconfig.schema import (
-    MAX_ADMITTED,
-    NOT_ADMITTED,
-    AdmissionConfig,
-    from_dict,
-)
+from dandelion_p2p.runconfig.schema import from_dict
 from dandelion_p2p.runconfig.schema import loads as load_config
 from dandelion_p2p.services import DHT_NAMESPACES
 from dandelion_p2p.sync.catchup import CatchUp

@@ -16,7 +16,8 @@ from dandelion_p2p.dataset.pack import pack
 from dandelion_p2p.dataset.server import DatasetServer
 from dandelion_p2p.identity import Identity
 from dandelion_p2p.net.node import SwarmNode
-from dandelion_p2p.runconfig.schema import AdmissionConfig, DatasetConfig
+from dandelion_p2p.runconfig.admission import AdmissionConfig
+from dandelion_p2p.runconfig.schema import DatasetConfig
 
 RUN_TOML = """\
 name = "{name}"
